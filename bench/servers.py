@@ -1,0 +1,133 @@
+"""Start, wait for and stop the servers under test, and inspect their Maildirs.
+
+Each server runs as its own process with fresh state in a temporary
+directory, so runs do not warm each other's caches or mailboxes.  The
+server's CPU time is read from /proc so the report can say where the two
+cores went.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+PYTHON = sys.executable
+HOST = "127.0.0.1"
+DOMAIN = "example.test"
+USER = "alice"
+PASSWORD = "secret"
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def count_delivered(maildir: Path) -> int:
+    """Messages in new/ plus cur/ (tmp/ holds only unfinished deliveries)."""
+    return sum(len(os.listdir(maildir / sub)) for sub in ("new", "cur") if (maildir / sub).is_dir())
+
+
+class Server:
+    """A server subprocess with its log file and a readiness check."""
+
+    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
+        self.name, self.argv, self.port, self.log = name, argv, port, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Spawn the server and return once its SMTP banner says 220."""
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited rc={self.proc.returncode}:\n{self.tail()}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=2) as sock:
+                    banner = sock.makefile("rb").readline()
+                    sock.sendall(b"QUIT\r\n")
+                if banner.startswith(b"220"):
+                    return
+                raise RuntimeError(f"{self.name} banner {banner!r}")
+            except OSError:
+                time.sleep(0.05)  # poll interval, bounded by the deadline
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def cpu(self) -> float:
+        assert self.proc is not None
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it will not go within 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def aiosmtpd_server(workdir: Path, in_thread: bool = False) -> tuple[Server, Path]:
+    """The durable aiosmtpd baseline; returns the server and its Maildir."""
+    maildir = workdir / "Maildir"
+    port = free_port()
+    argv = [PYTHON, str(BENCH_DIR / "baseline_aiosmtpd.py"), "--port", str(port)]
+    argv += ["--maildir", str(maildir)] + (["--fsync-in-thread"] if in_thread else [])
+    return Server("aiosmtpd", argv, port, workdir / "server.log"), maildir
+
+
+def _twistmail_cli(data_dir: Path, *args: str, stdin: bytes | None = None) -> None:
+    argv = [PYTHON, "-m", "twistmail", "--data-dir", str(data_dir), *args]
+    proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{proc.stdout!r}\n{proc.stderr!r}")
+
+
+def twistmail_server(workdir: Path) -> tuple[Server, Path, int]:
+    """A fresh twistmail with alice provisioned; returns server, Maildir, POP3 port."""
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    _twistmail_cli(data_dir, "domain", "add", DOMAIN)
+    _twistmail_cli(data_dir, "user", "add", f"{USER}@{DOMAIN}", stdin=f"{PASSWORD}\n".encode())
+    smtp, pop3 = free_port(), free_port()
+    argv = [PYTHON, "-m", "twisted", "-n", "--pidfile=", "twistmail", "--data-dir", str(data_dir)]
+    argv += ["--smtp", f"tcp:{smtp}:interface={HOST}", "--pop3", f"tcp:{pop3}:interface={HOST}"]
+    server = Server("twistmail", argv, smtp, workdir / "server.log")
+    return server, data_dir / "mail" / DOMAIN / USER, pop3
+
+
+def twistmail_available() -> str | None:
+    """None if twistmail's CLI and twistd plugin load, else the reason."""
+    proc = subprocess.run([PYTHON, "-m", "twistmail", "--help"], capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        return f"python -m twistmail --help failed: {proc.stderr.decode(errors='replace')[-300:]}"
+    proc = subprocess.run([PYTHON, "-m", "twisted", "--help"], capture_output=True, timeout=60)
+    if b"twistmail" not in proc.stdout:
+        return "twistd has no twistmail plugin (pip install -e . ?)"
+    return None

@@ -1,0 +1,264 @@
+# -*- test-case-name: tests.test_accounts -*-
+"""Domains, users and aliases, kept in ``<data_dir>/accounts.json``.
+
+The admin CLI edits the file (under an fcntl lock, written atomically); the
+running server notices the change by stat()ing the file at most once per
+``[accounts] reload_interval`` and re-reading it, so no restart is needed.
+Passwords are stored only as argon2id hashes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from twistmail._fsutil import atomicWrite
+
+FORMAT = "twistmail-accounts"
+VERSION = 1
+MAX_ALIAS_DEPTH = 10
+
+# Local parts become directory names: keep them to a conservative, case-folded
+# set so no name can escape the data directory or clash after case folding.
+_LOCALPART = re.compile(r"^[a-z0-9_](?:[a-z0-9_.-]{0,62}[a-z0-9_-])?$")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+
+
+class AccountError(Exception):
+    """A CLI-level mistake; the message says what to do instead."""
+
+
+class NotLocal(Exception):
+    """The address's domain is not one of ours."""
+
+
+class UnknownUser(Exception):
+    """The domain is ours but no user or alias matches."""
+
+
+def splitAddress(address: str) -> tuple[str, str]:
+    """Split at the last @ and case-fold (local parts are case-insensitive here, as in Postfix)."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise AccountError(f"{address!r} is not an address: write it as user@domain")
+    return local.lower(), domain.lower().rstrip(".")
+
+
+def validDomain(domain: str) -> str:
+    domain = domain.lower().rstrip(".")
+    if not _DOMAIN.match(domain):
+        raise AccountError(f"{domain!r} is not a valid domain name (letters, digits, '-' and '.')")
+    return domain
+
+
+def validAddress(address: str, delimiter: str = "+") -> str:
+    """Canonical form of an address that may name an account; raise AccountError otherwise."""
+    local, domain = splitAddress(address)
+    validDomain(domain)
+    if not _LOCALPART.match(local) or ".." in local:
+        raise AccountError(
+            f"{address!r}: the local part may hold only a-z, 0-9, '.', '_' and '-' "
+            "(not at either end)")
+    if delimiter and delimiter in local:
+        raise AccountError(f"{address!r}: '{delimiter}' is the recipient delimiter (user+tag)")
+    return f"{local}@{domain}"
+
+
+class Accounts:
+    """In-memory view of accounts.json with change detection."""
+
+    def __init__(self, dataDir: str, reloadInterval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = os.path.join(dataDir, "accounts.json")
+        self._reloadInterval = reloadInterval
+        self._clock = clock
+        self._nextCheck = 0.0
+        self._stamp: tuple | None = None
+        self.domains: set[str] = set()
+        self.users: dict[str, dict] = {}
+        self.aliases: dict[str, list[str]] = {}
+        self.reload()
+
+    # -- reading ---------------------------------------------------------------
+
+    def _statStamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload(self) -> None:
+        """Re-read the file (a missing file is an empty account set)."""
+        stamp = self._statStamp()
+        data = {"domains": [], "users": {}, "aliases": {}}
+        if stamp is not None:
+            with open(self.path, "rb") as f:
+                loaded = json.load(f)
+            if loaded.get("format") != FORMAT or loaded.get("version") != VERSION:
+                raise AccountError(
+                    f"{self.path}: not a version {VERSION} twistmail accounts file; "
+                    "restore it from backup or move it away")
+            data = loaded
+        self.domains = set(data["domains"])
+        self.users = dict(data["users"])
+        self.aliases = {k: list(v) for k, v in data["aliases"].items()}
+        self._stamp = stamp
+
+    def maybeReload(self) -> None:
+        """Reload if the file changed; stat()s at most once per reload interval."""
+        now = self._clock()
+        if now < self._nextCheck:
+            return
+        self._nextCheck = now + self._reloadInterval
+        if self._statStamp() != self._stamp:
+            self.reload()
+
+    # -- queries used by the protocols ----------------------------------------
+
+    def isLocalDomain(self, domain: str) -> bool:
+        self.maybeReload()
+        return domain.lower().rstrip(".") in self.domains
+
+    def passwordHash(self, address: str) -> str | None:
+        self.maybeReload()
+        user = self.users.get(address.lower())
+        return user["password"] if user else None
+
+    def route(self, address: str, delimiter: str = "+") -> list[str]:
+        """Local accounts that mail for C{address} is delivered to.
+
+        Aliases expand recursively (bounded); ``user+tag`` falls back to ``user``
+        when no account or alias has the full name.
+
+        @raise NotLocal: the domain is not ours (relaying is a policy decision
+            the caller makes).
+        @raise UnknownUser: the domain is ours but nobody has this address.
+        """
+        self.maybeReload()
+        try:
+            local, domain = splitAddress(address)
+        except AccountError:
+            raise UnknownUser(address) from None
+        if domain not in self.domains:
+            raise NotLocal(address)
+        found = self._expand(f"{local}@{domain}", 0)
+        if found is None and delimiter and delimiter in local:
+            found = self._expand(f"{local.split(delimiter, 1)[0]}@{domain}", 0)
+        if not found:
+            raise UnknownUser(address)
+        return list(dict.fromkeys(found))
+
+    def _expand(self, address: str, depth: int) -> list[str] | None:
+        if address in self.users:
+            return [address]
+        targets = self.aliases.get(address)
+        if targets is None or depth >= MAX_ALIAS_DEPTH:
+            return None
+        out: list[str] = []
+        for target in targets:
+            out.extend(self._expand(target, depth + 1) or [])
+        return out
+
+    # -- editing (admin CLI) ---------------------------------------------------
+
+    @contextmanager
+    def editing(self) -> Iterator[Accounts]:
+        """Lock, re-read, let the caller change, write atomically."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.reload()
+            yield self
+            self.save()
+
+    def save(self) -> None:
+        document = {
+            "format": FORMAT,
+            "version": VERSION,
+            "domains": sorted(self.domains),
+            "users": dict(sorted(self.users.items())),
+            "aliases": dict(sorted(self.aliases.items())),
+        }
+        atomicWrite(self.path, json.dumps(document, indent=2).encode() + b"\n")
+        self._stamp = self._statStamp()
+
+    def addDomain(self, domain: str) -> str:
+        domain = validDomain(domain)
+        if domain in self.domains:
+            raise AccountError(f"domain {domain} already exists")
+        self.domains.add(domain)
+        return domain
+
+    def removeDomain(self, domain: str) -> str:
+        domain = domain.lower().rstrip(".")
+        if domain not in self.domains:
+            raise AccountError(f"domain {domain} does not exist (see: twistmail domain list)")
+        inUse = [a for a in [*self.users, *self.aliases] if a.endswith("@" + domain)]
+        if inUse:
+            raise AccountError(
+                f"domain {domain} still has {len(inUse)} users/aliases (e.g. {inUse[0]}); "
+                "remove them first")
+        self.domains.discard(domain)
+        return domain
+
+    def checkNewUser(self, address: str) -> str:
+        """Canonical address if C{address} can be added; AccountError saying why not."""
+        address = validAddress(address)
+        domain = address.split("@")[1]
+        if domain not in self.domains:
+            raise AccountError(f"domain {domain} is not local: run 'twistmail domain add {domain}' first")
+        if address in self.users or address in self.aliases:
+            raise AccountError(f"{address} already exists")
+        return address
+
+    def addUser(self, address: str, passwordHash: str) -> str:
+        address = self.checkNewUser(address)
+        self.users[address] = {"password": passwordHash}
+        return address
+
+    def setPassword(self, address: str, passwordHash: str) -> str:
+        address = address.lower()
+        if address not in self.users:
+            raise AccountError(f"no user {address} (see: twistmail user list)")
+        self.users[address]["password"] = passwordHash
+        return address
+
+    def removeUser(self, address: str) -> str:
+        address = address.lower()
+        if address not in self.users:
+            raise AccountError(f"no user {address} (see: twistmail user list)")
+        del self.users[address]
+        return address
+
+    def addAlias(self, source: str, targets: list[str]) -> str:
+        source = validAddress(source)
+        if source.split("@")[1] not in self.domains:
+            raise AccountError(f"domain of {source} is not local: run 'twistmail domain add' first")
+        if source in self.users:
+            raise AccountError(f"{source} is a user; an alias cannot shadow it")
+        canonical = []
+        for target in targets:
+            local, domain = splitAddress(target)
+            if domain not in self.domains:
+                raise AccountError(
+                    f"alias target {target} is not in a local domain; forwarding to other "
+                    "domains needs the relay queue, which this version does not have")
+            canonical.append(f"{local}@{domain}")
+        if not canonical:
+            raise AccountError("an alias needs at least one target")
+        self.aliases[source] = sorted(set(self.aliases.get(source, [])) | set(canonical))
+        return source
+
+    def removeAlias(self, source: str) -> str:
+        source = source.lower()
+        if source not in self.aliases:
+            raise AccountError(f"no alias {source} (see: twistmail alias list)")
+        del self.aliases[source]
+        return source

@@ -1,0 +1,174 @@
+# -*- test-case-name: tests.test_cli -*-
+"""``twistmail``: the admin command line (domains, users, aliases, config check).
+
+Global options come before the subcommand, as with git:
+``twistmail --data-dir DIR user add alice@example.org``.  Output is a table;
+every failure prints one line saying what to do and exits non-zero.
+Passwords are read from a prompt, or from stdin when it is not a terminal,
+never from argv (which any local user can read in ps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Sequence
+
+from twistmail import __version__
+from twistmail import config as configmod
+from twistmail.auth.accounts import AccountError, Accounts
+from twistmail.auth.passwords import hashPassword
+
+
+class CLIError(Exception):
+    """Printed as 'twistmail: error: ...' with exit status 1."""
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def readPassword(stdin=None) -> str:
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != first:
+            raise CLIError("the passwords differ; nothing was changed")
+        password = first
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CLIError("empty password; give one at the prompt or on stdin")
+    return password
+
+
+def _config(args) -> configmod.Config:
+    overrides = {"server": {"data_dir": args.data_dir}} if args.data_dir else {}
+    try:
+        return configmod.load(args.config, overrides)
+    except configmod.ConfigError as e:
+        raise CLIError(str(e)) from None
+
+
+def _accounts(args) -> Accounts:
+    try:
+        return Accounts(_config(args).dataDir)
+    except (AccountError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def cmdDomain(args) -> str:
+    accounts = _accounts(args)
+    if args.action == "list":
+        rows = [(d, sum(u.endswith("@" + d) for u in accounts.users),
+                 sum(a.endswith("@" + d) for a in accounts.aliases)) for d in sorted(accounts.domains)]
+        return table(["DOMAIN", "USERS", "ALIASES"], rows)
+    with accounts.editing():
+        if args.action == "add":
+            done = accounts.addDomain(args.domain)
+            return f"domain {done} added"
+        done = accounts.removeDomain(args.domain)
+        return f"domain {done} removed"
+
+
+def cmdUser(args) -> str:
+    accounts = _accounts(args)
+    if args.action == "list":
+        targets = {}
+        for alias, dests in accounts.aliases.items():
+            for dest in dests:
+                targets.setdefault(dest, []).append(alias)
+        rows = [(u, ",".join(sorted(targets.get(u, []))) or "-") for u in sorted(accounts.users)]
+        return table(["ADDRESS", "ALIASES"], rows)
+    if args.action == "remove":
+        with accounts.editing():
+            done = accounts.removeUser(args.address)
+        return f"user {done} removed (its mail stays in the data directory)"
+    # Fail on a bad address before asking for a password.
+    if args.action == "add":
+        accounts.checkNewUser(args.address)
+    elif args.address.lower() not in accounts.users:
+        raise CLIError(f"no user {args.address.lower()} (see: twistmail user list)")
+    hashed = hashPassword(readPassword())
+    with accounts.editing():
+        if args.action == "add":
+            done = accounts.addUser(args.address, hashed)
+            return f"user {done} added"
+        done = accounts.setPassword(args.address, hashed)
+        return f"password of {done} changed"
+
+
+def cmdAlias(args) -> str:
+    accounts = _accounts(args)
+    if args.action == "list":
+        return table(["ALIAS", "TARGETS"], [(a, ",".join(t)) for a, t in sorted(accounts.aliases.items())])
+    with accounts.editing():
+        if args.action == "add":
+            done = accounts.addAlias(args.source, args.targets)
+            return f"alias {done} -> {', '.join(accounts.aliases[done])}"
+        return f"alias {accounts.removeAlias(args.source)} removed"
+
+
+def cmdCheckConfig(args) -> str:
+    config = _config(args)
+    rows = [("config", config.path), ("data_dir", config.dataDir), ("hostname", config.hostname),
+            ("storage", config["storage"]["backend"])]
+    for protocol in configmod.ALL_PROTOCOLS:
+        rows.append((f"listen.{protocol}", " ".join(config.listeners(protocol)) or "-"))
+    from twistmail.tap import BACKENDS
+
+    if config["storage"]["backend"] not in BACKENDS:
+        raise CLIError(f"{config.path}: [storage] backend: unknown backend "
+                       f"{config['storage']['backend']!r}. Fix: use one of {', '.join(BACKENDS)}")
+    return table(["SETTING", "VALUE"], rows) + "\nconfiguration OK"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twistmail", description="twistmail administration")
+    p.add_argument("--version", action="version", version=f"twistmail {__version__}")
+    p.add_argument("-c", "--config", help="TOML config file (default: embedded default)")
+    p.add_argument("-d", "--data-dir", help="data directory (overrides [server] data_dir)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    domain = sub.add_parser("domain", help="local domains").add_subparsers(dest="action", required=True)
+    for action in ("add", "remove"):
+        domain.add_parser(action).add_argument("domain")
+    domain.add_parser("list")
+
+    user = sub.add_parser("user", help="mailbox users").add_subparsers(dest="action", required=True)
+    for action, text in (("add", "password from prompt or stdin"),
+                         ("passwd", "new password from prompt or stdin"), ("remove", "")):
+        user.add_parser(action, help=text).add_argument("address")
+    user.add_parser("list")
+
+    alias = sub.add_parser("alias", help="address aliases").add_subparsers(dest="action", required=True)
+    add = alias.add_parser("add")
+    add.add_argument("source")
+    add.add_argument("targets", nargs="+")
+    alias.add_parser("remove").add_argument("source")
+    alias.add_parser("list")
+
+    sub.add_parser("check-config", help="validate the configuration and show the effective settings")
+    return p
+
+
+COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "check-config": cmdCheckConfig}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        print(COMMANDS[args.command](args))
+    except (CLIError, AccountError) as e:
+        print(f"twistmail: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"twistmail: error: {e.filename or ''}: {e.strerror}. Check the path and permissions "
+              "(use --data-dir or [server] data_dir)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,32 @@
+"""LocalDelivery: one fsynced copy per local recipient, through IMailStore only."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from twistmail.delivery.spool import MessageSource
+from twistmail.errors import StorageError
+from twistmail.model import Envelope
+
+
+class LocalDelivery:
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def deliver(self, envelope: Envelope, source: MessageSource) -> defer.Deferred:
+        """Fire when every recipient's copy is durable; fail with StorageError otherwise.
+
+        On a partial failure the copies already stored stay (the client retries
+        and those recipients may see the message twice: at-least-once, never lost).
+        """
+        ds = [self._store.deliver(rcpt, "INBOX", source) for rcpt in envelope.recipients]
+        d = defer.gatherResults(ds, consumeErrors=True)
+
+        def unwrap(failure):
+            failure.trap(defer.FirstError)
+            inner = failure.value.subFailure
+            if inner.check(StorageError):
+                return inner
+            raise StorageError(inner.getErrorMessage())
+
+        return d.addErrback(unwrap)

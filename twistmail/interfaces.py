@@ -1,0 +1,147 @@
+# -*- test-case-name: tests.test_store_conformance -*-
+"""Every zope Interface twistmail defines.
+
+Protocol adapters (SMTP, POP3, IMAP4) talk only to these interfaces, never to
+a concrete backend, so a backend that passes the conformance suite in
+``twistmail.testing`` serves every protocol unchanged.
+
+Conventions shared by all storage methods:
+
+* Folder names are ``str`` with ``/`` as the hierarchy separator; ``INBOX`` is
+  case-insensitive and always exists.
+* Flags are ``str``: the IMAP system flags (``\\Seen``, ``\\Answered``,
+  ``\\Flagged``, ``\\Deleted``, ``\\Draft``) and keywords (atoms without a
+  backslash).
+* Anything that touches the disk returns a ``Deferred`` and does its blocking
+  work off the reactor thread; methods documented as synchronous only read
+  in-memory state.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IStoredMessage(Interface):
+    """One message in a folder snapshot.  Immutable: a flag change yields a new snapshot."""
+
+    uid = Attribute("int: IMAP UID, strictly ascending within the folder and never reused")
+    uniqueId = Attribute(
+        "str: backend-wide stable id (POP3 UIDL); unlike uid it survives a UIDVALIDITY reset"
+    )
+    flags = Attribute("frozenset[str] of system flags and keywords")
+    size = Attribute("int: exact size in octets of the bytes open() returns (RFC822.SIZE)")
+    internalDate = Attribute("float: POSIX time the message was received or appended")
+
+
+class IMailbox(Interface):
+    """An open folder: a UID-ordered snapshot plus the operations IMAP and POP3 need.
+
+    RFC 3501 §2.3.1.1: UIDs are strictly ascending and never reused while
+    ``uidValidity`` is unchanged; a backend that cannot keep that promise must
+    change ``uidValidity``.
+    """
+
+    name = Attribute("str: folder name as the account lists it")
+    uidValidity = Attribute("int: changes only when previously issued UIDs become invalid")
+    uidNext = Attribute("int: the UID the next message added to the folder will get")
+
+    def messages() -> list:
+        """The current snapshot: ``IStoredMessage`` providers sorted by uid (synchronous)."""
+
+    def refresh():
+        """Pick up changes made by deliveries, other sessions and external writers.
+
+        @return: Deferred firing with a L{FolderChanges} once the snapshot is current.
+        """
+
+    def openMessage(uid: int):
+        """@return: Deferred firing with a readable binary file of the message's exact bytes."""
+
+    def setFlags(uids, flags, mode: str):
+        """Change flags of the messages whose uid is in C{uids}.
+
+        @param mode: ``"set"``, ``"add"`` or ``"remove"``.
+        @return: Deferred firing with the updated ``IStoredMessage`` list.
+        """
+
+    def append(source: bytes, flags=(), internalDate: float | None = None):
+        """Store a message durably (fsynced) in this folder.
+
+        @return: Deferred firing with the new message's uid.
+        """
+
+    def remove(uids):
+        """Delete the given messages for good (POP3 QUIT, IMAP EXPUNGE).
+
+        @return: Deferred firing with the list of uids actually removed.
+        """
+
+    def addListener(listener) -> None:
+        """Call C{listener(changes)} on the reactor thread after each change to this folder."""
+
+    def removeListener(listener) -> None:
+        """Stop notifying C{listener}; unknown listeners are ignored."""
+
+
+class IMailAccount(Interface):
+    """One user's folders."""
+
+    name = Attribute("str: canonical account address, e.g. alice@example.org")
+
+    def listFolders():
+        """@return: Deferred firing with a sorted list of folder names, INBOX included."""
+
+    def createFolder(name: str):
+        """Create C{name} and any missing parents.  Fails with L{FolderExists} / L{InvalidFolderName}."""
+
+    def deleteFolder(name: str):
+        """Delete C{name} and its messages.  INBOX cannot be deleted."""
+
+    def renameFolder(old: str, new: str):
+        """Rename C{old} (and its children) to C{new}.
+
+        RFC 3501 §6.3.5: renaming INBOX moves its messages to C{new} and leaves
+        INBOX empty.
+        """
+
+    def openFolder(name: str):
+        """@return: Deferred firing with a refreshed L{IMailbox}; L{NoSuchFolder} if absent."""
+
+    def subscriptions():
+        """@return: Deferred firing with the sorted list of subscribed folder names."""
+
+    def setSubscribed(name: str, subscribed: bool):
+        """Subscribe or unsubscribe C{name}; persisted."""
+
+
+class IMailStore(Interface):
+    """A mail storage backend: the single seam between protocols and disk."""
+
+    def account(name: str) -> IMailAccount:
+        """The account C{name} (synchronous; folders are created lazily on disk)."""
+
+    def deliver(account: str, folder: str, source, flags=()):
+        """Deliver one message durably: fsynced file and directory before firing.
+
+        @param source: a L{twistmail.delivery.spool.MessageSource} (prefix + body).
+        @return: Deferred firing with the backend's unique id for the new message.
+            Fails with L{StorageError} on a disk or permission error, leaving no
+            partial message visible.
+        """
+
+    def removeAccount(name: str):
+        """Delete every folder of C{name} (admin CLI ``user remove --purge``)."""
+
+
+class IMailStoreFactory(Interface):
+    """A storage backend offered as a Twisted plugin (``[storage] backend = name``)."""
+
+    name = Attribute("str: the value of [storage] backend that selects this backend")
+    description = Attribute("str: one line for ``twistmail check-config``")
+
+    def makeStore(options: dict, dataDir: str) -> IMailStore:
+        """Validate C{options} (from ``[storage.<name>]``) and build the store.
+
+        Raise L{twistmail.config.ConfigError} for bad options so ``twistd`` fails at start.
+        """

@@ -1,0 +1,43 @@
+"""Small immutable value objects passed between layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SYSTEM_FLAGS = frozenset({"\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"})
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A snapshot of one message (provides IStoredMessage)."""
+
+    uid: int
+    uniqueId: str
+    flags: frozenset
+    size: int
+    internalDate: float
+
+
+@dataclass(frozen=True)
+class FolderChanges:
+    """What a refresh or an operation changed, for IMAP untagged responses."""
+
+    added: tuple = ()  # uids now present that were not before
+    removed: tuple = ()  # uids gone
+    flagsChanged: tuple = ()  # uids whose flags changed
+    uidValidityChanged: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.flagsChanged or self.uidValidityChanged)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope of one transaction."""
+
+    sender: str  # "" for the null reverse-path <>
+    recipients: tuple  # canonical local account addresses, deduplicated
+    client: str = ""
+    helo: str = ""
+    id: str = ""
+    extra: dict = field(default_factory=dict, compare=False)

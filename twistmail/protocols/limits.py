@@ -1,0 +1,62 @@
+"""Connection limits shared by every listener: in total and per client address.
+
+A refused client gets one protocol-appropriate line and a closed connection
+instead of a silent reset, so it can tell "busy" from "down".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class _Refuse(protocol.Protocol):
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.line)
+        self.transport.loseConnection()
+
+
+class ConnectionLimiter:
+    def __init__(self, maxTotal: int, maxPerAddress: int) -> None:
+        self.maxTotal = maxTotal
+        self.maxPerAddress = maxPerAddress
+        self.total = 0
+        self.perAddress: Counter = Counter()
+
+    def check(self, addr) -> bytes | None:
+        """Why a new connection from C{addr} must be refused, or None."""
+        host = getattr(addr, "host", str(addr))
+        if self.total >= self.maxTotal:
+            log.warn("refused {host}: {total} connections in total", host=host, total=self.total)
+            return b"Too many connections, try again later"
+        if self.perAddress[host] >= self.maxPerAddress:
+            log.warn("refused {host}: {n} connections from this address", host=host,
+                     n=self.perAddress[host])
+            return b"Too many connections from your address"
+        return None
+
+    def refuse(self, line: bytes) -> protocol.Protocol:
+        return _Refuse(line)
+
+    def track(self, proto: protocol.Protocol, addr) -> None:
+        """Count C{proto} until its connectionLost runs."""
+        host = getattr(addr, "host", str(addr))
+        self.total += 1
+        self.perAddress[host] += 1
+        original = proto.connectionLost
+
+        def connectionLost(reason, _original=original) -> None:
+            self.total -= 1
+            self.perAddress[host] -= 1
+            if not self.perAddress[host]:
+                del self.perAddress[host]
+            _original(reason)
+
+        proto.connectionLost = connectionLost

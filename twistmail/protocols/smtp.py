@@ -1,0 +1,382 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""Inbound SMTP (MX role) on Twisted's ESMTP server.
+
+What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
+
+* **Framing** (``dataReceived``).  Twisted dispatches every buffered line at
+  once, so a pipelined RCPT would be handled before an asynchronous MAIL
+  finished.  We hand Twisted one command at a time and wait for its reply
+  before the next (RFC 2920 §3.1: replies in order).  Command lines are bounded.
+* **DATA** is scanned in bulk for CRLF.CRLF instead of line by line: only
+  ``<CRLF>.<CRLF>`` ends the message (RFC 5321 §4.1.1.4), so bare LF or CR
+  around a dot can never end DATA (SMTP smuggling, CVE-2023-51764 class).
+  The size limit is enforced while streaming; over-size data is discarded as
+  it arrives, never buffered.
+* **One spool per transaction** shared by all recipients, with one
+  ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
+* **Enhanced status codes** (RFC 2034/3463) on every final reply.
+
+Line endings: the message is stored exactly as received after dot-unstuffing,
+CRLF included.  Bare CR or LF inside the data are kept as they are.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from email.utils import formatdate
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail.smtp import COMMAND, DATA
+
+from twistmail.auth.accounts import NotLocal, UnknownUser
+from twistmail.delivery.spool import MessageSource
+from twistmail.errors import StorageError
+from twistmail.model import Envelope
+from twistmail.protocols.limits import ConnectionLimiter
+
+log = Logger()
+
+# RFC 3463 defaults for replies that do not carry their own enhanced code.
+_ENHANCED = {
+    (250, "MAIL"): b"2.1.0", (250, "RCPT"): b"2.1.5", (250, "."): b"2.0.0",
+    (221, None): b"2.0.0", (250, None): b"2.0.0", (235, None): b"2.7.0",
+    (421, None): b"4.4.2", (451, None): b"4.3.0", (452, None): b"4.5.3", (454, None): b"4.7.0",
+    (500, None): b"5.5.2", (501, None): b"5.5.4", (502, None): b"5.5.1", (503, None): b"5.5.1",
+    (504, None): b"5.5.4", (535, None): b"5.7.8", (550, None): b"5.1.1", (552, None): b"5.3.4",
+    (553, None): b"5.1.3", (554, None): b"5.6.0", (555, None): b"5.5.4",
+}
+_HAS_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
+_NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
+_PRINTABLE = re.compile(rb"[^\x21-\x7e]")
+
+
+class SMTPServer(smtp.ESMTP):
+    """One inbound SMTP connection; configuration comes from the factory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buf = b""
+        self._waiting = False  # a command was dispatched and has not been answered
+        self._processing = False
+        self._discardLine = False
+        self._command: str | None = None
+        self._source: MessageSource | None = None
+        self._dataError: tuple[int, bytes] | None = None
+        self._midLine = False
+        self._envelope: Envelope | None = None
+        self._usedEhlo = False
+
+    # -- connection ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.host = self.factory.hostname
+        self.timeout = self.factory.config["timeout"]
+        self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")
+        super().connectionMade()
+
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP twistmail"
+
+    def extensions(self) -> dict:
+        ext = super().extensions()
+        if not ext.get(b"AUTH"):
+            ext.pop(b"AUTH", None)
+        ext[b"PIPELINING"] = None
+        ext[b"8BITMIME"] = None
+        ext[b"ENHANCEDSTATUSCODES"] = None
+        ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
+        return ext
+
+    def connectionLost(self, reason) -> None:
+        if self.mode is DATA and self._source is not None:
+            self._source.discard()
+            self._logTransaction("aborted: client disconnected in DATA", size=self._source.size)
+            self._source = None
+        super().connectionLost(reason)
+
+    # -- framing: one command at a time ----------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._buf += data
+        self._process()
+
+    def _process(self) -> None:
+        self._processing = True
+        try:
+            while self._buf and not self._waiting and not self.transport.disconnecting:
+                if self.mode is DATA:
+                    if not self._consumeData():
+                        break
+                elif not self._consumeLine():
+                    break
+        finally:
+            self._processing = False
+
+    def _consumeLine(self) -> bool:
+        maxLine = self.factory.config["max_line_length"]
+        end = self._buf.find(b"\n")
+        if end < 0:
+            if len(self._buf) > maxLine:
+                # Discard now so a client streaming an endless line cannot fill memory.
+                self._buf = b""
+                if not self._discardLine:
+                    self._discardLine = True
+                    self._command = None
+                    self.sendCode(500, b"5.5.2 Line too long")
+            return False
+        line, self._buf = self._buf[:end], self._buf[end + 1:]
+        if self._discardLine:
+            self._discardLine = False
+            return True
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > maxLine:
+            self._command = None
+            self.sendCode(500, b"5.5.2 Line too long")
+            return True
+        self._waiting = True
+        self._command = "AUTH-RESPONSE" if self.mode != COMMAND else \
+            line.split(None, 1)[0].upper().decode("ascii", "replace") if line.strip() else ""
+        self.lineReceived(line)
+        return True
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        if not isinstance(message, bytes):
+            message = str(message).encode("utf-8", "replace")
+        if code >= 250 or code == 235 or code == 221:
+            if self._command not in _NO_ENHANCED_FOR and not _HAS_ENHANCED.match(message):
+                enhanced = _ENHANCED.get((code, self._command)) or _ENHANCED.get((code, None))
+                if enhanced:
+                    message = enhanced + b" " + message
+        super().sendCode(code, message)
+        self._waiting = False
+        if not self._processing and self._buf:
+            self._process()
+
+    # -- commands --------------------------------------------------------------
+
+    def do_MAIL(self, rest: bytes) -> None:
+        m = self.mail_re.match(rest)
+        if m and m.group("opts"):
+            for param in m.group("opts").split():
+                key, _, value = param.partition(b"=")
+                key = key.upper()
+                if key == b"SIZE":
+                    if not value.isdigit():
+                        self.sendCode(501, b"5.5.4 SIZE needs a number")
+                        return
+                    if int(value) > self.factory.config["max_message_size"]:
+                        self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+                        return
+                elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME"):
+                    pass
+                else:
+                    self.sendCode(555, b"5.5.4 Unsupported MAIL parameter " + key[:64])
+                    return
+        super().do_MAIL(rest)
+
+    def validateFrom(self, helo, origin):
+        # MX role: any sender may deliver to our users; relay policy is in validateTo.
+        return origin
+
+    def validateTo(self, user):
+        if len(self._to) >= self.factory.config["max_recipients"]:
+            raise smtp.SMTPServerError(452, "4.5.3 Too many recipients")
+        address = str(user.dest)
+        try:
+            return self.factory.accounts.route(address, self.factory.config["recipient_delimiter"])
+        except NotLocal:
+            self._logReject(address, "relay denied")
+            raise smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied") from None
+        except UnknownUser:
+            self._logReject(address, "user unknown")
+            raise smtp.SMTPBadRcpt(user, 550, "5.1.1 User unknown in local recipient table") from None
+
+    def _logReject(self, rcpt: str, why: str) -> None:
+        log.info("smtp reject client={client} from=<{sender}> rcpt=<{rcpt}> result={why}",
+                 client=self.peerHost, sender=str(self._from), rcpt=rcpt[:256], why=why)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        self._usedEhlo = True
+        super().do_EHLO(rest)
+
+    def do_HELO(self, rest: bytes) -> None:
+        self._usedEhlo = False
+        super().do_HELO(rest)
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._from = None
+        self._to = []
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.sendCode(221, b"2.0.0 Bye")
+        self.transport.loseConnection()
+
+    def do_VRFY(self, rest: bytes) -> None:
+        # RFC 5321 §3.5.3: 252 neither confirms nor denies (no address harvesting).
+        self.sendCode(252, b"2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_DATA(self, rest: bytes) -> None:
+        if self._from is None or not self._to:
+            self.sendCode(503, b"5.5.1 Need MAIL and a valid RCPT before DATA")
+            return
+        if rest.strip():
+            self.sendCode(501, b"5.5.4 DATA takes no arguments")
+            return
+        recipients = tuple(dict.fromkeys(t for _, targets in self._to for t in targets))
+        txid = secrets.token_hex(6).upper()
+        self._envelope = Envelope(
+            sender=str(self._from),
+            recipients=recipients,
+            client=self.peerHost,
+            helo=(self._helo[0] or b"").decode("ascii", "replace"),
+            id=txid,
+            extra={"rcpt": [str(u.dest) for u, _ in self._to]},
+        )
+        self._source = MessageSource(
+            prefix=self._receivedHeader(txid, [u for u, _ in self._to]),
+            spoolDir=self.factory.spoolDir,
+        )
+        self._from = None
+        self._to = []
+        self._dataError = None
+        self._midLine = False
+        self.mode = DATA
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _receivedHeader(self, txid: str, rcpts: list) -> bytes:
+        """RFC 5321 §4.4 trace header; ``for`` only with a single recipient (as Postfix)."""
+        helo = _PRINTABLE.sub(b"?", (self._helo[0] or b"unknown")[:255])
+        proto = b"ESMTP" if self._usedEhlo else b"SMTP"
+        header = (b"Received: from " + helo + b" ([" + self.peerHost.encode("ascii", "replace") + b"])\r\n"
+                  b"\tby " + self.host + b" (twistmail) with " + proto + b" id " + txid.encode())
+        if len(rcpts) == 1:
+            header += b"\r\n\tfor <" + _PRINTABLE.sub(b"?", str(rcpts[0].dest).encode("utf-8", "replace")) + b">"
+        return header + b"; " + formatdate(localtime=True).encode() + b"\r\n"
+
+    # -- DATA ------------------------------------------------------------------
+
+    def _consumeData(self) -> bool:
+        """Move complete lines from the buffer into the spool; True when DATA ended.
+
+        Invariant: unless C{_midLine}, the buffer starts at the beginning of a line,
+        so the terminator is ``.<CRLF>`` at offset 0 or ``<CRLF>.<CRLF>`` inside.
+        """
+        buf = self._buf
+        if self._midLine:  # discarding the rest of an over-long line
+            end = buf.find(b"\r\n")
+            if end < 0:
+                self._buf = buf[-1:]
+                return False
+            buf = buf[end + 2:]
+            self._midLine = False
+        if buf.startswith(b".\r\n"):
+            self._buf = buf[3:]
+            self._endData()
+            return True
+        end = buf.find(b"\r\n.\r\n")
+        if end >= 0:
+            self._spool(buf[:end + 2])
+            self._buf = buf[end + 5:]
+            self._endData()
+            return True
+        cut = buf.rfind(b"\r\n")
+        if cut >= 0:
+            self._spool(buf[:cut + 2])
+            buf = buf[cut + 2:]
+        if len(buf) > self.factory.config["max_data_line_length"]:
+            self._fail(552, b"5.3.4 Line too long in message data")
+            self._midLine = True
+            buf = buf[-1:]
+        self._buf = buf
+        return False
+
+    def _spool(self, chunk: bytes) -> None:
+        if self._dataError is not None:
+            return
+        # RFC 5321 §4.5.2: remove the first dot of every line that starts with one.
+        if chunk[:1] == b".":
+            chunk = chunk[1:]
+        chunk = chunk.replace(b"\r\n.", b"\r\n")
+        if self._source.size + len(chunk) > self.factory.config["max_message_size"]:
+            self._fail(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            return
+        self._source.write(chunk)
+
+    def _fail(self, code: int, message: bytes) -> None:
+        if self._dataError is None:
+            self._dataError = (code, message)
+            self._source.discard()
+
+    def _endData(self) -> None:
+        self.mode = COMMAND
+        self._command = "."
+        self._waiting = True
+        source, envelope = self._source, self._envelope
+        size = source.size
+        self._source = None
+        if self._dataError is not None:
+            code, message = self._dataError
+            self._logTransaction(f"rejected: {message.decode()}", size=size)
+            self.sendCode(code, message)
+            return
+        d = defer.maybeDeferred(self.factory.delivery.deliver, envelope, source)
+
+        def delivered(ignored) -> None:
+            self._logTransaction("delivered", size=size)
+            self.sendCode(250, f"2.0.0 Ok: queued as {envelope.id}".encode())
+
+        def failed(failure) -> None:
+            if failure.check(StorageError):
+                self._logTransaction(f"deferred: {failure.getErrorMessage()}", size=size)
+            else:
+                log.failure("delivery of {id} failed", failure, id=envelope.id)
+                self._logTransaction("deferred: internal error", size=size)
+            self.sendCode(451, b"4.3.0 Local error in processing, try again later")
+
+        d.addCallbacks(delivered, failed)
+        d.addBoth(lambda ignored: source.discard())
+
+    def _logTransaction(self, result: str, size: int) -> None:
+        env = self._envelope
+        log.info(
+            "smtp id={id} client={client} from=<{sender}> to={rcpts} size={size} result={result}",
+            id=env.id, client=env.client, sender=env.sender,
+            rcpts=",".join(env.extra["rcpt"]), size=size, result=result,
+        )
+
+
+class SMTPFactory(smtp.SMTPFactory):
+    """Holds what every SMTP connection shares: limits, accounts, delivery."""
+
+    protocol = SMTPServer
+    noisy = False
+
+    def __init__(self, config, hostname: str, accounts, delivery, spoolDir: str,
+                 limiter: ConnectionLimiter | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.hostname = hostname.encode("idna") if isinstance(hostname, str) else hostname
+        self.accounts = accounts
+        self.delivery = delivery
+        self.spoolDir = spoolDir
+        self.limiter = limiter
+
+    def buildProtocol(self, addr):
+        if self.limiter is not None:
+            refusal = self.limiter.check(addr)
+            if refusal:
+                return self.limiter.refuse(b"421 4.7.0 " + refusal + b"\r\n")
+        p = self.protocol()
+        p.factory = self
+        if self.limiter is not None:
+            self.limiter.track(p, addr)
+        return p
