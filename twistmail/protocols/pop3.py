@@ -44,6 +44,10 @@ class POP3Mailbox:
             raise ValueError(i)
         return self.snapshot[i]
 
+    def live(self) -> list[tuple[int, object]]:
+        """(1-based number, message) of every message not marked deleted."""
+        return [(n + 1, m) for n, m in enumerate(self.snapshot) if n not in self.deleted]
+
     def listMessages(self, i=None):
         if i is None:
             return [0 if n in self.deleted else m.size for n, m in enumerate(self.snapshot)]
@@ -111,9 +115,45 @@ class POP3Server(pop3.POP3):
     def do_APOP(self, user, digest) -> None:
         self.failResponse(b"APOP is not supported: use USER/PASS")
 
-    def do_PASS(self, password, *words) -> None:
-        self._loginUser = (self._userIs or b"")[:256]
-        super().do_PASS(password, *words)
+    def do_PASS(self, password, *words) -> defer.Deferred | None:
+        # Twisted's do_PASS does not block pipelined commands while the (threaded)
+        # password check runs, so a pipelined RETR would be refused as "not
+        # authenticated": run it as a long operation instead.
+        if self._userIs is None:
+            self.failResponse(b"USER required before PASS")
+            return None
+        user, self._userIs = self._userIs, None
+        self._loginUser = user[:256]
+        d = defer.maybeDeferred(self.authenticateUserPASS, user, b" ".join((password,) + words))
+        d.addCallbacks(self._cbMailbox, self._ebMailbox, callbackArgs=(user,))
+        d.addErrback(self._ebUnexpected)
+        return self._longOperation(d)
+
+    # RFC 1939 §5: messages marked as deleted are not counted or listed.
+    def do_STAT(self) -> None:
+        live = self.mbox.live()
+        self.successResponse(b"%d %d" % (len(live), sum(m.size for _, m in live)))
+
+    def do_LIST(self, i=None) -> None:
+        if i is not None:
+            return self._scanListing(i, lambda n, m: b"%d %d" % (n, m.size))
+        live = self.mbox.live()
+        self.transport.write(pop3.successResponse(b"%d messages" % len(live)) + b"".join(
+            b"%d %d\r\n" % (n, m.size) for n, m in live) + b".\r\n")
+
+    def do_UIDL(self, i=None) -> None:
+        if i is not None:
+            return self._scanListing(i, lambda n, m: b"%d %s" % (n, m.uniqueId.encode()))
+        self.transport.write(pop3.successResponse(b"") + b"".join(
+            b"%d %s\r\n" % (n, m.uniqueId.encode()) for n, m in self.mbox.live()) + b".\r\n")
+
+    def _scanListing(self, i: bytes, fmt) -> None:
+        n = int(i) if i.isdigit() else 0
+        found = dict(self.mbox.live()).get(n)
+        if found is None:
+            self.failResponse(b"No such message")
+        else:
+            self.successResponse(fmt(n, found))
 
     def _cbMailbox(self, result, user) -> None:
         super()._cbMailbox(result, user)
