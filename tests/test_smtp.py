@@ -310,3 +310,13 @@ def test_transaction_and_reject_logged(server):
     assert tx[0]["size"] > len(MSG) and len(tx[0]["id"]) == 12
     rejects = [e for e in seen if e.get("log_format", "").startswith("smtp reject")]
     assert [r["why"] for r in rejects] == ["relay denied"]
+
+
+def test_client_cut_off_after_too_many_errors(server):
+    sock = connect(server)
+    sock.sendall(b"BOGUS\r\n" * 30)
+    replies = readAll(sock, b"421 ")
+    assert replies.count(b"500 ") == 20  # MAX_ERRORS answered, then cut off
+    assert b"421 4.7.0" in replies
+    assert sock.recv(100) == b""  # closed
+    sock.close()

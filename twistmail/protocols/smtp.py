@@ -51,6 +51,8 @@ _ENHANCED = {
 _HAS_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 _NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 _PRINTABLE = re.compile(rb"[^\x21-\x7e]")
+#: Like Postfix's smtpd_hard_error_limit: a client that keeps erring is cut off.
+MAX_ERRORS = 20
 
 
 class SMTPServer(smtp.ESMTP):
@@ -68,6 +70,7 @@ class SMTPServer(smtp.ESMTP):
         self._midLine = False
         self._envelope: Envelope | None = None
         self._usedEhlo = False
+        self._errors = 0
 
     # -- connection ------------------------------------------------------------
 
@@ -154,6 +157,14 @@ class SMTPServer(smtp.ESMTP):
                     message = enhanced + b" " + message
         super().sendCode(code, message)
         self._waiting = False
+        if code >= 500:
+            self._errors += 1
+            if self._errors >= MAX_ERRORS and not self.transport.disconnecting:
+                log.info("smtp client={client} disconnected after {n} errors",
+                         client=self.peerHost, n=self._errors)
+                super().sendCode(421, b"4.7.0 Too many errors, closing connection")
+                self.transport.loseConnection()
+                return
         if not self._processing and self._buf:
             self._process()
 
