@@ -116,16 +116,18 @@ class _Worker:
             if seq >= self.total:
                 break
             t0 = clock()
+            replies: list[tuple[int, bytes]] = []
             if self.pipelined:
                 writer.write(mail + rcpt + data)
-                codes = [(await _reply(reader))[0] for _ in range(3)]
+                replies = [await _reply(reader) for _ in range(3)]
             else:
-                codes = []
                 for command, want in ((mail, 250), (rcpt, 250), (data, 354)):
                     writer.write(command)
-                    codes.append((await _reply(reader))[0])
-                    if codes[-1] != want:
+                    replies.append(await _reply(reader))
+                    if replies[-1][0] != want:
                         break
+            codes = [code for code, _ in replies]
+            text = b" | ".join(t.strip() for c, t in replies if c >= 400)
             ok = codes[:2] == [250, 250]
             if codes[-1] == 354 and len(codes) == 3:
                 if ok:
@@ -135,14 +137,14 @@ class _Worker:
                 code, text = await _reply(reader)
                 ok = ok and code == 250
             else:
-                ok, text = False, repr(codes).encode()
+                ok = False
             if ok:
                 self.result.accepted += 1
                 self.latencies.append(clock() - t0)
             else:
                 self.result.failed += 1
                 if len(self.result.errors) < 10:
-                    self.result.errors.append(f"seq {seq}: {codes} {text[:120]!r}")
+                    self.result.errors.append(f"seq {seq}: {codes} {text[:160]!r}")
                 writer.write(b"RSET\r\n")
                 await _reply(reader)
         writer.write(b"QUIT\r\n")

@@ -1,6 +1,7 @@
 """Retrieve a whole mailbox over POP3 and check every message.
 
-Two clients, timed separately and both from USER to QUIT:
+Two clients, timed separately and both from connect to QUIT (login time,
+which includes the server's password hash check, is also reported alone):
 
 * ``poplib``: the stdlib client, one RETR at a time waiting for each reply.
   This is what the "2,000 messages in under a second" target refers to.
@@ -37,22 +38,27 @@ class Pop3Result:
     retrieved: int = 0
     verified: int = 0
     seconds: float = 0.0
+    login_seconds: float = 0.0
     msgs_per_sec: float = 0.0
     added_header_bytes: int | None = None
     errors: list[str] = field(default_factory=list)
 
 
-def _verify(result: Pop3Result, messages: list[bytes], size: int) -> None:
-    """Check each retrieved message ends with the message that was sent."""
+def _verify(result: Pop3Result, messages: list[bytes], size: int, smtp_source: bool) -> None:
+    """Check each retrieved message ends with the message that was sent.
+
+    smtp-source sends the same file every time (sequence 0) and appends an
+    empty line, so for it duplicates are expected and the tail differs.
+    """
     factory = MessageFactory(size)
     seen: set[int] = set()
     for i, msg in enumerate(messages, 1):
         seq = sequence_of(msg)
-        if seq is None or seq in seen:
+        if seq is None or (seq in seen and not smtp_source):
             result.errors.append(f"msg {i}: missing or duplicate Message-ID ({seq})")
             continue
         seen.add(seq)
-        sent = factory.render(seq)
+        sent = factory.render(seq) + (b"\r\n" if smtp_source else b"")
         if len(msg) < len(sent) or not msg.endswith(sent):
             result.errors.append(f"msg {i}: {len(msg)} bytes, does not end with sent {len(sent)}")
             continue
@@ -71,6 +77,7 @@ def retrieve_poplib(
     pop = poplib.POP3(host, port, timeout=60)
     pop.user(user)
     pop.pass_(password)
+    result.login_seconds = time.perf_counter() - t0
     count, _ = pop.stat()
     result.listed = len(pop.list()[1])
     for i in range(1, count + 1):
@@ -112,6 +119,7 @@ async def _retrieve_pipelined(
     await ok_line()
     writer.write(f"PASS {password}\r\n".encode())
     await ok_line()
+    result.login_seconds = time.perf_counter() - t0
     writer.write(b"STAT\r\nLIST\r\n")
     count = int((await ok_line()).split()[1])
     await ok_line()
@@ -128,7 +136,14 @@ async def _retrieve_pipelined(
 
 
 def retrieve(
-    client: str, host: str, port: int, user: str, password: str, expected: int, size: int
+    client: str,
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    expected: int,
+    size: int,
+    smtp_source: bool = False,
 ) -> Pop3Result:
     """Retrieve with ``client`` ("poplib" or "pipelined"), then verify."""
     try:
@@ -142,7 +157,7 @@ def retrieve(
         result = Pop3Result(client, expected, errors=[repr(exc)])
         return result
     result.expected = expected
-    _verify(result, messages, size)
+    _verify(result, messages, size, smtp_source)
     if result.listed != expected or result.retrieved != expected:
         result.errors.insert(
             0, f"listed {result.listed}, retrieved {result.retrieved}, expected {expected}"
@@ -160,11 +175,23 @@ def main() -> int:
     parser.add_argument("--expected", type=int, default=2000)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--client", choices=("poplib", "pipelined", "both"), default="both")
+    parser.add_argument(
+        "--smtp-source", action="store_true", help="the mail was sent by loadgen smtp-source"
+    )
     args = parser.parse_args()
     clients = ("poplib", "pipelined") if args.client == "both" else (args.client,)
     results = [
         asdict(
-            retrieve(c, args.host, args.port, args.user, args.password, args.expected, args.size)
+            retrieve(
+                c,
+                args.host,
+                args.port,
+                args.user,
+                args.password,
+                args.expected,
+                args.size,
+                args.smtp_source,
+            )
         )
         for c in clients
     ]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
+# ``python -m twisted`` is ``twist``, not ``twistd``: run twistd's entry point.
+TWISTD = [PYTHON, "-c", "from twisted.scripts.twistd import run; run()"]
 HOST = "127.0.0.1"
 DOMAIN = "example.test"
 USER = "alice"
@@ -31,10 +33,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time used so far by process ``pid``."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by process ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def count_delivered(maildir: Path) -> int:
@@ -71,7 +74,7 @@ class Server:
         self.stop()
         raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
 
-    def cpu(self) -> float:
+    def cpu(self) -> tuple[float, float]:
         assert self.proc is not None
         return cpu_seconds(self.proc.pid)
 
@@ -116,7 +119,7 @@ def twistmail_server(workdir: Path) -> tuple[Server, Path, int]:
     _twistmail_cli(data_dir, "domain", "add", DOMAIN)
     _twistmail_cli(data_dir, "user", "add", f"{USER}@{DOMAIN}", stdin=f"{PASSWORD}\n".encode())
     smtp, pop3 = free_port(), free_port()
-    argv = [PYTHON, "-m", "twisted", "-n", "--pidfile=", "twistmail", "--data-dir", str(data_dir)]
+    argv = [*TWISTD, "-n", "--pidfile=", "twistmail", "--data-dir", str(data_dir)]
     argv += ["--smtp", f"tcp:{smtp}:interface={HOST}", "--pop3", f"tcp:{pop3}:interface={HOST}"]
     server = Server("twistmail", argv, smtp, workdir / "server.log")
     return server, data_dir / "mail" / DOMAIN / USER, pop3

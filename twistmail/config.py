@@ -134,6 +134,9 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
             raise _fail(path, "file", "not found", "pass an existing file to --config") from None
         except tomllib.TOMLDecodeError as e:
             raise _fail(path, "syntax", str(e), "correct the TOML syntax at that line") from None
+        except UnicodeDecodeError as e:
+            raise _fail(path, "encoding", f"not UTF-8 (byte {e.start})",
+                        "save the file as UTF-8 (TOML requires it)") from None
         except OSError as e:
             raise _fail(path, "file", e.strerror or str(e), "check the path and its permissions") from None
 
@@ -168,7 +171,8 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
 
     for protocol in ALL_PROTOCOLS:
         if sections["listen"][protocol] and protocol not in IMPLEMENTED_PROTOCOLS:
-            raise _fail(shown, f"[listen] {protocol}",
+            fromCommandLine = protocol in (overrides or {}).get("listen", {})
+            raise _fail("command line" if fromCommandLine else shown, f"[listen] {protocol}",
                         f"{protocol} is not implemented in this version of twistmail",
                         f"remove the {protocol} listener (available: {', '.join(IMPLEMENTED_PROTOCOLS)})")
 

@@ -148,23 +148,37 @@ class Accounts:
             raise UnknownUser(address) from None
         if domain not in self.domains:
             raise NotLocal(address)
-        found = self._expand(f"{local}@{domain}", 0)
+        found = self._expand(f"{local}@{domain}")
         if found is None and delimiter and delimiter in local:
-            found = self._expand(f"{local.split(delimiter, 1)[0]}@{domain}", 0)
+            found = self._expand(f"{local.split(delimiter, 1)[0]}@{domain}")
         if not found:
             raise UnknownUser(address)
         return list(dict.fromkeys(found))
 
-    def _expand(self, address: str, depth: int) -> list[str] | None:
+    def _expand(self, address: str) -> list[str] | None:
+        """Users C{address} reaches (None if it is neither user nor alias).
+
+        Breadth-first with a visited set: each alias is expanded once, so loops
+        and meshes of aliases cost linear time; chains end after MAX_ALIAS_DEPTH hops.
+        """
         if address in self.users:
             return [address]
-        targets = self.aliases.get(address)
-        if targets is None or depth >= MAX_ALIAS_DEPTH:
+        if address not in self.aliases:
             return None
-        out: list[str] = []
-        for target in targets:
-            out.extend(self._expand(target, depth + 1) or [])
-        return out
+        found: list[str] = []
+        seen = {address}
+        frontier = [address]
+        for _ in range(MAX_ALIAS_DEPTH):
+            following = []
+            for alias in frontier:
+                for target in self.aliases[alias]:
+                    if target in self.users:
+                        found.append(target)
+                    elif target in self.aliases and target not in seen:
+                        seen.add(target)
+                        following.append(target)
+            frontier = following
+        return found
 
     # -- editing (admin CLI) ---------------------------------------------------
 

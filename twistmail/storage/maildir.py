@@ -24,8 +24,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ log = Logger()
 UIDLIST = "twistmail-uidlist"
 KEYWORDS = "twistmail-keywords"
 SUBSCRIPTIONS = "twistmail-subscriptions"
+UIDVALIDITY = "twistmail-uidvalidity"  # per account: the last UIDVALIDITY handed out
 UIDLIST_MAGIC = "twistmail-uidlist 1"
 
 # Maildir info letters (cr.yp.to): must be kept in ASCII order in the file name.
@@ -59,8 +62,10 @@ _FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": 
 _LETTER_FLAGS = {v: k for k, v in _FLAG_LETTERS.items()}
 _LETTER_FLAGS["P"] = "$Forwarded"  # "passed" in Maildir, $Forwarded keyword in IMAP
 MAX_KEYWORDS = 26
+NAME_MAX = 255  # octets in one directory entry (Linux, BSD, macOS)
 
 _counter = itertools.count()
+_uidValidityLock = threading.Lock()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
 
 
@@ -68,6 +73,17 @@ def uniqueName() -> str:
     """A Maildir unique name: time.M<usec>P<pid>Q<n>.host (unique per host, no locking)."""
     now = time.time()
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+
+
+_ORDER = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
+
+
+def _deliveryOrder(base: str) -> tuple:
+    """Sort key: seconds, then microseconds and counter compared as numbers (M99 < M100)."""
+    m = _ORDER.match(base)
+    if m is None:
+        return (float("inf"), 0, 0, base)
+    return (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0), base)
 
 
 def _splitName(filename: str) -> tuple[str, str]:
@@ -185,7 +201,7 @@ class MaildirFolder:
         if header is None:
             # No uidlist (new folder, or a restore): a fresh UIDVALIDITY invalidates
             # whatever clients cached (RFC 3501 §2.3.1.1).
-            uidValidity, uidNext, listed = int(time.time()), 1, {}
+            uidValidity, uidNext, listed = self._newUidValidity(), 1, {}
             rewrite = True
         else:
             uidValidity, uidNext = header
@@ -196,8 +212,7 @@ class MaildirFolder:
                 present[uid] = (base, date, size)
         if len(present) != len(listed):
             rewrite = True
-        newcomers = sorted(set(onDisk) - {b for b, _, _ in present.values()},
-                           key=lambda b: (b.split(".")[0].zfill(12), b))
+        newcomers = sorted(set(onDisk) - {b for b, _, _ in present.values()}, key=_deliveryOrder)
         appended = []
         for base in newcomers:
             name = onDisk[base][0]
@@ -223,6 +238,21 @@ class MaildirFolder:
         result["uidValidity"] = uidValidity
         result["uidNext"] = uidNext
         return result
+
+    def _newUidValidity(self) -> int:
+        """A UIDVALIDITY this account never issued before: a folder deleted and re-created
+        within one second must not repeat the old value (RFC 3501 §2.3.1.1)."""
+        root = self.path if self.name == "INBOX" else os.path.dirname(self.path)
+        path = os.path.join(root, UIDVALIDITY)
+        with _uidValidityLock:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    last = int(f.read().strip() or 0)
+            except (FileNotFoundError, ValueError):
+                last = 0
+            value = max(int(time.time()), last + 1)
+            _fsutil.atomicWrite(path, f"{value}\n".encode())
+        return value
 
     def _readUidlist(self, path: str):
         try:
@@ -289,16 +319,22 @@ class MaildirFolder:
             return defer.fail()
         return self._store._run(self._openSync, path, self._entries[uid].base)
 
+    def _currentName(self, base: str) -> str | None:
+        """The name in cur/ of message C{base} now: another program may have changed its flags."""
+        for name in os.listdir(os.path.join(self.path, "cur")):
+            if _splitName(name)[0] == base:
+                return name
+        return None
+
     def _openSync(self, path: str, base: str):
         try:
             return open(path, "rb")
         except FileNotFoundError:
             # Renamed by another program since our last scan (flags changed).
-            cur = os.path.join(self.path, "cur")
-            for name in os.listdir(cur):
-                if _splitName(name)[0] == base:
-                    return open(os.path.join(cur, name), "rb")
-            raise NoSuchMessage(base) from None
+            name = self._currentName(base)
+            if name is None:
+                raise NoSuchMessage(base) from None
+            return open(os.path.join(self.path, "cur", name), "rb")
 
     def _infoFor(self, flags: set) -> str:
         letters = {_FLAG_LETTERS[f] for f in flags if f in _FLAG_LETTERS}
@@ -353,7 +389,17 @@ class MaildirFolder:
             try:
                 os.rename(os.path.join(cur, f"{base}:2,{old}"), os.path.join(cur, f"{base}:2,{new}"))
             except FileNotFoundError:
-                continue  # expunged or renamed elsewhere; the next refresh sorts it out
+                # Another program changed its flags since our last scan: apply our
+                # change on top of theirs instead of dropping it.
+                name = self._currentName(base)
+                if name is None:
+                    continue  # expunged elsewhere; the next refresh reports it
+                theirs = _splitName(name)[1]
+                new = "".join(sorted((set(theirs) | (set(new) - set(old))) - (set(old) - set(new))))
+                try:
+                    os.rename(os.path.join(cur, name), os.path.join(cur, f"{base}:2,{new}"))
+                except FileNotFoundError:
+                    continue
             done.append((uid, new))
         return done
 
@@ -400,7 +446,14 @@ class MaildirFolder:
             try:
                 os.unlink(path)
             except FileNotFoundError:
-                pass
+                # Its flags were changed by another program: it is still there under
+                # another name, and would come back with a new UID if left.
+                name = self._currentName(_splitName(os.path.basename(path))[0])
+                if name is not None:
+                    try:
+                        os.unlink(os.path.join(self.path, "cur", name))
+                    except FileNotFoundError:
+                        pass
         _fsutil.fsyncDir(os.path.join(self.path, "cur"))
         # Rewrite, keeping N: UIDs of removed messages are never handed out again.
         self._writeUidlist(os.path.join(self.path, UIDLIST), self.uidValidity, self.uidNext, keep)
@@ -453,6 +506,13 @@ def _writeMessage(folderPath: str, chunks, subdir: str, suffix: str = "",
     return final
 
 
+def _checkDirname(dirname: str) -> None:
+    # A Maildir++ folder is one directory entry: escaped components joined by '.'.
+    if len(os.fsencode(dirname)) > NAME_MAX:
+        raise InvalidFolderName(f"folder name too long for this server (at most {NAME_MAX} "
+                                "octets once escaped, all levels together)")
+
+
 @implementer(IMailAccount)
 class MaildirAccount:
     def __init__(self, store: MaildirStore, name: str, root: str) -> None:
@@ -464,8 +524,9 @@ class MaildirAccount:
         name = folders.normalize(name)
         if name == "INBOX":
             return self.root
-        return os.path.join(self.root, "." + ".".join(
-            folders.escapeComponent(p) for p in name.split(folders.SEPARATOR)))
+        dirname = "." + ".".join(folders.escapeComponent(p) for p in name.split(folders.SEPARATOR))
+        _checkDirname(dirname)
+        return os.path.join(self.root, dirname)
 
     def _nameFromDir(self, dirname: str) -> str:
         return folders.SEPARATOR.join(folders.unescapeComponent(p) for p in dirname[1:].split("."))
@@ -480,12 +541,14 @@ class MaildirAccount:
         except FileNotFoundError:
             return names
         for entry in entries:
-            if entry.startswith(".") and entry not in (".", "..") and \
+            if entry.startswith(".") and not entry.startswith("..") and \
                     os.path.isdir(os.path.join(self.root, entry, "cur")):
                 names.append(self._nameFromDir(entry))
         return sorted(names, key=lambda n: (n != "INBOX", n))
 
     def createFolder(self, name: str) -> defer.Deferred:
+        if isinstance(name, str) and folders.isInbox(name):
+            return defer.fail(FolderExists("INBOX"))  # it always exists
         return defer.maybeDeferred(self.folderPath, name).addCallback(
             lambda path: self._store._run(self._createSync, folders.normalize(name), path))
 
@@ -495,20 +558,23 @@ class MaildirAccount:
         _makeMaildir(self.root)
         parts = name.split(folders.SEPARATOR)
         for depth in range(1, len(parts) + 1):  # Maildir++ has no implicit parents
-            _makeMaildir(self.folderPath(folders.SEPARATOR.join(parts[:depth])))
-            with open(os.path.join(self.folderPath(folders.SEPARATOR.join(parts[:depth])),
-                                   "maildirfolder"), "a"):
+            folderPath = self.folderPath(folders.SEPARATOR.join(parts[:depth]))
+            if folderPath == self.root:
+                continue  # INBOX/...: the account's Maildir is not a Maildir++ folder
+            _makeMaildir(folderPath)
+            with open(os.path.join(folderPath, "maildirfolder"), "a"):
                 pass
         _fsutil.fsyncDir(self.root)
 
     def deleteFolder(self, name: str) -> defer.Deferred:
         try:
             name = folders.normalize(name)
+            path = self.folderPath(name)
         except InvalidFolderName:
             return defer.fail()
         if name == "INBOX":
             return defer.fail(StorageError("INBOX cannot be deleted"))
-        return self._store._run(self._deleteSync, name, self.folderPath(name))
+        return self._store._run(self._deleteSync, name, path)
 
     def _deleteSync(self, name: str, path: str) -> None:
         if not os.path.isdir(os.path.join(path, "cur")):
@@ -529,6 +595,10 @@ class MaildirAccount:
 
     def _renameSync(self, old: str, new: str) -> None:
         src, dst = self.folderPath(old), self.folderPath(new)
+        if old == "INBOX":
+            _makeMaildir(self.root)  # INBOX always exists, even before the first delivery
+        if new == "INBOX":
+            raise FolderExists(new)
         if not os.path.isdir(os.path.join(src, "cur")):
             raise NoSuchFolder(old)
         if os.path.isdir(os.path.join(dst, "cur")):
@@ -536,19 +606,22 @@ class MaildirAccount:
         if old == "INBOX":
             # RFC 3501 §6.3.5: move INBOX's messages into the new folder, leave INBOX empty.
             self._createSync(new, dst)
-            for name in os.listdir(os.path.join(src, "cur")) + os.listdir(os.path.join(src, "new")):
-                sub = "cur" if ":2," in name else "new"
-                os.rename(os.path.join(src, sub, name), os.path.join(dst, sub, name))
+            for sub in ("cur", "new"):
+                for name in os.listdir(os.path.join(src, sub)):
+                    os.rename(os.path.join(src, sub, name), os.path.join(dst, sub, name))
             for path in (os.path.join(src, "cur"), os.path.join(src, "new"), os.path.join(dst, "cur"),
                          os.path.join(dst, "new")):
                 _fsutil.fsyncDir(path)
             self._store._forget(self.name, old)
             return
         prefix = os.path.basename(src)
-        for entry in os.listdir(self.root):  # the folder and its children
-            if entry == prefix or entry.startswith(prefix + "."):
-                os.rename(os.path.join(self.root, entry),
-                          os.path.join(self.root, os.path.basename(dst) + entry[len(prefix):]))
+        moves = [(entry, os.path.basename(dst) + entry[len(prefix):])
+                 for entry in os.listdir(self.root)  # the folder and its children
+                 if entry == prefix or entry.startswith(prefix + ".")]
+        for _, target in moves:  # check all first: never leave a rename half done
+            _checkDirname(target)
+        for entry, target in moves:
+            os.rename(os.path.join(self.root, entry), os.path.join(self.root, target))
         parent = new.rsplit(folders.SEPARATOR, 1)[0] if folders.SEPARATOR in new else None
         if parent and not os.path.isdir(os.path.join(self.folderPath(parent), "cur")):
             self._createSync(parent, self.folderPath(parent))
@@ -558,9 +631,10 @@ class MaildirAccount:
     def openFolder(self, name: str) -> defer.Deferred:
         try:
             name = folders.normalize(name)
+            path = self.folderPath(name)
         except InvalidFolderName:
             return defer.fail()
-        folder = self._store._folder(self.name, name, self.folderPath(name))
+        folder = self._store._folder(self.name, name, path)
         if name == "INBOX":
             d = self._store._run(_makeMaildir, self.root)
         else:
@@ -643,7 +717,12 @@ class MaildirStore:
             try:
                 _makeMaildir(root)
                 _makeMaildir(path)
-                _fsutil.fsyncDir(os.path.dirname(root))
+                # Any of these may have gained an entry: path's tmp/new/cur, root's
+                # .Folder or tmp/new/cur, the domain's account, mail/'s domain,
+                # the data dir's mail/.  A 250 needs every link to the file durable.
+                for directory in dict.fromkeys((path, root, os.path.dirname(root), self.root,
+                                                os.path.dirname(self.root))):
+                    _fsutil.fsyncDir(directory)
             except OSError as e:
                 raise StorageError(f"cannot create Maildir {path}: {e.strerror}") from e
         return _writeMessage(path, source.chunks(), "new")

@@ -1,0 +1,280 @@
+"""Configuration loading: the embedded default, the TOML file, overrides, and errors a sysadmin can act on."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+
+import pytest
+
+from twistmail import config
+from twistmail.config import SCHEMA, ConfigError
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc",
+                       "twistmail.toml")
+
+
+def write(tmp_path, text, name="twistmail.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def loadError(path=None, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.load(path, overrides)
+    return str(info.value)
+
+
+# -- the embedded default -------------------------------------------------------
+
+
+def test_embeddedDefault(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = config.load()
+    assert c.listeners("smtp") == ["tcp:2525:interface=127.0.0.1"]
+    assert c.listeners("pop3") == ["tcp:2110:interface=127.0.0.1"]
+    assert c.listeners("imap") == [] and c.listeners("submission") == []
+    assert c.dataDir == os.path.join(str(tmp_path), "twistmail-data")
+    assert os.path.isabs(c.dataDir)
+    assert c.hostname  # the FQDN, never empty
+    assert c["storage"]["backend"] == "maildir"
+    assert c["smtp"]["max_message_size"] == 25 * 1024 * 1024
+    assert c["accounts"]["reload_interval"] == 1
+    # Every key of the schema has a value.
+    for section, keys in SCHEMA.items():
+        assert set(c[section]) == set(keys)
+    # Parsing has no side effects: no data directory appears.
+    assert not os.path.exists(c.dataDir)
+
+
+def test_configIsReadOnly():
+    c = config.load(None, {"server": {"data_dir": "/srv/mail"}})
+    with pytest.raises(TypeError):
+        c["server"]["data_dir"] = "/elsewhere"
+
+
+# -- file and overrides -----------------------------------------------------------
+
+
+def test_fileValuesAndDefaultsForTheRest(tmp_path):
+    path = write(tmp_path, '[server]\nhostname = "mx.example.org"\n[smtp]\nmax_recipients = 7\n')
+    c = config.load(path)
+    assert c.hostname == "mx.example.org"
+    assert c["smtp"]["max_recipients"] == 7
+    assert c["smtp"]["timeout"] == SCHEMA["smtp"]["timeout"].default
+    assert c.path == path
+
+
+def test_overridesWinOverFile(tmp_path):
+    path = write(tmp_path, '[server]\nhostname = "from-file"\ndata_dir = "/srv/file"\n'
+                           '[listen]\nsmtp = ["tcp:25"]\n')
+    c = config.load(path, {"server": {"hostname": "from-cli", "data_dir": "/srv/cli"},
+                           "listen": {"smtp": ["tcp:2525"]}})
+    assert c.hostname == "from-cli"
+    assert c.dataDir == "/srv/cli"
+    assert c.listeners("smtp") == ["tcp:2525"]
+
+
+def test_relativeDataDirIsRelativeToTheFile(tmp_path, monkeypatch):
+    confDir = tmp_path / "etc"
+    confDir.mkdir()
+    path = write(confDir, '[server]\ndata_dir = "../var/mail"\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert config.load(path).dataDir == str(tmp_path / "var" / "mail")
+    # Also when the file itself is given by a relative path.
+    assert config.load(os.path.join("..", "etc", "twistmail.toml")).dataDir \
+        == str(tmp_path / "var" / "mail")
+
+
+def test_relativeDataDirOverrideIsRelativeToCwd(tmp_path, monkeypatch):
+    path = write(tmp_path, '[server]\ndata_dir = "from-file"\n')
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("sub")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert config.load(path, {"server": {"data_dir": "cli-data"}}).dataDir \
+        == str(tmp_path / "sub" / "cli-data")
+
+
+def test_singleEndpointStringAccepted(tmp_path):
+    path = write(tmp_path, '[listen]\nsmtp = "tcp:25"\n')
+    assert config.load(path).listeners("smtp") == ["tcp:25"]
+
+
+def test_listenerCanBeDisabled(tmp_path):
+    path = write(tmp_path, "[listen]\npop3 = []\n")
+    assert config.load(path).listeners("pop3") == []
+
+
+# -- errors: file, key and fix ----------------------------------------------------
+
+
+def assertActionable(message, path, where):
+    assert message.startswith(path + ":"), message
+    assert where in message, message
+    assert "Fix:" in message and message.split("Fix:", 1)[1].strip(), message
+
+
+def test_unknownSection(tmp_path):
+    path = write(tmp_path, "[smpt]\ntimeout = 5\n")
+    message = loadError(path)
+    assertActionable(message, path, "[smpt]")
+    assert "unknown section" in message
+    assert "smtp" in message.split("Fix:")[1]  # lists the valid ones
+
+
+def test_unknownKey(tmp_path):
+    path = write(tmp_path, "[smtp]\nmax_recipient = 5\n")
+    message = loadError(path)
+    assertActionable(message, path, "[smtp] max_recipient")
+    assert "unknown key" in message
+    assert "max_recipients" in message.split("Fix:")[1]
+
+
+@pytest.mark.parametrize("text, where", [
+    ('[smtp]\nmax_recipients = "100"\n', "[smtp] max_recipients"),
+    ("[smtp]\nmax_recipients = 1.5\n", "[smtp] max_recipients"),
+    ("[smtp]\nmax_recipients = true\n", "[smtp] max_recipients"),
+    ("[server]\nhostname = 5\n", "[server] hostname"),
+    ("[listen]\nsmtp = [25]\n", "[listen] smtp"),
+    ("[listen]\nsmtp = 25\n", "[listen] smtp"),
+])
+def test_wrongType(tmp_path, text, where):
+    path = write(tmp_path, text)
+    message = loadError(path)
+    assertActionable(message, path, where)
+    assert "expected" in message
+
+
+def test_sectionThatIsNotATable(tmp_path):
+    path = write(tmp_path, "smtp = 5\n")
+    message = loadError(path)
+    assertActionable(message, path, "smtp")
+
+
+@pytest.mark.parametrize("section, key, value, minimum", [
+    ("smtp", "max_line_length", 100, 512),
+    ("smtp", "max_message_size", 0, 1024),
+    ("pop3", "timeout", 0, 1),
+    ("server", "max_connections", -1, 1),
+])
+def test_belowMinimum(tmp_path, section, key, value, minimum):
+    path = write(tmp_path, f"[{section}]\n{key} = {value}\n")
+    message = loadError(path)
+    assertActionable(message, path, f"[{section}] {key}")
+    assert str(minimum) in message.split("Fix:")[1]
+
+
+def test_minimumItselfAccepted(tmp_path):
+    path = write(tmp_path, "[smtp]\nmax_line_length = 512\n")
+    assert config.load(path)["smtp"]["max_line_length"] == 512
+
+
+def test_badOverrideNamesTheCommandLine():
+    message = loadError(None, {"smtp": {"max_recipients": 0}})
+    assert message.startswith("command line:")
+    assert "[smtp] max_recipients" in message and "Fix:" in message
+
+
+def test_tomlSyntaxError(tmp_path):
+    path = write(tmp_path, '[server]\nhostname = "unterminated\n')
+    message = loadError(path)
+    assertActionable(message, path, "syntax")
+    assert "line 2" in message
+
+
+def test_notUtf8(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# Konfiguration f\xfcr den Server\n[server]\n")
+    message = loadError(str(path))
+    assertActionable(message, str(path), "UTF-8")
+
+
+def test_missingFile(tmp_path):
+    path = str(tmp_path / "nope.toml")
+    message = loadError(path)
+    assertActionable(message, path, "not found")
+    assert "--config" in message
+
+
+def test_directoryInsteadOfFile(tmp_path):
+    message = loadError(str(tmp_path))
+    assertActionable(message, str(tmp_path), "file")
+
+
+@pytest.mark.parametrize("protocol", ["imap", "submission"])
+def test_unimplementedListener(tmp_path, protocol):
+    path = write(tmp_path, f'[listen]\n{protocol} = ["tcp:1143"]\n')
+    message = loadError(path)
+    assertActionable(message, path, f"[listen] {protocol}")
+    assert "not implemented" in message
+    assert f"remove the {protocol} listener" in message
+
+
+def test_unimplementedListenerFromOverride(tmp_path):
+    """twistd --imap ...: the error blames the command line, not a file the admin never wrote."""
+    message = loadError(None, {"listen": {"imap": ["tcp:1143"]}})
+    assert message.startswith("command line: [listen] imap:"), message
+    assert "not implemented" in message and "Fix:" in message
+    path = write(tmp_path, "[server]\n")
+    assert loadError(path, {"listen": {"submission": ["tcp:1587"]}}).startswith("command line:")
+
+
+# -- etc/twistmail.toml documents every key ---------------------------------------
+
+
+def exampleLines() -> dict[str, list[str]]:
+    """section -> the raw lines of etc/twistmail.toml in it."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    with open(EXAMPLE, encoding="utf-8") as f:
+        for line in f:
+            header = re.match(r"^\[([a-z0-9_.]+)\]\s*(#.*)?$", line)
+            if header:
+                current = header.group(1)
+                sections.setdefault(current, [])
+            elif current is not None:
+                sections[current].append(line.rstrip("\n"))
+    return sections
+
+
+def test_exampleConfigLoads(tmp_path):
+    c = config.load(EXAMPLE)
+    assert c.path == EXAMPLE
+    assert c.hostname == "mail.example.org"
+
+
+def test_exampleConfigDocumentsEveryKey():
+    with open(EXAMPLE, "rb") as f:
+        parsed = tomllib.load(f)
+    lines = exampleLines()
+    missing = []
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            assignment = re.compile(rf"^{re.escape(key)}\s*=")
+            if not any(assignment.match(line) for line in lines.get(section, [])):
+                missing.append(f"[{section}] {key}")
+            elif key not in parsed.get(section, {}):
+                missing.append(f"[{section}] {key} (commented out?)")
+    assert missing == [], f"etc/twistmail.toml does not document: {', '.join(missing)}"
+    assert set(parsed) == set(SCHEMA)
+
+
+def test_exampleConfigShowsDefaultsUnlessMarkedExample():
+    """The file promises: 'the value shown is the default unless marked "example"'."""
+    with open(EXAMPLE, "rb") as f:
+        parsed = tomllib.load(f)
+    wrong = []
+    for section, lines in exampleLines().items():
+        for line in lines:
+            match = re.match(r"^([a-z_]+)\s*=", line)
+            if not match or "# example" in line:
+                continue
+            key = match.group(1)
+            if parsed[section][key] != SCHEMA[section][key].default:
+                wrong.append(f"[{section}] {key} = {parsed[section][key]!r} "
+                             f"(default {SCHEMA[section][key].default!r})")
+    assert wrong == []

@@ -1,0 +1,967 @@
+"""The Maildir backend, driven through IMailStore / IMailAccount / IMailbox.
+
+Every storage call returns a Deferred, so tests call it on the reactor thread
+with ``onReactor`` and look at the files a Maildir reader (mutt, Dovecot, a
+backup script) would see.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+
+import pytest
+from support import onReactor
+from twisted.internet import defer, reactor
+from zope.interface.verify import verifyObject
+
+from twistmail import _fsutil
+from twistmail.delivery.spool import MessageSource
+from twistmail.errors import (
+    FolderExists,
+    InvalidFolderName,
+    NoSuchFolder,
+    NoSuchMessage,
+    StorageError,
+)
+from twistmail.interfaces import IMailAccount, IMailbox, IMailStore, IMailStoreFactory
+from twistmail.storage import maildir
+from twistmail.storage.maildir import MaildirStore, MaildirStoreFactory
+
+ALICE = "alice@example.test"
+UNIQUE = re.compile(r"^[^,:/]+$")
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(dataDir):
+    return MaildirStore(dataDir)
+
+
+def restart(dataDir) -> MaildirStore:
+    """A fresh store on the same directory: what a server restart sees."""
+    return MaildirStore(dataDir)
+
+
+def accountDir(dataDir, address=ALICE) -> str:
+    local, domain = address.split("@")
+    return os.path.join(dataDir, "mail", domain, local)
+
+
+def deliver(store, data: bytes, folder="INBOX", account=ALICE, prefix=b"") -> str:
+    source = MessageSource(prefix=prefix)
+    source.write(data)
+    return onReactor(store.deliver, account, folder, source)
+
+
+def openFolder(store, name="INBOX", account=ALICE):
+    return onReactor(store.account(account).openFolder, name)
+
+
+def call(obj, method, *args):
+    return onReactor(getattr(obj, method), *args)
+
+
+def failure(f, *args) -> Exception:
+    """Call f on the reactor; it must return a Deferred that fails.  Return the exception.
+
+    Raising synchronously instead would break the interface contract the
+    protocol adapters rely on (they add errbacks, they do not catch).
+    """
+    def run():
+        try:
+            d = f(*args)
+        except Exception as e:
+            return "raised synchronously", e
+        if not isinstance(d, defer.Deferred):
+            return "returned a non-Deferred", d
+        return d.addCallbacks(lambda result: ("succeeded", result), lambda f: ("failed", f.value))
+
+    outcome, value = onReactor(run)
+    assert outcome == "failed", f"{getattr(f, '__name__', f)}{args!r:.80}: {outcome}: {value!r:.200}"
+    return value
+
+
+def readMessage(folder, uid) -> bytes:
+    with onReactor(folder.openMessage, uid) as f:
+        return f.read()
+
+
+def uids(folder) -> list[int]:
+    return [m.uid for m in folder.messages()]
+
+
+def byUid(folder) -> dict:
+    return {m.uid: m for m in folder.messages()}
+
+
+def ls(path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def tree(root) -> set[str]:
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            out.add(os.path.relpath(os.path.join(dirpath, name), root))
+    return out
+
+
+class FakeTime:
+    """Stands in for the ``time`` module inside twistmail.storage.maildir."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+
+    def time(self) -> float:
+        return self.values.pop(0) if len(self.values) > 1 else self.values[0]
+
+
+def message(n: int) -> bytes:
+    return b"From: bob@example.test\r\nSubject: message %d\r\n\r\nbody %d\r\n" % (n, n)
+
+
+# -- interfaces ----------------------------------------------------------------
+
+
+def test_providesInterfaces(store, dataDir):
+    assert verifyObject(IMailStore, store)
+    account = store.account(ALICE)
+    assert verifyObject(IMailAccount, account)
+    assert verifyObject(IMailbox, openFolder(store))
+    assert verifyObject(IMailStoreFactory, MaildirStoreFactory())
+
+
+def test_factoryBuildsStoreAndRejectsOptions(dataDir):
+    from twistmail.config import ConfigError
+
+    factory = MaildirStoreFactory()
+    assert factory.name == "maildir"
+    built = factory.makeStore({}, dataDir)
+    assert verifyObject(IMailStore, built)
+    with pytest.raises(ConfigError, match="storage.maildir"):
+        factory.makeStore({"compress": True}, dataDir)
+
+
+# -- delivery ------------------------------------------------------------------
+
+
+def test_deliverWritesExactBytesToNew(store, dataDir):
+    body = b"Subject: hi\r\n\r\nbinary \x00\xff and a long line " + b"x" * 5000 + b"\r\n"
+    prefix = b"Received: from client by mx.example.test\r\n"
+    unique = deliver(store, body, prefix=prefix)
+
+    root = accountDir(dataDir)
+    names = ls(os.path.join(root, "new"))
+    assert len(names) == 1
+    expected = prefix + body
+    assert names[0] == f"{unique},S={len(expected)}"
+    assert UNIQUE.match(unique)
+    with open(os.path.join(root, "new", names[0]), "rb") as f:
+        assert f.read() == expected
+    assert ls(os.path.join(root, "tmp")) == []
+    assert ls(os.path.join(root, "cur")) == []
+
+
+def test_deliverSpooledMessage(store, dataDir, tmp_path):
+    """A message past maxMemory sits in a spool file; the stored copy is still exact."""
+    source = MessageSource(prefix=b"Received: by test\r\n", spoolDir=str(tmp_path / "spool"),
+                           maxMemory=4096)
+    chunks = [bytes([n % 256]) * 1000 + b"\r\n" for n in range(300)]
+    for chunk in chunks:
+        source.write(chunk)
+    unique = onReactor(store.deliver, ALICE, "INBOX", source)
+    folder = openFolder(store)
+    assert folder.messages()[0].uniqueId == unique
+    data = readMessage(folder, 1)
+    assert data == b"Received: by test\r\n" + b"".join(chunks)
+    assert folder.messages()[0].size == len(data)
+
+
+def test_deliverCreatesMaildirOnFirstUse(store, dataDir):
+    root = accountDir(dataDir)
+    assert not os.path.exists(root)
+    deliver(store, message(1))
+    for sub in ("cur", "new", "tmp"):
+        assert os.path.isdir(os.path.join(root, sub))
+    assert len(ls(os.path.join(root, "new"))) == 1
+
+
+def test_deliverToFolderCreatesIt(store, dataDir):
+    deliver(store, message(1), folder="Lists/Twisted")
+    folder = openFolder(store, "Lists/Twisted")
+    assert [readMessage(folder, u) for u in uids(folder)] == [message(1)]
+
+
+def test_twoDeliveriesGetDistinctNames(store, dataDir):
+    first = deliver(store, message(1))
+    second = deliver(store, message(1))
+    assert first != second
+    assert len(ls(os.path.join(accountDir(dataDir), "new"))) == 2
+
+
+def test_deliverIsDurableBeforeItFires(store, dataDir, monkeypatch):
+    """SMTP says 250 when deliver fires: the file and the new/ entry must be fsynced by then."""
+    deliver(store, message(0))  # the Maildir exists; this is the steady state
+    root = os.path.realpath(accountDir(dataDir))
+    events = []
+    realFsync, realFsyncDir, realRename = os.fsync, _fsutil.fsyncDir, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return realFsync(fd)
+
+    def fsyncDir(path):
+        events.append(("fsyncDir", os.path.realpath(path)))
+        return realFsyncDir(path)
+
+    def rename(src, dst):
+        events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+        return realRename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(_fsutil, "fsyncDir", fsyncDir)
+
+    def deliverAndMark():
+        d = store.deliver(ALICE, "INBOX", MessageSource.fromBytes(message(1)))
+        return d.addCallback(lambda unique: events.append(("fired", unique)) or unique)
+
+    unique = onReactor(deliverAndMark)
+    tmpPath = os.path.join(root, "tmp", unique)
+    newPath = os.path.join(root, "new", f"{unique},S={len(message(1))}")
+    newDir = os.path.join(root, "new")
+
+    fileSynced = events.index(("fsync", tmpPath))
+    renamed = events.index(("rename", tmpPath, newPath))
+    dirSynced = events.index(("fsyncDir", newDir))
+    fired = events.index(("fired", unique))
+    assert fileSynced < renamed < dirSynced < fired
+
+
+def test_firstDeliveryMakesEveryNewDirectoryDurable(store, dataDir, monkeypatch):
+    """On a brand-new account the whole path to the message is new: every entry needs an fsync."""
+    synced = []
+    realFsyncDir = _fsutil.fsyncDir
+
+    def fsyncDir(path):
+        synced.append(os.path.realpath(path))
+        return realFsyncDir(path)
+
+    monkeypatch.setattr(_fsutil, "fsyncDir", fsyncDir)
+
+    def deliverAndMark():
+        d = store.deliver(ALICE, "INBOX", MessageSource.fromBytes(message(1)))
+        return d.addCallback(lambda unique: list(synced))
+
+    syncedBeforeFiring = onReactor(deliverAndMark)
+    data = os.path.realpath(dataDir)
+    root = os.path.join(data, "mail", "example.test", "alice")
+    # Each directory whose entry list changed: new/ (the message), alice/ (new/),
+    # example.test/ (alice/), mail/ (example.test/), the data dir (mail/).
+    for path in (os.path.join(root, "new"), root, os.path.dirname(root),
+                 os.path.join(data, "mail"), data):
+        assert path in syncedBeforeFiring, path
+
+
+def test_deliverFailsWhenNewIsNotADirectory(store, dataDir):
+    openFolder(store)  # creates the Maildir
+    root = accountDir(dataDir)
+    os.rmdir(os.path.join(root, "new"))
+    with open(os.path.join(root, "new"), "wb") as f:
+        f.write(b"not a directory")
+
+    error = failure(store.deliver, ALICE, "INBOX", MessageSource.fromBytes(message(1)))
+    assert isinstance(error, StorageError)
+    assert ls(os.path.join(root, "tmp")) == []
+    assert ls(os.path.join(root, "cur")) == []
+    with open(os.path.join(root, "new"), "rb") as f:
+        assert f.read() == b"not a directory"
+
+
+def test_deliverFailsWhenTmpIsNotADirectory(store, dataDir):
+    root = accountDir(dataDir)
+    os.makedirs(os.path.join(root, "new"))
+    os.makedirs(os.path.join(root, "cur"))
+    with open(os.path.join(root, "tmp"), "wb") as f:
+        f.write(b"")
+
+    error = failure(store.deliver, ALICE, "INBOX", MessageSource.fromBytes(message(1)))
+    assert isinstance(error, StorageError)
+    assert ls(os.path.join(root, "new")) == []
+    assert ls(os.path.join(root, "cur")) == []
+
+
+def test_deliverTakesMessageBackWhenDirectorySyncFails(store, dataDir, monkeypatch):
+    """No 250 it cannot stand behind: a failed fsync of new/ fails delivery and removes the file."""
+    openFolder(store)
+    root = accountDir(dataDir)
+
+    def brokenFsyncDir(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_fsutil, "fsyncDir", brokenFsyncDir)
+    error = failure(store.deliver, ALICE, "INBOX", MessageSource.fromBytes(message(1)))
+    assert isinstance(error, StorageError)
+    assert ls(os.path.join(root, "new")) == []
+    assert ls(os.path.join(root, "tmp")) == []
+
+
+def test_deliverToInvalidAccountFails(store, dataDir):
+    before = tree(os.path.dirname(dataDir))
+    for account in ("../x@example.test", "a/b@example.test", "alice@../etc", "nobody"):
+        error = failure(store.deliver, account, "INBOX", MessageSource.fromBytes(message(1)))
+        assert isinstance(error, StorageError), account
+    assert tree(os.path.dirname(dataDir)) == before
+
+
+@pytest.mark.parametrize("address", [
+    "../x@example.test", "a/b@example.test", "..@example.test", "x@..", "x@a/b",
+    "x@example.test/../../etc", "/abs@example.test", "a\x00b@example.test",
+])
+def test_accountPathRejectsEscapes(store, address):
+    with pytest.raises(StorageError):
+        store.accountPath(address)
+    with pytest.raises(StorageError):
+        store.account(address)
+
+
+def test_accountPathIsCaseFolded(store, dataDir):
+    assert store.accountPath("Alice@Example.TEST") == accountDir(dataDir)
+
+
+# -- opening a folder: new/ -> cur/, UIDs --------------------------------------
+
+
+def test_openFolderMovesNewToCurAndNumbersInDeliveryOrder(store, dataDir):
+    bodies = [message(n) for n in range(1, 6)]
+    uniques = [deliver(store, b) for b in bodies]
+    folder = openFolder(store)
+
+    root = accountDir(dataDir)
+    assert ls(os.path.join(root, "new")) == []
+    cur = ls(os.path.join(root, "cur"))
+    assert sorted(cur) == sorted(f"{u},S={len(b)}:2," for u, b in zip(uniques, bodies, strict=True))
+    assert uids(folder) == [1, 2, 3, 4, 5]
+    assert [readMessage(folder, u) for u in uids(folder)] == bodies
+    assert [m.uniqueId for m in folder.messages()] == uniques
+    assert [m.size for m in folder.messages()] == [len(b) for b in bodies]
+    assert folder.uidNext == 6
+
+
+def test_uidsFollowDeliveryOrderWithinOneSecond(store, dataDir, monkeypatch):
+    """Unique names carry the microseconds unpadded: M99998 came before M100001."""
+    clock = FakeTime(1700000000.099998, 1700000000.100001, 1700000000.9, 1700000001.0)
+    monkeypatch.setattr(maildir, "time", clock)
+    first = deliver(store, message(1))
+    second = deliver(store, message(2))
+    third = deliver(store, message(3))
+    folder = openFolder(store)
+    assert [m.uniqueId for m in folder.messages()] == [first, second, third]
+    assert [readMessage(folder, u) for u in uids(folder)] == [message(1), message(2), message(3)]
+
+
+def test_uidValidityAndUidsStableAcrossRestartAndDeliveries(store, dataDir):
+    for n in range(3):
+        deliver(store, message(n))
+    folder = openFolder(store)
+    validity = folder.uidValidity
+    assert validity > 0
+    before = {m.uid: (m.uniqueId, readMessage(folder, m.uid)) for m in folder.messages()}
+
+    deliver(store, message(3))
+    call(folder, "refresh")
+    assert folder.uidValidity == validity
+
+    again = openFolder(restart(dataDir))
+    assert again.uidValidity == validity
+    assert uids(again) == [1, 2, 3, 4]
+    assert again.uidNext == 5
+    for uid, (uniqueId, data) in before.items():
+        assert byUid(again)[uid].uniqueId == uniqueId
+        assert readMessage(again, uid) == data
+
+
+def test_uniqueIdMatchesDeliveryAndSurvivesRestart(store, dataDir):
+    unique = deliver(store, message(1))
+    assert openFolder(store).messages()[0].uniqueId == unique
+    assert openFolder(restart(dataDir)).messages()[0].uniqueId == unique
+
+
+def test_removedUidIsNeverReused(store, dataDir):
+    for n in range(3):
+        deliver(store, message(n))
+    folder = openFolder(store)
+    assert call(folder, "remove", [3]) == [3]
+    deliver(store, message(4))
+    call(folder, "refresh")
+    assert uids(folder) == [1, 2, 4]
+
+    # ... nor after a restart.
+    store2 = restart(dataDir)
+    folder2 = openFolder(store2)
+    call(folder2, "remove", [4])
+    store3 = restart(dataDir)
+    deliver(store3, message(5))
+    assert uids(openFolder(store3)) == [1, 2, 5]
+
+
+def test_uidNotReusedWhenHighestRemovedByAnotherProgram(store, dataDir):
+    for n in range(3):
+        deliver(store, message(n))
+    folder = openFolder(store)
+    cur = os.path.join(accountDir(dataDir), "cur")
+    victim = [n for n in os.listdir(cur) if n.startswith(byUid(folder)[3].uniqueId)][0]
+    os.unlink(os.path.join(cur, victim))
+    changes = call(folder, "refresh")
+    assert changes.removed == (3,)
+    deliver(store, message(9))
+    folder2 = openFolder(restart(dataDir))
+    assert uids(folder2) == [1, 2, 4]
+
+
+def test_recreatedFolderGetsNewUidValidity(store, dataDir, monkeypatch):
+    """RFC 3501 §2.3.1.1: a deleted and re-created mailbox must not repeat UIDVALIDITY."""
+    monkeypatch.setattr(maildir, "time", FakeTime(1700000000.5))  # all within one second
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Work")
+    deliver(store, message(1), folder="Work")
+    old = openFolder(store, "Work")
+    oldValidity = old.uidValidity
+    assert uids(old) == [1]
+    del old
+
+    onReactor(account.deleteFolder, "Work")
+    onReactor(account.createFolder, "Work")
+    deliver(store, message(2), folder="Work")
+    new = openFolder(store, "Work")
+    assert uids(new) == [1]
+    assert new.uidValidity != oldValidity
+
+
+def test_openMessageUnknownUid(store):
+    folder = openFolder(store)
+    assert isinstance(failure(folder.openMessage, 42), NoSuchMessage)
+
+
+# -- flags -----------------------------------------------------------------------
+
+
+def curNames(dataDir, folder="INBOX") -> list[str]:
+    root = accountDir(dataDir)
+    if folder != "INBOX":
+        root = os.path.join(root, "." + folder)
+    return ls(os.path.join(root, "cur"))
+
+
+def test_setFlagsSystemFlagsInFileName(store, dataDir):
+    unique = deliver(store, message(1))
+    folder = openFolder(store)
+    result = call(folder, "setFlags", [1], ["\\Seen", "\\Answered", "\\Flagged", "\\Deleted",
+                                           "\\Draft"], "set")
+    assert [m.flags for m in result] == [frozenset({"\\Seen", "\\Answered", "\\Flagged",
+                                                    "\\Deleted", "\\Draft"})]
+    assert curNames(dataDir) == [f"{unique},S={len(message(1))}:2,DFRST"]
+    assert readMessage(folder, 1) == message(1)
+
+    call(folder, "setFlags", [1], ["\\Deleted", "\\Draft"], "remove")
+    assert curNames(dataDir) == [f"{unique},S={len(message(1))}:2,FRS"]
+    call(folder, "setFlags", [1], ["\\Seen"], "set")
+    assert curNames(dataDir) == [f"{unique},S={len(message(1))}:2,S"]
+    call(folder, "setFlags", [1], ["\\Draft"], "add")
+    assert curNames(dataDir) == [f"{unique},S={len(message(1))}:2,DS"]
+    assert folder.messages()[0].flags == frozenset({"\\Seen", "\\Draft"})
+
+    again = openFolder(restart(dataDir))
+    assert again.messages()[0].flags == frozenset({"\\Seen", "\\Draft"})
+    assert readMessage(again, 1) == message(1)
+
+
+def fileOf(dataDir, folder, uid) -> str:
+    """The cur/ file name of C{uid} in the open INBOX C{folder}."""
+    unique = byUid(folder)[uid].uniqueId
+    names = [n for n in curNames(dataDir) if n.split(",")[0] == unique]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def test_keywordsAndForwarded(store, dataDir):
+    deliver(store, message(1))
+    deliver(store, message(2))
+    folder = openFolder(store)
+    call(folder, "setFlags", [1], ["$Forwarded", "Work", "\\Seen"], "add")
+    call(folder, "setFlags", [2], ["Personal", "Work"], "add")
+
+    # Maildir info: system letters (P = passed = $Forwarded) then keyword letters,
+    # all in ASCII order; keywords are lower-case letters, one per keyword folder-wide.
+    info1 = fileOf(dataDir, folder, 1).split(":2,")[1]
+    info2 = fileOf(dataDir, folder, 2).split(":2,")[1]
+    assert info1[:2] == "PS" and len(info1) == 3 and "a" <= info1[2] <= "z"
+    assert list(info2) == sorted(info2) and len(info2) == 2 and info2.isalpha() and info2.islower()
+    assert info1[2] in info2  # "Work"
+
+    expected = {1: frozenset({"$Forwarded", "Work", "\\Seen"}),
+                2: frozenset({"Personal", "Work"})}
+    assert {m.uid: m.flags for m in folder.messages()} == expected
+    again = openFolder(restart(dataDir))
+    assert {m.uid: m.flags for m in again.messages()} == expected
+
+    call(again, "setFlags", [1], ["$Forwarded", "Work"], "remove")
+    assert fileOf(dataDir, again, 1).endswith(":2,S")
+    assert byUid(again)[1].flags == frozenset({"\\Seen"})
+    assert byUid(again)[2].flags == frozenset({"Personal", "Work"})
+
+
+def test_forwardedLetterWrittenByAnotherProgram(store, dataDir):
+    unique = deliver(store, message(1))
+    folder = openFolder(store)
+    cur = os.path.join(accountDir(dataDir), "cur")
+    old = f"{unique},S={len(message(1))}:2,"
+    os.rename(os.path.join(cur, old), os.path.join(cur, old + "PS"))
+    changes = call(folder, "refresh")
+    assert changes.flagsChanged == (1,)
+    assert folder.messages()[0].flags == frozenset({"$Forwarded", "\\Seen"})
+
+
+def markSeenLikeMutt(dataDir, unique) -> None:
+    """Another Maildir program (mutt, an MDA) changes flags by renaming the file in cur/."""
+    cur = os.path.join(accountDir(dataDir), "cur")
+    (name,) = [n for n in os.listdir(cur) if n.split(",")[0] == unique]
+    base, info = name.split(":2,")
+    os.rename(os.path.join(cur, name), os.path.join(cur, f"{base}:2,{''.join(sorted(info + 'S'))}"))
+
+
+def test_openMessageAfterAnotherProgramChangedFlags(store, dataDir):
+    unique = deliver(store, message(1))
+    folder = openFolder(store)
+    markSeenLikeMutt(dataDir, unique)
+    assert readMessage(folder, 1) == message(1)  # no refresh in between
+
+
+def test_setFlagsAfterAnotherProgramChangedFlags(store, dataDir):
+    """Neither change is lost: ours is applied on top of theirs."""
+    unique = deliver(store, message(1))
+    folder = openFolder(store)
+    call(folder, "setFlags", [1], ["\\Answered"], "add")
+    markSeenLikeMutt(dataDir, unique)
+    result = call(folder, "setFlags", [1], ["\\Flagged"], "add")
+    assert "\\Flagged" in result[0].flags
+    call(folder, "setFlags", [1], ["\\Answered"], "remove")
+    assert curNames(dataDir) == [f"{unique},S={len(message(1))}:2,FS"]
+    assert openFolder(restart(dataDir)).messages()[0].flags == frozenset({"\\Flagged", "\\Seen"})
+
+
+def test_removeAfterAnotherProgramChangedFlags(store, dataDir):
+    """POP3 DELE+QUIT of a message mutt has marked read must not bring it back under a new UID."""
+    unique = deliver(store, message(1))
+    deliver(store, message(2))
+    folder = openFolder(store)
+    markSeenLikeMutt(dataDir, unique)
+    assert call(folder, "remove", [1]) == [1]
+    assert all(not n.startswith(unique) for n in curNames(dataDir))
+    assert call(folder, "refresh").added == ()
+    assert uids(folder) == [2]
+    assert uids(openFolder(restart(dataDir))) == [2]
+
+
+def test_setFlagsOnlyTouchesGivenUids(store, dataDir):
+    for n in range(3):
+        deliver(store, message(n))
+    folder = openFolder(store)
+    result = call(folder, "setFlags", [2, 99], ["\\Seen"], "add")
+    assert [(m.uid, m.flags) for m in result] == [(2, frozenset({"\\Seen"}))]
+    assert {m.uid: m.flags for m in folder.messages()} == {
+        1: frozenset(), 2: frozenset({"\\Seen"}), 3: frozenset()}
+
+
+def test_tooManyKeywordsFailsWithoutChanges(store, dataDir):
+    deliver(store, message(1))
+    folder = openFolder(store)
+    call(folder, "setFlags", [1], [f"k{n}" for n in range(26)], "set")
+    before = curNames(dataDir)
+    error = failure(folder.setFlags, [1], ["one-too-many"], "add")
+    assert isinstance(error, StorageError)
+    assert curNames(dataDir) == before
+    assert len(folder.messages()[0].flags) == 26
+
+
+def test_flagListenersSeeChanges(store):
+    deliver(store, message(1))
+    folder = openFolder(store)
+    seen = []
+    folder.addListener(seen.append)
+    call(folder, "setFlags", [1], ["\\Seen"], "add")
+    assert [c.flagsChanged for c in seen] == [(1,)]
+
+
+# -- append / remove -------------------------------------------------------------
+
+
+def test_appendWithFlagsAndDate(store, dataDir):
+    onReactor(store.account(ALICE).createFolder, "Sent")
+    folder = openFolder(store, "Sent")
+    deliver(store, message(1), folder="Sent")
+    call(folder, "refresh")
+    raw = b"From: alice@example.test\r\nSubject: sent\r\n\r\nhello\r\n"
+    uid = call(folder, "append", raw, ["\\Seen", "Important"], 1600000000.0)
+    assert uid == 2
+    assert uid in uids(folder)
+    stored = byUid(folder)[uid]
+    assert stored.flags == frozenset({"\\Seen", "Important"})
+    assert stored.internalDate == 1600000000.0
+    assert stored.size == len(raw)
+    assert readMessage(folder, uid) == raw
+    assert folder.uidNext == 3
+
+    again = openFolder(restart(dataDir), "Sent")
+    assert readMessage(again, uid) == raw
+    assert byUid(again)[uid].flags == frozenset({"\\Seen", "Important"})
+    assert byUid(again)[uid].internalDate == 1600000000.0
+    assert os.listdir(os.path.join(accountDir(dataDir), ".Sent", "tmp")) == []
+
+
+def test_openMissingFolderFails(store):
+    assert isinstance(failure(store.account(ALICE).openFolder, "Nope"), NoSuchFolder)
+
+
+def test_removeDeletesFilesAndUids(store, dataDir):
+    for n in range(3):
+        deliver(store, message(n))
+    folder = openFolder(store)
+    seen = []
+    folder.addListener(seen.append)
+    assert sorted(call(folder, "remove", [1, 3, 77])) == [1, 3]
+    assert uids(folder) == [2]
+    assert len(curNames(dataDir)) == 1
+    assert seen[-1].removed == (1, 3)
+    again = openFolder(restart(dataDir))
+    assert uids(again) == [2]
+    assert readMessage(again, 2) == message(1)
+
+
+# -- other writers, listeners ---------------------------------------------------
+
+
+def test_externalWriterPickedUpByRefresh(store, dataDir):
+    deliver(store, message(1))
+    folder = openFolder(store)
+    root = accountDir(dataDir)
+    name = "1700000000.M1P4242.otherhost"
+    with open(os.path.join(root, "tmp", name), "wb") as f:
+        f.write(b"Subject: from procmail\r\n\r\nhi\r\n")
+    os.rename(os.path.join(root, "tmp", name), os.path.join(root, "new", name))
+
+    changes = call(folder, "refresh")
+    assert changes.added == (2,)
+    assert uids(folder) == [1, 2]
+    assert byUid(folder)[2].uniqueId == name
+    assert byUid(folder)[2].size == len(b"Subject: from procmail\r\n\r\nhi\r\n")
+    assert readMessage(folder, 2) == b"Subject: from procmail\r\n\r\nhi\r\n"
+    assert ls(os.path.join(root, "new")) == []
+
+    assert call(folder, "refresh").added == ()  # nothing new the second time
+
+
+def test_listenerCalledOnReactorAfterDelivery(store):
+    folder = openFolder(store)
+    calls = []
+
+    def deliverAndWait():
+        d = defer.Deferred()
+
+        def listener(changes):
+            calls.append((changes, threading.current_thread().name))
+            if not d.called:
+                d.callback(None)
+
+        folder.addListener(listener)
+        store.deliver(ALICE, "INBOX", MessageSource.fromBytes(message(1)))
+        return d.addTimeout(10, reactor)
+
+    onReactor(deliverAndWait)
+    (changes, thread), = calls
+    assert thread == "reactor"
+    assert changes.added == (1,)
+    assert uids(folder) == [1]
+
+
+def test_removedListenerNotCalled(store):
+    folder = openFolder(store)
+    removed, kept = [], []
+
+    def deliverAndWait():
+        d = defer.Deferred()
+
+        def keptListener(changes):
+            kept.append(changes)
+            if not d.called:
+                d.callback(None)
+
+        folder.addListener(removed.append)
+        folder.addListener(keptListener)
+        folder.removeListener(removed.append)
+        folder.removeListener(lambda changes: None)  # unknown: ignored
+        store.deliver(ALICE, "inbox", MessageSource.fromBytes(message(1)))
+        return d.addTimeout(10, reactor)
+
+    onReactor(deliverAndWait)
+    assert len(kept) == 1
+    assert removed == []
+
+
+# -- folders -------------------------------------------------------------------
+
+
+def test_createFolderCreatesParents(store, dataDir):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Work/Clients")
+    root = accountDir(dataDir)
+    for dirname in (".Work", ".Work.Clients"):
+        for sub in ("cur", "new", "tmp"):
+            assert os.path.isdir(os.path.join(root, dirname, sub))
+        assert os.path.isfile(os.path.join(root, dirname, "maildirfolder"))
+    assert onReactor(account.listFolders) == ["INBOX", "Work", "Work/Clients"]
+
+
+def test_listFoldersSortedInboxFirst(store):
+    account = store.account(ALICE)
+    assert onReactor(account.listFolders) == ["INBOX"]
+    for name in ("Zed", "Archive", "Work/Clients", "Drafts"):
+        onReactor(account.createFolder, name)
+    assert onReactor(account.listFolders) == ["INBOX", "Archive", "Drafts", "Work", "Work/Clients",
+                                              "Zed"]
+
+
+@pytest.mark.parametrize("name", ["v1.2", "100%", "a%2Eb", "%", ".hidden", "a.b/c.d", "Entwürfe",
+                                  "with space", "INBOX/Sub.folder"])
+def test_folderNamesRoundTrip(store, dataDir, name):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, name)
+    folders_ = onReactor(account.listFolders)
+    assert name in folders_
+    deliver(store, message(1), folder=name)
+    folder = openFolder(store, name)
+    assert folder.name == name
+    assert [readMessage(folder, u) for u in uids(folder)] == [message(1)]
+    # Nothing outside the account directory: the name became one Maildir++ directory.
+    assert {p for p in tree(dataDir) if not p.startswith("mail/example.test/alice/")} \
+        == {"mail", "mail/example.test", "mail/example.test/alice"}
+    assert onReactor(restart(dataDir).account(ALICE).listFolders) == folders_
+
+
+def test_inboxIsCaseInsensitive(store):
+    deliver(store, message(1), folder="inbox")
+    folder = openFolder(store, "InBoX")
+    assert folder.name == "INBOX"
+    assert uids(folder) == [1]
+
+
+def test_renameFolderMovesChildren(store):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Work/Clients")
+    deliver(store, message(1), folder="Work")
+    deliver(store, message(2), folder="Work/Clients")
+    onReactor(account.renameFolder, "Work", "Jobs")
+    assert onReactor(account.listFolders) == ["INBOX", "Jobs", "Jobs/Clients"]
+    jobs = openFolder(store, "Jobs")
+    clients = openFolder(store, "Jobs/Clients")
+    assert [readMessage(jobs, u) for u in uids(jobs)] == [message(1)]
+    assert [readMessage(clients, u) for u in uids(clients)] == [message(2)]
+    assert isinstance(failure(account.openFolder, "Work"), NoSuchFolder)
+
+
+def test_renameFolderCreatesNewParents(store):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Work")
+    onReactor(account.renameFolder, "Work", "Archive/2024/Work")
+    assert onReactor(account.listFolders) == ["INBOX", "Archive", "Archive/2024",
+                                              "Archive/2024/Work"]
+
+
+def test_renameInboxMovesMessagesAndLeavesInboxEmpty(store, dataDir):
+    deliver(store, message(1))
+    openFolder(store)  # message 1 is in cur/ ...
+    deliver(store, message(2))  # ... message 2 still in new/
+    inbox = openFolder(store)
+    oldNext = inbox.uidNext
+    account = store.account(ALICE)
+    onReactor(account.renameFolder, "INBOX", "Old Mail")
+
+    assert onReactor(account.listFolders) == ["INBOX", "Old Mail"]
+    old = openFolder(store, "Old Mail")
+    assert sorted(readMessage(old, u) for u in uids(old)) == sorted([message(1), message(2)])
+    inbox = openFolder(store)
+    assert inbox.messages() == []
+    root = accountDir(dataDir)
+    assert ls(os.path.join(root, "cur")) == [] and ls(os.path.join(root, "new")) == []
+
+    # INBOX keeps working, and does not hand out the moved messages' UIDs again.
+    deliver(store, message(3))
+    call(inbox, "refresh")
+    assert uids(inbox) == [oldNext]
+
+
+def test_renameInboxMovesEveryFile(store, dataDir):
+    """A file another program left in cur/ without ':2,' info moves too (nothing left behind)."""
+    deliver(store, message(1))
+    openFolder(store)
+    root = accountDir(dataDir)
+    with open(os.path.join(root, "cur", "1700000000.M1P7.otherhost"), "wb") as f:
+        f.write(message(2))
+    account = store.account(ALICE)
+    onReactor(account.renameFolder, "INBOX", "Old")
+    old = openFolder(store, "Old")
+    assert sorted(readMessage(old, u) for u in uids(old)) == [message(1), message(2)]
+    assert ls(os.path.join(root, "cur")) == []
+
+
+def test_renameInboxOfNewAccount(store):
+    """INBOX always exists, even before anything was delivered to it."""
+    account = store.account(ALICE)
+    onReactor(account.renameFolder, "inbox", "Old")
+    assert onReactor(account.listFolders) == ["INBOX", "Old"]
+    assert openFolder(store, "Old").messages() == []
+
+
+def test_createInboxFails(store):
+    account = store.account(ALICE)
+    assert isinstance(failure(account.createFolder, "INBOX"), FolderExists)  # before first use
+    deliver(store, message(1))
+    assert isinstance(failure(account.createFolder, "inbox"), FolderExists)
+    onReactor(account.createFolder, "Work")
+    assert isinstance(failure(account.renameFolder, "Work", "Inbox"), FolderExists)
+    assert onReactor(account.listFolders) == ["INBOX", "Work"]
+    assert uids(openFolder(store)) == [1]
+
+
+def test_inboxSubfolder(store, dataDir):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "INBOX/Sub")
+    assert onReactor(account.listFolders) == ["INBOX", "INBOX/Sub"]
+    root = accountDir(dataDir)
+    assert os.path.isfile(os.path.join(root, ".INBOX.Sub", "maildirfolder"))
+    # maildirfolder marks a Maildir++ sub-folder; the account's own Maildir is not one.
+    assert not os.path.exists(os.path.join(root, "maildirfolder"))
+
+
+def test_deleteFolder(store, dataDir):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Trash")
+    deliver(store, message(1), folder="Trash")
+    onReactor(account.deleteFolder, "Trash")
+    assert onReactor(account.listFolders) == ["INBOX"]
+    assert not os.path.exists(os.path.join(accountDir(dataDir), ".Trash"))
+    assert isinstance(failure(account.openFolder, "Trash"), NoSuchFolder)
+    assert [n for n in os.listdir(accountDir(dataDir)) if n.startswith("..")] == []
+
+
+def test_halfDeletedFolderIsNotListed(store, dataDir):
+    """deleteFolder renames to ..deleting-* before rmtree; a crash in between must not surface it."""
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Keep")
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(accountDir(dataDir), "..deleting-1700000000.M1P1Q1.host", sub))
+    assert onReactor(account.listFolders) == ["INBOX", "Keep"]
+
+
+def test_deleteInboxFails(store):
+    deliver(store, message(1))
+    account = store.account(ALICE)
+    for name in ("INBOX", "inbox"):
+        assert isinstance(failure(account.deleteFolder, name), StorageError)
+    assert uids(openFolder(store)) == [1]
+
+
+def test_folderErrors(store):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Work")
+    onReactor(account.createFolder, "Play")
+    assert isinstance(failure(account.createFolder, "Work"), FolderExists)
+    assert isinstance(failure(account.renameFolder, "Work", "Play"), FolderExists)
+    assert isinstance(failure(account.renameFolder, "Nope", "Other"), NoSuchFolder)
+    assert isinstance(failure(account.deleteFolder, "Nope"), NoSuchFolder)
+    assert isinstance(failure(account.openFolder, "Nope"), NoSuchFolder)
+    assert onReactor(account.listFolders) == ["INBOX", "Play", "Work"]
+
+
+HOSTILE = ["..", "../x", "a/../b", "/abs", "", "a//b", ".", "a/.", "x\x00y", "x\ry", "x\ny",
+           "x\x7fy", "x" * 2000, "a\\b", "../../../../etc", "INBOX/../../x"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostileFolderNamesRejected(store, dataDir, name):
+    account = store.account(ALICE)
+    openFolder(store)
+    onReactor(account.createFolder, "Existing")
+    outside = os.path.dirname(dataDir)
+    before = tree(outside)
+
+    attempts = [
+        (account.createFolder, name),
+        (account.openFolder, name),
+        (account.deleteFolder, name),
+        (account.renameFolder, name, "Elsewhere"),
+        (account.renameFolder, "Existing", name),
+        (account.setSubscribed, name, True),
+        (store.deliver, ALICE, name, MessageSource.fromBytes(message(1))),
+    ]
+    for f, *args in attempts:
+        error = failure(f, *args)
+        assert isinstance(error, InvalidFolderName), (f.__name__, error)
+    assert tree(outside) == before
+    assert onReactor(account.listFolders) == ["INBOX", "Existing"]
+
+
+@pytest.mark.parametrize("name", ["x" * 200 + "/" + "y" * 200, "ü" * 200, "." * 100,
+                                  "/".join(["abcdefghijklmnopq"] * 16)])
+def test_namesTooLongForTheFileSystemRejected(store, dataDir, name):
+    """Within the generic limits but too long as a Maildir++ directory name: a clean refusal."""
+    account = store.account(ALICE)
+    openFolder(store)
+    onReactor(account.createFolder, "Existing")
+    before = tree(os.path.dirname(dataDir))
+    for f, *args in [(account.createFolder, name), (account.openFolder, name),
+                     (account.deleteFolder, name), (account.renameFolder, "Existing", name),
+                     (store.deliver, ALICE, name, MessageSource.fromBytes(b"x"))]:
+        error = failure(f, *args)
+        assert isinstance(error, InvalidFolderName), (f.__name__, error)
+    assert tree(os.path.dirname(dataDir)) == before
+
+
+def test_renameRefusesWhenAChildNameWouldBeTooLong(store, dataDir):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "A/" + "c" * 150)
+    longName = "b" * 150
+    assert isinstance(failure(account.renameFolder, "A", longName), InvalidFolderName)
+    assert onReactor(account.listFolders) == ["INBOX", "A", "A/" + "c" * 150]
+
+
+def test_subscriptionsPersist(store, dataDir):
+    account = store.account(ALICE)
+    assert onReactor(account.subscriptions) == []
+    onReactor(account.setSubscribed, "Work", True)
+    onReactor(account.setSubscribed, "inbox", True)
+    onReactor(account.setSubscribed, "Archive/2024", True)
+    onReactor(account.setSubscribed, "Archive/2024", False)
+    onReactor(account.setSubscribed, "Never", False)
+    assert onReactor(account.subscriptions) == ["INBOX", "Work"]
+    assert onReactor(restart(dataDir).account(ALICE).subscriptions) == ["INBOX", "Work"]
+
+
+def test_accountsAreSeparate(store, dataDir):
+    deliver(store, message(1), account="alice@example.test")
+    deliver(store, message(2), account="Bob@Example.Test")
+    alice, bob = openFolder(store), openFolder(store, account="bob@example.test")
+    assert [readMessage(alice, 1), readMessage(bob, 1)] == [message(1), message(2)]
+    assert len(alice.messages()) == len(bob.messages()) == 1
+
+
+def test_removeAccount(store, dataDir):
+    deliver(store, message(1))
+    deliver(store, message(1), account="bob@example.test")
+    onReactor(store.removeAccount, ALICE)
+    assert not os.path.exists(accountDir(dataDir))
+    assert os.path.isdir(accountDir(dataDir, "bob@example.test"))
