@@ -340,8 +340,6 @@ def test_port_in_use_fails_at_start_naming_the_address(tmp_path):
     assert "Address already in use" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a listener that cannot bind ends twistd with a "
-                   "CannotListenError traceback instead of a one-line error with a Fix")
 def test_port_in_use_is_a_one_line_error_with_a_fix(tmp_path):
     with socket.socket() as occupier:
         occupier.bind(("127.0.0.1", 0))

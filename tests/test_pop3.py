@@ -195,3 +195,84 @@ def test_pipelined_retrs_answered_in_order(server):
     positions = [data.index(f"message {n}".encode()) for n in range(1, 6)]
     assert positions == sorted(positions)
     sock.close()
+
+
+def reference(message: bytes, topLines: int | None = None) -> bytes:
+    """What a RETR / TOP response body must be, computed the simple way from the whole message."""
+    lines = message.split(b"\n")
+    if topLines is not None:
+        # The header, the blank line, then topLines lines of the body (everything if shorter).
+        ends = [i for i, line in enumerate(lines) if line in (b"", b"\r")]
+        if ends:
+            blank = ends[0]
+            bodyLines = len(lines) - blank - 1 - message.endswith(b"\n")
+            if topLines < bodyLines:
+                lines = lines[:blank + 1 + topLines] + [b""]
+    stuffed = b"\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+BODY_CASES = [
+    b"",
+    b".",
+    b"Subject: x\r\n\r\n.\r\n..\r\n.x\r\nend\r\n",
+    b"Subject: x\r\n\r\nno final newline",
+    b"Subject: bare LF\n\n.dot after bare LF\nline\r.not a line start\n",
+    b"Subject: x\r\nX: y\r\n\r\nl1\r\nl2\r\nl3\r\n",
+    b"no header end at all\r\n.dot\r\n",
+    b"Subject: x\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("message", BODY_CASES)
+@pytest.mark.parametrize("topLines", [None, 0, 1, 2, 10])
+def test_response_body_is_the_same_however_the_message_is_split(message, topLines):
+    """Streaming feeds the message in chunks: stuffing and TOP must not depend on where they split."""
+    from twistmail.protocols.pop3 import _Body
+
+    expected = reference(message, topLines)
+    for split in range(len(message) + 1):
+        body = _Body(topLines)
+        out = body.feed(message[:split]) + body.feed(message[split:]) + body.end()
+        assert out == expected, (split, out)
+    body = _Body(topLines)
+    out = b"".join(body.feed(message[i:i + 1]) for i in range(len(message))) + body.end()
+    assert out == expected
+
+
+def test_big_message_streams_byte_exact(server):
+    """Over the read-in-one-go size a message is streamed in chunks, dots stuffed across them."""
+    from twistmail.protocols import pop3 as ours
+
+    line = b".dot at a chunk boundary? " + b"x" * 70 + b"\r\n"
+    body = line * ((ours.WHOLE_MESSAGE + 3 * ours.CHUNK) // len(line))
+    message = b"Subject: big\r\n\r\n" + body
+    send(server, message, msg(2))
+    p = login(server)
+    _, lines, octets = p.retr(1)
+    data = b"\r\n".join(lines) + b"\r\n"
+    assert len(data) == octets > ours.WHOLE_MESSAGE
+    assert data.endswith(message)
+    _, top, _ = p.top(1, 3)
+    assert top[-5:] == [b"Subject: big", b"", *[line[:-2]] * 3]
+    _, lines, _ = p.retr(2)
+    assert (b"\r\n".join(lines) + b"\r\n").endswith(msg(2))
+    p.quit()
+
+
+def test_retrieval_in_any_order_after_read_ahead(server):
+    """RETR answers from read-ahead must be the right message, and never a deleted one."""
+    send(server, *(msg(n) for n in range(1, 9)))
+    p = login(server)
+    for n in (1, 5, 2, 8, 3):
+        _, lines, _ = p.retr(n)
+        assert (b"\r\n".join(lines) + b"\r\n").endswith(msg(n)), n
+    p.dele(4)
+    with pytest.raises(poplib.error_proto):
+        p.retr(4)
+    p.rset()
+    _, lines, _ = p.retr(4)
+    assert (b"\r\n".join(lines) + b"\r\n").endswith(msg(4))
+    p.quit()

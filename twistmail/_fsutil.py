@@ -36,3 +36,47 @@ def atomicWrite(path: str, data: bytes, mode: int = 0o600) -> None:
     os.close(fd)
     os.rename(tmp, path)
     fsyncDir(directory)
+
+
+def _loadSyncfs():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+
+    def call(fd: int) -> None:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return call
+
+
+#: syncfs(2) (Linux), or None.  Python's os has no syncfs; os.sync() reports no errors.
+_syncfs = _loadSyncfs()
+
+
+def syncFilesystems(paths) -> None:
+    """Make everything written so far to the filesystems holding C{paths} durable.
+
+    One syncfs(2) per filesystem replaces one fsync per file: the group-commit
+    primitive.  Since Linux 5.8 syncfs reports writeback errors, so a failure
+    here means "not durable".  Without syncfs, each path is fsynced.
+    """
+    seen: set[int] = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if _syncfs is None:
+                os.fsync(fd)
+                continue
+            device = os.fstat(fd).st_dev
+            if device not in seen:
+                seen.add(device)
+                _syncfs(fd)
+        finally:
+            os.close(fd)

@@ -56,7 +56,19 @@ class IMailbox(Interface):
         """
 
     def openMessage(uid: int):
-        """@return: Deferred firing with a readable binary file of the message's exact bytes."""
+        """@return: Deferred firing with a readable binary file of the message's exact bytes.
+
+        For streaming large messages; the caller closes the file.
+        """
+
+    def readMessages(uids):
+        """@return: Deferred firing with the list of the messages' exact bytes, in C{uids} order.
+
+        One trip to a worker thread for all of them, instead of two per message
+        (open, then read): for messages whose C{size} the caller is willing to
+        hold in memory, and for read-ahead.  Fails with L{NoSuchMessage} if any
+        uid is unknown.
+        """
 
     def setFlags(uids, flags, mode: str):
         """Change flags of the messages whose uid is in C{uids}.

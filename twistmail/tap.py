@@ -13,6 +13,7 @@ import os
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python import usage
@@ -97,6 +98,34 @@ class _DataDirLock(service.Service):
         return super().stopService()
 
 
+class _Listener(internet.StreamServerEndpointService):
+    """A listener whose bind failure stops twistd with one line saying what to do."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, protocol: str, description: str, endpoint, factory) -> None:
+        super().__init__(endpoint, factory)
+        self.protocol = protocol
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            raise SystemExit(
+                f"twistmail: cannot listen for {self.protocol} on {e.interface or '*'}:{e.port} "
+                f"({self.description}): {reason}. "
+                f"Fix: stop the program using that address, or change [listen] {self.protocol} "
+                f"(or --{self.protocol})") from None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        log.info("twistmail {protocol} listening on {endpoint}", protocol=self.protocol,
+                 endpoint=self.description)
+        return port
+
+
 def makeStore(config: configmod.Config):
     name = config["storage"]["backend"]
     factory = BACKENDS.get(name)
@@ -139,10 +168,7 @@ def makeService(options: Options) -> service.MultiService:
                 raise usage.UsageError(
                     f"{config.path}: [listen] {protocol}: bad endpoint {description!r} ({e}). "
                     f"Fix: use e.g. tcp:{configmod.DEFAULT_PORTS[protocol]}:interface=127.0.0.1") from None
-            listener = internet.StreamServerEndpointService(endpoint, factory)
-            listener._raiseSynchronously = True
+            listener = _Listener(protocol, description, endpoint, factory)
             listener.setName(f"{protocol} {description}")
             listener.setServiceParent(top)
-            log.info("twistmail {protocol} listening on {endpoint}", protocol=protocol,
-                     endpoint=description)
     return top

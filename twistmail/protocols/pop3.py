@@ -17,13 +17,22 @@ from __future__ import annotations
 
 from twisted.cred import error as credError
 from twisted.internet import defer, protocol, threads
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail import pop3
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail.protocols.limits import ConnectionLimiter
 
 log = Logger()
+
+#: Messages up to this size are read whole in one worker-thread trip; larger ones stream.
+WHOLE_MESSAGE = 1024 * 1024
+CHUNK = 256 * 1024
+#: Bytes of the following messages read along with the one a RETR asks for.
+READ_AHEAD = 1024 * 1024
 
 
 class MailboxInUse(credError.LoginDenied):
@@ -38,11 +47,43 @@ class POP3Mailbox:
         self.folder = folder
         self.snapshot = list(folder.messages())
         self.deleted: set[int] = set()
+        self._readAhead: dict[int, bytes] = {}
+
+    def read(self, message) -> bytes | defer.Deferred:
+        """The bytes of C{message} (at most WHOLE_MESSAGE), reading ahead of it.
+
+        Clients retrieve in order (fetchmail, mbsync, poplib loops), so the
+        messages that follow are read in the same worker-thread trip, up to
+        READ_AHEAD bytes, and the next RETRs are answered from memory at once.
+        """
+        data = self._readAhead.get(message.uid)
+        if data is not None:
+            return data
+        batch, total = [message], message.size
+        for following in self.snapshot[self.snapshot.index(message) + 1:]:
+            total += following.size
+            if total > READ_AHEAD or len(batch) >= 256:
+                break
+            batch.append(following)
+
+        def keep(datas: list[bytes]) -> bytes:
+            self._readAhead = {m.uid: d for m, d in zip(batch, datas, strict=True)}
+            return datas[0]
+
+        self._readAhead = {}
+        return self.folder.readMessages([m.uid for m in batch]).addCallback(keep)
 
     def _msg(self, i: int):
         if not isinstance(i, int) or i < 0 or i >= len(self.snapshot):
             raise ValueError(i)
         return self.snapshot[i]
+
+    def find(self, number: bytes):
+        """The message numbered C{number} (1-based, as on the wire) unless deleted, else None."""
+        i = int(number) - 1 if number.isdigit() else -1
+        if 0 <= i < len(self.snapshot) and i not in self.deleted:
+            return self.snapshot[i]
+        return None
 
     def live(self) -> list[tuple[int, object]]:
         """(1-based number, message) of every message not marked deleted."""
@@ -148,12 +189,11 @@ class POP3Server(pop3.POP3):
             b"%d %s\r\n" % (n, m.uniqueId.encode()) for n, m in self.mbox.live()) + b".\r\n")
 
     def _scanListing(self, i: bytes, fmt) -> None:
-        n = int(i) if i.isdigit() else 0
-        found = dict(self.mbox.live()).get(n)
+        found = self.mbox.find(i)
         if found is None:
             self.failResponse(b"No such message")
         else:
-            self.successResponse(fmt(n, found))
+            self.successResponse(fmt(int(i), found))
 
     def _cbMailbox(self, result, user) -> None:
         super()._cbMailbox(result, user)
@@ -198,67 +238,168 @@ class POP3Server(pop3.POP3):
 
         return self._longOperation(defer.maybeDeferred(mbox.sync).addCallbacks(done, failed))
 
-    def do_RETR(self, i) -> defer.Deferred:
-        return self._sendMessage(i, lambda data: data, lambda size: b"%d octets" % size)
+    def do_RETR(self, i) -> defer.Deferred | None:
+        return self._sendMessage(i, None)
 
     def do_TOP(self, i, n) -> defer.Deferred | None:
-        try:
-            lines = int(n)
-            if lines < 0:
-                raise ValueError(n)
-        except ValueError:
+        if not n.isdigit():
             self.failResponse(b"Bad line count argument")
             return None
-        return self._sendMessage(i, lambda data: _top(data, lines), lambda size: b"Top of message follows")
+        return self._sendMessage(i, int(n))
 
-    def _sendMessage(self, i, transform, okText) -> defer.Deferred:
-        d = self._getMessageFile(i)
+    def _sendMessage(self, i: bytes, topLines: int | None) -> defer.Deferred | None:
+        """RETR / TOP: small messages in one read, larger ones streamed in chunks."""
+        message = self.mbox.find(i)
+        if message is None:
+            self.failResponse(b"No such message")
+            return None
+        self._highest = max(self._highest, int(i))
+        status = b"%d octets" % message.size if topLines is None else b"Top of message follows"
+        body = _Body(topLines)
 
-        def send(info):
-            if info is None:
-                return None  # _getMessageFile already answered -ERR
-            size, fp = info
-            self._highest = max(self._highest, int(i))
-            return threads.deferToThread(_readStuffed, fp, transform).addCallback(
-                lambda data: self.transport.write(pop3.successResponse(okText(size)) + data))
+        def send(data: bytes) -> None:
+            self.transport.write(pop3.successResponse(status) + body.feed(data) + body.end())
 
-        return self._longOperation(d.addCallback(send))
+        if message.size <= WHOLE_MESSAGE:
+            data = self.mbox.read(message)
+            if isinstance(data, bytes):
+                return send(data)  # read ahead: no trip to a thread, nothing to wait for
+            d = data.addCallback(send)
+        else:
+            d = self.mbox.folder.openMessage(message.uid).addCallback(
+                lambda fp: _ChunkSender(self.transport, fp, pop3.successResponse(status), body).start())
+        d.addErrback(self._retrieveFailed, message.uid)
+        return self._longOperation(d)
 
-
-def _top(data: bytes, lines: int) -> bytes:
-    """RFC 1939 TOP: the header, the blank line, then C{lines} lines of the body."""
-    end = data.find(b"\r\n\r\n")
-    sep = 4
-    if end < 0:
-        end, sep = data.find(b"\n\n"), 2
-    if end < 0:
-        return data
-    head, body = data[:end + sep], data[end + sep:]
-    pos = 0
-    for _ in range(lines):
-        nl = body.find(b"\n", pos)
-        if nl < 0:
-            return data
-        pos = nl + 1
-    return head + body[:pos]
+    def _retrieveFailed(self, failure, uid: int) -> None:
+        if failure.check(ConnectionDone):
+            return
+        log.failure("pop3 could not read message uid={uid}", failure, uid=uid)
+        if failure.check(_MidMessage):
+            self.transport.loseConnection()  # a half-sent message cannot be answered with -ERR
+        else:
+            self.failResponse(b"[SYS/TEMP] Cannot read that message now")
 
 
-def _readStuffed(fp, transform) -> bytes:
-    """Read, transform, dot-stuff (RFC 1939 §3) and terminate a message.
 
-    A dot is doubled after *any* LF, not only after CRLF, so a bare LF in a
-    stored message can never make a lenient client see an early end.
+
+class _MidMessage(Exception):
+    """Reading failed after part of the message was sent."""
+
+
+class _Body:
+    """The bytes of a RETR or TOP response, produced from the message in pieces.
+
+    RFC 1939 §3: a dot is doubled at the start of *any* line (after CRLF or a
+    bare LF), so no stored byte sequence can make a lenient client see an
+    early end; the response ends with CRLF.CRLF.  For TOP, output stops after
+    the header, the blank line and C{topLines} lines of the body.
     """
-    try:
-        data = transform(fp.read())
-    finally:
-        fp.close()
-    if data.startswith(b"."):
-        data = b"." + data
-    data = data.replace(b"\n.", b"\n..")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
+
+    def __init__(self, topLines: int | None = None) -> None:
+        self.atLineStart = True
+        self.last = b""
+        self.remaining = topLines
+        self.inBody = False
+        self.line = b""  # TOP: the start of a line not yet ended
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.remaining is not None:
+            chunk = self._top(chunk)
+        if not chunk:
+            return b""
+        if self.atLineStart and chunk[:1] == b".":
+            chunk = b"." + chunk
+        chunk = chunk.replace(b"\n.", b"\n..")
+        self.atLineStart = chunk.endswith(b"\n")
+        self.last = (self.last + chunk)[-2:]
+        return chunk
+
+    def _top(self, chunk: bytes) -> bytes:
+        if self.done:
+            return b""
+        pos = 0
+        while True:
+            if self.inBody and self.remaining == 0:
+                self.done = True
+                return chunk[:pos]
+            nl = chunk.find(b"\n", pos)
+            if nl < 0:
+                self.line += chunk[pos:]
+                return chunk
+            line, self.line = self.line + chunk[pos:nl + 1], b""
+            if self.inBody:
+                self.remaining -= 1
+            elif line in (b"\r\n", b"\n"):
+                self.inBody = True
+            pos = nl + 1
+
+    def end(self) -> bytes:
+        return (b"\r\n" if self.last and self.last != b"\r\n" else b"") + b".\r\n"
+
+
+@implementer(IPushProducer)
+class _ChunkSender:
+    """Streams a large message: each chunk is read in a worker thread, flow control honoured."""
+
+    def __init__(self, transport, fp, status: bytes, body: _Body) -> None:
+        self.transport = transport
+        self.fp = fp
+        self.first = status
+        self.body = body
+        self.paused = self.reading = self.finished = False
+        self.done = defer.Deferred()
+
+    def start(self) -> defer.Deferred:
+        self.transport.registerProducer(self, True)
+        self._read()
+        return self.done
+
+    def _read(self) -> None:
+        if self.paused or self.reading or self.finished:
+            return
+        self.reading = True
+        threads.deferToThread(self.fp.read, CHUNK).addCallbacks(self._got, self._failed)
+
+    def _got(self, chunk: bytes) -> None:
+        self.reading = False
+        if self.finished:
+            return
+        data = self.first + self.body.feed(chunk)
+        self.first = b""
+        if not chunk or self.body.done:
+            self._finish(data + self.body.end())
+            return
+        self.transport.write(data)
+        self._read()
+
+    def _failed(self, failure) -> None:
+        self.reading = False
+        if not self.finished:
+            self._finish(b"", failure if self.first else Failure(_MidMessage(failure.value)))
+
+    def _finish(self, data: bytes, failure=None) -> None:
+        self.finished = True
+        self.fp.close()
+        self.transport.unregisterProducer()
+        if data:
+            self.transport.write(data)
+        if failure is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(failure)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._read()
+
+    def stopProducing(self) -> None:
+        if not self.finished:
+            self._finish(b"", Failure(ConnectionDone()))
 
 
 class POP3ServerFactory(protocol.ServerFactory):

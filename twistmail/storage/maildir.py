@@ -9,9 +9,10 @@ Layout of one account (``<data_dir>/mail/<domain>/<local>/``)::
     twistmail-keywords       per folder: keyword letters a-z (Dovecot's scheme)
     twistmail-subscriptions  per account
 
-Delivery (SMTP) writes ``tmp/<unique>``, fsyncs it, renames it to
-``new/<unique>,S=<size>`` and fsyncs ``new/`` — only then does SMTP say 250.
+Delivery (SMTP) writes ``tmp/<unique>``, syncs it, renames it to
+``new/<unique>,S=<size>`` and syncs ``new/`` — only then does SMTP say 250.
 A crash before the rename leaves only a tmp/ file, which no reader lists.
+Concurrent deliveries share their syncs (``twistmail._groupcommit``).
 UIDs are assigned lazily when a folder is opened or refreshed, as Dovecot does,
 so delivery never contends with readers for the uidlist.
 
@@ -37,6 +38,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistmail import _fsutil
+from twistmail._groupcommit import GroupCommit, NewFile, writeNewFile
 from twistmail.auth.accounts import AccountError, validAddress
 from twistmail.errors import (
     FolderExists,
@@ -319,6 +321,20 @@ class MaildirFolder:
             return defer.fail()
         return self._store._run(self._openSync, path, self._entries[uid].base)
 
+    def readMessages(self, uids) -> defer.Deferred:
+        try:
+            targets = [(self._fileName(uid), self._entries[uid].base) for uid in uids]
+        except NoSuchMessage:
+            return defer.fail()
+        return self._store._run(self._readSync, targets)
+
+    def _readSync(self, targets: list[tuple[str, str]]) -> list[bytes]:
+        out = []
+        for path, base in targets:
+            with self._openSync(path, base) as f:
+                out.append(f.read())
+        return out
+
     def _currentName(self, base: str) -> str | None:
         """The name in cur/ of message C{base} now: another program may have changed its flags."""
         for name in os.listdir(os.path.join(self.path, "cur")):
@@ -412,18 +428,18 @@ class MaildirFolder:
         except StorageError:
             return defer.fail()
         keywords = list(self._keywords)
-        d = self._store._run(self._appendSync, source, info, internalDate, keywords)
+        d = self._store._commit.submit(
+            lambda: [self._stageAppend(source, info, internalDate, keywords)])
 
-        def refreshed(name: str) -> defer.Deferred:
-            base = _splitName(name)[0]
+        def refreshed(paths: list[str]) -> defer.Deferred:
+            base = _splitName(os.path.basename(paths[0]))[0]
             return self._refresh().addCallback(lambda ignored: self._byBase[base])
 
         return d.addCallback(refreshed)
 
-    def _appendSync(self, source: bytes, info: str, internalDate, keywords: list) -> None:
+    def _stageAppend(self, source: bytes, info: str, internalDate, keywords: list) -> NewFile:
         _fsutil.atomicWrite(os.path.join(self.path, KEYWORDS), json.dumps(keywords).encode())
-        name = _writeMessage(self.path, [source], "cur", f":2,{info}", internalDate)
-        return name
+        return _stageMessage(self.path, [source], "cur", f":2,{info}", internalDate)
 
     def remove(self, uids) -> defer.Deferred:
         return self._lock.run(self._remove, set(uids))
@@ -459,51 +475,13 @@ class MaildirFolder:
         self._writeUidlist(os.path.join(self.path, UIDLIST), self.uidValidity, self.uidNext, keep)
 
 
-def _writeMessage(folderPath: str, chunks, subdir: str, suffix: str = "",
-                  internalDate: float | None = None) -> str:
-    """tmp/ -> fsync -> rename into subdir -> fsync subdir.  Returns the final name.
-
-    Nothing is left behind on failure: the tmp file is unlinked before the error
-    propagates, and the final name only appears after the data is on disk.
-    """
+def _stageMessage(folderPath: str, chunks, subdir: str, suffix: str = "",
+                  internalDate: float | None = None) -> NewFile:
+    """Write C{tmp/<unique>}; L{GroupCommit} makes it durable and renames it into C{subdir}."""
     name = uniqueName()
     tmp = os.path.join(folderPath, "tmp", name)
-    size = 0
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as e:
-        raise StorageError(f"cannot create {tmp}: {e.strerror}") from e
-    try:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-                size += len(chunk)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if internalDate is not None:
-            os.utime(tmp, (internalDate, internalDate))
-        final = f"{name},S={size}{suffix}"
-        os.rename(tmp, os.path.join(folderPath, subdir, final))
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StorageError(f"cannot store message in {folderPath}: {e.strerror}") from e
-    try:
-        _fsutil.fsyncDir(os.path.join(folderPath, subdir))
-    except OSError as e:
-        # The message is complete but maybe not durable: take it back so the
-        # client retries instead of trusting a 250 we cannot stand behind.
-        try:
-            os.unlink(os.path.join(folderPath, subdir, final))
-        except OSError:
-            pass
-        raise StorageError(f"cannot sync {folderPath}/{subdir}: {e.strerror}") from e
-    return final
+    size = writeNewFile(tmp, chunks, internalDate)
+    return NewFile(tmp, os.path.join(folderPath, subdir, f"{name},S={size}{suffix}"))
 
 
 def _checkDirname(dirname: str) -> None:
@@ -673,6 +651,7 @@ class MaildirStore:
     def __init__(self, dataDir: str, deferToThread=threads.deferToThread) -> None:
         self.root = os.path.join(dataDir, "mail")
         self._run = deferToThread
+        self._commit = GroupCommit(deferToThread)
         self._folders: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def accountPath(self, name: str) -> str:
@@ -702,17 +681,17 @@ class MaildirStore:
             path = acct.folderPath(folder)
         except StorageError:
             return defer.fail()
-        d = self._run(self._deliverSync, acct.root, path, source)
+        d = self._commit.submit(lambda: [self._stageDelivery(acct.root, path, source)])
 
-        def delivered(name: str) -> str:
+        def delivered(paths: list[str]) -> str:
             open_ = self._folders.get((acct.name, folders.normalize(folder)))
             if open_ is not None and open_._listeners:
                 open_.refresh().addErrback(lambda f: log.failure("refresh after delivery", f))
-            return name.split(",")[0]
+            return os.path.basename(paths[0]).split(",")[0]
 
         return d.addCallback(delivered)
 
-    def _deliverSync(self, root: str, path: str, source) -> str:
+    def _stageDelivery(self, root: str, path: str, source) -> NewFile:
         if not os.path.isdir(os.path.join(path, "tmp")):
             try:
                 _makeMaildir(root)
@@ -725,7 +704,7 @@ class MaildirStore:
                     _fsutil.fsyncDir(directory)
             except OSError as e:
                 raise StorageError(f"cannot create Maildir {path}: {e.strerror}") from e
-        return _writeMessage(path, source.chunks(), "new")
+        return _stageMessage(path, source.chunks(), "new")
 
     def removeAccount(self, name: str) -> defer.Deferred:
         path = self.accountPath(name)
