@@ -186,6 +186,34 @@ def print_table(summary: dict, args: argparse.Namespace, ok: bool) -> None:
     print("integrity (every 250 on disk, no failures, POP3 verified):", "ok" if ok else "FAILED")
 
 
+def run_all(args, concurrencies, systems, benches, results, top: Path) -> None:
+    """Every repetition, concurrency and system, alternating which system runs first."""
+    for rep in range(args.repeat):
+        for conc in concurrencies:
+            for system in systems if rep % 2 == 0 else systems[::-1]:
+                workdir = top / f"rep{rep + 1}-conc{conc}-{system}"
+                workdir.mkdir()
+                run = benches[system](workdir, args, conc)
+                results[str(conc)][system].append(run)
+                extra = ""
+                if "pop3" in run:
+                    extra = "  pop3 " + " ".join(
+                        f"{p['client']}={p['seconds']:.3f}s (login {p['login_seconds']:.3f}s)"
+                        for p in run["pop3"]
+                    )
+                print(
+                    f"[rep {rep + 1} conc {conc:>2}] {system:9} {run['msgs_per_sec']:7.0f} msg/s"
+                    f"  accepted {run['accepted']} delivered {run['delivered']}"
+                    f"  server CPU {run['server_cpu_seconds']:.2f}s"
+                    f" (sys {run['server_cpu_sys_seconds']:.2f}s)"
+                    f"  client CPU {run['client_cpu_seconds']:.2f}s"
+                    f"  machine {run['machine_busy_pct']:.0f}%{extra}",
+                    flush=True,
+                )
+                for err in run["errors"] + [e for p in run.get("pop3", []) for e in p["errors"]]:
+                    print(f"    error: {err}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
@@ -215,32 +243,16 @@ def main() -> int:
     results: dict[str, dict[str, list[dict]]] = {
         str(c): {s: [] for s in systems} for c in concurrencies
     }
-    for rep in range(args.repeat):
-        for conc in concurrencies:
-            for system in systems if rep % 2 == 0 else systems[::-1]:
-                workdir = Path(tempfile.mkdtemp(prefix=f"bench-{system}-", dir=args.workdir))
-                try:
-                    run = benches[system](workdir, args, conc)
-                finally:
-                    shutil.rmtree(workdir, ignore_errors=True)
-                results[str(conc)][system].append(run)
-                extra = ""
-                if "pop3" in run:
-                    extra = "  pop3 " + " ".join(
-                        f"{p['client']}={p['seconds']:.3f}s (login {p['login_seconds']:.3f}s)"
-                        for p in run["pop3"]
-                    )
-                print(
-                    f"[rep {rep + 1} conc {conc:>2}] {system:9} {run['msgs_per_sec']:7.0f} msg/s"
-                    f"  accepted {run['accepted']} delivered {run['delivered']}"
-                    f"  server CPU {run['server_cpu_seconds']:.2f}s"
-                    f" (sys {run['server_cpu_sys_seconds']:.2f}s)"
-                    f"  client CPU {run['client_cpu_seconds']:.2f}s"
-                    f"  machine {run['machine_busy_pct']:.0f}%{extra}",
-                    flush=True,
-                )
-                for err in run["errors"] + [e for p in run.get("pop3", []) for e in p["errors"]]:
-                    print(f"    error: {err}", flush=True)
+    # Every run's files are kept until the end: deleting thousands of files
+    # makes ext4's inode allocator slow for the next ~30 s (its scan skips
+    # "recently deleted" inodes, reading each one's table block; seen with
+    # perf as find_inode_bit/recently_deleted), which would tax whichever
+    # server happened to run next.
+    top = Path(tempfile.mkdtemp(prefix="twistmail-bench-", dir=args.workdir))
+    try:
+        run_all(args, concurrencies, systems, benches, results, top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
     summary, ok = summarize(results, args)
     print_table(summary, args, ok)

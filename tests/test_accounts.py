@@ -333,3 +333,16 @@ def test_sameSizeChangeIsPickedUp(accounts, dataDir):
     edit(dataDir, lambda a: a.setPassword("alice@example.test", replacement))
     clock.now += 1
     assert server.passwordHash("alice@example.test") == replacement
+
+
+def test_hashParametersAndOlderHashesStillVerify():
+    """New hashes use OWASP's argon2id parameters; a hash made with other parameters
+    (argon2-cffi's default, an earlier twistmail) still verifies: each hash names its own."""
+    from argon2 import PasswordHasher
+
+    assert hashPassword("pw").startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    older = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=4).hash("pw")
+    assert verifyPassword(older, "pw")
+    assert not verifyPassword(older, "wrong")
+    assert not verifyPassword(None, "pw")
+    assert not verifyPassword("not a hash", "pw")

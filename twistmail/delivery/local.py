@@ -20,6 +20,8 @@ class LocalDelivery:
         and those recipients may see the message twice: at-least-once, never lost).
         """
         ds = [self._store.deliver(rcpt, "INBOX", source) for rcpt in envelope.recipients]
+        if len(ds) == 1:
+            return ds[0]
         d = defer.gatherResults(ds, consumeErrors=True)
 
         def unwrap(failure):

@@ -22,8 +22,9 @@ CRLF included.  Bare CR or LF inside the data are kept as they are.
 
 from __future__ import annotations
 
+import itertools
 import re
-import secrets
+import time
 from email.utils import formatdate
 
 from twisted.internet import defer
@@ -53,6 +54,26 @@ _NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 _PRINTABLE = re.compile(rb"[^\x21-\x7e]")
 #: Like Postfix's smtpd_hard_error_limit: a client that keeps erring is cut off.
 MAX_ERRORS = 20
+
+
+_ids = itertools.count()
+
+
+def _transactionId() -> str:
+    """Unique per server and over restarts (microseconds + counter), like Postfix's long queue ids."""
+    return f"{time.time_ns() // 1000:X}{next(_ids) % 4096:03X}"
+
+
+_dateCache: tuple[int, bytes] = (0, b"")
+
+
+def _now() -> bytes:
+    """RFC 5322 date-time for Received:, formatted once per second."""
+    global _dateCache
+    second = int(time.time())
+    if _dateCache[0] != second:
+        _dateCache = (second, formatdate(second, localtime=True).encode())
+    return _dateCache[1]
 
 
 class SMTPServer(smtp.ESMTP):
@@ -243,7 +264,7 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(501, b"5.5.4 DATA takes no arguments")
             return
         recipients = tuple(dict.fromkeys(t for _, targets in self._to for t in targets))
-        txid = secrets.token_hex(6).upper()
+        txid = _transactionId()
         self._envelope = Envelope(
             sender=str(self._from),
             recipients=recipients,
@@ -271,7 +292,7 @@ class SMTPServer(smtp.ESMTP):
                   b"\tby " + self.host + b" (twistmail) with " + proto + b" id " + txid.encode())
         if len(rcpts) == 1:
             header += b"\r\n\tfor <" + _PRINTABLE.sub(b"?", str(rcpts[0].dest).encode("utf-8", "replace")) + b">"
-        return header + b"; " + formatdate(localtime=True).encode() + b"\r\n"
+        return header + b"; " + _now() + b"\r\n"
 
     # -- DATA ------------------------------------------------------------------
 
