@@ -15,6 +15,8 @@ Changes to ``twisted.mail.pop3.POP3`` and why:
 
 from __future__ import annotations
 
+import itertools
+
 from twisted.cred import error as credError
 from twisted.internet import defer, protocol, threads
 from twisted.internet.error import ConnectionDone
@@ -47,6 +49,7 @@ class POP3Mailbox:
         self.folder = folder
         self.snapshot = list(folder.messages())
         self.deleted: set[int] = set()
+        self._position = {m.uid: i for i, m in enumerate(self.snapshot)}
         self._readAhead: dict[int, bytes] = {}
 
     def read(self, message) -> bytes | defer.Deferred:
@@ -60,7 +63,7 @@ class POP3Mailbox:
         if data is not None:
             return data
         batch, total = [message], message.size
-        for following in self.snapshot[self.snapshot.index(message) + 1:]:
+        for following in itertools.islice(self.snapshot, self._position[message.uid] + 1, None):
             total += following.size
             if total > READ_AHEAD or len(batch) >= 256:
                 break
