@@ -265,10 +265,14 @@ def test_checkConfigDefault(dataDir):
     rows = table(proc.stdout)
     assert rows[0] == ["SETTING", "VALUE"]
     settings = {row[0]: " ".join(row[1:]) for row in rows[1:-1]}
-    assert settings["data_dir"] == os.path.abspath(dataDir)
+    assert settings["server.data_dir"] == os.path.abspath(dataDir)
     assert settings["listen.smtp"] == "tcp:2525:interface=127.0.0.1"
     assert settings["listen.pop3"] == "tcp:2110:interface=127.0.0.1"
-    assert settings["storage"] == "maildir"
+    assert settings["storage.backend"] == "maildir"
+    # Every setting is shown, limits included.
+    from twistmail.config import SCHEMA
+    assert set(settings) == {"config"} | {f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys}
+    assert settings["smtp.max_message_size"] == "26214400"
     assert proc.stdout.strip().endswith("configuration OK")
     assert os.listdir(dataDir) == []  # checking changes nothing
 
@@ -279,7 +283,7 @@ def test_checkConfigFile(dataDir, tmp_path):
     proc = cli("--config", str(path), "check-config", dataDir=dataDir)
     settings = {row[0]: " ".join(row[1:]) for row in table(proc.stdout)[1:-1]}
     assert settings["config"] == str(path)
-    assert settings["hostname"] == "mx.example.org"
+    assert settings["server.hostname"] == "mx.example.org"
     assert settings["listen.smtp"] == "tcp:25"
     assert "configuration OK" in proc.stdout
 

@@ -142,3 +142,26 @@ def test_ci_run_fails_when_pytest_fails_or_collects_nothing(tmp_path, status):
     assert calls[-1][0] == ".venv/bin/pytest"
     if status == 5:
         assert "no tests were collected" in result.stdout
+
+
+def test_readme_renders_without_errors():
+    """A malformed table renders as an error block (on PyPI too: it is the long description)."""
+    import docutils.core
+    import docutils.utils
+
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        docutils.core.publish_doctree(text, settings_overrides={"halt_level": 2, "report_level": 2})
+    except docutils.utils.SystemMessage as e:
+        pytest.fail(f"README.rst does not render cleanly: {e}")
+
+
+def test_readme_documents_every_config_key():
+    from twistmail.config import SCHEMA
+
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    missing = [f"[{section}] {key}" for section, keys in SCHEMA.items() for key in keys
+               if f"``[{section}] {key}``" not in text and f"``{key}``" not in text]
+    assert not missing, f"README.rst's configuration reference lacks {missing}"

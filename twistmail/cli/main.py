@@ -116,15 +116,18 @@ def cmdAlias(args) -> str:
 
 def cmdCheckConfig(args) -> str:
     config = _config(args)
-    rows = [("config", config.path), ("data_dir", config.dataDir), ("hostname", config.hostname),
-            ("storage", config["storage"]["backend"])]
-    for protocol in configmod.ALL_PROTOCOLS:
-        rows.append((f"listen.{protocol}", " ".join(config.listeners(protocol)) or "-"))
     from twistmail.tap import BACKENDS
 
     if config["storage"]["backend"] not in BACKENDS:
         raise CLIError(f"{config.path}: [storage] backend: unknown backend "
                        f"{config['storage']['backend']!r}. Fix: use one of {', '.join(BACKENDS)}")
+    rows = [("config", config.path)]
+    for section, keys in configmod.SCHEMA.items():
+        for key in keys:
+            value = config[section][key]
+            if isinstance(value, list):
+                value = " ".join(value) or "-"
+            rows.append((f"{section}.{key}", value))
     return table(["SETTING", "VALUE"], rows) + "\nconfiguration OK"
 
 
