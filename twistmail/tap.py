@@ -149,7 +149,7 @@ def makeService(options: Options) -> service.MultiService:
     accounts = Accounts(dataDir, reloadInterval=config["accounts"]["reload_interval"])
     limiter = ConnectionLimiter(config["server"]["max_connections"],
                                 config["server"]["max_connections_per_ip"])
-    realm = MailRealm(store, {})
+    realm = MailRealm(store)
     portal = Portal(realm, [PasswordChecker(accounts)])
 
     factories = {
@@ -157,7 +157,7 @@ def makeService(options: Options) -> service.MultiService:
                             os.path.join(dataDir, "spool"), limiter),
     }
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter)
-    realm._adapters[pop3.IMailbox] = pop3Factory.avatar
+    realm.register(pop3.IMailbox, pop3Factory.avatar)
     factories["pop3"] = pop3Factory
 
     for protocol, factory in factories.items():

@@ -17,9 +17,13 @@ class MailRealm:
     keeping them injected means the realm never imports protocol code.
     """
 
-    def __init__(self, store, adapters: dict[type, Callable]) -> None:
+    def __init__(self, store, adapters: dict[type, Callable] | None = None) -> None:
         self._store = store
-        self._adapters = adapters
+        self._adapters = dict(adapters or {})
+
+    def register(self, interface: type, adapter: Callable) -> None:
+        """Serve logins asking for C{interface} with C{adapter} (called by makeService)."""
+        self._adapters[interface] = adapter
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         for iface in interfaces:
