@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time as time_module
 
 import pytest
 from support import onReactor
@@ -26,7 +27,7 @@ from twistmail.errors import (
     StorageError,
 )
 from twistmail.interfaces import IMailAccount, IMailbox, IMailStore, IMailStoreFactory
-from twistmail.storage import maildir
+from twistmail.storage import _uidlist, maildirfolder
 from twistmail.storage.maildir import MaildirStore, MaildirStoreFactory
 
 ALICE = "alice@example.test"
@@ -118,6 +119,8 @@ class FakeTime:
 
     def time(self) -> float:
         return self.values.pop(0) if len(self.values) > 1 else self.values[0]
+
+    monotonic = staticmethod(time_module.monotonic)
 
 
 def message(n: int) -> bytes:
@@ -355,7 +358,7 @@ def test_openFolderMovesNewToCurAndNumbersInDeliveryOrder(store, dataDir):
 def test_uidsFollowDeliveryOrderWithinOneSecond(store, dataDir, monkeypatch):
     """Unique names carry the microseconds unpadded: M99998 came before M100001."""
     clock = FakeTime(1700000000.099998, 1700000000.100001, 1700000000.9, 1700000001.0)
-    monkeypatch.setattr(maildir, "time", clock)
+    monkeypatch.setattr(maildirfolder, "time", clock)
     first = deliver(store, message(1))
     second = deliver(store, message(2))
     third = deliver(store, message(3))
@@ -425,7 +428,9 @@ def test_uidNotReusedWhenHighestRemovedByAnotherProgram(store, dataDir):
 
 def test_recreatedFolderGetsNewUidValidity(store, dataDir, monkeypatch):
     """RFC 3501 §2.3.1.1: a deleted and re-created mailbox must not repeat UIDVALIDITY."""
-    monkeypatch.setattr(maildir, "time", FakeTime(1700000000.5))  # all within one second
+    clock = FakeTime(1700000000.5)  # all within one second
+    monkeypatch.setattr(maildirfolder, "time", clock)
+    monkeypatch.setattr(_uidlist, "time", clock)
     account = store.account(ALICE)
     onReactor(account.createFolder, "Work")
     deliver(store, message(1), folder="Work")
@@ -965,3 +970,142 @@ def test_removeAccount(store, dataDir):
     onReactor(store.removeAccount, ALICE)
     assert not os.path.exists(accountDir(dataDir))
     assert os.path.isdir(accountDir(dataDir, "bob@example.test"))
+
+
+# -- large folders, other programs, copies ---------------------------------------
+
+
+def test_uidsAndMessageLookup(store):
+    for n in range(3):
+        deliver(store, message(n))
+    folder = openFolder(store)
+    assert tuple(folder.uids()) == (1, 2, 3)
+    assert folder.message(2).uid == 2 and folder.message(2).size == len(message(1))
+    assert folder.message(99) is None
+    call(folder, "setFlags", [2], ["\\Seen", "todo"], "add")
+    assert folder.message(2).flags == {"\\Seen", "todo"}
+    assert "todo" in folder.keywords()
+
+
+def test_refreshWithoutChangesDoesNotListCur(store, dataDir, monkeypatch):
+    """A 100,000-message folder must not be listed on every NOOP: unchanged dirs cost two stats."""
+    for n in range(3):
+        deliver(store, message(n))
+    folder = openFolder(store)
+    listed = []
+    realListdir = os.listdir
+
+    def listdir(path):
+        listed.append(os.path.basename(path))
+        return realListdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert not call(folder, "refresh")
+    assert listed == []
+    # A delivery changes new/ only: newcomers are adopted without listing cur/.
+    deliver(store, message(9))
+    assert call(folder, "refresh").added == (4,)
+    assert listed == ["new"]
+    # Our own flag changes and expunges do not make the next refresh list cur/ either.
+    call(folder, "setFlags", [1], ["\\Deleted"], "add")
+    call(folder, "remove", [1])
+    listed.clear()
+    assert not call(folder, "refresh")
+    assert listed == []
+    assert uids(openFolder(restart(dataDir))) == [2, 3, 4]
+
+
+def test_anotherProgramsFlagChangeIsNoticed(store, dataDir):
+    """mutt renames cur/ files to change flags: the changed cur/ forces a full rescan."""
+    deliver(store, message(1))
+    folder = openFolder(store)
+    cur = os.path.join(accountDir(dataDir), "cur")
+    [name] = ls(cur)
+    os.rename(os.path.join(cur, name), os.path.join(cur, name[:-len(":2,")] + ":2,FS"))
+    changes = call(folder, "refresh")
+    assert changes.flagsChanged == (1,)
+    assert folder.message(1).flags == {"\\Flagged", "\\Seen"}
+
+
+def test_fullRescanHealsAMissedChange(store, dataDir, monkeypatch):
+    """If a foreign change hid behind one of ours, the periodic full scan still finds it."""
+    deliver(store, message(1))
+    folder = openFolder(store)
+    cur = os.path.join(accountDir(dataDir), "cur")
+    [name] = ls(cur)
+    os.rename(os.path.join(cur, name), os.path.join(cur, name[:-len(":2,")] + ":2,S"))
+    folder._stamps = (maildirfolder._stamp(os.path.join(accountDir(dataDir), "new")),
+                      maildirfolder._stamp(cur))  # as if our own change had covered it
+    assert not call(folder, "refresh")
+    monkeypatch.setattr(maildirfolder, "FULL_SCAN_INTERVAL", 0)
+    assert call(folder, "refresh").flagsChanged == (1,)
+
+
+def test_appendFromSpooledSource(store, dataDir, tmp_path):
+    folder = openFolder(store)
+    source = MessageSource(spoolDir=str(tmp_path), maxMemory=16)
+    body = b"Subject: big\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    source.write(body)
+    uid = call(folder, "append", source, ["\\Seen"], 1700000000.0)
+    assert readMessage(folder, uid) == body
+    assert folder.message(uid).internalDate == 1700000000.0
+    assert folder.message(uid).flags == {"\\Seen"}
+
+
+def test_copyKeepsFlagsAndDatesAndLinks(store, dataDir):
+    account = store.account(ALICE)
+    onReactor(account.createFolder, "Archive")
+    deliver(store, message(1))
+    deliver(store, message(2))
+    inbox = openFolder(store)
+    call(inbox, "setFlags", [2], ["\\Flagged", "project"], "add")
+    archive = openFolder(store, "Archive")
+    deliver(store, message(3), folder="Archive")
+    call(archive, "refresh")
+    mapping = call(inbox, "copyMessages", [2, 1], archive)
+    assert mapping == [(2, 2), (1, 3)]
+    assert archive.message(2).flags == {"\\Flagged", "project"}
+    assert archive.message(3).internalDate == inbox.message(1).internalDate
+    assert readMessage(archive, 3) == message(1)
+    src = os.path.join(accountDir(dataDir), "cur")
+    dst = os.path.join(accountDir(dataDir), ".Archive", "cur")
+    inodes = {os.stat(os.path.join(src, n)).st_ino for n in ls(src)}
+    assert len(inodes & {os.stat(os.path.join(dst, n)).st_ino for n in ls(dst)}) == 2
+    # The copies have UIDs that survive a restart.
+    again = openFolder(restart(dataDir), "Archive")
+    assert uids(again) == [1, 2, 3]
+    assert again.message(2).flags == {"\\Flagged", "project"}
+
+
+def test_copyOfUnknownUidFailsAndCopiesNothing(store):
+    deliver(store, message(1))
+    inbox = openFolder(store)
+    onReactor(store.account(ALICE).createFolder, "Other")
+    other = openFolder(store, "Other")
+    assert isinstance(failure(inbox.copyMessages, [1, 42], other), NoSuchMessage)
+    assert uids(other) == []
+
+
+def test_listenerHearsAnotherProgramsDeliveryWithoutRefreshCalls(store, dataDir):
+    """IDLE push for mail another MDA wrote: the folder watches its directories while listened to."""
+    deliver(store, message(1))
+    folder = openFolder(store)
+    root = accountDir(dataDir)
+
+    def writeAndWait():
+        d = defer.Deferred()
+
+        def listener(changes):
+            if changes.added and not d.called:
+                d.callback(changes)
+
+        folder.addListener(listener)
+        name = "1700000001.M5P99.otherhost"
+        with open(os.path.join(root, "tmp", name), "wb") as f:
+            f.write(message(2))
+        os.rename(os.path.join(root, "tmp", name), os.path.join(root, "new", name))
+        return d.addTimeout(5, reactor).addBoth(lambda r: (folder.removeListener(listener), r)[1])
+
+    changes = onReactor(writeAndWait)
+    assert changes.added == (2,)
+    assert folder._watch is None, "the watch stops with the last listener"

@@ -45,9 +45,23 @@ class IMailbox(Interface):
     name = Attribute("str: folder name as the account lists it")
     uidValidity = Attribute("int: changes only when previously issued UIDs become invalid")
     uidNext = Attribute("int: the UID the next message added to the folder will get")
+    maxKeywords = Attribute("int or None: how many distinct keywords the folder can hold")
 
     def messages() -> list:
         """The current snapshot: ``IStoredMessage`` providers sorted by uid (synchronous)."""
+
+    def uids():
+        """The current uids, ascending (synchronous; a shared sequence: do not modify it).
+
+        Cheaper than messages() for a large folder: IMAP sessions keep this as
+        their sequence-number map.
+        """
+
+    def message(uid: int):
+        """The ``IStoredMessage`` with this uid now, or None (synchronous)."""
+
+    def keywords() -> list:
+        """Keywords (flags without a backslash) in use or defined in this folder (synchronous)."""
 
     def refresh():
         """Pick up changes made by deliveries, other sessions and external writers.
@@ -77,10 +91,19 @@ class IMailbox(Interface):
         @return: Deferred firing with the updated ``IStoredMessage`` list.
         """
 
-    def append(source: bytes, flags=(), internalDate: float | None = None):
+    def append(source, flags=(), internalDate: float | None = None):
         """Store a message durably (fsynced) in this folder.
 
+        @param source: bytes, or a L{twistmail.delivery.spool.MessageSource}
+            (an IMAP APPEND spooled to disk).
         @return: Deferred firing with the new message's uid.
+        """
+
+    def copyMessages(uids, target):
+        """Copy messages, with their flags and internal dates, into C{target} (an IMailbox
+        of the same backend), all or none (RFC 3501 §6.4.7).
+
+        @return: Deferred firing with [(uid here, uid in target)] in C{uids} order.
         """
 
     def remove(uids):

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from zope.interface import classImplements
+
+from twistmail.interfaces import IStoredMessage
 
 SYSTEM_FLAGS = frozenset({"\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"})
 
 
-@dataclass(frozen=True)
-class StoredMessage:
-    """A snapshot of one message (provides IStoredMessage)."""
+class StoredMessage(NamedTuple):
+    """A snapshot of one message.  A tuple: a 100,000-message folder makes 100,000 of these."""
 
     uid: int
     uniqueId: str
     flags: frozenset
     size: int
     internalDate: float
+
+
+classImplements(StoredMessage, IStoredMessage)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+# -*- test-case-name: tests.test_maildir -*-
+"""The per-folder sidecar files of the Maildir backend.
+
+``twistmail-uidlist`` (like Dovecot's ``dovecot-uidlist``) maps UIDs to
+Maildir base names, so UIDs survive restarts and flag renames::
+
+    twistmail-uidlist 1 V<uidvalidity> N<uidnext>
+    <uid> <internal date> <size> <base name>
+    ...
+
+New UIDs are appended (and fsynced) as they are handed out; the file is
+rewritten atomically when messages go away.  A torn last line after a crash
+is ignored: its message gets a UID again at the next scan.
+
+``twistmail-keywords`` holds the folder's keyword names, in the order that
+maps them to the Maildir info letters a-z (Dovecot's scheme).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+from twisted.logger import Logger
+
+from twistmail import _fsutil
+
+log = Logger()
+
+UIDLIST = "twistmail-uidlist"
+KEYWORDS = "twistmail-keywords"
+UIDVALIDITY = "twistmail-uidvalidity"  # per account: the last UIDVALIDITY handed out
+MAGIC = "twistmail-uidlist 1"
+
+_uidValidityLock = threading.Lock()
+
+
+def read(path: str) -> tuple[tuple[int, int] | None, dict[int, tuple[str, float, int]]]:
+    """((uidvalidity, uidnext) or None if missing or unreadable, {uid: (base, date, size)})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None, {}
+    head, _, body = text.partition("\n")
+    fields = head.split()
+    if len(fields) != 4 or " ".join(fields[:2]) != MAGIC:
+        log.warn("{path}: unreadable uidlist, assigning a new UIDVALIDITY", path=path)
+        return None, {}
+    uidValidity, uidNext = int(fields[2][1:]), int(fields[3][1:])
+    listed = {}
+    for line in body.split("\n"):
+        parts = line.split(" ", 3)
+        if len(parts) != 4:
+            continue  # blank last line, or a torn append after a crash
+        uid = int(parts[0])
+        listed[uid] = (parts[3], float(parts[1]), int(parts[2]))
+    if listed:
+        uidNext = max(uidNext, max(listed) + 1)
+    return (uidValidity, uidNext), listed
+
+
+def write(path: str, uidValidity: int, uidNext: int, entries) -> None:
+    """Rewrite atomically; C{entries} yields (uid, base, date, size)."""
+    lines = [f"{MAGIC} V{uidValidity} N{uidNext}\n"]
+    lines += [f"{u} {int(d)} {s} {b}\n" for u, b, d, s in sorted(entries)]
+    _fsutil.atomicWrite(path, "".join(lines).encode("utf-8"))
+
+
+def append(path: str, entries) -> None:
+    """Record newly assigned UIDs durably: a UID told to a client must not change."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(f"{u} {int(d)} {s} {b}\n" for u, b, d, s in entries))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def newUidValidity(accountRoot: str) -> int:
+    """A UIDVALIDITY this account never issued before: a folder deleted and re-created
+    within one second must not repeat the old value (RFC 3501 §2.3.1.1)."""
+    path = os.path.join(accountRoot, UIDVALIDITY)
+    with _uidValidityLock:
+        try:
+            with open(path, encoding="utf-8") as f:
+                last = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            last = 0
+        value = max(int(time.time()), last + 1)
+        _fsutil.atomicWrite(path, f"{value}\n".encode())
+    return value
+
+
+def readKeywords(folderPath: str) -> list[str]:
+    try:
+        with open(os.path.join(folderPath, KEYWORDS), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return []
+
+
+def writeKeywords(folderPath: str, keywords: list[str]) -> None:
+    _fsutil.atomicWrite(os.path.join(folderPath, KEYWORDS), json.dumps(keywords).encode())

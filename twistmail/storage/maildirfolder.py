@@ -1,0 +1,711 @@
+# -*- test-case-name: tests.test_maildir -*-
+"""One Maildir folder as an L{IMailbox}: the UID index, flags, appends, expunges.
+
+The folder's messages are ``cur/<base>:2,<info>`` files: the base name never
+changes, the info letters are the flags (cr.yp.to), and ``twistmail-uidlist``
+(see L{twistmail.storage._uidlist}) keeps the UID of each base name.
+
+Keeping up with a 100,000-message folder without rereading it: a scan
+remembers the modification times of ``new/`` and ``cur/``.  A refresh that
+finds both unchanged costs two stat() calls; one that finds only ``new/``
+changed (a delivery) moves the newcomers and gives them UIDs without listing
+``cur/``; only a change to ``cur/`` by another program (a flag rename by
+mutt, a restore) costs a full listing.  Our own changes to ``cur/`` are
+bracketed by stat() calls so they do not count as foreign; and because a
+foreign change could slip in between our change and the stat after it, a
+full scan is also made whenever the last one is older than
+C{FULL_SCAN_INTERVAL}.  While someone listens (an IMAP client in IDLE),
+inotify (or a poll where there is none) triggers the refresh, so another
+program's writes show up within a second.
+
+Every blocking call runs in the thread pool under the folder's lock; the
+in-memory index is only changed on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+import time
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistmail import _fsutil
+from twistmail._groupcommit import NewFile, commitBatch, writeNewFile
+from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError
+from twistmail.interfaces import IMailbox
+from twistmail.model import FolderChanges, StoredMessage
+from twistmail.storage import _uidlist
+
+log = Logger()
+
+# Maildir info letters (cr.yp.to): must be kept in ASCII order in the file name.
+_FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
+_LETTER_FLAGS = {v: k for k, v in _FLAG_LETTERS.items()}
+_LETTER_FLAGS["P"] = "$Forwarded"  # "passed" in Maildir, $Forwarded keyword in IMAP
+MAX_KEYWORDS = 26
+#: Seconds after which a refresh rescans cur/ even if its mtime says nothing changed.
+FULL_SCAN_INTERVAL = 300.0
+#: Seconds between checks for other programs' changes while someone listens, without inotify.
+POLL_INTERVAL = 1.0
+
+_counter = itertools.count()
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+_ORDER = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
+
+
+def uniqueName() -> str:
+    """A Maildir unique name: time.M<usec>P<pid>Q<n>.host (unique per host, no locking)."""
+    now = time.time()
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+
+
+def _deliveryOrder(base: str) -> tuple:
+    """Sort key: seconds, then microseconds and counter compared as numbers (M99 < M100)."""
+    m = _ORDER.match(base)
+    if m is None:
+        return (float("inf"), 0, 0, base)
+    return (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0), base)
+
+
+def splitName(filename: str) -> tuple[str, str]:
+    """``base:2,FS`` -> (base, "FS")."""
+    base, sep, info = filename.partition(":2,")
+    return base, info if sep else ""
+
+
+def _sizeFromBase(base: str) -> int | None:
+    for part in base.split(",")[1:]:
+        if part.startswith("S="):
+            try:
+                return int(part[2:])
+            except ValueError:
+                return None
+    return None
+
+
+def makeMaildir(path: str) -> None:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+
+
+def stageMessage(folderPath: str, chunks, subdir: str, suffix: str = "",
+                 internalDate: float | None = None) -> NewFile:
+    """Write C{tmp/<unique>}; L{commitBatch} makes it durable and renames it into C{subdir}."""
+    name = uniqueName()
+    tmp = os.path.join(folderPath, "tmp", name)
+    size = writeNewFile(tmp, chunks, internalDate)
+    return NewFile(tmp, os.path.join(folderPath, subdir, f"{name},S={size}{suffix}"))
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+def _chunks(source):
+    """A message given as bytes or as a MessageSource."""
+    return [source] if isinstance(source, (bytes, bytearray, memoryview)) else source.chunks()
+
+
+class _Entry:
+    __slots__ = ("base", "info", "size", "internalDate")
+
+    def __init__(self, base: str, info: str, size: int, internalDate: float) -> None:
+        self.base = base
+        self.info = info  # flag letters after ':2,' (system letters upper case, keywords a-z)
+        self.size = size
+        self.internalDate = internalDate
+
+
+class _Scan:
+    """What a worker-thread scan found, applied to the index on the reactor thread."""
+
+    def __init__(self) -> None:
+        self.unchanged = False
+        self.entries: dict[int, _Entry] | None = None  # full scan: every message
+        self.added: list[tuple[int, _Entry]] = []  # incremental: newcomers only
+        self.uidValidity = 0
+        self.uidNext = 0
+        self.keywords: list[str] | None = None
+        self.stamps = None
+        self.full = False
+
+
+@implementer(IMailbox)
+class MaildirFolder:
+    """One folder's shared index: every session on the folder sees this object."""
+
+    maxKeywords = MAX_KEYWORDS
+
+    def __init__(self, store, account: str, name: str, path: str, accountRoot: str) -> None:
+        self._store = store
+        self.account = account
+        self.name = name
+        self.path = path
+        self._accountRoot = accountRoot
+        self.uidValidity = 0
+        self.uidNext = 1
+        self._entries: dict[int, _Entry] = {}  # ascending uid order
+        self._byBase: dict[str, int] = {}
+        self._keywords: list[str] = []
+        self._flagCache: dict[str, frozenset] = {}
+        self._snapshot: list | None = None
+        self._uids: tuple | None = None
+        self._stamps: tuple | None = None  # (new/, cur/) as of our last scan or own change
+        self._fullScanAt = float("-inf")
+        self._listeners: list = []
+        self._lock = defer.DeferredLock()
+        self._watch = None
+
+    # -- reading ---------------------------------------------------------------
+
+    def _flags(self, info: str) -> frozenset:
+        flags = self._flagCache.get(info)
+        if flags is None:
+            found = set()
+            for letter in info:
+                if letter in _LETTER_FLAGS:
+                    found.add(_LETTER_FLAGS[letter])
+                elif "a" <= letter <= "z" and ord(letter) - 97 < len(self._keywords):
+                    found.add(self._keywords[ord(letter) - 97])
+            flags = self._flagCache[info] = frozenset(found)
+        return flags
+
+    def _message(self, uid: int, entry: _Entry) -> StoredMessage:
+        return StoredMessage(uid, entry.base.split(",", 1)[0], self._flags(entry.info), entry.size,
+                             entry.internalDate)
+
+    def messages(self) -> list:
+        if self._snapshot is None:
+            self._snapshot = [self._message(uid, e) for uid, e in self._entries.items()]
+        return self._snapshot
+
+    def uids(self) -> tuple:
+        if self._uids is None:
+            self._uids = tuple(self._entries)
+        return self._uids
+
+    def message(self, uid: int) -> StoredMessage | None:
+        entry = self._entries.get(uid)
+        return None if entry is None else self._message(uid, entry)
+
+    def keywords(self) -> list[str]:
+        return list(self._keywords)
+
+    def _changed(self, changes: FolderChanges) -> FolderChanges:
+        if changes:
+            self._snapshot = None
+            self._uids = None
+            for listener in list(self._listeners):
+                try:
+                    listener(changes)
+                except Exception:
+                    log.failure("folder listener failed for {folder}", folder=self.name)
+        return changes
+
+    # -- listeners, and watching for other programs' changes -------------------
+
+    def addListener(self, listener) -> None:
+        self._listeners.append(listener)
+        if self._watch is None:
+            self._watch = self._store._watch(self)
+
+    def removeListener(self, listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+        if not self._listeners and self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def hasListeners(self) -> bool:
+        return bool(self._listeners)
+
+    # -- refresh: reconcile the index with the directory ------------------------
+
+    def refresh(self) -> defer.Deferred:
+        return self._lock.run(self._refresh)
+
+    def _refresh(self) -> defer.Deferred:
+        full = time.monotonic() - self._fullScanAt > FULL_SCAN_INTERVAL
+        return self._store._run(self._scanSync, full).addCallback(self._applyScan)
+
+    def _scanSync(self, forceFull: bool) -> _Scan:
+        """Worker thread, under the lock: move new/ to cur/, assign UIDs to newcomers."""
+        newDir, curDir = os.path.join(self.path, "new"), os.path.join(self.path, "cur")
+        try:
+            before = (_stamp(newDir), _stamp(curDir))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NoSuchFolder(self.name) from None
+        scan = _Scan()
+        known = self._stamps
+        if not forceFull and known is not None and before == known:
+            scan.unchanged = True
+            return scan
+        moved = []
+        for name in os.listdir(newDir):
+            if name.startswith("."):
+                continue
+            try:
+                os.rename(os.path.join(newDir, name), os.path.join(curDir, name + ":2,"))
+            except FileNotFoundError:
+                continue  # another process took it
+            moved.append(name)
+        if forceFull or known is None or before[1] != known[1]:
+            self._fullScan(scan, curDir)
+        else:
+            self._adopt(scan, curDir, moved)
+        scan.stamps = (_stamp(newDir), _stamp(curDir))
+        return scan
+
+    def _fullScan(self, scan: _Scan, curDir: str) -> None:
+        scan.full = True
+        onDisk: dict[str, str] = {}
+        for name in os.listdir(curDir):
+            if name[0] == ".":
+                continue
+            base, sep, info = name.partition(":2,")
+            if not sep:
+                # Put there without the info part by another program: give it one,
+                # so the file has the name the index expects.
+                try:
+                    os.rename(os.path.join(curDir, name), os.path.join(curDir, name + ":2,"))
+                except FileNotFoundError:
+                    continue
+            onDisk[base] = info
+        uidlistPath = os.path.join(self.path, _uidlist.UIDLIST)
+        header, listed = _uidlist.read(uidlistPath)
+        if header is None:
+            # No uidlist (new folder, or a restore): a fresh UIDVALIDITY invalidates
+            # whatever clients cached (RFC 3501 §2.3.1.1).
+            uidValidity, uidNext, listed = _uidlist.newUidValidity(self._accountRoot), 1, {}
+            rewrite = True
+        else:
+            (uidValidity, uidNext), rewrite = header, False
+        entries: dict[int, _Entry] = {}
+        listedBases = set()
+        for uid in sorted(listed):
+            base, date, size = listed[uid]
+            listedBases.add(base)
+            info = onDisk.get(base)
+            if info is not None:
+                entries[uid] = _Entry(base, info, size, date)
+        if len(entries) != len(listed):
+            rewrite = True
+        newcomers = sorted((b for b in onDisk if b not in listedBases), key=_deliveryOrder)
+        appended = self._assign(curDir, [(b, onDisk[b]) for b in newcomers], uidNext, entries)
+        uidNext += len(appended)
+        if rewrite:
+            _uidlist.write(uidlistPath, uidValidity, uidNext,
+                           ((u, e.base, e.internalDate, e.size) for u, e in entries.items()))
+        elif appended:
+            _uidlist.append(uidlistPath, appended)
+        scan.entries = entries
+        scan.uidValidity, scan.uidNext = uidValidity, uidNext
+        scan.keywords = _uidlist.readKeywords(self.path)
+
+    def _adopt(self, scan: _Scan, curDir: str, moved: list[str]) -> None:
+        """Only new/ changed: give the newcomers UIDs without listing cur/."""
+        newcomers = sorted((n for n in moved if n not in self._byBase), key=_deliveryOrder)
+        added: dict[int, _Entry] = {}
+        appended = self._assign(curDir, [(n, "") for n in newcomers], self.uidNext, added)
+        if appended:
+            _uidlist.append(os.path.join(self.path, _uidlist.UIDLIST), appended)
+        scan.added = list(added.items())
+        scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(appended)
+
+    def _assign(self, curDir: str, newcomers: list[tuple[str, str]], uidNext: int,
+                into: dict) -> list[tuple[int, str, float, int]]:
+        appended = []
+        for base, info in newcomers:
+            try:
+                st = os.stat(os.path.join(curDir, f"{base}:2,{info}"))
+            except FileNotFoundError:
+                continue
+            size = _sizeFromBase(base)
+            if size is None:
+                size = st.st_size
+            into[uidNext] = _Entry(base, info, size, st.st_mtime)
+            appended.append((uidNext, base, st.st_mtime, size))
+            uidNext += 1
+        return appended
+
+    def _applyScan(self, scan: _Scan) -> FolderChanges:
+        if scan.unchanged:
+            return FolderChanges()
+        self._stamps = scan.stamps
+        if scan.full:
+            self._fullScanAt = time.monotonic()
+            return self._applyFull(scan)
+        for uid, entry in scan.added:
+            self._entries[uid] = entry
+            self._byBase[entry.base] = uid
+        self.uidNext = scan.uidNext
+        return self._changed(FolderChanges(added=tuple(uid for uid, _ in scan.added)))
+
+    def _applyFull(self, scan: _Scan) -> FolderChanges:
+        validityChanged = bool(self.uidValidity) and scan.uidValidity != self.uidValidity
+        old, new = self._entries, scan.entries
+        if scan.keywords != self._keywords:
+            self._keywords = scan.keywords
+            self._flagCache = {}
+        self.uidValidity = scan.uidValidity
+        self.uidNext = scan.uidNext
+        self._entries = new
+        self._byBase = {e.base: uid for uid, e in new.items()}
+        changes = FolderChanges(
+            added=tuple(u for u in new if u not in old),
+            removed=tuple(u for u in old if u not in new),
+            flagsChanged=tuple(u for u, e in new.items() if u in old and old[u].info != e.info),
+            uidValidityChanged=validityChanged,
+        )
+        return self._changed(changes)
+
+    # -- our own changes to cur/ -------------------------------------------------
+
+    def _own(self, work, *args):
+        """Worker thread: run C{work} and say how cur/ looks after it, if only we changed it.
+
+        @return: (work's result, the new stamps or None if another program had
+            changed the folder since our last scan: then the next refresh rescans).
+        """
+        newDir, curDir = os.path.join(self.path, "new"), os.path.join(self.path, "cur")
+        before = (_stamp(newDir), _stamp(curDir))
+        result = work(*args)
+        after = (_stamp(newDir), _stamp(curDir)) if before == self._stamps else None
+        return result, after
+
+    def _runOwn(self, work, *args) -> defer.Deferred:
+        def done(outcome):
+            result, stamps = outcome
+            self._stamps = stamps
+            return result
+        return self._store._run(self._own, work, *args).addCallback(done)
+
+    # -- messages --------------------------------------------------------------
+
+    def _fileName(self, uid: int) -> str:
+        entry = self._entries.get(uid)
+        if entry is None:
+            raise NoSuchMessage(uid)
+        return os.path.join(self.path, "cur", f"{entry.base}:2,{entry.info}")
+
+    def openMessage(self, uid: int) -> defer.Deferred:
+        try:
+            path = self._fileName(uid)
+        except NoSuchMessage:
+            return defer.fail()
+        return self._store._run(self._openSync, path, self._entries[uid].base)
+
+    def readMessages(self, uids) -> defer.Deferred:
+        try:
+            targets = [(self._fileName(uid), self._entries[uid].base) for uid in uids]
+        except NoSuchMessage:
+            return defer.fail()
+        return self._store._run(self._readSync, targets)
+
+    def _readSync(self, targets: list[tuple[str, str]]) -> list[bytes]:
+        out = []
+        for path, base in targets:
+            with self._openSync(path, base) as f:
+                out.append(f.read())
+        return out
+
+    def _currentName(self, base: str) -> str | None:
+        """The name in cur/ of message C{base} now: another program may have changed its flags."""
+        for name in os.listdir(os.path.join(self.path, "cur")):
+            if splitName(name)[0] == base:
+                return name
+        return None
+
+    def _openSync(self, path: str, base: str):
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            # Renamed by another program since our last scan (flags changed).
+            name = self._currentName(base)
+            if name is None:
+                raise NoSuchMessage(base) from None
+            return open(os.path.join(self.path, "cur", name), "rb")
+
+    def _infoFor(self, flags) -> str:
+        letters = {_FLAG_LETTERS[f] for f in flags if f in _FLAG_LETTERS}
+        if "$Forwarded" in flags:
+            letters.add("P")
+        for keyword in sorted(f for f in flags if not f.startswith("\\") and f != "$Forwarded"):
+            if keyword not in self._keywords:
+                if len(self._keywords) >= MAX_KEYWORDS:
+                    raise StorageError(f"at most {MAX_KEYWORDS} keywords per folder")
+                self._keywords.append(keyword)
+            letters.add(chr(97 + self._keywords.index(keyword)))
+        return "".join(sorted(letters))
+
+    def setFlags(self, uids, flags, mode: str) -> defer.Deferred:
+        return self._lock.run(self._setFlags, set(uids), set(flags), mode)
+
+    def _setFlags(self, uids: set, flags: set, mode: str) -> defer.Deferred:
+        keywordsBefore = list(self._keywords)
+        renames = []
+        try:
+            for uid in sorted(uids.intersection(self._entries)):
+                entry = self._entries[uid]
+                current = self._flags(entry.info)
+                if mode == "set":
+                    wanted = flags
+                elif mode == "add":
+                    wanted = current | flags
+                else:
+                    wanted = current - flags
+                info = self._infoFor(wanted)
+                if info != entry.info:
+                    renames.append((uid, entry.base, entry.info, info))
+        except StorageError:
+            self._keywords = keywordsBefore
+            return defer.fail()
+        keywords = list(self._keywords) if self._keywords != keywordsBefore else None
+        if keywords is not None:
+            self._flagCache = {}
+
+        def apply(done: list) -> list:
+            for uid, info in done:
+                self._entries[uid].info = info
+            self._changed(FolderChanges(flagsChanged=tuple(uid for uid, _ in done)))
+            return [self._message(u, self._entries[u]) for u in sorted(uids.intersection(self._entries))]
+
+        return self._runOwn(self._renameSync, renames, keywords).addCallback(apply)
+
+    def _renameSync(self, renames: list, keywords: list | None) -> list:
+        if keywords is not None:
+            _uidlist.writeKeywords(self.path, keywords)
+        cur = os.path.join(self.path, "cur")
+        done = []
+        for uid, base, old, new in renames:
+            try:
+                os.rename(os.path.join(cur, f"{base}:2,{old}"), os.path.join(cur, f"{base}:2,{new}"))
+            except FileNotFoundError:
+                # Another program changed its flags since our last scan: apply our
+                # change on top of theirs instead of dropping it.
+                name = self._currentName(base)
+                if name is None:
+                    continue  # expunged elsewhere; the next refresh reports it
+                theirs = splitName(name)[1]
+                new = "".join(sorted((set(theirs) | (set(new) - set(old))) - (set(old) - set(new))))
+                try:
+                    os.rename(os.path.join(cur, name), os.path.join(cur, f"{base}:2,{new}"))
+                except FileNotFoundError:
+                    continue
+            done.append((uid, new))
+        return done
+
+    def append(self, source, flags=(), internalDate: float | None = None) -> defer.Deferred:
+        def stage(path: str, info: str) -> NewFile:
+            return stageMessage(path, _chunks(source), "cur", f":2,{info}", internalDate)
+
+        return self._lock.run(self._add, [(stage, set(flags))]).addCallback(lambda uids: uids[0])
+
+    def copyMessages(self, uids, target: MaildirFolder) -> defer.Deferred:
+        """Hard links where the filesystem allows (no bytes copied, as Dovecot does), else copies."""
+        try:
+            sources = [(uid, self._fileName(uid), self._entries[uid]) for uid in uids]
+        except NoSuchMessage:
+            return defer.fail()
+
+        def stager(sourcePath: str, entry: _Entry):
+            return lambda path, info: _linkOrCopy(self, sourcePath, entry, path, info)
+
+        stages = [(stager(path, entry), self._flags(entry.info)) for _, path, entry in sources]
+        d = target._lock.run(target._add, stages)
+        return d.addCallback(lambda newUids: list(zip([u for u, _, _ in sources], newUids,
+                                                      strict=True)))
+
+    def _add(self, stages: list) -> defer.Deferred:
+        """Store new messages in cur/, give them UIDs.
+
+        @param stages: (stage, flags) pairs; C{stage(folderPath, info)} writes a
+            message under tmp/ and returns the L{NewFile} to commit.
+        @return: Deferred firing with the new UIDs, in order.
+        """
+        keywordsBefore = list(self._keywords)
+        try:
+            infos = [self._infoFor(flags) for _, flags in stages]
+        except StorageError:
+            self._keywords = keywordsBefore
+            return defer.fail()
+        keywords = list(self._keywords) if self._keywords != keywordsBefore else None
+        if keywords is not None:
+            self._flagCache = {}
+        work = [(stage, info) for (stage, _), info in zip(stages, infos, strict=True)]
+        d = self._runOwn(self._addSync, work, keywords)
+
+        def added(result: tuple) -> list[int]:
+            entries, uidNext = result
+            for uid, entry in entries:
+                self._entries[uid] = entry
+                self._byBase[entry.base] = uid
+            self.uidNext = uidNext
+            self._changed(FolderChanges(added=tuple(uid for uid, _ in entries)))
+            return [uid for uid, _ in entries]
+
+        return d.addCallback(added)
+
+    def _addSync(self, work: list, keywords) -> tuple:
+        if not os.path.isdir(os.path.join(self.path, "cur")):
+            raise NoSuchFolder(self.name)
+        if keywords is not None:
+            _uidlist.writeKeywords(self.path, keywords)
+        results = commitBatch([lambda stage=stage, info=info: [stage(self.path, info)]
+                               for stage, info in work])
+        failed = [r for r in results if isinstance(r, Exception)]
+        entries, appended, uid = [], [], self.uidNext
+        for result in results:
+            if isinstance(result, Exception):
+                continue
+            base, info = splitName(os.path.basename(result[0]))
+            st = os.stat(result[0])
+            size = _sizeFromBase(base) or st.st_size
+            entries.append((uid, _Entry(base, info, size, st.st_mtime)))
+            appended.append((uid, base, st.st_mtime, size))
+            uid += 1
+        if failed:
+            # All or nothing, so a COPY either happened or did not (RFC 3501 §6.4.7).
+            for entry in entries:
+                _unlinkQuietly(os.path.join(self.path, "cur", f"{entry[1].base}:2,{entry[1].info}"))
+            raise failed[0]
+        _uidlist.append(os.path.join(self.path, _uidlist.UIDLIST), appended)
+        return entries, uid
+
+    def remove(self, uids) -> defer.Deferred:
+        return self._lock.run(self._remove, set(uids))
+
+    def _remove(self, uids: set) -> defer.Deferred:
+        targets = {uid: self._fileName(uid) for uid in sorted(uids.intersection(self._entries))}
+        if not targets:
+            return defer.succeed([])
+        keep = [(u, e.base, e.internalDate, e.size) for u, e in self._entries.items()
+                if u not in targets]
+
+        def removed(ignored) -> list:
+            for uid in targets:
+                del self._byBase[self._entries.pop(uid).base]
+            self._changed(FolderChanges(removed=tuple(targets)))
+            return list(targets)
+
+        return self._runOwn(self._removeSync, targets, keep).addCallback(removed)
+
+    def _removeSync(self, targets: dict, keep: list) -> None:
+        for path in targets.values():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                # Its flags were changed by another program: it is still there under
+                # another name, and would come back with a new UID if left.
+                name = self._currentName(splitName(os.path.basename(path))[0])
+                if name is not None:
+                    try:
+                        os.unlink(os.path.join(self.path, "cur", name))
+                    except FileNotFoundError:
+                        pass
+        _fsutil.fsyncDir(os.path.join(self.path, "cur"))
+        # Rewrite, keeping N: UIDs of removed messages are never handed out again.
+        _uidlist.write(os.path.join(self.path, _uidlist.UIDLIST), self.uidValidity, self.uidNext,
+                       keep)
+
+
+def _unlinkQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _linkOrCopy(folder: MaildirFolder, sourcePath: str, entry: _Entry, targetPath: str,
+                info: str) -> NewFile:
+    """Stage a copy of a message in C{targetPath}/tmp: a hard link if possible."""
+    name = uniqueName()
+    tmp = os.path.join(targetPath, "tmp", name)
+    final = os.path.join(targetPath, "cur", f"{name},S={entry.size}:2,{info}")
+    try:
+        os.link(sourcePath, tmp)  # the same inode: INTERNALDATE (its mtime) comes along
+        return NewFile(tmp, final)
+    except FileNotFoundError:
+        with folder._openSync(sourcePath, entry.base) as f:
+            data = f.read()
+    except OSError:
+        with open(sourcePath, "rb") as f:
+            data = f.read()
+    writeNewFile(tmp, [data], entry.internalDate)
+    return NewFile(tmp, final)
+
+
+class Watcher:
+    """Refreshes folders that have listeners when another program changes them.
+
+    inotify where the platform has it; otherwise a poll every POLL_INTERVAL.
+    Either way the refresh itself is cheap when nothing changed (two stats).
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._notifier = None
+        try:
+            from twisted.internet import inotify
+
+            self._notifier = inotify.INotify(reactor)
+            self._notifier.startReading()
+            self._mask = (inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
+                          | inotify.IN_DELETE)
+        except Exception:
+            self._notifier = None
+
+    def watch(self, folder: MaildirFolder):
+        return _FolderWatch(self, folder)
+
+
+class _FolderWatch:
+    def __init__(self, watcher: Watcher, folder: MaildirFolder) -> None:
+        self._watcher = watcher
+        self._folder = folder
+        self._pending = None
+        self._paths = []
+        self._loop = None
+        if watcher._notifier is not None:
+            from twisted.python.filepath import FilePath
+
+            for sub in ("new", "cur"):
+                path = FilePath(os.path.join(folder.path, sub).encode())
+                try:
+                    watcher._notifier.watch(path, watcher._mask, callbacks=[self._event])
+                    self._paths.append(path)
+                except Exception:
+                    break
+        if len(self._paths) < 2:
+            self._loop = task.LoopingCall(self._refresh)
+            self._loop.clock = watcher._reactor
+            self._loop.start(POLL_INTERVAL, now=False)
+
+    def _event(self, ignored, path, mask) -> None:
+        if self._pending is None:
+            # Coalesce a burst of events into one refresh.
+            self._pending = self._watcher._reactor.callLater(0.05, self._refresh)
+
+    def _refresh(self) -> None:
+        self._pending = None
+        self._folder.refresh().addErrback(self._failed)
+
+    def _failed(self, failure) -> None:
+        if not failure.check(NoSuchFolder):
+            log.failure("refreshing {folder}", failure, folder=self._folder.name)
+
+    def stop(self) -> None:
+        for path in self._paths:
+            self._watcher._notifier.ignore(path)
+        self._paths = []
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
