@@ -48,6 +48,7 @@ class RunningServer:
     dataDir: str
     smtpPort: int
     pop3Port: int
+    imapPort: int
     service: object
     accounts: object
     store: object
@@ -61,10 +62,11 @@ def startServer(dataDir: str, **sections) -> RunningServer:
     from twistmail import config as configmod
     from twistmail import tap
 
-    smtpPort, pop3Port = freePort(), freePort()
+    smtpPort, pop3Port, imapPort = freePort(), freePort(), freePort()
     overrides = {"server": {"data_dir": dataDir, "hostname": "mx.example.test"},
                  "listen": {"smtp": [f"tcp:{smtpPort}:interface=127.0.0.1"],
-                            "pop3": [f"tcp:{pop3Port}:interface=127.0.0.1"]}}
+                            "pop3": [f"tcp:{pop3Port}:interface=127.0.0.1"],
+                            "imap": [f"tcp:{imapPort}:interface=127.0.0.1"]}}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
     options = tap.Options()
@@ -78,7 +80,7 @@ def startServer(dataDir: str, **sections) -> RunningServer:
 
     svc = onReactor(build)
     smtpFactory = svc.getServiceNamed(f"smtp tcp:{smtpPort}:interface=127.0.0.1").factory
-    return RunningServer(dataDir, smtpPort, pop3Port, svc, smtpFactory.accounts,
+    return RunningServer(dataDir, smtpPort, pop3Port, imapPort, svc, smtpFactory.accounts,
                          smtpFactory.delivery._store)
 
 

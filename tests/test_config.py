@@ -35,7 +35,8 @@ def test_embeddedDefault(tmp_path, monkeypatch):
     c = config.load()
     assert c.listeners("smtp") == ["tcp:2525:interface=127.0.0.1"]
     assert c.listeners("pop3") == ["tcp:2110:interface=127.0.0.1"]
-    assert c.listeners("imap") == [] and c.listeners("submission") == []
+    assert c.listeners("imap") == ["tcp:2143:interface=127.0.0.1"]
+    assert c.listeners("submission") == []
     assert c.dataDir == os.path.join(str(tmp_path), "twistmail-data")
     assert os.path.isabs(c.dataDir)
     assert c.hostname  # the FQDN, never empty
@@ -205,7 +206,7 @@ def test_directoryInsteadOfFile(tmp_path):
     assertActionable(message, str(tmp_path), "file")
 
 
-@pytest.mark.parametrize("protocol", ["imap", "submission"])
+@pytest.mark.parametrize("protocol", ["submission"])
 def test_unimplementedListener(tmp_path, protocol):
     path = write(tmp_path, f'[listen]\n{protocol} = ["tcp:1143"]\n')
     message = loadError(path)
@@ -215,9 +216,9 @@ def test_unimplementedListener(tmp_path, protocol):
 
 
 def test_unimplementedListenerFromOverride(tmp_path):
-    """twistd --imap ...: the error blames the command line, not a file the admin never wrote."""
-    message = loadError(None, {"listen": {"imap": ["tcp:1143"]}})
-    assert message.startswith("command line: [listen] imap:"), message
+    """twistd --submission ...: the error blames the command line, not a file the admin never wrote."""
+    message = loadError(None, {"listen": {"submission": ["tcp:1587"]}})
+    assert message.startswith("command line: [listen] submission:"), message
     assert "not implemented" in message and "Fix:" in message
     path = write(tmp_path, "[server]\n")
     assert loadError(path, {"listen": {"submission": ["tcp:1587"]}}).startswith("command line:")

@@ -304,22 +304,22 @@ def test_second_server_on_the_same_data_dir_refuses_to_start(mailserver, tmp_pat
     assert mailserver.process.proc.poll() is None
 
 
-def test_imap_listener_is_a_clear_not_implemented_error(tmp_path):
+def test_submission_listener_is_a_clear_not_implemented_error(tmp_path):
     dataDir = str(tmp_path / "data")
     port = freePort()
-    result = runTwistd(["--data-dir", dataDir, "--imap", f"tcp:{port}:interface=127.0.0.1"],
+    result = runTwistd(["--data-dir", dataDir, "--submission", f"tcp:{port}:interface=127.0.0.1"],
                        cwd=str(tmp_path))
     assert result.returncode != 0, result.stdout
     last = result.stdout.strip().splitlines()[-1]
-    assert "[listen] imap: imap is not implemented in this version of twistmail" in last
-    assert "Fix: remove the imap listener (available: smtp, pop3)" in last
+    assert "[listen] submission: submission is not implemented in this version of twistmail" in last
+    assert "Fix: remove the submission listener (available: smtp, pop3, imap)" in last
     assert "Traceback" not in result.stdout
     assert greeting(port) is None
     assert not os.path.exists(dataDir), "a configuration error must not create the data directory"
 
 
-def test_imap_error_names_the_command_line_not_the_embedded_default(tmp_path):
-    result = runTwistd(["--data-dir", str(tmp_path / "data"), "--imap", f"tcp:{freePort()}"],
+def test_listener_error_names_the_command_line_not_the_embedded_default(tmp_path):
+    result = runTwistd(["--data-dir", str(tmp_path / "data"), "--submission", f"tcp:{freePort()}"],
                        cwd=str(tmp_path))
     assert result.returncode != 0
     last = result.stdout.strip().splitlines()[-1]

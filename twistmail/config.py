@@ -19,11 +19,16 @@ DEFAULT_PORTS = {"smtp": 2525, "pop3": 2110, "imap": 2143, "submission": 2587}
 DEFAULT_DATA_DIR = "twistmail-data"
 
 #: Protocols whose listeners exist.  A listener for anything else is an error.
-IMPLEMENTED_PROTOCOLS = ("smtp", "pop3")
+IMPLEMENTED_PROTOCOLS = ("smtp", "pop3", "imap")
 ALL_PROTOCOLS = ("smtp", "pop3", "imap", "submission")
 
 KiB = 1024
 MiB = 1024 * KiB
+#: Dovecot's default special-use folders (RFC 6154), created at login if missing.
+DEFAULT_SPECIAL_USE = {"Drafts": "\\Drafts", "Sent": "\\Sent", "Trash": "\\Trash",
+                       "Junk": "\\Junk", "Archive": "\\Archive"}
+SPECIAL_USE_ATTRIBUTES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent",
+                          "\\Trash")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "pop3": {
         "timeout": Key(int, 600, "idle seconds before disconnect (RFC 1939: >= 10 min)", 1),
         "max_line_length": Key(int, 512, "command line limit in octets (RFC 2449: 255)", 255),
+    },
+    "imap": {
+        "timeout": Key(int, 1800, "idle seconds after login before BYE (RFC 3501: >= 30 min)", 60),
+        "login_timeout": Key(int, 60, "idle seconds before login before BYE", 5),
+        "max_line_length": Key(int, 64 * KiB, "command line limit in octets (literals apart)", 1000),
+        "max_literal_size": Key(int, 64 * KiB, "literal limit outside APPEND; larger -> BAD", 1024),
+        "max_message_size": Key(int, 25 * MiB, "APPEND limit (APPENDLIMIT); larger -> NO [TOOBIG]",
+                                1024),
+        "special_use": Key(dict, dict(DEFAULT_SPECIAL_USE),
+                           "folder = RFC 6154 attribute; created and subscribed at login"),
     },
     "storage": {
         "backend": Key(str, "maildir", "mailbox backend plugin name"),
@@ -105,6 +120,16 @@ def _check(path: str, section: str, key: str, value: Any) -> Any:
         raise _fail(path, where, f"expected an integer, got {value!r}", f"write e.g. {key} = {spec.default}")
     if spec.type is str and not isinstance(value, str):
         raise _fail(path, where, f"expected a string, got {value!r}", f'write e.g. {key} = "{spec.default}"')
+    if spec.type is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise _fail(path, where, f"expected a table of strings, got {value!r}",
+                        f'write [{section}.{key}] with lines like Sent = "\\\\Sent"')
+        if key == "special_use":
+            bad = [v for v in value.values() if v not in SPECIAL_USE_ATTRIBUTES]
+            if bad:
+                raise _fail(path, where, f"{bad[0]!r} is not a special-use attribute",
+                            f"use one of {' '.join(SPECIAL_USE_ATTRIBUTES)}")
+        value = dict(value)
     if spec.type is list:
         if isinstance(value, str):
             value = [value]

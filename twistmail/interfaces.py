@@ -31,7 +31,7 @@ class IStoredMessage(Interface):
     )
     flags = Attribute("frozenset[str] of system flags and keywords")
     size = Attribute("int: exact size in octets of the bytes open() returns (RFC822.SIZE)")
-    internalDate = Attribute("float: POSIX time the message was received or appended")
+    internalDate = Attribute("int: POSIX time (whole seconds) the message was received or appended")
 
 
 class IMailbox(Interface):

@@ -23,6 +23,8 @@ from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.realm import MailRealm
 from twistmail.delivery.local import LocalDelivery
+from twistmail.interfaces import IMailAccount
+from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.smtp import SMTPFactory
@@ -35,9 +37,9 @@ BACKENDS = {"maildir": MaildirStoreFactory()}
 
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = ("twistmail: SMTP, POP3 (and soon IMAP4) mail server. Without --config it runs "
+    longdesc = ("twistmail: SMTP, POP3 and IMAP4 mail server. Without --config it runs "
                 "on an embedded default: ./twistmail-data, SMTP on 127.0.0.1:2525, POP3 on "
-                "127.0.0.1:2110. Listener options take Twisted endpoint strings and may be "
+                "127.0.0.1:2110, IMAP on 127.0.0.1:2143. Listener options take Twisted endpoint strings and may be "
                 "repeated; any given on the command line replace the config file's for that protocol.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see etc/twistmail.toml)"],
@@ -159,6 +161,9 @@ def makeService(options: Options) -> service.MultiService:
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter)
     realm.register(pop3.IMailbox, pop3Factory.avatar)
     factories["pop3"] = pop3Factory
+    imapFactory = IMAPFactory(config["imap"], portal, os.path.join(dataDir, "spool"), limiter)
+    realm.register(IMailAccount, imapFactory.avatar)
+    factories["imap"] = imapFactory
 
     for protocol, factory in factories.items():
         for description in config.listeners(protocol):

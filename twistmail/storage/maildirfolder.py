@@ -329,8 +329,8 @@ class MaildirFolder:
             size = _sizeFromBase(base)
             if size is None:
                 size = st.st_size
-            into[uidNext] = _Entry(base, info, size, st.st_mtime)
-            appended.append((uidNext, base, st.st_mtime, size))
+            into[uidNext] = _Entry(base, info, size, int(st.st_mtime))
+            appended.append((uidNext, base, int(st.st_mtime), size))
             uidNext += 1
         return appended
 
@@ -567,8 +567,8 @@ class MaildirFolder:
             base, info = splitName(os.path.basename(result[0]))
             st = os.stat(result[0])
             size = _sizeFromBase(base) or st.st_size
-            entries.append((uid, _Entry(base, info, size, st.st_mtime)))
-            appended.append((uid, base, st.st_mtime, size))
+            entries.append((uid, _Entry(base, info, size, int(st.st_mtime))))
+            appended.append((uid, base, int(st.st_mtime), size))
             uid += 1
         if failed:
             # All or nothing, so a COPY either happened or did not (RFC 3501 §6.4.7).

@@ -25,6 +25,7 @@ _ASTRING_CHARS = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\]+")
 _LIST_CHARS = re.compile(rb"[^(){ \x00-\x1f\x7f\"\\]+")
 _TAG = re.compile(rb"[^(){ \x00-\x1f\x7f%*\"\\+]+")
 _NUMBER = re.compile(rb"\d+")
+_NAME = re.compile(rb"[A-Za-z0-9.]+")
 _SEQ_SET = re.compile(rb"[0-9*:,]+")
 _MONTHS = {m.lower().encode(): i for i, m in enumerate(calendar.month_abbr) if m}
 _DATE = re.compile(rb"(\d{1,2})-([A-Za-z]{3})-(\d{4})")
@@ -133,6 +134,10 @@ class Arguments:
 
     def atom(self) -> bytes:
         return self._match(_ATOM, "an atom")
+
+    def name(self) -> bytes:
+        """A keyword such as a FETCH attribute: letters, digits and dots (stops at '[')."""
+        return self._match(_NAME, "a name")
 
     def number(self, nonZero: bool = False) -> int:
         value = int(self._match(_NUMBER, "a number"))

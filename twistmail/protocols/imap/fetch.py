@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.test_imap_structure -*-
+"""FETCH (RFC 3501 §6.4.5, §7.4.2): which items a client asked for, and their response.
+
+Items that come from the folder index (UID, FLAGS, INTERNALDATE,
+RFC822.SIZE) cost no disk access, so ``UID FETCH 1:* (FLAGS)`` on a large
+folder is a loop over memory; the others read the message (in a worker
+thread) and parse its MIME structure once for all requested items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twistmail.protocols.imap import response, structure
+from twistmail.protocols.imap.parser import Arguments, ParseError
+
+_MACROS = {
+    b"ALL": (b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", b"ENVELOPE"),
+    b"FAST": (b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"),
+    b"FULL": (b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", b"ENVELOPE", b"BODY"),
+}
+_SIMPLE = {b"ENVELOPE", b"FLAGS", b"INTERNALDATE", b"RFC822", b"RFC822.HEADER", b"RFC822.SIZE",
+           b"RFC822.TEXT", b"BODY", b"BODYSTRUCTURE", b"UID"}
+_TEXTS = (b"HEADER.FIELDS.NOT", b"HEADER.FIELDS", b"HEADER", b"TEXT", b"MIME")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One fetch-att.  For BODY[...]: the section, and the partial range if any."""
+
+    name: bytes
+    parts: tuple = ()
+    text: str | None = None
+    fields: tuple = ()
+    partial: tuple | None = None  # (origin, length)
+    peek: bool = False
+
+    @property
+    def isSection(self) -> bool:
+        return self.name == b"BODY[]"
+
+    @property
+    def needsMessage(self) -> bool:
+        return self.name not in (b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE")
+
+    @property
+    def setsSeen(self) -> bool:
+        """RFC 3501 §6.4.5: BODY[...] (not PEEK), RFC822 and RFC822.TEXT set \\Seen."""
+        return (self.isSection and not self.peek) or self.name in (b"RFC822", b"RFC822.TEXT")
+
+    def sectionLabel(self) -> bytes:
+        spec = b".".join(b"%d" % n for n in self.parts)
+        if self.text:
+            spec += (b"." if spec else b"") + self.text.encode()
+        if self.fields:
+            spec += b" (" + b" ".join(response.astring(f) for f in self.fields) + b")"
+        label = b"BODY[" + spec + b"]"
+        if self.partial is not None:
+            label += b"<%d>" % self.partial[0]
+        return label
+
+
+def parseItems(args: Arguments) -> list[Item]:
+    """The fetch attributes after the sequence set: a macro, one att, or a list."""
+    word = args.peek(1)
+    if word == b"(":
+        items = [i for group in args.parenthesized(lambda: _item(args)) for i in group]
+    else:
+        items = _item(args)
+    if not items:
+        raise ParseError("empty fetch attribute list")
+    return items
+
+
+def _item(args: Arguments) -> list[Item]:
+    name = args.name().upper()
+    if name in _MACROS:
+        return [Item(n) for n in _MACROS[name]]
+    if name in (b"BODY", b"BODY.PEEK") and args.peek() == b"[":
+        return [_section(args, peek=name == b"BODY.PEEK")]
+    if name not in _SIMPLE:
+        raise ParseError(f"unknown fetch attribute {name[:32].decode('ascii', 'replace')}")
+    return [Item(name)]
+
+
+def _section(args: Arguments, peek: bool) -> Item:
+    args.expect(b"[")
+    parts: list[int] = []
+    text = None
+    fields: tuple = ()
+    while args.peek().isdigit():
+        parts.append(args.number(nonZero=True))
+        if not args.accept(b"."):
+            break
+    if args.peek() != b"]":
+        for candidate in _TEXTS:
+            if args.accept(candidate):
+                text = candidate.decode()
+                break
+        else:
+            raise ParseError("bad section")
+        if text == "MIME" and not parts:
+            raise ParseError("MIME needs a part number")
+        if text.startswith("HEADER.FIELDS"):
+            args.sp()
+            fields = tuple(f.decode("ascii", "replace") for f in args.parenthesized(args.astring))
+            if not fields:
+                raise ParseError("empty header list")
+    args.expect(b"]")
+    partial = None
+    if args.accept(b"<"):
+        origin = args.number()
+        args.expect(b".")
+        length = args.number(nonZero=True)
+        args.expect(b">")
+        partial = (origin, length)
+    return Item(b"BODY[]", tuple(parts), text, fields, partial, peek)
+
+
+class Parsed:
+    """A message read for FETCH: its bytes, and its MIME structure when first needed."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self._root = None
+
+    @property
+    def root(self) -> structure.Entity:
+        if self._root is None:
+            self._root = structure.parse(self.data)
+        return self._root
+
+
+def render(item: Item, message, parsed: Parsed | None, flags) -> bytes:
+    """One ``NAME value`` pair of a FETCH response."""
+    name = item.name
+    if name == b"UID":
+        return b"UID %d" % message.uid
+    if name == b"FLAGS":
+        return b"FLAGS " + response.flagList(flags)
+    if name == b"INTERNALDATE":
+        return b"INTERNALDATE " + response.internalDate(message.internalDate)
+    if name == b"RFC822.SIZE":
+        return b"RFC822.SIZE %d" % message.size
+    data = parsed.data
+    if name == b"RFC822":
+        return b"RFC822 " + _literal(data)
+    if name == b"RFC822.HEADER":
+        return b"RFC822.HEADER " + _literal(parsed.root.header)
+    if name == b"RFC822.TEXT":
+        return b"RFC822.TEXT " + _literal(parsed.root.body)
+    if name == b"ENVELOPE":
+        return b"ENVELOPE " + response.encode(structure.envelope(parsed.root))
+    if name == b"BODYSTRUCTURE":
+        return b"BODYSTRUCTURE " + response.encode(structure.bodyStructure(parsed.root, True))
+    if name == b"BODY":
+        return b"BODY " + response.encode(structure.bodyStructure(parsed.root, False))
+    try:
+        content = structure.section(parsed.root, item.parts, item.text, item.fields)
+    except structure.NoSuchPart:
+        content = b""
+    if item.partial is not None:
+        origin, length = item.partial
+        content = content[origin:origin + length]
+    return item.sectionLabel() + b" " + _literal(content)
+
+
+def _literal(content: bytes) -> bytes:
+    """Message data always as a literal: it may hold anything (8-bit, CRLF, NUL)."""
+    return b"{%d}\r\n" % len(content) + content

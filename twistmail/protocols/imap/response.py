@@ -1,0 +1,64 @@
+# -*- test-case-name: tests.test_imap_structure -*-
+"""Writing IMAP data: atoms, quoted strings, literals, NIL and parenthesized lists."""
+
+from __future__ import annotations
+
+import re
+import time
+
+_QUOTABLE = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\x7f]*")
+
+
+class Atom(bytes):
+    """Written as is: flags, keywords, NIL-free tokens like ``\\Seen`` or ``CHARSET``."""
+
+
+def string(value: bytes | str) -> bytes:
+    """A quoted string where possible, else a literal (8-bit, CR, LF, NUL, very long)."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    if len(value) < 1024 and _QUOTABLE.fullmatch(value):
+        return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d}\r\n" % len(value) + value
+
+
+def astring(value: bytes | str) -> bytes:
+    """A mailbox name or similar: an atom when it is one, else a string."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    if value and re.fullmatch(rb"[^(){ \x00-\x1f\x7f%*\"\\]+", value):
+        return value
+    return string(value)
+
+
+def encode(value) -> bytes:
+    """Nested lists of None, int, str, bytes and Atom -> IMAP syntax."""
+    if value is None:
+        return b"NIL"
+    if isinstance(value, Atom):
+        return bytes(value)
+    if isinstance(value, (bytes, str)):
+        return string(value)
+    if isinstance(value, bool):
+        raise TypeError("no booleans in IMAP data")
+    if isinstance(value, int):
+        return b"%d" % value
+    return b"(" + b" ".join(encode(v) for v in value) + b")"
+
+
+def flagList(flags) -> bytes:
+    return b"(" + b" ".join(f.encode("utf-8", "surrogateescape") if isinstance(f, str) else f
+                             for f in sorted(flags)) + b")"
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def internalDate(when: float) -> bytes:
+    """date-time (RFC 3501 §9) in the server's local time zone (English months, whatever the locale)."""
+    t = time.localtime(when)
+    offset = abs(t.tm_gmtoff) // 60
+    sign = "+" if t.tm_gmtoff >= 0 else "-"
+    return (f'"{t.tm_mday:02d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year:04d} '
+            f'{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{offset // 60:02d}{offset % 60:02d}"'
+            ).encode("ascii")

@@ -1,0 +1,332 @@
+# -*- test-case-name: tests.test_imap_search -*-
+"""SEARCH (RFC 3501 §6.4.4): the keys, parsed into a predicate tree and evaluated.
+
+Keys that the folder index answers (flags, sizes, UIDs, internal dates,
+sequence numbers) are evaluated in memory; the ones that need the message
+(header fields, BODY, TEXT, the SENT* dates) read it, in a worker thread,
+only for messages the cheap keys have not already ruled out.
+
+String keys match case-insensitively as substrings of the decoded text:
+RFC 2047 encoded words in header fields, and quoted-printable or base64
+text parts in their declared charset, as Dovecot does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+
+from twistmail.protocols.imap import structure
+from twistmail.protocols.imap.parser import Arguments, ParseError
+
+_FLAG_KEYS = {
+    b"ANSWERED": ("\\Answered", True), b"DELETED": ("\\Deleted", True),
+    b"DRAFT": ("\\Draft", True), b"FLAGGED": ("\\Flagged", True), b"SEEN": ("\\Seen", True),
+    b"UNANSWERED": ("\\Answered", False), b"UNDELETED": ("\\Deleted", False),
+    b"UNDRAFT": ("\\Draft", False), b"UNFLAGGED": ("\\Flagged", False),
+    b"UNSEEN": ("\\Seen", False),
+}
+_HEADER_KEYS = {b"BCC": "bcc", b"CC": "cc", b"FROM": "from", b"SUBJECT": "subject", b"TO": "to"}
+_DATE_KEYS = {b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
+MAX_DEPTH = 50
+
+
+class BadCharset(Exception):
+    """CHARSET names one we cannot search in: NO [BADCHARSET (UTF-8 US-ASCII)]."""
+
+
+@dataclass
+class Candidate:
+    """What a key is evaluated on: one message of the selected folder."""
+
+    seq: int
+    uid: int
+    message: object  # IStoredMessage
+    recent: bool
+    data: bytes | None = None  # the message, once read
+
+    _root = None
+    _text = None
+
+    @property
+    def root(self) -> structure.Entity:
+        if self._root is None:
+            self._root = structure.parse(self.data)
+        return self._root
+
+
+class Key:
+    """A search key: C{match(candidate)} -> bool; C{needsData} if it reads the message."""
+
+    needsData = False
+
+    def match(self, c: Candidate) -> bool:
+        raise NotImplementedError
+
+
+class _All(Key):
+    def match(self, c):
+        return True
+
+
+class _And(Key):
+    def __init__(self, keys: list[Key]) -> None:
+        # Cheap keys first: the expensive ones then run on fewer messages.
+        self.keys = sorted(keys, key=lambda k: k.needsData)
+        self.needsData = any(k.needsData for k in keys)
+
+    def match(self, c):
+        return all(k.match(c) for k in self.keys)
+
+
+class _Or(Key):
+    def __init__(self, a: Key, b: Key) -> None:
+        self.a, self.b = a, b
+        self.needsData = a.needsData or b.needsData
+
+    def match(self, c):
+        return self.a.match(c) or self.b.match(c)
+
+
+class _Not(Key):
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.needsData = key.needsData
+
+    def match(self, c):
+        return not self.key.match(c)
+
+
+class _Flag(Key):
+    def __init__(self, flag: str, present: bool) -> None:
+        self.flag, self.present = flag, present
+
+    def match(self, c):
+        return (self.flag in c.message.flags) == self.present
+
+
+class _Recent(Key):
+    def __init__(self, new: bool | None) -> None:
+        self.new = new  # RECENT: None; NEW: recent and unseen; OLD: not recent
+
+    def match(self, c):
+        if self.new is None:
+            return c.recent
+        if self.new:
+            return c.recent and "\\Seen" not in c.message.flags
+        return not c.recent
+
+
+class _Size(Key):
+    def __init__(self, size: int, larger: bool) -> None:
+        self.size, self.larger = size, larger
+
+    def match(self, c):
+        return c.message.size > self.size if self.larger else c.message.size < self.size
+
+
+class _Set(Key):
+    def __init__(self, ranges: list[tuple[int, int]], byUid: bool) -> None:
+        self.ranges, self.byUid = ranges, byUid
+
+    def match(self, c):
+        n = c.uid if self.byUid else c.seq
+        return any(low <= n <= high for low, high in self.ranges)
+
+
+class _InternalDate(Key):
+    def __init__(self, day: datetime.date, op: bytes) -> None:
+        self.day, self.op = day, op
+
+    def match(self, c):
+        return _compare(datetime.date(*time.localtime(c.message.internalDate)[:3]), self.day, self.op)
+
+
+class _SentDate(Key):
+    needsData = True
+
+    def __init__(self, day: datetime.date, op: bytes) -> None:
+        self.day, self.op = day, op
+
+    def match(self, c):
+        values = structure.rawValues(c.root, "date")
+        if not values:
+            return False
+        value = values[0]
+        try:
+            sent = email.utils.parsedate_to_datetime(str(value))
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return False
+        return _compare(sent.date(), self.day, self.op)  # its own zone: "disregarding timezone"
+
+
+def _compare(day: datetime.date, reference: datetime.date, op: bytes) -> bool:
+    if op.endswith(b"BEFORE"):
+        return day < reference
+    if op.endswith(b"ON"):
+        return day == reference
+    return day >= reference
+
+
+class _Header(Key):
+    needsData = True
+
+    def __init__(self, field: str, text: str) -> None:
+        self.field, self.text = field.lower(), text.casefold()
+
+    def match(self, c):
+        values = structure.rawValues(c.root, self.field)
+        if not values:
+            return False
+        if not self.text:
+            return True  # HEADER field "": the field exists (RFC 3501 §6.4.4)
+        return any(self.text in _decodeHeader(v).casefold() for v in values)
+
+
+class _Body(Key):
+    needsData = True
+
+    def __init__(self, text: str, withHeader: bool) -> None:
+        self.text, self.withHeader = text.casefold(), withHeader
+
+    def match(self, c):
+        if self.withHeader and self.text in _decodeHeaderBlock(c.root.header).casefold():
+            return True
+        if c._text is None:
+            c._text = "\n".join(_texts(c.root)).casefold()
+        return self.text in c._text
+
+
+class _Keyword(Key):
+    def __init__(self, keyword: str, present: bool) -> None:
+        self.keyword, self.present = keyword, present
+
+    def match(self, c):
+        return (self.keyword in c.message.flags) == self.present
+
+
+def _decodeHeader(value) -> str:
+    text = str(value).replace("\r\n", "").replace("\n", "")
+    # Raw 8-bit in a header (not RFC 2047) reaches us as surrogate escapes: read it as UTF-8.
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:
+        return str(make_header(decode_header(text)))
+    except (ValueError, LookupError, UnicodeError):
+        return text
+
+
+def _decodeHeaderBlock(header: bytes) -> str:
+    return _decodeHeader(header.decode("utf-8", "replace"))
+
+
+def _texts(entity: structure.Entity, depth: int = 0):
+    """The decoded text of every text/* part, for BODY and TEXT."""
+    if depth > structure.MAX_DEPTH:
+        return
+    if entity.isMultipart:
+        for child in entity.children:
+            yield from _texts(child, depth + 1)
+    elif entity.isMessage:
+        yield _decodeHeaderBlock(entity.embedded.header)
+        yield from _texts(entity.embedded, depth + 1)
+    elif entity.mainType == "text":
+        yield _decodeBody(entity)
+
+
+def _decodeBody(entity: structure.Entity) -> str:
+    import base64
+    import binascii
+    import quopri
+
+    body = entity.body
+    cte = str(entity.headers.get("content-transfer-encoding", "")).strip().lower()
+    try:
+        if cte == "base64":
+            body = base64.b64decode(body, validate=False)
+        elif cte == "quoted-printable":
+            body = quopri.decodestring(body)
+    except (binascii.Error, ValueError):
+        pass
+    charset = entity.headers.get_content_charset() or "utf-8"
+    try:
+        return body.decode(charset, "replace")
+    except LookupError:
+        return body.decode("utf-8", "replace")
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+def parseCharset(args: Arguments) -> None:
+    """[CHARSET name SP]: only UTF-8 and US-ASCII (their strings decode as UTF-8)."""
+    if args.peek(8).upper() == b"CHARSET ":
+        args.expect(b"CHARSET ")
+        charset = args.astring().upper()
+        args.sp()
+        if charset not in (b"UTF-8", b"US-ASCII", b"UTF8"):
+            raise BadCharset(charset.decode("ascii", "replace"))
+
+
+def parseKeys(args: Arguments, largest: Callable[[bool], int]) -> Key:
+    """All search keys to the end of the command, ANDed.
+
+    @param largest: largest(byUid) -> what ``*`` means for a sequence set.
+    """
+    keys = [_key(args, largest, 0)]
+    while not args.atEnd():
+        args.sp()
+        keys.append(_key(args, largest, 0))
+    return keys[0] if len(keys) == 1 else _And(keys)
+
+
+def _string(args: Arguments) -> str:
+    return args.astring().decode("utf-8", "replace")
+
+
+def _key(args: Arguments, largest, depth: int) -> Key:
+    if depth > MAX_DEPTH:
+        raise ParseError("search keys nested too deeply")
+    if args.peek() == b"(":
+        keys = args.parenthesized(lambda: _key(args, largest, depth + 1))
+        if not keys:
+            raise ParseError("empty search key list")
+        return keys[0] if len(keys) == 1 else _And(keys)
+    if args.peek().isdigit() or args.peek() == b"*":
+        return _Set(args.sequenceSet().resolve(largest(False)), byUid=False)
+    name = args.atom().upper()
+    if name == b"ALL":
+        return _All()
+    if name in _FLAG_KEYS:
+        return _Flag(*_FLAG_KEYS[name])
+    if name in (b"RECENT", b"NEW", b"OLD"):
+        return _Recent({b"RECENT": None, b"NEW": True, b"OLD": False}[name])
+    args.sp()
+    if name == b"NOT":
+        return _Not(_key(args, largest, depth + 1))
+    if name == b"OR":
+        a = _key(args, largest, depth + 1)
+        args.sp()
+        return _Or(a, _key(args, largest, depth + 1))
+    if name in _HEADER_KEYS:
+        return _Header(_HEADER_KEYS[name], _string(args))
+    if name == b"HEADER":
+        field = _string(args)
+        args.sp()
+        return _Header(field, _string(args))
+    if name in (b"BODY", b"TEXT"):
+        return _Body(_string(args), withHeader=name == b"TEXT")
+    if name in (b"KEYWORD", b"UNKEYWORD"):
+        return _Keyword(args.atom().decode("utf-8", "replace"), name == b"KEYWORD")
+    if name in (b"LARGER", b"SMALLER"):
+        return _Size(args.number(), name == b"LARGER")
+    if name == b"UID":
+        return _Set(args.sequenceSet().resolve(largest(True)), byUid=True)
+    if name in _DATE_KEYS:
+        day = datetime.date(*args.date())
+        return (_SentDate if name.startswith(b"SENT") else _InternalDate)(day, name)
+    raise ParseError(f"unknown search key {name[:32].decode('ascii', 'replace')}")
+

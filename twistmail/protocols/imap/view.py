@@ -1,0 +1,126 @@
+# -*- test-case-name: tests.test_imap_server -*-
+"""One IMAP session's view of its selected folder.
+
+Sequence numbers are per session (RFC 3501 §2.3.1.2): another session's
+EXPUNGE renumbers this one only when this one is told, and it may be told
+only at certain moments (never in the middle of FETCH, STORE or SEARCH,
+§7.4.1).  So the view keeps its own uid list and the folder's change
+notifications pile up until L{SelectedFolder.updates} turns them into
+untagged EXPUNGE, EXISTS, RECENT and FETCH FLAGS responses.
+
+Memory matters with a thousand sessions idling on one folder: when nothing
+is pending, a view's uid list *is* the folder's shared uid tuple, and flags
+are never copied per session.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+
+from twistmail.protocols.imap import response
+
+
+class SelectedFolder:
+    def __init__(self, mailbox, readOnly: bool, claimRecent: Callable[[object, list], set]) -> None:
+        self.mailbox = mailbox
+        self.readOnly = readOnly
+        self.uids = mailbox.uids()
+        self._claimRecent = claimRecent
+        self.recent: set[int] = claimRecent(mailbox, list(self.uids))
+        self._removed: set[int] = set()
+        self._flagsChanged: set[int] = set()
+        self._told: dict[int, frozenset] = {}  # flags this session just reported itself
+        self.validityChanged = False
+        self.onChange: Callable[[], None] | None = None  # set while in IDLE
+        mailbox.addListener(self._changed)
+
+    def close(self) -> None:
+        self.mailbox.removeListener(self._changed)
+        self.onChange = None
+
+    def _changed(self, changes) -> None:
+        self._removed.update(changes.removed)
+        self._flagsChanged.update(changes.flagsChanged)
+        if changes.uidValidityChanged:
+            self.validityChanged = True
+        if self.onChange is not None:
+            self.onChange()
+
+    # -- numbering ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def seq(self, uid: int) -> int | None:
+        i = bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def bySeq(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(seq, uid) for sequence-number ranges (already resolved against ``*``)."""
+        out = []
+        for low, high in ranges:
+            for seq in range(max(low, 1), min(high, len(self.uids)) + 1):
+                out.append((seq, self.uids[seq - 1]))
+        return out
+
+    def byUid(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(seq, uid) for UID ranges; UIDs that are not in the folder are skipped."""
+        out = []
+        for low, high in ranges:
+            start, stop = bisect_left(self.uids, low), bisect_right(self.uids, high)
+            out.extend((i + 1, self.uids[i]) for i in range(start, stop))
+        return out
+
+    def largestUid(self) -> int:
+        return self.uids[-1] if self.uids else 0
+
+    def told(self, uid: int, flags: frozenset) -> None:
+        """This session reported C{flags} for C{uid} itself (STORE, FETCH): no repeat needed."""
+        self._told[uid] = flags
+
+    def pending(self) -> bool:
+        current = self.mailbox.uids()
+        return bool(self._removed or self._flagsChanged or
+                    (current and current[-1] > self.largestUid()))
+
+    # -- untagged updates -----------------------------------------------------------
+
+    def updates(self, expunge: bool = True) -> list[bytes]:
+        """Untagged responses for what changed since the last call, applied to the view.
+
+        @param expunge: False while answering FETCH, STORE or SEARCH: removals
+            wait, and the removed messages keep their sequence numbers.
+        """
+        out: list[bytes] = []
+        if expunge and self._removed:
+            gone = {uid for uid in self._removed if self.seq(uid) is not None}
+            # Highest first: each number is still valid when the client reads it.
+            for uid in sorted(gone, reverse=True):
+                out.append(b"* %d EXPUNGE" % self.seq(uid))
+            if gone:
+                self.uids = [u for u in self.uids if u not in gone]
+                self.recent -= gone
+            self._removed.clear()
+        current = self.mailbox.uids()
+        newer = current[bisect_right(current, self.largestUid()):]
+        if newer:
+            self.uids = list(self.uids) + list(newer)
+            self.recent |= self._claimRecent(self.mailbox, list(newer))
+            out.append(b"* %d EXISTS" % len(self.uids))
+            out.append(b"* %d RECENT" % len(self.recent))
+        for uid in sorted(self._flagsChanged):
+            seq = self.seq(uid)
+            message = self.mailbox.message(uid)
+            if seq is None or message is None or self._told.get(uid) == message.flags:
+                continue
+            out.append(b"* %d FETCH (UID %d FLAGS %s)" % (seq, uid, self.flagList(message)))
+        self._flagsChanged.clear()
+        self._told.clear()
+        if not self._removed and len(self.uids) == len(current):
+            self.uids = current  # share the folder's tuple again
+        return out
+
+    def flagList(self, message) -> bytes:
+        flags = message.flags | {"\\Recent"} if message.uid in self.recent else message.flags
+        return response.flagList(flags)
