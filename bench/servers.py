@@ -118,9 +118,10 @@ def twistmail_server(workdir: Path) -> tuple[Server, Path, int]:
     data_dir.mkdir()
     _twistmail_cli(data_dir, "domain", "add", DOMAIN)
     _twistmail_cli(data_dir, "user", "add", f"{USER}@{DOMAIN}", stdin=f"{PASSWORD}\n".encode())
-    smtp, pop3 = free_port(), free_port()
+    smtp, pop3, imap = free_port(), free_port(), free_port()
     argv = [*TWISTD, "-n", "--pidfile=", "twistmail", "--data-dir", str(data_dir)]
     argv += ["--smtp", f"tcp:{smtp}:interface={HOST}", "--pop3", f"tcp:{pop3}:interface={HOST}"]
+    argv += ["--imap", f"tcp:{imap}:interface={HOST}"]
     server = Server("twistmail", argv, smtp, workdir / "server.log")
     return server, data_dir / "mail" / DOMAIN / USER, pop3
 

@@ -1,7 +1,7 @@
 """The real server as a subprocess (``twistd -n twistmail ...``), for e2e and packaging tests.
 
 Readiness is a bounded poll: connect to each port until its greeting arrives
-(SMTP ``220``, POP3 ``+OK``); a server that exits early fails at once with its
+(SMTP ``220``, POP3 ``+OK``, IMAP ``* OK``); a server that exits early fails at once with its
 log.  Stopping is SIGTERM, wait, and SIGKILL only if it does not exit in time.
 """
 
@@ -94,11 +94,12 @@ class ServerProcess:
             f"exited with status {self.proc.returncode if self.proc else None}"
         return f"server {state}: {' '.join(self.argv)}\n--- server log ---\n{self.log}--- end ---"
 
-    def waitReady(self, smtpPort: int | None, pop3Port: int | None,
+    def waitReady(self, smtpPort: int | None, pop3Port: int | None, imapPort: int | None = None,
                   timeout: float = START_TIMEOUT) -> dict[str, bytes]:
         """Wait until every given port greets; return the greetings."""
         banners: dict[str, bytes] = {}
-        for name, port, expected in (("smtp", smtpPort, b"220 "), ("pop3", pop3Port, b"+OK")):
+        for name, port, expected in (("smtp", smtpPort, b"220 "), ("pop3", pop3Port, b"+OK"),
+                                     ("imap", imapPort, b"* OK ")):
             if port is None:
                 continue
 

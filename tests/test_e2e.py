@@ -16,6 +16,7 @@ import signal
 import smtplib
 import socket
 import stat
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -40,6 +41,7 @@ class E2EServer:
     dataDir: str
     smtpPort: int
     pop3Port: int
+    imapPort: int
     process: ServerProcess
     passwords: dict[str, str]
 
@@ -57,20 +59,27 @@ class E2EServer:
         return client
 
 
-def launch(tmp_path, dataDir: str, name: str = "server") -> tuple[ServerProcess, int, int]:
-    smtpPort, pop3Port = freePort(), freePort()
+def listenerArgs(smtpPort: int, pop3Port: int, imapPort: int | None = None) -> list[str]:
+    """Every listener on a free loopback port (never the embedded defaults, which a
+    developer's own server may be using)."""
+    return ["--smtp", f"tcp:{smtpPort}:interface=127.0.0.1",
+            "--pop3", f"tcp:{pop3Port}:interface=127.0.0.1",
+            "--imap", f"tcp:{imapPort or freePort()}:interface=127.0.0.1"]
+
+
+def launch(tmp_path, dataDir: str, name: str = "server") -> tuple[ServerProcess, int, int, int]:
+    smtpPort, pop3Port, imapPort = freePort(), freePort(), freePort()
     process = ServerProcess(
         twistdCommand("--data-dir", dataDir, "--hostname", HOSTNAME,
-                      "--smtp", f"tcp:{smtpPort}:interface=127.0.0.1",
-                      "--pop3", f"tcp:{pop3Port}:interface=127.0.0.1"),
+                      *listenerArgs(smtpPort, pop3Port, imapPort)),
         logPath=str(tmp_path / f"{name}.log"), cwd=str(tmp_path)).start()
     try:
-        banners = process.waitReady(smtpPort, pop3Port)
+        banners = process.waitReady(smtpPort, pop3Port, imapPort)
     except BaseException:
         process.stop()
         raise
     assert banners["smtp"].startswith(f"220 {HOSTNAME} ".encode()), banners
-    return process, smtpPort, pop3Port
+    return process, smtpPort, pop3Port, imapPort
 
 
 def addUserWithCLI(dataDir: str, address: str, password: str) -> None:
@@ -87,8 +96,8 @@ def mailserver(tmp_path):
     passwords = {ALICE: newPassword("alice"), BOB: newPassword("bob")}
     for address, password in passwords.items():
         addUserWithCLI(dataDir, address, password)
-    process, smtpPort, pop3Port = launch(tmp_path, dataDir)
-    server = E2EServer(dataDir, smtpPort, pop3Port, process, passwords)
+    process, smtpPort, pop3Port, imapPort = launch(tmp_path, dataDir)
+    server = E2EServer(dataDir, smtpPort, pop3Port, imapPort, process, passwords)
     try:
         yield server
     finally:
@@ -291,8 +300,7 @@ def test_pop3_login_failure_is_logged_without_the_password(mailserver):
 def test_second_server_on_the_same_data_dir_refuses_to_start(mailserver, tmp_path):
     smtpPort, pop3Port = freePort(), freePort()
     result = runTwistd(["--data-dir", mailserver.dataDir, "--hostname", HOSTNAME,
-                        "--smtp", f"tcp:{smtpPort}:interface=127.0.0.1",
-                        "--pop3", f"tcp:{pop3Port}:interface=127.0.0.1"], cwd=str(tmp_path))
+                        *listenerArgs(smtpPort, pop3Port)], cwd=str(tmp_path))
     assert result.returncode != 0, result.stdout
     lock = os.path.join(mailserver.dataDir, "twistmail.lock")
     assert f"{lock} is locked" in result.stdout
@@ -333,8 +341,7 @@ def test_port_in_use_is_a_one_line_error_naming_the_address_and_fix(tmp_path):
         occupier.listen()
         port = occupier.getsockname()[1]
         result = runTwistd(["--data-dir", str(tmp_path / "data"),
-                            "--smtp", f"tcp:{port}:interface=127.0.0.1",
-                            "--pop3", f"tcp:{freePort()}:interface=127.0.0.1"], cwd=str(tmp_path))
+                            *listenerArgs(port, freePort())], cwd=str(tmp_path))
     assert result.returncode != 0, result.stdout
     assert f"127.0.0.1:{port}" in result.stdout
     assert "Address already in use" in result.stdout
@@ -404,18 +411,19 @@ def requireFreePort(port: int) -> None:
                         f"{port} (see: ss -ltnp 'sport = :{port}') and run the tests again")
 
 
-def test_embedded_default_listens_on_loopback_2525_and_2110(tmp_path):
-    for port in (2525, 2110):
+def test_embedded_default_listens_on_loopback_2525_2110_and_2143(tmp_path):
+    for port in (2525, 2110, 2143):
         requireFreePort(port)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     process = ServerProcess(twistdCommand(), logPath=str(tmp_path / "default.log"),
                             cwd=str(cwd)).start()
     try:
-        banners = process.waitReady(2525, 2110)
+        banners = process.waitReady(2525, 2110, 2143)
         assert banners["smtp"].startswith(b"220 ")
         assert banners["pop3"].startswith(b"+OK")
-        for port in (2525, 2110):
+        assert banners["imap"].startswith(b"* OK [CAPABILITY IMAP4rev1")
+        for port in (2525, 2110, 2143):
             assert listeningAddresses(port) == {"127.0.0.1"}, process.describe()
         dataDir = cwd / "twistmail-data"
         assert dataDir.is_dir(), process.describe()
@@ -439,11 +447,36 @@ def test_sigterm_stops_cleanly_and_mail_survives_a_restart(mailserver, tmp_path)
     assert "Server Shut Down." in mailserver.log
     assert "Traceback" not in mailserver.log
 
-    process, smtpPort, pop3Port = launch(tmp_path, mailserver.dataDir, name="restarted")
+    process, smtpPort, pop3Port, imapPort = launch(tmp_path, mailserver.dataDir, name="restarted")
     try:
-        restarted = E2EServer(mailserver.dataDir, smtpPort, pop3Port, process, mailserver.passwords)
+        restarted = E2EServer(mailserver.dataDir, smtpPort, pop3Port, imapPort, process,
+                              mailserver.passwords)
         retrieved = retrieveAll(restarted, ALICE)
         assert len(retrieved) == 1
         splitReceived(retrieved[0][0], message)
     finally:
         assert process.stop() in CLEAN_EXIT, process.describe()
+
+
+def test_imap_end_to_end_with_idle_push(mailserver):
+    """The real twistd: a client in IDLE hears of an SMTP delivery within a second, then reads it."""
+    import imaplib
+
+    client = imaplib.IMAP4("127.0.0.1", mailserver.imapPort, timeout=30)
+    client.login(ALICE, mailserver.passwords[ALICE])
+    assert client.select("INBOX") == ("OK", [b"0"])
+    tag = client._new_tag()
+    client.send(tag + b" IDLE\r\n")
+    assert client.readline().startswith(b"+ ")
+    message = b"Subject: pushed\r\n\r\nhello idle\r\n"
+    started = time.monotonic()
+    sendOne(mailserver, message)
+    assert client.readline() == b"* 1 EXISTS\r\n"
+    assert time.monotonic() - started < 1.5
+    client.send(b"DONE\r\n")
+    while not client.readline().startswith(tag):
+        pass
+    typ, data = client.fetch("1", "(BODY.PEEK[])")
+    assert typ == "OK" and data[0][1].endswith(message)
+    assert data[0][1] == storedMessages(mailserver.dataDir, ALICE)[0]
+    client.logout()

@@ -123,7 +123,7 @@ def test_wheel_installs_into_a_fresh_venv_as_a_working_twistd_plugin(wheel, tmp_
     assert version.strip() == f"twistmail {twistmail.__version__}"
 
     pluginHelp = ok([venvBin(venv, "twistd"), "twistmail", "--help"], cwd=work)
-    for option in ("--config", "--data-dir", "--hostname", "--smtp", "--pop3"):
+    for option in ("--config", "--data-dir", "--hostname", "--smtp", "--pop3", "--imap"):
         assert option in pluginHelp
 
     # The installed server runs and delivers.
@@ -131,15 +131,16 @@ def test_wheel_installs_into_a_fresh_venv_as_a_working_twistd_plugin(wheel, tmp_
     ok([venvBin(venv, "twistmail"), "--data-dir", dataDir, "domain", "add", "example.test"], cwd=work)
     ok([venvBin(venv, "twistmail"), "--data-dir", dataDir, "user", "add", "alice@example.test"],
        cwd=work, input="secret\n")
-    smtpPort, pop3Port = freePort(), freePort()
+    smtpPort, pop3Port, imapPort = freePort(), freePort(), freePort()
     process = ServerProcess(
         twistdCommand("--data-dir", dataDir, "--hostname", "mx.example.test",
                       "--smtp", f"tcp:{smtpPort}:interface=127.0.0.1",
                       "--pop3", f"tcp:{pop3Port}:interface=127.0.0.1",
+                      "--imap", f"tcp:{imapPort}:interface=127.0.0.1",
                       twistd=venvBin(venv, "twistd")),
         logPath=str(tmp_path / "server.log"), cwd=str(work)).start()
     try:
-        process.waitReady(smtpPort, pop3Port)
+        process.waitReady(smtpPort, pop3Port, imapPort)
         with smtplib.SMTP("127.0.0.1", smtpPort, timeout=30) as client:
             client.sendmail("x@remote.test", ["alice@example.test"], b"Subject: wheel\r\n\r\nok\r\n")
         assert len(maildirFiles(dataDir, "alice@example.test")) == 1
