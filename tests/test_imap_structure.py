@@ -1,0 +1,161 @@
+"""MIME structure, sections, BODYSTRUCTURE, ENVELOPE and response encoding (no network)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from twistmail.protocols.imap import response, structure
+from twistmail.protocols.imap.fetch import Item, Parsed, parseItems, render
+from twistmail.protocols.imap.parser import Arguments, ParseError
+
+
+def bs(message: bytes, extended: bool = True) -> bytes:
+    return response.encode(structure.bodyStructure(structure.parse(message), extended))
+
+
+def env(message: bytes) -> bytes:
+    return response.encode(structure.envelope(structure.parse(message)))
+
+
+def test_plain_message_without_content_type_defaults():
+    message = b"Subject: x\r\n\r\nline one\r\nline two\r\n"
+    assert bs(message) == (b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 20 2'
+                           b" NIL NIL NIL NIL)")
+    assert bs(message, extended=False) == b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 20 2)'
+
+
+def test_header_only_message_and_lf_line_ends():
+    assert structure.section(structure.parse(b"Subject: only a header\r\n"), (), "TEXT") == b""
+    lf = b"Subject: lf\n\nbody\n"
+    root = structure.parse(lf)
+    assert root.header == b"Subject: lf\n\n" and root.body == b"body\n"
+
+
+def test_multipart_without_boundary_is_shown_as_text():
+    message = b"Content-Type: multipart/mixed\r\n\r\nno boundary here\r\n"
+    assert bs(message).startswith(b'("TEXT" "PLAIN"')
+
+
+def test_unterminated_multipart_runs_to_the_end():
+    message = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\none\r\n"
+               b"--b\r\nContent-Type: text/html\r\n\r\ntwo, never closed\r\n")
+    root = structure.parse(message)
+    assert [c.body for c in root.children] == [b"one", b"two, never closed\r\n"]
+
+
+def test_digest_parts_default_to_message_rfc822():
+    message = (b"Content-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n\r\n"
+               b"Subject: inner\r\n\r\nhi\r\n--d--\r\n")
+    root = structure.parse(message)
+    assert (root.children[0].mainType, root.children[0].subType) == ("message", "rfc822")
+    assert structure.section(root, (1,), "HEADER") == b"Subject: inner\r\n\r\n"
+
+
+def test_boundary_prefix_of_a_longer_line_is_not_a_delimiter():
+    message = (b"Content-Type: multipart/mixed; boundary=ab\r\n\r\n--ab\r\n\r\n"
+               b"--abc is text\r\n--ab--\r\n")
+    assert [c.body for c in structure.parse(message).children] == [b"--abc is text"]
+
+
+def test_rfc2231_parameters_are_collapsed():
+    message = (b"Content-Type: application/pdf;\r\n name*=utf-8''r%C3%A9sum%C3%A9.pdf\r\n"
+               b"Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.pdf\r\n\r\nx")
+    encoded = bs(message)
+    assert encoded.startswith(b'("APPLICATION" "PDF" ("NAME" {12}\r\nr\xc3\xa9sum\xc3\xa9.pdf)')
+    assert b'("ATTACHMENT" ("FILENAME" {12}\r\nr\xc3\xa9sum\xc3\xa9.pdf))' in encoded
+
+
+def test_hostile_nesting_is_bounded():
+    depth = 5000
+    opening = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+                       for i in range(depth))
+    message = opening + b"\r\ninnermost\r\n"
+    started = time.monotonic()
+    encoded = bs(message)
+    assert time.monotonic() - started < 2
+    assert encoded.count(b"(") <= 4 * structure.MAX_DEPTH + 10
+
+
+def test_sections_of_a_single_part_message():
+    message = b"Subject: s\r\nContent-Type: text/plain\r\n\r\nbody\r\n"
+    root = structure.parse(message)
+    assert structure.section(root, (1,), None) == b"body\r\n"
+    assert structure.section(root, (1,), "MIME") == root.header
+    with pytest.raises(structure.NoSuchPart):
+        structure.section(root, (2,), None)
+    with pytest.raises(structure.NoSuchPart):
+        structure.section(root, (1,), "TEXT")  # part 1 is not a message/rfc822
+
+
+def test_header_fields_keep_folded_lines_and_match_case_insensitively():
+    message = b"Subject: a\r\n long subject\r\nX-A: 1\r\nsubject: again\r\nTo: t\r\n\r\nbody"
+    root = structure.parse(message)
+    assert structure.section(root, (), "HEADER.FIELDS", ("SUBJECT",)) == \
+        b"Subject: a\r\n long subject\r\nsubject: again\r\n\r\n"
+    assert structure.section(root, (), "HEADER.FIELDS.NOT", ("subject",)) == b"X-A: 1\r\nTo: t\r\n\r\n"
+    assert structure.section(root, (), "HEADER.FIELDS", ("Nope",)) == b"\r\n"
+
+
+def test_envelope_addresses_groups_and_defaults():
+    message = (b"From: \"Doe, Jane\" <jane@example.org>\r\nTo: undisclosed-recipients:;\r\n"
+               b"Cc: a@x.org, (comment) b@y.org\r\nSubject: s\r\n\r\n")
+    assert env(message) == (
+        b'(NIL "s" (("Doe, Jane" NIL "jane" "example.org")) (("Doe, Jane" NIL "jane"'
+        b' "example.org")) (("Doe, Jane" NIL "jane" "example.org")) ((NIL NIL'
+        b' "undisclosed-recipients" NIL) (NIL NIL NIL NIL)) ((NIL NIL "a" "x.org") ("comment" NIL'
+        b' "b" "y.org")) NIL NIL NIL)')  # a comment stands for the name, as in "b@y.org (Bee)"
+    assert env(b"Subject: nobody\r\n\r\n") == b'(NIL "nobody" NIL NIL NIL NIL NIL NIL NIL NIL)'
+    raw = env(b"Subject: caf\xc3\xa9\r\nFrom: local-only\r\n\r\n")
+    assert b"{5}\r\ncaf\xc3\xa9" in raw  # 8-bit goes out as the same octets, in a literal
+    assert b'((NIL NIL "local-only" NIL))' in raw
+
+
+@pytest.mark.parametrize("value, expected", [
+    (b"plain", b'"plain"'), (b'quo"te\\', b'"quo\\"te\\\\"'), (b"", b'""'),
+    (b"a\r\nb", b"{4}\r\na\r\nb"), ("é", b"{2}\r\n\xc3\xa9"), (None, b"NIL"), (7, b"7"),
+    ([b"a", None, [1]], b'("a" NIL (1))'), (response.Atom(b"\\Seen"), b"\\Seen"),
+])
+def test_response_encoding(value, expected):
+    assert response.encode(value) == expected
+
+
+def test_internal_date_is_english_whatever_the_locale():
+    assert response.internalDate(0).decode()[4:12] in {"Jan-1970", "Dec-1969"}
+
+
+# -- FETCH items ----------------------------------------------------------------------
+
+
+def items(text: bytes) -> list[Item]:
+    args = Arguments([text])
+    out = parseItems(args)
+    args.end()
+    return out
+
+
+def test_fetch_item_parsing():
+    assert [i.name for i in items(b"FAST")] == [b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]
+    [item] = items(b"BODY.PEEK[1.2.HEADER.FIELDS.NOT (Subject \"X-Y\")]<10.20>")
+    assert item.peek and item.parts == (1, 2) and item.text == "HEADER.FIELDS.NOT"
+    assert item.fields == ("Subject", "X-Y") and item.partial == (10, 20)
+    assert item.sectionLabel() == b"BODY[1.2.HEADER.FIELDS.NOT (Subject X-Y)]<10>"
+    assert [i.name for i in items(b"(UID BODY[] FLAGS)")] == [b"UID", b"BODY[]", b"FLAGS"]
+    for bad in (b"BODY[MIME]", b"BODY[0]", b"BODY[1.X]", b"BODY[]<1.0>", b"()", b"NOPE",
+                b"BODY[HEADER.FIELDS ()]", b"(FLAGS"):
+        with pytest.raises(ParseError):
+            items(bad)
+
+
+def test_render_sets_literals_for_message_data():
+    class Message:
+        uid, size, internalDate, flags = 5, 10, 0, frozenset({"\\Seen"})
+
+    parsed = Parsed(b"Subject: x\r\n\r\nhello")
+    [item] = items(b"BODY[TEXT]<1.3>")
+    assert render(item, Message, parsed, Message.flags) == b"BODY[TEXT]<1> {3}\r\nell"
+    [item] = items(b"RFC822.TEXT")
+    assert render(item, Message, parsed, Message.flags) == b"RFC822.TEXT {5}\r\nhello"
+    [item] = items(b"BODY[]<100.5>")
+    assert render(item, Message, parsed, Message.flags) == b"BODY[]<100> {0}\r\n"
