@@ -1109,3 +1109,19 @@ def test_listenerHearsAnotherProgramsDeliveryWithoutRefreshCalls(store, dataDir)
     changes = onReactor(writeAndWait)
     assert changes.added == (2,)
     assert folder._watch is None, "the watch stops with the last listener"
+
+
+def test_uidlistReadsTornAndOldFiles(tmp_path):
+    """The fast parse and the careful one agree; a torn last line or junk is skipped."""
+    path = tmp_path / "twistmail-uidlist"
+    good = "twistmail-uidlist 1 V7 N4\n1 1700000000 10 a,S=10\n2 1700000001 20 b,S=20\n"
+    path.write_text(good)
+    assert _uidlist.read(str(path)) == ((7, 4), {1: ("a,S=10", 1700000000, 10),
+                                                 2: ("b,S=20", 1700000001, 20)})
+    path.write_text(good + "3 1700000002 3")  # a crash in the middle of an append
+    assert _uidlist.read(str(path))[1].keys() == {1, 2}
+    path.write_text(good + "junk line here x\n4 1700000003.5 5 d\n")  # and an old float date
+    header, listed = _uidlist.read(str(path))
+    assert listed[4] == ("d", 1700000003, 5) and header == (7, 5)
+    path.write_text("something else\n")
+    assert _uidlist.read(str(path)) == (None, {})

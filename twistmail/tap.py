@@ -12,15 +12,17 @@ import os
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints
+from twisted.internet import endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from twistmail import config as configmod
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
+from twistmail.auth.passwords import releaseHashMemory
 from twistmail.auth.realm import MailRealm
 from twistmail.delivery.local import LocalDelivery
 from twistmail.interfaces import IMailAccount
@@ -100,6 +102,19 @@ class _DataDirLock(service.Service):
         return super().stopService()
 
 
+class _ThreadPoolService(service.Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
 class _Listener(internet.StreamServerEndpointService):
     """A listener whose bind failure stops twistd with one line saying what to do."""
 
@@ -152,7 +167,13 @@ def makeService(options: Options) -> service.MultiService:
     limiter = ConnectionLimiter(config["server"]["max_connections"],
                                 config["server"]["max_connections_per_ip"])
     realm = MailRealm(store)
-    portal = Portal(realm, [PasswordChecker(accounts)])
+    releaseHashMemory()
+    # Password hashing gets its own two threads: a login storm must not take the
+    # whole reactor pool (the disk's) nor hash on ten threads at once.
+    kdfPool = ThreadPool(minthreads=0, maxthreads=2, name="twistmail-kdf")
+    _ThreadPoolService(kdfPool).setServiceParent(top)
+    portal = Portal(realm, [PasswordChecker(
+        accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdfPool, f, *args))])
 
     factories = {
         "smtp": SMTPFactory(config["smtp"], config.hostname, accounts, LocalDelivery(store),

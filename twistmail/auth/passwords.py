@@ -13,12 +13,32 @@ records its own parameters, so hashes made with other parameters keep working.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 _hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+
+#: glibc's M_MMAP_THRESHOLD parameter for mallopt(3).
+_M_MMAP_THRESHOLD = -3
+
+
+def releaseHashMemory() -> bool:
+    """Make the 19 MiB each verification allocates go back to the system when freed.
+
+    glibc raises its mmap threshold the first time such a block is freed, so
+    later ones come from the heap of whichever thread verified and stay there:
+    a server that had ten threads verify at once holds on to ~200 MB for good
+    (measured: 14 MB -> 209 MB RSS after 50 verifications in 10 threads).  A
+    fixed threshold keeps big blocks mmapped.  Process-wide, so makeService
+    calls it, not import; a no-op without glibc.
+    """
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1024 * 1024) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 @functools.cache

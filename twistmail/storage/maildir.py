@@ -21,6 +21,7 @@ L{twistmail.storage.maildirfolder}.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import weakref
@@ -46,6 +47,8 @@ from twistmail.storage.maildirfolder import (
 log = Logger()
 
 SUBSCRIPTIONS = "twistmail-subscriptions"
+#: Folders kept indexed in memory after their last session closed.
+KEEP_FOLDERS = 16
 NAME_MAX = 255  # octets in one directory entry (Linux, BSD, macOS)
 
 
@@ -217,7 +220,10 @@ class MaildirStore:
         self.root = os.path.join(dataDir, "mail")
         self._run = deferToThread
         self._commit = GroupCommit(deferToThread)
+        # Every folder a session has open, plus the last few used: reopening a big
+        # folder then costs two stat() calls instead of rereading its uidlist.
         self._folders: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._recentlyUsed: collections.OrderedDict = collections.OrderedDict()
         self._reactor = reactor
         self._watcher: Watcher | None = None
 
@@ -247,10 +253,18 @@ class MaildirStore:
         folder = self._folders.get(key)
         if folder is None:
             folder = self._folders[key] = MaildirFolder(self, account.name, name, path, account.root)
+        self._recentlyUsed[key] = folder
+        self._recentlyUsed.move_to_end(key)
+        while len(self._recentlyUsed) > KEEP_FOLDERS:
+            self._recentlyUsed.popitem(last=False)
         return folder
 
     def _forget(self, account: str, name: str) -> None:
-        self._folders.pop((account, name), None)
+        """Drop the cached index of C{name} and its children (deleted or renamed)."""
+        for cache in (self._folders, self._recentlyUsed):
+            for key in [k for k in list(cache.keys())
+                        if k[0] == account and (k[1] == name or k[1].startswith(name + "/"))]:
+                cache.pop(key, None)
 
     def deliver(self, account: str, folder: str, source, flags=()) -> defer.Deferred:
         try:

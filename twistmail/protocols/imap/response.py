@@ -46,9 +46,20 @@ def encode(value) -> bytes:
     return b"(" + b" ".join(encode(v) for v in value) + b")"
 
 
+_flagLists: dict = {}
+
+
 def flagList(flags) -> bytes:
-    return b"(" + b" ".join(f.encode("utf-8", "surrogateescape") if isinstance(f, str) else f
-                             for f in sorted(flags)) + b")"
+    """``(\\Seen $Label)``; remembered per flag set (a folder has few distinct ones)."""
+    if isinstance(flags, frozenset):
+        cached = _flagLists.get(flags)
+        if cached is not None:
+            return cached
+    encoded = b"(" + b" ".join(f.encode("utf-8", "surrogateescape") if isinstance(f, str) else f
+                               for f in sorted(flags)) + b")"
+    if isinstance(flags, frozenset) and len(_flagLists) < 4096:
+        _flagLists[flags] = encoded
+    return encoded
 
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

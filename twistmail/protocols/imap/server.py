@@ -735,11 +735,15 @@ class IMAPServer(imap4.IMAP4Server):
         batch: list[tuple[int, int, object]] = []
         batchBytes = 0
         lines: list[bytes] = []
+        # When the view has no pending changes, sequence number n is the folder
+        # snapshot's n-th message: no lookup by uid (this is UID FETCH 1:* FLAGS).
+        snapshot = mailbox.messages() if view.uids is mailbox.uids() else None
         for seq, u in targets:
-            message = mailbox.message(u)
+            message = snapshot[seq - 1] if snapshot is not None else mailbox.message(u)
             if message is None:
                 missing = True  # expunged by another session, not yet reported
                 continue
+            view.told(u, message.flags)
             if not needsMessage:
                 # Index-only items: no disk access; written a few hundred lines at a time.
                 lines.append(b"* %d FETCH (" % seq + b" ".join(
@@ -759,10 +763,6 @@ class IMAPServer(imap4.IMAP4Server):
             self.transport.write(b")\r\n".join(lines) + b")\r\n")
         if batch:
             missing |= await self._fetchBatch(view, batch, items)
-        for _, u in targets:
-            message = mailbox.message(u)
-            if message is not None:
-                view.told(u, message.flags)
         if missing:
             self._flushUpdates(expunge=uid)
             self._tagged(tag, b"NO", b"[EXPUNGEISSUED] Some messages were expunged")
