@@ -1,40 +1,77 @@
-# -*- test-case-name: tests.test_pop3 -*-
+# -*- test-case-name: tests.test_throttle -*-
 """twisted.cred checker for usernames (full addresses) and passwords."""
 
 from __future__ import annotations
 
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from zope.interface import implementer
 
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.passwords import verifyPassword
+from twistmail.auth.throttle import AuthThrottle
+
+
+def fromClient(creds, client: str, protocol: str):
+    """Tag C{creds} with where they came from, for the throttle and the logs."""
+    creds.client = client
+    creds.protocol = protocol
+    return creds
 
 
 @implementer(ICredentialsChecker)
 class PasswordChecker:
-    """Checks IUsernamePassword against argon2 hashes, off the reactor thread."""
+    """Checks IUsernamePassword against argon2 hashes, off the reactor thread.
+
+    With a throttle, a locked-out address or account fails at once (no hash
+    computed), and every failure is answered only after the throttle's delay.
+    """
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
-    def __init__(self, accounts: Accounts, deferToThread=threads.deferToThread) -> None:
+    def __init__(self, accounts: Accounts, deferToThread=threads.deferToThread,
+                 throttle: AuthThrottle | None = None, clock=None) -> None:
         self._accounts = accounts
         self._deferToThread = deferToThread
+        self._throttle = throttle
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
 
     def requestAvatarId(self, creds) -> defer.Deferred:
         try:
             username = creds.username.decode("utf-8") if isinstance(creds.username, bytes) else creds.username
             password = creds.password.decode("utf-8") if isinstance(creds.password, bytes) else creds.password
         except UnicodeDecodeError:
-            return defer.fail(error.UnauthorizedLogin())
+            return self._fail(creds, "")
         username = username.strip().lower()
+        client = getattr(creds, "client", "unknown")
+        if self._throttle is not None and self._throttle.lockedOut(client, username):
+            return self._refuse()
         hashed = self._accounts.passwordHash(username)
         d = self._deferToThread(verifyPassword, hashed, password)
 
         def checked(ok: bool):
             if not ok:
-                raise error.UnauthorizedLogin()
+                return self._fail(creds, username)
+            if self._throttle is not None:
+                self._throttle.succeeded(client, username)
             return username
 
         return d.addCallback(checked)
+
+    def _fail(self, creds, username: str) -> defer.Deferred:
+        if self._throttle is None:
+            return defer.fail(error.UnauthorizedLogin())
+        self._throttle.failed(getattr(creds, "client", "unknown"), username,
+                              getattr(creds, "protocol", "?"))
+        return self._refuse()
+
+    def _refuse(self) -> defer.Deferred:
+        delay = self._throttle.failureDelay if self._throttle is not None else 0
+
+        def refuse():
+            raise error.UnauthorizedLogin()
+
+        return task.deferLater(self._clock, delay, refuse)

@@ -15,9 +15,12 @@ Changes to ``twisted.mail.pop3.POP3`` and why:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 
 from twisted.cred import error as credError
+from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, protocol, threads
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -26,7 +29,9 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistmail.auth.checkers import fromClient
 from twistmail.protocols.limits import ConnectionLimiter
+from twistmail.protocols.security import Security, isSecure
 
 log = Logger()
 
@@ -121,17 +126,96 @@ class POP3Mailbox:
 
 
 class POP3Server(pop3.POP3):
+    AUTH_CMDS = [*pop3.POP3.AUTH_CMDS, b"STLS"]
+
     def connectionMade(self) -> None:
         self.timeOut = self.factory.config["timeout"]
         self.MAX_LENGTH = self.factory.config["max_line_length"]
         self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")
+        self.secure = isSecure(self.transport)
         self.magic = b""
         self.successResponse(b"twistmail POP3 server ready")
         self.setTimeout(self.timeOut)
 
     def listCapabilities(self) -> list[bytes]:
-        return [b"TOP", b"USER", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE",
-                b"IMPLEMENTATION twistmail"]
+        caps = [b"TOP", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE"]
+        if not self.mbox:
+            if self._passwordsAllowed():
+                caps += [b"USER", b"SASL PLAIN"]  # RFC 2595 §4: not before STLS otherwise
+            if not self.secure and self.factory.security.tls is not None:
+                caps.append(b"STLS")
+        return caps + [b"IMPLEMENTATION twistmail"]
+
+    def _passwordsAllowed(self) -> bool:
+        return self.factory.security.passwordsAllowed(self.peerHost, self.secure)
+
+    def do_STLS(self) -> None:
+        """RFC 2595 §4.  Lines the client pipelined after STLS in plaintext are dropped,
+        never read as commands over TLS (CVE-2011-0411)."""
+        if self.mbox or self.secure:
+            self.failResponse(b"STLS only before login and only once")
+            return
+        if self.factory.security.tls is None:
+            self.failResponse(b"TLS is not available")
+            return
+        self.successResponse(b"Begin TLS negotiation now")
+        self.clearLineBuffer()
+        self.transport.startTLS(self.factory.security.tls)
+        self.secure = True
+
+    def _refusePlaintext(self) -> bool:
+        if self._passwordsAllowed():
+            return False
+        log.info("pop3 login client={client} result=refused: no TLS", client=self.peerHost)
+        self.failResponse(b"[AUTH] Passwords only over TLS: use STLS first")
+        return True
+
+    def do_USER(self, user) -> None:
+        if not self._refusePlaintext():
+            super().do_USER(user)
+
+    def do_AUTH(self, mechanism=None, initial=None) -> defer.Deferred | None:
+        """RFC 5034 AUTH PLAIN, with or without an initial response."""
+        if mechanism is None:
+            self.transport.write(pop3.successResponse(b"") + b"PLAIN\r\n.\r\n")
+            return None
+        if mechanism.upper() != b"PLAIN":
+            self.failResponse(b"Unsupported SASL mechanism")
+            return None
+        if self._refusePlaintext():
+            return None
+        if initial is None:
+            self.state = "SASL"
+            self.sendLine(b"+ ")
+            return None
+        return self._saslResponse(initial)
+
+    def state_SASL(self, line: bytes) -> None:
+        self.state = "COMMAND"
+        if line.strip() == b"*":
+            self.failResponse(b"Authentication cancelled")
+            return
+        self._saslResponse(line.strip())
+
+    def _saslResponse(self, encoded: bytes) -> defer.Deferred | None:
+        try:
+            authz, user, password = base64.b64decode(b"" if encoded == b"=" else encoded,
+                                                     validate=True).split(b"\0")
+        except (binascii.Error, ValueError):
+            self.failResponse(b"Malformed PLAIN response")
+            return None
+        if authz and authz != user:
+            self.failResponse(b"[AUTH] Cannot act as another user")
+            return None
+        self._loginUser = user[:256]
+        d = defer.maybeDeferred(self.authenticateUserPASS, user, password)
+        d.addCallbacks(self._cbMailbox, self._ebMailbox, callbackArgs=(user,))
+        d.addErrback(self._ebUnexpected)
+        return self._longOperation(d)
+
+    def authenticateUserPASS(self, user: bytes, password: bytes) -> defer.Deferred:
+        return self.portal.login(fromClient(UsernamePassword(user, password), self.peerHost, "pop3"),
+                                 None, pop3.IMailbox)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.failResponse(b"Line too long")
@@ -163,6 +247,8 @@ class POP3Server(pop3.POP3):
         # Twisted's do_PASS does not block pipelined commands while the (threaded)
         # password check runs, so a pipelined RETR would be refused as "not
         # authenticated": run it as a long operation instead.
+        if self._refusePlaintext():
+            return None
         if self._userIs is None:
             self.failResponse(b"USER required before PASS")
             return None
@@ -411,10 +497,12 @@ class POP3ServerFactory(protocol.ServerFactory):
     protocol = POP3Server
     noisy = False
 
-    def __init__(self, config, portal, limiter: ConnectionLimiter | None = None) -> None:
+    def __init__(self, config, portal, limiter: ConnectionLimiter | None = None,
+                 security: Security | None = None) -> None:
         self.config = config
         self.portal = portal
         self.limiter = limiter
+        self.security = security or Security(None, ["0.0.0.0/0", "::/0"])
         self.inUse: set[str] = set()
 
     def buildProtocol(self, addr):

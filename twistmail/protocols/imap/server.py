@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail import __version__
+from twistmail.auth.checkers import fromClient
 from twistmail.errors import (
     FolderExists,
     InvalidFolderName,
@@ -52,6 +53,7 @@ from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
 from twistmail.protocols.limits import ConnectionLimiter
+from twistmail.protocols.security import Security, isSecure
 
 log = Logger()
 
@@ -159,6 +161,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.POSTAUTH_TIMEOUT = config["timeout"]
         self.portal = self.factory.portal
         self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")
+        self.secure = isSecure(self.transport)
         self.reader = CommandReader(maxLine=config["max_line_length"],
                                     maxLiteral=config["max_literal_size"],
                                     maxMessage=config["max_message_size"],
@@ -187,8 +190,16 @@ class IMAPServer(imap4.IMAP4Server):
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
-            caps[b"AUTH"] = [b"PLAIN"]
+            if not self.secure and self.factory.security.tls is not None:
+                caps[b"STARTTLS"] = None
+            if self._passwordsAllowed():
+                caps[b"AUTH"] = [b"PLAIN"]
+            else:
+                caps[b"LOGINDISABLED"] = None  # RFC 3501 §6.2.3: STARTTLS first
         return caps
+
+    def _passwordsAllowed(self) -> bool:
+        return self.factory.security.passwordsAllowed(self.peerHost, self.secure)
 
     # -- framing -----------------------------------------------------------------
 
@@ -376,6 +387,19 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- not authenticated -------------------------------------------------------------
 
+    def cmd_STARTTLS(self, tag, args):
+        """RFC 3501 §6.2.1.  Whatever the client sent after STARTTLS in plaintext is
+        dropped, never read as commands over TLS (CVE-2011-0411)."""
+        args.end()
+        if self.secure:
+            raise _Bad(b"TLS is already active")
+        if self.factory.security.tls is None:
+            raise _No(b"TLS is not available")
+        self._tagged(tag, b"OK", b"Begin TLS negotiation now")
+        self.reader.dropBuffered()
+        self.transport.startTLS(self.factory.security.tls)
+        self.secure = True
+
     def cmd_LOGIN(self, tag, args):
         args.sp()
         user = args.astring()
@@ -417,9 +441,14 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def _login(self, tag: bytes, user: bytes, password: bytes) -> None:
         name = user.decode("utf-8", "replace")[:256]
+        if not self._passwordsAllowed():
+            log.info("imap login user={user} client={client} result=refused: no TLS",
+                     user=name, client=self.peerHost)
+            raise _No(b"[PRIVACYREQUIRED] Passwords only over TLS: use STARTTLS first")
         try:
             _, account, logout = await self.portal.login(
-                credentials.UsernamePassword(user, password), None, IMailAccount)
+                fromClient(credentials.UsernamePassword(user, password), self.peerHost, "imap"),
+                None, IMailAccount)
         except (credError.UnauthorizedLogin, credError.LoginDenied):
             self._loginFailures += 1
             log.info("imap login user={user} client={client} result=failed", user=name,
@@ -935,6 +964,7 @@ _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
     b"LOGOUT": (IMAPServer.cmd_LOGOUT, _ANY),
     b"ID": (IMAPServer.cmd_ID, _ANY),
     b"LOGIN": (IMAPServer.cmd_LOGIN, ("unauth",)),
+    b"STARTTLS": (IMAPServer.cmd_STARTTLS, ("unauth",)),
     b"AUTHENTICATE": (IMAPServer.cmd_AUTHENTICATE, ("unauth",)),
     b"ENABLE": (IMAPServer.cmd_ENABLE, _AUTH),
     b"SELECT": (IMAPServer.cmd_SELECT, _AUTH),
@@ -969,9 +999,10 @@ class IMAPFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, config, portal, spoolDir: str, limiter: ConnectionLimiter | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, security: Security | None = None) -> None:
         self.config = config
         self.portal = portal
+        self.security = security or Security(None, ["0.0.0.0/0", "::/0"])
         self.spoolDir = spoolDir
         self.limiter = limiter
         self.specialUse = dict(config["special_use"])

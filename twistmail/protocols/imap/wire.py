@@ -202,6 +202,10 @@ class CommandReader:
         self._need = 0
         self._bigLiteral = False
 
+    def dropBuffered(self) -> None:
+        """Forget bytes received but not yet read as commands (after STARTTLS)."""
+        self._buf = b""
+
     def discard(self) -> None:
         """Drop everything half-read (connection lost): spooled literals included."""
         Command(self._parts).discard()
