@@ -14,6 +14,7 @@ without touching the firewall.  State is in memory and bounded.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -62,7 +63,7 @@ class AuthThrottle:
         for kind, key in (("address", "ip:" + client), ("account", "user:" + account)):
             entry = self._get(key, create=False)
             if entry is not None and entry.lockedUntil > now:
-                return f"{kind} locked out for {int(entry.lockedUntil - now) + 1} more seconds"
+                return f"{kind} locked out for {math.ceil(entry.lockedUntil - now)} more seconds"
         return None
 
     def failed(self, client: str, account: str, protocol: str) -> None:
