@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -83,8 +84,10 @@ class _Worker:
         pipelining: str,
         result: LoadResult,
         latencies: list[float],
+        starttls: bool = False,
     ) -> None:
         self.host, self.port = host, port
+        self.starttls = starttls
         self.factory, self.counter, self.total = factory, counter, total
         self.mode = pipelining
         self.result, self.latencies = result, latencies
@@ -103,6 +106,21 @@ class _Worker:
         code, text = await _reply(self.reader)
         if code != 250:
             raise SMTPError(f"EHLO: {text!r}")
+        if self.starttls:
+            # RFC 3207: STARTTLS, then EHLO again over TLS (no certificate check: a
+            # benchmark of the server's cost, against its self-signed certificate).
+            self.writer.write(b"STARTTLS\r\n")
+            code, text = await _reply(self.reader)
+            if code != 220:
+                raise SMTPError(f"STARTTLS: {text!r}")
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            await self.writer.start_tls(context)
+            self.writer.write(b"EHLO loadgen.client.test\r\n")
+            code, text = await _reply(self.reader)
+            if code != 250:
+                raise SMTPError(f"EHLO after STARTTLS: {text!r}")
         advertised = b"\nPIPELINING" in text.upper().replace(b"250-", b"\n").replace(b"250 ", b"\n")
         self.pipelined = self.mode == "on" or (self.mode == "auto" and advertised)
         self.result.pipelining = self.pipelined
@@ -162,6 +180,7 @@ async def run_asyncio(
     size: int,
     concurrency: int,
     pipelining: str = "auto",
+    starttls: bool = False,
 ) -> LoadResult:
     """Send ``messages`` over ``concurrency`` connections and time them."""
     result = LoadResult("asyncio", messages, size, concurrency)
@@ -169,7 +188,7 @@ async def run_asyncio(
     counter = itertools.count()
     latencies: list[float] = []
     workers = [
-        _Worker(host, port, factory, counter, messages, pipelining, result, latencies)
+        _Worker(host, port, factory, counter, messages, pipelining, result, latencies, starttls)
         for _ in range(concurrency)
     ]
     await asyncio.gather(*(w.connect() for w in workers))
@@ -232,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: pipeline MAIL+RCPT+DATA only if PIPELINING is advertised",
     )
+    parser.add_argument("--starttls", action="store_true", help="STARTTLS on every connection")
     args = parser.parse_args(argv)
     before = resource.getrusage(resource.RUSAGE_SELF)
     if args.engine == "asyncio":
         result = asyncio.run(
             run_asyncio(
                 args.host, args.port, args.messages, args.size,
-                args.concurrency, args.pipelining,
+                args.concurrency, args.pipelining, args.starttls,
             )
         )  # fmt: skip
         after = resource.getrusage(resource.RUSAGE_SELF)
