@@ -451,28 +451,37 @@ class MaildirFolder:
     def setFlags(self, uids, flags, mode: str) -> defer.Deferred:
         return self._lock.run(self._setFlags, set(uids), set(flags), mode)
 
-    def _setFlags(self, uids: set, flags: set, mode: str) -> defer.Deferred:
-        keywordsBefore = list(self._keywords)
-        renames = []
+    def _infosFor(self, flagSets) -> tuple[list[str], list[str] | None]:
+        """Info letters for each flag set, giving new keywords letters; all or none.
+
+        @return: (the infos, the keyword list if it grew, else None)
+        @raise StorageError: past MAX_KEYWORDS; the keywords are as before.
+        """
+        before = list(self._keywords)
         try:
-            for uid in sorted(uids.intersection(self._entries)):
-                entry = self._entries[uid]
-                current = self._flags(entry.info)
-                if mode == "set":
-                    wanted = flags
-                elif mode == "add":
-                    wanted = current | flags
-                else:
-                    wanted = current - flags
-                info = self._infoFor(wanted)
-                if info != entry.info:
-                    renames.append((uid, entry.base, entry.info, info))
+            infos = [self._infoFor(flags) for flags in flagSets]
         except StorageError:
-            self._keywords = keywordsBefore
+            self._keywords = before
+            raise
+        if self._keywords == before:
+            return infos, None
+        self._flagCache = {}
+        return infos, list(self._keywords)
+
+    def _setFlags(self, uids: set, flags: set, mode: str) -> defer.Deferred:
+        targets = sorted(uids.intersection(self._entries))
+        wanted = []
+        for uid in targets:
+            current = self._flags(self._entries[uid].info)
+            wanted.append(flags if mode == "set" else current | flags if mode == "add"
+                          else current - flags)
+        try:
+            infos, keywords = self._infosFor(wanted)
+        except StorageError:
             return defer.fail()
-        keywords = list(self._keywords) if self._keywords != keywordsBefore else None
-        if keywords is not None:
-            self._flagCache = {}
+        renames = [(uid, self._entries[uid].base, self._entries[uid].info, info)
+                   for uid, info in zip(targets, infos, strict=True)
+                   if info != self._entries[uid].info]
 
         def apply(done: list) -> list:
             for uid, info in done:
@@ -533,15 +542,10 @@ class MaildirFolder:
             message under tmp/ and returns the L{NewFile} to commit.
         @return: Deferred firing with the new UIDs, in order.
         """
-        keywordsBefore = list(self._keywords)
         try:
-            infos = [self._infoFor(flags) for _, flags in stages]
+            infos, keywords = self._infosFor([flags for _, flags in stages])
         except StorageError:
-            self._keywords = keywordsBefore
             return defer.fail()
-        keywords = list(self._keywords) if self._keywords != keywordsBefore else None
-        if keywords is not None:
-            self._flagCache = {}
         work = [(stage, info) for (stage, _), info in zip(stages, infos, strict=True)]
         d = self._runOwn(self._addSync, work, keywords)
 

@@ -483,7 +483,7 @@ class IMAPServer(imap4.IMAP4Server):
         except names.BadName as e:
             raise _No(b"[CANNOT] " + str(e).encode()) from None
 
-    async def _open(self, name: str, refresh: bool = True):
+    async def _open(self, name: str):
         return await self.account.openFolder(name)
 
     async def cmd_SELECT(self, tag, args, readOnly: bool = False):
