@@ -483,16 +483,13 @@ class IMAPServer(imap4.IMAP4Server):
         except names.BadName as e:
             raise _No(b"[CANNOT] " + str(e).encode()) from None
 
-    async def _open(self, name: str):
-        return await self.account.openFolder(name)
-
     async def cmd_SELECT(self, tag, args, readOnly: bool = False):
         args.sp()
         name = self._mailbox(args)
         args.end()
         self._unselect()
         self.state = "auth"
-        mailbox = await self._open(name)
+        mailbox = await self.account.openFolder(name)
         view = SelectedFolder(mailbox, readOnly, self._claimRecent)
         self.selected = view
         self.state = "select"
@@ -642,7 +639,7 @@ class IMAPServer(imap4.IMAP4Server):
         unknown = set(items) - {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN"}
         if unknown:
             raise _Bad(b"Unknown STATUS item " + sorted(unknown)[0][:32])
-        mailbox = await self._open(name)
+        mailbox = await self.account.openFolder(name)
         values = {
             b"MESSAGES": lambda: len(mailbox.uids()),
             b"RECENT": lambda: self.factory.countRecent((self.user, mailbox.name), mailbox),
@@ -670,7 +667,7 @@ class IMAPServer(imap4.IMAP4Server):
         args.end()
         flagSet = self._storableFlags(flags)
         try:
-            mailbox = await self._open(name)
+            mailbox = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
         uid = await mailbox.append(literal.source, flagSet, when)
@@ -861,7 +858,7 @@ class IMAPServer(imap4.IMAP4Server):
         if move and view.readOnly:
             raise _No(b"[READ-ONLY] Mailbox is read-only")
         try:
-            target = await self._open(name)
+            target = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
         uids = [u for _, u in targets if view.mailbox.message(u) is not None]
