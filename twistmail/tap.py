@@ -23,9 +23,12 @@ from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.realm import MailRealm
 from twistmail.delivery.local import LocalDelivery
+from twistmail.delivery.pipeline import DeliveryPipeline
+from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.smtp import SMTPFactory
+from twistmail.relay.queue import RelayQueue
 from twistmail.storage.maildir import MaildirStoreFactory
 
 log = Logger()
@@ -152,9 +155,13 @@ def makeService(options: Options) -> service.MultiService:
     realm = MailRealm(store)
     portal = Portal(realm, [PasswordChecker(accounts)])
 
+    router = Router(accounts, RelayPolicy(config["relay"]["trusted_networks"]),
+                    config["smtp"]["recipient_delimiter"])
+    local = LocalDelivery(store)
+    queue = RelayQueue(dataDir)
     factories = {
-        "smtp": SMTPFactory(config["smtp"], config.hostname, accounts, LocalDelivery(store),
-                            os.path.join(dataDir, "spool"), limiter),
+        "smtp": SMTPFactory(config["smtp"], config.hostname, router,
+                            DeliveryPipeline(local, queue), os.path.join(dataDir, "spool"), limiter),
     }
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter)
     realm.register(pop3.IMailbox, pop3Factory.avatar)
