@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints
+from twisted.internet import endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from twistmail import config as configmod
 from twistmail.auth.accounts import Accounts
@@ -28,7 +30,11 @@ from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.smtp import SMTPFactory
+from twistmail.relay.control import ControlPoller
+from twistmail.relay.mx import DnsPythonMXResolver, resolveHops, resolveSmarthost
 from twistmail.relay.queue import RelayQueue
+from twistmail.relay.runner import QueueRunner, RunnerSettings
+from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
 from twistmail.storage.maildir import MaildirStoreFactory
 
 log = Logger()
@@ -129,6 +135,59 @@ class _Listener(internet.StreamServerEndpointService):
         return port
 
 
+class _ThreadPoolService(service.Service):
+    """A thread pool of its own, so slow DNS cannot starve the disk work in the reactor's."""
+
+    def __init__(self, name: str, maxThreads: int) -> None:
+        self.pool = ThreadPool(0, maxThreads, name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        return threads.deferToThread(self.pool.stop)  # joins; a lookup ends within dns_timeout
+
+
+def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Router,
+              local: LocalDelivery, parent: service.MultiService) -> QueueRunner:
+    """The outbound side: DNS, the SMTP client, the queue runner and the CLI's control channel."""
+    relay = config["relay"]
+    pool = _ThreadPoolService("twistmail-dns", 10)
+    pool.setServiceParent(parent)
+    resolver = DnsPythonMXResolver(
+        [configmod.hostPort(ns, 53) for ns in relay["nameservers"]], relay["dns_timeout"],
+        lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f, *args))
+    common = {"heloName": config.hostname, "connectTimeout": relay["connect_timeout"],
+              "commandTimeout": relay["command_timeout"]}
+    if relay["smarthost"]:
+        host, port = configmod.hostPort(relay["smarthost"], 25)
+        try:
+            trustRoot = trustRootFromFile(relay["smarthost_ca_file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"{config.path}: [relay] smarthost_ca_file: {e}. Fix: give a "
+                                   "PEM file of CA certificates") from None
+        sender = RelaySender(reactor, SenderSettings(
+            port=port, tls=relay["smarthost_tls"], username=relay["smarthost_username"],
+            password=relay["smarthost_password"], trustRoot=trustRoot, **common))
+
+        def destination(domain: str):
+            return resolveSmarthost(resolver, host)
+    else:
+        rng = random.SystemRandom()
+        sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], **common))
+
+        def destination(domain: str):
+            return resolveHops(resolver, domain, rng)
+
+    runner = QueueRunner(queue, router, local, destination, sender,
+                         RunnerSettings.fromConfig(config.hostname, relay), reactor)
+    runner.setServiceParent(parent)
+    ControlPoller(runner, queue.path, relay["pickup_interval"]).setServiceParent(parent)
+    return runner
+
+
 def makeStore(config: configmod.Config):
     name = config["storage"]["backend"]
     factory = BACKENDS.get(name)
@@ -159,6 +218,7 @@ def makeService(options: Options) -> service.MultiService:
                     config["smtp"]["recipient_delimiter"])
     local = LocalDelivery(store)
     queue = RelayQueue(dataDir)
+    makeRelay(config, reactor, queue, router, local, top)
     factories = {
         "smtp": SMTPFactory(config["smtp"], config.hostname, router,
                             DeliveryPipeline(local, queue), os.path.join(dataDir, "spool"), limiter),

@@ -136,6 +136,18 @@ def canonicalLines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield b"\r\n"
 
 
+class QueuedSource:
+    """A queued message as a message source for LocalDelivery (read in a worker thread)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            while chunk := f.read(64 * 1024):
+                yield chunk
+
+
 # -- file operations: blocking, for a worker thread or the admin CLI -------------
 
 
