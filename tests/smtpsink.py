@@ -59,11 +59,13 @@ class SinkProtocol(basic.LineReceiver):
         self.tls = False
         self.user = None
         self.authPending = False
+        self.lost = False
         self.reset()
         self.reply(self.sink.script.greeting)
 
     def connectionLost(self, reason):
         self.sink.active -= 1
+        self.lost = True
 
     def reset(self):
         self.sender = None
@@ -165,6 +167,8 @@ class SinkProtocol(basic.LineReceiver):
             d.callback(None)
 
     def finish(self, received: Received):
+        if self.lost:
+            return  # nothing can be acknowledged on a dead connection
         answer = self.sink.script.data(received)
         if answer:
             return self.reply(answer)

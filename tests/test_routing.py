@@ -56,7 +56,7 @@ def test_remote_recipients_need_relay_permission(router):
     assert router.route('"john doe"@remote.test', LOCAL) == RelayRoute('"john doe"@remote.test')
 
 
-@pytest.mark.parametrize("address", ["bob@[192.0.2.1]", "bob@remote", "bob@-bad-.test",
+@pytest.mark.parametrize("address", ["bob@[192.0.2.1]", "bob@remote..test", "bob@-bad-.test",
                                      "b\u00f6b@remote.test", "bob@re mote.test", "bo b@remote.test"])
 def test_unusable_remote_addresses_are_refused(router, address):
     with pytest.raises(BadAddress):

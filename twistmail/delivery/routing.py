@@ -23,7 +23,7 @@ __all__ = ["BadAddress", "Client", "LocalRoute", "RelayDenied", "RelayPolicy", "
 
 # RFC 5321 §4.1.2 Domain, LDH labels only: no address literals, no trailing junk.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+$")
+_DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 # Printable ASCII; spaces only inside a quoted string (RFC 5321 §4.1.2 Quoted-string).
 _LOCALPART_CHARS = re.compile(r'^(?:[\x21-\x7e]{1,64}|"[\x20-\x7e]{1,62}")$')
 
