@@ -30,8 +30,8 @@ from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.smtp import SMTPFactory
-from twistmail.relay.control import ControlPoller
 from twistmail.relay.mx import DnsPythonMXResolver, resolveHops, resolveSmarthost
+from twistmail.relay.pickup import ControlPoller
 from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
 from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile

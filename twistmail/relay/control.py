@@ -5,8 +5,9 @@ Through files, so the CLI works the same whether the server runs or not and
 needs no socket or credentials: it writes request files into
 ``<data_dir>/queue/control/``, named ``<id>.new`` (sendmail queued a
 message), ``<id>.flush``, ``all.flush`` and ``<id>.delete``.  The server
-looks at that directory every ``[relay] pickup_interval`` seconds, acts,
-and removes each file it handled; the CLI waits for that to confirm.
+looks at that directory every ``[relay] pickup_interval`` seconds
+(``twistmail.relay.pickup``), acts, and removes each file it handled; the
+CLI waits for that to confirm.
 
 A ``.new`` request is written *before* the message is committed, so a
 sendmail killed halfway never leaves a committed message the server does
@@ -24,13 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from twisted.application import internet
-from twisted.internet import defer, threads
-from twisted.logger import Logger
-
-from twistmail.relay.queue import QueueError, validId
-
-log = Logger()
+from twistmail.relay.queue import validId
 
 CONTROL = "control"
 ACTIONS = ("new", "flush", "delete")
@@ -111,47 +106,3 @@ def removeRequests(queueDir: str, names: list[str]) -> None:
             os.unlink(os.path.join(controlDir(queueDir), name))
         except FileNotFoundError:
             pass
-
-
-class ControlPoller(internet.TimerService):
-    """Server side: every C{interval} seconds, act on the CLI's requests."""
-
-    name = "relay control"
-
-    def __init__(self, runner, queueDir: str, interval: float, run=threads.deferToThread,
-                 clock=None) -> None:
-        super().__init__(interval, self.poll)
-        if clock is not None:
-            self.clock = clock
-        self._runner = runner
-        self._queueDir = queueDir
-        self._run = run
-
-    def poll(self):
-        return self._run(listRequests, self._queueDir).addCallback(self._act).addErrback(
-            lambda f: log.failure("relay control poll", f))
-
-    def _act(self, requests) -> defer.Deferred:
-        done, waits = [], []
-        for id, action, age, exists in requests:
-            name = f"{id}.{action}"
-            if id != ALL:
-                try:
-                    validId(id)
-                except QueueError:
-                    done.append(name)
-                    continue
-            if action == "new":
-                if exists:
-                    self._runner.add(id)
-                elif age < STALE:
-                    continue  # sendmail is still committing it
-            elif action == "flush":
-                self._runner.flush(None if id == ALL else id)
-                log.info("relay: flush {id} requested by the admin", id=id)
-            elif action == "delete" and exists:
-                # Answer (remove the request) once the files are gone.
-                waits.append(self._runner.delete(id))
-            done.append(name)
-        d = defer.DeferredList(waits, consumeErrors=True)
-        return d.addCallback(lambda _: done and self._run(removeRequests, self._queueDir, done))
