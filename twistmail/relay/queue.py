@@ -334,7 +334,18 @@ class RelayQueue:
         entry = QueueEntry(id=id or newQueueId(now), sender=sender,
                            recipients=[Recipient(r) for r in recipients], created=now,
                            origin=origin, client=client, helo=helo)
-        d = self._commit.submit(lambda: stageNew(self.path, entry, chunks))
+
+        def stage() -> list:
+            for _ in range(10):
+                try:
+                    return stageNew(self.path, entry, chunks)
+                except StorageError as e:
+                    if id is not None or not isinstance(e.__cause__, FileExistsError):
+                        raise
+                    entry.id = newQueueId(now)  # ours were taken: another one
+            raise StorageError("cannot find a free queue id")
+
+        d = self._commit.submit(stage)
 
         def committed(ignored) -> QueueEntry:
             for listener in list(self._listeners):

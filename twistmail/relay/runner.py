@@ -323,6 +323,10 @@ class QueueRunner(service.Service):
 
     @defer.inlineCallbacks
     def _deliverRemote(self, entry: QueueEntry, domain: str, addresses: list[str]):
+        # A suspended domain costs no connection slot.  (Checked again once a slot is
+        # ours: the attempts ahead of us may have suspended it meanwhile.)
+        if self._isSuspended(domain):
+            return self._whileSuspended(entry, domain, addresses)
         slot = self._slot(domain)
         yield slot.acquire()
         try:
@@ -330,19 +334,27 @@ class QueueRunner(service.Service):
             try:
                 results = yield self._attemptDomain(entry, domain, addresses)
             finally:
-                self._global.release()
+                # Later, not now: the next waiter would run inside this call, and a
+                # suspended domain makes hundreds of them finish without waiting.
+                self._clock.callLater(0, self._global.release)
         finally:
-            self._release(domain, slot)
+            self._clock.callLater(0, self._release, domain, slot)
+        return results
+
+    def _isSuspended(self, domain: str) -> bool:
+        suspended = self._suspended.get(domain)
+        return suspended is not None and suspended[0] > self._clock.seconds()
+
+    def _whileSuspended(self, entry: QueueEntry, domain: str, addresses: list[str]) -> dict:
+        results = {a: self._suspended[domain][1] for a in addresses}
+        logAttempt({"id": entry.id, "domain": domain}, "-", results)
         return results
 
     @defer.inlineCallbacks
     def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str]):
         context = {"id": entry.id, "domain": domain}
-        suspended = self._suspended.get(domain)
-        if suspended is not None and suspended[0] > self._clock.seconds():
-            results = {a: suspended[1] for a in addresses}
-            logAttempt(context, "-", results)
-            return results
+        if self._isSuspended(domain):
+            return self._whileSuspended(entry, domain, addresses)
         try:
             hops = yield self._destination(domain)
         except DNSFailure as e:
