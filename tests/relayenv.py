@@ -10,6 +10,7 @@ test uses as its ``[relay] smtp_port``::
     v6.test       MX 10 mx.v6.test          -> ::1 (down), 127.0.0.1 (the sink)
     dead.test     MX 10 mx.dead.test        -> 127.0.0.2   (down)
     nomail.test   MX 0 .                    (RFC 7505 null MX)
+    smarthost.test                          -> 127.0.0.1
     broken.test   SERVFAIL
 """
 
@@ -34,6 +35,7 @@ ZONE = {
     "dead.test": [MX(10, "mx.dead.test")],
     "mx.dead.test": [A("127.0.0.2")],
     "nomail.test": [MX(0, "")],
+    "smarthost.test": [A("127.0.0.1")],
 }
 
 

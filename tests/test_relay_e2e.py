@@ -262,3 +262,29 @@ def test_queue_survives_sigkill_mid_delivery_and_is_delivered_once_after_restart
                            "result=sent" in log, "the delivery log line")
     finally:
         process.stop()
+
+
+def test_smarthost_with_auth_over_verified_starttls(net, dataDir, tmp_path):
+    from certs import makeCerts
+    from smtpsink import Script, startSink
+
+    certs = makeCerts("smarthost.test")
+    (tmp_path / "ca.pem").write_bytes(certs.caPEM)
+    smarthost = startSink(script=Script(tlsOptions=certs.serverOptions(),
+                                        users={"mx@example.test": "relay-Pw-1"}))
+    addUser(dataDir, ALICE)
+    server = startServer(dataDir, relay=net.relayConfig(
+        smarthost=f"smarthost.test:{smarthost.port}", smarthost_username="mx@example.test",
+        smarthost_password="relay-Pw-1", smarthost_ca_file=str(tmp_path / "ca.pem")))
+    try:
+        submit(server.smtpPort, ["bob@remote.test", "someone@nomail.test"])
+        messages = wait(lambda: len(smarthost.messages) == 2 and smarthost.messages, "delivery")
+        # Everything goes to the smarthost, whatever the domains' MX records say.
+        assert sorted(r for m in messages for r in m.recipients) == \
+            ["bob@remote.test", "someone@nomail.test"]
+        assert all(m.tls and m.user == "mx@example.test" for m in messages)
+        assert net.sink.connections == 0
+        assert {name for name, _ in net.dns.queries} == {"smarthost.test"}  # no MX lookups
+    finally:
+        server.stop()
+        smarthost.stop()

@@ -321,3 +321,19 @@ def test_client_cut_off_after_too_many_errors(server):
     assert b"421 4.7.0" in replies
     assert sock.recv(100) == b""  # closed
     sock.close()
+
+
+@pytest.mark.parametrize("hops, accepted", [(100, True), (101, False)])
+def test_mail_loop_is_refused_after_100_received_fields(server, hops, accepted):
+    """RFC 5321 §6.3: counting Received: fields stops a message that keeps coming back."""
+    trace = b"".join(b"Received: from hop%d.example by hop%d.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+                     % (i, i + 1) for i in range(hops))
+    message = trace + MSG + b"Received: in the body does not count\r\n"
+    with smtplib.SMTP("127.0.0.1", server.smtpPort) as s:
+        if accepted:
+            assert s.sendmail("x@remote.test", ["alice@example.test"], message) == {}
+        else:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                s.sendmail("x@remote.test", ["alice@example.test"], message)
+            assert info.value.smtp_code == 554 and info.value.smtp_error.startswith(b"5.4.6")
+    assert len(stored(server)) == (1 if accepted else 0)

@@ -61,6 +61,9 @@ _NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 _PRINTABLE = re.compile(rb"[^\x21-\x7e]")
 #: Like Postfix's smtpd_hard_error_limit: a client that keeps erring is cut off.
 MAX_ERRORS = 20
+#: RFC 5321 §6.3: more Received: fields than this means a mail loop.
+MAX_HOPS = 100
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
 _ids = itertools.count()
@@ -299,6 +302,8 @@ class SMTPServer(smtp.ESMTP):
         self._to = []
         self._dataError = None
         self._midLine = False
+        self._inHeaders = True
+        self._hops = 0
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
@@ -359,7 +364,20 @@ class SMTPServer(smtp.ESMTP):
         if self._source.size + len(chunk) > self.factory.config["max_message_size"]:
             self._fail(552, b"5.3.4 Message size exceeds fixed maximum message size")
             return
+        if self._inHeaders:
+            self._countHops(chunk)
+            if self._dataError is not None:
+                return
         self._source.write(chunk)
+
+    def _countHops(self, chunk: bytes) -> None:
+        """Count Received: fields in the header section (chunks are whole lines)."""
+        end = -2 if chunk.startswith(b"\r\n") else chunk.find(b"\r\n\r\n")
+        self._hops += len(_RECEIVED.findall(chunk if end == -1 else chunk[:end + 2]))
+        if end != -1:
+            self._inHeaders = False
+        if self._hops > MAX_HOPS:
+            self._fail(554, b"5.4.6 Too many hops: mail loop detected")
 
     def _fail(self, code: int, message: bytes) -> None:
         if self._dataError is None:

@@ -155,9 +155,9 @@ class QueueRunner(service.Service):
         if id is None:
             self._suspended.clear()
         for one in ids:
-            self._forced.add(one)
-            if one in self._due:
-                self._schedule(one, now)
+            self._forced.add(one)  # a busy one goes again as soon as its attempt ends
+            if one not in self._busy:
+                self._schedule(one, now)  # also one not seen yet (sendmail's, just committed)
         self._arm()
 
     def delete(self, id: str) -> defer.Deferred:
