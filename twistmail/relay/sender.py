@@ -176,13 +176,10 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
     noisy = False
 
     def __init__(self, settings: SenderSettings, hostname: str, sender: str,
-                 recipients: Sequence[str], messageFile, useTLS: bool) -> None:
+                 recipients: Sequence[str], messageFile, context) -> None:
+        """@param context: TLS client options for STARTTLS, or None for none."""
         self.done = defer.Deferred()
         required = settings.tls == "required"
-        if required:
-            context = ssl.optionsForClientTLS(hostname, trustRoot=settings.trustRoot)
-        else:
-            context = ssl.CertificateOptions() if useTLS else None
         super().__init__(
             settings.username.encode() or None, settings.password.encode() or None, "",
             [], messageFile, self.done, retries=0, timeout=settings.commandTimeout,
@@ -245,11 +242,24 @@ class RelaySender:
     def __init__(self, reactor, settings: SenderSettings) -> None:
         self._reactor = reactor
         self.settings = settings
+        self._contexts: dict[str, object] = {}  # building one costs more than a delivery
+
+    def _context(self, hostname: str, useTLS: bool):
+        if self.settings.tls == "required":
+            key = hostname
+        elif useTLS:
+            key = ""  # unverified: the same for every host
+        else:
+            return None
+        if key not in self._contexts:
+            self._contexts[key] = ssl.optionsForClientTLS(hostname, trustRoot=self.settings.trustRoot) \
+                if key else ssl.CertificateOptions()
+        return self._contexts[key]
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
                  messageFile, useTLS: bool) -> defer.Deferred:
         factory = _RelayClientFactory(self.settings, hostname, sender, recipients, messageFile,
-                                      useTLS)
+                                      self._context(hostname, useTLS))
         self._reactor.connectTCP(address, self.settings.port, factory,
                                  timeout=self.settings.connectTimeout)
 
