@@ -31,7 +31,8 @@ class Received:
     data: bytes
     tls: bool
     user: str | None
-    peer: str
+    peer: str  # the client's address
+    local: str  # the address the client connected to
 
 
 @dataclass
@@ -157,7 +158,8 @@ class SinkProtocol(basic.LineReceiver):
             self.lines.append(line[1:] if line.startswith(b".") else line)
             return
         received = Received(self.sender, self.recipients, b"".join(x + b"\r\n" for x in self.lines),
-                            self.tls, self.user, self.transport.getPeer().host)
+                            self.tls, self.user, self.transport.getPeer().host,
+                            self.transport.getHost().host)
         self.reset()
         self.sink.dataSeen.append(received)
         hold = self.sink.script.hold

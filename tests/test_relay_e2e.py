@@ -185,17 +185,28 @@ def test_nxdomain_bounces_at_once(net, relay, dataDir):
 
 def test_lower_preference_mx_is_used_when_the_first_is_down(net, relay, dataDir):
     server = relay()
-    submit(server.smtpPort, ["bob@backup.test"])
+    submit(server.smtpPort, ["bob@backup.test"])  # mx1 (127.0.0.2) refuses connections
     [got] = wait(lambda: net.sink.messages, "delivery through mx2.backup.test")
-    assert got.peer == "127.0.0.1" and got.recipients == ["bob@backup.test"]
-    assert net.sink.ports[1].getHost().host == "127.0.0.3"
+    assert got.local == "127.0.0.3" and got.recipients == ["bob@backup.test"]
     wait(lambda: not queueIds(dataDir), "the queue to empty")
 
 
 def test_ipv6_then_ipv4_addresses_are_tried(net, relay, dataDir):
-    server = relay()
-    submit(server.smtpPort, ["bob@v6.test"])  # AAAA ::1 (nothing listens), then A 127.0.0.1
-    wait(lambda: net.sink.messages, "delivery over IPv4 after IPv6 was refused")
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    onReactor(globalLogPublisher.addObserver, events.append)
+    try:
+        server = relay()
+        submit(server.smtpPort, ["bob@v6.test"])  # AAAA ::1 (nothing listens), then A 127.0.0.1
+        [got] = wait(lambda: net.sink.messages, "delivery over IPv4 after IPv6 was refused")
+    finally:
+        onReactor(globalLogPublisher.removeObserver, events.append)
+    assert got.local == "127.0.0.1"
+    attempts = [(e["mx"], e["result"]) for e in events
+                if e.get("log_format", "").startswith("relay id=") and e.get("domain") == "v6.test"]
+    assert attempts == [(f"mx.v6.test[::1]:{net.port}", "deferred"),
+                        (f"mx.v6.test[127.0.0.1]:{net.port}", "sent")]
 
 
 def test_bounce_for_the_null_sender_is_never_sent(net, relay, dataDir):

@@ -129,3 +129,15 @@ def test_without_a_server_mail_waits_in_the_queue(net, dataDir):
                   "the request to be handled")
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as CI has")
+def test_run_by_root_the_files_belong_to_the_servers_user(dataDir):
+    os.chown(dataDir, 65534, 65534)  # the server would run as nobody
+    proc = sendmail(dataDir, "-v", "-f", ALICE, "bob@remote.test", stdin="Subject: r\n\nx\n")
+    queueId = proc.stdout.split()[-1]
+    queueDir = os.path.join(dataDir, "queue")
+    for path in (queueDir, os.path.join(queueDir, ".lock"), os.path.join(queueDir, "control"),
+                 os.path.join(queueDir, queueId + ".eml"), os.path.join(queueDir, queueId + ".json"),
+                 os.path.join(queueDir, "control", queueId + ".new")):
+        assert os.stat(path).st_uid == 65534, path

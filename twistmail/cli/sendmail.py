@@ -157,7 +157,9 @@ def queueMessage(config: configmod.Config, build: Callable[[str], bytes], sender
         data = build(queueId)
         try:
             os.makedirs(control.controlDir(queueDir), mode=0o700, exist_ok=True)
-            _own([queueDir, control.controlDir(queueDir)], config.dataDir)
+            lock = os.path.join(queueDir, ".lock")  # the server must be able to take it too
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600))
+            _own([queueDir, control.controlDir(queueDir), lock], config.dataDir)
             # Announced first: a sendmail killed after the commit is still picked up.
             request = control.writeRequest(queueDir, queueId, "new")
             _own([request], config.dataDir)
