@@ -81,7 +81,7 @@ def startServer(dataDir: str, **sections) -> RunningServer:
     svc = onReactor(build)
     smtpFactory = svc.getServiceNamed(f"smtp tcp:{smtpPort}:interface=127.0.0.1").factory
     return RunningServer(dataDir, smtpPort, pop3Port, imapPort, svc, smtpFactory.accounts,
-                         smtpFactory.delivery._store)
+                         smtpFactory.delivery.local._store)
 
 
 def cli(*args: str, dataDir: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:

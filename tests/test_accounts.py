@@ -201,7 +201,7 @@ def test_addUserChecks(accounts):
 def test_aliasChecks(accounts):
     with pytest.raises(AccountError, match="is a user"):
         accounts.addAlias("alice@example.test", ["bob@example.test"])
-    with pytest.raises(AccountError, match="relay"):
+    with pytest.raises(AccountError, match="cannot forward"):
         accounts.addAlias("fwd@example.test", ["someone@elsewhere.example"])
     with pytest.raises(AccountError, match="domain add"):
         accounts.addAlias("x@elsewhere.example", ["alice@example.test"])

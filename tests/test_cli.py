@@ -332,3 +332,14 @@ def test_corruptAccountsFile(dataDir):
         assertOneLineError(cli(*args, dataDir=dataDir, check=False))
     with open(os.path.join(dataDir, "accounts.json")) as f:
         assert f.read() == "{ not json"  # left for the admin to restore
+
+
+def test_checkConfigNeverShowsTheSmarthostPassword(dataDir, tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text('[relay]\nsmarthost = "smtp.example.net:587"\nsmarthost_username = "mx"\n'
+                    'smarthost_password = "hunter2-Secret"\n')
+    proc = cli("--config", str(path), "check-config", dataDir=dataDir)
+    settings = {row[0]: " ".join(row[1:]) for row in table(proc.stdout)[1:-1]}
+    assert settings["relay.smarthost_password"] == "(set)"
+    assert settings["relay.smarthost"] == "smtp.example.net:587"
+    assert "hunter2" not in proc.stdout + proc.stderr

@@ -279,3 +279,40 @@ def test_exampleConfigShowsDefaultsUnlessMarkedExample():
                 wrong.append(f"[{section}] {key} = {parsed[section][key]!r} "
                              f"(default {SCHEMA[section][key].default!r})")
     assert wrong == []
+
+
+@pytest.mark.parametrize("text, where, fix", [
+    ('[relay]\ntrusted_networks = ["10.0.0.0/33"]\n', "[relay] trusted_networks", "127.0.0.0/8"),
+    ('[relay]\ntrusted_networks = ["localhost"]\n', "[relay] trusted_networks", "127.0.0.0/8"),
+    ('[relay]\nnameservers = ["dns.example"]\n', "[relay] nameservers", "127.0.0.1:53"),
+    ('[relay]\nnameservers = ["127.0.0.1:99999"]\n', "[relay] nameservers", "127.0.0.1:53"),
+    ('[relay]\nsmarthost = "[::1"\n', "[relay] smarthost", "mx.example.org:25"),
+    ('[relay]\nsmarthost_tls = "maybe"\n', "[relay] smarthost_tls", 'smarthost_tls = "required"'),
+    ("[relay]\nretry_min = 600\nretry_max = 300\n", "[relay] retry_max", "at least retry_min"),
+    ('[relay]\nsmarthost_username = "u"\nsmarthost_password = "p"\n', "[relay] smarthost_username",
+     "smarthost ="),
+    ('[relay]\nsmarthost = "relay.example:587"\nsmarthost_username = "u"\n',
+     "[relay] smarthost_password", "both"),
+    ('[relay]\nsmarthost = "relay.example:587"\nsmarthost_username = "u"\n'
+     'smarthost_password = "p"\nsmarthost_tls = "opportunistic"\n', "[relay] smarthost_tls",
+     '"required"'),
+    ('[relay]\nsmarthost_ca_file = "missing.pem"\n', "[relay] smarthost_ca_file", "PEM"),
+    ("[relay]\nmax_queue_lifetime = 0\n", "[relay] max_queue_lifetime", "at least 1"),
+])
+def test_relayErrorsNameKeyAndFix(tmp_path, text, where, fix):
+    path = write(tmp_path, text)
+    message = loadError(path)
+    assertActionable(message, path, where)
+    assert fix in message.split("Fix:")[1], message
+
+
+def test_relayDefaultsTrustNoNetwork():
+    relay = config.load(None)["relay"]
+    assert relay["trusted_networks"] == [] and relay["smtp_port"] == 25
+    assert (relay["retry_min"], relay["retry_max"], relay["max_queue_lifetime"]) == (300, 4000, 432000)
+
+
+def test_relativeCaFileIsRelativeToTheConfigFile(tmp_path):
+    (tmp_path / "ca.pem").write_text("x")
+    path = write(tmp_path, '[relay]\nsmarthost_ca_file = "ca.pem"\n')
+    assert config.load(path)["relay"]["smarthost_ca_file"] == str(tmp_path / "ca.pem")

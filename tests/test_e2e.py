@@ -236,7 +236,7 @@ def test_user_added_while_running_receives_mail_without_restart(mailserver):
 
 TRANSACTION = re.compile(
     r"smtp id=(?P<id>\S+) client=(?P<client>\S+) from=<(?P<sender>[^>]*)> to=(?P<to>\S+) "
-    r"size=(?P<size>\d+) result=(?P<result>.+)$", re.MULTILINE)
+    r"relay=(?P<relay>\S+) size=(?P<size>\d+) result=(?P<result>.+)$", re.MULTILINE)
 
 
 def test_log_has_one_transaction_line_per_message(mailserver):
@@ -269,9 +269,10 @@ def test_log_has_one_transaction_line_per_message(mailserver):
     [size1], [size2] = sizes[id1], sizes[id2]
 
     assert lines[0] == {"id": id1, "client": "127.0.0.1", "sender": SENDER, "to": ALICE,
-                        "size": str(size1), "result": "delivered"}
+                        "relay": "-", "size": str(size1), "result": "delivered"}
     assert lines[1] == {"id": id2, "client": "127.0.0.1", "sender": "y@remote.test",
-                        "to": f"{ALICE},{BOB}", "size": str(size2), "result": "delivered"}
+                        "to": f"{ALICE},{BOB}", "relay": "-", "size": str(size2),
+                        "result": "delivered"}
     assert re.search(r"smtp reject client=127\.0\.0\.1 from=<y@remote\.test> "
                      r"rcpt=<nobody@example\.test> result=user unknown", mailserver.log)
 

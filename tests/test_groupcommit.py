@@ -189,3 +189,34 @@ def test_aFailingBatchFailsItsJobsAndTheNextStillRuns(dirs):
 
 def test_maxBatchDefaultBoundsOpenFiles():
     assert 1 < _groupcommit.MAX_BATCH <= 1024
+
+
+def test_failedDirectorySyncKeepsAReplacement(dirs, monkeypatch):
+    """Taking back a replaced file would delete the old version as well: it stays."""
+    final = dirs / "new" / "state.json"
+    final.write_bytes(b"old")
+
+    def replace():
+        tmp = str(dirs / "tmp" / "state.json")
+        writeNewFile(tmp, [b"new"])
+        return [NewFile(tmp, str(final), replaces=True)]
+
+    def failingDirSync(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_fsutil, "fsyncDir", failingDirSync)
+    [result] = commitBatch([replace])
+    assert isinstance(result, StorageError)
+    assert final.read_bytes() == b"new" and os.listdir(dirs / "tmp") == []
+
+
+def test_removalsSyncTheirDirectory(dirs, journal):
+    gone = dirs / "new" / "gone"
+    gone.write_bytes(b"x")
+
+    def remove():
+        os.unlink(gone)
+        return [_groupcommit.Removed(str(gone))]
+
+    assert commitBatch([remove]) == [[str(gone)]]
+    assert journal == [("fsyncDir", str(dirs / "new"))]

@@ -321,3 +321,46 @@ def test_client_cut_off_after_too_many_errors(server):
     assert b"421 4.7.0" in replies
     assert sock.recv(100) == b""  # closed
     sock.close()
+
+
+@pytest.mark.parametrize("hops, accepted", [(100, True), (101, False)])
+def test_mail_loop_is_refused_after_100_received_fields(server, hops, accepted):
+    """RFC 5321 §6.3: counting Received: fields stops a message that keeps coming back."""
+    trace = b"".join(b"Received: from hop%d.example by hop%d.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+                     % (i, i + 1) for i in range(hops))
+    message = trace + MSG + b"Received: in the body does not count\r\n"
+    with smtplib.SMTP("127.0.0.1", server.smtpPort) as s:
+        if accepted:
+            assert s.sendmail("x@remote.test", ["alice@example.test"], message) == {}
+        else:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                s.sendmail("x@remote.test", ["alice@example.test"], message)
+            assert info.value.smtp_code == 554 and info.value.smtp_error.startswith(b"5.4.6")
+    assert len(stored(server)) == (1 if accepted else 0)
+
+
+def test_authenticated_client_may_relay_the_hook_for_smtp_auth(dataDir):
+    """SMTP AUTH only has to set ``client.authenticated``; the relay policy does the rest."""
+    import dataclasses
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from twistmail import config as configmod
+    from twistmail.auth.accounts import Accounts
+    from twistmail.delivery.routing import RelayPolicy, Router
+    from twistmail.protocols.smtp import SMTPFactory
+
+    config = configmod.load(None)
+    factory = SMTPFactory(config["smtp"], "mx.example.test",
+                          Router(Accounts(dataDir), RelayPolicy([])), None, dataDir)
+    replies = []
+    for authenticated in (None, "alice@example.test"):
+        proto = factory.buildProtocol(IPv4Address("TCP", "203.0.113.9", 4321))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.9", 4321))
+        proto.makeConnection(transport)
+        proto.client = dataclasses.replace(proto.client, authenticated=authenticated)
+        proto.dataReceived(b"EHLO c\r\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@remote.test>\r\n")
+        replies.append(transport.value().splitlines()[-1])
+        proto.connectionLost(None)
+    assert replies[0].startswith(b"550 5.7.1") and replies[1].startswith(b"250 2.1.5")

@@ -18,6 +18,9 @@ queue, and they form the next batch.  A batch is::
 
 so a file becomes visible under its final name only once its data is
 durable, and a job is reported done only once its directory entry is too.
+The relay queue also commits replacements (a new version of a queue file)
+and removals (files its stage already unlinked, whose directories still
+need a sync) through the same batches.
 At low load every batch holds one file and nothing waits; under load the
 syncs per message fall with the concurrency.
 """
@@ -43,6 +46,16 @@ class NewFile:
     """A complete file under a temporary name: not yet durable, not yet visible."""
 
     tmp: str
+    final: str
+    #: C{final} may exist and is replaced.  If the batch fails after the rename
+    #: the new version stays: taking it back would delete the old one too.
+    replaces: bool = False
+
+
+@dataclass
+class Removed:
+    """A file the stage unlinked: only its directory needs a sync."""
+
     final: str
 
 
@@ -98,7 +111,7 @@ def _syncDirs(dirs: list[str]) -> None:
         _fsutil.syncFilesystems(dirs)
 
 
-def commitBatch(stages: list[Callable[[], list[NewFile]]]) -> list:
+def commitBatch(stages: list[Callable[[], list[NewFile | Removed]]]) -> list:
     """Run in a worker thread: stage, sync, rename, sync directories.
 
     @return: one entry per stage: the list of final paths, or the exception
@@ -114,14 +127,15 @@ def commitBatch(stages: list[Callable[[], list[NewFile]]]) -> list:
 
     def fail(i: int, error: Exception, renamed: bool) -> None:
         for f in results[i]:
-            _unlink(f.tmp)
-            if renamed:
-                _unlink(f.final)
+            if isinstance(f, NewFile):
+                _unlink(f.tmp)
+                if renamed and not f.replaces:
+                    _unlink(f.final)
         results[i] = error
 
     live = [i for i, r in enumerate(results) if isinstance(r, list)]
     try:
-        _sync([f.tmp for i in live for f in results[i]])
+        _sync([f.tmp for i in live for f in results[i] if isinstance(f, NewFile)])
     except OSError as e:
         for i in live:
             fail(i, StorageError(f"cannot sync new files: {e.strerror}"), renamed=False)
@@ -130,11 +144,13 @@ def commitBatch(stages: list[Callable[[], list[NewFile]]]) -> list:
         done: list[NewFile] = []
         try:
             for f in results[i]:
-                os.rename(f.tmp, f.final)
-                done.append(f)
+                if isinstance(f, NewFile):
+                    os.rename(f.tmp, f.final)
+                    done.append(f)
         except OSError as e:
             for f in done:
-                _unlink(f.final)
+                if not f.replaces:
+                    _unlink(f.final)
             fail(i, StorageError(f"cannot rename {f.tmp}: {e.strerror}"), renamed=False)
             live.remove(i)
     try:
@@ -162,7 +178,7 @@ class GroupCommit:
         self._pending: list[tuple[Callable, defer.Deferred]] = []
         self._busy = False
 
-    def submit(self, stage: Callable[[], list[NewFile]]) -> defer.Deferred:
+    def submit(self, stage: Callable[[], list[NewFile | Removed]]) -> defer.Deferred:
         """Commit the files C{stage} writes (called in a worker thread).
 
         @return: Deferred firing with their final paths once they are durable

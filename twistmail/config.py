@@ -8,8 +8,10 @@ error names the file, the key and the fix.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -37,6 +39,60 @@ class Key:
     default: Any
     doc: str
     minimum: int | None = None
+    #: for strings: the only values allowed
+    choices: tuple = ()
+    #: raises ValueError(problem) for a value of the right type that still makes no sense
+    validate: Callable[[Any], None] | None = None
+    #: shown in the "Fix:" of a type error
+    example: str = ""
+
+
+def hostPort(value: str, defaultPort: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address -> (host, port).
+
+    @raise ValueError: with what is wrong.
+    """
+    host, port = value, defaultPort
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r} is not [address]:port")
+        if rest:
+            port = _port(value, rest[1:])
+    elif value.count(":") == 1:
+        host, _, portText = value.partition(":")
+        port = _port(value, portText)
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    return host, port
+
+
+def _port(value: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return int(text)
+
+
+def _networks(values: list[str]) -> None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network in CIDR notation") from None
+
+
+def _nameservers(values: list[str]) -> None:
+    for value in values:
+        host, _ = hostPort(value, 53)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: a name server is an IP address (with an optional port)") from None
+
+
+def _smarthost(value: str) -> None:
+    if value:
+        hostPort(value, 25)
 
 
 #: section -> key -> Key.  etc/twistmail.toml documents every key (a test checks it).
@@ -80,7 +136,38 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "accounts": {
         "reload_interval": Key(int, 1, "seconds between checks for CLI account changes", 1),
     },
+    "relay": {
+        "trusted_networks": Key(list, [], "clients (CIDR) that may relay to other domains; [] = none",
+                                validate=_networks, example='["127.0.0.0/8", "::1/128"]'),
+        "smtp_port": Key(int, 25, "TCP port of remote MX hosts", 1),
+        "nameservers": Key(list, [], "DNS servers as host or host:port; [] = /etc/resolv.conf",
+                           validate=_nameservers, example='["127.0.0.1:53"]'),
+        "dns_timeout": Key(int, 10, "seconds for one DNS lookup before a temporary failure", 1),
+        "connect_timeout": Key(int, 30, "seconds to connect to one MX address", 1),
+        "command_timeout": Key(int, 300, "seconds to wait for each SMTP reply (RFC 5321 §4.5.3.2)", 1),
+        "max_deliveries": Key(int, 100, "outbound SMTP deliveries at once, in total", 1),
+        "max_deliveries_per_domain": Key(int, 20, "outbound SMTP deliveries at once per domain", 1),
+        "max_recipients_per_transaction": Key(int, 50, "RCPT TO per outbound transaction", 1),
+        "retry_min": Key(int, 300, "seconds before the first retry; doubles per attempt", 1),
+        "retry_max": Key(int, 4000, "longest wait between retries, in seconds", 1),
+        "max_queue_lifetime": Key(int, 5 * 86400, "seconds before undeliverable mail bounces", 1),
+        "pickup_interval": Key(int, 1, "seconds between checks for sendmail and queue commands", 1),
+        "smarthost": Key(str, "", "host:port to send all outbound mail through; '' = MX lookup",
+                         validate=_smarthost),
+        "smarthost_username": Key(str, "", "AUTH user name for the smarthost; '' = no AUTH"),
+        "smarthost_password": Key(str, "", "AUTH password for the smarthost (never logged)"),
+        "smarthost_tls": Key(str, "required", "STARTTLS to the smarthost: required (verified) "
+                             "or opportunistic", choices=("required", "opportunistic")),
+        "smarthost_ca_file": Key(str, "", "PEM CA certificates to verify the smarthost; "
+                                 "'' = the system trust store"),
+    },
 }
+
+_TCP_EXAMPLE = '["tcp:25"]'
+_HOST_EXAMPLE = '"mx.example.org:25"'
+
+#: Values check-config never prints.
+SECRETS = {("relay", "smarthost_password")}
 
 
 class ConfigError(Exception):
@@ -135,11 +222,46 @@ def _check(path: str, section: str, key: str, value: Any) -> Any:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(path, where, f"expected a list of strings, got {value!r}",
-                        f'write e.g. {key} = ["tcp:25"]')
+                        f"write e.g. {key} = {spec.example or _TCP_EXAMPLE}")
     if spec.minimum is not None and value < spec.minimum:
         raise _fail(path, where, f"{value} is below the minimum {spec.minimum}",
                     f"use a value of at least {spec.minimum}")
+    if spec.choices and value not in spec.choices:
+        raise _fail(path, where, f"{value!r} is not one of {', '.join(spec.choices)}",
+                    f'write e.g. {key} = "{spec.choices[0]}"')
+    if spec.validate is not None:
+        try:
+            spec.validate(value)
+        except ValueError as e:
+            raise _fail(path, where, str(e),
+                        f"write e.g. {key} = {spec.example or _HOST_EXAMPLE}") from None
     return value
+
+
+def _checkRelay(shown: str, path: str | None, relay: dict) -> None:
+    """Rules that involve more than one [relay] key."""
+    if relay["retry_max"] < relay["retry_min"]:
+        raise _fail(shown, "[relay] retry_max", f"{relay['retry_max']} is below retry_min "
+                    f"({relay['retry_min']})", "make retry_max at least retry_min")
+    if relay["smarthost_username"] or relay["smarthost_password"]:
+        if not relay["smarthost"]:
+            raise _fail(shown, "[relay] smarthost_username", "credentials without a smarthost",
+                        'set smarthost = "host:port", or remove the credentials')
+        if not (relay["smarthost_username"] and relay["smarthost_password"]):
+            raise _fail(shown, "[relay] smarthost_password", "AUTH needs both a user name and a "
+                        "password", "set both smarthost_username and smarthost_password")
+        if relay["smarthost_tls"] != "required":
+            # Never send a password over a connection that may be plaintext or intercepted.
+            raise _fail(shown, "[relay] smarthost_tls", "AUTH credentials are only sent over "
+                        "verified TLS", 'set smarthost_tls = "required"')
+    caFile = relay["smarthost_ca_file"]
+    if caFile:
+        if path is not None and not os.path.isabs(caFile):
+            caFile = relay["smarthost_ca_file"] = os.path.join(
+                os.path.dirname(os.path.abspath(path)), caFile)
+        if not os.path.isfile(caFile):
+            raise _fail(shown, "[relay] smarthost_ca_file", f"{caFile} is not a file",
+                        "give the path of a PEM file of CA certificates, or remove the key")
 
 
 def load(path: str | None = None, overrides: dict | None = None) -> Config:
@@ -200,6 +322,8 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
             raise _fail("command line" if fromCommandLine else shown, f"[listen] {protocol}",
                         f"{protocol} is not implemented in this version of twistmail",
                         f"remove the {protocol} listener (available: {', '.join(IMPLEMENTED_PROTOCOLS)})")
+
+    _checkRelay(shown, path, sections["relay"])
 
     if not sections["server"]["hostname"]:
         import socket

@@ -180,3 +180,22 @@ class IMailStoreFactory(Interface):
 
         Raise L{twistmail.config.ConfigError} for bad options so ``twistd`` fails at start.
         """
+
+
+class IMXResolver(Interface):
+    """DNS for outbound mail, off the reactor thread.
+
+    Failures are L{twistmail.relay.mx.DNSFailure}: ``temporary`` for SERVFAIL
+    and timeouts (retry later), permanent for NXDOMAIN (bounce now).
+    """
+
+    def lookupMX(domain: str):
+        """@return: Deferred firing with the MX records as [(preference, exchange)], unsorted;
+            ``[]`` when the domain exists but has no MX records (RFC 5321 §5.1 implicit MX).
+            A null MX (RFC 7505) is returned as ``(0, "")``.
+        """
+
+    def lookupAddresses(host: str):
+        """@return: Deferred firing with the IPv6 and IPv4 addresses of C{host} as strings,
+            IPv6 first; ``[]`` if the name does not exist or has neither.
+        """

@@ -44,6 +44,7 @@ class Envelope:
 
     sender: str  # "" for the null reverse-path <>
     recipients: tuple  # canonical local account addresses, deduplicated
+    relay: tuple = ()  # remote addresses for the relay queue, deduplicated
     client: str = ""
     helo: str = ""
     id: str = ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
@@ -25,11 +26,18 @@ from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
 from twistmail.auth.realm import MailRealm
 from twistmail.delivery.local import LocalDelivery
+from twistmail.delivery.pipeline import DeliveryPipeline
+from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.interfaces import IMailAccount
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.smtp import SMTPFactory
+from twistmail.relay.mx import DnsPythonMXResolver, resolveHops, resolveSmarthost
+from twistmail.relay.pickup import ControlPoller
+from twistmail.relay.queue import RelayQueue
+from twistmail.relay.runner import QueueRunner, RunnerSettings
+from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
 from twistmail.storage.maildir import MaildirStoreFactory
 
 log = Logger()
@@ -102,19 +110,6 @@ class _DataDirLock(service.Service):
         return super().stopService()
 
 
-class _ThreadPoolService(service.Service):
-    def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
-
-
 class _Listener(internet.StreamServerEndpointService):
     """A listener whose bind failure stops twistd with one line saying what to do."""
 
@@ -141,6 +136,60 @@ class _Listener(internet.StreamServerEndpointService):
         log.info("twistmail {protocol} listening on {endpoint}", protocol=self.protocol,
                  endpoint=self.description)
         return port
+
+
+class _ThreadPoolService(service.Service):
+    """A thread pool of its own, so slow work (DNS, password hashing) cannot starve the
+    disk work in the reactor's."""
+
+    def __init__(self, name: str, maxThreads: int) -> None:
+        self.pool = ThreadPool(0, maxThreads, name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        return threads.deferToThread(self.pool.stop)  # joins; a lookup ends within dns_timeout
+
+
+def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Router,
+              local: LocalDelivery, parent: service.MultiService) -> QueueRunner:
+    """The outbound side: DNS, the SMTP client, the queue runner and the CLI's control channel."""
+    relay = config["relay"]
+    pool = _ThreadPoolService("twistmail-dns", 10)
+    pool.setServiceParent(parent)
+    resolver = DnsPythonMXResolver(
+        [configmod.hostPort(ns, 53) for ns in relay["nameservers"]], relay["dns_timeout"],
+        lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f, *args))
+    common = {"heloName": config.hostname, "connectTimeout": relay["connect_timeout"],
+              "commandTimeout": relay["command_timeout"]}
+    if relay["smarthost"]:
+        host, port = configmod.hostPort(relay["smarthost"], 25)
+        try:
+            trustRoot = trustRootFromFile(relay["smarthost_ca_file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"{config.path}: [relay] smarthost_ca_file: {e}. Fix: give a "
+                                   "PEM file of CA certificates") from None
+        sender = RelaySender(reactor, SenderSettings(
+            port=port, tls=relay["smarthost_tls"], username=relay["smarthost_username"],
+            password=relay["smarthost_password"], trustRoot=trustRoot, **common))
+
+        def destination(domain: str):
+            return resolveSmarthost(resolver, host)
+    else:
+        rng = random.SystemRandom()
+        sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], **common))
+
+        def destination(domain: str):
+            return resolveHops(resolver, domain, rng)
+
+    runner = QueueRunner(queue, router, local, destination, sender,
+                         RunnerSettings.fromConfig(config.hostname, relay), reactor)
+    runner.setServiceParent(parent)
+    ControlPoller(runner, queue.path, relay["pickup_interval"]).setServiceParent(parent)
+    return runner
 
 
 def makeStore(config: configmod.Config):
@@ -170,14 +219,19 @@ def makeService(options: Options) -> service.MultiService:
     releaseHashMemory()
     # Password hashing gets its own two threads: a login storm must not take the
     # whole reactor pool (the disk's) nor hash on ten threads at once.
-    kdfPool = ThreadPool(minthreads=0, maxthreads=2, name="twistmail-kdf")
-    _ThreadPoolService(kdfPool).setServiceParent(top)
+    kdf = _ThreadPoolService("twistmail-kdf", 2)
+    kdf.setServiceParent(top)
     portal = Portal(realm, [PasswordChecker(
-        accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdfPool, f, *args))])
+        accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args))])
 
+    router = Router(accounts, RelayPolicy(config["relay"]["trusted_networks"]),
+                    config["smtp"]["recipient_delimiter"])
+    local = LocalDelivery(store)
+    queue = RelayQueue(dataDir)
+    makeRelay(config, reactor, queue, router, local, top)
     factories = {
-        "smtp": SMTPFactory(config["smtp"], config.hostname, accounts, LocalDelivery(store),
-                            os.path.join(dataDir, "spool"), limiter),
+        "smtp": SMTPFactory(config["smtp"], config.hostname, router,
+                            DeliveryPipeline(local, queue), os.path.join(dataDir, "spool"), limiter),
     }
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter)
     realm.register(pop3.IMailbox, pop3Factory.avatar)

@@ -5,6 +5,6 @@ from twisted.application.service import ServiceMaker
 twistmail = ServiceMaker(
     "twistmail",
     "twistmail.tap",
-    "All-in-one mail server: SMTP, POP3, IMAP4, Maildir",
+    "All-in-one mail server: SMTP (MX and relay), POP3, IMAP4, Maildir",
     "twistmail",
 )

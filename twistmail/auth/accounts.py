@@ -262,8 +262,8 @@ class Accounts:
             local, domain = splitAddress(target)
             if domain not in self.domains:
                 raise AccountError(
-                    f"alias target {target} is not in a local domain; forwarding to other "
-                    "domains needs the relay queue, which this version does not have")
+                    f"alias target {target} is not in a local domain; aliases cannot forward "
+                    "to other domains yet")
             canonical.append(f"{local}@{domain}")
         if not canonical:
             raise AccountError("an alias needs at least one target")

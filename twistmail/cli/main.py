@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_cli -*-
-"""``twistmail``: the admin command line (domains, users, aliases, config check).
+"""``twistmail``: the admin command line (domains, users, aliases, queue, sendmail, config check).
 
 Global options come before the subcommand, as with git:
 ``twistmail --data-dir DIR user add alice@example.org``.  Output is a table;
@@ -19,18 +19,14 @@ from twistmail import __version__
 from twistmail import config as configmod
 from twistmail.auth.accounts import AccountError, Accounts
 from twistmail.auth.passwords import hashPassword
+from twistmail.cli import queue as queuecli
+from twistmail.cli import sendmail
+from twistmail.cli.output import table
+from twistmail.relay.queue import QueueError
 
 
 class CLIError(Exception):
     """Printed as 'twistmail: error: ...' with exit status 1."""
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    rows = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
 
 
 def readPassword(stdin=None) -> str:
@@ -127,6 +123,10 @@ def cmdCheckConfig(args) -> str:
             value = config[section][key]
             if isinstance(value, list):
                 value = " ".join(value) or "-"
+            elif (section, key) in configmod.SECRETS:
+                value = "(set)" if value else "-"
+            elif value == "":
+                value = "-"
             rows.append((f"{section}.{key}", value))
     return table(["SETTING", "VALUE"], rows) + "\nconfiguration OK"
 
@@ -156,18 +156,39 @@ def parser() -> argparse.ArgumentParser:
     alias.add_parser("remove").add_argument("source")
     alias.add_parser("list")
 
+    queuecli.register(sub)
+    sendmail.register(sub)
     sub.add_parser("check-config", help="validate the configuration and show the effective settings")
     return p
 
 
-COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "check-config": cmdCheckConfig}
+def cmdQueue(args) -> str:
+    config = _config(args)
+    return queuecli.run(args, config.dataDir, config["relay"]["pickup_interval"])
+
+
+def cmdSendmail(args) -> str:
+    try:
+        config = _config(args)
+    except CLIError as e:
+        raise sendmail.SendmailError(str(e), sendmail.EX_CONFIG) from None
+    return sendmail.run(args, config)
+
+
+COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "queue": cmdQueue,
+            "sendmail": cmdSendmail, "check-config": cmdCheckConfig}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        print(COMMANDS[args.command](args))
-    except (CLIError, AccountError) as e:
+        output = COMMANDS[args.command](args)
+        if output:
+            print(output)
+    except sendmail.SendmailError as e:
+        print(f"twistmail sendmail: error: {e}", file=sys.stderr)
+        return e.status
+    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError) as e:
         print(f"twistmail: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

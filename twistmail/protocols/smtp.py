@@ -32,7 +32,14 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.smtp import COMMAND, DATA
 
-from twistmail.auth.accounts import NotLocal, UnknownUser
+from twistmail.delivery.routing import (
+    BadAddress,
+    Client,
+    LocalRoute,
+    RelayDenied,
+    Router,
+    UnknownUser,
+)
 from twistmail.delivery.spool import MessageSource
 from twistmail.errors import StorageError
 from twistmail.model import Envelope
@@ -54,6 +61,9 @@ _NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 _PRINTABLE = re.compile(rb"[^\x21-\x7e]")
 #: Like Postfix's smtpd_hard_error_limit: a client that keeps erring is cut off.
 MAX_ERRORS = 20
+#: RFC 5321 §6.3: more Received: fields than this means a mail loop.
+MAX_HOPS = 100
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
 _ids = itertools.count()
@@ -92,6 +102,8 @@ class SMTPServer(smtp.ESMTP):
         self._envelope: Envelope | None = None
         self._usedEhlo = False
         self._errors = 0
+        #: What relay permission depends on; SMTP AUTH (issue 6) sets ``authenticated``.
+        self.client = Client()
 
     # -- connection ------------------------------------------------------------
 
@@ -99,6 +111,7 @@ class SMTPServer(smtp.ESMTP):
         self.host = self.factory.hostname
         self.timeout = self.factory.config["timeout"]
         self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")
+        self.client = Client(address=self.peerHost)
         super().connectionMade()
 
     def greeting(self) -> bytes:
@@ -216,17 +229,21 @@ class SMTPServer(smtp.ESMTP):
         return origin
 
     def validateTo(self, user):
+        """A L{LocalRoute} or L{RelayRoute}; the relay decision is the router's (RFC 5321 §3.6.2)."""
         if len(self._to) >= self.factory.config["max_recipients"]:
             raise smtp.SMTPServerError(452, "4.5.3 Too many recipients")
         address = str(user.dest)
         try:
-            return self.factory.accounts.route(address, self.factory.config["recipient_delimiter"])
-        except NotLocal:
+            return self.factory.router.route(address, self.client)
+        except RelayDenied:
             self._logReject(address, "relay denied")
             raise smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied") from None
         except UnknownUser:
             self._logReject(address, "user unknown")
             raise smtp.SMTPBadRcpt(user, 550, "5.1.1 User unknown in local recipient table") from None
+        except BadAddress:
+            self._logReject(address, "bad address")
+            raise smtp.SMTPBadRcpt(user, 553, "5.1.3 Bad recipient address syntax") from None
 
     def _logReject(self, rcpt: str, why: str) -> None:
         log.info("smtp reject client={client} from=<{sender}> rcpt=<{rcpt}> result={why}",
@@ -263,11 +280,15 @@ class SMTPServer(smtp.ESMTP):
         if rest.strip():
             self.sendCode(501, b"5.5.4 DATA takes no arguments")
             return
-        recipients = tuple(dict.fromkeys(t for _, targets in self._to for t in targets))
+        routes = [route for _, route in self._to]
+        recipients = tuple(dict.fromkeys(
+            a for r in routes if isinstance(r, LocalRoute) for a in r.accounts))
+        relay = tuple(dict.fromkeys(r.address for r in routes if not isinstance(r, LocalRoute)))
         txid = _transactionId()
         self._envelope = Envelope(
             sender=str(self._from),
             recipients=recipients,
+            relay=relay,
             client=self.peerHost,
             helo=(self._helo[0] or b"").decode("ascii", "replace"),
             id=txid,
@@ -281,6 +302,8 @@ class SMTPServer(smtp.ESMTP):
         self._to = []
         self._dataError = None
         self._midLine = False
+        self._inHeaders = True
+        self._hops = 0
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
@@ -341,7 +364,20 @@ class SMTPServer(smtp.ESMTP):
         if self._source.size + len(chunk) > self.factory.config["max_message_size"]:
             self._fail(552, b"5.3.4 Message size exceeds fixed maximum message size")
             return
+        if self._inHeaders:
+            self._countHops(chunk)
+            if self._dataError is not None:
+                return
         self._source.write(chunk)
+
+    def _countHops(self, chunk: bytes) -> None:
+        """Count Received: fields in the header section (chunks are whole lines)."""
+        end = -2 if chunk.startswith(b"\r\n") else chunk.find(b"\r\n\r\n")
+        self._hops += len(_RECEIVED.findall(chunk if end == -1 else chunk[:end + 2]))
+        if end != -1:
+            self._inHeaders = False
+        if self._hops > MAX_HOPS:
+            self._fail(554, b"5.4.6 Too many hops: mail loop detected")
 
     def _fail(self, code: int, message: bytes) -> None:
         if self._dataError is None:
@@ -363,7 +399,9 @@ class SMTPServer(smtp.ESMTP):
         d = defer.maybeDeferred(self.factory.delivery.deliver, envelope, source)
 
         def delivered(ignored) -> None:
-            self._logTransaction("delivered", size=size)
+            result = "+".join(what for what, todo in (("delivered", envelope.recipients),
+                                                       ("queued", envelope.relay)) if todo)
+            self._logTransaction(result, size=size)
             self.sendCode(250, f"2.0.0 Ok: queued as {envelope.id}".encode())
 
         def failed(failure) -> None:
@@ -380,24 +418,29 @@ class SMTPServer(smtp.ESMTP):
     def _logTransaction(self, result: str, size: int) -> None:
         env = self._envelope
         log.info(
-            "smtp id={id} client={client} from=<{sender}> to={rcpts} size={size} result={result}",
+            "smtp id={id} client={client} from=<{sender}> to={rcpts} relay={relay} size={size} "
+            "result={result}",
             id=env.id, client=env.client, sender=env.sender,
-            rcpts=",".join(env.extra["rcpt"]), size=size, result=result,
+            rcpts=",".join(env.extra["rcpt"]), relay=",".join(env.relay) or "-", size=size,
+            result=result,
         )
 
 
 class SMTPFactory(smtp.SMTPFactory):
-    """Holds what every SMTP connection shares: limits, accounts, delivery."""
+    """Holds what every SMTP connection shares: limits, routing, delivery."""
 
     protocol = SMTPServer
     noisy = False
 
-    def __init__(self, config, hostname: str, accounts, delivery, spoolDir: str,
+    def __init__(self, config, hostname: str, router: Router, delivery, spoolDir: str,
                  limiter: ConnectionLimiter | None = None) -> None:
+        """@param delivery: has C{deliver(envelope, source) -> Deferred}, durable when it fires
+            (L{twistmail.delivery.pipeline.DeliveryPipeline})."""
         super().__init__()
         self.config = config
         self.hostname = hostname.encode("idna") if isinstance(hostname, str) else hostname
-        self.accounts = accounts
+        self.router = router
+        self.accounts = router.accounts
         self.delivery = delivery
         self.spoolDir = spoolDir
         self.limiter = limiter

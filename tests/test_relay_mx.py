@@ -1,0 +1,183 @@
+"""MX resolution: dnspython against a real DNS server on loopback, and hop ordering with a fake."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import pytest
+from dnsserver import AAAA, MX, A, startDNS
+from support import onReactor
+from twisted.internet import defer, threads
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from twistmail.interfaces import IMXResolver
+from twistmail.relay.mx import (
+    DNSFailure,
+    DnsPythonMXResolver,
+    Hop,
+    orderMX,
+    resolveHops,
+    resolveSmarthost,
+)
+
+ZONE = {
+    "example.net": [MX(10, "mx1.example.net"), MX(20, "mx2.example.net")],
+    "mx1.example.net": [A("127.0.0.2")],
+    "mx2.example.net": [AAAA("::1"), A("127.0.0.3")],
+    "implicit.test": [A("127.0.0.4"), AAAA("::1")],
+    "nomail.test": [MX(0, "")],
+    "nothing.test": [],  # exists, but no MX, A or AAAA
+    "lame.test": [MX(10, "gone.lame.test")],
+}
+
+
+@pytest.fixture(scope="module")
+def dnsServer():
+    server = startDNS(ZONE, servfail={"broken.test"}, hang={"slow.test"})
+    yield server
+    server.stop()
+
+
+def resolver(server, timeout=2) -> DnsPythonMXResolver:
+    return DnsPythonMXResolver([("127.0.0.1", server.port)], timeout, threads.deferToThread)
+
+
+def resolve(server, domain, timeout=2):
+    r = resolver(server, timeout)
+    return onReactor(lambda: resolveHops(r, domain, random.Random(1)))
+
+
+def failure(server, domain, timeout=2) -> DNSFailure:
+    with pytest.raises(DNSFailure) as info:
+        resolve(server, domain, timeout)
+    return info.value
+
+
+def test_resolver_provides_the_interface(dnsServer):
+    assert verifyObject(IMXResolver, resolver(dnsServer))
+
+
+def test_mx_records_in_preference_order_with_ipv6_and_ipv4_addresses(dnsServer):
+    hops = resolve(dnsServer, "example.net")
+    assert hops == [Hop("mx1.example.net", ("127.0.0.2",), 10),
+                    Hop("mx2.example.net", ("::1", "127.0.0.3"), 20)]
+
+
+def test_no_mx_means_the_domain_itself_is_the_mx(dnsServer):
+    assert resolve(dnsServer, "implicit.test") == [Hop("implicit.test", ("::1", "127.0.0.4"), 0)]
+
+
+def test_null_mx_is_a_permanent_failure(dnsServer):
+    e = failure(dnsServer, "nomail.test")
+    assert not e.temporary and e.status == "5.1.10" and "null MX" in e.text
+
+
+def test_nxdomain_is_permanent(dnsServer):
+    e = failure(dnsServer, "no-such-domain.test")
+    assert not e.temporary and e.status == "5.1.2" and "NXDOMAIN" in e.text
+    assert e.reply.startswith("550 5.1.2 ")
+
+
+def test_no_mx_and_no_address_is_permanent(dnsServer):
+    e = failure(dnsServer, "nothing.test")
+    assert not e.temporary and "no MX, A or AAAA" in e.text
+
+
+def test_servfail_is_temporary(dnsServer):
+    e = failure(dnsServer, "broken.test")
+    assert e.temporary and e.status == "4.4.3" and "SERVFAIL" in e.text
+    assert e.reply.startswith("451 4.4.3 ")
+
+
+def test_timeout_is_temporary_and_bounded(dnsServer):
+    started = time.monotonic()
+    e = failure(dnsServer, "slow.test", timeout=1)
+    assert e.temporary and "timed out" in e.text
+    assert time.monotonic() - started < 5
+
+
+def test_mx_host_without_address_is_temporary(dnsServer):
+    e = failure(dnsServer, "lame.test")
+    assert e.temporary and "gone.lame.test" in e.text
+
+
+def test_lookups_do_not_block_the_reactor(dnsServer):
+    """While a lookup waits for its timeout, the reactor keeps serving."""
+    r = resolver(dnsServer, timeout=2)
+    done = []
+    onReactor(lambda: [r.lookupMX("slow.test").addBoth(done.append)])
+    ticks = []
+    started = time.monotonic()
+    while time.monotonic() - started < 0.5:
+        ticks.append(onReactor(time.monotonic))
+    assert len(ticks) > 10 and not done
+
+
+def test_server_unreachable_is_temporary():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # receives, never answers
+        r = DnsPythonMXResolver([silent.getsockname()], 1, threads.deferToThread)
+        with pytest.raises(DNSFailure) as info:
+            onReactor(lambda: resolveHops(r, "example.net", random.Random()))
+    assert info.value.temporary
+
+
+# -- ordering, with a fake resolver -------------------------------------------------
+
+
+@implementer(IMXResolver)
+class FakeResolver:
+    def __init__(self, mx: dict, addresses: dict) -> None:
+        self.mx, self.addresses = mx, addresses
+
+    def lookupMX(self, domain):
+        value = self.mx.get(domain, [])
+        return defer.fail(value) if isinstance(value, Exception) else defer.succeed(value)
+
+    def lookupAddresses(self, host):
+        value = self.addresses.get(host, [])
+        return defer.fail(value) if isinstance(value, Exception) else defer.succeed(value)
+
+
+def hopsOf(d) -> list:
+    result = []
+    d.addBoth(result.append)
+    return result[0]
+
+
+def test_equal_preferences_are_shuffled_lower_preference_first():
+    records = [(20, "c"), (10, "a1"), (10, "a2"), (10, "a3"), (30, "d")]
+    seen = set()
+    for seed in range(50):
+        ordered = orderMX(records, random.Random(seed))
+        assert [p for p, _ in ordered] == [10, 10, 10, 20, 30]
+        assert ordered[3:] == [(20, "c"), (30, "d")]
+        seen.add(tuple(h for _, h in ordered[:3]))
+    assert len(seen) == 6  # every order of the three equal ones occurs
+
+
+def test_unresolvable_mx_host_is_skipped():
+    fake = FakeResolver({"d.test": [(10, "bad.d.test"), (20, "good.d.test")]},
+                        {"bad.d.test": DNSFailure(True, "4.4.3", "SERVFAIL"),
+                         "good.d.test": ["192.0.2.1"]})
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("good.d.test", ("192.0.2.1",), 20)]
+
+
+def test_null_mx_among_others_is_ignored():
+    fake = FakeResolver({"d.test": [(0, ""), (10, "mx.d.test")]}, {"mx.d.test": ["192.0.2.1"]})
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("mx.d.test", ("192.0.2.1",), 10)]
+
+
+def test_mx_that_is_an_address_literal_is_used_as_is():
+    fake = FakeResolver({"d.test": [(10, "192.0.2.7")]}, {})
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("192.0.2.7", ("192.0.2.7",), 10)]
+
+
+def test_smarthost_skips_mx_lookup():
+    fake = FakeResolver({"relay.test": [(10, "elsewhere.test")]}, {"relay.test": ["192.0.2.9"]})
+    assert hopsOf(resolveSmarthost(fake, "relay.test")) == [Hop("relay.test", ("192.0.2.9",))]
+    assert hopsOf(resolveSmarthost(fake, "::1")) == [Hop("::1", ("::1",))]
+    assert isinstance(hopsOf(resolveSmarthost(fake, "none.test")).value, DNSFailure)

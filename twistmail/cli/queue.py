@@ -1,0 +1,147 @@
+# -*- test-case-name: tests.test_queue_cli -*-
+"""``twistmail queue list|show|flush|delete``: look at and steer the relay queue.
+
+Reading needs no server.  ``flush`` and ``delete`` go through the running
+server when there is one (``twistmail.relay.control``), so they never race
+a delivery; otherwise they change the queue files directly, holding the
+server's lock so it cannot start meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from twistmail.cli.output import table
+from twistmail.relay import control
+from twistmail.relay.queue import (
+    QUEUED,
+    QueueEntry,
+    QueueError,
+    commitLocked,
+    listIds,
+    readEntry,
+    readHeaders,
+    stageRemove,
+    stageSave,
+)
+
+
+class QueueCLIError(Exception):
+    pass
+
+
+def register(sub) -> None:
+    queue = sub.add_parser("queue", help="the outbound mail queue").add_subparsers(
+        dest="action", required=True)
+    queue.add_parser("list", help="queued messages: id, sender, recipients, attempts, "
+                     "next attempt, last error")
+    queue.add_parser("show", help="one message's envelope, recipients and headers").add_argument("id")
+    queue.add_parser("flush", help="retry now (all messages, or one)").add_argument(
+        "id", nargs="?")
+    queue.add_parser("delete", help="remove a message without delivering it").add_argument("id")
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    if timestamp <= time.time():
+        return "now"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _entries(queueDir: str) -> list[QueueEntry]:
+    found = []
+    for id in listIds(queueDir):
+        try:
+            found.append(readEntry(queueDir, id))
+        except QueueError:
+            continue  # removed meanwhile, or for the server to quarantine
+    return sorted(found, key=lambda e: (e.created, e.id))
+
+
+def cmdList(queueDir: str) -> str:
+    rows = []
+    for e in _entries(queueDir):
+        pending = e.pending()
+        shown = ",".join(r.address for r in pending[:2]) + \
+            (f",+{len(pending) - 2}" if len(pending) > 2 else "")
+        errors = [r.last_reply for r in pending if r.last_reply]
+        rows.append((e.id, f"<{e.sender}>", shown or "-",
+                     max((r.attempts for r in pending), default=0),
+                     _when(e.nextAttempt()).replace(" ", "T"),
+                     _short(" ".join(errors[0].split()) if errors else "-", 70)))
+    listing = table(["ID", "SENDER", "RECIPIENTS", "ATTEMPTS", "NEXT-ATTEMPT", "LAST-ERROR"], rows)
+    return f"{listing}\n{len(rows)} message{'s' if len(rows) != 1 else ''} queued"
+
+
+def cmdShow(queueDir: str, id: str) -> str:
+    entry = readEntry(queueDir, id)
+    lines = [f"id:        {entry.id}", f"sender:    <{entry.sender}>",
+             f"received:  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(entry.created))} "
+             f"via {entry.origin}" + (f" from {entry.client}" if entry.client else ""),
+             f"size:      {entry.size}", ""]
+    rows = [(r.address, r.state, r.attempts,
+             _when(r.next_attempt).replace(" ", "T") if r.state == QUEUED else "-",
+             _short(" ".join(r.last_reply.split()) or "-", 70)) for r in entry.recipients]
+    lines.append(table(["RECIPIENT", "STATE", "ATTEMPTS", "NEXT-ATTEMPT", "LAST-REPLY"], rows))
+    headers = readHeaders(queueDir, id).decode("utf-8", "replace").replace("\r\n", "\n")
+    return "\n".join(lines) + "\n\n" + headers.rstrip("\n")
+
+
+def _ask(queueDir: str, id: str, action: str, timeout: float) -> bool:
+    path = control.writeRequest(queueDir, id, action)
+    return control.waitHandled(path, timeout)
+
+
+def cmdFlush(dataDir: str, queueDir: str, id: str | None, timeout: float) -> str:
+    if id is not None:
+        readEntry(queueDir, id)  # exists?
+    with control.serverStopped(dataDir) as stopped:
+        if stopped:
+            now = time.time()
+            for entry in [readEntry(queueDir, id)] if id else _entries(queueDir):
+                for r in entry.pending():
+                    r.next_attempt = now
+                _commit(queueDir, lambda entry=entry: stageSave(queueDir, entry))
+            return ("the server is not running: the queue is retried as soon as it starts "
+                    "(twistd twistmail)")
+    if not _ask(queueDir, id or control.ALL, "flush", timeout):
+        raise QueueCLIError(f"the server did not take the request within {timeout:g} s; "
+                            "check that twistd twistmail is running on this data directory")
+    return f"flush requested: the server is retrying {id or 'every message'} now"
+
+
+def cmdDelete(dataDir: str, queueDir: str, id: str, timeout: float) -> str:
+    readEntry(queueDir, id)  # exists?
+    with control.serverStopped(dataDir) as stopped:
+        if stopped:
+            _commit(queueDir, lambda: stageRemove(queueDir, id))
+            control.removeRequests(queueDir, [f"{id}.new"])
+            return f"message {id} deleted"
+    if _ask(queueDir, id, "delete", timeout):
+        return f"message {id} deleted"
+    return (f"delete requested: message {id} is being delivered right now; the server deletes "
+            "it when that attempt ends (see: twistmail queue list)")
+
+
+def _commit(queueDir: str, stage) -> None:
+    [result] = commitLocked(queueDir, [stage])
+    if isinstance(result, Exception):
+        raise result
+
+
+def run(args, dataDir: str, pickupInterval: float) -> str:
+    queueDir = os.path.join(dataDir, "queue")
+    timeout = 5 + 3 * pickupInterval
+    if args.action == "list":
+        return cmdList(queueDir)
+    if args.action == "show":
+        return cmdShow(queueDir, args.id)
+    if args.action == "flush":
+        return cmdFlush(dataDir, queueDir, args.id, timeout)
+    return cmdDelete(dataDir, queueDir, args.id, timeout)

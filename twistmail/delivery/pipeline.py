@@ -1,0 +1,45 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""DeliveryPipeline: one accepted message to its local mailboxes and the relay queue.
+
+Both parts are durable before the Deferred fires, so SMTP answers ``250`` only
+when every copy is on disk.  If one part fails the other may already be stored;
+the client then retries and some recipients get the message twice
+(at-least-once, never lost) — the same promise LocalDelivery makes.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from twistmail.errors import StorageError
+from twistmail.model import Envelope
+
+
+class DeliveryPipeline:
+    def __init__(self, local, queue) -> None:
+        """@param local: L{twistmail.delivery.local.LocalDelivery}
+        @param queue: L{twistmail.relay.queue.RelayQueue}
+        """
+        self.local = local
+        self.queue = queue
+
+    def deliver(self, envelope: Envelope, source) -> defer.Deferred:
+        ds = []
+        if envelope.recipients:
+            ds.append(defer.maybeDeferred(self.local.deliver, envelope, source))
+        if envelope.relay:
+            ds.append(self.queue.enqueue(envelope.sender, envelope.relay, source.chunks,
+                                         id=envelope.id, origin="smtp", client=envelope.client,
+                                         helo=envelope.helo))
+        if len(ds) == 1:
+            return ds[0]
+        d = defer.gatherResults(ds, consumeErrors=True)
+
+        def unwrap(failure):
+            failure.trap(defer.FirstError)
+            inner = failure.value.subFailure
+            if inner.check(StorageError):
+                return inner
+            raise StorageError(inner.getErrorMessage())
+
+        return d.addErrback(unwrap)

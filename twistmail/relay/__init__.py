@@ -1,0 +1,1 @@
+"""Outbound relay: queue, MX resolution, delivery, retries and bounces."""

@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_relay_mx -*-
+"""Where mail for a domain goes: MX records, then addresses (RFC 5321 §5.1).
+
+``DnsPythonMXResolver`` asks DNS with dnspython's blocking resolver in a
+thread pool of its own, so lookups never block the reactor and a slow DNS
+server cannot starve the disk work in the reactor's pool.  ``resolveHops``
+turns its answers into the ordered list of hosts to try; it is written
+against ``IMXResolver`` so tests can give it a fake.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
+from twisted.internet import defer
+from zope.interface import implementer
+
+from twistmail.interfaces import IMXResolver
+
+#: At most this many addresses are tried per delivery attempt (Postfix: smtp_mx_address_limit).
+MAX_ADDRESSES = 5
+
+
+class DNSFailure(Exception):
+    """A lookup that decides a delivery: ``temporary`` means retry later, otherwise bounce."""
+
+    def __init__(self, temporary: bool, status: str, text: str) -> None:
+        super().__init__(text)
+        self.temporary = temporary
+        self.status = status  # RFC 3463 enhanced status code
+        self.text = text
+
+    @property
+    def reply(self) -> str:
+        """As an SMTP-style reply, the form the queue and DSNs keep."""
+        return f"{'451' if self.temporary else '550'} {self.status} {self.text}"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One host to try, with its addresses in the order to try them."""
+
+    host: str
+    addresses: tuple
+    preference: int = 0
+
+
+@implementer(IMXResolver)
+class DnsPythonMXResolver:
+    """IMXResolver over ``dns.resolver.Resolver`` (dnspython), run off the reactor thread."""
+
+    def __init__(self, nameservers: Sequence[tuple[str, int]], timeout: float,
+                 run: Callable) -> None:
+        """@param nameservers: (address, port) pairs; empty means /etc/resolv.conf.
+        @param run: C{run(f, *args) -> Deferred}, e.g. deferToThreadPool on a DNS pool.
+        """
+        self._nameservers = list(nameservers)
+        self._timeout = timeout
+        self._run = run
+        self._resolver: dns.resolver.Resolver | None = None
+
+    def _get(self) -> dns.resolver.Resolver:
+        # Built on first use, in a worker thread: reading /etc/resolv.conf is I/O,
+        # and a machine without one should fail deliveries, not the server start.
+        if self._resolver is None:
+            if self._nameservers:
+                resolver = dns.resolver.Resolver(configure=False)
+                resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                        for host, port in self._nameservers]
+            else:
+                try:
+                    resolver = dns.resolver.Resolver()
+                except dns.resolver.NoResolverConfiguration:
+                    raise DNSFailure(True, "4.4.3", "no DNS server configured "
+                                     "(/etc/resolv.conf or [relay] nameservers)") from None
+            resolver.timeout = resolver.lifetime = self._timeout
+            resolver.cache = dns.resolver.LRUCache(10000)  # honours TTLs; thread-safe
+            self._resolver = resolver
+        return self._resolver
+
+    def _query(self, name: str, rdtype: str):
+        """The answer's records, [] for NODATA; DNSFailure for what is not an answer."""
+        try:
+            answer = self._get().resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            raise DNSFailure(False, "5.1.2", f"Host or domain name not found: {name} type={rdtype}: "
+                             "NXDOMAIN") from None
+        except dns.resolver.NoNameservers:  # every server said SERVFAIL/REFUSED
+            raise DNSFailure(True, "4.4.3", f"Host or domain name not found: {name} type={rdtype}: "
+                             "SERVFAIL, try again") from None
+        except dns.exception.Timeout:
+            raise DNSFailure(True, "4.4.3", f"Host or domain name not found: {name} type={rdtype}: "
+                             "timed out, try again") from None
+        except (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel):
+            raise DNSFailure(False, "5.1.2", f"{name!r} is not a valid domain name") from None
+        except dns.exception.DNSException as e:
+            raise DNSFailure(True, "4.4.3", f"DNS error for {name} type={rdtype}: {e}") from None
+        return list(answer.rrset or ())
+
+    def _mxSync(self, domain: str) -> list[tuple[int, str]]:
+        return [(r.preference, "" if r.exchange == dns.name.root else r.exchange.to_text(True))
+                for r in self._query(domain, "MX")]
+
+    def _addressesSync(self, host: str) -> list[str]:
+        found = []
+        for rdtype in ("AAAA", "A"):
+            try:
+                found += [r.address for r in self._query(host, rdtype)]
+            except DNSFailure as e:
+                if e.temporary:
+                    raise
+        return found
+
+    def lookupMX(self, domain: str) -> defer.Deferred:
+        return self._run(self._mxSync, domain)
+
+    def lookupAddresses(self, host: str) -> defer.Deferred:
+        return self._run(self._addressesSync, host)
+
+
+def orderMX(records: Sequence[tuple[int, str]], rng: random.Random) -> list[tuple[int, str]]:
+    """Lowest preference first; equal preferences in random order (RFC 5321 §5.1)."""
+    shuffled = list(records)
+    rng.shuffle(shuffled)
+    return sorted(shuffled, key=lambda r: r[0])  # sorted() is stable: ties stay shuffled
+
+
+def _isAddress(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@defer.inlineCallbacks
+def resolveHops(resolver: IMXResolver, domain: str, rng: random.Random):
+    """The hosts to try for C{domain}, best first.
+
+    @return: Deferred firing with a non-empty list of L{Hop}; fails with
+        L{DNSFailure}: permanent for NXDOMAIN and null MX, temporary for
+        SERVFAIL, timeouts and MX hosts that have no address (yet).
+    """
+    records = yield resolver.lookupMX(domain)
+    implicit = not records
+    if implicit:
+        records = [(0, domain)]  # RFC 5321 §5.1: the domain itself is the MX
+    elif any(host in ("", ".") for _, host in records):
+        if len(records) == 1:
+            # RFC 7505 §3: the domain accepts no mail; reply code 556 per §4.3.
+            raise DNSFailure(False, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
+        records = [r for r in records if r[1] not in ("", ".")]
+    ordered = orderMX(records, rng)
+    results = yield defer.DeferredList(
+        [defer.succeed([host]) if _isAddress(host) else resolver.lookupAddresses(host)
+         for _, host in ordered], consumeErrors=True)
+    hops, errors = [], []
+    for (pref, host), (ok, found) in zip(ordered, results, strict=True):
+        if not ok:
+            errors.append(found.value)
+        elif found:
+            hops.append(Hop(host, tuple(found), pref))
+    if hops:  # a host whose lookup failed is skipped, as if it were down
+        return hops
+    if errors:
+        error = errors[0]
+        raise error if isinstance(error, DNSFailure) else DNSFailure(True, "4.4.3", str(error))
+    if implicit:
+        raise DNSFailure(False, "5.1.2", f"Host or domain name not found: {domain} has no MX, "
+                         "A or AAAA record")
+    raise DNSFailure(True, "4.4.3", f"No address for any MX host of {domain} "
+                     f"({', '.join(h for _, h in ordered)})")
+
+
+@defer.inlineCallbacks
+def resolveSmarthost(resolver: IMXResolver, host: str):
+    """The smarthost as one hop: its addresses only, no MX lookup (Postfix's ``[host]``)."""
+    found = [host] if _isAddress(host) else (yield resolver.lookupAddresses(host))
+    if not found:
+        raise DNSFailure(True, "4.4.3", f"Host not found: smarthost {host} has no address")
+    return [Hop(host, tuple(found))]

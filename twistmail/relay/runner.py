@@ -1,0 +1,420 @@
+# -*- test-case-name: tests.test_relay_runner -*-
+"""QueueRunner: works the relay queue — when to try, where, and what then.
+
+In memory it keeps only each queued message's id and when it is next due (a
+dict and a heap); the envelope is read from ``<id>.json`` when the message
+is due and the body is streamed from ``<id>.eml``, so 100,000 queued
+messages cost a few tens of megabytes.  At most ``2 * max_deliveries``
+messages are being worked on at once.
+
+One attempt at a message: route each due recipient (local account, remote
+domain, or unknown), deliver local ones through LocalDelivery and remote
+ones in one SMTP transaction per domain (at most ``max_recipients_per_transaction``
+recipients each, at most ``max_deliveries_per_domain`` connections per domain
+and ``max_deliveries`` in total), then record the outcome:
+
+* delivered → done;
+* 5xx or permanent DNS failure (NXDOMAIN, null MX) → bounced at once;
+* 4xx, no connection, DNS trouble → retried after ``retry_min`` seconds,
+  doubling each time up to ``retry_max`` (RFC 5321 §4.5.4.1), until the
+  message is ``max_queue_lifetime`` old; then it bounces.
+
+Bounces (``twistmail.relay.bounce``) are queued like any message, from
+``<>``, and never generated for a message from ``<>``.  A domain whose
+hosts all refused connections is *suspended* for ``retry_min`` seconds:
+other messages for it are deferred without connecting, as Postfix's queue
+manager does with a dead destination.
+
+Crash safety: the outcome is written after the remote ``250``, so a crash in
+between sends the message again on restart (at least once); a bounce is
+queued before the failure is recorded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twistmail.delivery.routing import (
+    LOCAL,
+    BadAddress,
+    LocalRoute,
+    RelayDenied,
+    Router,
+    UnknownUser,
+    remoteDomain,
+)
+from twistmail.errors import StorageError
+from twistmail.model import Envelope
+from twistmail.relay import bounce
+from twistmail.relay.mx import DNSFailure
+from twistmail.relay.queue import FAILED, SENT, QueuedSource, QueueEntry, QueueError, RelayQueue
+from twistmail.relay.sender import DEFERRED, Result, logAttempt
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    hostname: str
+    retryMin: float = 300
+    retryMax: float = 4000
+    lifetime: float = 5 * 86400
+    maxDeliveries: int = 100
+    maxPerDomain: int = 20
+    maxRecipients: int = 50
+
+    @classmethod
+    def fromConfig(cls, hostname: str, relay) -> RunnerSettings:
+        return cls(hostname, relay["retry_min"], relay["retry_max"], relay["max_queue_lifetime"],
+                   relay["max_deliveries"], relay["max_deliveries_per_domain"],
+                   relay["max_recipients_per_transaction"])
+
+
+def retryDelay(attempts: int, retryMin: float, retryMax: float) -> float:
+    """Exponential backoff after the C{attempts}-th failed attempt (RFC 5321 §4.5.4.1)."""
+    return min(retryMax, retryMin * 2 ** min(attempts - 1, 32))
+
+
+class QueueRunner(service.Service):
+    name = "relay queue"
+
+    def __init__(self, queue: RelayQueue, router: Router, local, destination: Callable,
+                 sender, settings: RunnerSettings, clock) -> None:
+        """@param local: L{twistmail.delivery.local.LocalDelivery}.
+        @param destination: C{destination(domain) -> Deferred[list[Hop]]} (MX lookup or
+            the smarthost); fails with L{DNSFailure}.
+        @param sender: L{twistmail.relay.sender.RelaySender}.
+        @param clock: IReactorTime; C{seconds()} is POSIX time.
+        """
+        self._queue = queue
+        self._router = router
+        self._local = local
+        self._destination = destination
+        self._sender = sender
+        self.settings = settings
+        self._clock = clock
+        self._due: dict[str, float] = {}  # id -> when; only for ids not being worked on
+        self._heap: list[tuple[float, str]] = []  # may hold stale entries; _due decides
+        self._busy: dict[str, defer.Deferred | None] = {}
+        self._forced: set[str] = set()  # flushed: try every pending recipient now
+        self._deleting: dict[str, list[defer.Deferred]] = {}  # id -> who waits for it
+        self._suspended: dict[str, tuple[float, Result]] = {}
+        self._slots: dict[str, defer.DeferredSemaphore] = {}
+        self._global = defer.DeferredSemaphore(settings.maxDeliveries)
+        self._maxActive = 2 * settings.maxDeliveries
+        self._timer = None
+        self._ready = False
+
+    # -- service ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._queue.addListener(lambda entry: self.add(entry.id))
+        self._queue.scan().addCallbacks(self._scanned, lambda f: log.failure("queue scan", f))
+
+    def _scanned(self, found: list[tuple[str, float]]) -> None:
+        for id, when in found:
+            if id not in self._busy and id not in self._due:
+                self._schedule(id, when)
+        self._ready = True
+        log.info("relay queue: {n} messages", n=len(found))
+        self._arm()
+
+    def stopService(self):
+        """Stop starting deliveries; wait briefly for those under way to record their outcome."""
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        busy = [d for d in self._busy.values() if d is not None]
+        if not busy:
+            return None
+        done = defer.DeferredList(busy, consumeErrors=True)
+        timeout = self._clock.callLater(5, lambda: done.called or done.callback(None))
+        return done.addBoth(lambda _: timeout.active() and timeout.cancel())
+
+    # -- what the rest of the server calls ------------------------------------------
+
+    def add(self, id: str) -> None:
+        """A new message is in the queue: try it now."""
+        if id not in self._busy:
+            self._schedule(id, self._clock.seconds())
+            self._arm()
+
+    def flush(self, id: str | None = None) -> None:
+        """Try now (all messages, or one), whatever their retry times say."""
+        now = self._clock.seconds()
+        ids = [id] if id is not None else list(self._due) + list(self._busy)
+        if id is None:
+            self._suspended.clear()
+        for one in ids:
+            self._forced.add(one)  # a busy one goes again as soon as its attempt ends
+            if one not in self._busy:
+                self._schedule(one, now)  # also one not seen yet (sendmail's, just committed)
+        self._arm()
+
+    def delete(self, id: str) -> defer.Deferred:
+        """Remove a message without delivering it (after its current attempt, if any)."""
+        if id in self._busy:
+            waiter = defer.Deferred()
+            self._deleting.setdefault(id, []).append(waiter)
+            return waiter
+        self._due.pop(id, None)
+        return self._queue.remove(id).addCallback(
+            lambda _: log.info("relay id={id} deleted by the admin", id=id))
+
+    @property
+    def queued(self) -> int:
+        return len(self._due) + len(self._busy)
+
+    # -- scheduling ---------------------------------------------------------------
+
+    def _schedule(self, id: str, when: float) -> None:
+        self._due[id] = when
+        heapq.heappush(self._heap, (when, id))
+
+    def _arm(self) -> None:
+        if not self.running:
+            return
+        heap = self._heap
+        while heap and self._due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)  # stale
+        if not heap or len(self._busy) >= self._maxActive:
+            return
+        delay = max(0.0, heap[0][0] - self._clock.seconds())
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(delay)
+        else:
+            self._timer = self._clock.callLater(delay, self._pump)
+
+    def _pump(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        heap = self._heap
+        while heap and len(self._busy) < self._maxActive and self.running:
+            when, id = heap[0]
+            if self._due.get(id) != when:
+                heapq.heappop(heap)
+                continue
+            if when > now:
+                break
+            heapq.heappop(heap)
+            del self._due[id]
+            self._busy[id] = d = self._process(id)
+            d.addBoth(self._processed, id)
+        self._arm()
+
+    def _processed(self, result, id: str) -> None:
+        self._busy.pop(id, None)
+        for waiter in self._deleting.pop(id, []):
+            waiter.callback(None)
+        if isinstance(result, Failure):
+            if result.check(QueueError):
+                log.warn("relay id={id}: {why}", id=id, why=result.getErrorMessage())
+            else:
+                log.failure("relay id={id}: internal error; retrying later", result, id=id)
+                self._schedule(id, self._clock.seconds() + self.settings.retryMin)
+        elif result is not None:
+            if id in self._forced:
+                result = self._clock.seconds()
+            self._schedule(id, result)
+        self._forced.discard(id)
+        self._arm()
+
+    # -- one attempt at one message ---------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _process(self, id: str):
+        """Returns when the message is next due, or None when it left the queue."""
+        entry: QueueEntry = yield self._queue.load(id)
+        if id in self._deleting:
+            yield self._queue.remove(id)
+            log.info("relay id={id} deleted by the admin", id=id)
+            return None
+        now = self._clock.seconds()
+        forced = id in self._forced
+        self._forced.discard(id)
+        due = [r for r in entry.pending() if forced or r.next_attempt <= now]
+        if due:
+            results = yield self._deliver(entry, due)
+            yield self._record(entry, due, results)
+        if id in self._deleting:
+            yield self._queue.remove(id)
+            log.info("relay id={id} deleted by the admin", id=id)
+            return None
+        if not entry.pending():
+            yield self._queue.remove(id)
+            return None
+        if due:
+            yield self._queue.save(entry)
+        return entry.nextAttempt()
+
+    def _deliver(self, entry: QueueEntry, due: list) -> defer.Deferred:
+        results: dict[str, Result] = {}
+        local: dict[str, tuple] = {}
+        remote: dict[str, list[str]] = {}
+        for r in due:
+            try:
+                route = self._router.route(r.address, LOCAL)
+            except UnknownUser:
+                results[r.address] = Result(FAILED, f"550 5.1.1 <{r.address}>: user unknown in "
+                                            "local recipient table", remote=False)
+            except (BadAddress, RelayDenied):
+                results[r.address] = Result(FAILED, f"553 5.1.3 <{r.address}>: bad address "
+                                            "syntax", remote=False)
+            else:
+                if isinstance(route, LocalRoute):
+                    local[r.address] = route.accounts
+                else:
+                    remote.setdefault(remoteDomain(r.address), []).append(r.address)
+        ds = []
+        if local:
+            ds.append(self._deliverLocal(entry, local))
+        limit = self.settings.maxRecipients
+        for domain, addresses in remote.items():
+            for i in range(0, len(addresses), limit):
+                ds.append(self._deliverRemote(entry, domain, addresses[i:i + limit]))
+        d = defer.gatherResults(ds, consumeErrors=True)
+
+        def merge(parts: list[dict]) -> dict:
+            for part in parts:
+                results.update(part)
+            return results
+
+        return d.addCallback(merge)
+
+    def _deliverLocal(self, entry: QueueEntry, local: dict[str, tuple]) -> defer.Deferred:
+        accounts = tuple(dict.fromkeys(a for targets in local.values() for a in targets))
+        envelope = Envelope(sender=entry.sender, recipients=accounts, id=entry.id)
+        d = defer.maybeDeferred(self._local.deliver, envelope,
+                                QueuedSource(self._queue.messagePath(entry.id)))
+
+        def done(result) -> dict:
+            if isinstance(result, Failure):
+                if not result.check(StorageError):
+                    log.failure("relay id={id}: local delivery", result, id=entry.id)
+                outcome = Result(DEFERRED, f"451 4.3.0 local delivery failed: "
+                                 f"{result.getErrorMessage()}", remote=False)
+            else:
+                outcome = Result(SENT, "250 2.0.0 delivered to mailbox", remote=False)
+            results = {address: outcome for address in local}
+            logAttempt({"id": entry.id, "domain": "(local)"}, "local", results)
+            return results
+
+        return d.addBoth(done)
+
+    def _slot(self, domain: str) -> defer.DeferredSemaphore:
+        slot = self._slots.get(domain)
+        if slot is None:
+            slot = self._slots[domain] = defer.DeferredSemaphore(self.settings.maxPerDomain)
+        return slot
+
+    def _release(self, domain: str, slot: defer.DeferredSemaphore) -> None:
+        slot.release()
+        if slot.tokens == slot.limit and not slot.waiting:
+            self._slots.pop(domain, None)
+
+    @defer.inlineCallbacks
+    def _deliverRemote(self, entry: QueueEntry, domain: str, addresses: list[str]):
+        # A suspended domain costs no connection slot.  (Checked again once a slot is
+        # ours: the attempts ahead of us may have suspended it meanwhile.)
+        if self._isSuspended(domain):
+            return self._whileSuspended(entry, domain, addresses)
+        slot = self._slot(domain)
+        yield slot.acquire()
+        try:
+            yield self._global.acquire()
+            try:
+                results = yield self._attemptDomain(entry, domain, addresses)
+            finally:
+                # Later, not now: the next waiter would run inside this call, and a
+                # suspended domain makes hundreds of them finish without waiting.
+                self._clock.callLater(0, self._global.release)
+        finally:
+            self._clock.callLater(0, self._release, domain, slot)
+        return results
+
+    def _isSuspended(self, domain: str) -> bool:
+        suspended = self._suspended.get(domain)
+        return suspended is not None and suspended[0] > self._clock.seconds()
+
+    def _whileSuspended(self, entry: QueueEntry, domain: str, addresses: list[str]) -> dict:
+        results = {a: self._suspended[domain][1] for a in addresses}
+        logAttempt({"id": entry.id, "domain": domain}, "-", results)
+        return results
+
+    @defer.inlineCallbacks
+    def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str]):
+        context = {"id": entry.id, "domain": domain}
+        if self._isSuspended(domain):
+            return self._whileSuspended(entry, domain, addresses)
+        try:
+            hops = yield self._destination(domain)
+        except DNSFailure as e:
+            outcome = Result(DEFERRED if e.temporary else FAILED, e.reply, remote=False)
+            if e.temporary:
+                self._suspend(domain, outcome)
+            results = {a: outcome for a in addresses}
+            logAttempt(context, "-", results)
+            return results
+        results = yield self._sender.send(hops, entry.sender, addresses,
+                                          lambda: self._queue.openMessage(entry.id), context)
+        if all(r.kind == DEFERRED and not r.remote and r.reply.split()[1:2] == ["4.4.1"]
+               for r in results.values()):
+            self._suspend(domain, next(iter(results.values())))  # no host would talk to us
+        else:
+            self._suspended.pop(domain, None)
+        return results
+
+    def _suspend(self, domain: str, cause: Result) -> None:
+        code, status, text = (cause.reply.split(None, 2) + ["", ""])[:3]
+        reply = f"{code} {status} delivery temporarily suspended: {text}"
+        self._suspended[domain] = (self._clock.seconds() + self.settings.retryMin,
+                                   Result(DEFERRED, reply, remote=False))
+
+    @defer.inlineCallbacks
+    def _record(self, entry: QueueEntry, due: list, results: dict[str, Result]):
+        now = self._clock.seconds()
+        end = entry.created + self.settings.lifetime
+        failed, expired = [], set()
+        for r in due:
+            result = results[r.address]
+            r.attempts += 1
+            r.last_attempt = now
+            r.last_reply = result.reply
+            r.remote_host = result.host if result.remote else ""
+            if result.kind == SENT:
+                r.state = SENT
+            elif result.kind == FAILED or now >= end:
+                r.state = FAILED
+                failed.append(r)
+                if result.kind != FAILED:
+                    expired.add(r.address)
+            else:
+                # The last retry happens when the lifetime ends, not a backoff later.
+                r.next_attempt = min(now + retryDelay(r.attempts, self.settings.retryMin,
+                                                      self.settings.retryMax), end)
+        if failed:
+            yield self._bounce(entry, failed, expired, now)
+
+    @defer.inlineCallbacks
+    def _bounce(self, entry: QueueEntry, failed: list, expired: set, now: float):
+        addresses = ",".join(r.address for r in failed)
+        if not entry.sender:
+            # RFC 5321 §4.5.5: never a notification about a notification.
+            log.info("relay id={id} failed to={to}; no bounce: null sender", id=entry.id,
+                     to=addresses)
+            return
+        headers = yield self._queue.headers(entry.id)
+        dsn = bounce.buildBounce(entry, failed, headers, self.settings.hostname, now, expired)
+        queued = yield self._queue.enqueue("", [entry.sender], lambda: [dsn], origin="bounce")
+        log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
+                 id=entry.id, bounce=queued.id, sender=entry.sender, to=addresses,
+                 reason="expired" if expired else "failed")

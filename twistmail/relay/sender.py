@@ -1,0 +1,323 @@
+# -*- test-case-name: tests.test_relay_sender -*-
+"""One outbound SMTP transaction, on Twisted's ESMTP client.
+
+``RelaySender.send`` delivers one message to the recipients of one domain:
+it tries the hosts it is given in order (each of their addresses, IPv6 and
+IPv4) until one of them takes part in a transaction, and reports a result
+per recipient.  What this module changes in ``twisted.mail.smtp``'s
+``ESMTPSender``:
+
+* **Results per recipient** instead of one Deferred for the message: the
+  RCPT reply for refused recipients, the reply after DATA for the others.
+* **Envelope addresses as queued**: Twisted's address parser would requote
+  them.
+* **Data as stored**: the queue holds canonical CRLF lines, so only
+  dot-stuffing is done (RFC 5321 §4.5.2); Twisted's own transform would turn
+  CRLF into CRCRLF and misses dots at chunk boundaries.
+* **Which failures move on to the next host**: anything before MAIL FROM
+  (no connection, a 4xx/5xx greeting, a TLS or AUTH problem).  Once MAIL has
+  been sent the outcome is final for this attempt, so a message is never sent
+  to two hosts at once (RFC 5321 §4.5.4.1).
+
+STARTTLS is opportunistic towards MX hosts (no certificate check, as Postfix's
+``smtp_tls_security_level = may``; a failed handshake is retried once in
+plaintext); towards a smarthost it may be required and verified.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from twisted.internet import defer, error, ssl
+from twisted.logger import Logger
+from twisted.mail import smtp
+
+from twistmail.relay.mx import MAX_ADDRESSES, Hop
+from twistmail.relay.queue import FAILED, SENT
+
+log = Logger()
+
+#: Result kinds: SENT and FAILED are also the recipient's final state in the queue.
+DEFERRED = "deferred"
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+MAX_REPLY = 500
+
+
+@dataclass(frozen=True)
+class Result:
+    """What happened to one recipient."""
+
+    kind: str  # SENT, DEFERRED or FAILED
+    reply: str  # "550 5.1.1 text": remote replies as received, our own errors in the same form
+    host: str = ""  # the host that replied; "" when no host took part
+    remote: bool = True  # the reply came from the remote SMTP server (DSN: "smtp;")
+
+    @property
+    def status(self) -> str:
+        """The RFC 3463 status code: from the reply, or derived from its class."""
+        parts = self.reply.split(None, 2)
+        if len(parts) > 1 and _ENHANCED.match(parts[1]):
+            return parts[1]
+        return f"{self.reply[:1] if self.reply[:1] in '245' else '4'}.0.0"
+
+
+def fromReply(code: int, text, host: str) -> Result:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = " ".join(text.split())[:MAX_REPLY]
+    kind = SENT if 200 <= code < 300 else FAILED if 500 <= code < 600 else DEFERRED
+    return Result(kind, f"{code} {text}" if code > 0 else f"451 4.4.2 {text}", host, code > 0)
+
+
+def ourError(text: str, status: str = "4.4.1", host: str = "") -> Result:
+    """A temporary failure we observed ourselves (no connection, timeout, TLS...)."""
+    return Result(DEFERRED, f"451 {status} {text}"[:MAX_REPLY], host, remote=False)
+
+
+@dataclass(frozen=True)
+class SenderSettings:
+    heloName: str
+    port: int
+    connectTimeout: float
+    commandTimeout: float
+    tls: str = "opportunistic"  # or "required"
+    username: str = ""
+    password: str = ""  # never logged
+    trustRoot: object = None  # for tls="required"; None is the platform's CAs
+
+
+def trustRootFromFile(path: str):
+    """The CA certificates in a PEM file as a trust root; None (the system's CAs) for ""."""
+    if not path:
+        return None
+    end = b"-----END CERTIFICATE-----"
+    with open(path, "rb") as f:
+        blocks = f.read().split(end)
+    certificates = [ssl.Certificate.loadPEM(b + end) for b in blocks if b"-----BEGIN" in b]
+    if not certificates:
+        raise ValueError(f"{path} holds no PEM certificate")
+    return ssl.trustRootFromCertificates(certificates)
+
+
+class _Path(smtp.Address):
+    """An envelope address sent exactly as queued."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __bytes__(self) -> bytes:
+        return self.text.encode("utf-8")
+
+
+class _SessionFailure(Exception):
+    """The attempt ended without a transaction result."""
+
+    def __init__(self, reason: str, status: str, inTransaction: bool, afterTLS: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.inTransaction = inTransaction  # MAIL FROM was sent: do not try another host
+        self.afterTLS = afterTLS  # STARTTLS was under way or done
+
+
+class _RelayClient(smtp.ESMTPSender):
+    """ESMTPSender for one transaction with per-recipient results (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._started = False
+        self._tail = b"\r\n"  # the message starts at the beginning of a line
+
+    def esmtpState_starttls(self, code, resp):
+        self.factory.tlsStarted = True
+        return super().esmtpState_starttls(code, resp)
+
+    def getMailFrom(self):
+        if self._started:
+            return None  # one transaction per connection: QUIT
+        self._started = self.factory.started = True
+        return _Path(self.factory.fromEmail)
+
+    def getMailTo(self):
+        return [_Path(r) for r in self.factory.toEmail]
+
+    def getMailData(self):
+        return self.factory.file
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        """Dot-stuff (RFC 5321 §4.5.2), also where a line starts at a chunk boundary."""
+        self.resetTimeout()
+        stuffed = (self._tail + chunk).replace(b"\r\n.", b"\r\n..")[len(self._tail):]
+        self._tail = (self._tail + chunk)[-2:]
+        return stuffed
+
+    def sentMail(self, code, resp, numOk, addresses, log):
+        host = self.factory.hostname
+        if not addresses:  # MAIL FROM was refused: its reply is everyone's
+            results = {r: fromReply(code, resp, host) for r in self.factory.toEmail}
+        else:
+            results = {}
+            for address, rcode, rresp in addresses:
+                accepted = rcode in smtp.SUCCESS
+                results[address.text] = fromReply(code if accepted else rcode,
+                                                  resp if accepted else rresp, host)
+        self.factory.finish(results)
+
+    def sendError(self, exc):
+        smtp.SMTPClient.sendError(self, exc)  # QUIT or drop the connection
+        self.factory.fail(exc)
+
+
+class _RelayClientFactory(smtp.ESMTPSenderFactory):
+    protocol = _RelayClient
+    noisy = False
+
+    def __init__(self, settings: SenderSettings, hostname: str, sender: str,
+                 recipients: Sequence[str], messageFile, context) -> None:
+        """@param context: TLS client options for STARTTLS, or None for none."""
+        self.done = defer.Deferred()
+        required = settings.tls == "required"
+        super().__init__(
+            settings.username.encode() or None, settings.password.encode() or None, "",
+            [], messageFile, self.done, retries=0, timeout=settings.commandTimeout,
+            contextFactory=context, heloFallback=not required,
+            requireAuthentication=bool(settings.username), requireTransportSecurity=required,
+            hostname=None)  # with a hostname ESMTPSender would make a verifying context itself
+        # Twisted parses these; ours are used as queued (see _RelayClient).
+        self.fromEmail = sender
+        self.toEmail = list(recipients)
+        self.nEmails = len(self.toEmail)
+        self.domain = settings.heloName.encode("idna")
+        self.hostname = hostname
+        self.started = False
+        self.tlsStarted = False
+
+    def finish(self, results: dict) -> None:
+        if not self.sendFinished:
+            self.sendFinished = True
+            self.result.callback(results)
+
+    def fail(self, exc) -> None:
+        if not self.sendFinished:
+            self.sendFinished = True
+            self.result.errback(exc)
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """(text, RFC 3463 status) for a failed session, in Postfix's words where it has some."""
+    if isinstance(exc, error.ConnectionRefusedError):
+        return "Connection refused", "4.4.1"
+    if isinstance(exc, (error.TimeoutError, error.TCPTimedOutError)):
+        return "Connection timed out", "4.4.1"
+    if isinstance(exc, error.ConnectError):
+        return exc.osError or str(exc), "4.4.1"
+    if isinstance(exc, smtp.SMTPTimeoutError):
+        return "timeout waiting for the server's reply", "4.4.2"
+    if isinstance(exc, smtp.TLSRequiredError):
+        return "the server does not offer STARTTLS, and TLS is required", "4.7.5"
+    if isinstance(exc, (smtp.AUTHDeclinedError, smtp.AUTHRequiredError,
+                        smtp.AuthenticationError)):
+        code = exc.code if isinstance(exc.code, int) and exc.code > 0 else ""
+        return f"authentication failed: {code} {_text(exc.resp)}".strip(), "4.7.8"
+    if isinstance(exc, smtp.SMTPClientError):
+        if isinstance(exc.code, int) and exc.code > 0:
+            return f"host refused to talk to me: {exc.code} {_text(exc.resp)}", "4.4.2"
+        cause = exc.__cause__ or exc
+        return f"lost connection: {_text(getattr(cause, 'resp', None) or str(cause))}", "4.4.2"
+    return f"lost connection: {exc}", "4.4.2"
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(str(value).split())[:MAX_REPLY]
+
+
+class RelaySender:
+    """Delivers one message to the recipients of one destination."""
+
+    def __init__(self, reactor, settings: SenderSettings) -> None:
+        self._reactor = reactor
+        self.settings = settings
+        self._contexts: dict[str, object] = {}  # building one costs more than a delivery
+
+    def _context(self, hostname: str, useTLS: bool):
+        if self.settings.tls == "required":
+            key = hostname
+        elif useTLS:
+            key = ""  # unverified: the same for every host
+        else:
+            return None
+        if key not in self._contexts:
+            self._contexts[key] = ssl.optionsForClientTLS(hostname, trustRoot=self.settings.trustRoot) \
+                if key else ssl.CertificateOptions()
+        return self._contexts[key]
+
+    def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
+                 messageFile, useTLS: bool) -> defer.Deferred:
+        factory = _RelayClientFactory(self.settings, hostname, sender, recipients, messageFile,
+                                      self._context(hostname, useTLS))
+        self._reactor.connectTCP(address, self.settings.port, factory,
+                                 timeout=self.settings.connectTimeout)
+
+        def failed(failure):
+            exc = failure.value
+            cause = exc.__cause__ if isinstance(exc, smtp.SMTPConnectError) and \
+                exc.__cause__ is not None else exc
+            text, status = _describe(cause)
+            raise _SessionFailure(text, status, factory.started, factory.tlsStarted)
+
+        return factory.done.addErrback(failed)
+
+    @defer.inlineCallbacks
+    def send(self, hops: Sequence[Hop], sender: str, recipients: Sequence[str],
+             openMessage: Callable[[], defer.Deferred], logContext: dict):
+        """@param openMessage: returns a Deferred firing with the message file, opened anew.
+        @return: Deferred firing with {recipient: L{Result}}; never fails.
+        """
+        last = ourError("no host to try")
+        tried = 0
+        for hop in hops:
+            for address in hop.addresses:
+                if tried == MAX_ADDRESSES:
+                    break
+                tried += 1
+                useTLS = True
+                while True:
+                    where = f"{hop.host}[{address}]:{self.settings.port}"
+                    messageFile = yield openMessage()
+                    try:
+                        results = yield self._attempt(hop.host, address, sender, recipients,
+                                                      messageFile, useTLS)
+                    except _SessionFailure as e:
+                        failure = e
+                    else:
+                        logAttempt(logContext, where, results)
+                        return results
+                    finally:
+                        messageFile.close()
+                    last = ourError(f"connect to {where}: {failure.reason}"
+                                    if failure.status == "4.4.1" else f"{where}: {failure.reason}",
+                                    failure.status, hop.host if failure.status != "4.4.1" else "")
+                    logAttempt(logContext, where, {r: last for r in recipients})
+                    if failure.inTransaction:
+                        # The host may have the message: never offer it to another now.
+                        return {r: last for r in recipients}
+                    if failure.afterTLS and useTLS and self.settings.tls != "required":
+                        useTLS = False  # opportunistic TLS failed: once more in plaintext
+                        continue
+                    break
+        return {r: last for r in recipients}
+
+
+def logAttempt(context: dict, where: str, results: dict) -> None:
+    """One log line per delivery attempt; never the message, never credentials."""
+    kinds = {r.kind for r in results.values()}
+    shown = next((r for r in results.values() if r.kind != SENT), next(iter(results.values())))
+    log.info("relay id={id} domain={domain} mx={mx} rcpts={n} result={result} reply={reply}",
+             id=context.get("id", ""), domain=context.get("domain", ""), mx=where,
+             n=len(results), result=kinds.pop() if len(kinds) == 1 else "partial",
+             reply=shown.reply)
