@@ -46,12 +46,22 @@ def freePort() -> int:
 @dataclass
 class RunningServer:
     dataDir: str
-    smtpPort: int
-    pop3Port: int
-    imapPort: int
+    ports: dict  # protocol -> port, every listener (smtp, submission, submissions, ...)
     service: object
     accounts: object
     store: object
+
+    @property
+    def smtpPort(self) -> int:
+        return self.ports["smtp"]
+
+    @property
+    def pop3Port(self) -> int:
+        return self.ports["pop3"]
+
+    @property
+    def imapPort(self) -> int:
+        return self.ports["imap"]
 
     def stop(self) -> None:
         onReactor(self.service.stopService)
@@ -62,11 +72,12 @@ def startServer(dataDir: str, **sections) -> RunningServer:
     from twistmail import config as configmod
     from twistmail import tap
 
-    smtpPort, pop3Port, imapPort = freePort(), freePort(), freePort()
+    ports = {protocol: freePort() for protocol in configmod.ALL_PROTOCOLS}
     overrides = {"server": {"data_dir": dataDir, "hostname": "mx.example.test"},
-                 "listen": {"smtp": [f"tcp:{smtpPort}:interface=127.0.0.1"],
-                            "pop3": [f"tcp:{pop3Port}:interface=127.0.0.1"],
-                            "imap": [f"tcp:{imapPort}:interface=127.0.0.1"]}}
+                 "listen": {p: [f"tcp:{port}:interface=127.0.0.1"] for p, port in ports.items()},
+                 # Failed logins are answered after a delay; tests that are not about it
+                 # should not wait for it.
+                 "auth": {"failure_delay": 0.01}}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
     options = tap.Options()
@@ -79,8 +90,8 @@ def startServer(dataDir: str, **sections) -> RunningServer:
         return svc
 
     svc = onReactor(build)
-    smtpFactory = svc.getServiceNamed(f"smtp tcp:{smtpPort}:interface=127.0.0.1").factory
-    return RunningServer(dataDir, smtpPort, pop3Port, imapPort, svc, smtpFactory.accounts,
+    smtpFactory = svc.getServiceNamed(f"smtp tcp:{ports['smtp']}:interface=127.0.0.1").factory
+    return RunningServer(dataDir, ports, svc, smtpFactory.accounts,
                          smtpFactory.delivery.local._store)
 
 

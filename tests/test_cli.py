@@ -297,7 +297,7 @@ def test_checkConfigExample(dataDir):
 @pytest.mark.parametrize("text, where", [
     ("[smtp]\nmax_recipents = 10\n", "[smtp] max_recipents"),
     ("[smtp]\nmax_recipients = 0\n", "[smtp] max_recipients"),
-    ('[listen]\nsubmission = ["tcp:587"]\n', "[listen] submission"),
+    ('[listen]\nsubmission = ["tpc:587"]\n', "[listen] submission"),
     ('[storage]\nbackend = "mbox"\n', "[storage] backend"),
     ("[server\n", "syntax"),
 ])

@@ -36,7 +36,9 @@ def test_embeddedDefault(tmp_path, monkeypatch):
     assert c.listeners("smtp") == ["tcp:2525:interface=127.0.0.1"]
     assert c.listeners("pop3") == ["tcp:2110:interface=127.0.0.1"]
     assert c.listeners("imap") == ["tcp:2143:interface=127.0.0.1"]
-    assert c.listeners("submission") == []
+    assert c.listeners("submission") == ["tcp:2587:interface=127.0.0.1"]
+    for protocol, port in (("submissions", 2465), ("pop3s", 2995), ("imaps", 2993)):
+        assert c.listeners(protocol) == [f"tcp:{port}:interface=127.0.0.1"]
     assert c.dataDir == os.path.join(str(tmp_path), "twistmail-data")
     assert os.path.isabs(c.dataDir)
     assert c.hostname  # the FQDN, never empty
@@ -206,22 +208,20 @@ def test_directoryInsteadOfFile(tmp_path):
     assertActionable(message, str(tmp_path), "file")
 
 
-@pytest.mark.parametrize("protocol", ["submission"])
-def test_unimplementedListener(tmp_path, protocol):
-    path = write(tmp_path, f'[listen]\n{protocol} = ["tcp:1143"]\n')
+def test_badEndpoint(tmp_path):
+    path = write(tmp_path, '[listen]\nimaps = ["tcp:993", "tcp:nine"]\n')
     message = loadError(path)
-    assertActionable(message, path, f"[listen] {protocol}")
-    assert "not implemented" in message
-    assert f"remove the {protocol} listener" in message
+    assertActionable(message, path, "[listen] imaps")
+    assert "bad endpoint 'tcp:nine'" in message
 
 
-def test_unimplementedListenerFromOverride(tmp_path):
+def test_badEndpointFromOverride(tmp_path):
     """twistd --submission ...: the error blames the command line, not a file the admin never wrote."""
-    message = loadError(None, {"listen": {"submission": ["tcp:1587"]}})
+    message = loadError(None, {"listen": {"submission": ["bogus:1587"]}})
     assert message.startswith("command line: [listen] submission:"), message
-    assert "not implemented" in message and "Fix:" in message
+    assert "Unknown endpoint type" in message and "Fix:" in message
     path = write(tmp_path, "[server]\n")
-    assert loadError(path, {"listen": {"submission": ["tcp:1587"]}}).startswith("command line:")
+    assert loadError(path, {"listen": {"pop3s": ["tcp:x"]}}).startswith("command line:")
 
 
 # -- etc/twistmail.toml documents every key ---------------------------------------

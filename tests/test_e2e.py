@@ -62,9 +62,11 @@ class E2EServer:
 def listenerArgs(smtpPort: int, pop3Port: int, imapPort: int | None = None) -> list[str]:
     """Every listener on a free loopback port (never the embedded defaults, which a
     developer's own server may be using)."""
-    return ["--smtp", f"tcp:{smtpPort}:interface=127.0.0.1",
-            "--pop3", f"tcp:{pop3Port}:interface=127.0.0.1",
-            "--imap", f"tcp:{imapPort or freePort()}:interface=127.0.0.1"]
+    from twistmail.config import ALL_PROTOCOLS
+
+    ports = {p: freePort() for p in ALL_PROTOCOLS}
+    ports.update(smtp=smtpPort, pop3=pop3Port, imap=imapPort or ports["imap"])
+    return [arg for p, port in ports.items() for arg in (f"--{p}", f"tcp:{port}:interface=127.0.0.1")]
 
 
 def launch(tmp_path, dataDir: str, name: str = "server") -> tuple[ServerProcess, int, int, int]:
@@ -313,27 +315,15 @@ def test_second_server_on_the_same_data_dir_refuses_to_start(mailserver, tmp_pat
     assert mailserver.process.proc.poll() is None
 
 
-def test_submission_listener_is_a_clear_not_implemented_error(tmp_path):
+def test_bad_listener_on_the_command_line_is_a_one_line_error(tmp_path):
     dataDir = str(tmp_path / "data")
-    port = freePort()
-    result = runTwistd(["--data-dir", dataDir, "--submission", f"tcp:{port}:interface=127.0.0.1"],
-                       cwd=str(tmp_path))
+    result = runTwistd(["--data-dir", dataDir, "--submission", "tpc:587"], cwd=str(tmp_path))
     assert result.returncode != 0, result.stdout
     last = result.stdout.strip().splitlines()[-1]
-    assert "[listen] submission: submission is not implemented in this version of twistmail" in last
-    assert "Fix: remove the submission listener (available: smtp, pop3, imap)" in last
+    assert "command line: [listen] submission: bad endpoint 'tpc:587'" in last
+    assert "<embedded default>" not in last and "Fix: " in last
     assert "Traceback" not in result.stdout
-    assert greeting(port) is None
     assert not os.path.exists(dataDir), "a configuration error must not create the data directory"
-
-
-def test_listener_error_names_the_command_line_not_the_embedded_default(tmp_path):
-    result = runTwistd(["--data-dir", str(tmp_path / "data"), "--submission", f"tcp:{freePort()}"],
-                       cwd=str(tmp_path))
-    assert result.returncode != 0
-    last = result.stdout.strip().splitlines()[-1]
-    assert "<embedded default>" not in last
-    assert "command line: " in last
 
 
 def test_port_in_use_is_a_one_line_error_naming_the_address_and_fix(tmp_path):
@@ -413,7 +403,9 @@ def requireFreePort(port: int) -> None:
 
 
 def test_embedded_default_listens_on_loopback_2525_2110_and_2143(tmp_path):
-    for port in (2525, 2110, 2143):
+    from twistmail.config import DEFAULT_PORTS
+
+    for port in DEFAULT_PORTS.values():
         requireFreePort(port)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -424,7 +416,7 @@ def test_embedded_default_listens_on_loopback_2525_2110_and_2143(tmp_path):
         assert banners["smtp"].startswith(b"220 ")
         assert banners["pop3"].startswith(b"+OK")
         assert banners["imap"].startswith(b"* OK [CAPABILITY IMAP4rev1")
-        for port in (2525, 2110, 2143):
+        for port in DEFAULT_PORTS.values():
             assert listeningAddresses(port) == {"127.0.0.1"}, process.describe()
         dataDir = cwd / "twistmail-data"
         assert dataDir.is_dir(), process.describe()

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-#: The embedded default when no --config is given: loopback, unprivileged ports.
-DEFAULT_PORTS = {"smtp": 2525, "pop3": 2110, "imap": 2143, "submission": 2587}
+#: The embedded default when no --config is given: loopback, unprivileged ports
+#: (the standard ones are 25, 587, 465, 110, 995, 143 and 993).
+DEFAULT_PORTS = {"smtp": 2525, "submission": 2587, "submissions": 2465, "pop3": 2110,
+                 "pop3s": 2995, "imap": 2143, "imaps": 2993}
 DEFAULT_DATA_DIR = "twistmail-data"
 
-#: Protocols whose listeners exist.  A listener for anything else is an error.
-IMPLEMENTED_PROTOCOLS = ("smtp", "pop3", "imap")
-ALL_PROTOCOLS = ("smtp", "pop3", "imap", "submission")
+ALL_PROTOCOLS = tuple(DEFAULT_PORTS)
+#: Listeners that speak TLS from the first byte (RFC 8314) instead of offering STARTTLS.
+IMPLICIT_TLS = {"submissions": "submission", "pop3s": "pop3", "imaps": "imap"}
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -81,6 +83,17 @@ def _networks(values: list[str]) -> None:
             raise ValueError(f"{value!r} is not a network in CIDR notation") from None
 
 
+def _endpoints(values: list[str]) -> None:
+    """Parse each endpoint string now, so a typo fails with the key that holds it."""
+    from twisted.internet import endpoints  # parses without a reactor; installs none
+
+    for value in values:
+        try:
+            endpoints.serverFromString(None, value)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise ValueError(f"bad endpoint {value!r} ({e})") from None
+
+
 def _nameservers(values: list[str]) -> None:
     for value in values:
         host, _ = hostPort(value, 53)
@@ -104,8 +117,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_connections_per_ip": Key(int, 50, "connections from one client address", 1),
     },
     "listen": {
-        name: Key(list, [f"tcp:{port}:interface=127.0.0.1"] if name in IMPLEMENTED_PROTOCOLS else [],
-                  f"Twisted endpoint strings for {name}")
+        name: Key(list, [f"tcp:{port}:interface=127.0.0.1"], f"Twisted endpoint strings for {name}",
+                  validate=_endpoints, example=f'["tcp:{port}:interface=127.0.0.1"]')
         for name, port in DEFAULT_PORTS.items()
     },
     "smtp": {
@@ -115,6 +128,23 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_data_line_length": Key(int, 64 * KiB, "DATA line limit; longer -> 552 5.3.4", 1000),
         "timeout": Key(int, 300, "idle seconds before 421 (RFC 5321 §4.5.3.2: 5 min)", 1),
         "recipient_delimiter": Key(str, "+", "user+tag@domain delivers to user; '' disables"),
+        "auth": Key(bool, False, "offer AUTH on the MX port too (authenticated users relay)"),
+    },
+    "submission": {
+        "require_own_sender": Key(bool, True, "MAIL FROM must be the user's address or alias"),
+    },
+    "tls": {
+        "certificate": Key(str, "", "PEM certificate, then its chain; '' = self-signed, generated"),
+        "key": Key(str, "", "PEM private key of the certificate"),
+    },
+    "auth": {
+        "plaintext_networks": Key(list, ["127.0.0.0/8", "::1/128"],
+                                  "clients (CIDR) that may send passwords without TLS",
+                                  validate=_networks, example='["127.0.0.0/8", "::1/128"]'),
+        "failure_delay": Key(float, 2.0, "seconds before a failed login is answered", 0),
+        "max_failures": Key(int, 5, "failed logins (per address, per account) before a lockout", 1),
+        "failure_window": Key(int, 600, "seconds over which failed logins are counted", 1),
+        "lockout": Key(int, 900, "seconds a locked-out address or account is refused", 1),
     },
     "pop3": {
         "timeout": Key(int, 600, "idle seconds before disconnect (RFC 1939: >= 10 min)", 1),
@@ -205,6 +235,14 @@ def _check(path: str, section: str, key: str, value: Any) -> Any:
     where = f"[{section}] {key}"
     if spec.type is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise _fail(path, where, f"expected an integer, got {value!r}", f"write e.g. {key} = {spec.default}")
+    if spec.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(path, where, f"expected a number, got {value!r}",
+                        f"write e.g. {key} = {spec.default}")
+        value = float(value)
+    if spec.type is bool and not isinstance(value, bool):
+        raise _fail(path, where, f"expected true or false, got {value!r}",
+                    f"write e.g. {key} = {'true' if spec.default else 'false'}")
     if spec.type is str and not isinstance(value, str):
         raise _fail(path, where, f"expected a string, got {value!r}", f'write e.g. {key} = "{spec.default}"')
     if spec.type is dict:
@@ -316,12 +354,13 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
             sections[section][key] = _check("command line", section, key, value)
     sections["server"]["data_dir"] = os.path.abspath(sections["server"]["data_dir"])
 
-    for protocol in ALL_PROTOCOLS:
-        if sections["listen"][protocol] and protocol not in IMPLEMENTED_PROTOCOLS:
-            fromCommandLine = protocol in (overrides or {}).get("listen", {})
-            raise _fail("command line" if fromCommandLine else shown, f"[listen] {protocol}",
-                        f"{protocol} is not implemented in this version of twistmail",
-                        f"remove the {protocol} listener (available: {', '.join(IMPLEMENTED_PROTOCOLS)})")
+    for key in ("certificate", "key"):
+        value = sections["tls"][key]
+        if value and path is not None and not os.path.isabs(value):
+            sections["tls"][key] = os.path.join(os.path.dirname(os.path.abspath(path)), value)
+    if bool(sections["tls"]["certificate"]) != bool(sections["tls"]["key"]):
+        raise _fail(shown, "[tls] certificate", "a certificate needs its key and a key its "
+                    "certificate", "set both [tls] certificate and [tls] key, or neither")
 
     _checkRelay(shown, path, sections["relay"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import signal
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
@@ -17,6 +18,7 @@ from twisted.internet import endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.mail import pop3
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -25,6 +27,7 @@ from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
 from twistmail.auth.realm import MailRealm
+from twistmail.auth.throttle import AuthThrottle
 from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.routing import RelayPolicy, Router
@@ -32,6 +35,7 @@ from twistmail.interfaces import IMailAccount
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
+from twistmail.protocols.security import Security
 from twistmail.protocols.smtp import SMTPFactory
 from twistmail.relay.mx import DnsPythonMXResolver, resolveHops, resolveSmarthost
 from twistmail.relay.pickup import ControlPoller
@@ -39,6 +43,7 @@ from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
 from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
 from twistmail.storage.maildir import MaildirStoreFactory
+from twistmail.tls import ServerTLS, TLSConfigError
 
 log = Logger()
 
@@ -47,10 +52,12 @@ BACKENDS = {"maildir": MaildirStoreFactory()}
 
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = ("twistmail: SMTP, POP3 and IMAP4 mail server. Without --config it runs "
-                "on an embedded default: ./twistmail-data, SMTP on 127.0.0.1:2525, POP3 on "
-                "127.0.0.1:2110, IMAP on 127.0.0.1:2143. Listener options take Twisted endpoint strings and may be "
-                "repeated; any given on the command line replace the config file's for that protocol.")
+    longdesc = ("twistmail: SMTP, submission, POP3 and IMAP4 mail server. Without --config it "
+                "runs on an embedded default: ./twistmail-data and loopback listeners: SMTP "
+                "2525, submission 2587 (STARTTLS) and 2465 (TLS), POP3 2110 and 2995 (TLS), "
+                "IMAP 2143 and 2993 (TLS), with a self-signed certificate. Listener options "
+                "take Twisted endpoint strings and may be repeated; any given on the command "
+                "line replace the config file's for that protocol.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see etc/twistmail.toml)"],
         ["data-dir", "d", None, "data directory (overrides [server] data_dir)"],
@@ -68,9 +75,12 @@ class Options(usage.Options):
         return opt
 
     opt_smtp = _listener("smtp")
-    opt_pop3 = _listener("pop3")
-    opt_imap = _listener("imap")
     opt_submission = _listener("submission")
+    opt_submissions = _listener("submissions")
+    opt_pop3 = _listener("pop3")
+    opt_pop3s = _listener("pop3s")
+    opt_imap = _listener("imap")
+    opt_imaps = _listener("imaps")
     del _listener
 
     def postOptions(self) -> None:
@@ -107,6 +117,30 @@ class _DataDirLock(service.Service):
     def stopService(self) -> None:
         if self._file is not None:
             self._file.close()
+        return super().stopService()
+
+
+class _ReloadOnHangup(service.Service):
+    """SIGHUP reloads the TLS certificate (connections already up keep theirs)."""
+
+    def __init__(self, tls: ServerTLS) -> None:
+        self.tls = tls
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        try:
+            self._previous = signal.signal(
+                signal.SIGHUP, lambda signum, frame: reactor.callFromThread(self.tls.reload))
+        except ValueError:
+            self._previous = None  # not the main thread (tests run the reactor in another)
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
         return super().stopService()
 
 
@@ -221,33 +255,46 @@ def makeService(options: Options) -> service.MultiService:
     # whole reactor pool (the disk's) nor hash on ten threads at once.
     kdf = _ThreadPoolService("twistmail-kdf", 2)
     kdf.setServiceParent(top)
+    auth = config["auth"]
+    throttle = AuthThrottle(auth["max_failures"], auth["failure_window"], auth["lockout"],
+                            auth["failure_delay"])
     portal = Portal(realm, [PasswordChecker(
-        accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args))])
+        accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args),
+        throttle, reactor)])
+    try:
+        tls = ServerTLS.fromConfig(config["tls"], config.hostname, dataDir)
+    except TLSConfigError as e:
+        raise usage.UsageError(f"{config.path}: [tls]: {e}") from None
+    _ReloadOnHangup(tls).setServiceParent(top)
+    security = Security(tls, auth["plaintext_networks"])
 
     router = Router(accounts, RelayPolicy(config["relay"]["trusted_networks"]),
                     config["smtp"]["recipient_delimiter"])
     local = LocalDelivery(store)
     queue = RelayQueue(dataDir)
     makeRelay(config, reactor, queue, router, local, top)
+    spool = os.path.join(dataDir, "spool")
+    pipeline = DeliveryPipeline(local, queue)
     factories = {
-        "smtp": SMTPFactory(config["smtp"], config.hostname, router,
-                            DeliveryPipeline(local, queue), os.path.join(dataDir, "spool"), limiter),
+        "smtp": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool, limiter,
+                            security, portal),
+        "submission": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool,
+                                  limiter, security, portal, submission=True,
+                                  checkSender=config["submission"]["require_own_sender"]),
     }
-    pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter)
+    pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter, security)
     realm.register(pop3.IMailbox, pop3Factory.avatar)
     factories["pop3"] = pop3Factory
-    imapFactory = IMAPFactory(config["imap"], portal, os.path.join(dataDir, "spool"), limiter)
+    imapFactory = IMAPFactory(config["imap"], portal, spool, limiter, security=security)
     realm.register(IMailAccount, imapFactory.avatar)
     factories["imap"] = imapFactory
+    for implicit, plain in configmod.IMPLICIT_TLS.items():
+        # RFC 8314: the same service, with TLS from the first byte.
+        factories[implicit] = TLSMemoryBIOFactory(tls, False, factories[plain])
 
     for protocol, factory in factories.items():
         for description in config.listeners(protocol):
-            try:
-                endpoint = endpoints.serverFromString(reactor, description)
-            except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(
-                    f"{config.path}: [listen] {protocol}: bad endpoint {description!r} ({e}). "
-                    f"Fix: use e.g. tcp:{configmod.DEFAULT_PORTS[protocol]}:interface=127.0.0.1") from None
+            endpoint = endpoints.serverFromString(reactor, description)  # checked by config
             listener = _Listener(protocol, description, endpoint, factory)
             listener.setName(f"{protocol} {description}")
             listener.setServiceParent(top)

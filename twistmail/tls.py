@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -62,6 +62,9 @@ def generateSelfSigned(hostname: str, certPath: str, keyPath: str) -> None:
 
 def loadOptions(certPath: str, keyPath: str) -> ssl.CertificateOptions:
     """CertificateOptions from PEM files: the certificate first, then its chain."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         with open(certPath, "rb") as f:
             pem = f.read()
@@ -73,14 +76,11 @@ def loadOptions(certPath: str, keyPath: str) -> ssl.CertificateOptions:
     except OSError as e:
         raise TLSConfigError(f"{keyPath}: {e.strerror}. Fix: check [tls] key") from None
     try:
-        chain = [crypto.load_certificate(crypto.FILETYPE_PEM, block)
-                 for block in _pemBlocks(pem, b"CERTIFICATE")]
-        if not chain:
-            raise crypto.Error("no certificate in the file")
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyPem)
-    except crypto.Error as e:
-        raise TLSConfigError(f"{certPath} / {keyPath}: not PEM certificate and key ({e}). "
-                             "Fix: point [tls] certificate and key at PEM files") from None
+        chain = x509.load_pem_x509_certificates(pem)
+        key = serialization.load_pem_private_key(keyPem, password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSConfigError(f"{certPath} / {keyPath}: not a PEM certificate and unencrypted "
+                             f"key ({e}). Fix: point [tls] certificate and key at PEM files") from None
     try:
         options = ssl.CertificateOptions(
             privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
@@ -90,18 +90,6 @@ def loadOptions(certPath: str, keyPath: str) -> ssl.CertificateOptions:
         raise TLSConfigError(f"{certPath} / {keyPath}: the key does not match the certificate "
                              f"({e}). Fix: configure the key that belongs to the certificate") from None
     return options
-
-
-def _pemBlocks(pem: bytes, kind: bytes) -> list[bytes]:
-    begin, end = b"-----BEGIN " + kind + b"-----", b"-----END " + kind + b"-----"
-    blocks, pos = [], 0
-    while (start := pem.find(begin, pos)) >= 0:
-        stop = pem.find(end, start)
-        if stop < 0:
-            break
-        blocks.append(pem[start:stop + len(end)] + b"\n")
-        pos = stop + len(end)
-    return blocks
 
 
 @implementer(IOpenSSLServerConnectionCreator)

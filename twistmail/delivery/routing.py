@@ -4,7 +4,7 @@
 RFC 5321 §3.6.2 leaves relaying to local policy; ours is Postfix's
 ``permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination``:
 a client may relay only if it is a local program (``twistmail sendmail``),
-has authenticated (SMTP AUTH, issue 6 sets ``Client.authenticated``), or
+has authenticated (SMTP AUTH sets ``Client.authenticated``), or
 connects from ``[relay] trusted_networks``.  Mail *to* our domains is always
 accepted, so the MX role is unaffected.
 """
@@ -40,7 +40,7 @@ class BadAddress(Exception):
 class Client:
     """Who is submitting: what relay permission depends on.
 
-    An SMTP session builds one per connection; SMTP AUTH (issue 6) replaces it
+    An SMTP session builds one per connection; SMTP AUTH replaces it
     with ``dataclasses.replace(client, authenticated=identity)``.
     """
 

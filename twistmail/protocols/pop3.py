@@ -159,9 +159,23 @@ class POP3Server(pop3.POP3):
             self.failResponse(b"TLS is not available")
             return
         self.successResponse(b"Begin TLS negotiation now")
-        self.clearLineBuffer()
+        self._buffer = b""
+        self._droppingPlaintext = True  # the rest of the lines already received
         self.transport.startTLS(self.factory.security.tls)
         self.secure = True
+
+    _droppingPlaintext = False
+
+    def dataReceived(self, data: bytes) -> None:
+        # LineOnlyReceiver splits everything received into lines before handing any
+        # over: those after STLS come from the same plaintext read and are dropped.
+        # Anything received later has come through TLS.
+        self._droppingPlaintext = False
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._droppingPlaintext:
+            super().lineReceived(line)
 
     def _refusePlaintext(self) -> bool:
         if self._passwordsAllowed():

@@ -22,16 +22,22 @@ CRLF included.  Bare CR or LF inside the data are kept as they are.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import itertools
 import re
+import secrets
 import time
 from email.utils import formatdate
 
+from twisted.cred import error as credError
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.mail import smtp
+from twisted.mail import imap4, smtp
 from twisted.mail.smtp import COMMAND, DATA
 
+from twistmail.auth.checkers import fromClient
 from twistmail.delivery.routing import (
     BadAddress,
     Client,
@@ -42,8 +48,10 @@ from twistmail.delivery.routing import (
 )
 from twistmail.delivery.spool import MessageSource
 from twistmail.errors import StorageError
+from twistmail.interfaces import IMailAccount
 from twistmail.model import Envelope
 from twistmail.protocols.limits import ConnectionLimiter
+from twistmail.protocols.security import Security, isSecure
 
 log = Logger()
 
@@ -64,6 +72,22 @@ MAX_ERRORS = 20
 #: RFC 5321 §6.3: more Received: fields than this means a mail loop.
 MAX_HOPS = 100
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
+_DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
+
+
+class _PLAIN(imap4.PLAINCredentials):
+    """RFC 4616 PLAIN; an authorization identity other than one's own is refused."""
+
+    def setResponse(self, response: bytes) -> None:
+        parts = response.split(b"\0")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            raise ValueError("malformed PLAIN response, or acting as another user")
+        _, self.username, self.password = parts
+
+
+#: SASL mechanisms offered where AUTH is (RFC 4954): PLAIN and the older LOGIN.
+CHALLENGERS = {b"PLAIN": _PLAIN, b"LOGIN": smtp.LOGINCredentials}
 
 
 _ids = itertools.count()
@@ -102,7 +126,7 @@ class SMTPServer(smtp.ESMTP):
         self._envelope: Envelope | None = None
         self._usedEhlo = False
         self._errors = 0
-        #: What relay permission depends on; SMTP AUTH (issue 6) sets ``authenticated``.
+        #: What relay permission depends on; SMTP AUTH sets ``authenticated``.
         self.client = Client()
 
     # -- connection ------------------------------------------------------------
@@ -112,6 +136,10 @@ class SMTPServer(smtp.ESMTP):
         self.timeout = self.factory.config["timeout"]
         self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")
         self.client = Client(address=self.peerHost)
+        self.secure = isSecure(self.transport)
+        self.ctx = self.factory.security.tls
+        if self.factory.offersAuth:
+            self.challengers = CHALLENGERS
         super().connectionMade()
 
     def greeting(self) -> bytes:
@@ -119,8 +147,10 @@ class SMTPServer(smtp.ESMTP):
 
     def extensions(self) -> dict:
         ext = super().extensions()
-        if not ext.get(b"AUTH"):
-            ext.pop(b"AUTH", None)
+        if self.secure:
+            ext.pop(b"STARTTLS", None)
+        if not ext.get(b"AUTH") or self.authenticated or not self._passwordsAllowed():
+            ext.pop(b"AUTH", None)  # RFC 4954 §4: only where a password may be sent
         ext[b"PIPELINING"] = None
         ext[b"8BITMIME"] = None
         ext[b"ENHANCEDSTATUSCODES"] = None
@@ -202,6 +232,85 @@ class SMTPServer(smtp.ESMTP):
         if not self._processing and self._buf:
             self._process()
 
+    # -- TLS and authentication ---------------------------------------------------
+
+    def _passwordsAllowed(self) -> bool:
+        return self.factory.security.passwordsAllowed(self.peerHost, self.secure)
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        """RFC 3207.  Whatever the client pipelined after STARTTLS in plaintext is
+        dropped, never read as commands over TLS (CVE-2011-0411), and the session
+        starts over: no EHLO, no transaction, no authentication carried across."""
+        if self.secure:
+            self.sendCode(503, b"5.5.1 TLS already active")
+        elif not self.canStartTLS:
+            self.sendCode(454, b"4.7.0 TLS not available")
+        elif rest.strip():
+            self.sendCode(501, b"5.5.4 STARTTLS takes no arguments")
+        else:
+            self.sendCode(220, b"2.0.0 Ready to start TLS")
+            self._buf = b""
+            self._helo = None
+            self._from = None
+            self._to = []
+            self.client = Client(address=self.peerHost)
+            self.authenticated = False
+            self.transport.startTLS(self.ctx)
+            self.startedTLS = self.secure = True
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        if not self.factory.offersAuth:
+            self.sendCode(502, b"5.5.1 AUTH not offered here; use the submission port")
+        elif not self._passwordsAllowed():
+            self.sendCode(538, b"5.7.11 Encryption required: use STARTTLS first")  # RFC 4954 §6
+        elif self._from is not None:
+            self.sendCode(503, b"5.5.1 AUTH not allowed during a mail transaction")
+        else:
+            super().ext_AUTH(rest)
+
+    def state_AUTH(self, response: bytes | None) -> None:
+        """One step of the SASL exchange (RFC 4954 §4); the last one checks the password."""
+        if response is None:
+            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+            return
+        if response == b"*":
+            self.mode = COMMAND
+            self.sendCode(501, b"5.0.0 Authentication cancelled")
+            return
+        try:
+            self.challenger.setResponse(base64.b64decode(b"" if response == b"=" else response,
+                                                         validate=True))
+        except (binascii.Error, ValueError):
+            self.mode = COMMAND
+            self.sendCode(501, b"5.5.2 Cannot decode the response")
+            return
+        if self.challenger.moreChallenges():
+            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+            return
+        self.mode = COMMAND
+        user = getattr(self.challenger, "username", b"") or b""
+        name = user.decode("utf-8", "replace")[:256]
+        d = self.factory.portal.login(fromClient(self.challenger, self.peerHost, "smtp"), None,
+                                      IMailAccount)
+
+        def succeeded(result) -> None:
+            _, account, logout = result
+            logout()
+            self.authenticated = True
+            self.client = dataclasses.replace(self.client, authenticated=account.name)
+            log.info("smtp auth user={user} client={client} result=ok", user=account.name,
+                     client=self.peerHost)
+            self.sendCode(235, b"2.7.0 Authentication successful")
+
+        def failed(failure) -> None:
+            if not failure.check(credError.UnauthorizedLogin, credError.LoginDenied):
+                log.failure("smtp auth failed unexpectedly", failure)
+            log.info("smtp auth user={user} client={client} result=failed", user=name,
+                     client=self.peerHost)
+            self.sendCode(535, b"5.7.8 Authentication credentials invalid")
+
+        d.addCallbacks(succeeded, failed)
+
     # -- commands --------------------------------------------------------------
 
     def do_MAIL(self, rest: bytes) -> None:
@@ -225,7 +334,25 @@ class SMTPServer(smtp.ESMTP):
         super().do_MAIL(rest)
 
     def validateFrom(self, helo, origin):
-        # MX role: any sender may deliver to our users; relay policy is in validateTo.
+        """MX: any sender may deliver to our users (relay policy is in validateTo).
+        Submission (RFC 6409 §4.2, §6.1): only after AUTH, and only as oneself."""
+        if not self.factory.submission:
+            return origin
+        if not self.authenticated:
+            raise smtp.SMTPServerError(530, "5.7.0 Authentication required")
+        if self.factory.checkSender:
+            sender = str(origin).lower()
+            try:
+                owned = self.client.authenticated in self.factory.accounts.route(
+                    sender, self.factory.router.delimiter)
+            except Exception:
+                owned = False
+            if not owned:
+                log.info("smtp reject client={client} user={user} from=<{sender}> "
+                         "result=sender not owned", client=self.peerHost,
+                         user=self.client.authenticated, sender=sender[:256])
+                raise smtp.SMTPServerError(
+                    553, "5.7.1 Sender address rejected: not owned by the authenticated user")
         return origin
 
     def validateTo(self, user):
@@ -304,6 +431,7 @@ class SMTPServer(smtp.ESMTP):
         self._midLine = False
         self._inHeaders = True
         self._hops = 0
+        self._hasMessageId = self._hasDate = False
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
@@ -371,9 +499,13 @@ class SMTPServer(smtp.ESMTP):
         self._source.write(chunk)
 
     def _countHops(self, chunk: bytes) -> None:
-        """Count Received: fields in the header section (chunks are whole lines)."""
+        """Count Received: fields in the header section (chunks are whole lines), and
+        note Message-ID: and Date: for submission."""
         end = -2 if chunk.startswith(b"\r\n") else chunk.find(b"\r\n\r\n")
-        self._hops += len(_RECEIVED.findall(chunk if end == -1 else chunk[:end + 2]))
+        header = chunk if end == -1 else chunk[:end + 2]
+        self._hops += len(_RECEIVED.findall(header))
+        self._hasMessageId = self._hasMessageId or bool(_MESSAGE_ID.search(header))
+        self._hasDate = self._hasDate or bool(_DATE.search(header))
         if end != -1:
             self._inHeaders = False
         if self._hops > MAX_HOPS:
@@ -396,6 +528,13 @@ class SMTPServer(smtp.ESMTP):
             self._logTransaction(f"rejected: {message.decode()}", size=size)
             self.sendCode(code, message)
             return
+        if self.factory.submission:
+            # RFC 6409 §8.3, §8.4: a submission server may add what the client left out.
+            if not self._hasMessageId:
+                source.prefix += b"Message-ID: <" + envelope.id.encode() + b"." + \
+                    secrets.token_hex(4).encode() + b"@" + self.host + b">\r\n"
+            if not self._hasDate:
+                source.prefix += b"Date: " + _now() + b"\r\n"
         d = defer.maybeDeferred(self.factory.delivery.deliver, envelope, source)
 
         def delivered(ignored) -> None:
@@ -433,10 +572,18 @@ class SMTPFactory(smtp.SMTPFactory):
     noisy = False
 
     def __init__(self, config, hostname: str, router: Router, delivery, spoolDir: str,
-                 limiter: ConnectionLimiter | None = None) -> None:
+                 limiter: ConnectionLimiter | None = None, security: Security | None = None,
+                 portal=None, submission: bool = False, checkSender: bool = True) -> None:
         """@param delivery: has C{deliver(envelope, source) -> Deferred}, durable when it fires
-            (L{twistmail.delivery.pipeline.DeliveryPipeline})."""
-        super().__init__()
+            (L{twistmail.delivery.pipeline.DeliveryPipeline}).
+        @param submission: the RFC 6409 role: AUTH required before MAIL, the sender
+            must be the user's own (C{checkSender}), Message-ID and Date added.
+            Otherwise the MX role, which offers AUTH only if C{config["auth"]}."""
+        super().__init__(portal)
+        self.submission = submission
+        self.checkSender = checkSender
+        self.security = security or Security(None)
+        self.offersAuth = portal is not None and (submission or config["auth"])
         self.config = config
         self.hostname = hostname.encode("idna") if isinstance(hostname, str) else hostname
         self.router = router
