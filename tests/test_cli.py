@@ -343,3 +343,20 @@ def test_checkConfigNeverShowsTheSmarthostPassword(dataDir, tmp_path):
     assert settings["relay.smarthost_password"] == "(set)"
     assert settings["relay.smarthost"] == "smtp.example.net:587"
     assert "hunter2" not in proc.stdout + proc.stderr
+
+
+def test_checkConfigLoadsTheCertificate(dataDir, tmp_path):
+    from twistmail.tls import generateSelfSigned
+
+    generateSelfSigned("mx.example.test", str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+    good = tmp_path / "good.toml"
+    good.write_text('[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n')
+    assert "configuration OK" in cli("--config", str(good), "check-config", dataDir=dataDir).stdout
+    generateSelfSigned("other.example", str(tmp_path / "other.pem"), str(tmp_path / "otherkey.pem"))
+    for text, problem in (('certificate = "missing.pem"\nkey = "key.pem"', "No such file"),
+                          ('certificate = "cert.pem"\nkey = "otherkey.pem"', "does not match")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[tls]\n" + text + "\n")
+        proc = cli("--config", str(bad), "check-config", dataDir=dataDir, check=False)
+        assert proc.returncode == 1
+        assert f"{bad}: [tls]:" in proc.stderr and problem in proc.stderr and "Fix:" in proc.stderr

@@ -74,6 +74,8 @@ STUBS = {
     "fetchmail": LOG_STUB.format(name="fetchmail") + 'echo "This is fetchmail release 0 (stub)"\n',
     "mbsync": LOG_STUB.format(name="mbsync") + 'echo "isync 0 (stub)"\n',
     "neomutt": LOG_STUB.format(name="neomutt") + 'echo "NeoMutt 0 (stub)"\n',
+    "curl": LOG_STUB.format(name="curl") + 'echo "curl 0 (stub)"\n',
+    "openssl": LOG_STUB.format(name="openssl") + 'echo "OpenSSL 0 (stub)"\n',
     "venv-pip": LOG_STUB.format(name=".venv/bin/pip"),
     "venv-pytest": LOG_STUB.format(name=".venv/bin/pytest") + 'exit "$STUB_PYTEST_STATUS"\n',
 }
@@ -125,14 +127,17 @@ def test_ci_run_installs_the_tools_then_runs_exactly_the_test_command(tmp_path):
     install = aptCalls[1]
     assert install[:2] == ["apt-get", "install"] and "-y" in install
     assert "--no-install-recommends" in install
-    assert {"swaks", "fetchmail", "isync", "neomutt"} <= set(install)
+    assert {"swaks", "libnet-ssleay-perl", "fetchmail", "isync", "neomutt", "curl",
+            "openssl"} <= set(install)
 
     # Versions first, then the test command, nothing else from the venv.
     assert "swaks version 0 (stub)" in result.stdout
     assert "fetchmail release 0 (stub)" in result.stdout
     assert "isync 0 (stub)" in result.stdout and "NeoMutt 0 (stub)" in result.stdout
+    assert "curl 0 (stub)" in result.stdout and "OpenSSL 0 (stub)" in result.stdout
     assert "Python 3.11.0 (stub)" in result.stdout
-    testCalls = [c for c in calls if c[0] not in ("apt-get", "swaks", "fetchmail", "mbsync", "neomutt")
+    tools = ("apt-get", "swaks", "fetchmail", "mbsync", "neomutt", "curl", "openssl")
+    testCalls = [c for c in calls if c[0] not in tools
                  and c[:2] not in (["python3", "--version"], ["python3", "-c"])]
     assert testCalls == expectedTestCalls()
     assert calls.index(aptCalls[1]) < calls.index(testCalls[0])

@@ -98,6 +98,12 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+def startupError(message: str) -> SystemExit:
+    """A problem found while building the service: twistd prints a SystemExit's message
+    as one line, but a traceback for anything else raised from makeService."""
+    return SystemExit(f"twistmail: {message}")
+
+
 class _DataDirLock(service.Service):
     """Refuse to run two servers on one data directory (they would race on uidlists)."""
 
@@ -204,7 +210,7 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
         try:
             trustRoot = trustRootFromFile(relay["smarthost_ca_file"])
         except (OSError, ValueError) as e:
-            raise usage.UsageError(f"{config.path}: [relay] smarthost_ca_file: {e}. Fix: give a "
+            raise startupError(f"{config.path}: [relay] smarthost_ca_file: {e}. Fix: give a "
                                    "PEM file of CA certificates") from None
         sender = RelaySender(reactor, SenderSettings(
             port=port, tls=relay["smarthost_tls"], username=relay["smarthost_username"],
@@ -230,7 +236,7 @@ def makeStore(config: configmod.Config):
     name = config["storage"]["backend"]
     factory = BACKENDS.get(name)
     if factory is None:
-        raise usage.UsageError(
+        raise startupError(
             f"{config.path}: [storage] backend: unknown backend {name!r}. "
             f"Fix: use one of {', '.join(sorted(BACKENDS))}")
     return factory.makeStore({}, config.dataDir)
@@ -264,7 +270,7 @@ def makeService(options: Options) -> service.MultiService:
     try:
         tls = ServerTLS.fromConfig(config["tls"], config.hostname, dataDir)
     except TLSConfigError as e:
-        raise usage.UsageError(f"{config.path}: [tls]: {e}") from None
+        raise startupError(f"{config.path}: [tls]: {e}") from None
     _ReloadOnHangup(tls).setServiceParent(top)
     security = Security(tls, auth["plaintext_networks"])
 

@@ -117,6 +117,13 @@ def cmdCheckConfig(args) -> str:
     if config["storage"]["backend"] not in BACKENDS:
         raise CLIError(f"{config.path}: [storage] backend: unknown backend "
                        f"{config['storage']['backend']!r}. Fix: use one of {', '.join(BACKENDS)}")
+    if config["tls"]["certificate"]:
+        from twistmail.tls import TLSConfigError, loadOptions
+
+        try:
+            loadOptions(config["tls"]["certificate"], config["tls"]["key"])
+        except TLSConfigError as e:
+            raise CLIError(f"{config.path}: [tls]: {e}") from None
     rows = [("config", config.path)]
     for section, keys in configmod.SCHEMA.items():
         for key in keys:

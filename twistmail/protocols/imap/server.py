@@ -167,7 +167,6 @@ class IMAPServer(imap4.IMAP4Server):
                                     maxMessage=config["max_message_size"],
                                     maxCommand=config["max_line_length"] + 4 * config["max_literal_size"],
                                     spoolDir=self.factory.spoolDir)
-        self.transport.registerProducer(self._flow, True)
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
@@ -756,6 +755,24 @@ class IMAPServer(imap4.IMAP4Server):
                 await mailbox.setFlags(unseen, {"\\Seen"}, "add")
                 if not any(i.name == b"FLAGS" for i in items):
                     items.append(fetch.Item(b"FLAGS"))
+        # Flow control while the answer streams out (a client that does not read
+        # holds us up instead of filling memory).  Registered for this command only:
+        # a TLS transport will not close while a producer is registered.
+        self.transport.registerProducer(self._flow, True)
+        try:
+            missing = await self._respondFetch(view, targets, items)
+        finally:
+            self.transport.unregisterProducer()
+            self._flow.paused = False
+        if missing:
+            self._flushUpdates(expunge=uid)
+            self._tagged(tag, b"NO", b"[EXPUNGEISSUED] Some messages were expunged")
+        else:
+            self._ok(tag, b"FETCH completed", expunge=uid)
+
+    async def _respondFetch(self, view: SelectedFolder, targets: list, items: list) -> bool:
+        """Write the FETCH responses; True if some message had gone meanwhile."""
+        mailbox = view.mailbox
         needsMessage = any(i.needsMessage for i in items)
         missing = False
         batch: list[tuple[int, int, object]] = []
@@ -789,11 +806,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.transport.write(b")\r\n".join(lines) + b")\r\n")
         if batch:
             missing |= await self._fetchBatch(view, batch, items)
-        if missing:
-            self._flushUpdates(expunge=uid)
-            self._tagged(tag, b"NO", b"[EXPUNGEISSUED] Some messages were expunged")
-        else:
-            self._ok(tag, b"FETCH completed", expunge=uid)
+        return missing
 
     def _flags(self, view: SelectedFolder, message) -> frozenset:
         return message.flags | {"\\Recent"} if message.uid in view.recent else message.flags
