@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from servers import DOMAIN, PASSWORD, PYTHON, TWISTD, USER, free_port
+from servers import DOMAIN, PASSWORD, PYTHON, TWISTD, USER, free_port, listen_section
 
 ADDRESS = f"{USER}@{DOMAIN}"
 TARGETS = {"select_restart": 1.0, "fetch_flags": 3.0}  # seconds, at 100,000 messages
@@ -160,9 +160,7 @@ class Twistmail:
         self.config.write_text(
             f'[server]\ndata_dir = "{self.data}"\nhostname = "bench.example"\n'
             f"max_connections = 5000\nmax_connections_per_ip = 5000\n"
-            f'[listen]\nsmtp = ["tcp:{free_port()}:interface=127.0.0.1"]\n'
-            f'pop3 = ["tcp:{free_port()}:interface=127.0.0.1"]\n'
-            f'imap = ["tcp:{self.port}:interface=127.0.0.1"]\n')
+            + listen_section(imap=self.port))
 
     @property
     def maildir(self) -> Path:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 from message import MessageFactory  # noqa: E402
-from servers import cpu_seconds, free_port  # noqa: E402
+from servers import cpu_seconds, free_port, listen_section  # noqa: E402
 
 from twistmail._groupcommit import commitBatch  # noqa: E402
 from twistmail.relay.queue import QueueEntry, Recipient, newQueueId, stageNew  # noqa: E402
@@ -156,8 +156,8 @@ def _commit(stages) -> None:
 def writeConfig(workdir: Path, dataDir: Path, dnsPort: int, smtpPort: int, **relay) -> Path:
     settings = {"nameservers": [f"127.0.0.1:{dnsPort}"], "smtp_port": smtpPort,
                 "connect_timeout": 5, "command_timeout": 30, **relay}
-    lines = ["[server]", f'data_dir = "{dataDir}"', 'hostname = "relay.bench.test"', "[listen]",
-             f'smtp = ["tcp:{free_port()}:interface=127.0.0.1"]', "pop3 = []", "[relay]"]
+    lines = ["[server]", f'data_dir = "{dataDir}"', 'hostname = "relay.bench.test"',
+             listen_section(smtp=free_port()), "[relay]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     path = workdir / "twistmail.toml"
     path.write_text("\n".join(lines) + "\n")

@@ -75,7 +75,8 @@ def bench_aiosmtpd(workdir: Path, args: argparse.Namespace, concurrency: int) ->
 
 
 def bench_twistmail(workdir: Path, args: argparse.Namespace, concurrency: int) -> dict:
-    server, maildir, pop3_port = servers.twistmail_server(workdir)
+    server, maildir, ports = servers.twistmail_server(workdir)
+    pop3_port = ports["pop3"]
     server.start()
     try:
         result = load(server, maildir, args, concurrency)

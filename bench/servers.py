@@ -112,18 +112,32 @@ def _twistmail_cli(data_dir: Path, *args: str, stdin: bytes | None = None) -> No
         raise RuntimeError(f"{' '.join(argv)} failed:\n{proc.stdout!r}\n{proc.stderr!r}")
 
 
-def twistmail_server(workdir: Path) -> tuple[Server, Path, int]:
-    """A fresh twistmail with alice provisioned; returns server, Maildir, POP3 port."""
+PROTOCOLS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+
+
+def listen_section(**ports: int) -> str:
+    """A TOML [listen] table: the given protocols on loopback ports, every other one off
+    (so a benchmark never binds the embedded defaults a developer's server may use)."""
+    lines = ["[listen]"]
+    for protocol in PROTOCOLS:
+        port = ports.get(protocol)
+        lines.append(f'{protocol} = ["tcp:{port}:interface={HOST}"]' if port else f"{protocol} = []")
+    return "\n".join(lines) + "\n"
+
+
+def twistmail_server(workdir: Path, **extra_ports: int) -> tuple[Server, Path, dict]:
+    """A fresh twistmail with alice provisioned; returns server, Maildir and its ports
+    (smtp, pop3 and imap, plus C{extra_ports} such as imaps=... )."""
     data_dir = workdir / "data"
     data_dir.mkdir()
     _twistmail_cli(data_dir, "domain", "add", DOMAIN)
     _twistmail_cli(data_dir, "user", "add", f"{USER}@{DOMAIN}", stdin=f"{PASSWORD}\n".encode())
-    smtp, pop3, imap = free_port(), free_port(), free_port()
-    argv = [*TWISTD, "-n", "--pidfile=", "twistmail", "--data-dir", str(data_dir)]
-    argv += ["--smtp", f"tcp:{smtp}:interface={HOST}", "--pop3", f"tcp:{pop3}:interface={HOST}"]
-    argv += ["--imap", f"tcp:{imap}:interface={HOST}"]
-    server = Server("twistmail", argv, smtp, workdir / "server.log")
-    return server, data_dir / "mail" / DOMAIN / USER, pop3
+    ports = {"smtp": free_port(), "pop3": free_port(), "imap": free_port(), **extra_ports}
+    config = workdir / "twistmail.toml"
+    config.write_text(f'[server]\ndata_dir = "{data_dir}"\n' + listen_section(**ports))
+    argv = [*TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(config)]
+    server = Server("twistmail", argv, ports["smtp"], workdir / "server.log")
+    return server, data_dir / "mail" / DOMAIN / USER, ports
 
 
 def twistmail_available() -> str | None:
