@@ -152,7 +152,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "imap": {
         "timeout": Key(int, 1800, "idle seconds after login before BYE (RFC 3501: >= 30 min)", 60),
-        "login_timeout": Key(int, 60, "idle seconds before login before BYE", 5),
+        "login_timeout": Key(int, 60, "idle seconds before login before BYE", 1),
         "max_line_length": Key(int, 64 * KiB, "command line limit in octets (literals apart)", 1000),
         "max_literal_size": Key(int, 64 * KiB, "literal limit outside APPEND; larger -> BAD", 1024),
         "max_message_size": Key(int, 25 * MiB, "APPEND limit (APPENDLIMIT); larger -> NO [TOOBIG]",
