@@ -149,7 +149,6 @@ class IMAPServer(imap4.IMAP4Server):
         self._busy = False
         self._processing = False
         self._continuation: defer.Deferred | None = None
-        self._idling: tuple | None = None  # (tag, view) while in IDLE
         self._loginFailures = 0
         self._flow = _Flow()
 
