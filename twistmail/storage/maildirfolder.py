@@ -378,7 +378,10 @@ class MaildirFolder:
             changed the folder since our last scan: then the next refresh rescans).
         """
         newDir, curDir = os.path.join(self.path, "new"), os.path.join(self.path, "cur")
-        before = (_stamp(newDir), _stamp(curDir))
+        try:
+            before = (_stamp(newDir), _stamp(curDir))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NoSuchFolder(self.name) from None  # deleted by another session
         result = work(*args)
         after = (_stamp(newDir), _stamp(curDir)) if before == self._stamps else None
         return result, after
