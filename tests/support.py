@@ -11,30 +11,10 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
-from twisted.internet import reactor, threads
-
-_started = threading.Event()
-
-
-def startReactor() -> None:
-    if _started.is_set():
-        return
-    thread = threading.Thread(
-        target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True, name="reactor")
-    reactor.callWhenRunning(_started.set)
-    thread.start()
-    if not _started.wait(10):
-        raise RuntimeError("reactor did not start")
-
-
-def onReactor(f, *args, **kwargs):
-    """Run f on the reactor thread and wait for its (possibly Deferred) result."""
-    startReactor()
-    return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
+from twistmail.testing import onReactor, startReactor  # noqa: F401 - re-exported for tests
 
 
 def freePort() -> int:
