@@ -37,8 +37,14 @@ class RunningServer:
         onReactor(self.service.stopService)
 
 
-def startServer(dataDir: str, **sections) -> RunningServer:
-    """Build the real service tree (tap.makeService) on free loopback ports and start it."""
+def startServer(dataDir: str, backendOptions: dict | None = None, **sections) -> RunningServer:
+    """Build the real service tree (tap.makeService) on free loopback ports and start it.
+
+    @param backendOptions: ``{backend: {option: value}}``, as ``[storage.<backend>]`` tables.
+    """
+    import dataclasses
+    from types import MappingProxyType
+
     from twistmail import config as configmod
     from twistmail import tap
 
@@ -51,6 +57,9 @@ def startServer(dataDir: str, **sections) -> RunningServer:
         overrides.setdefault(section, {}).update(values)
     options = tap.Options()
     options.config = configmod.load(None, overrides)
+    if backendOptions:
+        options.config = dataclasses.replace(options.config, backendOptions=MappingProxyType(
+            {name: MappingProxyType(table) for name, table in backendOptions.items()}))
 
     def build():
         svc = tap.makeService(options)

@@ -19,22 +19,20 @@ from twisted.mail import pop3
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from twistmail import _pluginload
 from twistmail import config as configmod
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
 from twistmail.auth.realm import MailRealm
 from twistmail.delivery.local import LocalDelivery
-from twistmail.interfaces import IMailAccount
+from twistmail.interfaces import IMailAccount, IMailStoreFactory
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.smtp import SMTPFactory
-from twistmail.storage.maildir import MaildirStoreFactory
 
 log = Logger()
-
-BACKENDS = {"maildir": MaildirStoreFactory()}
 
 
 class Options(usage.Options):
@@ -144,13 +142,16 @@ class _Listener(internet.StreamServerEndpointService):
 
 
 def makeStore(config: configmod.Config):
+    """The store of the backend plugin named by ``[storage] backend``, with its options.
+
+    @raise configmod.ConfigError: unknown backend, broken plugin or bad options.
+    """
     name = config["storage"]["backend"]
-    factory = BACKENDS.get(name)
-    if factory is None:
-        raise usage.UsageError(
-            f"{config.path}: [storage] backend: unknown backend {name!r}. "
-            f"Fix: use one of {', '.join(sorted(BACKENDS))}")
-    return factory.makeStore({}, config.dataDir)
+    try:
+        factory = _pluginload.find(IMailStoreFactory, name, "[storage] backend", "backend")
+        return factory.makeStore(config.storageOptions(), config.dataDir)
+    except configmod.ConfigError as e:
+        raise configmod.ConfigError(f"{config.path}: {e}") from None
 
 
 def makeService(options: Options) -> service.MultiService:
@@ -162,7 +163,10 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     _DataDirLock(dataDir).setServiceParent(top)
 
-    store = makeStore(config)
+    try:
+        store = makeStore(config)
+    except configmod.ConfigError as e:
+        raise usage.UsageError(str(e)) from None
     accounts = Accounts(dataDir, reloadInterval=config["accounts"]["reload_interval"])
     limiter = ConnectionLimiter(config["server"]["max_connections"],
                                 config["server"]["max_connections_per_ip"])

@@ -115,12 +115,17 @@ def cmdAlias(args) -> str:
 
 
 def cmdCheckConfig(args) -> str:
+    """Validate the file and the backend's options; print every setting and the backends found."""
     config = _config(args)
-    from twistmail.tap import BACKENDS
+    from twistmail import _pluginload
+    from twistmail.interfaces import IMailStoreFactory
+    from twistmail.tap import makeStore
 
-    if config["storage"]["backend"] not in BACKENDS:
-        raise CLIError(f"{config.path}: [storage] backend: unknown backend "
-                       f"{config['storage']['backend']!r}. Fix: use one of {', '.join(BACKENDS)}")
+    try:
+        makeStore(config)
+        backends = _pluginload.available(IMailStoreFactory)
+    except configmod.ConfigError as e:
+        raise CLIError(str(e)) from None
     rows = [("config", config.path)]
     for section, keys in configmod.SCHEMA.items():
         for key in keys:
@@ -128,7 +133,12 @@ def cmdCheckConfig(args) -> str:
             if isinstance(value, list):
                 value = " ".join(value) or "-"
             rows.append((f"{section}.{key}", value))
-    return table(["SETTING", "VALUE"], rows) + "\nconfiguration OK"
+    for key, value in sorted(config.storageOptions().items()):
+        rows.append((f"storage.{config['storage']['backend']}.{key}", value))
+    found = table(["BACKEND", "MODULE", "DESCRIPTION"],
+                  [(name, type(plugin).__module__, plugin.description)
+                   for name, plugin in backends.items()])
+    return table(["SETTING", "VALUE"], rows) + "\n\n" + found + "\nconfiguration OK"
 
 
 def parser() -> argparse.ArgumentParser:
