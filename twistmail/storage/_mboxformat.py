@@ -47,9 +47,10 @@ LETTER_FLAGS = {v: k for k, v in SYSTEM_LETTERS.items()}
 _X_STATUS = {"\\Answered": "A", "\\Flagged": "F", "\\Deleted": "D", "\\Draft": "T"}
 _FROM_X_STATUS = {v: k for k, v in _X_STATUS.items()}
 
-#: Header fields that are metadata, never message content (lower case).
+#: Header fields that are metadata, never message content (lower case).  ``Lines``
+#: comes with mutt's Content-Length when it rewrites a folder.
 METADATA = frozenset({b"x-uidl", b"x-uid", b"x-imapbase", b"x-imap", b"status", b"x-status",
-                      b"x-keywords", b"content-length"})
+                      b"x-keywords", b"content-length", b"lines"})
 #: Room for keywords in X-Keywords beyond what a message has when written.
 KEYWORD_ROOM = 64
 
