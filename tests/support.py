@@ -23,6 +23,10 @@ def freePort() -> int:
         return s.getsockname()[1]
 
 
+#: The storage backends the protocol and interop tests run on.
+BACKENDS = ("maildir", "mbox")
+
+
 @dataclass
 class RunningServer:
     dataDir: str
@@ -32,6 +36,7 @@ class RunningServer:
     service: object
     accounts: object
     store: object
+    backend: str = "maildir"
 
     def stop(self) -> None:
         onReactor(self.service.stopService)
@@ -70,7 +75,7 @@ def startServer(dataDir: str, backendOptions: dict | None = None, **sections) ->
     svc = onReactor(build)
     smtpFactory = svc.getServiceNamed(f"smtp tcp:{smtpPort}:interface=127.0.0.1").factory
     return RunningServer(dataDir, smtpPort, pop3Port, imapPort, svc, smtpFactory.accounts,
-                         smtpFactory.delivery._store)
+                         smtpFactory.delivery._store, options.config["storage"]["backend"])
 
 
 def cli(*args: str, dataDir: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
@@ -93,6 +98,54 @@ def addUser(dataDir: str, address: str, password: str = "secret") -> None:
         if domain not in accounts.domains:
             accounts.addDomain(domain)
         accounts.addUser(address, hashPassword(password))
+
+
+def accountDir(dataDir: str, address: str, backend: str = "maildir") -> str:
+    local, domain = address.split("@")
+    return os.path.join(dataDir, "mail" if backend == "maildir" else backend, domain, local)
+
+
+def storedMessages(dataDir: str, address: str, backend: str = "maildir") -> list[bytes]:
+    """The messages in the account's INBOX as another program reading the files sees them."""
+    root = accountDir(dataDir, address, backend)
+    if backend == "maildir":
+        out = []
+        for sub in ("new", "cur"):
+            for name in maildirFiles(dataDir, address, sub):
+                with open(os.path.join(root, sub, name), "rb") as f:
+                    out.append(f.read())
+        return out
+    from twistmail.storage import _mboxformat
+
+    try:
+        with open(os.path.join(root, "INBOX"), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    return [_mboxformat.unquote(data[m.contentAt:m.skipFrom] + data[m.skipTo:m.end])
+            for m in _mboxformat.parse(data, 0, len(data), 0)]
+
+
+def externalDelivery(dataDir: str, address: str, data: bytes, backend: str = "maildir") -> None:
+    """Put a message into INBOX as another program does: an MDA writing a Maildir
+    (tmp/, then new/), or one appending to an mbox with fcntl and dot-lock (Python's mailbox)."""
+    root = accountDir(dataDir, address, backend)
+    if backend == "maildir":
+        name = f"{time.time():.6f}.P{os.getpid()}.otherprogram"
+        with open(os.path.join(root, "tmp", name), "wb") as f:
+            f.write(data)
+        os.rename(os.path.join(root, "tmp", name), os.path.join(root, "new", name))
+        return
+    import mailbox
+
+    box = mailbox.mbox(os.path.join(root, "INBOX"), create=False)
+    box.lock()
+    try:
+        box.add(data)  # bytes are written as they are (a Message would be re-encoded)
+        box.flush()
+    finally:
+        box.unlock()
+        box.close()
 
 
 def maildirFiles(dataDir: str, address: str, sub: str = "new") -> list[str]:

@@ -7,7 +7,13 @@ import smtplib
 import socket
 
 import pytest
-from support import onReactor, readAll
+from support import BACKENDS, onReactor, readAll
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Every test here runs on each storage backend (conftest's server uses this)."""
+    return request.param
 
 
 def send(server, *bodies: bytes, rcpt: str = "alice@example.test") -> None:
