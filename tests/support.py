@@ -122,7 +122,8 @@ def storedMessages(dataDir: str, address: str, backend: str = "maildir") -> list
             data = f.read()
     except FileNotFoundError:
         return []
-    return [_mboxformat.unquote(data[m.contentAt:m.skipFrom] + data[m.skipTo:m.end])
+    return [_mboxformat.unquote(data[m.contentAt:m.skipFrom] + _mboxformat.JOINTS[m.joint]
+                                + data[m.skipTo:m.end])
             for m in _mboxformat.parse(data, 0, len(data), 0)]
 
 

@@ -311,7 +311,8 @@ def test_expungeWritesUidsIntoTheFileSoAnIndexIsNotNeeded(store, dataDir):
 
 def rewriteLikeMutt(path: str) -> None:
     """mutt syncing a folder: Status/X-Status dropped where they were and written (unpadded)
-    at the end of the header with Content-Length and Lines; other fields kept."""
+    at the end of the header with Content-Length and Lines, then an empty line that is "\n"
+    whatever the message's line endings; other fields kept (neomutt 20220429 does this)."""
     with open(path, "rb") as f:
         data = f.read()
     out = []
@@ -322,7 +323,7 @@ def rewriteLikeMutt(path: str) -> None:
                                                                            b"X-Status:"))]
         lines[-1] = lines[-1] + b"\r\nStatus: RO\nX-Status: F\nContent-Length: %d\nLines: 1" % (
             len(body))
-        out.append(b"\n".join(lines) + b"\r\n\r\n" + body.rstrip(b"\n") + b"\n")
+        out.append(b"\n".join(lines) + b"\n\n" + body.rstrip(b"\n") + b"\n")
     with open(path, "r+b") as f:  # in place, as mutt does
         f.write(b"\n".join(out) + b"\n")
         f.truncate()

@@ -51,6 +51,8 @@ _FROM_X_STATUS = {v: k for k, v in _X_STATUS.items()}
 #: comes with mutt's Content-Length when it rewrites a folder.
 METADATA = frozenset({b"x-uidl", b"x-uid", b"x-imapbase", b"x-imap", b"status", b"x-status",
                       b"x-keywords", b"content-length", b"lines"})
+#: What rejoins header and body once another program's fields are cut out (see L{Parsed}).
+JOINTS = (b"", b"\n", b"\r\n")
 #: Room for keywords in X-Keywords beyond what a message has when written.
 KEYWORD_ROOM = 64
 
@@ -188,8 +190,9 @@ class Parsed(NamedTuple):
     contentAt: int  # after the leading metadata block
     flagsAt: int  # our fixed-width flags region, or 0
     flagsLen: int
-    skipFrom: int  # metadata fields at the end of the header (another program's)
-    skipTo: int
+    skipFrom: int  # metadata fields at the end of the header (another program's) and the
+    skipTo: int  # empty line after them, left out and replaced by JOINTS[joint]: mutt ends
+    joint: int  # a header it rewrote with "\n" even when the message's lines end in CRLF
     end: int  # end of the content as stored (quoted)
     size: int  # octets once unquoted, metadata left out: what IMAP and POP3 serve
     quoted: int  # lines that carry an mboxrd '>'
@@ -301,12 +304,17 @@ def parseMessage(buf, offset: int, stop: int, fallbackDate: int) -> Parsed:
     if length is not None and end - contentAt == length + 1 and buf[end - 1:end] == b"\n":
         end -= 1  # our line feed after a message that had none
     skipFrom = skipTo = contentAt
+    joint = 0
     if region is None:
         # Another program's metadata fields at the end of the header (mutt, Dovecot).
-        skipTo = _headerEnd(buf, contentAt, end)
-        skipFrom = _trailingFields(buf, contentAt, skipTo, fields)
-        if skipFrom == skipTo:
-            skipFrom = skipTo = contentAt
+        headerEnd = _headerEnd(buf, contentAt, end)
+        start = _trailingFields(buf, contentAt, headerEnd, fields)
+        if start < headerEnd:
+            blank = buf[headerEnd:headerEnd + 2]
+            blankLength = 2 if blank == b"\r\n" else 1 if blank[:1] == b"\n" else 0
+            ending = buf[start - 2:start] if start > contentAt else blank
+            joint = (2 if ending == b"\r\n" else 1) if blankLength else 0
+            skipFrom, skipTo = start, headerEnd + blankLength
     quoted = len(_UNQUOTE.findall(buf, contentAt, skipFrom)) + len(_UNQUOTE.findall(buf, skipTo, end))
     base = None
     if b"x-imapbase" in fields:
@@ -316,8 +324,8 @@ def parseMessage(buf, offset: int, stop: int, fallbackDate: int) -> Parsed:
         except (IndexError, ValueError):
             base = None
     date = parseDate(buf[offset:fromEnd])
-    return Parsed(offset, contentAt, flagsAt, flagsLen, skipFrom, skipTo, end,
-                  (skipFrom - contentAt) + (end - skipTo) - quoted, quoted,
+    return Parsed(offset, contentAt, flagsAt, flagsLen, skipFrom, skipTo, joint, end,
+                  (skipFrom - contentAt) + len(JOINTS[joint]) + (end - skipTo) - quoted, quoted,
                   fallbackDate if date is None else date, _uidl(fields.get(b"x-uidl")),
                   _number(fields.get(b"x-uid")), base, _flags(fields))
 

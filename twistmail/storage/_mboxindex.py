@@ -41,6 +41,7 @@ class Entry(NamedTuple):
     flagsLen: int
     skipFrom: int
     skipTo: int
+    joint: int
     end: int
     size: int
     quoted: int
@@ -81,7 +82,7 @@ def decodeFlags(text: str) -> frozenset:
 
 def entryLine(uid: int, e: Entry) -> str:
     return (f"m\t{uid}\t{e.offset}\t{e.contentAt}\t{e.flagsAt}\t{e.flagsLen}\t{e.skipFrom}\t"
-            f"{e.skipTo}\t{e.end}\t{e.size}\t{e.quoted}\t{e.internalDate}\t{int(e.hasUidl)}\t"
+            f"{e.skipTo}\t{e.joint}\t{e.end}\t{e.size}\t{e.quoted}\t{e.internalDate}\t{int(e.hasUidl)}\t"
             f"{e.uniqueId}\t{encodeFlags(e.flags)}\n")
 
 
@@ -113,10 +114,10 @@ def read(path: str) -> Index | None:
         fields = line.split("\t")
         try:
             kind = fields[0]
-            if kind == "m" and len(fields) == 15:
-                n = list(map(int, fields[1:12]))
-                entries[n[0]] = Entry(*n[1:], fields[13], fields[12] == "1",
-                                      decodeFlags(fields[14]))
+            if kind == "m" and len(fields) == 16:
+                n = list(map(int, fields[1:13]))
+                entries[n[0]] = Entry(*n[1:], fields[14], fields[13] == "1",
+                                      decodeFlags(fields[15]))
             elif kind == "f" and len(fields) == 3:
                 uid = int(fields[1])
                 if uid in entries:

@@ -155,7 +155,7 @@ def writeMessages(fd: int, messages: list[Outgoing], base: tuple | None = None) 
             pos = _writeAll(fd, b"\n\n" if noEol else b"\n", pos)
             flagsAt = offset + len(head) + regionAt
             entries.append(Entry(offset, contentAt, flagsAt, contentAt - flagsAt, contentAt,
-                                 contentAt, contentAt + length, length - quoted, quoted,
+                                 contentAt, 0, contentAt + length, length - quoted, quoted,
                                  int(out.internalDate), out.uniqueId, True, out.flags))
         os.fsync(fd)
     except BaseException as e:
@@ -185,7 +185,8 @@ def readContent(fd: int, e: Entry) -> bytes:
     """The message's bytes as IMAP and POP3 serve them (metadata left out, unquoted)."""
     data = os.pread(fd, e.end - e.offset, e.offset)
     _verify(data, e)
-    content = data[e.contentAt - e.offset:e.skipFrom - e.offset] + data[e.skipTo - e.offset:]
+    content = (data[e.contentAt - e.offset:e.skipFrom - e.offset] + fmt.JOINTS[e.joint]
+               + data[e.skipTo - e.offset:])
     if e.quoted:
         content = fmt.unquote(content)
     if len(content) != e.size:
@@ -227,12 +228,14 @@ def openContent(path: str, e: Entry):
             raise _Moved()
         if e.size <= WHOLE_MESSAGE:
             return io.BytesIO(readContent(fd, e))
-        if not e.quoted and e.skipFrom == e.skipTo:
+        if not e.quoted and e.skipFrom == e.skipTo and not e.joint:
             window, fd = _Window(fd, e.contentAt, e.end), -1
             return window
         spill = tempfile.TemporaryFile()
         u = fmt.unquoter()
         for start, stop in ((e.contentAt, e.skipFrom), (e.skipTo, e.end)):
+            if start == e.skipTo:
+                spill.write(u.feed(fmt.JOINTS[e.joint]))
             while start < stop:
                 chunk = os.pread(fd, min(CHUNK, stop - start), start)
                 if not chunk:
@@ -755,7 +758,7 @@ def _readSync(path: str, entries: list[Entry]) -> list[bytes]:
 
 
 def _entry(m: fmt.Parsed, uniqueId_: str) -> Entry:
-    return Entry(m.offset, m.contentAt, m.flagsAt, m.flagsLen, m.skipFrom, m.skipTo, m.end,
+    return Entry(m.offset, m.contentAt, m.flagsAt, m.flagsLen, m.skipFrom, m.skipTo, m.joint, m.end,
                  m.size, m.quoted, m.internalDate, uniqueId_, m.uniqueId is not None, m.flags)
 
 
@@ -779,9 +782,12 @@ def _copyMessage(src: int, dst: int, pos: int, uid: int, e: Entry, flags,
     if not head.startswith(b"From "):
         raise _Moved()
     fromLine = head[:head.index(b"\n") + 1]
-    length = (e.skipFrom - e.contentAt) + (e.end - e.skipTo)
+    joint = fmt.JOINTS[e.joint]
+    length = (e.skipFrom - e.contentAt) + len(joint) + (e.end - e.skipTo)
     if e.end > e.skipTo:
         last = os.pread(src, 1, e.end - 1)
+    elif joint:
+        last = joint[-1:]
     elif e.skipFrom > e.contentAt:
         last = os.pread(src, 1, e.skipFrom - 1)
     else:
@@ -792,11 +798,12 @@ def _copyMessage(src: int, dst: int, pos: int, uid: int, e: Entry, flags,
     pos = _writeAll(dst, fromLine + blk, pos)
     contentAt = pos
     pos = _copyRange(src, dst, e.contentAt, e.skipFrom, pos)
+    pos = _writeAll(dst, joint, pos)
     pos = _copyRange(src, dst, e.skipTo, e.end, pos)
     end = pos
     pos = _writeAll(dst, b"\n\n" if noEol else b"\n", pos)
     flagsAt = offset + len(fromLine) + regionAt
-    return Entry(offset, contentAt, flagsAt, contentAt - flagsAt, contentAt, contentAt, end,
+    return Entry(offset, contentAt, flagsAt, contentAt - flagsAt, contentAt, contentAt, 0, end,
                  e.size, e.quoted, e.internalDate, e.uniqueId, True, frozenset(flags)), pos
 
 
