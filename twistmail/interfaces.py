@@ -120,6 +120,23 @@ class IMailbox(Interface):
         """Stop notifying C{listener}; unknown listeners are ignored."""
 
 
+class IImportableMailbox(IMailbox):
+    """Optional: a folder that can take messages with the POP3 unique ids they had elsewhere.
+
+    ``twistmail migrate`` uses it, when the target backend offers it, so POP3
+    clients that leave mail on the server do not fetch everything again.
+    """
+
+    def importMessages(messages):
+        """Store messages durably, in order, like L{IMailbox.append}.
+
+        @param messages: (source, flags, internalDate, uniqueId) tuples; a
+            uniqueId the backend cannot store, or that the folder already
+            has, is replaced by a new one.
+        @return: Deferred firing with the new uids, in order.
+        """
+
+
 class IMailAccount(Interface):
     """One user's folders."""
 

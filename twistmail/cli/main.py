@@ -141,6 +141,32 @@ def cmdCheckConfig(args) -> str:
     return table(["SETTING", "VALUE"], rows) + "\n\n" + found + "\nconfiguration OK"
 
 
+def cmdMigrate(args) -> str:
+    """Copy accounts to another backend; say what to put in the config afterwards."""
+    from twistmail.cli.migrate import MigrationError, migrate
+
+    config = _config(args)
+    accounts = _accounts(args)
+    if args.all:
+        addresses = sorted(accounts.users)
+    else:
+        addresses = [a.lower() for a in args.addresses]
+        unknown = [a for a in addresses if a not in accounts.users]
+        if unknown:
+            raise CLIError(f"no user {unknown[0]} (see: twistmail user list)")
+    if not addresses:
+        raise CLIError("no users to migrate (see: twistmail user list)")
+    try:
+        migrate(config, args.to, addresses)
+    except MigrationError as e:
+        raise CLIError(str(e)) from None
+    where = config.path if args.config else "your config file (see etc/twistmail.toml)"
+    return (f"migrated {len(addresses)} account(s) from {config['storage']['backend']} to "
+            f"{args.to}; the {config['storage']['backend']} copies are untouched (remove them "
+            f"once satisfied).\nNow put this in {where}, then start the server:\n"
+            f'[storage]\nbackend = "{args.to}"')
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twistmail", description="twistmail administration")
     p.add_argument("--version", action="version", version=f"twistmail {__version__}")
@@ -167,10 +193,19 @@ def parser() -> argparse.ArgumentParser:
     alias.add_parser("list")
 
     sub.add_parser("check-config", help="validate the configuration and show the effective settings")
+
+    migrate = sub.add_parser("migrate", help="copy mailboxes to another storage backend (server "
+                                             "stopped)")
+    migrate.add_argument("--to", required=True, metavar="BACKEND",
+                         help="the backend to copy to: maildir, mbox or a plugin's name")
+    who = migrate.add_mutually_exclusive_group(required=True)
+    who.add_argument("--all", action="store_true", help="every user")
+    who.add_argument("addresses", nargs="*", default=[], metavar="ADDRESS")
     return p
 
 
-COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "check-config": cmdCheckConfig}
+COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "check-config": cmdCheckConfig,
+            "migrate": cmdMigrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

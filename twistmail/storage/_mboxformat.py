@@ -263,13 +263,14 @@ def _number(value: bytes | None) -> int | None:
         return None
 
 
+def validUidl(text: str) -> bool:
+    """RFC 1939 §7: a unique-id is 1 to 70 characters from 0x21 to 0x7E."""
+    return 0 < len(text) <= 70 and all(0x20 < ord(c) < 0x7F for c in text)
+
+
 def _uidl(value: bytes | None) -> str | None:
-    if not value:
-        return None
-    text = value.strip().decode("ascii", "replace")
-    if not text or len(text) > 70 or any(not (0x20 < ord(c) < 0x7F) for c in text):
-        return None
-    return text
+    text = value.strip().decode("ascii", "replace") if value else ""
+    return text if validUidl(text) else None
 
 
 def _flags(fields: dict) -> frozenset:

@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from twistmail import _fsutil
 from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError
-from twistmail.interfaces import IMailbox
+from twistmail.interfaces import IImportableMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _mboxformat as fmt
 from twistmail.storage import _mboxindex as index
@@ -269,7 +269,7 @@ class _Sync:
     result: object = None  # the operation's own result
 
 
-@implementer(IMailbox)
+@implementer(IImportableMailbox)
 class MboxFolder:
     """One folder's shared index: every session on the folder sees this object."""
 
@@ -689,6 +689,22 @@ class MboxFolder:
                        time.time() if internalDate is None else internalDate, uniqueId())
         return self._lock.run(self._locked, self._exclusive, self._appendSync,
                               [out]).addCallback(lambda uids: uids[0])
+
+    def importMessages(self, messages) -> defer.Deferred:
+        """Appends keeping each message's POP3 UIDL where it can be an X-UIDL."""
+        known = {e.uniqueId for e in self._entries.values()}
+        outs = []
+        for source, flags, internalDate, unique in messages:
+            flags = frozenset(flags)
+            bad = [f for f in flags if not f.startswith("\\") and not fmt.validKeyword(f)]
+            if bad:
+                return defer.fail(StorageError(f"invalid keyword {bad[0]!r}"))
+            if unique in known or not fmt.validUidl(unique):
+                unique = uniqueId()
+            known.add(unique)
+            outs.append(Outgoing(lambda source=source: _chunks(source), flags, internalDate,
+                                 unique))
+        return self._lock.run(self._locked, self._exclusive, self._appendSync, outs)
 
     def copyMessages(self, uids, target: MboxFolder) -> defer.Deferred:
         """Copies keep flags, dates and POP3 UIDLs; all or none (RFC 3501 §6.4.7)."""
