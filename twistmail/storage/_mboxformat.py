@@ -56,7 +56,6 @@ JOINTS = (b"", b"\n", b"\r\n")
 #: Room for keywords in X-Keywords beyond what a message has when written.
 KEYWORD_ROOM = 64
 
-_FROM_LINE = re.compile(rb"^From ", re.M)
 _QUOTE = re.compile(rb"^(>*From )", re.M)
 _UNQUOTE = re.compile(rb"^>(>*From )", re.M)
 #: What a line may start with and still turn out to need (un)quoting once the rest arrives.
@@ -216,20 +215,36 @@ def parseDate(line: bytes) -> int | None:
 
 
 def messageStarts(buf, start: int = 0, stop: int | None = None) -> list[int]:
-    """Offsets of the From_ lines in C{buf} (bytes or mmap) between C{start} and C{stop}."""
+    """Offsets of the From_ lines in C{buf} (bytes or mmap) between C{start} and C{stop}
+    (C{start} is at the beginning of a line)."""
     stop = len(buf) if stop is None else stop
-    return [m.start() for m in _FROM_LINE.finditer(buf, start, stop)]
+    starts = [start] if buf[start:start + 5] == b"From " else []
+    at = buf.find(b"\nFrom ", start, stop)  # find() is a C loop: 20x faster than a regex
+    while at >= 0:
+        starts.append(at + 1)
+        at = buf.find(b"\nFrom ", at + 6, stop)
+    return starts
 
 
-def _fields(buf, pos: int, stop: int, into: dict) -> int:
-    """Read consecutive metadata header lines from C{pos}; return where they end."""
+def _fields(buf, pos: int, stop: int, into: dict) -> tuple[int, object]:
+    """Read consecutive metadata header lines from C{pos}.
+
+    @return: where they end, and our flags region if they end with it (then
+        what follows is the message's own header, whatever its fields).
+    """
     while pos < stop:
+        if buf[pos:pos + 8] == b"Status: ":
+            region = _FLAGS_REGION.match(buf, pos, stop)
+            if region is not None:
+                for m in _FIELD.finditer(buf, pos, region.end()):
+                    into[m.group(1).lower()] = m.group(2)
+                return region.end(), region
         m = _FIELD.match(buf, pos, stop)
         if m is None or m.group(1).lower() not in METADATA:
-            return pos
+            return pos, None
         into[m.group(1).lower()] = m.group(2)
         pos = m.end()
-    return pos
+    return pos, None
 
 
 def _headerEnd(buf, pos: int, stop: int) -> int:
@@ -263,9 +278,12 @@ def _number(value: bytes | None) -> int | None:
         return None
 
 
+_UIDL = re.compile(r"[\x21-\x7e]{1,70}")
+
+
 def validUidl(text: str) -> bool:
     """RFC 1939 §7: a unique-id is 1 to 70 characters from 0x21 to 0x7E."""
-    return 0 < len(text) <= 70 and all(0x20 < ord(c) < 0x7F for c in text)
+    return _UIDL.fullmatch(text) is not None
 
 
 def _uidl(value: bytes | None) -> str | None:
@@ -292,13 +310,9 @@ def parseMessage(buf, offset: int, stop: int, fallbackDate: int) -> Parsed:
     fromEnd = stop if lineEnd < 0 else lineEnd + 1
     end = stop - 1 if stop - 1 >= fromEnd and buf[stop - 2:stop] == b"\n\n" else stop
     fields: dict = {}
-    contentAt = _fields(buf, fromEnd, end, fields)
-    region = _FLAGS_REGION.search(buf, fromEnd, contentAt)
+    contentAt, region = _fields(buf, fromEnd, end, fields)
     if region is not None:
-        # Our block ends with its flags region: what follows is the message's own header.
-        flagsAt, flagsLen, contentAt = region.start(), region.end() - region.start(), region.end()
-        fields = {}
-        _fields(buf, fromEnd, contentAt, fields)
+        flagsAt, flagsLen = region.start(), region.end() - region.start()
     else:
         flagsAt = flagsLen = 0
     length = _number(fields.get(b"content-length"))
@@ -316,7 +330,10 @@ def parseMessage(buf, offset: int, stop: int, fallbackDate: int) -> Parsed:
             ending = buf[start - 2:start] if start > contentAt else blank
             joint = (2 if ending == b"\r\n" else 1) if blankLength else 0
             skipFrom, skipTo = start, headerEnd + blankLength
-    quoted = len(_UNQUOTE.findall(buf, contentAt, skipFrom)) + len(_UNQUOTE.findall(buf, skipTo, end))
+    quoted = 0
+    if buf.find(b">From ", contentAt, end) >= 0:  # rare: count them only then
+        quoted = len(_UNQUOTE.findall(buf, contentAt, skipFrom)) + \
+            len(_UNQUOTE.findall(buf, skipTo, end))
     base = None
     if b"x-imapbase" in fields:
         parts = fields[b"x-imapbase"].decode("ascii", "replace").split()
