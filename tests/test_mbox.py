@@ -351,6 +351,26 @@ def test_anotherProgramsRewriteKeepsUidsAndReadsItsFlags(store, dataDir):
                                                           3: {"\\Seen", "\\Flagged"}}
 
 
+def test_aCopyWithOurXUidlGetsAUidlOfItsOwn(store, dataDir):
+    """mutt copying a message within the folder copies its X-UIDL too; POP3 UIDLs must differ."""
+    deliver(store, message(1))
+    deliver(store, message(2))
+    folder = openFolder(store)
+    data = content(dataDir)
+    first = data[:data.index(b"\nFrom ") + 1]
+    with open(mboxPath(dataDir), "ab") as f:
+        f.write(first)  # the same From_ line, block and message, appended
+    assert call(folder, "refresh").added == (3,)
+    ids = [m.uniqueId for m in folder.messages()]
+    assert len(set(ids)) == 3
+    assert call(folder, "readMessages", [1, 3]) == [message(1)] * 2
+    call(folder, "remove", [2])  # a rewrite, then a restart without the index
+    os.unlink(mboxPath(dataDir, ".INBOX.index"))
+    again = openFolder(restart(dataDir))
+    assert [m.uniqueId for m in again.messages()] == [ids[0], ids[2]]
+    assert uids(again) == [1, 3]
+
+
 def test_aReaderWhoseOffsetsWentStaleRereadsTheIndex(dataDir):
     """Two servers' worth of state on one file (another process expunged meanwhile)."""
     first, second = restart(dataDir), restart(dataDir)

@@ -448,8 +448,12 @@ class MboxFolder:
             size = found.pop().offset  # still being written by a program that ignores locks
         uid, lines = sync.uidNext, []
         keywords = set(sync.keywords)
+        used = {e.uniqueId for e in state.entries.values()}
         for m in found:
-            e = _entry(m, m.uniqueId or uniqueId())
+            # mutt copying one of our messages copies its X-UIDL: a UIDL must stay unique.
+            uidl = m.uniqueId if m.uniqueId not in used else None
+            e = _entry(m, uidl or uniqueId(), uidl is not None)
+            used.add(e.uniqueId)
             sync.added.append((uid, e))
             lines.append(index.entryLine(uid, e))
             keywords.update(f for f in e.flags if not f.startswith("\\"))
@@ -480,23 +484,25 @@ class MboxFolder:
         entries: dict[int, Entry] = {}
         keywords = set(sync.keywords) | set(base[2] if base else ())
         last, renumber = 0, False
+        used: set[str] = set()
         for m in found:
-            uid = None
-            if not renumber:
-                candidate = byUidl.get(m.uniqueId) if m.uniqueId else None
-                if candidate is None:
-                    candidate = byPlace.get((m.offset, m.size))
-                if candidate is None and trustXUid:
-                    candidate = m.xUid
-                if candidate is not None and last < candidate < uidNext and \
-                        (candidate not in old or old[candidate].size == m.size):
-                    uid = candidate
-            if uid is None:
+            uidl = m.uniqueId if m.uniqueId not in used else None  # a copy's is not its own
+            candidate = byUidl.get(uidl) if uidl else byPlace.get((m.offset, m.size))
+            if candidate is None and trustXUid:
+                candidate = m.xUid
+            known = old.get(candidate)
+            if not renumber and candidate is not None and last < candidate < uidNext and (
+                    known is None or known.size == m.size and uidl in (None, known.uniqueId)):
+                uid = candidate
+            else:
                 uid, renumber = uidNext, True
                 uidNext += 1
             last = uid
             known = old.get(uid)
-            e = _entry(m, m.uniqueId or (known.uniqueId if known else uniqueId()))
+            unique = uidl or (known.uniqueId if known and known.uniqueId not in used
+                              else uniqueId())
+            used.add(unique)
+            e = _entry(m, unique, uidl is not None)
             entries[uid] = e
             keywords.update(f for f in e.flags if not f.startswith("\\"))
         sync.full = entries
@@ -773,9 +779,10 @@ def _readSync(path: str, entries: list[Entry]) -> list[bytes]:
         os.close(fd)
 
 
-def _entry(m: fmt.Parsed, uniqueId_: str) -> Entry:
+def _entry(m: fmt.Parsed, unique: str, hasUidl: bool) -> Entry:
+    """@param hasUidl: whether C{unique} is the X-UIDL in the message's block."""
     return Entry(m.offset, m.contentAt, m.flagsAt, m.flagsLen, m.skipFrom, m.skipTo, m.joint, m.end,
-                 m.size, m.quoted, m.internalDate, uniqueId_, m.uniqueId is not None, m.flags)
+                 m.size, m.quoted, m.internalDate, unique, hasUidl, m.flags)
 
 
 def _copyRange(src: int, dst: int, start: int, stop: int, pos: int) -> int:
