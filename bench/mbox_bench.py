@@ -39,7 +39,7 @@ BACKENDS = ("maildir", "mbox")
 
 def toMbox(maildir: Path, mbox: Path) -> None:
     """The Maildir's messages, in delivery order and with their flags, as one mbox file."""
-    from twistmail.storage.mboxfolder import Outgoing, writeMessages
+    from twistmail.storage._mboxio import Outgoing, writeMessages
 
     letters = {"S": "\\Seen", "R": "\\Answered", "F": "\\Flagged", "T": "\\Deleted", "D": "\\Draft"}
     outs = []

@@ -25,7 +25,7 @@ from twistmail.config import ConfigError
 from twistmail.delivery.spool import MessageSource
 from twistmail.errors import StorageError
 from twistmail.interfaces import IMailStoreFactory
-from twistmail.storage import _locking, _mboxformat, _mboxindex, mboxfolder
+from twistmail.storage import _locking, _mboxformat, _mboxindex, _mboxio
 from twistmail.storage.mbox import MboxStore, MboxStoreFactory
 from twistmail.testing.conformance import (
     call,
@@ -269,7 +269,7 @@ def test_expungeCrashLeavesOneCompleteFile(store, dataDir, monkeypatch, crashAt)
     def crash(*args, **kwargs):
         raise Crash()
 
-    target = {"copying": (mboxfolder, "_copyRange"), "fsync": (os, "fsync"),
+    target = {"copying": (_mboxio, "copyRange"), "fsync": (os, "fsync"),
               "rename": (os, "rename"), "fsyncDir": (_fsutil, "fsyncDir"),
               "index": (_mboxindex, "write")}[crashAt]
     monkeypatch.setattr(*target, crash)
@@ -465,7 +465,7 @@ def test_dotlockIsTakenAndHonoured(dataDir, monkeypatch):
     deliver(store, message(1))
     lock = mboxPath(dataDir) + ".lock"
     seen = []
-    realWrite = mboxfolder.writeMessages
+    realWrite = _mboxio.writeMessages
     monkeypatch.setattr("twistmail.storage.mbox.writeMessages",
                         lambda fd, outs: seen.append(os.path.exists(lock)) or realWrite(fd, outs))
     deliver(store, message(2))

@@ -40,7 +40,8 @@ from twistmail.errors import FolderExists, InvalidFolderName, NoSuchFolder, Stor
 from twistmail.interfaces import IMailAccount, IMailStore, IMailStoreFactory
 from twistmail.storage import _mboxindex, folders
 from twistmail.storage._locking import MailboxLock
-from twistmail.storage.mboxfolder import MboxFolder, Outgoing, uniqueId, writeMessages
+from twistmail.storage._mboxio import Outgoing, uniqueId, writeMessages
+from twistmail.storage.mboxfolder import MboxFolder
 
 log = Logger()
 
@@ -173,7 +174,10 @@ class MboxAccount:
         # RFC 3501 §6.3.5: INBOX's messages move, INBOX stays (empty, same UIDVALIDITY,
         # and its UIDNEXT goes on): under its folder lock if a session has it open.
         inbox = self._store._folders.get((self.name, "INBOX"))
-        run = lambda: self._store._run(self._renameInboxSync, new, src, dst)  # noqa: E731
+
+        def run() -> defer.Deferred:
+            return self._store._run(self._renameInboxSync, new, src, dst)
+
         return inbox._lock.run(run) if inbox is not None else run()
 
     def _renameSync(self, old: str, new: str, src: str, dst: str) -> None:
@@ -197,8 +201,8 @@ class MboxAccount:
             raise FolderExists(new)
         self._ensureParents(new, dst)
         with self._store._mailboxLock(src, exclusive=True) as lock:
-            state = MboxFolder(self._store, self.name, "INBOX", src, self.root)
-            sync = state._reconcile(lock.fd)
+            # Bring the index up to date first: it moves with the messages.
+            sync = MboxFolder(self._store, self.name, "INBOX", src, self.root)._reconcile(lock.fd)
             os.rename(src, dst)
             os.rename(_indexPath(src), _indexPath(dst))
             self._ensureFile(src)

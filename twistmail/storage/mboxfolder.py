@@ -32,11 +32,7 @@ folder's DeferredLock; worker trips read it while holding that lock.
 
 from __future__ import annotations
 
-import io
-import itertools
-import mmap
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -50,205 +46,17 @@ from twistmail.interfaces import IImportableMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _mboxformat as fmt
 from twistmail.storage import _mboxindex as index
+from twistmail.storage import _mboxio as mboxio
 from twistmail.storage._mboxindex import Entry, Stamp, stampOf
 from twistmail.storage._uidlist import newUidValidity
 
 log = Logger()
 
-#: Messages up to this size are read into memory by openMessage; larger ones are streamed.
-WHOLE_MESSAGE = 1024 * 1024
-CHUNK = 1024 * 1024
 #: Length of the fixed part of the flags region (all but the keywords' value).
 _REGION_FIXED = len(fmt.flagsRegion((), keywordWidth=0)) - fmt.KEYWORD_ROOM
 #: uidvalidity file of an mbox account (a dot name: never a folder's file name).
 UIDVALIDITY = ".uidvalidity"
-
-_counter = itertools.count()
 _newTuple = tuple.__new__
-
-
-def uniqueId() -> str:
-    """A new X-UIDL: time.M<usec>P<pid>Q<n>, the Maildir unique name without its host."""
-    now = time.time()
-    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}"
-
-
-def _chunks(source):
-    """A message given as bytes or as a MessageSource."""
-    return [bytes(source)] if isinstance(source, (bytes, bytearray, memoryview)) else source.chunks()
-
-
-class _Moved(Exception):
-    """A message is not where the index says: the file changed under us; refresh and retry."""
-
-
-# -- writing messages ----------------------------------------------------------------------
-
-
-@dataclass
-class Outgoing:
-    """A message to write: its content (original bytes) and what goes in its metadata block."""
-
-    content: object  # callable returning an iterable of the message's chunks
-    flags: frozenset
-    internalDate: float
-    uniqueId: str
-    uid: int | None = None
-    new: bool = False  # a delivery: Status shows it as new to mutt
-
-
-def _writeAll(fd: int, data: bytes, pos: int) -> int:
-    view = memoryview(data)
-    while view:
-        pos += (n := os.pwrite(fd, view, pos))
-        view = view[n:]
-    return pos
-
-
-def _measure(out: Outgoing) -> tuple[int, bytes, int]:
-    """First pass: the quoted length and last byte, so the block can say Content-Length."""
-    q = fmt.quoter()
-    length = 0
-    for chunk in out.content():
-        length += len(q.feed(chunk))
-    length += len(q.end())
-    return length, q.lastByte, q.count
-
-
-def endFix(fd: int, size: int) -> bytes:
-    """What to write so the file ends with an empty line before a new From_ line."""
-    if size == 0:
-        return b""
-    last = os.pread(fd, 2, max(0, size - 2))
-    if last.endswith(b"\n\n") or last == b"\n":
-        return b""
-    return b"\n" if last.endswith(b"\n") else b"\n\n"
-
-
-def writeMessages(fd: int, messages: list[Outgoing], base: tuple | None = None) -> list[Entry]:
-    """Append C{messages} at the end of the locked file C{fd} and fsync it.
-
-    All or nothing: on any failure the file is truncated back.
-    @param base: X-IMAPbase for the first message if the file is empty.
-    """
-    size = os.fstat(fd).st_size
-    pos = size
-    entries = []
-    try:
-        pos = _writeAll(fd, endFix(fd, size), pos)
-        for out in messages:
-            length, lastByte, quoted = _measure(out)
-            noEol = lastByte != b"\n"
-            head = fmt.fromLine(out.internalDate)
-            blk, regionAt = fmt.block(out.uniqueId, out.flags, out.uid,
-                                      base if pos == 0 else None,
-                                      length if noEol else None, out.new)
-            offset = pos
-            pos = _writeAll(fd, head + blk, pos)
-            contentAt = pos
-            q = fmt.quoter()
-            for chunk in out.content():
-                pos = _writeAll(fd, q.feed(chunk), pos)
-            pos = _writeAll(fd, q.end(), pos)
-            if pos - contentAt != length:
-                raise StorageError("the message changed while it was being stored")
-            pos = _writeAll(fd, b"\n\n" if noEol else b"\n", pos)
-            flagsAt = offset + len(head) + regionAt
-            entries.append(Entry(offset, contentAt, flagsAt, contentAt - flagsAt, contentAt,
-                                 contentAt, 0, contentAt + length, length - quoted, quoted,
-                                 int(out.internalDate), out.uniqueId, True, out.flags))
-        os.fsync(fd)
-    except BaseException as e:
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise StorageError(f"cannot write the mailbox: {e.strerror}") from e
-        raise
-    return entries
-
-
-# -- reading messages --------------------------------------------------------------------
-
-
-def _verify(data: bytes, e: Entry) -> None:
-    if len(data) != e.end - e.offset or not data.startswith(b"From "):
-        raise _Moved()
-    if e.hasUidl and data.find(b"X-UIDL: " + e.uniqueId.encode() + b"\n", 0,
-                               e.contentAt - e.offset) < 0:
-        raise _Moved()
-
-
-def readContent(fd: int, e: Entry) -> bytes:
-    """The message's bytes as IMAP and POP3 serve them (metadata left out, unquoted)."""
-    data = os.pread(fd, e.end - e.offset, e.offset)
-    _verify(data, e)
-    content = (data[e.contentAt - e.offset:e.skipFrom - e.offset] + fmt.JOINTS[e.joint]
-               + data[e.skipTo - e.offset:])
-    if e.quoted:
-        content = fmt.unquote(content)
-    if len(content) != e.size:
-        raise _Moved()
-    return content
-
-
-class _Window(io.RawIOBase):
-    """A file object over one stored message that needs no unquoting (large messages)."""
-
-    def __init__(self, fd: int, start: int, end: int) -> None:
-        self._fd, self._pos, self._end = fd, start, end
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self._end - self._pos)
-        if n <= 0:
-            return 0
-        data = os.pread(self._fd, n, self._pos)
-        buffer[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
-
-
-def openContent(path: str, e: Entry):
-    """A readable file of the message's bytes, without holding it all in memory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        head = os.pread(fd, e.contentAt - e.offset, e.offset)
-        if not head.startswith(b"From ") or (e.hasUidl and b"X-UIDL: " + e.uniqueId.encode()
-                                             + b"\n" not in head):
-            raise _Moved()
-        if e.size <= WHOLE_MESSAGE:
-            return io.BytesIO(readContent(fd, e))
-        if not e.quoted and e.skipFrom == e.skipTo and not e.joint:
-            window, fd = _Window(fd, e.contentAt, e.end), -1
-            return window
-        spill = tempfile.TemporaryFile()
-        u = fmt.unquoter()
-        for start, stop in ((e.contentAt, e.skipFrom), (e.skipTo, e.end)):
-            if start == e.skipTo:
-                spill.write(u.feed(fmt.JOINTS[e.joint]))
-            while start < stop:
-                chunk = os.pread(fd, min(CHUNK, stop - start), start)
-                if not chunk:
-                    raise _Moved()
-                spill.write(u.feed(chunk))
-                start += len(chunk)
-        spill.write(u.end())
-        spill.seek(0)
-        return spill
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
 
 # -- the folder ------------------------------------------------------------------------------
 
@@ -416,7 +224,7 @@ class MboxFolder:
                 sync.full = state.entries
             return sync
         tail = self._tailStart(fd, st, state)
-        with _Map(fd, st.st_size) as buf:
+        with mboxio.Map(fd, st.st_size) as buf:
             if tail is not None:
                 self._adoptTail(buf, st, state, tail, sync)
             else:
@@ -433,8 +241,8 @@ class MboxFolder:
         if state.entries:
             last = state.entries[next(reversed(state.entries))]
             try:
-                _verify(os.pread(fd, last.end - last.offset, last.offset), last)
-            except _Moved:
+                mboxio.verify(os.pread(fd, last.end - last.offset, last.offset), last)
+            except mboxio.Moved:
                 return None
         head = os.pread(fd, 4096, known.size)
         start = known.size + len(head) - len(head.lstrip(b"\n"))
@@ -452,7 +260,7 @@ class MboxFolder:
         for m in found:
             # mutt copying one of our messages copies its X-UIDL: a UIDL must stay unique.
             uidl = m.uniqueId if m.uniqueId not in used else None
-            e = _entry(m, uidl or uniqueId(), uidl is not None)
+            e = _entry(m, uidl or mboxio.uniqueId(), uidl is not None)
             used.add(e.uniqueId)
             sync.added.append((uid, e))
             lines.append(index.entryLine(uid, e))
@@ -500,7 +308,7 @@ class MboxFolder:
             last = uid
             known = old.get(uid)
             unique = uidl or (known.uniqueId if known and known.uniqueId not in used
-                              else uniqueId())
+                              else mboxio.uniqueId())
             used.add(unique)
             e = _entry(m, unique, uidl is not None)
             entries[uid] = e
@@ -576,22 +384,22 @@ class MboxFolder:
             return self._store._run(read, self.path, [self._entry(uid) for uid in uids])
 
         def moved(failure):
-            failure.trap(_Moved, FileNotFoundError)
+            failure.trap(mboxio.Moved, FileNotFoundError)
             return self.refresh().addCallback(lambda ignored: defer.maybeDeferred(attempt))
 
         d = defer.maybeDeferred(attempt).addErrback(moved)
         return d.addErrback(self._unreadable)
 
     def _unreadable(self, failure):
-        if failure.check(_Moved, FileNotFoundError):
+        if failure.check(mboxio.Moved, FileNotFoundError):
             raise StorageError(f"{self.name} changed while being read; try again")
         return failure
 
     def readMessages(self, uids) -> defer.Deferred:
-        return self._withRetry(_readSync, list(uids))
+        return self._withRetry(mboxio.readAll, list(uids))
 
     def openMessage(self, uid: int) -> defer.Deferred:
-        return self._withRetry(lambda path, entries: openContent(path, entries[0]), [uid])
+        return self._withRetry(lambda path, entries: mboxio.openContent(path, entries[0]), [uid])
 
     # -- flags ---------------------------------------------------------------------------------
 
@@ -632,7 +440,7 @@ class MboxFolder:
                 return
             writes.append((uid, e, region))
         for uid, e, region in writes:
-            _writeAll(fd, region, e.flagsAt)
+            mboxio.writeAll(fd, region, e.flagsAt)
             sync.updated.append((uid, e._replace(flags=changed[uid])))
         if sync.full is not None:
             sync.full.update(sync.updated)
@@ -666,9 +474,9 @@ class MboxFolder:
             for uid, e in entries.items():
                 if uid in drop:
                     continue
-                kept[uid], pos = _copyMessage(fd, out, pos, uid, e, flags.get(uid, e.flags),
-                                              (sync.uidValidity, sync.uidNext, sync.keywords)
-                                              if pos == 0 else None)
+                base = (sync.uidValidity, sync.uidNext, sync.keywords) if pos == 0 else None
+                kept[uid], pos = mboxio.copyMessage(fd, out, pos, uid, e,
+                                                    flags.get(uid, e.flags), base)
             os.fsync(out)
             st = os.fstat(out)
         except BaseException as e:
@@ -691,8 +499,9 @@ class MboxFolder:
         bad = [f for f in flags if not f.startswith("\\") and not fmt.validKeyword(f)]
         if bad:
             return defer.fail(StorageError(f"invalid keyword {bad[0]!r}"))
-        out = Outgoing(lambda: _chunks(source), flags,
-                       time.time() if internalDate is None else internalDate, uniqueId())
+        out = mboxio.Outgoing(lambda: mboxio.chunks(source), flags,
+                              time.time() if internalDate is None else internalDate,
+                              mboxio.uniqueId())
         return self._lock.run(self._locked, self._exclusive, self._appendSync,
                               [out]).addCallback(lambda uids: uids[0])
 
@@ -706,10 +515,10 @@ class MboxFolder:
             if bad:
                 return defer.fail(StorageError(f"invalid keyword {bad[0]!r}"))
             if unique in known or not fmt.validUidl(unique):
-                unique = uniqueId()
+                unique = mboxio.uniqueId()
             known.add(unique)
-            outs.append(Outgoing(lambda source=source: _chunks(source), flags, internalDate,
-                                 unique))
+            outs.append(mboxio.Outgoing(lambda source=source: mboxio.chunks(source), flags,
+                                        internalDate, unique))
         return self._lock.run(self._locked, self._exclusive, self._appendSync, outs)
 
     def copyMessages(self, uids, target: MboxFolder) -> defer.Deferred:
@@ -721,13 +530,13 @@ class MboxFolder:
         path = self.path
 
         def reading(fd: int, e: Entry):
-            return lambda: [readContent(fd, e)]
+            return lambda: [mboxio.readContent(fd, e)]
 
         def work(fd: int, sync: _Sync) -> list[int]:
             sourceFd = fd if target is self else os.open(path, os.O_RDONLY)
             try:
-                outs = [Outgoing(reading(sourceFd, e), e.flags, e.internalDate, uniqueId())
-                        for _, e in sources]
+                outs = [mboxio.Outgoing(reading(sourceFd, e), e.flags, e.internalDate,
+                                        mboxio.uniqueId()) for _, e in sources]
                 return target._appendSync(fd, sync, outs)
             finally:
                 if sourceFd != fd:
@@ -746,13 +555,13 @@ class MboxFolder:
             d = first._lock.run(lambda: second._lock.run(run))
         return d.addErrback(self._unreadable)
 
-    def _appendSync(self, fd: int, sync: _Sync, outs: list[Outgoing]) -> list[int]:
+    def _appendSync(self, fd: int, sync: _Sync, outs: list[mboxio.Outgoing]) -> list[int]:
         uid = sync.uidNext
         for out in outs:
             out.uid, uid = uid, uid + 1
         try:
-            written = writeMessages(fd, outs, (sync.uidValidity, uid, sync.keywords))
-        except _Moved:
+            written = mboxio.writeMessages(fd, outs, (sync.uidValidity, uid, sync.keywords))
+        except mboxio.Moved:
             raise NoSuchMessage("a message to copy changed meanwhile") from None
         added = [(out.uid, e) for out, e in zip(outs, written, strict=True)]
         sync.added.extend(added)
@@ -771,74 +580,8 @@ class MboxFolder:
         return [u for u, _ in added]
 
 
-def _readSync(path: str, entries: list[Entry]) -> list[bytes]:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return [readContent(fd, e) for e in entries]
-    finally:
-        os.close(fd)
-
-
 def _entry(m: fmt.Parsed, unique: str, hasUidl: bool) -> Entry:
     """@param hasUidl: whether C{unique} is the X-UIDL in the message's block."""
     return Entry(m.offset, m.contentAt, m.flagsAt, m.flagsLen, m.skipFrom, m.skipTo, m.joint, m.end,
                  m.size, m.quoted, m.internalDate, unique, hasUidl, m.flags)
 
-
-def _copyRange(src: int, dst: int, start: int, stop: int, pos: int) -> int:
-    while start < stop:
-        chunk = os.pread(src, min(CHUNK, stop - start), start)
-        if not chunk:
-            raise _Moved()
-        pos = _writeAll(dst, chunk, pos)
-        start += len(chunk)
-    return pos
-
-
-def _copyMessage(src: int, dst: int, pos: int, uid: int, e: Entry, flags,
-                 base) -> tuple[Entry, int]:
-    """Write message C{e} of file C{src} at C{pos} of C{dst} with a fresh metadata block.
-
-    @return: its new entry, and where the next message goes.
-    """
-    head = os.pread(src, e.contentAt - e.offset, e.offset)
-    if not head.startswith(b"From "):
-        raise _Moved()
-    fromLine = head[:head.index(b"\n") + 1]
-    joint = fmt.JOINTS[e.joint]
-    length = (e.skipFrom - e.contentAt) + len(joint) + (e.end - e.skipTo)
-    if e.end > e.skipTo:
-        last = os.pread(src, 1, e.end - 1)
-    elif joint:
-        last = joint[-1:]
-    elif e.skipFrom > e.contentAt:
-        last = os.pread(src, 1, e.skipFrom - 1)
-    else:
-        last = b""
-    noEol = last != b"\n"
-    blk, regionAt = fmt.block(e.uniqueId, flags, uid, base, length if noEol else None)
-    offset = pos
-    pos = _writeAll(dst, fromLine + blk, pos)
-    contentAt = pos
-    pos = _copyRange(src, dst, e.contentAt, e.skipFrom, pos)
-    pos = _writeAll(dst, joint, pos)
-    pos = _copyRange(src, dst, e.skipTo, e.end, pos)
-    end = pos
-    pos = _writeAll(dst, b"\n\n" if noEol else b"\n", pos)
-    flagsAt = offset + len(fromLine) + regionAt
-    return Entry(offset, contentAt, flagsAt, contentAt - flagsAt, contentAt, contentAt, 0, end,
-                 e.size, e.quoted, e.internalDate, e.uniqueId, True, frozenset(flags)), pos
-
-
-class _Map:
-    """The file mapped read-only (an empty file maps to b"")."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
-
-    def __enter__(self):
-        return self._map if self._map is not None else b""
-
-    def __exit__(self, *exc) -> None:
-        if self._map is not None:
-            self._map.close()
