@@ -16,10 +16,17 @@ def dataDir(tmp_path):
 
 
 @pytest.fixture
-def server(dataDir):
-    """A running twistmail (SMTP + POP3) with alice@example.test / secret."""
+def backend():
+    """The storage backend of the ``server`` fixture.  Protocol and interop test modules
+    override it with ``params=support.BACKENDS`` so they run on every backend."""
+    return "maildir"
+
+
+@pytest.fixture
+def server(dataDir, backend):
+    """A running twistmail (SMTP, POP3, IMAP) with alice and bob @example.test / secret."""
     addUser(dataDir, "alice@example.test")
     addUser(dataDir, "bob@example.test")
-    srv = startServer(dataDir)
+    srv = startServer(dataDir, storage={"backend": backend})
     yield srv
     srv.stop()

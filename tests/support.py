@@ -11,36 +11,20 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
-from twisted.internet import reactor, threads
-
-_started = threading.Event()
-
-
-def startReactor() -> None:
-    if _started.is_set():
-        return
-    thread = threading.Thread(
-        target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True, name="reactor")
-    reactor.callWhenRunning(_started.set)
-    thread.start()
-    if not _started.wait(10):
-        raise RuntimeError("reactor did not start")
-
-
-def onReactor(f, *args, **kwargs):
-    """Run f on the reactor thread and wait for its (possibly Deferred) result."""
-    startReactor()
-    return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
+from twistmail.testing import onReactor, startReactor  # noqa: F401 - re-exported for tests
 
 
 def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: The storage backends the protocol and interop tests run on.
+BACKENDS = ("maildir", "mbox")
 
 
 @dataclass
@@ -50,6 +34,7 @@ class RunningServer:
     service: object
     accounts: object
     store: object
+    backend: str = "maildir"
 
     @property
     def smtpPort(self) -> int:
@@ -67,8 +52,14 @@ class RunningServer:
         onReactor(self.service.stopService)
 
 
-def startServer(dataDir: str, **sections) -> RunningServer:
-    """Build the real service tree (tap.makeService) on free loopback ports and start it."""
+def startServer(dataDir: str, backendOptions: dict | None = None, **sections) -> RunningServer:
+    """Build the real service tree (tap.makeService) on free loopback ports and start it.
+
+    @param backendOptions: ``{backend: {option: value}}``, as ``[storage.<backend>]`` tables.
+    """
+    import dataclasses
+    from types import MappingProxyType
+
     from twistmail import config as configmod
     from twistmail import tap
 
@@ -82,6 +73,9 @@ def startServer(dataDir: str, **sections) -> RunningServer:
         overrides.setdefault(section, {}).update(values)
     options = tap.Options()
     options.config = configmod.load(None, overrides)
+    if backendOptions:
+        options.config = dataclasses.replace(options.config, backendOptions=MappingProxyType(
+            {name: MappingProxyType(table) for name, table in backendOptions.items()}))
 
     def build():
         svc = tap.makeService(options)
@@ -92,7 +86,7 @@ def startServer(dataDir: str, **sections) -> RunningServer:
     svc = onReactor(build)
     smtpFactory = svc.getServiceNamed(f"smtp tcp:{ports['smtp']}:interface=127.0.0.1").factory
     return RunningServer(dataDir, ports, svc, smtpFactory.accounts,
-                         smtpFactory.delivery.local._store)
+                         smtpFactory.delivery.local._store, options.config["storage"]["backend"])
 
 
 def cli(*args: str, dataDir: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
@@ -115,6 +109,55 @@ def addUser(dataDir: str, address: str, password: str = "secret") -> None:
         if domain not in accounts.domains:
             accounts.addDomain(domain)
         accounts.addUser(address, hashPassword(password))
+
+
+def accountDir(dataDir: str, address: str, backend: str = "maildir") -> str:
+    local, domain = address.split("@")
+    return os.path.join(dataDir, "mail" if backend == "maildir" else backend, domain, local)
+
+
+def storedMessages(dataDir: str, address: str, backend: str = "maildir") -> list[bytes]:
+    """The messages in the account's INBOX as another program reading the files sees them."""
+    root = accountDir(dataDir, address, backend)
+    if backend == "maildir":
+        out = []
+        for sub in ("new", "cur"):
+            for name in maildirFiles(dataDir, address, sub):
+                with open(os.path.join(root, sub, name), "rb") as f:
+                    out.append(f.read())
+        return out
+    from twistmail.storage import _mboxformat
+
+    try:
+        with open(os.path.join(root, "INBOX"), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    return [_mboxformat.unquote(data[m.contentAt:m.skipFrom] + _mboxformat.JOINTS[m.joint]
+                                + data[m.skipTo:m.end])
+            for m in _mboxformat.parse(data, 0, len(data), 0)]
+
+
+def externalDelivery(dataDir: str, address: str, data: bytes, backend: str = "maildir") -> None:
+    """Put a message into INBOX as another program does: an MDA writing a Maildir
+    (tmp/, then new/), or one appending to an mbox with fcntl and dot-lock (Python's mailbox)."""
+    root = accountDir(dataDir, address, backend)
+    if backend == "maildir":
+        name = f"{time.time():.6f}.P{os.getpid()}.otherprogram"
+        with open(os.path.join(root, "tmp", name), "wb") as f:
+            f.write(data)
+        os.rename(os.path.join(root, "tmp", name), os.path.join(root, "new", name))
+        return
+    import mailbox
+
+    box = mailbox.mbox(os.path.join(root, "INBOX"), create=False)
+    box.lock()
+    try:
+        box.add(data)  # bytes are written as they are (a Message would be re-encoded)
+        box.flush()
+    finally:
+        box.unlock()
+        box.close()
 
 
 def maildirFiles(dataDir: str, address: str, sub: str = "new") -> list[str]:

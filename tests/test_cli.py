@@ -24,8 +24,20 @@ def rawAccountsFile(dataDir) -> str:
 
 
 def table(stdout: str) -> list[list[str]]:
-    """Rows of a table the CLI printed, header first, cells split on runs of spaces."""
-    return [line.split() for line in stdout.strip("\n").split("\n")]
+    """Rows of the (first) table the CLI printed, header first, cells split on runs of spaces."""
+    return [line.split() for line in stdout.strip("\n").split("\n\n")[0].split("\n")]
+
+
+def settings(stdout: str) -> dict[str, str]:
+    """check-config's SETTING/VALUE table."""
+    return {row[0]: " ".join(row[1:]) for row in table(stdout)[1:]}
+
+
+def backends(stdout: str) -> dict[str, list[str]]:
+    """check-config's table of the storage backends found, by name."""
+    rows = table(stdout.split("\n\n", 1)[1].rsplit("\n", 2)[0])
+    assert rows[0] == ["BACKEND", "MODULE", "DESCRIPTION"]
+    return {row[0]: row[1:] for row in rows[1:]}
 
 
 def assertOneLineError(proc, *needles: str) -> None:
@@ -264,27 +276,42 @@ def test_checkConfigDefault(dataDir):
     proc = cli("check-config", dataDir=dataDir)
     rows = table(proc.stdout)
     assert rows[0] == ["SETTING", "VALUE"]
-    settings = {row[0]: " ".join(row[1:]) for row in rows[1:-1]}
-    assert settings["server.data_dir"] == os.path.abspath(dataDir)
-    assert settings["listen.smtp"] == "tcp:2525:interface=127.0.0.1"
-    assert settings["listen.pop3"] == "tcp:2110:interface=127.0.0.1"
-    assert settings["storage.backend"] == "maildir"
+    settings_ = settings(proc.stdout)
+    assert settings_["server.data_dir"] == os.path.abspath(dataDir)
+    assert settings_["listen.smtp"] == "tcp:2525:interface=127.0.0.1"
+    assert settings_["listen.pop3"] == "tcp:2110:interface=127.0.0.1"
+    assert settings_["storage.backend"] == "maildir"
     # Every setting is shown, limits included.
     from twistmail.config import SCHEMA
-    assert set(settings) == {"config"} | {f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys}
-    assert settings["smtp.max_message_size"] == "26214400"
+    assert set(settings_) == {"config"} | {f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys}
+    assert settings_["smtp.max_message_size"] == "26214400"
     assert proc.stdout.strip().endswith("configuration OK")
     assert os.listdir(dataDir) == []  # checking changes nothing
+    found = backends(proc.stdout)
+    assert found["maildir"][0] == "twistmail.storage.maildir"
+    assert found["mbox"][0] == "twistmail.storage.mbox"
+
+
+def test_checkConfigShowsTheBackendsOptions(dataDir, tmp_path):
+    path = tmp_path / "twistmail.toml"
+    path.write_text('[storage]\nbackend = "mbox"\n[storage.mbox]\nlock_timeout = 5\n'
+                    "dotlock = false\n[storage.maildir]\nunused = 1\n")
+    proc = cli("--config", str(path), "check-config", dataDir=dataDir)
+    shown = settings(proc.stdout)
+    assert shown["storage.backend"] == "mbox"
+    assert shown["storage.mbox.lock_timeout"] == "5"
+    assert shown["storage.mbox.dotlock"] == "False"
+    assert "storage.maildir.unused" not in shown  # only the chosen backend checks its table
 
 
 def test_checkConfigFile(dataDir, tmp_path):
     path = tmp_path / "twistmail.toml"
     path.write_text('[server]\nhostname = "mx.example.org"\n[listen]\nsmtp = ["tcp:25"]\n')
     proc = cli("--config", str(path), "check-config", dataDir=dataDir)
-    settings = {row[0]: " ".join(row[1:]) for row in table(proc.stdout)[1:-1]}
-    assert settings["config"] == str(path)
-    assert settings["server.hostname"] == "mx.example.org"
-    assert settings["listen.smtp"] == "tcp:25"
+    shown = settings(proc.stdout)
+    assert shown["config"] == str(path)
+    assert shown["server.hostname"] == "mx.example.org"
+    assert shown["listen.smtp"] == "tcp:25"
     assert "configuration OK" in proc.stdout
 
 
@@ -298,7 +325,13 @@ def test_checkConfigExample(dataDir):
     ("[smtp]\nmax_recipents = 10\n", "[smtp] max_recipents"),
     ("[smtp]\nmax_recipients = 0\n", "[smtp] max_recipients"),
     ('[listen]\nsubmission = ["tpc:587"]\n', "[listen] submission"),
-    ('[storage]\nbackend = "mbox"\n', "[storage] backend"),
+    ('[storage]\nbackend = "nosuch"\n', "[storage] backend: unknown backend 'nosuch'"),
+    ('[storage]\nbackend = "mbox"\n[storage.mbox]\nlock_timeout = 0\n',
+     "[storage.mbox] lock_timeout"),
+    ('[storage]\nbackend = "mbox"\n[storage.mbox]\nlocking = "flock"\n',
+     "[storage.mbox] locking: unknown option"),
+    ('[storage]\nbackend = "maildir"\n[storage.maildir]\nx = 1\n', "[storage.maildir]"),
+    ('[storage]\nmbox = 3\n', "[storage] mbox: unknown key"),
     ("[server\n", "syntax"),
 ])
 def test_checkConfigFails(dataDir, tmp_path, text, where):

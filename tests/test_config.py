@@ -137,6 +137,18 @@ def test_unknownKey(tmp_path):
     assert "max_recipients" in message.split("Fix:")[1]
 
 
+def test_backendTablesArePassedThroughUnchecked(tmp_path):
+    """[storage.<name>] belongs to the backend plugin called <name>: config only carries it."""
+    path = write(tmp_path, '[storage]\nbackend = "mystore"\n[storage.mystore]\nbucket = "b"\n'
+                           "retries = 3\n[storage.mystore.nested]\nx = 1\n[storage.mbox]\nlock_timeout = 5\n")
+    c = config.load(path)
+    assert c["storage"]["backend"] == "mystore"
+    assert set(c["storage"]) == {"backend"}
+    assert c.storageOptions() == {"bucket": "b", "retries": 3, "nested": {"x": 1}}
+    assert dict(c.backendOptions["mbox"]) == {"lock_timeout": 5}
+    assert config.load(None).storageOptions() == {}
+
+
 @pytest.mark.parametrize("text, where", [
     ('[smtp]\nmax_recipients = "100"\n', "[smtp] max_recipients"),
     ("[smtp]\nmax_recipients = 1.5\n", "[smtp] max_recipients"),

@@ -69,11 +69,12 @@ def listenerArgs(smtpPort: int, pop3Port: int, imapPort: int | None = None) -> l
     return [arg for p, port in ports.items() for arg in (f"--{p}", f"tcp:{port}:interface=127.0.0.1")]
 
 
-def launch(tmp_path, dataDir: str, name: str = "server") -> tuple[ServerProcess, int, int, int]:
+def launch(tmp_path, dataDir: str, name: str = "server",
+           extra: tuple = ()) -> tuple[ServerProcess, int, int, int]:
     smtpPort, pop3Port, imapPort = freePort(), freePort(), freePort()
     process = ServerProcess(
         twistdCommand("--data-dir", dataDir, "--hostname", HOSTNAME,
-                      *listenerArgs(smtpPort, pop3Port, imapPort)),
+                      *listenerArgs(smtpPort, pop3Port, imapPort), *extra),
         logPath=str(tmp_path / f"{name}.log"), cwd=str(tmp_path)).start()
     try:
         banners = process.waitReady(smtpPort, pop3Port, imapPort)
@@ -449,6 +450,39 @@ def test_sigterm_stops_cleanly_and_mail_survives_a_restart(mailserver, tmp_path)
         splitReceived(retrieved[0][0], message)
     finally:
         assert process.stop() in CLEAN_EXIT, process.describe()
+
+
+def test_migrate_to_mbox_and_serve_it(mailserver, tmp_path):
+    """Stop, migrate with the CLI, start on mbox (found as a plugin): the same mail, same UIDL."""
+    message = b"Subject: moving house\r\n\r\nFrom the old house\r\n"
+    sendOne(mailserver, message)
+    client = mailserver.pop3(ALICE)
+    uidl = client.uidl(1).split()[-1]
+    client.quit()
+    assert mailserver.process.stop() in CLEAN_EXIT, mailserver.process.describe()
+
+    out = cli("migrate", "--to", "mbox", "--all", dataDir=mailserver.dataDir).stdout
+    assert f"{ALICE}: " in out and out.rstrip().endswith('[storage]\nbackend = "mbox"')
+    config = tmp_path / "mbox.toml"
+    config.write_text('[storage]\nbackend = "mbox"\n')
+    process, smtpPort, pop3Port, imapPort = launch(tmp_path, mailserver.dataDir, name="mbox",
+                                                   extra=("--config", str(config)))
+    try:
+        server = E2EServer(mailserver.dataDir, smtpPort, pop3Port, imapPort, process,
+                           mailserver.passwords)
+        sendOne(server, b"Subject: after the move\r\n\r\nhello\r\n")
+        client = server.pop3(ALICE)
+        assert client.uidl(1).split()[-1] == uidl
+        client.quit()
+        retrieved = retrieveAll(server, ALICE)
+        assert len(retrieved) == 2
+        splitReceived(retrieved[0][0], message)
+        with open(os.path.join(mailserver.dataDir, "mbox", "example.test", "alice", "INBOX"),
+                  "rb") as f:
+            assert f.read().count(b"\nFrom MAILER-DAEMON ") == 1  # two messages, mboxrd
+    finally:
+        assert process.stop() in CLEAN_EXIT, process.describe()
+    assert "Traceback" not in process.log
 
 
 def test_imap_end_to_end_with_idle_push(mailserver):

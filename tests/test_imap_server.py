@@ -12,9 +12,15 @@ import time
 import pytest
 from imapwire import RawIMAP
 from serverproc import waitUntil
-from support import readAll, startServer
+from support import BACKENDS, accountDir, externalDelivery, readAll, startServer, storedMessages
 
 ALICE = "alice@example.test"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Every test here runs on each storage backend (conftest's server uses this)."""
+    return request.param
 
 
 def send(server, *bodies: bytes, rcpt: str = ALICE) -> None:
@@ -45,9 +51,9 @@ def selected(server, client=None) -> RawIMAP:
     return client
 
 
-def storedPath(server, folder: str = "") -> str:
-    base = os.path.join(server.dataDir, "mail", "example.test", "alice")
-    return os.path.join(base, folder) if folder else base
+def restarted(server):
+    """The same data directory and backend, served again."""
+    return startServer(server.dataDir, storage={"backend": server.backend})
 
 
 # -- capabilities and login ------------------------------------------------------------
@@ -303,7 +309,9 @@ def test_disconnect_mid_append_stores_nothing(server):
     other = RawIMAP(server.imapPort)
     other.login()
     assert b"* 0 EXISTS" in other.ok("SELECT INBOX")
-    assert os.listdir(os.path.join(storedPath(server), "tmp")) == []
+    assert storedMessages(server.dataDir, ALICE, server.backend) == []
+    if server.backend == "maildir":
+        assert os.listdir(os.path.join(accountDir(server.dataDir, ALICE), "tmp")) == []
 
 
 # -- FETCH ---------------------------------------------------------------------------------
@@ -444,7 +452,7 @@ def test_store_modes_silent_and_keywords_persist(server, imap):
     assert imap.ok("STORE 1 +FLAGS (\\Recent)") == [b"* 1 FETCH (FLAGS (\\Answered \\Recent))"]
     imap.ok("STORE 1 +FLAGS (work)")
     server.stop()
-    again = startServer(server.dataDir)
+    again = restarted(server)
     try:
         client = selected(again)
         # (\Recent is per server run: a message from the second the server started may be
@@ -560,7 +568,7 @@ def test_uids_ascending_never_reused_and_validity_stable_across_restart(server):
     client.ok("NOOP")
     assert client.ok("UID SEARCH ALL") == [b"* SEARCH 1 3"]  # 2 is never handed out again
     server.stop()
-    again = startServer(server.dataDir)
+    again = restarted(server)
     try:
         other = RawIMAP(again.imapPort)
         other.login()
@@ -629,14 +637,11 @@ def test_expunge_by_another_session_waits_until_allowed(server):
 
 
 def test_another_programs_delivery_shows_up_without_restart(server):
+    """procmail writing the Maildir, or appending to the mbox with fcntl and dot-lock."""
     client = selected(server)
-    root = storedPath(server)
-    name = "1700000000.M1P4242.procmail"
-    with open(os.path.join(root, "tmp", name), "wb") as f:
-        f.write(msg(7))
     client.send(b"i1 IDLE\r\n")
     assert client.line() == b"+ idling"
-    os.rename(os.path.join(root, "tmp", name), os.path.join(root, "new", name))
+    externalDelivery(server.dataDir, ALICE, msg(7), server.backend)
     assert client.line(timeout=3) == b"* 1 EXISTS"
     client.send(b"DONE\r\n")
     client.until(b"i1")

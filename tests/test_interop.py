@@ -13,9 +13,15 @@ import shutil
 import subprocess
 
 import pytest
-from support import maildirFiles
+from support import BACKENDS, accountDir, storedMessages
 
 pytestmark = pytest.mark.interop
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Every test here runs on each storage backend (conftest's server uses this)."""
+    return request.param
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -34,14 +40,8 @@ def run(argv: list[str], timeout: float = 60, env: dict | None = None) -> subpro
                           stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
 
 
-def stored(dataDir: str, address: str) -> list[bytes]:
-    local, domain = address.split("@")
-    out = []
-    for sub in ("new", "cur"):
-        for name in maildirFiles(dataDir, address, sub):
-            with open(os.path.join(dataDir, "mail", domain, local, sub, name), "rb") as f:
-                out.append(f.read())
-    return out
+def stored(server, address: str) -> list[bytes]:
+    return storedMessages(server.dataDir, address, server.backend)
 
 
 RECEIVED = re.compile(
@@ -58,7 +58,7 @@ def swaks(server, *args: str) -> subprocess.CompletedProcess:
 
 def assertNothingStored(server, *extra: str) -> None:
     for address in (ALICE, BOB, *extra):
-        assert stored(server.dataDir, address) == [], address
+        assert stored(server, address) == [], address
     spool = os.path.join(server.dataDir, "spool")
     assert not os.path.isdir(spool) or os.listdir(spool) == []
 
@@ -80,14 +80,14 @@ def test_swaks_delivers_to_local_user(server, tmp_path):
     m = re.search(r"<-  250 2\.0\.0 Ok: queued as ([0-9A-F]+)$", result.stdout, re.MULTILINE)
     assert m, result.stdout
 
-    [data] = stored(server.dataDir, ALICE)
+    [data] = stored(server, ALICE)
     header = RECEIVED.match(data)
     assert header, data
     assert header.group("helo") == b"swaks.remote.test"
     assert header.group("id").decode() == m.group(1)
     assert header.group("for") == ALICE.encode()
     assert data[header.end():] == message + b"\r\n"
-    assert stored(server.dataDir, BOB) == []
+    assert stored(server, BOB) == []
 
 
 def test_swaks_pipelined_transaction_with_two_recipients(server):
@@ -96,8 +96,8 @@ def test_swaks_pipelined_transaction_with_two_recipients(server):
     assert result.returncode == 0, result.stdout
     assert "250 2.1.5" in result.stdout
     assert re.search(r"^<-  250 2\.0\.0 Ok: queued as", result.stdout, re.MULTILINE), result.stdout
-    [forAlice] = stored(server.dataDir, ALICE)
-    [forBob] = stored(server.dataDir, BOB)
+    [forAlice] = stored(server, ALICE)
+    [forBob] = stored(server, BOB)
     assert forAlice == forBob
     header = RECEIVED.match(forAlice)
     assert header and header.group("for") is None  # no "for" with several recipients
@@ -111,7 +111,7 @@ def test_swaks_unknown_user_is_rejected_with_550_5_1_1(server):
     assert re.search(r"^<\*\* +550 5\.1\.1 ", result.stdout, re.MULTILINE), result.stdout
     assert "354" not in result.stdout
     assertNothingStored(server, "nobody@example.test")
-    assert not os.path.exists(os.path.join(server.dataDir, "mail", "example.test", "nobody"))
+    assert not os.path.exists(accountDir(server.dataDir, "nobody@example.test", server.backend))
 
 
 def test_swaks_relay_to_a_remote_domain_is_denied_with_550_5_7_1(server):
@@ -121,7 +121,8 @@ def test_swaks_relay_to_a_remote_domain_is_denied_with_550_5_7_1(server):
         result.stdout
     assert "354" not in result.stdout
     assertNothingStored(server)
-    assert not os.path.exists(os.path.join(server.dataDir, "mail", "elsewhere.test"))
+    assert not os.path.exists(os.path.dirname(
+        accountDir(server.dataDir, "victim@elsewhere.test", server.backend)))
 
 
 # -- fetchmail over POP3 -----------------------------------------------------------------
@@ -156,7 +157,7 @@ def deposit(server, body: bytes) -> bytes:
     message = b"From: x@remote.test\r\nSubject: for fetchmail\r\n\r\n" + body
     with smtplib.SMTP("127.0.0.1", server.smtpPort, timeout=30) as client:
         client.sendmail("x@remote.test", [ALICE], message)
-    [data] = stored(server.dataDir, ALICE)
+    [data] = stored(server, ALICE)
     return data
 
 
@@ -167,7 +168,7 @@ def test_fetchmail_retrieves_byte_exact_and_keeps(server, tmp_path):
     assert "1 message for alice@example.test" in result.stdout
     assert fetched == data
     assert "DELE" not in result.stdout
-    assert stored(server.dataDir, ALICE) == [data]
+    assert stored(server, ALICE) == [data]
 
 
 def test_fetchmail_without_keep_deletes_from_the_server(server, tmp_path):
@@ -176,7 +177,7 @@ def test_fetchmail_without_keep_deletes_from_the_server(server, tmp_path):
     assert result.returncode == 0, result.stdout
     assert fetched == data
     assert re.search(r"POP3> DELE 1\n.*POP3< \+OK", result.stdout), result.stdout
-    assert stored(server.dataDir, ALICE) == []
+    assert stored(server, ALICE) == []
 
     again, _ = fetchmail(server, tmp_path, keep=False)
     assert again.returncode == 1, again.stdout  # 1: no mail

@@ -13,9 +13,16 @@ import re
 import smtplib
 
 import pytest
+from support import BACKENDS
 from test_interop import requireTool, run
 
 pytestmark = pytest.mark.interop
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Every test here runs on each storage backend (conftest's server uses this)."""
+    return request.param
 
 ALICE = "alice@example.test"
 

@@ -1,15 +1,15 @@
-"""The Maildir backend, driven through IMailStore / IMailAccount / IMailbox.
+"""The Maildir backend: what it does on disk, beyond the storage contract.
 
-Every storage call returns a Deferred, so tests call it on the reactor thread
-with ``onReactor`` and look at the files a Maildir reader (mutt, Dovecot, a
-backup script) would see.
+The contract itself (tests/test_store_conformance.py) runs for every backend.
+These tests look at the files a Maildir reader (mutt, Dovecot, a backup
+script) would see.  Every storage call returns a Deferred, so tests call it
+on the reactor thread with ``onReactor``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import threading
 import time as time_module
 
 import pytest
@@ -20,15 +20,24 @@ from zope.interface.verify import verifyObject
 from twistmail import _fsutil
 from twistmail.delivery.spool import MessageSource
 from twistmail.errors import (
-    FolderExists,
     InvalidFolderName,
     NoSuchFolder,
-    NoSuchMessage,
     StorageError,
 )
-from twistmail.interfaces import IMailAccount, IMailbox, IMailStore, IMailStoreFactory
+from twistmail.interfaces import IMailStore, IMailStoreFactory
 from twistmail.storage import _uidlist, maildirfolder
 from twistmail.storage.maildir import MaildirStore, MaildirStoreFactory
+from twistmail.testing.conformance import (
+    byUid,
+    call,
+    deliver,
+    failure,
+    message,
+    openFolder,
+    readMessage,
+    tree,
+    uids,
+)
 
 ALICE = "alice@example.test"
 UNIQUE = re.compile(r"^[^,:/]+$")
@@ -52,63 +61,8 @@ def accountDir(dataDir, address=ALICE) -> str:
     return os.path.join(dataDir, "mail", domain, local)
 
 
-def deliver(store, data: bytes, folder="INBOX", account=ALICE, prefix=b"") -> str:
-    source = MessageSource(prefix=prefix)
-    source.write(data)
-    return onReactor(store.deliver, account, folder, source)
-
-
-def openFolder(store, name="INBOX", account=ALICE):
-    return onReactor(store.account(account).openFolder, name)
-
-
-def call(obj, method, *args):
-    return onReactor(getattr(obj, method), *args)
-
-
-def failure(f, *args) -> Exception:
-    """Call f on the reactor; it must return a Deferred that fails.  Return the exception.
-
-    Raising synchronously instead would break the interface contract the
-    protocol adapters rely on (they add errbacks, they do not catch).
-    """
-    def run():
-        try:
-            d = f(*args)
-        except Exception as e:
-            return "raised synchronously", e
-        if not isinstance(d, defer.Deferred):
-            return "returned a non-Deferred", d
-        return d.addCallbacks(lambda result: ("succeeded", result), lambda f: ("failed", f.value))
-
-    outcome, value = onReactor(run)
-    assert outcome == "failed", f"{getattr(f, '__name__', f)}{args!r:.80}: {outcome}: {value!r:.200}"
-    return value
-
-
-def readMessage(folder, uid) -> bytes:
-    with onReactor(folder.openMessage, uid) as f:
-        return f.read()
-
-
-def uids(folder) -> list[int]:
-    return [m.uid for m in folder.messages()]
-
-
-def byUid(folder) -> dict:
-    return {m.uid: m for m in folder.messages()}
-
-
 def ls(path) -> list[str]:
     return sorted(os.listdir(path))
-
-
-def tree(root) -> set[str]:
-    out = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            out.add(os.path.relpath(os.path.join(dirpath, name), root))
-    return out
 
 
 class FakeTime:
@@ -123,25 +77,14 @@ class FakeTime:
     monotonic = staticmethod(time_module.monotonic)
 
 
-def message(n: int) -> bytes:
-    return b"From: bob@example.test\r\nSubject: message %d\r\n\r\nbody %d\r\n" % (n, n)
-
-
 # -- interfaces ----------------------------------------------------------------
-
-
-def test_providesInterfaces(store, dataDir):
-    assert verifyObject(IMailStore, store)
-    account = store.account(ALICE)
-    assert verifyObject(IMailAccount, account)
-    assert verifyObject(IMailbox, openFolder(store))
-    assert verifyObject(IMailStoreFactory, MaildirStoreFactory())
 
 
 def test_factoryBuildsStoreAndRejectsOptions(dataDir):
     from twistmail.config import ConfigError
 
     factory = MaildirStoreFactory()
+    assert verifyObject(IMailStoreFactory, factory)
     assert factory.name == "maildir"
     built = factory.makeStore({}, dataDir)
     assert verifyObject(IMailStore, built)
@@ -169,21 +112,6 @@ def test_deliverWritesExactBytesToNew(store, dataDir):
     assert ls(os.path.join(root, "cur")) == []
 
 
-def test_deliverSpooledMessage(store, dataDir, tmp_path):
-    """A message past maxMemory sits in a spool file; the stored copy is still exact."""
-    source = MessageSource(prefix=b"Received: by test\r\n", spoolDir=str(tmp_path / "spool"),
-                           maxMemory=4096)
-    chunks = [bytes([n % 256]) * 1000 + b"\r\n" for n in range(300)]
-    for chunk in chunks:
-        source.write(chunk)
-    unique = onReactor(store.deliver, ALICE, "INBOX", source)
-    folder = openFolder(store)
-    assert folder.messages()[0].uniqueId == unique
-    data = readMessage(folder, 1)
-    assert data == b"Received: by test\r\n" + b"".join(chunks)
-    assert folder.messages()[0].size == len(data)
-
-
 def test_deliverCreatesMaildirOnFirstUse(store, dataDir):
     root = accountDir(dataDir)
     assert not os.path.exists(root)
@@ -191,19 +119,6 @@ def test_deliverCreatesMaildirOnFirstUse(store, dataDir):
     for sub in ("cur", "new", "tmp"):
         assert os.path.isdir(os.path.join(root, sub))
     assert len(ls(os.path.join(root, "new"))) == 1
-
-
-def test_deliverToFolderCreatesIt(store, dataDir):
-    deliver(store, message(1), folder="Lists/Twisted")
-    folder = openFolder(store, "Lists/Twisted")
-    assert [readMessage(folder, u) for u in uids(folder)] == [message(1)]
-
-
-def test_twoDeliveriesGetDistinctNames(store, dataDir):
-    first = deliver(store, message(1))
-    second = deliver(store, message(1))
-    assert first != second
-    assert len(ls(os.path.join(accountDir(dataDir), "new"))) == 2
 
 
 def test_deliverIsDurableBeforeItFires(store, dataDir, monkeypatch):
@@ -313,14 +228,6 @@ def test_deliverTakesMessageBackWhenDirectorySyncFails(store, dataDir, monkeypat
     assert ls(os.path.join(root, "tmp")) == []
 
 
-def test_deliverToInvalidAccountFails(store, dataDir):
-    before = tree(os.path.dirname(dataDir))
-    for account in ("../x@example.test", "a/b@example.test", "alice@../etc", "nobody"):
-        error = failure(store.deliver, account, "INBOX", MessageSource.fromBytes(message(1)))
-        assert isinstance(error, StorageError), account
-    assert tree(os.path.dirname(dataDir)) == before
-
-
 @pytest.mark.parametrize("address", [
     "../x@example.test", "a/b@example.test", "..@example.test", "x@..", "x@a/b",
     "x@example.test/../../etc", "/abs@example.test", "a\x00b@example.test",
@@ -367,51 +274,6 @@ def test_uidsFollowDeliveryOrderWithinOneSecond(store, dataDir, monkeypatch):
     assert [readMessage(folder, u) for u in uids(folder)] == [message(1), message(2), message(3)]
 
 
-def test_uidValidityAndUidsStableAcrossRestartAndDeliveries(store, dataDir):
-    for n in range(3):
-        deliver(store, message(n))
-    folder = openFolder(store)
-    validity = folder.uidValidity
-    assert validity > 0
-    before = {m.uid: (m.uniqueId, readMessage(folder, m.uid)) for m in folder.messages()}
-
-    deliver(store, message(3))
-    call(folder, "refresh")
-    assert folder.uidValidity == validity
-
-    again = openFolder(restart(dataDir))
-    assert again.uidValidity == validity
-    assert uids(again) == [1, 2, 3, 4]
-    assert again.uidNext == 5
-    for uid, (uniqueId, data) in before.items():
-        assert byUid(again)[uid].uniqueId == uniqueId
-        assert readMessage(again, uid) == data
-
-
-def test_uniqueIdMatchesDeliveryAndSurvivesRestart(store, dataDir):
-    unique = deliver(store, message(1))
-    assert openFolder(store).messages()[0].uniqueId == unique
-    assert openFolder(restart(dataDir)).messages()[0].uniqueId == unique
-
-
-def test_removedUidIsNeverReused(store, dataDir):
-    for n in range(3):
-        deliver(store, message(n))
-    folder = openFolder(store)
-    assert call(folder, "remove", [3]) == [3]
-    deliver(store, message(4))
-    call(folder, "refresh")
-    assert uids(folder) == [1, 2, 4]
-
-    # ... nor after a restart.
-    store2 = restart(dataDir)
-    folder2 = openFolder(store2)
-    call(folder2, "remove", [4])
-    store3 = restart(dataDir)
-    deliver(store3, message(5))
-    assert uids(openFolder(store3)) == [1, 2, 5]
-
-
 def test_uidNotReusedWhenHighestRemovedByAnotherProgram(store, dataDir):
     for n in range(3):
         deliver(store, message(n))
@@ -445,11 +307,6 @@ def test_recreatedFolderGetsNewUidValidity(store, dataDir, monkeypatch):
     new = openFolder(store, "Work")
     assert uids(new) == [1]
     assert new.uidValidity != oldValidity
-
-
-def test_openMessageUnknownUid(store):
-    folder = openFolder(store)
-    assert isinstance(failure(folder.openMessage, 42), NoSuchMessage)
 
 
 # -- flags -----------------------------------------------------------------------
@@ -572,16 +429,6 @@ def test_removeAfterAnotherProgramChangedFlags(store, dataDir):
     assert uids(openFolder(restart(dataDir))) == [2]
 
 
-def test_setFlagsOnlyTouchesGivenUids(store, dataDir):
-    for n in range(3):
-        deliver(store, message(n))
-    folder = openFolder(store)
-    result = call(folder, "setFlags", [2, 99], ["\\Seen"], "add")
-    assert [(m.uid, m.flags) for m in result] == [(2, frozenset({"\\Seen"}))]
-    assert {m.uid: m.flags for m in folder.messages()} == {
-        1: frozenset(), 2: frozenset({"\\Seen"}), 3: frozenset()}
-
-
 def test_tooManyKeywordsFailsWithoutChanges(store, dataDir):
     deliver(store, message(1))
     folder = openFolder(store)
@@ -593,58 +440,7 @@ def test_tooManyKeywordsFailsWithoutChanges(store, dataDir):
     assert len(folder.messages()[0].flags) == 26
 
 
-def test_flagListenersSeeChanges(store):
-    deliver(store, message(1))
-    folder = openFolder(store)
-    seen = []
-    folder.addListener(seen.append)
-    call(folder, "setFlags", [1], ["\\Seen"], "add")
-    assert [c.flagsChanged for c in seen] == [(1,)]
-
-
 # -- append / remove -------------------------------------------------------------
-
-
-def test_appendWithFlagsAndDate(store, dataDir):
-    onReactor(store.account(ALICE).createFolder, "Sent")
-    folder = openFolder(store, "Sent")
-    deliver(store, message(1), folder="Sent")
-    call(folder, "refresh")
-    raw = b"From: alice@example.test\r\nSubject: sent\r\n\r\nhello\r\n"
-    uid = call(folder, "append", raw, ["\\Seen", "Important"], 1600000000.0)
-    assert uid == 2
-    assert uid in uids(folder)
-    stored = byUid(folder)[uid]
-    assert stored.flags == frozenset({"\\Seen", "Important"})
-    assert stored.internalDate == 1600000000.0
-    assert stored.size == len(raw)
-    assert readMessage(folder, uid) == raw
-    assert folder.uidNext == 3
-
-    again = openFolder(restart(dataDir), "Sent")
-    assert readMessage(again, uid) == raw
-    assert byUid(again)[uid].flags == frozenset({"\\Seen", "Important"})
-    assert byUid(again)[uid].internalDate == 1600000000.0
-    assert os.listdir(os.path.join(accountDir(dataDir), ".Sent", "tmp")) == []
-
-
-def test_openMissingFolderFails(store):
-    assert isinstance(failure(store.account(ALICE).openFolder, "Nope"), NoSuchFolder)
-
-
-def test_removeDeletesFilesAndUids(store, dataDir):
-    for n in range(3):
-        deliver(store, message(n))
-    folder = openFolder(store)
-    seen = []
-    folder.addListener(seen.append)
-    assert sorted(call(folder, "remove", [1, 3, 77])) == [1, 3]
-    assert uids(folder) == [2]
-    assert len(curNames(dataDir)) == 1
-    assert seen[-1].removed == (1, 3)
-    again = openFolder(restart(dataDir))
-    assert uids(again) == [2]
-    assert readMessage(again, 2) == message(1)
 
 
 # -- other writers, listeners ---------------------------------------------------
@@ -670,53 +466,6 @@ def test_externalWriterPickedUpByRefresh(store, dataDir):
     assert call(folder, "refresh").added == ()  # nothing new the second time
 
 
-def test_listenerCalledOnReactorAfterDelivery(store):
-    folder = openFolder(store)
-    calls = []
-
-    def deliverAndWait():
-        d = defer.Deferred()
-
-        def listener(changes):
-            calls.append((changes, threading.current_thread().name))
-            if not d.called:
-                d.callback(None)
-
-        folder.addListener(listener)
-        store.deliver(ALICE, "INBOX", MessageSource.fromBytes(message(1)))
-        return d.addTimeout(10, reactor)
-
-    onReactor(deliverAndWait)
-    (changes, thread), = calls
-    assert thread == "reactor"
-    assert changes.added == (1,)
-    assert uids(folder) == [1]
-
-
-def test_removedListenerNotCalled(store):
-    folder = openFolder(store)
-    removed, kept = [], []
-
-    def deliverAndWait():
-        d = defer.Deferred()
-
-        def keptListener(changes):
-            kept.append(changes)
-            if not d.called:
-                d.callback(None)
-
-        folder.addListener(removed.append)
-        folder.addListener(keptListener)
-        folder.removeListener(removed.append)
-        folder.removeListener(lambda changes: None)  # unknown: ignored
-        store.deliver(ALICE, "inbox", MessageSource.fromBytes(message(1)))
-        return d.addTimeout(10, reactor)
-
-    onReactor(deliverAndWait)
-    assert len(kept) == 1
-    assert removed == []
-
-
 # -- folders -------------------------------------------------------------------
 
 
@@ -731,84 +480,6 @@ def test_createFolderCreatesParents(store, dataDir):
     assert onReactor(account.listFolders) == ["INBOX", "Work", "Work/Clients"]
 
 
-def test_listFoldersSortedInboxFirst(store):
-    account = store.account(ALICE)
-    assert onReactor(account.listFolders) == ["INBOX"]
-    for name in ("Zed", "Archive", "Work/Clients", "Drafts"):
-        onReactor(account.createFolder, name)
-    assert onReactor(account.listFolders) == ["INBOX", "Archive", "Drafts", "Work", "Work/Clients",
-                                              "Zed"]
-
-
-@pytest.mark.parametrize("name", ["v1.2", "100%", "a%2Eb", "%", ".hidden", "a.b/c.d", "Entwürfe",
-                                  "with space", "INBOX/Sub.folder"])
-def test_folderNamesRoundTrip(store, dataDir, name):
-    account = store.account(ALICE)
-    onReactor(account.createFolder, name)
-    folders_ = onReactor(account.listFolders)
-    assert name in folders_
-    deliver(store, message(1), folder=name)
-    folder = openFolder(store, name)
-    assert folder.name == name
-    assert [readMessage(folder, u) for u in uids(folder)] == [message(1)]
-    # Nothing outside the account directory: the name became one Maildir++ directory.
-    assert {p for p in tree(dataDir) if not p.startswith("mail/example.test/alice/")} \
-        == {"mail", "mail/example.test", "mail/example.test/alice"}
-    assert onReactor(restart(dataDir).account(ALICE).listFolders) == folders_
-
-
-def test_inboxIsCaseInsensitive(store):
-    deliver(store, message(1), folder="inbox")
-    folder = openFolder(store, "InBoX")
-    assert folder.name == "INBOX"
-    assert uids(folder) == [1]
-
-
-def test_renameFolderMovesChildren(store):
-    account = store.account(ALICE)
-    onReactor(account.createFolder, "Work/Clients")
-    deliver(store, message(1), folder="Work")
-    deliver(store, message(2), folder="Work/Clients")
-    onReactor(account.renameFolder, "Work", "Jobs")
-    assert onReactor(account.listFolders) == ["INBOX", "Jobs", "Jobs/Clients"]
-    jobs = openFolder(store, "Jobs")
-    clients = openFolder(store, "Jobs/Clients")
-    assert [readMessage(jobs, u) for u in uids(jobs)] == [message(1)]
-    assert [readMessage(clients, u) for u in uids(clients)] == [message(2)]
-    assert isinstance(failure(account.openFolder, "Work"), NoSuchFolder)
-
-
-def test_renameFolderCreatesNewParents(store):
-    account = store.account(ALICE)
-    onReactor(account.createFolder, "Work")
-    onReactor(account.renameFolder, "Work", "Archive/2024/Work")
-    assert onReactor(account.listFolders) == ["INBOX", "Archive", "Archive/2024",
-                                              "Archive/2024/Work"]
-
-
-def test_renameInboxMovesMessagesAndLeavesInboxEmpty(store, dataDir):
-    deliver(store, message(1))
-    openFolder(store)  # message 1 is in cur/ ...
-    deliver(store, message(2))  # ... message 2 still in new/
-    inbox = openFolder(store)
-    oldNext = inbox.uidNext
-    account = store.account(ALICE)
-    onReactor(account.renameFolder, "INBOX", "Old Mail")
-
-    assert onReactor(account.listFolders) == ["INBOX", "Old Mail"]
-    old = openFolder(store, "Old Mail")
-    assert sorted(readMessage(old, u) for u in uids(old)) == sorted([message(1), message(2)])
-    inbox = openFolder(store)
-    assert inbox.messages() == []
-    root = accountDir(dataDir)
-    assert ls(os.path.join(root, "cur")) == [] and ls(os.path.join(root, "new")) == []
-
-    # INBOX keeps working, and does not hand out the moved messages' UIDs again.
-    deliver(store, message(3))
-    call(inbox, "refresh")
-    assert uids(inbox) == [oldNext]
-
-
 def test_renameInboxMovesEveryFile(store, dataDir):
     """A file another program left in cur/ without ':2,' info moves too (nothing left behind)."""
     deliver(store, message(1))
@@ -821,25 +492,6 @@ def test_renameInboxMovesEveryFile(store, dataDir):
     old = openFolder(store, "Old")
     assert sorted(readMessage(old, u) for u in uids(old)) == [message(1), message(2)]
     assert ls(os.path.join(root, "cur")) == []
-
-
-def test_renameInboxOfNewAccount(store):
-    """INBOX always exists, even before anything was delivered to it."""
-    account = store.account(ALICE)
-    onReactor(account.renameFolder, "inbox", "Old")
-    assert onReactor(account.listFolders) == ["INBOX", "Old"]
-    assert openFolder(store, "Old").messages() == []
-
-
-def test_createInboxFails(store):
-    account = store.account(ALICE)
-    assert isinstance(failure(account.createFolder, "INBOX"), FolderExists)  # before first use
-    deliver(store, message(1))
-    assert isinstance(failure(account.createFolder, "inbox"), FolderExists)
-    onReactor(account.createFolder, "Work")
-    assert isinstance(failure(account.renameFolder, "Work", "Inbox"), FolderExists)
-    assert onReactor(account.listFolders) == ["INBOX", "Work"]
-    assert uids(openFolder(store)) == [1]
 
 
 def test_inboxSubfolder(store, dataDir):
@@ -872,54 +524,6 @@ def test_halfDeletedFolderIsNotListed(store, dataDir):
     assert onReactor(account.listFolders) == ["INBOX", "Keep"]
 
 
-def test_deleteInboxFails(store):
-    deliver(store, message(1))
-    account = store.account(ALICE)
-    for name in ("INBOX", "inbox"):
-        assert isinstance(failure(account.deleteFolder, name), StorageError)
-    assert uids(openFolder(store)) == [1]
-
-
-def test_folderErrors(store):
-    account = store.account(ALICE)
-    onReactor(account.createFolder, "Work")
-    onReactor(account.createFolder, "Play")
-    assert isinstance(failure(account.createFolder, "Work"), FolderExists)
-    assert isinstance(failure(account.renameFolder, "Work", "Play"), FolderExists)
-    assert isinstance(failure(account.renameFolder, "Nope", "Other"), NoSuchFolder)
-    assert isinstance(failure(account.deleteFolder, "Nope"), NoSuchFolder)
-    assert isinstance(failure(account.openFolder, "Nope"), NoSuchFolder)
-    assert onReactor(account.listFolders) == ["INBOX", "Play", "Work"]
-
-
-HOSTILE = ["..", "../x", "a/../b", "/abs", "", "a//b", ".", "a/.", "x\x00y", "x\ry", "x\ny",
-           "x\x7fy", "x" * 2000, "a\\b", "../../../../etc", "INBOX/../../x"]
-
-
-@pytest.mark.parametrize("name", HOSTILE)
-def test_hostileFolderNamesRejected(store, dataDir, name):
-    account = store.account(ALICE)
-    openFolder(store)
-    onReactor(account.createFolder, "Existing")
-    outside = os.path.dirname(dataDir)
-    before = tree(outside)
-
-    attempts = [
-        (account.createFolder, name),
-        (account.openFolder, name),
-        (account.deleteFolder, name),
-        (account.renameFolder, name, "Elsewhere"),
-        (account.renameFolder, "Existing", name),
-        (account.setSubscribed, name, True),
-        (store.deliver, ALICE, name, MessageSource.fromBytes(message(1))),
-    ]
-    for f, *args in attempts:
-        error = failure(f, *args)
-        assert isinstance(error, InvalidFolderName), (f.__name__, error)
-    assert tree(outside) == before
-    assert onReactor(account.listFolders) == ["INBOX", "Existing"]
-
-
 @pytest.mark.parametrize("name", ["x" * 200 + "/" + "y" * 200, "ü" * 200, "." * 100,
                                   "/".join(["abcdefghijklmnopq"] * 16)])
 def test_namesTooLongForTheFileSystemRejected(store, dataDir, name):
@@ -944,47 +548,7 @@ def test_renameRefusesWhenAChildNameWouldBeTooLong(store, dataDir):
     assert onReactor(account.listFolders) == ["INBOX", "A", "A/" + "c" * 150]
 
 
-def test_subscriptionsPersist(store, dataDir):
-    account = store.account(ALICE)
-    assert onReactor(account.subscriptions) == []
-    onReactor(account.setSubscribed, "Work", True)
-    onReactor(account.setSubscribed, "inbox", True)
-    onReactor(account.setSubscribed, "Archive/2024", True)
-    onReactor(account.setSubscribed, "Archive/2024", False)
-    onReactor(account.setSubscribed, "Never", False)
-    assert onReactor(account.subscriptions) == ["INBOX", "Work"]
-    assert onReactor(restart(dataDir).account(ALICE).subscriptions) == ["INBOX", "Work"]
-
-
-def test_accountsAreSeparate(store, dataDir):
-    deliver(store, message(1), account="alice@example.test")
-    deliver(store, message(2), account="Bob@Example.Test")
-    alice, bob = openFolder(store), openFolder(store, account="bob@example.test")
-    assert [readMessage(alice, 1), readMessage(bob, 1)] == [message(1), message(2)]
-    assert len(alice.messages()) == len(bob.messages()) == 1
-
-
-def test_removeAccount(store, dataDir):
-    deliver(store, message(1))
-    deliver(store, message(1), account="bob@example.test")
-    onReactor(store.removeAccount, ALICE)
-    assert not os.path.exists(accountDir(dataDir))
-    assert os.path.isdir(accountDir(dataDir, "bob@example.test"))
-
-
 # -- large folders, other programs, copies ---------------------------------------
-
-
-def test_uidsAndMessageLookup(store):
-    for n in range(3):
-        deliver(store, message(n))
-    folder = openFolder(store)
-    assert tuple(folder.uids()) == (1, 2, 3)
-    assert folder.message(2).uid == 2 and folder.message(2).size == len(message(1))
-    assert folder.message(99) is None
-    call(folder, "setFlags", [2], ["\\Seen", "todo"], "add")
-    assert folder.message(2).flags == {"\\Seen", "todo"}
-    assert "todo" in folder.keywords()
 
 
 def test_refreshWithoutChangesDoesNotListCur(store, dataDir, monkeypatch):
@@ -1041,17 +605,6 @@ def test_fullRescanHealsAMissedChange(store, dataDir, monkeypatch):
     assert call(folder, "refresh").flagsChanged == (1,)
 
 
-def test_appendFromSpooledSource(store, dataDir, tmp_path):
-    folder = openFolder(store)
-    source = MessageSource(spoolDir=str(tmp_path), maxMemory=16)
-    body = b"Subject: big\r\n\r\n" + b"x" * 1000 + b"\r\n"
-    source.write(body)
-    uid = call(folder, "append", source, ["\\Seen"], 1700000000.0)
-    assert readMessage(folder, uid) == body
-    assert folder.message(uid).internalDate == 1700000000.0
-    assert folder.message(uid).flags == {"\\Seen"}
-
-
 def test_copyKeepsFlagsAndDatesAndLinks(store, dataDir):
     account = store.account(ALICE)
     onReactor(account.createFolder, "Archive")
@@ -1075,15 +628,6 @@ def test_copyKeepsFlagsAndDatesAndLinks(store, dataDir):
     again = openFolder(restart(dataDir), "Archive")
     assert uids(again) == [1, 2, 3]
     assert again.message(2).flags == {"\\Flagged", "project"}
-
-
-def test_copyOfUnknownUidFailsAndCopiesNothing(store):
-    deliver(store, message(1))
-    inbox = openFolder(store)
-    onReactor(store.account(ALICE).createFolder, "Other")
-    other = openFolder(store, "Other")
-    assert isinstance(failure(inbox.copyMessages, [1, 42], other), NoSuchMessage)
-    assert uids(other) == []
 
 
 def test_listenerHearsAnotherProgramsDeliveryWithoutRefreshCalls(store, dataDir):

@@ -24,7 +24,10 @@ import twistmail
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = "twisted/plugins/twistmail_plugin.py"
-FORBIDDEN = ("twisted/__init__.py", "twisted/plugins/__init__.py", "twisted/plugins/dropin.cache")
+FORBIDDEN = ("twisted/__init__.py", "twisted/plugins/__init__.py", "twisted/plugins/dropin.cache",
+             "twistmail/plugins/dropin.cache")
+#: twistmail's own plugin package: storage backends are found there, built-ins included.
+OWN_PLUGINS = ("twistmail/plugins/__init__.py", "twistmail/plugins/twistmail_builtin.py")
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info",
                                      "__pycache__", ".pytest_cache", ".ruff_cache")
 
@@ -57,6 +60,7 @@ def wheel(tmp_path_factory) -> str:
     shutil.copytree(REPO, src, ignore=COPY_IGNORE)
     # A plugin cache left by a development twistd must never end up in the wheel.
     (src / "twisted" / "plugins" / "dropin.cache").write_bytes(b"stale cache")
+    (src / "twistmail" / "plugins" / "dropin.cache").write_bytes(b"stale cache")
     ok([sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(src)], timeout=600)
     wheels = sorted(os.listdir(dist))
     assert wheels == [f"twistmail-{twistmail.__version__}-py3-none-any.whl"], wheels
@@ -72,6 +76,8 @@ def test_wheel_ships_the_plugin_module_and_no_twisted_package_files(wheel):
         metadata = zf.read(distInfo + "METADATA").decode()
 
     assert PLUGIN in names
+    for name in OWN_PLUGINS:
+        assert name in names, f"the wheel must contain {name}"
     for name in FORBIDDEN:
         assert name not in names, f"the wheel must not contain {name}"
     twistedFiles = {n for n in names if n.startswith("twisted/")}
@@ -121,6 +127,12 @@ def test_wheel_installs_into_a_fresh_venv_as_a_working_twistd_plugin(wheel, tmp_
 
     version = ok([venvBin(venv, "twistmail"), "--version"], cwd=work)
     assert version.strip() == f"twistmail {twistmail.__version__}"
+
+    # Storage backends are found through the installed twistmail.plugins package.
+    checked = ok([venvBin(venv, "twistmail"), "--data-dir", str(tmp_path / "check"),
+                  "check-config"], cwd=work)
+    assert "\nmaildir  twistmail.storage.maildir" in checked
+    assert "\nmbox     twistmail.storage.mbox" in checked
 
     pluginHelp = ok([venvBin(venv, "twistd"), "twistmail", "--help"], cwd=work)
     for option in ("--config", "--data-dir", "--hostname", "--smtp", "--pop3", "--imap"):

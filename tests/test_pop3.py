@@ -7,7 +7,13 @@ import smtplib
 import socket
 
 import pytest
-from support import onReactor, readAll
+from support import BACKENDS, externalDelivery, onReactor, readAll
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Every test here runs on each storage backend (conftest's server uses this)."""
+    return request.param
 
 
 def send(server, *bodies: bytes, rcpt: str = "alice@example.test") -> None:
@@ -76,6 +82,19 @@ def test_uidl_stable_across_sessions_and_deliveries(server):
     assert second[:2] == first
     assert len(set(second)) == 3
     assert p.uidl(2).split()[-1] == first[1].split()[-1]
+    p.quit()
+
+
+def test_another_programs_delivery_is_there_at_the_next_login(server):
+    """procmail writing the Maildir, or appending to the mbox with fcntl and dot-lock."""
+    send(server, msg(1))
+    p = login(server)
+    assert p.stat()[0] == 1
+    p.quit()
+    externalDelivery(server.dataDir, "alice@example.test", msg(2), server.backend)
+    p = login(server)
+    assert p.stat()[0] == 2
+    assert b"\r\n".join(p.retr(2)[1]) + b"\r\n" == msg(2)
     p.quit()
 
 

@@ -12,7 +12,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -210,6 +210,8 @@ class Config:
 
     path: str
     sections: MappingProxyType
+    #: ``[storage.<name>]`` tables, unvalidated: the backend plugin named <name> checks them.
+    backendOptions: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     def __getitem__(self, section: str) -> MappingProxyType:
         return self.sections[section]
@@ -224,6 +226,10 @@ class Config:
 
     def listeners(self, protocol: str) -> list[str]:
         return list(self.sections["listen"][protocol])
+
+    def storageOptions(self) -> dict:
+        """The ``[storage.<backend>]`` table of the configured backend (a copy)."""
+        return dict(self.backendOptions.get(self.sections["storage"]["backend"], {}))
 
 
 def _fail(path: str, where: str, problem: str, fix: str) -> ConfigError:
@@ -333,6 +339,8 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
         if not isinstance(value, dict):
             raise _fail(shown, section, "expected a [section] table", f"write [{section}] on its own line")
         for key in value:
+            if section == "storage" and isinstance(value[key], dict):
+                continue  # [storage.<backend>]: options for that backend plugin
             if key not in SCHEMA[section]:
                 raise _fail(shown, f"[{section}] {key}", "unknown key",
                             f"use one of {', '.join(sorted(SCHEMA[section]))}")
@@ -369,4 +377,7 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
 
         sections["server"]["hostname"] = socket.getfqdn() or "localhost"
     frozen = {name: MappingProxyType(values) for name, values in sections.items()}
-    return Config(path=shown, sections=MappingProxyType(frozen))
+    backendOptions = {name: MappingProxyType(table) for name, table in raw.get("storage", {}).items()
+                      if isinstance(table, dict)}
+    return Config(path=shown, sections=MappingProxyType(frozen),
+                  backendOptions=MappingProxyType(backendOptions))

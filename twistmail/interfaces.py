@@ -19,6 +19,7 @@ Conventions shared by all storage methods:
 
 from __future__ import annotations
 
+from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
 
 
@@ -119,6 +120,23 @@ class IMailbox(Interface):
         """Stop notifying C{listener}; unknown listeners are ignored."""
 
 
+class IImportableMailbox(IMailbox):
+    """Optional: a folder that can take messages with the POP3 unique ids they had elsewhere.
+
+    ``twistmail migrate`` uses it, when the target backend offers it, so POP3
+    clients that leave mail on the server do not fetch everything again.
+    """
+
+    def importMessages(messages):
+        """Store messages durably, in order, like L{IMailbox.append}.
+
+        @param messages: (source, flags, internalDate, uniqueId) tuples; a
+            uniqueId the backend cannot store, or that the folder already
+            has, is replaced by a new one.
+        @return: Deferred firing with the new uids, in order.
+        """
+
+
 class IMailAccount(Interface):
     """One user's folders."""
 
@@ -169,8 +187,12 @@ class IMailStore(Interface):
         """Delete every folder of C{name} (admin CLI ``user remove --purge``)."""
 
 
-class IMailStoreFactory(Interface):
-    """A storage backend offered as a Twisted plugin (``[storage] backend = name``)."""
+class IMailStoreFactory(IPlugin):
+    """A storage backend offered as a Twisted plugin (``[storage] backend = name``).
+
+    Provide it from a module in a ``twistmail/plugins/`` directory; see
+    README.rst, "Writing a storage backend".
+    """
 
     name = Attribute("str: the value of [storage] backend that selects this backend")
     description = Attribute("str: one line for ``twistmail check-config``")
@@ -178,7 +200,9 @@ class IMailStoreFactory(Interface):
     def makeStore(options: dict, dataDir: str) -> IMailStore:
         """Validate C{options} (from ``[storage.<name>]``) and build the store.
 
-        Raise L{twistmail.config.ConfigError} for bad options so ``twistd`` fails at start.
+        No side effects (``twistmail check-config`` calls it too): create
+        directories on first use, not here.  Raise L{twistmail.config.ConfigError}
+        naming the key and the fix for bad options, so ``twistd`` fails at start.
         """
 
 

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from twistmail import _pluginload
 from twistmail import config as configmod
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
@@ -31,7 +32,7 @@ from twistmail.auth.throttle import AuthThrottle
 from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.routing import RelayPolicy, Router
-from twistmail.interfaces import IMailAccount
+from twistmail.interfaces import IMailAccount, IMailStoreFactory
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
@@ -42,12 +43,9 @@ from twistmail.relay.pickup import ControlPoller
 from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
 from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
-from twistmail.storage.maildir import MaildirStoreFactory
 from twistmail.tls import ServerTLS, TLSConfigError
 
 log = Logger()
-
-BACKENDS = {"maildir": MaildirStoreFactory()}
 
 
 class Options(usage.Options):
@@ -233,13 +231,16 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
 
 
 def makeStore(config: configmod.Config):
+    """The store of the backend plugin named by ``[storage] backend``, with its options.
+
+    @raise configmod.ConfigError: unknown backend, broken plugin or bad options.
+    """
     name = config["storage"]["backend"]
-    factory = BACKENDS.get(name)
-    if factory is None:
-        raise startupError(
-            f"{config.path}: [storage] backend: unknown backend {name!r}. "
-            f"Fix: use one of {', '.join(sorted(BACKENDS))}")
-    return factory.makeStore({}, config.dataDir)
+    try:
+        factory = _pluginload.find(IMailStoreFactory, name, "[storage] backend", "backend")
+        return factory.makeStore(config.storageOptions(), config.dataDir)
+    except configmod.ConfigError as e:
+        raise configmod.ConfigError(f"{config.path}: {e}") from None
 
 
 def makeService(options: Options) -> service.MultiService:
@@ -251,7 +252,10 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     _DataDirLock(dataDir).setServiceParent(top)
 
-    store = makeStore(config)
+    try:
+        store = makeStore(config)
+    except configmod.ConfigError as e:
+        raise startupError(str(e)) from None
     accounts = Accounts(dataDir, reloadInterval=config["accounts"]["reload_interval"])
     limiter = ConnectionLimiter(config["server"]["max_connections"],
                                 config["server"]["max_connections_per_ip"])

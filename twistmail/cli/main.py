@@ -111,12 +111,17 @@ def cmdAlias(args) -> str:
 
 
 def cmdCheckConfig(args) -> str:
+    """Validate the file and the backend's options; print every setting and the backends found."""
     config = _config(args)
-    from twistmail.tap import BACKENDS
+    from twistmail import _pluginload
+    from twistmail.interfaces import IMailStoreFactory
+    from twistmail.tap import makeStore
 
-    if config["storage"]["backend"] not in BACKENDS:
-        raise CLIError(f"{config.path}: [storage] backend: unknown backend "
-                       f"{config['storage']['backend']!r}. Fix: use one of {', '.join(BACKENDS)}")
+    try:
+        makeStore(config)
+        backends = _pluginload.available(IMailStoreFactory)
+    except configmod.ConfigError as e:
+        raise CLIError(str(e)) from None
     if config["tls"]["certificate"]:
         from twistmail.tls import TLSConfigError, loadOptions
 
@@ -135,7 +140,38 @@ def cmdCheckConfig(args) -> str:
             elif value == "":
                 value = "-"
             rows.append((f"{section}.{key}", value))
-    return table(["SETTING", "VALUE"], rows) + "\nconfiguration OK"
+    for key, value in sorted(config.storageOptions().items()):
+        rows.append((f"storage.{config['storage']['backend']}.{key}", value))
+    found = table(["BACKEND", "MODULE", "DESCRIPTION"],
+                  [(name, type(plugin).__module__, plugin.description)
+                   for name, plugin in backends.items()])
+    return table(["SETTING", "VALUE"], rows) + "\n\n" + found + "\nconfiguration OK"
+
+
+def cmdMigrate(args) -> str:
+    """Copy accounts to another backend; say what to put in the config afterwards."""
+    from twistmail.cli.migrate import MigrationError, migrate
+
+    config = _config(args)
+    accounts = _accounts(args)
+    if args.all:
+        addresses = sorted(accounts.users)
+    else:
+        addresses = [a.lower() for a in args.addresses]
+        unknown = [a for a in addresses if a not in accounts.users]
+        if unknown:
+            raise CLIError(f"no user {unknown[0]} (see: twistmail user list)")
+    if not addresses:
+        raise CLIError("no users to migrate (see: twistmail user list)")
+    try:
+        migrate(config, args.to, addresses)
+    except MigrationError as e:
+        raise CLIError(str(e)) from None
+    where = config.path if args.config else "your config file (see etc/twistmail.toml)"
+    return (f"migrated {len(addresses)} account(s) from {config['storage']['backend']} to "
+            f"{args.to}; the {config['storage']['backend']} copies are untouched (remove them "
+            f"once satisfied).\nNow put this in {where}, then start the server:\n"
+            f'[storage]\nbackend = "{args.to}"')
 
 
 def parser() -> argparse.ArgumentParser:
@@ -166,6 +202,14 @@ def parser() -> argparse.ArgumentParser:
     queuecli.register(sub)
     sendmail.register(sub)
     sub.add_parser("check-config", help="validate the configuration and show the effective settings")
+
+    migrate = sub.add_parser("migrate", help="copy mailboxes to another storage backend (server "
+                                             "stopped)")
+    migrate.add_argument("--to", required=True, metavar="BACKEND",
+                         help="the backend to copy to: maildir, mbox or a plugin's name")
+    who = migrate.add_mutually_exclusive_group(required=True)
+    who.add_argument("--all", action="store_true", help="every user")
+    who.add_argument("addresses", nargs="*", default=[], metavar="ADDRESS")
     return p
 
 
@@ -183,7 +227,7 @@ def cmdSendmail(args) -> str:
 
 
 COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "queue": cmdQueue,
-            "sendmail": cmdSendmail, "check-config": cmdCheckConfig}
+            "sendmail": cmdSendmail, "check-config": cmdCheckConfig, "migrate": cmdMigrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,10 +92,13 @@ def append(path: str, entries) -> None:
         os.fsync(f.fileno())
 
 
-def newUidValidity(accountRoot: str) -> int:
+def newUidValidity(accountRoot: str, name: str = UIDVALIDITY) -> int:
     """A UIDVALIDITY this account never issued before: a folder deleted and re-created
-    within one second must not repeat the old value (RFC 3501 §2.3.1.1)."""
-    path = os.path.join(accountRoot, UIDVALIDITY)
+    within one second must not repeat the old value (RFC 3501 §2.3.1.1).
+
+    @param name: the file in C{accountRoot} that remembers the last one.
+    """
+    path = os.path.join(accountRoot, name)
     with _uidValidityLock:
         try:
             with open(path, encoding="utf-8") as f:

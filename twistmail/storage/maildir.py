@@ -304,6 +304,8 @@ class MaildirStore:
 
 @implementer(IMailStoreFactory)
 class MaildirStoreFactory:
+    """Registered by L{twistmail.plugins.twistmail_builtin}."""
+
     name = "maildir"
     description = "Maildir++ folders, one file per message (default)"
 
@@ -311,5 +313,6 @@ class MaildirStoreFactory:
         from twistmail.config import ConfigError
 
         if options:
-            raise ConfigError(f"[storage.maildir] has no options; remove {', '.join(options)}")
+            raise ConfigError(f"[storage.maildir] {', '.join(sorted(options))}: unknown option. "
+                              "Fix: remove it (the Maildir backend has no options)")
         return MaildirStore(dataDir)

@@ -37,7 +37,7 @@ from zope.interface import implementer
 from twistmail import _fsutil
 from twistmail._groupcommit import NewFile, commitBatch, writeNewFile
 from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError
-from twistmail.interfaces import IMailbox
+from twistmail.interfaces import IImportableMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _uidlist
 
@@ -54,6 +54,8 @@ FULL_SCAN_INTERVAL = 300.0
 POLL_INTERVAL = 1.0
 
 _counter = itertools.count()
+#: What another store's unique id must look like to become a Maildir base name.
+_USABLE_BASE = re.compile(r"[A-Za-z0-9_\\-][A-Za-z0-9._\\-]{0,69}")
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
 _ORDER = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
 
@@ -140,7 +142,7 @@ class _Scan:
         self.full = False
 
 
-@implementer(IMailbox)
+@implementer(IImportableMailbox)
 class MaildirFolder:
     """One folder's shared index: every session on the folder sees this object."""
 
@@ -378,7 +380,10 @@ class MaildirFolder:
             changed the folder since our last scan: then the next refresh rescans).
         """
         newDir, curDir = os.path.join(self.path, "new"), os.path.join(self.path, "cur")
-        before = (_stamp(newDir), _stamp(curDir))
+        try:
+            before = (_stamp(newDir), _stamp(curDir))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NoSuchFolder(self.name) from None  # deleted by another session
         result = work(*args)
         after = (_stamp(newDir), _stamp(curDir)) if before == self._stamps else None
         return result, after
@@ -519,6 +524,25 @@ class MaildirFolder:
             return stageMessage(path, _chunks(source), "cur", f":2,{info}", internalDate)
 
         return self._lock.run(self._add, [(stage, set(flags))]).addCallback(lambda uids: uids[0])
+
+    def importMessages(self, messages) -> defer.Deferred:
+        """Appends whose file names keep each message's unique id (POP3 UIDL) when it can be
+        a Maildir base name (no '/', ':' or ',') that the folder does not have yet."""
+        known = set(self._byBase)
+        stages = []
+        for source, flags, internalDate, unique in messages:
+            name = unique if _USABLE_BASE.fullmatch(unique) and unique not in known else None
+            known.add(name)
+
+            def stage(path: str, info: str, source=source, internalDate=internalDate,
+                      name=name) -> NewFile:
+                base = name or uniqueName()
+                tmp = os.path.join(path, "tmp", base)
+                size = writeNewFile(tmp, _chunks(source), internalDate)
+                return NewFile(tmp, os.path.join(path, "cur", f"{base},S={size}:2,{info}"))
+
+            stages.append((stage, set(flags)))
+        return self._lock.run(self._add, stages)
 
     def copyMessages(self, uids, target: MaildirFolder) -> defer.Deferred:
         """Hard links where the filesystem allows (no bytes copied, as Dovecot does), else copies."""

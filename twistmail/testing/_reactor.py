@@ -1,0 +1,33 @@
+"""A reactor running in a background thread, for tests written as plain blocking code.
+
+Tests call into the reactor with ``onReactor(f, ...)`` (blockingCallFromThread)
+and talk to listeners with real blocking clients from the test thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_started = threading.Event()
+
+
+def startReactor() -> None:
+    """Run the global reactor in a daemon thread (once per process)."""
+    from twisted.internet import reactor
+
+    if _started.is_set():
+        return
+    thread = threading.Thread(
+        target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True, name="reactor")
+    reactor.callWhenRunning(_started.set)
+    thread.start()
+    if not _started.wait(10):
+        raise RuntimeError("reactor did not start")
+
+
+def onReactor(f, *args, **kwargs):
+    """Run f on the reactor thread and wait for its (possibly Deferred) result."""
+    from twisted.internet import reactor, threads
+
+    startReactor()
+    return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
