@@ -8,6 +8,7 @@ from the test thread, exactly as a mail client would.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -16,11 +17,36 @@ from dataclasses import dataclass
 
 from twistmail.testing import onReactor, startReactor  # noqa: F401 - re-exported for tests
 
+_portsHandedOut: set[int] = set()
+
+
+def _ephemeralLow() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nothing listens on, never handed out before in this run.
+
+    Probing with bind(0) would return ports from the ephemeral range, where the
+    tests' own client connections can take one before the server listens, and
+    could return the same port twice.  So: ports below the ephemeral range,
+    each handed out once."""
+    for _ in range(1000):
+        port = random.randrange(10000, _ephemeralLow())
+        if port in _portsHandedOut:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _portsHandedOut.add(port)
+        return port
+    raise AssertionError("no free loopback port below the ephemeral range")
 
 
 #: The storage backends the protocol and interop tests run on.
@@ -79,8 +105,14 @@ def startServer(dataDir: str, backendOptions: dict | None = None, **sections) ->
 
     def build():
         svc = tap.makeService(options)
-        svc.privilegedStartService()
-        svc.startService()
+        try:
+            svc.privilegedStartService()
+            svc.startService()
+        except SystemExit as e:
+            # twistd's start-up error; as a plain exception so pytest reports it as this
+            # test's failure (a SystemExit from a fixture derails the fixtures of later tests).
+            svc.stopService()
+            raise AssertionError(str(e)) from None
         return svc
 
     svc = onReactor(build)
