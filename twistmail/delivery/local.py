@@ -19,16 +19,21 @@ class LocalDelivery:
         On a partial failure the copies already stored stay (the client retries
         and those recipients may see the message twice: at-least-once, never lost).
         """
-        ds = [self._store.deliver(rcpt, "INBOX", source) for rcpt in envelope.recipients]
-        if len(ds) == 1:
-            return ds[0]
-        d = defer.gatherResults(ds, consumeErrors=True)
+        return allStored([self._store.deliver(rcpt, "INBOX", source)
+                          for rcpt in envelope.recipients])
 
-        def unwrap(failure):
-            failure.trap(defer.FirstError)
-            inner = failure.value.subFailure
-            if inner.check(StorageError):
-                return inner
-            raise StorageError(inner.getErrorMessage())
 
-        return d.addErrback(unwrap)
+def allStored(ds: list[defer.Deferred]) -> defer.Deferred:
+    """Fire when every one of C{ds} has; fail with the first failure as a StorageError
+    (so SMTP answers 451 and the client retries)."""
+    if len(ds) == 1:
+        return ds[0]
+
+    def unwrap(failure):
+        failure.trap(defer.FirstError)
+        inner = failure.value.subFailure
+        if inner.check(StorageError):
+            return inner
+        raise StorageError(inner.getErrorMessage())
+
+    return defer.gatherResults(ds, consumeErrors=True).addErrback(unwrap)

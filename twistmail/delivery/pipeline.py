@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from twistmail.errors import StorageError
+from twistmail.delivery.local import allStored
 from twistmail.model import Envelope
 
 
@@ -31,15 +31,4 @@ class DeliveryPipeline:
             ds.append(self.queue.enqueue(envelope.sender, envelope.relay, source.chunks,
                                          id=envelope.id, origin="smtp", client=envelope.client,
                                          helo=envelope.helo))
-        if len(ds) == 1:
-            return ds[0]
-        d = defer.gatherResults(ds, consumeErrors=True)
-
-        def unwrap(failure):
-            failure.trap(defer.FirstError)
-            inner = failure.value.subFailure
-            if inner.check(StorageError):
-                return inner
-            raise StorageError(inner.getErrorMessage())
-
-        return d.addErrback(unwrap)
+        return allStored(ds)

@@ -21,10 +21,8 @@ L{twistmail.storage.maildirfolder}.
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
-import weakref
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -32,13 +30,12 @@ from zope.interface import implementer
 
 from twistmail import _fsutil
 from twistmail._groupcommit import GroupCommit, NewFile
-from twistmail.auth.accounts import AccountError, validAddress
 from twistmail.errors import FolderExists, InvalidFolderName, NoSuchFolder, StorageError
 from twistmail.interfaces import IMailAccount, IMailStore, IMailStoreFactory
 from twistmail.storage import folders
+from twistmail.storage._filestore import FileAccount, FileStore
 from twistmail.storage.maildirfolder import (
     MaildirFolder,
-    Watcher,
     makeMaildir,
     stageMessage,
     uniqueName,
@@ -47,8 +44,6 @@ from twistmail.storage.maildirfolder import (
 log = Logger()
 
 SUBSCRIPTIONS = "twistmail-subscriptions"
-#: Folders kept indexed in memory after their last session closed.
-KEEP_FOLDERS = 16
 NAME_MAX = 255  # octets in one directory entry (Linux, BSD, macOS)
 
 
@@ -60,11 +55,14 @@ def _checkDirname(dirname: str) -> None:
 
 
 @implementer(IMailAccount)
-class MaildirAccount:
-    def __init__(self, store: MaildirStore, name: str, root: str) -> None:
-        self._store = store
-        self.name = name
-        self.root = root
+class MaildirAccount(FileAccount):
+    subscriptionsFile = SUBSCRIPTIONS
+
+    def _prepareInbox(self, path: str) -> None:
+        makeMaildir(self.root)
+
+    def _makeRoot(self) -> None:
+        makeMaildir(self.root)
 
     def folderPath(self, name: str) -> str:
         name = folders.normalize(name)
@@ -174,97 +172,19 @@ class MaildirAccount:
         _fsutil.fsyncDir(self.root)
         self._store._forget(self.name, old)
 
-    def openFolder(self, name: str) -> defer.Deferred:
-        try:
-            name = folders.normalize(name)
-            path = self.folderPath(name)
-        except InvalidFolderName:
-            return defer.fail()
-        folder = self._store._folder(self, name, path)
-        if name == "INBOX":
-            d = self._store._run(makeMaildir, self.root)
-        else:
-            d = defer.succeed(None)
-        return d.addCallback(lambda ignored: folder.refresh()).addCallback(lambda ignored: folder)
-
-    def subscriptions(self) -> defer.Deferred:
-        return self._store._run(self._readSubscriptions)
-
-    def _readSubscriptions(self) -> list[str]:
-        try:
-            with open(os.path.join(self.root, SUBSCRIPTIONS), encoding="utf-8") as f:
-                return sorted(line for line in f.read().split("\n") if line)
-        except FileNotFoundError:
-            return []
-
-    def setSubscribed(self, name: str, subscribed: bool) -> defer.Deferred:
-        try:
-            name = folders.normalize(name)
-        except InvalidFolderName:
-            return defer.fail()
-        return self._store._run(self._setSubscribedSync, name, subscribed)
-
-    def _setSubscribedSync(self, name: str, subscribed: bool) -> None:
-        current = set(self._readSubscriptions())
-        current = current | {name} if subscribed else current - {name}
-        makeMaildir(self.root)
-        _fsutil.atomicWrite(os.path.join(self.root, SUBSCRIPTIONS),
-                            "".join(n + "\n" for n in sorted(current)).encode("utf-8"))
-
 
 @implementer(IMailStore)
-class MaildirStore:
+class MaildirStore(FileStore):
     """All accounts' Maildirs under ``<data_dir>/mail``."""
 
+    tree = "mail"
+    accountClass = MaildirAccount
+    folderClass = MaildirFolder
+    watchMask = ("IN_CREATE", "IN_MOVED_TO", "IN_MOVED_FROM", "IN_DELETE")
+
     def __init__(self, dataDir: str, deferToThread=threads.deferToThread, reactor=None) -> None:
-        self.root = os.path.join(dataDir, "mail")
-        self._run = deferToThread
+        super().__init__(dataDir, deferToThread, reactor)
         self._commit = GroupCommit(deferToThread)
-        # Every folder a session has open, plus the last few used: reopening a big
-        # folder then costs two stat() calls instead of rereading its uidlist.
-        self._folders: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._recentlyUsed: collections.OrderedDict = collections.OrderedDict()
-        self._reactor = reactor
-        self._watcher: Watcher | None = None
-
-    def _watch(self, folder: MaildirFolder):
-        """Start noticing other programs' changes to C{folder} (it has listeners now)."""
-        if self._watcher is None:
-            if self._reactor is None:
-                from twisted.internet import reactor
-
-                self._reactor = reactor
-            self._watcher = Watcher(self._reactor)
-        return self._watcher.watch(folder)
-
-    def accountPath(self, name: str) -> str:
-        try:
-            canonical = validAddress(name)
-        except AccountError as e:
-            raise StorageError(str(e)) from None
-        local, domain = canonical.split("@")
-        return os.path.join(self.root, domain, local)
-
-    def account(self, name: str) -> MaildirAccount:
-        return MaildirAccount(self, name.lower(), self.accountPath(name))
-
-    def _folder(self, account: MaildirAccount, name: str, path: str) -> MaildirFolder:
-        key = (account.name, name)
-        folder = self._folders.get(key)
-        if folder is None:
-            folder = self._folders[key] = MaildirFolder(self, account.name, name, path, account.root)
-        self._recentlyUsed[key] = folder
-        self._recentlyUsed.move_to_end(key)
-        while len(self._recentlyUsed) > KEEP_FOLDERS:
-            self._recentlyUsed.popitem(last=False)
-        return folder
-
-    def _forget(self, account: str, name: str) -> None:
-        """Drop the cached index of C{name} and its children (deleted or renamed)."""
-        for cache in (self._folders, self._recentlyUsed):
-            for key in [k for k in list(cache.keys())
-                        if k[0] == account and (k[1] == name or k[1].startswith(name + "/"))]:
-                cache.pop(key, None)
 
     def deliver(self, account: str, folder: str, source, flags=()) -> defer.Deferred:
         try:
@@ -275,9 +195,7 @@ class MaildirStore:
         d = self._commit.submit(lambda: [self._stageDelivery(acct.root, path, source)])
 
         def delivered(paths: list[str]) -> str:
-            open_ = self._folders.get((acct.name, folders.normalize(folder)))
-            if open_ is not None and open_.hasListeners():
-                open_.refresh().addErrback(lambda f: log.failure("refresh after delivery", f))
+            self._refreshIfListened(acct.name, folders.normalize(folder))
             return os.path.basename(paths[0]).split(",")[0]
 
         return d.addCallback(delivered)

@@ -15,7 +15,7 @@ bracketed by stat() calls so they do not count as foreign; and because a
 foreign change could slip in between our change and the stat after it, a
 full scan is also made whenever the last one is older than
 C{FULL_SCAN_INTERVAL}.  While someone listens (an IMAP client in IDLE),
-inotify (or a poll where there is none) triggers the refresh, so another
+inotify (or a poll where there is none; L{twistmail.storage._filestore}) triggers the refresh, so another
 program's writes show up within a second.
 
 Every blocking call runs in the thread pool under the folder's lock; the
@@ -30,7 +30,7 @@ import re
 import socket
 import time
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -40,6 +40,7 @@ from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError
 from twistmail.interfaces import IImportableMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _uidlist
+from twistmail.storage._filestore import FolderIndex
 
 log = Logger()
 
@@ -50,8 +51,6 @@ _LETTER_FLAGS["P"] = "$Forwarded"  # "passed" in Maildir, $Forwarded keyword in 
 MAX_KEYWORDS = 26
 #: Seconds after which a refresh rescans cur/ even if its mtime says nothing changed.
 FULL_SCAN_INTERVAL = 300.0
-#: Seconds between checks for other programs' changes while someone listens, without inotify.
-POLL_INTERVAL = 1.0
 
 _counter = itertools.count()
 #: What another store's unique id must look like to become a Maildir base name.
@@ -143,30 +142,20 @@ class _Scan:
 
 
 @implementer(IImportableMailbox)
-class MaildirFolder:
+class MaildirFolder(FolderIndex):
     """One folder's shared index: every session on the folder sees this object."""
 
     maxKeywords = MAX_KEYWORDS
 
     def __init__(self, store, account: str, name: str, path: str, accountRoot: str) -> None:
-        self._store = store
-        self.account = account
-        self.name = name
-        self.path = path
-        self._accountRoot = accountRoot
-        self.uidValidity = 0
-        self.uidNext = 1
-        self._entries: dict[int, _Entry] = {}  # ascending uid order
+        super().__init__(store, account, name, path, accountRoot)
         self._byBase: dict[str, int] = {}
-        self._keywords: list[str] = []
         self._flagCache: dict[str, frozenset] = {}
-        self._snapshot: list | None = None
-        self._uids: tuple | None = None
         self._stamps: tuple | None = None  # (new/, cur/) as of our last scan or own change
         self._fullScanAt = float("-inf")
-        self._listeners: list = []
-        self._lock = defer.DeferredLock()
-        self._watch = None
+
+    def watchTargets(self) -> list[tuple[str, str | None]]:
+        return [(os.path.join(self.path, "new"), None), (os.path.join(self.path, "cur"), None)]
 
     # -- reading ---------------------------------------------------------------
 
@@ -187,51 +176,6 @@ class MaildirFolder:
         # 100,000-message SELECT makes 100,000 of these.
         return _newTuple(StoredMessage, (uid, entry.uniqueId, self._flags(entry.info), entry.size,
                                          entry.internalDate))
-
-    def messages(self) -> list:
-        if self._snapshot is None:
-            self._snapshot = [self._message(uid, e) for uid, e in self._entries.items()]
-        return self._snapshot
-
-    def uids(self) -> tuple:
-        if self._uids is None:
-            self._uids = tuple(self._entries)
-        return self._uids
-
-    def message(self, uid: int) -> StoredMessage | None:
-        entry = self._entries.get(uid)
-        return None if entry is None else self._message(uid, entry)
-
-    def keywords(self) -> list[str]:
-        return list(self._keywords)
-
-    def _changed(self, changes: FolderChanges) -> FolderChanges:
-        if changes:
-            self._snapshot = None
-            self._uids = None
-            for listener in list(self._listeners):
-                try:
-                    listener(changes)
-                except Exception:
-                    log.failure("folder listener failed for {folder}", folder=self.name)
-        return changes
-
-    # -- listeners, and watching for other programs' changes -------------------
-
-    def addListener(self, listener) -> None:
-        self._listeners.append(listener)
-        if self._watch is None:
-            self._watch = self._store._watch(self)
-
-    def removeListener(self, listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-        if not self._listeners and self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-
-    def hasListeners(self) -> bool:
-        return bool(self._listeners)
 
     # -- refresh: reconcile the index with the directory ------------------------
 
@@ -671,73 +615,3 @@ def _linkOrCopy(folder: MaildirFolder, sourcePath: str, entry: _Entry, targetPat
             data = f.read()
     writeNewFile(tmp, [data], entry.internalDate)
     return NewFile(tmp, final)
-
-
-class Watcher:
-    """Refreshes folders that have listeners when another program changes them.
-
-    inotify where the platform has it; otherwise a poll every POLL_INTERVAL.
-    Either way the refresh itself is cheap when nothing changed (two stats).
-    """
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-        self._notifier = None
-        try:
-            from twisted.internet import inotify
-
-            self._notifier = inotify.INotify(reactor)
-            self._notifier.startReading()
-            self._mask = (inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
-                          | inotify.IN_DELETE)
-        except Exception:
-            self._notifier = None
-
-    def watch(self, folder: MaildirFolder):
-        return _FolderWatch(self, folder)
-
-
-class _FolderWatch:
-    def __init__(self, watcher: Watcher, folder: MaildirFolder) -> None:
-        self._watcher = watcher
-        self._folder = folder
-        self._pending = None
-        self._paths = []
-        self._loop = None
-        if watcher._notifier is not None:
-            from twisted.python.filepath import FilePath
-
-            for sub in ("new", "cur"):
-                path = FilePath(os.path.join(folder.path, sub).encode())
-                try:
-                    watcher._notifier.watch(path, watcher._mask, callbacks=[self._event])
-                    self._paths.append(path)
-                except Exception:
-                    break
-        if len(self._paths) < 2:
-            self._loop = task.LoopingCall(self._refresh)
-            self._loop.clock = watcher._reactor
-            self._loop.start(POLL_INTERVAL, now=False)
-
-    def _event(self, ignored, path, mask) -> None:
-        if self._pending is None:
-            # Coalesce a burst of events into one refresh.
-            self._pending = self._watcher._reactor.callLater(0.05, self._refresh)
-
-    def _refresh(self) -> None:
-        self._pending = None
-        self._folder.refresh().addErrback(self._failed)
-
-    def _failed(self, failure) -> None:
-        if not failure.check(NoSuchFolder):
-            log.failure("refreshing {folder}", failure, folder=self._folder.name)
-
-    def stop(self) -> None:
-        for path in self._paths:
-            self._watcher._notifier.ignore(path)
-        self._paths = []
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None

@@ -23,22 +23,20 @@ It lives beside the Maildir tree (``<data_dir>/mail``), not in it, so
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
 import time
-import weakref
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail import _fsutil
-from twistmail.auth.accounts import AccountError, validAddress
 from twistmail.errors import FolderExists, InvalidFolderName, NoSuchFolder, StorageError
 from twistmail.interfaces import IMailAccount, IMailStore, IMailStoreFactory
 from twistmail.storage import _mboxindex, folders
+from twistmail.storage._filestore import FileAccount, FileStore
 from twistmail.storage._locking import MailboxLock
 from twistmail.storage._mboxio import Outgoing, uniqueId, writeMessages
 from twistmail.storage.mboxfolder import MboxFolder
@@ -46,13 +44,11 @@ from twistmail.storage.mboxfolder import MboxFolder
 log = Logger()
 
 SUBSCRIPTIONS = ".subscriptions"
-KEEP_FOLDERS = 16  # folders kept indexed in memory after their last session closed
 NAME_MAX = 255
 #: Octets a component's derived names add (".<name>.index.tmp.<pid>", ".<name>.lk<pid>.<n>").
 _DERIVED = 40
 #: Deliveries written to one mbox in one locked trip (one fsync).
 MAX_BATCH = 64
-POLL_INTERVAL = 1.0
 
 
 def _component(part: str) -> str:
@@ -64,11 +60,14 @@ def _component(part: str) -> str:
 
 
 @implementer(IMailAccount)
-class MboxAccount:
-    def __init__(self, store: MboxStore, name: str, root: str) -> None:
-        self._store = store
-        self.name = name
-        self.root = root
+class MboxAccount(FileAccount):
+    subscriptionsFile = SUBSCRIPTIONS
+
+    def _prepareInbox(self, path: str) -> None:
+        self._ensureFile(path)
+
+    def _makeRoot(self) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
 
     def folderPath(self, name: str) -> str:
         """The mbox file of folder C{name}; raises InvalidFolderName."""
@@ -210,40 +209,6 @@ class MboxAccount:
                              _mboxindex.stampOf(os.stat(src)))
             _fsutil.fsyncDir(os.path.dirname(dst))
 
-    def openFolder(self, name: str) -> defer.Deferred:
-        try:
-            name = folders.normalize(name)
-            path = self.folderPath(name)
-        except InvalidFolderName:
-            return defer.fail()
-        folder = self._store._folder(self, name, path)
-        d = self._store._run(self._ensureFile, path) if name == "INBOX" else defer.succeed(None)
-        return d.addCallback(lambda ignored: folder.refresh()).addCallback(lambda ignored: folder)
-
-    def subscriptions(self) -> defer.Deferred:
-        return self._store._run(self._readSubscriptions)
-
-    def _readSubscriptions(self) -> list[str]:
-        try:
-            with open(os.path.join(self.root, SUBSCRIPTIONS), encoding="utf-8") as f:
-                return sorted(line for line in f.read().split("\n") if line)
-        except FileNotFoundError:
-            return []
-
-    def setSubscribed(self, name: str, subscribed: bool) -> defer.Deferred:
-        try:
-            name = folders.normalize(name)
-        except InvalidFolderName:
-            return defer.fail()
-        return self._store._run(self._setSubscribedSync, name, subscribed)
-
-    def _setSubscribedSync(self, name: str, subscribed: bool) -> None:
-        current = set(self._readSubscriptions())
-        current = current | {name} if subscribed else current - {name}
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        _fsutil.atomicWrite(os.path.join(self.root, SUBSCRIPTIONS),
-                            "".join(n + "\n" for n in sorted(current)).encode("utf-8"))
-
 
 def _indexPath(path: str) -> str:
     directory, base = os.path.split(path)
@@ -258,61 +223,24 @@ def _unlinkQuietly(path: str) -> None:
 
 
 @implementer(IMailStore)
-class MboxStore:
+class MboxStore(FileStore):
     """All accounts' mbox folders under ``<data_dir>/mbox``."""
+
+    tree = "mbox"
+    accountClass = MboxAccount
+    folderClass = MboxFolder
+    # The directory, not the file: a rewrite replaces the file.
+    watchMask = ("IN_MODIFY", "IN_MOVED_TO", "IN_CREATE", "IN_DELETE", "IN_CLOSE_WRITE")
 
     def __init__(self, dataDir: str, dotlock: bool = True, lockTimeout: float = 30.0,
                  deferToThread=threads.deferToThread, reactor=None) -> None:
-        self.root = os.path.join(dataDir, "mbox")
+        super().__init__(dataDir, deferToThread, reactor)
         self.dotlock = dotlock
         self.lockTimeout = lockTimeout
-        self._run = deferToThread
-        self._folders: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._recentlyUsed: collections.OrderedDict = collections.OrderedDict()
         self._pending: dict[str, list] = {}  # mbox path -> deliveries waiting for it
-        self._reactor = reactor
-        self._watcher: _Watcher | None = None
 
     def _mailboxLock(self, path: str, exclusive: bool) -> MailboxLock:
         return MailboxLock(path, exclusive, self.dotlock, self.lockTimeout)
-
-    def _watch(self, folder: MboxFolder):
-        if self._watcher is None:
-            if self._reactor is None:
-                from twisted.internet import reactor
-
-                self._reactor = reactor
-            self._watcher = _Watcher(self._reactor)
-        return self._watcher.watch(folder)
-
-    def accountPath(self, name: str) -> str:
-        try:
-            canonical = validAddress(name)
-        except AccountError as e:
-            raise StorageError(str(e)) from None
-        local, domain = canonical.split("@")
-        return os.path.join(self.root, domain, local)
-
-    def account(self, name: str) -> MboxAccount:
-        return MboxAccount(self, name.lower(), self.accountPath(name))
-
-    def _folder(self, account: MboxAccount, name: str, path: str) -> MboxFolder:
-        key = (account.name, name)
-        folder = self._folders.get(key)
-        if folder is None:
-            folder = self._folders[key] = MboxFolder(self, account.name, name, path, account.root)
-        self._recentlyUsed[key] = folder
-        self._recentlyUsed.move_to_end(key)
-        while len(self._recentlyUsed) > KEEP_FOLDERS:
-            self._recentlyUsed.popitem(last=False)
-        return folder
-
-    def _forget(self, account: str, name: str) -> None:
-        """Drop the cached index of C{name} and its children (deleted or renamed)."""
-        for cache in (self._folders, self._recentlyUsed):
-            for key in [k for k in list(cache.keys())
-                        if k[0] == account and (k[1] == name or k[1].startswith(name + "/"))]:
-                cache.pop(key, None)
 
     # -- delivery -------------------------------------------------------------------
 
@@ -333,9 +261,7 @@ class MboxStore:
             self._deliverNext(acct, path)
 
         def delivered(unique: str) -> str:
-            open_ = self._folders.get((acct.name, name))
-            if open_ is not None and open_.hasListeners():
-                open_.refresh().addErrback(lambda f: log.failure("refresh after delivery", f))
+            self._refreshIfListened(acct.name, name)
             return unique
 
         return d.addCallback(delivered)
@@ -367,103 +293,6 @@ class MboxStore:
 
     def removeAccount(self, name: str) -> defer.Deferred:
         return self._run(shutil.rmtree, self.accountPath(name), True)
-
-
-class _Watcher:
-    """Refreshes listened-to folders when another program writes their file.
-
-    inotify on each folder's directory (the file itself is replaced by
-    rewrites), or a poll every POLL_INTERVAL where there is none.  A refresh
-    with nothing changed costs one stat().
-    """
-
-    _MASK_NAMES = ("IN_MODIFY", "IN_MOVED_TO", "IN_CREATE", "IN_DELETE", "IN_CLOSE_WRITE")
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-        self._notifier = None
-        self._dirs: dict[str, dict[bytes, set]] = {}
-        self._paths: dict[str, object] = {}
-        try:
-            from twisted.internet import inotify
-
-            self._notifier = inotify.INotify(reactor)
-            self._notifier.startReading()
-            self._mask = 0
-            for name in self._MASK_NAMES:
-                self._mask |= getattr(inotify, name)
-        except Exception:
-            self._notifier = None
-
-    def watch(self, folder: MboxFolder) -> _FolderWatch:
-        return _FolderWatch(self, folder)
-
-    def _add(self, watch: _FolderWatch) -> bool:
-        directory, base = os.path.split(watch.folder.path)
-        names = self._dirs.get(directory)
-        if names is None:
-            from twisted.python.filepath import FilePath
-
-            path = FilePath(os.fsencode(directory))
-            try:
-                self._notifier.watch(path, self._mask, callbacks=[self._event])
-            except Exception:
-                return False
-            names = self._dirs[directory] = {}
-            self._paths[directory] = path
-        names.setdefault(os.fsencode(base), set()).add(watch)
-        return True
-
-    def _remove(self, watch: _FolderWatch) -> None:
-        directory, base = os.path.split(watch.folder.path)
-        names = self._dirs.get(directory, {})
-        names.get(os.fsencode(base), set()).discard(watch)
-        if names and not names.get(os.fsencode(base)):
-            names.pop(os.fsencode(base), None)
-        if not names and directory in self._dirs:
-            del self._dirs[directory]
-            self._notifier.ignore(self._paths.pop(directory))
-
-    def _event(self, ignored, path, mask) -> None:
-        names = self._dirs.get(os.fsdecode(path.dirname()), {})
-        for watch in list(names.get(path.basename(), ())):
-            watch.changed()
-
-
-class _FolderWatch:
-    def __init__(self, watcher: _Watcher, folder: MboxFolder) -> None:
-        self._watcher = watcher
-        self.folder = folder
-        self._pending = None
-        self._loop = None
-        self._inotify = watcher._notifier is not None and watcher._add(self)
-        if not self._inotify:
-            self._loop = task.LoopingCall(self._refresh)
-            self._loop.clock = watcher._reactor
-            self._loop.start(POLL_INTERVAL, now=False)
-
-    def changed(self) -> None:
-        if self._pending is None:
-            # Coalesce a burst of events (a big append is many writes) into one refresh.
-            self._pending = self._watcher._reactor.callLater(0.05, self._refresh)
-
-    def _refresh(self) -> None:
-        self._pending = None
-        self.folder.refresh().addErrback(self._failed)
-
-    def _failed(self, failure) -> None:
-        if not failure.check(NoSuchFolder):
-            log.failure("refreshing {folder}", failure, folder=self.folder.name)
-
-    def stop(self) -> None:
-        if self._inotify:
-            self._watcher._remove(self)
-            self._inotify = False
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
 
 
 @implementer(IMailStoreFactory)

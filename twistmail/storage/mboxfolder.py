@@ -47,6 +47,7 @@ from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _mboxformat as fmt
 from twistmail.storage import _mboxindex as index
 from twistmail.storage import _mboxio as mboxio
+from twistmail.storage._filestore import FolderIndex
 from twistmail.storage._mboxindex import Entry, Stamp, stampOf
 from twistmail.storage._uidlist import newUidValidity
 
@@ -78,81 +79,26 @@ class _Sync:
 
 
 @implementer(IImportableMailbox)
-class MboxFolder:
+class MboxFolder(FolderIndex):
     """One folder's shared index: every session on the folder sees this object."""
 
     maxKeywords = None  # X-Keywords has no limit
 
     def __init__(self, store, account: str, name: str, path: str, accountRoot: str) -> None:
-        self._store = store
-        self.account = account
-        self.name = name
-        self.path = path
+        super().__init__(store, account, name, path, accountRoot)
         directory, base = os.path.split(path)
         self._indexPath = os.path.join(directory, f".{base}.index")
-        self._accountRoot = accountRoot
-        self.uidValidity = 0
-        self.uidNext = 1
-        self._entries: dict[int, Entry] = {}
-        self._keywords: list[str] = []
         self._stamp: Stamp | None = None
         self._journal = 0
         self._loaded = False
-        self._snapshot: list | None = None
-        self._uids: tuple | None = None
-        self._listeners: list = []
-        self._lock = defer.DeferredLock()
-        self._watch = None
+
+    def watchTargets(self) -> list[tuple[str, str | None]]:
+        return [os.path.split(self.path)]
 
     # -- reading ---------------------------------------------------------------
 
     def _message(self, uid: int, e: Entry) -> StoredMessage:
         return _newTuple(StoredMessage, (uid, e.uniqueId, e.flags, e.size, e.internalDate))
-
-    def messages(self) -> list:
-        if self._snapshot is None:
-            self._snapshot = [self._message(uid, e) for uid, e in self._entries.items()]
-        return self._snapshot
-
-    def uids(self) -> tuple:
-        if self._uids is None:
-            self._uids = tuple(self._entries)
-        return self._uids
-
-    def message(self, uid: int) -> StoredMessage | None:
-        e = self._entries.get(uid)
-        return None if e is None else self._message(uid, e)
-
-    def keywords(self) -> list[str]:
-        return list(self._keywords)
-
-    def _changed(self, changes: FolderChanges) -> FolderChanges:
-        if changes:
-            self._snapshot = None
-            self._uids = None
-            for listener in list(self._listeners):
-                try:
-                    listener(changes)
-                except Exception:
-                    log.failure("folder listener failed for {folder}", folder=self.name)
-        return changes
-
-    # -- listeners ---------------------------------------------------------------
-
-    def addListener(self, listener) -> None:
-        self._listeners.append(listener)
-        if self._watch is None:
-            self._watch = self._store._watch(self)
-
-    def removeListener(self, listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-        if not self._listeners and self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-
-    def hasListeners(self) -> bool:
-        return bool(self._listeners)
 
     # -- applying a worker's findings (reactor thread) ----------------------------
 
