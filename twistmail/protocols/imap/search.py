@@ -18,6 +18,7 @@ import email.utils
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 
 from twistmail.protocols.imap import structure
@@ -209,13 +210,35 @@ class _Keyword(Key):
         return (self.keyword in c.message.flags) == self.present
 
 
+#: decode_header is quadratic in the number of encoded words (2 MB of them: a
+#: minute of CPU, holding the GIL): longer text is decoded in pieces this long.
+_DECODE_PIECE = 8192
+
+
 def _decodeHeader(value) -> str:
     text = str(value).replace("\r\n", "").replace("\n", "")
     # Raw 8-bit in a header (not RFC 2047) reaches us as surrogate escapes: read it as UTF-8.
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if len(text) <= _DECODE_PIECE:
+        return _decodeWords(text)
+    pieces = []
+    start = 0
+    while start < len(text):
+        end = start + _DECODE_PIECE
+        if end < len(text):
+            cut = text.rfind(" ", start + 1, end)  # between encoded words, not inside one
+            end = cut if cut > 0 else end
+        pieces.append(_decodeWords(text[start:end]))
+        start = end
+    return "".join(pieces)
+
+
+def _decodeWords(text: str) -> str:
     try:
         return str(make_header(decode_header(text)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, HeaderParseError):
+        # A bad encoded word ("=?utf-8?b?a?=" is not base64) raises HeaderParseError:
+        # one such message made every SEARCH FROM/SUBJECT/TEXT of the folder fail.
         return text
 
 
@@ -254,7 +277,10 @@ def _decodeBody(entity: structure.Entity) -> str:
     charset = entity.headers.get_content_charset() or "utf-8"
     try:
         return body.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, ValueError):
+        # Unknown, not a text encoding ("base64"), or one that refuses "replace"
+        # ("idna") or has a NUL in its name (ValueError): a sender chooses it, and
+        # an exception here made every SEARCH BODY/TEXT of the folder fail.
         return body.decode("utf-8", "replace")
 
 
