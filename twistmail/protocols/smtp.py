@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.mail.smtp import AUTH, COMMAND, DATA
 
+from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.delivery.routing import (
     BadAddress,
@@ -317,8 +318,7 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
             return
         self.mode = COMMAND
-        user = getattr(self.challenger, "username", b"") or b""
-        name = user.decode("utf-8", "replace")[:256]
+        name = loggable(getattr(self.challenger, "username", b"") or b"")
         d = self.factory.portal.login(fromClient(self.challenger, self.peerHost, "smtp"), None,
                                       IMailAccount)
 
@@ -389,7 +389,7 @@ class SMTPServer(smtp.ESMTP):
             if not owned:
                 log.info("smtp reject client={client} user={user} from=<{sender}> "
                          "result=sender not owned", client=self.peerHost,
-                         user=self.client.authenticated, sender=sender[:256])
+                         user=self.client.authenticated, sender=loggable(sender))
                 raise smtp.SMTPServerError(
                     553, "5.7.1 Sender address rejected: not owned by the authenticated user")
         return origin
@@ -413,7 +413,7 @@ class SMTPServer(smtp.ESMTP):
 
     def _logReject(self, rcpt: str, why: str) -> None:
         log.info("smtp reject client={client} from=<{sender}> rcpt=<{rcpt}> result={why}",
-                 client=self.peerHost, sender=str(self._from), rcpt=rcpt[:256], why=why)
+                 client=self.peerHost, sender=loggable(str(self._from)), rcpt=loggable(rcpt), why=why)
 
     def do_EHLO(self, rest: bytes) -> None:
         self._usedEhlo = True
@@ -598,8 +598,9 @@ class SMTPServer(smtp.ESMTP):
         log.info(
             "smtp id={id} client={client} from=<{sender}> to={rcpts} relay={relay} size={size} "
             "result={result}",
-            id=env.id, client=env.client, sender=env.sender,
-            rcpts=",".join(env.extra["rcpt"]), relay=",".join(env.relay) or "-", size=size,
+            id=env.id, client=env.client, sender=loggable(env.sender),
+            rcpts=",".join(loggable(r) for r in env.extra["rcpt"]),
+            relay=",".join(loggable(r) for r in env.relay) or "-", size=size,
             result=result,
         )
 

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail import __version__
+from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.errors import (
     FolderExists,
@@ -372,7 +373,7 @@ class IMAPServer(imap4.IMAP4Server):
         client = {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
         if client:
             log.info("imap client={client} id={id}", client=self.peerHost,
-                     id=" ".join(f"{k.decode('utf-8', 'replace')}={(v or b'').decode('utf-8', 'replace')}"
+                     id=" ".join(f"{loggable(k, 32)}={loggable(v or b'', 64)}"
                                  for k, v in list(client.items())[:10]))
         self._send(b'* ID ("name" "twistmail" "version" ' + response.string(__version__) + b")")
         self._ok(tag, b"ID completed")
@@ -443,7 +444,7 @@ class IMAPServer(imap4.IMAP4Server):
         return self._continuation
 
     async def _login(self, tag: bytes, user: bytes, password: bytes) -> None:
-        name = user.decode("utf-8", "replace")[:256]
+        name = loggable(user)
         if not self._passwordsAllowed():
             log.info("imap login user={user} client={client} result=refused: no TLS",
                      user=name, client=self.peerHost)
@@ -677,7 +678,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise _No(b"[TRYCREATE] No such mailbox") from None
         uid = await mailbox.append(literal.source, flagSet, when)
         log.info("imap append user={user} folder={folder} uid={uid} size={size}", user=self.user,
-                 folder=name, uid=uid, size=literal.size)
+                 folder=loggable(name), uid=uid, size=literal.size)
         self._ok(tag, b"[APPENDUID %d %d] APPEND completed" % (mailbox.uidValidity, uid))
 
     def _storableFlags(self, flags: list[bytes]) -> set[str]:
