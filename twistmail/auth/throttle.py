@@ -21,10 +21,15 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
+from twistmail._logtext import loggable
+
 log = Logger()
 
 #: Addresses and accounts remembered at most (oldest forgotten first).
 MAX_TRACKED = 100_000
+#: Characters of an account name a key keeps: a client chooses the name (an IMAP
+#: line holds 64 KiB of it), and 100,000 keys of that size would be gigabytes.
+MAX_ACCOUNT = 320
 
 
 class _Window:
@@ -60,7 +65,7 @@ class AuthThrottle:
     def lockedOut(self, client: str, account: str) -> str | None:
         """Why a login from C{client} for C{account} is refused without checking, or None."""
         now = self._clock()
-        for kind, key in (("address", "ip:" + client), ("account", "user:" + account)):
+        for kind, key in (("address", "ip:" + client), ("account", "user:" + account[:MAX_ACCOUNT])):
             entry = self._get(key, create=False)
             if entry is not None and entry.lockedUntil > now:
                 return f"{kind} locked out for {math.ceil(entry.lockedUntil - now)} more seconds"
@@ -68,7 +73,7 @@ class AuthThrottle:
 
     def failed(self, client: str, account: str, protocol: str) -> None:
         now = self._clock()
-        for kind, key in (("address", "ip:" + client), ("account", "user:" + account)):
+        for kind, key in (("address", "ip:" + client), ("account", "user:" + account[:MAX_ACCOUNT])):
             entry = self._get(key, create=True)
             failures = entry.failures
             failures.append(now)
@@ -79,12 +84,12 @@ class AuthThrottle:
                 failures.clear()
                 log.warn("auth lockout: {kind} {key} after {n} failed logins within {window}s "
                          "(last: {protocol} user={user} client={client}); locked for {lockout}s",
-                         kind=kind, key=key.split(":", 1)[1], n=self.maxFailures,
-                         window=int(self.window), protocol=protocol, user=account[:256],
+                         kind=kind, key=loggable(key.split(":", 1)[1]), n=self.maxFailures,
+                         window=int(self.window), protocol=protocol, user=loggable(account),
                          client=client, lockout=int(self.lockout))
 
     def succeeded(self, client: str, account: str) -> None:
-        for key in ("ip:" + client, "user:" + account):
+        for key in ("ip:" + client, "user:" + account[:MAX_ACCOUNT]):
             entry = self._keys.get(key)
             if entry is not None and entry.lockedUntil <= self._clock():
                 del self._keys[key]

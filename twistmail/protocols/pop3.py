@@ -29,6 +29,7 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.security import Security, isSecure
@@ -301,10 +302,10 @@ class POP3Server(pop3.POP3):
     def _cbMailbox(self, result, user) -> None:
         super()._cbMailbox(result, user)
         log.info("pop3 login user={user} client={client} result=ok",
-                 user=user.decode("utf-8", "replace"), client=self.peerHost)
+                 user=loggable(user), client=self.peerHost)
 
     def _ebMailbox(self, failure) -> None:
-        user = getattr(self, "_loginUser", b"").decode("utf-8", "replace")
+        user = loggable(getattr(self, "_loginUser", b""))
         if failure.check(MailboxInUse):
             log.info("pop3 login user={user} client={client} result=refused: mailbox in use",
                      user=user, client=self.peerHost)

@@ -35,8 +35,9 @@ from twisted.cred import error as credError
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
-from twisted.mail.smtp import COMMAND, DATA
+from twisted.mail.smtp import AUTH, COMMAND, DATA
 
+from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.delivery.routing import (
     BadAddress,
@@ -67,6 +68,11 @@ _ENHANCED = {
 _HAS_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 _NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 _PRINTABLE = re.compile(rb"[^\x21-\x7e]")
+#: RFC 5321 §4.1.2: a path is printable ASCII (qtextSMTP is %d32-126 but for " and \);
+#: 8-bit needs SMTPUTF8 (RFC 6531), which we do not offer.  Twisted's Address takes
+#: any byte inside quotes, and str() of such an address raises later.
+_UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
+_NO_UTF8 = b" (printable ASCII only; SMTPUTF8 is not offered)"
 #: Like Postfix's smtpd_hard_error_limit: a client that keeps erring is cut off.
 MAX_ERRORS = 20
 #: RFC 5321 §6.3: more Received: fields than this means a mail loop.
@@ -208,8 +214,29 @@ class SMTPServer(smtp.ESMTP):
         self._waiting = True
         self._command = "AUTH-RESPONSE" if self.mode != COMMAND else \
             line.split(None, 1)[0].upper().decode("ascii", "replace") if line.strip() else ""
-        self.lineReceived(line)
+        try:
+            self.lineReceived(line)
+        except Exception:
+            # A bug or an environment failure (spool directory unwritable...): answer
+            # rather than let Twisted drop the connection with nothing said.  The
+            # line itself is not logged: it may be an AUTH response.
+            log.failure("smtp client={client} command {command} failed", client=self.peerHost,
+                        command=self._command if self.mode != AUTH else "AUTH")
+            self.mode = COMMAND
+            self._from, self._to = None, []
+            if self._source is not None:
+                self._source.discard()
+                self._source = None
+            if self._waiting:
+                self.sendCode(451, b"4.3.0 Local error in processing, try again later")
         return True
+
+    def lookupMethod(self, command: bytes):
+        """Only ASCII letters name a command: Twisted decodes the verb as ASCII and
+        raised UnicodeDecodeError on 8-bit bytes, dropping the connection."""
+        if not command.isalpha():
+            return None
+        return super().lookupMethod(command)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         if not isinstance(message, bytes):
@@ -265,6 +292,9 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(538, b"5.7.11 Encryption required: use STARTTLS first")  # RFC 4954 §6
         elif self._from is not None:
             self.sendCode(503, b"5.5.1 AUTH not allowed during a mail transaction")
+        elif not rest.strip():
+            # Twisted's ext_AUTH reads the first word unchecked (IndexError).
+            self.sendCode(501, b"5.5.4 Syntax: AUTH mechanism [initial-response]")
         else:
             super().ext_AUTH(rest)
 
@@ -288,8 +318,7 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
             return
         self.mode = COMMAND
-        user = getattr(self.challenger, "username", b"") or b""
-        name = user.decode("utf-8", "replace")[:256]
+        name = loggable(getattr(self.challenger, "username", b"") or b"")
         d = self.factory.portal.login(fromClient(self.challenger, self.peerHost, "smtp"), None,
                                       IMailAccount)
 
@@ -315,6 +344,9 @@ class SMTPServer(smtp.ESMTP):
 
     def do_MAIL(self, rest: bytes) -> None:
         m = self.mail_re.match(rest)
+        if m and _UNPRINTABLE.search(m.group("path")):
+            self.sendCode(553, b"5.1.7 Bad sender address syntax" + _NO_UTF8)
+            return
         if m and m.group("opts"):
             for param in m.group("opts").split():
                 key, _, value = param.partition(b"=")
@@ -333,6 +365,13 @@ class SMTPServer(smtp.ESMTP):
                     return
         super().do_MAIL(rest)
 
+    def do_RCPT(self, rest: bytes) -> None:
+        m = self.rcpt_re.match(rest)
+        if self._from and m and _UNPRINTABLE.search(m.group("path")):
+            self.sendCode(553, b"5.1.3 Bad recipient address syntax" + _NO_UTF8)
+            return
+        super().do_RCPT(rest)
+
     def validateFrom(self, helo, origin):
         """MX: any sender may deliver to our users (relay policy is in validateTo).
         Submission (RFC 6409 §4.2, §6.1): only after AUTH, and only as oneself."""
@@ -350,7 +389,7 @@ class SMTPServer(smtp.ESMTP):
             if not owned:
                 log.info("smtp reject client={client} user={user} from=<{sender}> "
                          "result=sender not owned", client=self.peerHost,
-                         user=self.client.authenticated, sender=sender[:256])
+                         user=self.client.authenticated, sender=loggable(sender))
                 raise smtp.SMTPServerError(
                     553, "5.7.1 Sender address rejected: not owned by the authenticated user")
         return origin
@@ -374,7 +413,7 @@ class SMTPServer(smtp.ESMTP):
 
     def _logReject(self, rcpt: str, why: str) -> None:
         log.info("smtp reject client={client} from=<{sender}> rcpt=<{rcpt}> result={why}",
-                 client=self.peerHost, sender=str(self._from), rcpt=rcpt[:256], why=why)
+                 client=self.peerHost, sender=loggable(str(self._from)), rcpt=loggable(rcpt), why=why)
 
     def do_EHLO(self, rest: bytes) -> None:
         self._usedEhlo = True
@@ -559,8 +598,9 @@ class SMTPServer(smtp.ESMTP):
         log.info(
             "smtp id={id} client={client} from=<{sender}> to={rcpts} relay={relay} size={size} "
             "result={result}",
-            id=env.id, client=env.client, sender=env.sender,
-            rcpts=",".join(env.extra["rcpt"]), relay=",".join(env.relay) or "-", size=size,
+            id=env.id, client=env.client, sender=loggable(env.sender),
+            rcpts=",".join(loggable(r) for r in env.extra["rcpt"]),
+            relay=",".join(loggable(r) for r in env.relay) or "-", size=size,
             result=result,
         )
 

@@ -21,6 +21,8 @@ _MACROS = {
 }
 _SIMPLE = {b"ENVELOPE", b"FLAGS", b"INTERNALDATE", b"RFC822", b"RFC822.HEADER", b"RFC822.SIZE",
            b"RFC822.TEXT", b"BODY", b"BODYSTRUCTURE", b"UID"}
+#: Distinct FETCH attributes in one command.
+MAX_ITEMS = 100
 _TEXTS = (b"HEADER.FIELDS.NOT", b"HEADER.FIELDS", b"HEADER", b"TEXT", b"MIME")
 
 
@@ -69,6 +71,11 @@ def parseItems(args: Arguments) -> list[Item]:
         items = _item(args)
     if not items:
         raise ParseError("empty fetch attribute list")
+    # The same item twice is answered once (a 64 KiB line holds 5,000 BODY[]:
+    # 5,000 copies of the message in one response), and the distinct ones are few.
+    items = list(dict.fromkeys(items))
+    if len(items) > MAX_ITEMS:
+        raise ParseError(f"too many fetch attributes (at most {MAX_ITEMS})")
     return items
 
 

@@ -42,7 +42,7 @@ def encode(name: str) -> bytes:
     return name.encode("imap4-utf-7")
 
 
-def pattern(reference: str, mailbox: str) -> re.Pattern:
+def pattern(reference: str, mailbox: str) -> Pattern:
     """RFC 3501 §6.3.8: reference + mailbox, with * (anything) and % (anything but /)."""
     if mailbox.startswith(SEPARATOR) or not reference:
         combined = mailbox
@@ -50,16 +50,75 @@ def pattern(reference: str, mailbox: str) -> re.Pattern:
         combined = reference + mailbox
     else:
         combined = reference + SEPARATOR + mailbox
-    parts = []
-    for piece in re.split(r"([*%])", combined):
-        if piece == "*":
-            parts.append(".*")
-        elif piece == "%":
-            parts.append("[^" + re.escape(SEPARATOR) + "]*")
-        else:
-            parts.append(re.escape(piece))
-    regex = "".join(parts)
-    if combined[:5].upper() == "INBOX":
-        regex = "(?i:INBOX)" + "".join(parts)[len(re.escape(combined[:5])):]
-    return re.compile(regex + r"\Z", re.DOTALL)
+    return Pattern(combined)
 
+
+class Pattern:
+    """A LIST pattern, matched in time linear in its length times the name's.
+
+    It used to be translated to a regex (``*`` -> ``.*``): a pattern such as
+    ``*a*a*a*a*a*b`` backtracks exponentially on a folder named ``aaaa...``,
+    and one LIST froze the reactor for minutes (5 wildcards, 200 octets: 27 s).
+    Here the set of positions the pattern can have reached is a bit set, and
+    each wildcard or literal run is a few big-integer operations.
+    """
+
+    def __init__(self, text: str) -> None:
+        # INBOX is case-insensitive (RFC 3501 §5.1), and only INBOX.
+        self.inbox = text[:5].upper() == "INBOX"
+        if self.inbox:
+            text = text[5:]
+        self.tokens: list[str] = []
+        for piece in re.split(r"([*%]+)", text):
+            if not piece:
+                continue
+            if piece[0] in "*%":
+                piece = "*" if "*" in piece else "%"  # ** is *, %% is %, *% is *
+            self.tokens.append(piece)
+        self.literal = sum(len(t) for t in self.tokens if t not in ("*", "%"))
+
+    def match(self, name: str) -> bool:
+        if self.inbox:
+            if name[:5].upper() != "INBOX":
+                return False
+            name = name[5:]
+        n = len(name)
+        if self.literal > n:
+            return False
+        occurrences: dict[str, int] = {}
+        everywhere = (1 << (n + 1)) - 1
+        # positions p whose step from p-1 does not cross a separator
+        enterable = 0
+        for p, c in enumerate(name, 1):
+            if c != SEPARATOR:
+                enterable |= 1 << p
+        reached = 1  # position 0
+        for token in self.tokens:
+            if token == "*":
+                reached = everywhere & ~((reached & -reached) - 1)
+            elif token == "%":
+                reached = _fill(reached, enterable)
+            else:
+                starts = occurrences.get(token)
+                if starts is None:
+                    starts = 0
+                    i = name.find(token)
+                    while i >= 0:
+                        starts |= 1 << i
+                        i = name.find(token, i + 1)
+                    occurrences[token] = starts
+                reached = (reached & starts) << len(token)
+            if not reached:
+                return False
+        return bool(reached >> n & 1)
+
+
+def _fill(seeds: int, enterable: int) -> int:
+    """C{seeds} and every position reached from one by steps onto C{enterable} positions
+    (Kogge-Stone: doubling shifts, so log2 of the name's length rounds)."""
+    step = 1
+    while enterable:
+        seeds |= enterable & (seeds << step)
+        enterable &= enterable << step
+        step *= 2
+    return seeds

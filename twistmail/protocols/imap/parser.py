@@ -140,9 +140,9 @@ class Arguments:
         return self._match(_NAME, "a name")
 
     def number(self, nonZero: bool = False) -> int:
-        value = int(self._match(_NUMBER, "a number"))
+        value = _int(self._match(_NUMBER, "a number"))
         if value > MAX_NUMBER or (nonZero and value == 0):
-            raise ParseError(f"number out of range: {value}")
+            raise ParseError(f"number out of range: {str(value)[:20]}")
         return value
 
     def quoted(self) -> bytes:
@@ -233,7 +233,7 @@ class Arguments:
                 if bound == b"*":
                     values.append(None)
                 elif bound.isdigit():
-                    n = int(bound)
+                    n = _int(bound)
                     if n == 0 or n > MAX_NUMBER:
                         raise ParseError(f"bad message number {bound[:16].decode()}")
                     values.append(n)
@@ -274,6 +274,12 @@ class Arguments:
                 self.sp()
             items.append(item())
         return items
+
+
+def _int(digits: bytes) -> int:
+    """A number of at most 20 digits (anything longer is out of range anyway): int()
+    refuses more than 4300 digits with ValueError, answered as a server bug."""
+    return int(digits) if len(digits) <= 20 else MAX_NUMBER + 1
 
 
 def _month(name: bytes) -> int:

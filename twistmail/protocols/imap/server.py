@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from twisted.cred import credentials
 from twisted.cred import error as credError
-from twisted.internet import defer, protocol, threads
+from twisted.internet import defer, protocol, task, threads
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail import imap4
@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail import __version__
+from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.errors import (
     FolderExists,
@@ -60,6 +61,10 @@ log = Logger()
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 #: Read this many bytes of messages per worker-thread trip when FETCH or SEARCH needs them.
 READ_BATCH = 1024 * 1024
+#: Messages whose index-only SEARCH keys are evaluated before other connections get a turn.
+SEARCH_SLICE = 5000
+#: RFC 5258 multiple patterns: each is matched against every folder name.
+MAX_LIST_PATTERNS = 64
 #: Failed logins a connection may make before it is closed.
 MAX_LOGIN_FAILURES = 3
 #: Commands that may be prefixed with UID, and commands during which EXPUNGE must wait.
@@ -367,7 +372,7 @@ class IMAPServer(imap4.IMAP4Server):
         client = {fields[i]: fields[i + 1] for i in range(0, len(fields), 2)}
         if client:
             log.info("imap client={client} id={id}", client=self.peerHost,
-                     id=" ".join(f"{k.decode('utf-8', 'replace')}={(v or b'').decode('utf-8', 'replace')}"
+                     id=" ".join(f"{loggable(k, 32)}={loggable(v or b'', 64)}"
                                  for k, v in list(client.items())[:10]))
         self._send(b'* ID ("name" "twistmail" "version" ' + response.string(__version__) + b")")
         self._ok(tag, b"ID completed")
@@ -438,7 +443,7 @@ class IMAPServer(imap4.IMAP4Server):
         return self._continuation
 
     async def _login(self, tag: bytes, user: bytes, password: bytes) -> None:
-        name = user.decode("utf-8", "replace")[:256]
+        name = loggable(user)
         if not self._passwordsAllowed():
             log.info("imap login user={user} client={client} result=refused: no TLS",
                      user=name, client=self.peerHost)
@@ -583,9 +588,11 @@ class IMAPServer(imap4.IMAP4Server):
         reference = self._mailboxName(args.astring())
         args.sp()
         if not lsub and args.peek() == b"(":
-            patterns = [p.decode("imap4-utf-7", "replace") for p in args.parenthesized(args.listMailbox)]
+            patterns = [_listPattern(p) for p in args.parenthesized(args.listMailbox)]
         else:
-            patterns = [args.listMailbox().decode("imap4-utf-7", "replace")]
+            patterns = [_listPattern(args.listMailbox())]
+        if len(patterns) > MAX_LIST_PATTERNS:
+            raise _Bad(b"Too many LIST patterns: at most %d" % MAX_LIST_PATTERNS)
         returns: set = set()
         if not lsub and args.accept(b" RETURN "):
             returns = {o.upper() for o in args.parenthesized(args.atom)}
@@ -601,9 +608,9 @@ class IMAPServer(imap4.IMAP4Server):
         existing = set(folderNames)
         onlySubscribed = lsub or b"SUBSCRIBED" in select
         candidates = sorted(existing | subscribed) if onlySubscribed else folderNames
-        regexes = [names.pattern(reference, p) for p in patterns]
+        matchers = [names.pattern(reference, p) for p in patterns]
         for name in candidates:
-            if not any(r.match(name) for r in regexes):
+            if not any(m.match(name) for m in matchers):
                 continue
             if onlySubscribed and name not in subscribed:
                 continue
@@ -670,7 +677,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise _No(b"[TRYCREATE] No such mailbox") from None
         uid = await mailbox.append(literal.source, flagSet, when)
         log.info("imap append user={user} folder={folder} uid={uid} size={size}", user=self.user,
-                 folder=name, uid=uid, size=literal.size)
+                 folder=loggable(name), uid=uid, size=literal.size)
         self._ok(tag, b"[APPENDUID %d %d] APPEND completed" % (mailbox.uidValidity, uid))
 
     def _storableFlags(self, flags: list[bytes]) -> set[str]:
@@ -902,7 +909,15 @@ class IMAPServer(imap4.IMAP4Server):
             if message is not None:
                 candidates.append(search.Candidate(seq, u, message, u in view.recent))
         if not key.needsData:
-            found = [c for c in candidates if key.match(c)]
+            found = []
+            for start in range(0, len(candidates), SEARCH_SLICE):
+                if start:
+                    # Up to MAX_KEYS keys per message on the reactor thread: let the
+                    # other connections in between slices of a large folder.
+                    from twisted.internet import reactor
+
+                    await task.deferLater(reactor, 0, lambda: None)
+                found += [c for c in candidates[start:start + SEARCH_SLICE] if key.match(c)]
         else:
             found = []
             for start in range(0, len(candidates), 200):
@@ -941,6 +956,15 @@ class IMAPServer(imap4.IMAP4Server):
             self._flushUpdates(expunge=True)
 
 
+def _listPattern(wire: bytes) -> str:
+    # Twisted's imap4-utf-7 decoder raises UnicodeDecodeError on 8-bit octets even
+    # with errors="replace": that was a logged traceback and NO [SERVERBUG].
+    try:
+        return wire.decode("imap4-utf-7")
+    except (UnicodeError, ValueError):
+        raise _Bad(b"LIST pattern is not valid modified UTF-7") from None
+
+
 def _renderBatch(batch: list, datas: list, items: list, flags: list) -> list:
     """Worker thread: FETCH response lines (None for a message that has gone)."""
     lines = []
@@ -949,8 +973,17 @@ def _renderBatch(batch: list, datas: list, items: list, flags: list) -> list:
             lines.append(None)
             continue
         parsed = fetch.Parsed(data)
-        lines.append(b"* %d FETCH (" % seq + b" ".join(
-            fetch.render(i, message, parsed, messageFlags) for i in items) + b")")
+        # Distinct items can still overlap (BODY[]<0.N>, BODY[]<1.N>, ...): a response
+        # is at most twice the message (BODY[] and RFC822 both, say) plus 1 MiB, so
+        # a 25 MB message cannot become gigabytes of memory.
+        budget = 2 * len(data) + 1024 * 1024
+        rendered = []
+        for i in items:
+            rendered.append(fetch.render(i, message, parsed, messageFlags))
+            budget -= len(rendered[-1])
+            if budget < 0:
+                raise _No(b"[LIMIT] FETCH response too large: fetch fewer items at once")
+        lines.append(b"* %d FETCH (" % seq + b" ".join(rendered) + b")")
     return lines
 
 
@@ -961,7 +994,7 @@ def _searchChunk(key, chunk: list, datas: list) -> list:
         if key.match(candidate):
             found.append(candidate)
         candidate.data = None
-        candidate._root = candidate._text = None
+        candidate._root = candidate._text = candidate._decoded = None
     return found
 
 

@@ -1,0 +1,23 @@
+"""Client-supplied text in log lines."""
+
+from __future__ import annotations
+
+
+def loggable(value, limit: int = 256) -> str:
+    """Client-supplied text (a user name, an address, an ID field) made safe for one log line.
+
+    Escaped: control characters (a CR or LF would forge a log line of its own),
+    whitespace (a user name "x client=192.0.2.1 result=failed" would put a
+    second client= in the line for fail2ban-style filters to pick), and the
+    backslash; at most C{limit} characters are kept.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    value = str(value)
+    cut = len(value) > limit
+    value = value[:limit]
+    if not value.isprintable() or any(c.isspace() or c == "\\" for c in value):
+        value = "".join(c if c.isprintable() and not c.isspace() and c != "\\"
+                        else c.encode("unicode_escape").decode("ascii") if c != " " else "\\x20"
+                        for c in value)
+    return value + "..." if cut else value
