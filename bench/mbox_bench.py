@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 from imap_bench import Twistmail, measureSize, populate
-from servers import BENCH_DIR, DOMAIN, PYTHON, USER
+from servers import BENCH_DIR, DOMAIN, PYTHON, USER, free_port
 
 BACKENDS = ("maildir", "mbox")
 
@@ -63,7 +62,9 @@ class Server(Twistmail):
         super().__init__(work)
         self.name = backend
         self.backend = backend
-        self.smtpPort = int(re.search(r'smtp = \["tcp:(\d+):', self.config.read_text()).group(1))
+        self.smtpPort = free_port()
+        self.config.write_text(self.config.read_text().replace(
+            "smtp = []", f'smtp = ["tcp:{self.smtpPort}:interface=127.0.0.1"]'))
         with self.config.open("a") as f:
             f.write(f'[storage]\nbackend = "{backend}"\n')
 
