@@ -30,7 +30,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-#: Unprocessed input (octets, or pipelined commands for POP3) at which reading pauses.
+#: Unprocessed input (octets) at which reading pauses (POP3 uses a smaller limit of its own).
 MAX_BACKLOG = 256 * 1024
 
 
