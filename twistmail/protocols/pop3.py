@@ -11,6 +11,12 @@ Changes to ``twisted.mail.pop3.POP3`` and why:
   16 KiB chunk and rewrites every LF to CRLF, which corrupts CRLF-stored mail).
 * Malformed commands get ``-ERR`` with a reason instead of a logged traceback.
 * QUIT answers ``+OK`` only after the deletions are on disk (RFC 1939 §6).
+* **Flow control** (L{flow.Flow}): received lines wait in a queue and are
+  handled one at a time, none while a command is outstanding or while the
+  client leaves our answers unread; reading stops when more than
+  L{MAX_PIPELINED} octets wait.  Twisted read them all, and replayed the
+  commands held behind a slow login straight into C{processCommand}: the first
+  error became an unhandled error in a Deferred, the rest were dropped.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+from collections import deque
 
 from twisted.cred import error as credError
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, protocol, threads
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python.failure import Failure
@@ -31,6 +37,7 @@ from zope.interface import implementer
 
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
+from twistmail.protocols.flow import Flow
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.security import Security, isSecure
 
@@ -41,6 +48,10 @@ WHOLE_MESSAGE = 1024 * 1024
 CHUNK = 256 * 1024
 #: Bytes of the following messages read along with the one a RETR asks for.
 READ_AHEAD = 1024 * 1024
+#: Octets of pipelined commands read ahead of the one in progress.  POP3 commands
+#: are a few octets each and each may be answered with a whole message, so far
+#: fewer than SMTP's or IMAP's are worth holding.
+MAX_PIPELINED = 16 * 1024
 
 
 class MailboxInUse(credError.LoginDenied):
@@ -129,14 +140,42 @@ class POP3Mailbox:
 class POP3Server(pop3.POP3):
     AUTH_CMDS = [*pop3.POP3.AUTH_CMDS, b"STLS"]
 
+    _flow: Flow | None = None
+    _processing = False
+
     def connectionMade(self) -> None:
-        self.timeOut = self.factory.config["timeout"]
+        self._idle = self.timeOut = self.factory.config["timeout"]
         self.MAX_LENGTH = self.factory.config["max_line_length"]
         self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")
         self.secure = isSecure(self.transport)
         self.magic = b""
+        self._lines: deque[bytes | None] = deque()  # None: a line too long came
+        self._queued = 0  # octets in _lines
+        self._flow = Flow(self.transport, lambda: self._idle, drained=self._resume,
+                          activity=self.resetTimeout)
         self.successResponse(b"twistmail POP3 server ready")
         self.setTimeout(self.timeOut)
+
+    def connectionLost(self, reason) -> None:
+        if self._flow is not None:
+            self._flow.lost()
+        super().connectionLost(reason)
+
+    def closeConnection(self) -> None:
+        """Close once the client has read our answers, or abort if it has not within
+        the idle timeout: C{loseConnection} alone would wait forever."""
+        self._flow.close(self._idle)
+
+    def timeoutConnection(self) -> None:
+        """Idle too long: a client that has not read our answers either is aborted."""
+        self._lines.clear()
+        self._queued = 0
+        self._flow.close(self._idle, abort=self._flow.outputFull)
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet handled."""
+        return self._queued + len(self._buffer)
 
     def listCapabilities(self) -> list[bytes]:
         caps = [b"TOP", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE"]
@@ -161,22 +200,64 @@ class POP3Server(pop3.POP3):
             return
         self.successResponse(b"Begin TLS negotiation now")
         self._buffer = b""
-        self._droppingPlaintext = True  # the rest of the lines already received
-        self.transport.startTLS(self.factory.security.tls)
+        self._lines.clear()
+        self._queued = 0
+        self._flow.startTLS(self.factory.security.tls)
         self.secure = True
 
-    _droppingPlaintext = False
+    # -- framing: a queue of lines, one command at a time -----------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        # LineOnlyReceiver splits everything received into lines before handing any
-        # over: those after STLS come from the same plaintext read and are dropped.
-        # Anything received later has come through TLS.
-        self._droppingPlaintext = False
-        super().dataReceived(data)
+        if self._lines and self._lines[-1] is None:
+            return  # closing: a line was too long
+        lines = (self._buffer + data).split(self.delimiter)
+        self._buffer = lines.pop()
+        self._lines.extend(lines)
+        self._queued += sum(map(len, lines)) + len(self.delimiter) * len(lines)
+        if len(self._buffer) > self.MAX_LENGTH:
+            self._buffer = b""
+            self._lines.append(None)
+        self._process()
 
-    def lineReceived(self, line: bytes) -> None:
-        if not self._droppingPlaintext:
-            super().lineReceived(line)
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._lines and self.blocked is None and not self._flow.outputFull \
+                    and not self.transport.disconnecting:
+                line = self._lines.popleft()
+                if line is None or len(line) > self.MAX_LENGTH:
+                    self._lines.clear()
+                    self._queued = 0
+                    self.lineLengthExceeded(line or b"")
+                    break
+                self._queued -= len(line) + len(self.delimiter)
+                self.lineReceived(line)
+        finally:
+            self._processing = False
+            self._flow.backlog(self.buffered > MAX_PIPELINED)
+
+    def _resume(self) -> None:
+        """The client has read our answers, or a command finished: go on."""
+        if not self._processing:
+            self._process()
+
+    def _longOperation(self, d: defer.Deferred) -> defer.Deferred:
+        """Twisted's, but the commands sent meanwhile stay queued as lines and go
+        through L{state_COMMAND} like any other (Twisted replayed them bare)."""
+        self.setTimeout(None)
+        self.blocked = []
+
+        def done(result) -> None:
+            self.blocked = None
+            if isinstance(result, Failure) and not result.check(ConnectionDone):
+                log.failure("pop3 command failed", result)
+            if not self._flow.stopped:
+                self.setTimeout(self._idle)
+                self._resume()
+
+        return d.addBoth(done)
 
     def _refusePlaintext(self) -> bool:
         if self._passwordsAllowed():
@@ -234,7 +315,7 @@ class POP3Server(pop3.POP3):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.failResponse(b"Line too long")
-        self.transport.loseConnection()
+        self.closeConnection()
 
     def state_COMMAND(self, line: bytes) -> None:
         command, *args = line.split(b" ") if line else [b""]
@@ -327,18 +408,18 @@ class POP3Server(pop3.POP3):
     def do_QUIT(self) -> defer.Deferred | None:
         if not self.mbox:
             self.successResponse(b"Bye")
-            self.transport.loseConnection()
+            self.closeConnection()
             return None
         mbox, self.mbox = self.mbox, None
 
         def done(removed) -> None:
             self.successResponse(b"Bye")
-            self.transport.loseConnection()
+            self.closeConnection()
 
         def failed(failure) -> None:
             log.failure("pop3 QUIT could not remove messages", failure)
             self.failResponse(b"[SYS/TEMP] Some deleted messages not removed")
-            self.transport.loseConnection()
+            self.closeConnection()
 
         return self._longOperation(defer.maybeDeferred(mbox.sync).addCallbacks(done, failed))
 
@@ -371,7 +452,8 @@ class POP3Server(pop3.POP3):
             d = data.addCallback(send)
         else:
             d = self.mbox.folder.openMessage(message.uid).addCallback(
-                lambda fp: _ChunkSender(self.transport, fp, pop3.successResponse(status), body).start())
+                lambda fp: defer.Deferred.fromCoroutine(_stream(
+                    self.transport, self._flow, fp, pop3.successResponse(status), body)))
         d.addErrback(self._retrieveFailed, message.uid)
         return self._longOperation(d)
 
@@ -380,7 +462,7 @@ class POP3Server(pop3.POP3):
             return
         log.failure("pop3 could not read message uid={uid}", failure, uid=uid)
         if failure.check(_MidMessage):
-            self.transport.loseConnection()  # a half-sent message cannot be answered with -ERR
+            self.closeConnection()  # a half-sent message cannot be answered with -ERR
         else:
             self.failResponse(b"[SYS/TEMP] Cannot read that message now")
 
@@ -443,67 +525,27 @@ class _Body:
         return (b"\r\n" if self.last and self.last != b"\r\n" else b"") + b".\r\n"
 
 
-@implementer(IPushProducer)
-class _ChunkSender:
-    """Streams a large message: each chunk is read in a worker thread, flow control honoured."""
-
-    def __init__(self, transport, fp, status: bytes, body: _Body) -> None:
-        self.transport = transport
-        self.fp = fp
-        self.first = status
-        self.body = body
-        self.paused = self.reading = self.finished = False
-        self.done = defer.Deferred()
-
-    def start(self) -> defer.Deferred:
-        self.transport.registerProducer(self, True)
-        self._read()
-        return self.done
-
-    def _read(self) -> None:
-        if self.paused or self.reading or self.finished:
-            return
-        self.reading = True
-        threads.deferToThread(self.fp.read, CHUNK).addCallbacks(self._got, self._failed)
-
-    def _got(self, chunk: bytes) -> None:
-        self.reading = False
-        if self.finished:
-            return
-        data = self.first + self.body.feed(chunk)
-        self.first = b""
-        if not chunk or self.body.done:
-            self._finish(data + self.body.end())
-            return
-        self.transport.write(data)
-        self._read()
-
-    def _failed(self, failure) -> None:
-        self.reading = False
-        if not self.finished:
-            self._finish(b"", failure if self.first else Failure(_MidMessage(failure.value)))
-
-    def _finish(self, data: bytes, failure=None) -> None:
-        self.finished = True
-        self.fp.close()
-        self.transport.unregisterProducer()
-        if data:
-            self.transport.write(data)
-        if failure is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(failure)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._read()
-
-    def stopProducing(self) -> None:
-        if not self.finished:
-            self._finish(b"", Failure(ConnectionDone()))
+async def _stream(transport, flow: Flow, fp, status: bytes, body: _Body) -> None:
+    """Send a large message a chunk at a time, each read in a worker thread once the
+    client has taken the one before (a client that does not read holds us up)."""
+    try:
+        first = status
+        while True:
+            await flow.drained()
+            try:
+                chunk = await threads.deferToThread(fp.read, CHUNK)
+            except Exception as e:
+                if first:
+                    raise
+                raise _MidMessage(e) from e
+            data = first + body.feed(chunk)
+            first = b""
+            if not chunk or body.done:
+                transport.write(data + body.end())
+                return
+            transport.write(data)
+    finally:
+        fp.close()
 
 
 class POP3ServerFactory(protocol.ServerFactory):

@@ -15,6 +15,10 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
 * **One spool per transaction** shared by all recipients, with one
   ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
 * **Enhanced status codes** (RFC 2034/3463) on every final reply.
+* **Flow control** (L{flow.Flow}): no command is started while the client
+  leaves our replies unread, and reading stops when more than
+  L{flow.MAX_BACKLOG} octets of commands wait; message data is spooled as it
+  comes, so only commands count.  Closing aborts a client that does not read.
 
 Line endings: the message is stored exactly as received after dot-unstuffing,
 CRLF included.  Bare CR or LF inside the data are kept as they are.
@@ -51,6 +55,7 @@ from twistmail.delivery.spool import MessageSource
 from twistmail.errors import StorageError
 from twistmail.interfaces import IMailAccount
 from twistmail.model import Envelope
+from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.security import Security, isSecure
 
@@ -132,6 +137,7 @@ class SMTPServer(smtp.ESMTP):
         self._envelope: Envelope | None = None
         self._usedEhlo = False
         self._errors = 0
+        self._flow: Flow | None = None
         #: What relay permission depends on; SMTP AUTH sets ``authenticated``.
         self.client = Client()
 
@@ -146,6 +152,8 @@ class SMTPServer(smtp.ESMTP):
         self.ctx = self.factory.security.tls
         if self.factory.offersAuth:
             self.challengers = CHALLENGERS
+        self._flow = Flow(self.transport, lambda: self.timeout, drained=self._resume,
+                          activity=self.resetTimeout)
         super().connectionMade()
 
     def greeting(self) -> bytes:
@@ -168,7 +176,20 @@ class SMTPServer(smtp.ESMTP):
             self._source.discard()
             self._logTransaction("aborted: client disconnected in DATA", size=self._source.size)
             self._source = None
+        if self._flow is not None:
+            self._flow.lost()
         super().connectionLost(reason)
+
+    def closeConnection(self) -> None:
+        """Close once the client has read our last replies, or abort if it has not
+        within the idle timeout: C{loseConnection} alone would wait forever."""
+        self._flow.close(self.timeout)
+
+    def timeoutConnection(self) -> None:
+        """Idle too long: a client that has not read our replies either is aborted."""
+        self._buf = b""  # nothing more is read as a command
+        self.sendCode(421, self.host + b" Timeout. Try talking faster next time!")
+        self._flow.close(self.timeout, abort=self._flow.outputFull)
 
     # -- framing: one command at a time ----------------------------------------
 
@@ -180,7 +201,10 @@ class SMTPServer(smtp.ESMTP):
     def _process(self) -> None:
         self._processing = True
         try:
-            while self._buf and not self._waiting and not self.transport.disconnecting:
+            # No new command while the client leaves our replies unread; message
+            # data is still spooled (it is answered only at its end).
+            while self._buf and not self._waiting and not self.transport.disconnecting \
+                    and (self.mode is DATA or not self._flow.outputFull):
                 if self.mode is DATA:
                     if not self._consumeData():
                         break
@@ -188,6 +212,12 @@ class SMTPServer(smtp.ESMTP):
                     break
         finally:
             self._processing = False
+            self._flow.backlog(len(self._buf) > MAX_BACKLOG)
+
+    def _resume(self) -> None:
+        """The client has read our replies: go on with the commands it sent meanwhile."""
+        if not self._processing and not self._waiting:
+            self._process()
 
     def _consumeLine(self) -> bool:
         maxLine = self.factory.config["max_line_length"]
@@ -254,7 +284,7 @@ class SMTPServer(smtp.ESMTP):
                 log.info("smtp client={client} disconnected after {n} errors",
                          client=self.peerHost, n=self._errors)
                 super().sendCode(421, b"4.7.0 Too many errors, closing connection")
-                self.transport.loseConnection()
+                self.closeConnection()
                 return
         if not self._processing and self._buf:
             self._process()
@@ -282,7 +312,7 @@ class SMTPServer(smtp.ESMTP):
             self._to = []
             self.client = Client(address=self.peerHost)
             self.authenticated = False
-            self.transport.startTLS(self.ctx)
+            self._flow.startTLS(self.ctx)
             self.startedTLS = self.secure = True
 
     def ext_AUTH(self, rest: bytes) -> None:
@@ -433,7 +463,7 @@ class SMTPServer(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.sendCode(221, b"2.0.0 Bye")
-        self.transport.loseConnection()
+        self.closeConnection()
 
     def do_VRFY(self, rest: bytes) -> None:
         # RFC 5321 §3.5.3: 252 neither confirms nor denies (no address harvesting).

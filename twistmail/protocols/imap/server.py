@@ -12,6 +12,11 @@ greeting.  What it replaces, and why:
 * **One command at a time**, in order, each answered before the next is
   read: pipelined commands get their replies in order, and a slow storage
   call never interleaves with the next command.
+* **Flow control** (L{flow.Flow}): no command is started while the client
+  leaves our answers unread (a FETCH waits mid-answer), and reading stops when
+  more than L{flow.MAX_BACKLOG} octets wait unread by the command reader;
+  literals are consumed as they come, so an APPEND streams.  Closing aborts
+  a client that does not read.
 * **Every command** is implemented against L{twistmail.interfaces}, with the
   response codes clients act on (RFC 5530 NONEXISTENT, TRYCREATE,
   ALREADYEXISTS, AUTHENTICATIONFAILED; RFC 4315 APPENDUID and COPYUID).
@@ -32,11 +37,10 @@ from collections.abc import Callable
 from twisted.cred import credentials
 from twisted.cred import error as credError
 from twisted.internet import defer, protocol, task, threads
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from twistmail import __version__
 from twistmail._logtext import loggable
@@ -49,6 +53,7 @@ from twistmail.errors import (
     StorageError,
 )
 from twistmail.interfaces import IMailAccount
+from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.imap import fetch, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SelectedFolder
@@ -113,34 +118,6 @@ def _uidSet(uids: list[int]) -> bytes:
     return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in out)
 
 
-@implementer(IPushProducer)
-class _Flow:
-    """Tracks whether the transport wants us to stop writing (a client that does not read)."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self._waiters: list[defer.Deferred] = []
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
-
-    def drained(self) -> defer.Deferred:
-        if not self.paused:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-
 class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection; configuration and shared state come from the factory."""
 
@@ -155,7 +132,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._processing = False
         self._continuation: defer.Deferred | None = None
         self._loginFailures = 0
-        self._flow = _Flow()
+        self._flow: Flow | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -171,9 +148,13 @@ class IMAPServer(imap4.IMAP4Server):
                                     maxMessage=config["max_message_size"],
                                     maxCommand=config["max_line_length"] + 4 * config["max_literal_size"],
                                     spoolDir=self.factory.spoolDir)
+        self._flow = Flow(self.transport, lambda: self.timeOut or self.POSTAUTH_TIMEOUT,
+                          drained=self._process, activity=self.resetTimeout)
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
+        if self._flow is not None:
+            self._flow.lost()
         self.reader.discard()
         self._unselect()
         if self._continuation is not None:
@@ -185,7 +166,14 @@ class IMAPServer(imap4.IMAP4Server):
         log.info("imap user={user} client={client} disconnected: idle too long",
                  user=self.user or "-", client=self.peerHost)
         self._send(b"* BYE Autologout; idle for too long")
-        self.transport.loseConnection()
+        self.reader.dropBuffered()
+        # A client that has not read our answers either is aborted.
+        self._flow.close(self.timeOut, abort=self._flow.outputFull)
+
+    def closeConnection(self) -> None:
+        """Close once the client has read our answers, or abort if it has not within
+        the idle timeout: C{loseConnection} alone would wait forever."""
+        self._flow.close(self.timeOut or self.POSTAUTH_TIMEOUT)
 
     def capabilities(self) -> dict:
         caps: dict = {b"LITERAL+": None, b"SASL-IR": None, b"ID": None, b"ENABLE": None,
@@ -216,7 +204,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         self._processing = True
         try:
-            while not self.transport.disconnecting and (
+            while not self.transport.disconnecting and not self._flow.outputFull and (
                     not self._busy or self._continuation is not None):
                 event = self.reader.next()
                 if event is None:
@@ -236,6 +224,7 @@ class IMAPServer(imap4.IMAP4Server):
                 self._run(event).addBoth(self._finished)
         finally:
             self._processing = False
+            self._flow.backlog(self.reader.buffered > MAX_BACKLOG)
 
     def _refused(self, event: Refused) -> None:
         log.info("imap client={client} command refused: {why}", client=self.peerHost,
@@ -243,7 +232,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._send(event.tag + b" " + event.response)
         if event.fatal:
             self._send(b"* BYE Cannot recover from that; closing the connection")
-            self.transport.loseConnection()
+            self.closeConnection()
 
     def _finished(self, result) -> None:
         self._busy = False
@@ -293,7 +282,7 @@ class IMAPServer(imap4.IMAP4Server):
             if failure.check(ParseError, _Bad, _No, search.BadCharset, StorageError):
                 self._answerError(tag, failure.value, expunge)
                 return None
-            if failure.check(defer.CancelledError) or self.transport.disconnecting:
+            if failure.check(defer.CancelledError, ConnectionDone) or self.transport.disconnecting:
                 return None
             log.failure("imap {command} failed for {user}", failure, command=name, user=self.user)
             self._tagged(tag, b"NO", b"[SERVERBUG] Internal error; try again later")
@@ -331,7 +320,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         if view.validityChanged:
             self._send(b"* BYE The mailbox's UIDVALIDITY changed; please reconnect")
-            self.transport.loseConnection()
+            self.closeConnection()
             return
         for line in view.updates(expunge):
             self._send(line)
@@ -357,7 +346,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._send(b"* BYE twistmail logging out")
         self._tagged(tag, b"OK", b"LOGOUT completed")
         self.state = "logout"
-        self.transport.loseConnection()
+        self.closeConnection()
 
     def cmd_ID(self, tag, args):
         """RFC 2971: log what the client says it is, say what we are."""
@@ -400,7 +389,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise _No(b"TLS is not available")
         self._tagged(tag, b"OK", b"Begin TLS negotiation now")
         self.reader.dropBuffered()
-        self.transport.startTLS(self.factory.security.tls)
+        self._flow.startTLS(self.factory.security.tls)
         self.secure = True
 
     def cmd_LOGIN(self, tag, args):
@@ -459,7 +448,7 @@ class IMAPServer(imap4.IMAP4Server):
             self._tagged(tag, b"NO", b"[AUTHENTICATIONFAILED] Authentication failed")
             if self._loginFailures >= MAX_LOGIN_FAILURES:
                 self._send(b"* BYE Too many failed logins")
-                self.transport.loseConnection()
+                self.closeConnection()
             return
         self.account = account
         self._onLogout = logout
@@ -761,15 +750,7 @@ class IMAPServer(imap4.IMAP4Server):
                 await mailbox.setFlags(unseen, {"\\Seen"}, "add")
                 if not any(i.name == b"FLAGS" for i in items):
                     items.append(fetch.Item(b"FLAGS"))
-        # Flow control while the answer streams out (a client that does not read
-        # holds us up instead of filling memory).  Registered for this command only:
-        # a TLS transport will not close while a producer is registered.
-        self.transport.registerProducer(self._flow, True)
-        try:
-            missing = await self._respondFetch(view, targets, items)
-        finally:
-            self.transport.unregisterProducer()
-            self._flow.paused = False
+        missing = await self._respondFetch(view, targets, items)
         if missing:
             self._flushUpdates(expunge=uid)
             self._tagged(tag, b"NO", b"[EXPUNGEISSUED] Some messages were expunged")
@@ -800,7 +781,7 @@ class IMAPServer(imap4.IMAP4Server):
                 if len(lines) >= 500:
                     self.transport.write(b")\r\n".join(lines) + b")\r\n")
                     lines = []
-                    if self._flow.paused:
+                    if self._flow.outputFull:  # a client that does not read holds us up
                         await self._flow.drained()
                 continue
             batch.append((seq, u, message))
@@ -833,7 +814,7 @@ class IMAPServer(imap4.IMAP4Server):
         for line in lines:
             if line is not None:
                 self._send(line)
-                if self._flow.paused:
+                if self._flow.outputFull:
                     await self._flow.drained()
         return any(line is None for line in lines)
 

@@ -107,6 +107,11 @@ class CommandReader:
         self._buf += data
 
     @property
+    def buffered(self) -> int:
+        """Octets received and not yet read into a command or literal."""
+        return len(self._buf)
+
+    @property
     def pending(self) -> bool:
         """True while part of a command has been read (the client is mid-command)."""
         return bool(self._parts or self._need or self._buf)
