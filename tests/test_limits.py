@@ -85,3 +85,22 @@ def test_idle_timeouts(dataDir):
         assert time.monotonic() - started < 5
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("protocol", ["submissions", "pop3s", "imaps"])
+def test_refused_tls_client_that_never_handshakes_is_dropped(limited, protocol, monkeypatch):
+    """Over implicit TLS the refusal waits for a handshake: a client that never makes
+    one must not hold a socket forever (the limit counts only accepted connections,
+    so each such client would cost a file descriptor past the limit)."""
+    from twistmail.protocols import limits
+
+    monkeypatch.setattr(limits, "REFUSE_GRACE", 1.0)
+    port = limited.ports[protocol]
+    held = [connect(port) for _ in range(2)]  # the per-address limit, counted at accept
+    started = time.monotonic()
+    refused = connect(port)
+    with pytest.raises(ConnectionResetError):  # aborted: no handshake, so not a byte
+        closedBy(refused, 10)
+    assert time.monotonic() - started < 5
+    for sock in held:
+        sock.close()

@@ -13,14 +13,29 @@ from twisted.logger import Logger
 
 log = Logger()
 
+#: Seconds a refused client has to take its one line before the socket is aborted.
+REFUSE_GRACE = 10.0
+
 
 class _Refuse(protocol.Protocol):
+    """One line, then close; aborted after L{REFUSE_GRACE} if the line is not taken
+    (over implicit TLS it waits for a handshake a client may never make)."""
+
+    _abort = None
+
     def __init__(self, line: bytes) -> None:
         self.line = line
 
     def connectionMade(self) -> None:
+        from twisted.internet import reactor
+
         self.transport.write(self.line)
         self.transport.loseConnection()
+        self._abort = reactor.callLater(REFUSE_GRACE, self.transport.abortConnection)
+
+    def connectionLost(self, reason) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
 
 
 class ConnectionLimiter:
