@@ -83,6 +83,16 @@ def test_idle_timeouts(dataDir):
         assert closedBy(pop3, 10).startswith(b"+OK")  # greeting, then closed
         assert closedBy(imap, 10).split(b"\r\n")[-2].startswith(b"* BYE")
         assert time.monotonic() - started < 5
+        # Over implicit TLS, a client that never handshakes is dropped just the same.
+        for protocol in ("submissions", "pop3s", "imaps"):
+            silent = connect(srv.ports[protocol])
+            started = time.monotonic()
+            try:
+                assert closedBy(silent, 10) == b""
+            except ConnectionResetError:
+                pass  # aborted: the TLS layer still held the greeting
+            assert time.monotonic() - started < 5, protocol
+            silent.close()
     finally:
         srv.stop()
 
