@@ -107,3 +107,29 @@ def test_too_many_search_keys(imap):
     odd = b",".join(b"%d" % n for n in range(1, 20_000, 2))
     assert imap.ok(b"SEARCH " + odd)[-1] == b"* SEARCH 1"
     assert imap.ok(b"UID SEARCH NOT UID " + odd)[-1] == b"* SEARCH 2"
+
+
+def test_fetch_batches_count_what_each_answer_repeats(server, monkeypatch):
+    """A field list of 64 KiB repeated in the answer for every message: batches were
+    cut by message size only, so 1 MiB of tiny messages rendered as gigabytes in one
+    worker-thread batch before anything was sent."""
+    from twistmail.protocols.imap import server as imapServer
+
+    send(server, *(msg(n) for n in range(1, 61)))
+    rendered: list[int] = []
+    original = imapServer._renderBatch
+
+    def recording(batch, datas, items, flags):
+        lines = original(batch, datas, items, flags)
+        rendered.append(sum(len(line) for line in lines if line))
+        return lines
+
+    monkeypatch.setattr(imapServer, "_renderBatch", recording)
+    client = RawIMAP(server.imapPort)
+    client.login()
+    client.ok("SELECT INBOX")
+    fields = b" ".join(b"X-Field-%05d" % n for n in range(4000))  # 56 KiB
+    untagged = client.ok(b"FETCH 1:* (BODY.PEEK[HEADER.FIELDS (" + fields + b")])", timeout=30)
+    assert len(untagged) == 60
+    assert max(rendered) <= 2 * imapServer.READ_BATCH, rendered
+    client.close()

@@ -90,3 +90,21 @@ def test_throttle_keeps_a_bounded_key_per_account():
     for _ in range(4):
         throttle.failed("192.0.2.2", "x" * 65536 + "y", "imap")
     assert throttle.lockedOut("192.0.2.3", "x" * 65536)  # same first 320: same account key
+
+
+def test_remote_reply_cannot_forge_relay_log_lines():
+    """A receiving server's reply is logged as one line, its words kept readable."""
+    from twisted.logger import globalLogPublisher
+
+    from twistmail.relay.sender import DEFERRED, Result, logAttempt
+
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        logAttempt({"id": "Q1", "domain": "remote.test"}, "mx.remote.test",
+                   {"a@remote.test": Result(DEFERRED, "451 4.3.0 try later\r\n"
+                                            + FORGED.decode())})
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assertNotForged(seen)
+    assert "reply=451 4.3.0 try later" in lines(seen)[0]

@@ -21,3 +21,19 @@ def loggable(value, limit: int = 256) -> str:
                         else c.encode("unicode_escape").decode("ascii") if c != " " else "\\x20"
                         for c in value)
     return value + "..." if cut else value
+
+
+def loggableText(value: str, limit: int = 512) -> str:
+    """Free text from a remote party (an SMTP reply), readable and on one line.
+
+    Spaces are kept; control characters, the backslash and ``=`` are escaped, so
+    the text can name no ``key=value`` field of the line (``client=``, which
+    fail2ban-style filters act on).
+    """
+    cut = len(value) > limit
+    value = value[:limit]
+    if not value.isprintable() or "\\" in value or "=" in value:
+        value = "".join(c if c.isprintable() and c not in "\\="
+                        else c.encode("unicode_escape").decode("ascii") if c != "=" else "\\x3d"
+                        for c in value)
+    return value + "..." if cut else value

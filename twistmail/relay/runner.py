@@ -41,6 +41,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistmail._logtext import loggable
 from twistmail.delivery.routing import (
     LOCAL,
     BadAddress,
@@ -406,7 +407,7 @@ class QueueRunner(service.Service):
 
     @defer.inlineCallbacks
     def _bounce(self, entry: QueueEntry, failed: list, expired: set, now: float):
-        addresses = ",".join(r.address for r in failed)
+        addresses = ",".join(loggable(r.address) for r in failed)
         if not entry.sender:
             # RFC 5321 §4.5.5: never a notification about a notification.
             log.info("relay id={id} failed to={to}; no bounce: null sender", id=entry.id,
@@ -416,5 +417,5 @@ class QueueRunner(service.Service):
         dsn = bounce.buildBounce(entry, failed, headers, self.settings.hostname, now, expired)
         queued = yield self._queue.enqueue("", [entry.sender], lambda: [dsn], origin="bounce")
         log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
-                 id=entry.id, bounce=queued.id, sender=entry.sender, to=addresses,
+                 id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
                  reason="expired" if expired else "failed")

@@ -34,6 +34,7 @@ from twisted.internet import defer, error, ssl
 from twisted.logger import Logger
 from twisted.mail import smtp
 
+from twistmail._logtext import loggableText
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
 
@@ -320,4 +321,4 @@ def logAttempt(context: dict, where: str, results: dict) -> None:
     log.info("relay id={id} domain={domain} mx={mx} rcpts={n} result={result} reply={reply}",
              id=context.get("id", ""), domain=context.get("domain", ""), mx=where,
              n=len(results), result=kinds.pop() if len(kinds) == 1 else "partial",
-             reply=shown.reply)
+             reply=loggableText(shown.reply))

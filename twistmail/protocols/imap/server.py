@@ -765,6 +765,9 @@ class IMAPServer(imap4.IMAP4Server):
         batch: list[tuple[int, int, object]] = []
         batchBytes = 0
         lines: list[bytes] = []
+        # What every message's answer repeats (a section's field list can be 64 KiB):
+        # counted with the message sizes, so a batch's answers stay near READ_BATCH.
+        overhead = 64 + sum(len(i.sectionLabel()) for i in items if i.isSection)
         # When the view has no pending changes, sequence number n is the folder
         # snapshot's n-th message: no lookup by uid (this is UID FETCH 1:* FLAGS).
         snapshot = mailbox.messages() if view.uids is mailbox.uids() else None
@@ -785,7 +788,7 @@ class IMAPServer(imap4.IMAP4Server):
                         await self._flow.drained()
                 continue
             batch.append((seq, u, message))
-            batchBytes += message.size
+            batchBytes += message.size + overhead
             if batchBytes >= READ_BATCH:
                 missing |= await self._fetchBatch(view, batch, items)
                 batch, batchBytes = [], 0
