@@ -133,3 +133,29 @@ def test_fetch_batches_count_what_each_answer_repeats(server, monkeypatch):
     assert len(untagged) == 60
     assert max(rendered) <= 2 * imapServer.READ_BATCH, rendered
     client.close()
+
+
+def test_list_pattern_matcher_agrees_with_the_regex_it_replaced():
+    """The bit-set matcher against the plain translation (* -> .*, % -> [^/]*) on short
+    random patterns and names, where backtracking costs nothing."""
+    import random
+    import re
+
+    from twistmail.protocols.imap.names import SEPARATOR, Pattern
+
+    def reference(text: str, name: str) -> bool:
+        if text[:5].upper() == "INBOX":
+            if name[:5].upper() != "INBOX":
+                return False
+            text, name = text[5:], name[5:]
+        rx = "".join(".*" if c == "*" else f"[^{re.escape(SEPARATOR)}]*" if c == "%"
+                     else re.escape(c) for c in text)
+        return re.fullmatch(rx, name, re.S) is not None
+
+    rng = random.Random(5)
+    for _ in range(20000):
+        text = ("INBOX" if rng.random() < 0.1 else "") + "".join(
+            rng.choice("ab/*%") for _ in range(rng.randint(0, 7)))
+        name = ("inbox" if rng.random() < 0.1 else "") + "".join(
+            rng.choice("ab/") for _ in range(rng.randint(0, 8)))
+        assert Pattern(text).match(name) == reference(text, name), (text, name)

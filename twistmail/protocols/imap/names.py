@@ -76,6 +76,7 @@ class Pattern:
                 piece = "*" if "*" in piece else "%"  # ** is *, %% is %, *% is *
             self.tokens.append(piece)
         self.literal = sum(len(t) for t in self.tokens if t not in ("*", "%"))
+        self.percent = "%" in self.tokens
 
     def match(self, name: str) -> bool:
         if self.inbox:
@@ -87,11 +88,13 @@ class Pattern:
             return False
         occurrences: dict[str, int] = {}
         everywhere = (1 << (n + 1)) - 1
-        # positions p whose step from p-1 does not cross a separator
-        enterable = 0
-        for p, c in enumerate(name, 1):
-            if c != SEPARATOR:
-                enterable |= 1 << p
+        if self.percent:
+            # positions p (1..n) whose step from p-1 does not cross a separator
+            enterable = everywhere & ~1
+            i = name.find(SEPARATOR)
+            while i >= 0:
+                enterable &= ~(1 << (i + 1))
+                i = name.find(SEPARATOR, i + 1)
         reached = 1  # position 0
         for token in self.tokens:
             if token == "*":
