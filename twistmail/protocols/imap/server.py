@@ -598,6 +598,9 @@ class IMAPServer(imap4.IMAP4Server):
         onlySubscribed = lsub or b"SUBSCRIBED" in select
         candidates = sorted(existing | subscribed) if onlySubscribed else folderNames
         matchers = [names.pattern(reference, p) for p in patterns]
+        # Every name with a folder below it, in one pass (not a scan per folder listed).
+        parents = {other[:i] for other in existing
+                   for i, c in enumerate(other) if c == names.SEPARATOR}
         for name in candidates:
             if not any(m.match(name) for m in matchers):
                 continue
@@ -610,9 +613,7 @@ class IMAPServer(imap4.IMAP4Server):
             if name not in existing:
                 attributes.append("\\NonExistent" if not lsub else "\\Noselect")
             else:
-                prefix = name + names.SEPARATOR
-                hasChildren = any(other.startswith(prefix) for other in existing)
-                attributes.append("\\HasChildren" if hasChildren else "\\HasNoChildren")
+                attributes.append("\\HasChildren" if name in parents else "\\HasNoChildren")
             if use is not None:
                 attributes.append(use)
             if b"SUBSCRIBED" in select | returns and name in subscribed and not lsub:
