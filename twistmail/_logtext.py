@@ -13,14 +13,8 @@ def loggable(value, limit: int = 256) -> str:
     """
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
-    value = str(value)
-    cut = len(value) > limit
-    value = value[:limit]
-    if not value.isprintable() or any(c.isspace() or c == "\\" for c in value):
-        value = "".join(c if c.isprintable() and not c.isspace() and c != "\\"
-                        else c.encode("unicode_escape").decode("ascii") if c != " " else "\\x20"
-                        for c in value)
-    return value + "..." if cut else value
+    # Every whitespace character but the space is unprintable already.
+    return _escaped(str(value), limit, " \\")
 
 
 def loggableText(value: str, limit: int = 512) -> str:
@@ -30,10 +24,19 @@ def loggableText(value: str, limit: int = 512) -> str:
     the text can name no ``key=value`` field of the line (``client=``, which
     fail2ban-style filters act on).
     """
+    return _escaped(value, limit, "\\=")
+
+
+def _escaped(value: str, limit: int, special: str) -> str:
+    """At most C{limit} characters of C{value}, the unprintable and C{special} ones escaped."""
     cut = len(value) > limit
     value = value[:limit]
-    if not value.isprintable() or "\\" in value or "=" in value:
-        value = "".join(c if c.isprintable() and c not in "\\="
-                        else c.encode("unicode_escape").decode("ascii") if c != "=" else "\\x3d"
-                        for c in value)
+    if not value.isprintable() or any(c in special for c in value):
+        value = "".join(c if c.isprintable() and c not in special else _escape(c) for c in value)
     return value + "..." if cut else value
+
+
+def _escape(c: str) -> str:
+    if c.isprintable() and c != "\\":
+        return f"\\x{ord(c):02x}"  # a space, an =
+    return c.encode("unicode_escape").decode("ascii")
