@@ -18,7 +18,7 @@ def dataDir(tmp_path):
 @pytest.fixture
 def backend():
     """The storage backend of the ``server`` fixture.  Protocol and interop test modules
-    override it with ``params=support.BACKENDS`` so they run on every backend."""
+    override it by importing ``support.everyBackend`` so they run on every backend."""
     return "maildir"
 
 

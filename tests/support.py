@@ -15,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import pytest
+
 from twistmail.testing import onReactor, startReactor  # noqa: F401 - re-exported for tests
 
 _portsHandedOut: set[int] = set()
@@ -51,6 +53,13 @@ def freePort() -> int:
 
 #: The storage backends the protocol and interop tests run on.
 BACKENDS = ("maildir", "mbox")
+
+
+@pytest.fixture(params=BACKENDS, name="backend")
+def everyBackend(request) -> str:
+    """Imported by a test module, this overrides conftest's ``backend``: every test
+    there runs on each storage backend (conftest's ``server`` uses it)."""
+    return request.param
 
 
 @dataclass

@@ -12,15 +12,16 @@ import time
 import pytest
 from imapwire import RawIMAP
 from serverproc import waitUntil
-from support import BACKENDS, accountDir, externalDelivery, readAll, startServer, storedMessages
+from support import (
+    accountDir,
+    everyBackend,  # noqa: F401 - the backend fixture: each test on every backend
+    externalDelivery,
+    readAll,
+    startServer,
+    storedMessages,
+)
 
 ALICE = "alice@example.test"
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    """Every test here runs on each storage backend (conftest's server uses this)."""
-    return request.param
 
 
 def send(server, *bodies: bytes, rcpt: str = ALICE) -> None:

@@ -13,15 +13,14 @@ import shutil
 import subprocess
 
 import pytest
-from support import BACKENDS, accountDir, storedMessages
+from support import (
+    accountDir,
+    everyBackend,  # noqa: F401 - the backend fixture: each test on every backend
+    storedMessages,
+)
 
 pytestmark = pytest.mark.interop
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    """Every test here runs on each storage backend (conftest's server uses this)."""
-    return request.param
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"

@@ -13,16 +13,11 @@ import re
 import smtplib
 
 import pytest
-from support import BACKENDS
+from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
 from test_interop import requireTool, run
 
 pytestmark = pytest.mark.interop
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    """Every test here runs on each storage backend (conftest's server uses this)."""
-    return request.param
 
 ALICE = "alice@example.test"
 

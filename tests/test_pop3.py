@@ -7,13 +7,12 @@ import smtplib
 import socket
 
 import pytest
-from support import BACKENDS, externalDelivery, onReactor, readAll
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    """Every test here runs on each storage backend (conftest's server uses this)."""
-    return request.param
+from support import (
+    everyBackend,  # noqa: F401 - the backend fixture: each test on every backend
+    externalDelivery,
+    onReactor,
+    readAll,
+)
 
 
 def send(server, *bodies: bytes, rcpt: str = "alice@example.test") -> None:
