@@ -23,6 +23,9 @@ DEFAULT_PORTS = {"smtp": 2525, "submission": 2587, "submissions": 2465, "pop3": 
 DEFAULT_DATA_DIR = "twistmail-data"
 
 ALL_PROTOCOLS = tuple(DEFAULT_PORTS)
+#: Where load balancers live: loopback and the private ranges (RFC 1918, RFC 4193).
+PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                    "fc00::/7")
 #: Listeners that speak TLS from the first byte (RFC 8314) instead of offering STARTTLS.
 IMPLICIT_TLS = {"submissions": "submission", "pop3s": "pop3", "imaps": "imap"}
 
@@ -115,6 +118,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "data_dir": Key(str, DEFAULT_DATA_DIR, "accounts, mailboxes and spool live here"),
         "max_connections": Key(int, 1000, "connections in total across all listeners", 1),
         "max_connections_per_ip": Key(int, 50, "connections from one client address", 1),
+        "proxy_networks": Key(list, list(PRIVATE_NETWORKS),
+                              "load balancers (CIDR) whose PROXY header a haproxy: listener "
+                              "accepts; others are closed", validate=_networks,
+                              example='["10.0.0.5/32"]'),
     },
     "listen": {
         name: Key(list, [f"tcp:{port}:interface=127.0.0.1"], f"Twisted endpoint strings for {name}",

@@ -33,6 +33,7 @@ from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.interfaces import IMailAccount, IMailStoreFactory
+from twistmail.protocols import proxyheader
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
@@ -304,8 +305,16 @@ def makeService(options: Options) -> service.MultiService:
 
     for protocol, factory in factories.items():
         for description in config.listeners(protocol):
-            endpoint = endpoints.serverFromString(reactor, description)  # checked by config
-            listener = _Listener(protocol, description, endpoint, factory)
+            marked, bare = proxyheader.splitMarked(description)
+            endpoint = endpoints.serverFromString(reactor, bare)  # checked by config
+            if marked:
+                # Not Twisted's own haproxy: endpoint: it would build the protocol (limits,
+                # greeting) for the balancer's address before the header names the client.
+                factory_ = proxyheader.ProxyHeaderFactory(
+                    factory, config["server"]["proxy_networks"], reactor)
+            else:
+                factory_ = factory
+            listener = _Listener(protocol, description, endpoint, factory_)
             listener.setName(f"{protocol} {description}")
             listener.setServiceParent(top)
     return top
