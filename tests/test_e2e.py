@@ -507,3 +507,17 @@ def test_imap_end_to_end_with_idle_push(mailserver):
     assert typ == "OK" and data[0][1].endswith(message)
     assert data[0][1] == storedMessages(mailserver.dataDir, ALICE)[0]
     client.logout()
+
+
+def test_one_listener_on_the_command_line_binds_only_that_port(tmp_path):
+    """`twistd -n twistmail --smtp ENDPOINT` alone does not also bind the embedded default's
+    other ports; --pop3 none style options turn a protocol off."""
+    endpoint = f"tcp:{freePort()}:interface=127.0.0.1"
+    process = ServerProcess(twistdCommand("--data-dir", str(tmp_path / "data"), "--smtp", endpoint),
+                            logPath=str(tmp_path / "one.log"), cwd=str(tmp_path)).start()
+    try:
+        process.waitReady(int(endpoint.split(":")[1]), None)
+        assert re.findall(r"twistmail (\w+) listening on (\S+)", process.log) == \
+            [("smtp", endpoint)], process.describe()
+    finally:
+        process.stop()

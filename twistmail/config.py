@@ -124,7 +124,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               example='["10.0.0.5/32"]'),
     },
     "listen": {
-        name: Key(list, [f"tcp:{port}:interface=127.0.0.1"], f"Twisted endpoint strings for {name}",
+        name: Key(list, [f"tcp:{port}:interface=127.0.0.1"],
+                  f"Twisted endpoint strings for {name}; [] or \"none\" = off",
                   validate=_endpoints, example=f'["tcp:{port}:interface=127.0.0.1"]')
         for name, port in DEFAULT_PORTS.items()
     },
@@ -274,6 +275,11 @@ def _check(path: str, section: str, key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(path, where, f"expected a list of strings, got {value!r}",
                         f"write e.g. {key} = {spec.example or _TCP_EXAMPLE}")
+    if spec.validate is _endpoints and "none" in value:
+        if value != ["none"]:
+            raise _fail(path, where, f"'none' turns {key} off and cannot go with endpoints",
+                        f'write either {key} = "none" or a list of endpoints')
+        value = []
     if spec.minimum is not None and value < spec.minimum:
         raise _fail(path, where, f"{value} is below the minimum {spec.minimum}",
                     f"use a value of at least {spec.minimum}")

@@ -56,7 +56,10 @@ class Options(usage.Options):
                 "2525, submission 2587 (STARTTLS) and 2465 (TLS), POP3 2110 and 2995 (TLS), "
                 "IMAP 2143 and 2993 (TLS), with a self-signed certificate. Listener options "
                 "take Twisted endpoint strings and may be repeated; any given on the command "
-                "line replace the config file's for that protocol.")
+                "line replace the config file's for that protocol, and 'none' turns it off. "
+                "Without --config, listeners given on the command line are the only ones: "
+                "the embedded default's other ports are not bound. Prefix an endpoint with "
+                "'haproxy:' behind a load balancer that sends the PROXY protocol.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see etc/twistmail.toml)"],
         ["data-dir", "d", None, "data directory (overrides [server] data_dir)"],
@@ -70,7 +73,9 @@ class Options(usage.Options):
     def _listener(protocol: str):  # noqa: N805 - builds opt_ methods below
         def opt(self, endpoint: str) -> None:
             self.listeners[protocol].append(endpoint)
-        opt.__doc__ = f"{protocol} listener, a Twisted endpoint string, e.g. tcp:{configmod.DEFAULT_PORTS[protocol]}:interface=127.0.0.1 (repeatable)"
+        opt.__doc__ = (f"{protocol} listener, a Twisted endpoint string, e.g. "
+                       f"tcp:{configmod.DEFAULT_PORTS[protocol]}:interface=127.0.0.1 "
+                       "(repeatable); none turns it off")
         return opt
 
     opt_smtp = _listener("smtp")
@@ -88,9 +93,14 @@ class Options(usage.Options):
             overrides["server"]["data_dir"] = self["data-dir"]
         if self["hostname"]:
             overrides["server"]["hostname"] = self["hostname"]
+        named = any(e != "none" for given in self.listeners.values() for e in given)
         for protocol, endpoints_ in self.listeners.items():
             if endpoints_:
                 overrides["listen"][protocol] = endpoints_
+            elif named and not self["config"]:
+                # `--smtp tcp:2525` alone means just that: the embedded default's other
+                # ports stay unbound.  A config file's listeners are deliberate and stay.
+                overrides["listen"][protocol] = []
         try:
             self.config = configmod.load(self["config"], overrides)
         except configmod.ConfigError as e:
