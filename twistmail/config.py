@@ -111,6 +111,22 @@ def _smarthost(value: str) -> None:
         hostPort(value, 25)
 
 
+def _mxPatterns(values: list[str]) -> None:
+    """RFC 8461 §3.2 / §4.1: a host name, or "*." and a name (one leftmost label)."""
+    for value in values:
+        name = value[2:] if value.startswith("*.") else value
+        labels = name.rstrip(".").split(".")
+        if len(labels) < 2 or not all(
+                label and len(label) < 64 and label.replace("-", "").isalnum() and label.isascii()
+                for label in labels):
+            raise ValueError(f"{value!r} is not a host name or *.domain")
+
+
+def _maxAge(value: int) -> None:
+    if value > 31557600:  # RFC 8461 §3.2: at most one year
+        raise ValueError(f"{value} is above 31557600 (one year, RFC 8461 §3.2)")
+
+
 #: section -> key -> Key.  etc/twistmail.toml documents every key (a test checks it).
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
@@ -124,10 +140,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               example='["10.0.0.5/32"]'),
     },
     "listen": {
-        name: Key(list, [f"tcp:{port}:interface=127.0.0.1"],
-                  f"Twisted endpoint strings for {name}; [] or \"none\" = off",
-                  validate=_endpoints, example=f'["tcp:{port}:interface=127.0.0.1"]')
-        for name, port in DEFAULT_PORTS.items()
+        **{name: Key(list, [f"tcp:{port}:interface=127.0.0.1"],
+                     f"Twisted endpoint strings for {name}; [] or \"none\" = off",
+                     validate=_endpoints, example=f'["tcp:{port}:interface=127.0.0.1"]')
+           for name, port in DEFAULT_PORTS.items()},
+        "https": Key(list, [], "web listeners with TLS (the [tls] certificate): MTA-STS policy",
+                     validate=_endpoints, example='["tcp:443"]'),
+        "http": Key(list, [], "plain web listeners, e.g. behind a reverse proxy",
+                    validate=_endpoints, example='["tcp:8080:interface=127.0.0.1"]'),
     },
     "smtp": {
         "max_message_size": Key(int, 25 * MiB, "SIZE limit in octets; larger -> 552 5.3.4", 1024),
@@ -167,6 +187,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 1024),
         "special_use": Key(dict, dict(DEFAULT_SPECIAL_USE),
                            "folder = RFC 6154 attribute; created and subscribed at login"),
+    },
+    "mta_sts": {
+        "mode": Key(str, "", "our MTA-STS policy (RFC 8461): testing, enforce, none "
+                    "(withdraws it) or '' (not served)",
+                    choices=("testing", "enforce", "none", "")),
+        "mx": Key(list, [], "MX host names (or *.example.org) senders may deliver to",
+                  validate=_mxPatterns, example='["mail.example.org"]'),
+        "max_age": Key(int, 604800, "seconds senders cache the policy (RFC 8461 §3.2: weeks)",
+                       86400, validate=_maxAge),
     },
     "storage": {
         "backend": Key(str, "maildir", "mailbox backend plugin name"),
@@ -384,6 +413,10 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
                     "certificate", "set both [tls] certificate and [tls] key, or neither")
 
     _checkRelay(shown, path, sections["relay"])
+    if sections["mta_sts"]["mode"] in ("testing", "enforce") and not sections["mta_sts"]["mx"]:
+        # RFC 8461 §3.2: a testing or enforce policy lists the MX hosts it allows.
+        raise _fail(shown, "[mta_sts] mx", f"mode {sections['mta_sts']['mode']!r} needs the MX "
+                    "host names", 'write e.g. mx = ["mail.example.org"], or mode = ""')
 
     if not sections["server"]["hostname"]:
         import socket
