@@ -234,3 +234,22 @@ def test_unmarked_listener_refuses_a_proxy_line_and_keeps_the_address(proxied, l
             assert b"[127.0.0.1]" in message and CLIENT.encode() not in message
     assert not any(f"client={CLIENT}" in line for line in logs)
 
+
+
+def test_starttls_works_behind_the_proxy_and_the_client_stays_the_proxied_one(proxied, logs):
+    header = b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 110\r\n"  # not a plaintext network
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = connect(proxied.marked["pop3"], header)
+    assert readAll(raw, b"\r\n").startswith(b"+OK")
+    raw.sendall(b"USER alice@example.test\r\n")
+    assert readAll(raw, b"\r\n").startswith(b"-ERR")  # no passwords in the clear from there
+    raw.sendall(b"STLS\r\n")
+    assert readAll(raw, b"\r\n").startswith(b"+OK")
+    with context.wrap_socket(raw, server_hostname="mx.example.test") as tls:
+        tls.sendall(b"USER alice@example.test\r\n")
+        assert readAll(tls, b"\r\n").startswith(b"+OK")
+        tls.sendall(b"PASS secret\r\n")
+        assert readAll(tls, b"\r\n").startswith(b"+OK")
+    assert any("client=203.0.113.5" in line for line in logs)
