@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 
 import pytest
 from support import addUser, freePort, readAll, startServer, storedMessages
+from test_tls import insecure
 from twisted.internet import address, protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -201,9 +201,7 @@ def test_login_failures_are_keyed_on_the_proxied_client(proxied, logs, protocol,
 
 
 def test_implicit_tls_listener_reads_the_header_before_the_handshake(proxied):
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = insecure()
     raw = connect(proxied.marked["pop3s"], V1)
     with context.wrap_socket(raw, server_hostname="mx.example.test") as tls:
         assert readAll(tls, b"\r\n").startswith(b"+OK")
@@ -238,9 +236,7 @@ def test_unmarked_listener_refuses_a_proxy_line_and_keeps_the_address(proxied, l
 
 def test_starttls_works_behind_the_proxy_and_the_client_stays_the_proxied_one(proxied, logs):
     header = b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 110\r\n"  # not a plaintext network
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = insecure()
     raw = connect(proxied.marked["pop3"], header)
     assert readAll(raw, b"\r\n").startswith(b"+OK")
     raw.sendall(b"USER alice@example.test\r\n")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import http.client
 import socket
-import ssl
 
 import pytest
 from support import addUser, cli, freePort, readAll, startServer
+from test_tls import insecure
 
 from twistmail import config as configmod
 from twistmail.web import mtasts
@@ -16,13 +16,6 @@ POLICY = (b"version: STSv1\r\nmode: enforce\r\nmx: mail.example.test\r\nmx: *.mx
           b"max_age: 604800\r\n")
 MTA_STS = {"mode": "enforce", "mx": ["mail.example.test", "*.mx.example.test"]}
 PATH = "/.well-known/mta-sts.txt"
-
-
-def insecure() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 @pytest.fixture
@@ -169,3 +162,22 @@ def test_a_web_connection_is_aborted_at_its_deadline():
     clock.advance(1)
     assert transport.disconnecting
     proto.connectionLost(None)
+
+
+def test_web_connections_count_against_the_per_address_limit():
+    from twisted.internet import address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twistmail.protocols.limits import ConnectionLimiter
+    from twistmail.web.site import Site, WebFactory, buildRoot
+
+    factory = WebFactory(Site(buildRoot({"mode": ""}, lambda d: True)), ConnectionLimiter(10, 1),
+                         Clock())
+    peer = address.IPv4Address("TCP", "192.0.2.7", 5000)
+    first = factory.buildProtocol(peer)
+    first.makeConnection(StringTransport(peerAddress=peer))
+    second, transport = factory.buildProtocol(peer), StringTransport(peerAddress=peer)
+    second.makeConnection(transport)
+    assert transport.value().startswith(b"HTTP/1.1 503 ")
+    assert b"Too many connections from your address" in transport.value()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from twisted.protocols import policies
 from twisted.web import http, pages, resource, server
 
-from twistmail.protocols.limits import ConnectionLimiter
+from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.web import mtasts
 
 #: Seconds a connection may last in all (a policy fetch is one small request); also
@@ -112,12 +112,6 @@ class WebFactory(policies.WrappingFactory):
         self.deadline = deadline
 
     def buildProtocol(self, addr):
-        if self.limiter is not None:
-            refusal = self.limiter.check(addr)
-            if refusal:
-                return self.limiter.refuse(b"HTTP/1.1 503 Service Unavailable\r\n"
-                                           b"Connection: close\r\nContent-Length: 0\r\n\r\n")
-        p = super().buildProtocol(addr)
-        if self.limiter is not None:
-            self.limiter.track(p, addr)
-        return p
+        return admit(self.limiter, addr, b"HTTP/1.1 503 Service Unavailable\r\n"
+                     b"Connection: close\r\nContent-Type: text/plain\r\n\r\n",
+                     lambda: super(WebFactory, self).buildProtocol(addr))
