@@ -81,22 +81,33 @@ def test_header_read_byte_by_byte_then_the_protocol_is_built_for_the_real_client
     assert p.lost
 
 
+def test_v1_tcp6():
+    _, inner, _, reader = connected()
+    reader.dataReceived(b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n")
+    assert inner.built[0].transport.getPeer().host == "2001:db8::7"
+
+
 def test_header_and_data_in_one_segment():
     _, inner, _, reader = connected()
     reader.dataReceived(v2() + b"EHLO x\r\n")
     assert inner.built[0].received == b"EHLO x\r\n"
 
 
-def test_v2_local_health_check_keeps_the_connection_addresses():
+@pytest.mark.parametrize("header", [v2(local=True), b"PROXY UNKNOWN\r\n"], ids=["v2-local", "v1-unknown"])
+def test_health_checks_keep_the_connection_addresses(header):
     _, inner, _, reader = connected()
-    reader.dataReceived(v2(local=True))
+    reader.dataReceived(header)
     [p] = inner.built
     assert p.addr.host == "127.0.0.1" and p.transport.getPeer().host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("data", [b"EHLO x\r\n", b"PROXY TCP4 nonsense\r\n", b"PROXY " + b"1" * 200,
-                                  V2_SIGNATURE + b"\x21\x11\xff\xff"],
-                         ids=["smtp", "bad-v1", "long-v1", "huge-v2"])
+                                  V2_SIGNATURE + b"\x21\x11\xff\xff",
+                                  b"PROXY TCP4 <x>\x00 198.51.100.1 1 2\r\n",
+                                  b"PROXY TCP4 2001:db8::1 198.51.100.1 1 2\r\n",
+                                  b"PROXY TCP4 192.0.2.7 198.51.100.1 1 99999\r\n"],
+                         ids=["smtp", "bad-v1", "long-v1", "huge-v2", "v1-not-an-address",
+                              "v1-wrong-family", "v1-bad-port"])
 def test_garbage_header_closes_without_building(data):
     _, inner, transport, reader = connected()
     reader.dataReceived(data)

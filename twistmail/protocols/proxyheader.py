@@ -14,11 +14,13 @@ the header comes first and the TLS handshake after it, as HAProxy sends them.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
-from twisted.internet import interfaces, protocol
+from twisted.internet import address, interfaces, protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from zope.interface import directlyProvides, providedBy
@@ -45,6 +47,26 @@ def splitMarked(description: str) -> tuple[bool, str]:
     if description.lower().startswith(PREFIX):
         return True, description[len(PREFIX):]
     return False, description
+
+
+def parseHeader(header: bytes) -> ProxyInfo:
+    """A complete v1 line (with its CRLF) or v2 header, decoded by Twisted's parsers.
+
+    @raise InvalidProxyHeader: or ValueError, if it is not valid.
+    """
+    if header.startswith(V2_SIGNATURE):
+        return V2Parser.parse(header)
+    line = header[:-2]
+    if line == b"PROXY UNKNOWN":  # spec §2.1: valid without addresses; Twisted wants a space
+        return ProxyInfo(header, None, None)
+    info = V1Parser.parse(line)
+    for addr in (info.source, info.destination):
+        # Twisted's v1 parser takes any word as an address; it would reach logs and
+        # Received: headers.  ValueError for anything but an address of the named family.
+        version = 4 if isinstance(addr, address.IPv4Address) else 6
+        if ipaddress.ip_address(addr.host).version != version or not 0 <= addr.port < 65536:
+            raise ValueError(f"not an IPv{version} address and port")
+    return info
 
 
 class _ProxiedTransport:
@@ -114,16 +136,18 @@ class _HeaderReader(protocol.Protocol):
         if header is None:
             return
         try:
-            info = (V2Parser if header.startswith(V2_SIGNATURE) else V1Parser).parse(header)
+            info = parseHeader(header)
         except (InvalidProxyHeader, ValueError) as e:
             self._refuse(f"invalid PROXY header ({type(e).__name__})")
             return
         self._timer.cancel()
         self._timer = None
         rest, self.buffer = self.buffer[len(header):], b""
-        # v2 LOCAL (health checks) and v1 UNKNOWN carry no addresses: the connection's own.
-        peer = info.source or self.transport.getPeer()
-        host = info.destination or self.transport.getHost()
+        # v2 LOCAL (health checks) and v1 UNKNOWN carry no addresses, and a v2 AF_UNIX
+        # pair is no client address: the connection's own.
+        ip = isinstance(info.source, (address.IPv4Address, address.IPv6Address))
+        peer = info.source if ip else self.transport.getPeer()
+        host = info.destination if ip else self.transport.getHost()
         wrapped = self.factory.wrappedFactory.buildProtocol(peer)
         if wrapped is None:
             self.transport.loseConnection()
