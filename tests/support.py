@@ -125,7 +125,8 @@ def startServer(dataDir: str, backendOptions: dict | None = None, **sections) ->
         return svc
 
     svc = onReactor(build)
-    smtpFactory = svc.getServiceNamed(f"smtp tcp:{ports['smtp']}:interface=127.0.0.1").factory
+    ports["smtp"] = int(options.config.listeners("smtp")[0].split(":")[1])
+    smtpFactory = svc.getServiceNamed(f"smtp {options.config.listeners('smtp')[0]}").factory
     return RunningServer(dataDir, ports, svc, smtpFactory.accounts,
                          smtpFactory.delivery.local._store, options.config["storage"]["backend"])
 

@@ -507,3 +507,40 @@ def test_imap_end_to_end_with_idle_push(mailserver):
     assert typ == "OK" and data[0][1].endswith(message)
     assert data[0][1] == storedMessages(mailserver.dataDir, ALICE)[0]
     client.logout()
+
+
+def test_one_listener_on_the_command_line_binds_only_that_port(tmp_path):
+    """`twistd -n twistmail --smtp ENDPOINT` alone does not also bind the embedded default's
+    other ports; --pop3 none style options turn a protocol off."""
+    endpoint = f"tcp:{freePort()}:interface=127.0.0.1"
+    process = ServerProcess(twistdCommand("--data-dir", str(tmp_path / "data"), "--smtp", endpoint),
+                            logPath=str(tmp_path / "one.log"), cwd=str(tmp_path)).start()
+    try:
+        process.waitReady(int(endpoint.split(":")[1]), None)
+        assert re.findall(r"twistmail (\w+) listening on (\S+)", process.log) == \
+            [("smtp", endpoint)], process.describe()
+    finally:
+        process.stop()
+
+
+def test_haproxy_listener_in_the_real_server(tmp_path):
+    """A listener marked haproxy: on the command line reads the PROXY header first and
+    then greets (Twisted's own haproxy: endpoint would greet before the header)."""
+    port = freePort()
+    process = ServerProcess(
+        twistdCommand("--data-dir", str(tmp_path / "data"), "--hostname", HOSTNAME,
+                      "--smtp", f"haproxy:tcp:{port}:interface=127.0.0.1"),
+        logPath=str(tmp_path / "proxy.log"), cwd=str(tmp_path)).start()
+    try:
+        process.waitForLog(lambda log: f"listening on haproxy:tcp:{port}" in log, "the listener")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\nHELO x\r\n"
+                         b"MAIL FROM:<a@example.net>\r\nRCPT TO:<nobody@example.test>\r\n")
+            data = b""
+            while data.count(b"\r\n") < 4:
+                data += sock.recv(4096)
+        assert data.startswith(f"220 {HOSTNAME} ".encode()), data
+        process.waitForLog(lambda log: "smtp reject client=192.0.2.7 " in log,
+                           "the rejected recipient logged with the proxied client")
+    finally:
+        process.stop()

@@ -23,6 +23,9 @@ DEFAULT_PORTS = {"smtp": 2525, "submission": 2587, "submissions": 2465, "pop3": 
 DEFAULT_DATA_DIR = "twistmail-data"
 
 ALL_PROTOCOLS = tuple(DEFAULT_PORTS)
+#: Where load balancers live: loopback and the private ranges (RFC 1918, RFC 4193).
+PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                    "fc00::/7")
 #: Listeners that speak TLS from the first byte (RFC 8314) instead of offering STARTTLS.
 IMPLICIT_TLS = {"submissions": "submission", "pop3s": "pop3", "imaps": "imap"}
 
@@ -108,6 +111,22 @@ def _smarthost(value: str) -> None:
         hostPort(value, 25)
 
 
+def _mxPatterns(values: list[str]) -> None:
+    """RFC 8461 §3.2 / §4.1: a host name, or "*." and a name (one leftmost label)."""
+    for value in values:
+        name = value[2:] if value.startswith("*.") else value
+        labels = name.rstrip(".").split(".")
+        if len(labels) < 2 or not all(
+                label and len(label) < 64 and label.replace("-", "").isalnum() and label.isascii()
+                for label in labels):
+            raise ValueError(f"{value!r} is not a host name or *.domain")
+
+
+def _maxAge(value: int) -> None:
+    if value > 31557600:  # RFC 8461 §3.2: at most one year
+        raise ValueError(f"{value} is above 31557600 (one year, RFC 8461 §3.2)")
+
+
 #: section -> key -> Key.  etc/twistmail.toml documents every key (a test checks it).
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
@@ -115,11 +134,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "data_dir": Key(str, DEFAULT_DATA_DIR, "accounts, mailboxes and spool live here"),
         "max_connections": Key(int, 1000, "connections in total across all listeners", 1),
         "max_connections_per_ip": Key(int, 50, "connections from one client address", 1),
+        "proxy_networks": Key(list, list(PRIVATE_NETWORKS),
+                              "load balancers (CIDR) whose PROXY header a haproxy: listener "
+                              "accepts; others are closed", validate=_networks,
+                              example='["10.0.0.5/32"]'),
     },
     "listen": {
-        name: Key(list, [f"tcp:{port}:interface=127.0.0.1"], f"Twisted endpoint strings for {name}",
-                  validate=_endpoints, example=f'["tcp:{port}:interface=127.0.0.1"]')
-        for name, port in DEFAULT_PORTS.items()
+        **{name: Key(list, [f"tcp:{port}:interface=127.0.0.1"],
+                     f"Twisted endpoint strings for {name}; [] or \"none\" = off",
+                     validate=_endpoints, example=f'["tcp:{port}:interface=127.0.0.1"]')
+           for name, port in DEFAULT_PORTS.items()},
+        "https": Key(list, [], "web listeners with TLS (the [tls] certificate): MTA-STS policy",
+                     validate=_endpoints, example='["tcp:443"]'),
+        "http": Key(list, [], "plain web listeners, e.g. behind a reverse proxy",
+                    validate=_endpoints, example='["tcp:8080:interface=127.0.0.1"]'),
     },
     "smtp": {
         "max_message_size": Key(int, 25 * MiB, "SIZE limit in octets; larger -> 552 5.3.4", 1024),
@@ -159,6 +187,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 1024),
         "special_use": Key(dict, dict(DEFAULT_SPECIAL_USE),
                            "folder = RFC 6154 attribute; created and subscribed at login"),
+    },
+    "mta_sts": {
+        "mode": Key(str, "", "our MTA-STS policy (RFC 8461): testing, enforce, none "
+                    "(withdraws it) or '' (not served)",
+                    choices=("testing", "enforce", "none", "")),
+        "mx": Key(list, [], "MX host names (or *.example.org) senders may deliver to",
+                  validate=_mxPatterns, example='["mail.example.org"]'),
+        "max_age": Key(int, 604800, "seconds senders cache the policy (RFC 8461 §3.2: weeks)",
+                       86400, validate=_maxAge),
     },
     "storage": {
         "backend": Key(str, "maildir", "mailbox backend plugin name"),
@@ -267,6 +304,11 @@ def _check(path: str, section: str, key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(path, where, f"expected a list of strings, got {value!r}",
                         f"write e.g. {key} = {spec.example or _TCP_EXAMPLE}")
+    if spec.validate is _endpoints and "none" in value:
+        if value != ["none"]:
+            raise _fail(path, where, f"'none' turns {key} off and cannot go with endpoints",
+                        f'write either {key} = "none" or a list of endpoints')
+        value = []
     if spec.minimum is not None and value < spec.minimum:
         raise _fail(path, where, f"{value} is below the minimum {spec.minimum}",
                     f"use a value of at least {spec.minimum}")
@@ -371,6 +413,10 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
                     "certificate", "set both [tls] certificate and [tls] key, or neither")
 
     _checkRelay(shown, path, sections["relay"])
+    if sections["mta_sts"]["mode"] in ("testing", "enforce") and not sections["mta_sts"]["mx"]:
+        # RFC 8461 §3.2: a testing or enforce policy lists the MX hosts it allows.
+        raise _fail(shown, "[mta_sts] mx", f"mode {sections['mta_sts']['mode']!r} needs the MX "
+                    "host names", 'write e.g. mx = ["mail.example.org"], or mode = ""')
 
     if not sections["server"]["hostname"]:
         import socket

@@ -33,6 +33,7 @@ from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.interfaces import IMailAccount, IMailStoreFactory
+from twistmail.protocols import proxyheader
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
@@ -44,6 +45,7 @@ from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
 from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
 from twistmail.tls import ServerTLS, TLSConfigError
+from twistmail.web.site import Site, WebFactory, buildRoot
 
 log = Logger()
 
@@ -55,7 +57,10 @@ class Options(usage.Options):
                 "2525, submission 2587 (STARTTLS) and 2465 (TLS), POP3 2110 and 2995 (TLS), "
                 "IMAP 2143 and 2993 (TLS), with a self-signed certificate. Listener options "
                 "take Twisted endpoint strings and may be repeated; any given on the command "
-                "line replace the config file's for that protocol.")
+                "line replace the config file's for that protocol, and 'none' turns it off. "
+                "Without --config, listeners given on the command line are the only ones: "
+                "the embedded default's other ports are not bound. Prefix an endpoint with "
+                "'haproxy:' behind a load balancer that sends the PROXY protocol.")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see etc/twistmail.toml)"],
         ["data-dir", "d", None, "data directory (overrides [server] data_dir)"],
@@ -69,7 +74,9 @@ class Options(usage.Options):
     def _listener(protocol: str):  # noqa: N805 - builds opt_ methods below
         def opt(self, endpoint: str) -> None:
             self.listeners[protocol].append(endpoint)
-        opt.__doc__ = f"{protocol} listener, a Twisted endpoint string, e.g. tcp:{configmod.DEFAULT_PORTS[protocol]}:interface=127.0.0.1 (repeatable)"
+        opt.__doc__ = (f"{protocol} listener, a Twisted endpoint string, e.g. "
+                       f"tcp:{configmod.DEFAULT_PORTS[protocol]}:interface=127.0.0.1 "
+                       "(repeatable); none turns it off")
         return opt
 
     opt_smtp = _listener("smtp")
@@ -87,9 +94,14 @@ class Options(usage.Options):
             overrides["server"]["data_dir"] = self["data-dir"]
         if self["hostname"]:
             overrides["server"]["hostname"] = self["hostname"]
+        named = any(e != "none" for given in self.listeners.values() for e in given)
         for protocol, endpoints_ in self.listeners.items():
             if endpoints_:
                 overrides["listen"][protocol] = endpoints_
+            elif named and not self["config"]:
+                # `--smtp tcp:2525` alone means just that: the embedded default's other
+                # ports stay unbound.  A config file's listeners are deliberate and stay.
+                overrides["listen"][protocol] = []
         try:
             self.config = configmod.load(self["config"], overrides)
         except configmod.ConfigError as e:
@@ -298,14 +310,24 @@ def makeService(options: Options) -> service.MultiService:
     imapFactory = IMAPFactory(config["imap"], portal, spool, limiter, security=security)
     realm.register(IMailAccount, imapFactory.avatar)
     factories["imap"] = imapFactory
-    for implicit, plain in configmod.IMPLICIT_TLS.items():
+    factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain)),
+                                   limiter, reactor)
+    for implicit, plain in {**configmod.IMPLICIT_TLS, "https": "http"}.items():
         # RFC 8314: the same service, with TLS from the first byte.
         factories[implicit] = TLSMemoryBIOFactory(tls, False, factories[plain])
 
     for protocol, factory in factories.items():
         for description in config.listeners(protocol):
-            endpoint = endpoints.serverFromString(reactor, description)  # checked by config
-            listener = _Listener(protocol, description, endpoint, factory)
+            marked, bare = proxyheader.splitMarked(description)
+            endpoint = endpoints.serverFromString(reactor, bare)  # checked by config
+            if marked:
+                # Not Twisted's own haproxy: endpoint: it would build the protocol (limits,
+                # greeting) for the balancer's address before the header names the client.
+                factory_ = proxyheader.ProxyHeaderFactory(
+                    factory, config["server"]["proxy_networks"], reactor)
+            else:
+                factory_ = factory
+            listener = _Listener(protocol, description, endpoint, factory_)
             listener.setName(f"{protocol} {description}")
             listener.setServiceParent(top)
     return top

@@ -145,7 +145,23 @@ def cmdCheckConfig(args) -> str:
     found = table(["BACKEND", "MODULE", "DESCRIPTION"],
                   [(name, type(plugin).__module__, plugin.description)
                    for name, plugin in backends.items()])
-    return table(["SETTING", "VALUE"], rows) + "\n\n" + found + "\nconfiguration OK"
+    return table(["SETTING", "VALUE"], rows) + "\n\n" + found + _mtaStsRecords(config, args) + \
+        "\nconfiguration OK"
+
+
+def _mtaStsRecords(config: configmod.Config, args) -> str:
+    """With [mta_sts] on: the DNS records to publish for each hosted domain."""
+    mtaSts = config["mta_sts"]
+    if not mtaSts["mode"]:
+        return ""
+    from twistmail.web import mtasts
+
+    text = mtasts.policyText(mtaSts["mode"], mtaSts["mx"], mtaSts["max_age"])
+    records = mtasts.dnsRecords(text, _accounts(args).domains, config.hostname)
+    served = " ".join(config.listeners("https") + config.listeners("http")) or \
+        "no [listen] https or http listener: nothing serves it"
+    return (f"\nMTA-STS policy (served on {served}); publish for each hosted domain:\n"
+            + "".join(f"  {record}\n" for record in records))
 
 
 def cmdMigrate(args) -> str:

@@ -7,6 +7,7 @@ instead of a silent reset, so it can tell "busy" from "down".
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from twisted.internet import protocol
 from twisted.logger import Logger
@@ -75,3 +76,17 @@ class ConnectionLimiter:
             _original(reason)
 
         proto.connectionLost = connectionLost
+
+
+def admit(limiter: ConnectionLimiter | None, addr, refusal: bytes,
+          build: Callable[[], protocol.Protocol]) -> protocol.Protocol:
+    """A factory's buildProtocol under C{limiter}: C{build()}, counted; or, past a limit,
+    the line C{refusal} + why + CRLF, then close."""
+    if limiter is not None:
+        why = limiter.check(addr)
+        if why:
+            return limiter.refuse(refusal + why + b"\r\n")
+    p = build()
+    if limiter is not None:
+        limiter.track(p, addr)
+    return p

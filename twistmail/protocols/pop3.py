@@ -38,7 +38,7 @@ from zope.interface import implementer
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.protocols.flow import Flow
-from twistmail.protocols.limits import ConnectionLimiter
+from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure
 
 log = Logger()
@@ -563,15 +563,12 @@ class POP3ServerFactory(protocol.ServerFactory):
         self.inUse: set[str] = set()
 
     def buildProtocol(self, addr):
-        if self.limiter is not None:
-            refusal = self.limiter.check(addr)
-            if refusal:
-                return self.limiter.refuse(b"-ERR [SYS/TEMP] " + refusal + b"\r\n")
+        return admit(self.limiter, addr, b"-ERR [SYS/TEMP] ", self._build)
+
+    def _build(self):
         p = self.protocol()
         p.factory = self
         p.portal = self.portal
-        if self.limiter is not None:
-            self.limiter.track(p, addr)
         return p
 
     def avatar(self, account) -> defer.Deferred:

@@ -56,7 +56,7 @@ from twistmail.errors import StorageError
 from twistmail.interfaces import IMailAccount
 from twistmail.model import Envelope
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.limits import ConnectionLimiter
+from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure
 
 log = Logger()
@@ -663,12 +663,9 @@ class SMTPFactory(smtp.SMTPFactory):
         self.limiter = limiter
 
     def buildProtocol(self, addr):
-        if self.limiter is not None:
-            refusal = self.limiter.check(addr)
-            if refusal:
-                return self.limiter.refuse(b"421 4.7.0 " + refusal + b"\r\n")
+        return admit(self.limiter, addr, b"421 4.7.0 ", self._build)
+
+    def _build(self):
         p = self.protocol()
         p.factory = self
-        if self.limiter is not None:
-            self.limiter.track(p, addr)
         return p

@@ -58,7 +58,7 @@ from twistmail.protocols.imap import fetch, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
-from twistmail.protocols.limits import ConnectionLimiter
+from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure
 
 log = Logger()
@@ -1037,14 +1037,11 @@ class IMAPFactory(protocol.ServerFactory):
         self._startTime = clock()
 
     def buildProtocol(self, addr):
-        if self.limiter is not None:
-            refusal = self.limiter.check(addr)
-            if refusal:
-                return self.limiter.refuse(b"* BYE [UNAVAILABLE] " + refusal + b"\r\n")
+        return admit(self.limiter, addr, b"* BYE [UNAVAILABLE] ", self._build)
+
+    def _build(self):
         p = self.protocol()
         p.factory = self
-        if self.limiter is not None:
-            self.limiter.track(p, addr)
         return p
 
     def avatar(self, account) -> defer.Deferred:
