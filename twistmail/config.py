@@ -138,9 +138,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "key": Key(str, "", "PEM private key of the certificate"),
     },
     "auth": {
-        "plaintext_networks": Key(list, ["127.0.0.0/8", "::1/128"],
-                                  "clients (CIDR) that may send passwords without TLS",
-                                  validate=_networks, example='["127.0.0.0/8", "::1/128"]'),
+        "plaintext_networks": Key(list, [],
+                                  "clients (CIDR) that may send passwords without TLS, besides "
+                                  "the listener's own address",
+                                  validate=_networks, example='["192.0.2.0/24"]'),
         "failure_delay": Key(float, 2.0, "seconds before a failed login is answered", 0),
         "max_failures": Key(int, 5, "failed logins (per address, per account) before a lockout", 1),
         "failure_window": Key(int, 600, "seconds over which failed logins are counted", 1),
