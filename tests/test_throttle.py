@@ -17,10 +17,11 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
+from twistmail.auth import throttle as throttlemod
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker, fromClient
 from twistmail.auth.passwords import hashPassword
-from twistmail.auth.throttle import MAX_TRACKED, AuthThrottle
+from twistmail.auth.throttle import AuthThrottle
 
 ALICE = "alice@example.test"
 
@@ -92,13 +93,16 @@ def test_success_clears_the_addresss_failures():
     assert t.before("10.0.0.1") == (False, 0)
 
 
-def test_state_is_bounded():
+def test_state_is_bounded(monkeypatch):
+    monkeypatch.setattr(throttlemod, "MAX_TRACKED", 1000)
     clock = task.Clock()
     t = throttle(clock)
-    for n in range(MAX_TRACKED + 10):
-        t.failed(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", "x" * 65536 + str(n), "imap")
-    assert len(t._addresses) <= MAX_TRACKED and len(t._accounts) <= MAX_TRACKED
+    for n in range(1010):
+        t.failed(f"10.0.{n >> 8}.{n & 255}", str(n) + "x" * 65536, "imap")
+    assert len(t._addresses) == len(t._accounts) == 1000
     assert max(len(key) for key in t._accounts) < 400
+    assert t.before("10.0.0.0") == (False, 0), "the least recently seen is forgotten"
+    assert t.before("10.0.3.241") == (False, 2)
 
 
 def test_block_is_logged_once_fail2ban_style_without_the_password():
