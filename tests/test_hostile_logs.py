@@ -88,8 +88,8 @@ def test_throttle_keeps_a_bounded_key_per_account():
                             clock=lambda: 0)
     throttle.failed("192.0.2.1", "x" * 65536, "imap")
     assert max(len(key) for key in throttle._accounts) < 400
-    # The same first 320 characters: the same account key, its failures counted together.
-    assert throttle.failed("192.0.2.2", "x" * 65536 + "y", "imap") == 2
+    assert throttle.failed("192.0.2.2", "x" * 65536, "imap") == 2, "the same account"
+    assert throttle.failed("192.0.2.3", "x" * 65536 + "y", "imap") == 1, "another one"
 
 
 def test_remote_reply_cannot_forge_relay_log_lines():

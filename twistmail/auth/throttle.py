@@ -18,16 +18,18 @@ Dovecot's ``auth_penalty`` and fail2ban, inside the server:
   account let anyone lock any user out.)
 
 IPv6 clients are counted per /64, the block one host is usually given.  State
-is in memory and bounded: least recently seen addresses and accounts are
-forgotten first.
+is in memory and bounded: at most MAX_TRACKED addresses and as many accounts
+(kept as 16-octet digests), about 60 MB when both tables are full; the least
+recently seen are forgotten first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -40,11 +42,6 @@ log = Logger()
 
 #: Addresses, and accounts, remembered at most (least recently seen forgotten first).
 MAX_TRACKED = 100_000
-#: Characters of an account name a key keeps: a client chooses the name (an IMAP
-#: line holds 64 KiB of it), and 100,000 keys of that size would be gigabytes.
-MAX_ACCOUNT = 320
-#: Failure times kept per key at most (beyond it the delay is at its cap anyway).
-MAX_REMEMBERED = 32
 
 
 class Verdict(NamedTuple):
@@ -57,8 +54,8 @@ class _Failures:
 
     __slots__ = ("times", "blockedUntil")
 
-    def __init__(self, keep: int) -> None:
-        self.times: deque[float] = deque(maxlen=keep)
+    def __init__(self) -> None:
+        self.times: list[float] = []  # oldest first, at most AuthThrottle._keep
         self.blockedUntil = 0.0
 
 
@@ -72,7 +69,15 @@ def _addressKey(client: str) -> tuple[str, bool]:
     return str(address), not address.is_loopback
 
 
+def _accountKey(account: str) -> bytes:
+    """16 octets whatever the name's length: a client chooses it (an IMAP line holds
+    64 KiB of it), and 100,000 keys of that size would be gigabytes."""
+    return hashlib.blake2b(account.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
 class AuthThrottle:
+    """Recent failed logins per client address and per account, shared by every listener."""
+
     def __init__(self, failureDelay: float, maxDelay: float, maxFailures: int, window: float,
                  blockTime: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.failureDelay = failureDelay
@@ -81,9 +86,11 @@ class AuthThrottle:
         self.window = window
         self.blockTime = blockTime
         self._clock = clock
-        self._keep = max(maxFailures, MAX_REMEMBERED)
+        # Failure times kept per key: enough to block, and to reach the longest delay.
+        doublings = math.ceil(math.log2(self.maxDelay / failureDelay)) + 1 if failureDelay else 1
+        self._keep = max(maxFailures, min(doublings, 64))
         self._addresses: OrderedDict[str, _Failures] = OrderedDict()
-        self._accounts: OrderedDict[str, _Failures] = OrderedDict()
+        self._accounts: OrderedDict[bytes, _Failures] = OrderedDict()
 
     def _penalty(self, failures: int) -> float:
         """Dovecot's auth_penalty: the delay doubles with each recent failure, up to the cap."""
@@ -91,21 +98,24 @@ class AuthThrottle:
             return 0.0
         return min(self.failureDelay * 2 ** min(failures - 1, 64), self.maxDelay)
 
-    def _recent(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures | None:
+    def _recent(self, table: OrderedDict, key: str | bytes, now: float) -> _Failures | None:
         entry = table.get(key)
         if entry is not None:
             table.move_to_end(key)
-            while entry.times and entry.times[0] <= now - self.window:
-                entry.times.popleft()
+            stale = 0
+            while stale < len(entry.times) and entry.times[stale] <= now - self.window:
+                stale += 1
+            del entry.times[:stale]
         return entry
 
-    def _add(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures:
+    def _add(self, table: OrderedDict, key: str | bytes, now: float) -> _Failures:
         entry = self._recent(table, key, now)
         if entry is None:
-            entry = table[key] = _Failures(self._keep)
+            entry = table[key] = _Failures()
             while len(table) > MAX_TRACKED:
                 table.popitem(last=False)
         entry.times.append(now)
+        del entry.times[:-self._keep]
         return entry
 
     def before(self, client: str) -> Verdict:
@@ -123,7 +133,7 @@ class AuthThrottle:
         now = self._clock()
         key, blockable = _addressKey(client)
         address = self._add(self._addresses, key, now)
-        hot = self._add(self._accounts, account[:MAX_ACCOUNT], now)
+        hot = self._add(self._accounts, _accountKey(account), now)
         if blockable and len(address.times) >= self.maxFailures and address.blockedUntil <= now:
             address.blockedUntil = now + self.blockTime
             log.warn("auth block client={client} result=blocked for {seconds}s after {n} failed "
