@@ -70,6 +70,7 @@ class RunningServer:
     accounts: object
     store: object
     backend: str = "maildir"
+    host: str = "127.0.0.1"  # the address every listener is bound to
 
     @property
     def smtpPort(self) -> int:
@@ -87,10 +88,14 @@ class RunningServer:
         onReactor(self.service.stopService)
 
 
-def startServer(dataDir: str, backendOptions: dict | None = None, **sections) -> RunningServer:
+def startServer(dataDir: str, backendOptions: dict | None = None, host: str = "127.0.0.1",
+                **sections) -> RunningServer:
     """Build the real service tree (tap.makeService) on free loopback ports and start it.
 
     @param backendOptions: ``{backend: {option: value}}``, as ``[storage.<backend>]`` tables.
+    @param host: the loopback address to listen on.  Clients connect from 127.0.0.1,
+        so on another address (127.0.0.2) they are not the listener's own host and
+        count as remote (no passwords without TLS).
     """
     import dataclasses
     from types import MappingProxyType
@@ -100,7 +105,7 @@ def startServer(dataDir: str, backendOptions: dict | None = None, **sections) ->
 
     ports = {protocol: freePort() for protocol in configmod.ALL_PROTOCOLS}
     overrides = {"server": {"data_dir": dataDir, "hostname": "mx.example.test"},
-                 "listen": {p: [f"tcp:{port}:interface=127.0.0.1"] for p, port in ports.items()},
+                 "listen": {p: [f"tcp:{port}:interface={host}"] for p, port in ports.items()},
                  # Failed logins are answered after a delay; tests that are not about it
                  # should not wait for it.
                  "auth": {"failure_delay": 0.01}}
@@ -128,7 +133,7 @@ def startServer(dataDir: str, backendOptions: dict | None = None, **sections) ->
     ports["smtp"] = int(options.config.listeners("smtp")[0].split(":")[1])
     smtpFactory = svc.getServiceNamed(f"smtp {options.config.listeners('smtp')[0]}").factory
     return RunningServer(dataDir, ports, svc, smtpFactory.accounts,
-                         smtpFactory.delivery.local._store, options.config["storage"]["backend"])
+                         smtpFactory.delivery.local._store, options.config["storage"]["backend"], host)
 
 
 def cli(*args: str, dataDir: str, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:

@@ -328,3 +328,12 @@ def test_relativeCaFileIsRelativeToTheConfigFile(tmp_path):
     (tmp_path / "ca.pem").write_text("x")
     path = write(tmp_path, '[relay]\nsmarthost_ca_file = "ca.pem"\n')
     assert config.load(path)["relay"]["smarthost_ca_file"] == str(tmp_path / "ca.pem")
+
+
+def test_removedKeyNamesTheFix(tmp_path):
+    """[auth] lockout locked accounts (anyone could lock out anyone); it is gone, by name."""
+    path = write(tmp_path, "[auth]\nlockout = 900\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert "[auth] lockout: no longer exists" in str(caught.value)
+    assert "block_time" in str(caught.value)

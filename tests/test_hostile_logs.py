@@ -84,12 +84,12 @@ def test_smtp_address_with_spaces_cannot_add_fields(server, logged):  # noqa: F8
 
 def test_throttle_keeps_a_bounded_key_per_account():
     """An account name is the client's: 100,000 keys of a 64 KiB name were gigabytes."""
-    throttle = AuthThrottle(maxFailures=5, window=60, lockout=60, failureDelay=0, clock=lambda: 0)
+    throttle = AuthThrottle(failureDelay=1, maxDelay=15, maxFailures=5, window=60, blockTime=60,
+                            clock=lambda: 0)
     throttle.failed("192.0.2.1", "x" * 65536, "imap")
-    assert max(len(key) for key in throttle._keys) < 400
-    for _ in range(4):
-        throttle.failed("192.0.2.2", "x" * 65536 + "y", "imap")
-    assert throttle.lockedOut("192.0.2.3", "x" * 65536)  # same first 320: same account key
+    assert max(len(key) for key in throttle._accounts) < 400
+    assert throttle.failed("192.0.2.2", "x" * 65536, "imap") == 2, "the same account"
+    assert throttle.failed("192.0.2.3", "x" * 65536 + "y", "imap") == 1, "another one"
 
 
 def test_remote_reply_cannot_forge_relay_log_lines():

@@ -1,8 +1,7 @@
 """TLS and AUTH with real clients from Debian: swaks, curl, openssl s_client, fetchmail, mbsync.
 
-The server here refuses passwords without TLS even from loopback
-(``plaintext_networks = []``), so every login below is one a remote client
-would make.  openssl and mbsync verify the server against its own generated
+Every login below is made over TLS, as a remote client's would be (the server
+trusts no network for plaintext passwords: ``plaintext_networks = []``).  openssl and mbsync verify the server against its own generated
 certificate; curl, swaks and fetchmail are told not to check it.
 """
 

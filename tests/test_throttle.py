@@ -1,105 +1,217 @@
-"""Password guessing: failures are slowed, then the address or the account is locked out."""
+"""Password guessing: the failing client address is slowed, then blocked; an account never is.
+
+Dovecot's auth_penalty and fail2ban: what is punished is the address that sends
+wrong passwords, so a correct password from an address that has not been failing
+always works at once, whatever others did to that account.
+"""
 
 from __future__ import annotations
 
+import poplib
+import socket
+
+import pytest
+from support import addUser, startServer
 from twisted.cred import error
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 
+from twistmail.auth import throttle as throttlemod
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker, fromClient
 from twistmail.auth.passwords import hashPassword
 from twistmail.auth.throttle import AuthThrottle
 
-
-class Now:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+ALICE = "alice@example.test"
 
 
-def throttle(now: Now) -> AuthThrottle:
-    return AuthThrottle(maxFailures=3, window=60, lockout=300, failureDelay=2, clock=now)
+def throttle(clock: task.Clock, **kw) -> AuthThrottle:
+    settings = dict(failureDelay=2, maxDelay=15, maxFailures=5, window=600, blockTime=600)
+    settings.update(kw)
+    return AuthThrottle(**settings, clock=clock.seconds)
 
 
-def test_lockout_per_address_and_per_account():
-    now = Now()
-    t = throttle(now)
+def test_delay_doubles_with_the_addresss_failures_up_to_the_cap():
+    clock = task.Clock()
+    t = throttle(clock, maxFailures=100)
+    delays = [t.failed("10.0.0.1", "alice@x", "imap") for _ in range(6)]
+    assert delays == [2, 4, 8, 15, 15, 15]  # Dovecot: 2^n s, at most 15 s
+    assert t.before("10.0.0.1") == (False, 15), "the next check from there waits too"
+    assert t.before("10.0.0.2") == (False, 0), "another address is not slowed"
+    clock.advance(601)
+    assert t.before("10.0.0.1") == (False, 0), "failures expire after the window"
+
+
+def test_address_blocked_after_max_failures_then_released():
+    clock = task.Clock()
+    t = throttle(clock)
+    for _ in range(4):
+        t.failed("192.0.2.7", "alice@x", "pop3")
+    assert t.before("192.0.2.7")[0] is False
+    t.failed("192.0.2.7", "alice@x", "pop3")
+    assert t.before("192.0.2.7")[0] is True
+    assert t.before("::ffff:192.0.2.7")[0] is True, "the same address, dual-stack"
+    assert t.before("192.0.2.8") == (False, 0)
+    clock.advance(601)
+    assert t.before("192.0.2.7")[0] is False
+
+
+def test_ipv6_clients_are_counted_per_64():
+    clock = task.Clock()
+    t = throttle(clock)
+    for n in range(5):
+        t.failed(f"2001:db8:1:2::{n + 1}", "alice@x", "imap")
+    assert t.before("2001:db8:1:2:ffff::9")[0] is True
+    assert t.before("2001:db8:1:3::1") == (False, 0)
+
+
+@pytest.mark.parametrize("client", ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"])
+def test_loopback_is_slowed_but_never_blocked(client):
+    clock = task.Clock()
+    t = throttle(clock)
+    for _ in range(50):
+        t.failed(client, "alice@x", "imap")
+    assert t.before(client) == (False, 15)
+
+
+def test_many_addresses_against_one_account_slow_its_failures_never_block_it():
+    clock = task.Clock()
+    t = throttle(clock)
+    delays = [t.failed(f"10.0.{n // 250}.{n % 250}", "alice@x", "imap") for n in range(50)]
+    assert delays[0] == 2 and delays[-1] == 15, "each address failed once; the account is hot"
+    assert t.before("10.9.9.9") == (False, 0), "a fresh address checks at once"
+    assert t.failed("10.9.9.9", "bob@x", "imap") == 2, "other accounts are not slowed"
+
+
+def test_success_clears_the_addresss_failures():
+    clock = task.Clock()
+    t = throttle(clock)
     for _ in range(3):
-        assert t.lockedOut("10.0.0.1", "alice@x") is None
         t.failed("10.0.0.1", "alice@x", "imap")
-    assert "address locked out for 300" in t.lockedOut("10.0.0.1", "bob@x")
-    assert "account locked out" in t.lockedOut("10.9.9.9", "alice@x")
-    assert t.lockedOut("10.9.9.9", "bob@x") is None
-    now.t += 301
-    assert t.lockedOut("10.0.0.1", "alice@x") is None
+    t.succeeded("10.0.0.1")
+    assert t.before("10.0.0.1") == (False, 0)
 
 
-def test_failures_outside_the_window_do_not_count_and_success_clears():
-    now = Now()
-    t = throttle(now)
-    t.failed("10.0.0.1", "alice@x", "pop3")
-    t.failed("10.0.0.1", "alice@x", "pop3")
-    now.t += 61
-    t.failed("10.0.0.1", "alice@x", "pop3")
-    assert t.lockedOut("10.0.0.1", "alice@x") is None
-    t.failed("10.0.0.1", "alice@x", "pop3")
-    t.succeeded("10.0.0.1", "alice@x")
-    t.failed("10.0.0.1", "alice@x", "pop3")
-    assert t.lockedOut("10.0.0.1", "alice@x") is None
+def test_state_is_bounded(monkeypatch):
+    monkeypatch.setattr(throttlemod, "MAX_TRACKED", 1000)
+    clock = task.Clock()
+    t = throttle(clock)
+    for n in range(1010):
+        t.failed(f"10.0.{n >> 8}.{n & 255}", str(n) + "x" * 65536, "imap")
+    assert len(t._addresses) == len(t._accounts) == 1000
+    assert max(len(key) for key in t._accounts) < 400
+    assert t.before("10.0.0.0") == (False, 0), "the least recently seen is forgotten"
+    assert t.before("10.0.3.241") == (False, 2)
 
 
-def test_lockout_is_logged_without_the_password(tmp_path):
+def test_block_is_logged_once_fail2ban_style_without_the_password():
     seen = []
     globalLogPublisher.addObserver(seen.append)
     try:
-        t = throttle(Now())
-        for _ in range(3):
-            t.failed("192.0.2.7", "alice@x", "smtp")
+        t = throttle(task.Clock())
+        for _ in range(6):
+            t.failed("192.0.2.7", "alice\n@x", "smtp")
     finally:
         globalLogPublisher.removeObserver(seen.append)
-    events = [e for e in seen if e.get("log_format", "").startswith("auth lockout")]
-    assert len(events) == 2  # the address and the account
-    assert {e["kind"] for e in events} == {"address", "account"}
-    assert all(e["client"] == "192.0.2.7" and e["protocol"] == "smtp" for e in events)
+    from twisted.logger import formatEvent
+
+    lines = [formatEvent(e) for e in seen if e.get("log_format", "").startswith("auth block")]
+    assert lines == ["auth block client=192.0.2.7 result=blocked for 600s after 5 failed logins "
+                     "in 600s (last: smtp user=alice\\n@x)"]
 
 
-def test_checker_delays_failures_and_skips_the_hash_when_locked(tmp_path):
+def checkerFor(tmp_path, clock: task.Clock, **kw):
     accounts = Accounts(str(tmp_path))
     with accounts.editing():
         accounts.addDomain("example.test")
-        accounts.addUser("alice@example.test", hashPassword("right"))
-    clock = task.Clock()
+        accounts.addUser(ALICE, hashPassword("right"))
     hashed = []
 
     def inline(f, *args):
         hashed.append(args[1])
         return defer.maybeDeferred(f, *args)
 
-    t = AuthThrottle(maxFailures=2, window=60, lockout=300, failureDelay=2, clock=clock.seconds)
-    checker = PasswordChecker(accounts, inline, throttle=t, clock=clock)
+    checker = PasswordChecker(accounts, inline, throttle=throttle(clock, **kw), clock=clock)
 
-    def attempt(password: str):
+    def attempt(password: str, client: str):
         outcome = []
-        creds = fromClient(UsernamePassword(b"alice@example.test", password.encode()), "10.1.1.1",
-                           "imap")
+        creds = fromClient(UsernamePassword(ALICE.encode(), password.encode()), client, "imap")
         checker.requestAvatarId(creds).addBoth(outcome.append)
         return outcome
 
-    first = attempt("wrong")
-    assert first == [], "a failure is not answered at once"
+    return attempt, hashed
+
+
+def test_checker_right_password_from_a_fresh_address_after_50_failures(tmp_path):
+    clock = task.Clock()
+    attempt, hashed = checkerFor(tmp_path, clock)
+    outcomes = [attempt("wrong", f"10.0.0.{n}") for n in range(1, 51)]
+    assert all(o == [] for o in outcomes), "failures are not answered at once"
+    ok = attempt("right", "10.0.1.1")
+    assert ok == [ALICE], "answered at once, not even after a delay"
+    clock.advance(15)
+    assert all(o[0].check(error.UnauthorizedLogin) for o in outcomes)
+
+
+def test_checker_blocked_address_is_refused_without_a_hash_after_the_delay(tmp_path):
+    clock = task.Clock()
+    attempt, hashed = checkerFor(tmp_path, clock, maxFailures=2)
+    for _ in range(2):
+        attempt("wrong", "192.0.2.1")
+        clock.advance(15)
+    blocked = attempt("right", "192.0.2.1")
+    assert blocked == [] and hashed == ["wrong", "wrong"], "no hash computed"
+    clock.advance(15)
+    assert blocked[0].check(error.UnauthorizedLogin)
+    clock.advance(600)
+    slowed = attempt("right", "192.0.2.1")
+    assert slowed == [ALICE], "unblocked: failures outside the window are forgotten"
+
+
+def test_checker_delays_the_check_of_a_failing_address(tmp_path):
+    clock = task.Clock()
+    attempt, hashed = checkerFor(tmp_path, clock)
+    attempt("wrong", "127.0.0.5")
     clock.advance(2)
-    assert first[0].check(error.UnauthorizedLogin)
-    second = attempt("wrong")
+    later = attempt("right", "127.0.0.5")
+    assert later == [] and hashed == ["wrong"], "checked only after the address's penalty"
     clock.advance(2)
-    assert second[0].check(error.UnauthorizedLogin)
-    assert hashed == ["wrong", "wrong"]
-    locked = attempt("right")  # even the right password: locked out, no hash computed
-    clock.advance(2)
-    assert locked[0].check(error.UnauthorizedLogin) and hashed == ["wrong", "wrong"]
-    clock.advance(300)
-    ok = attempt("right")
-    assert ok == ["alice@example.test"], "success is answered at once"
+    assert later == [ALICE]
+
+
+# -- over a real protocol --------------------------------------------------------------
+
+
+class POP3From(poplib.POP3):
+    """A POP3 client from C{source} (127.0.0.x: each a distinct client address)."""
+
+    def __init__(self, port: int, source: str) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=10)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, (self.source, 0))
+
+
+def test_pop3_right_password_works_after_50_wrong_ones_from_other_addresses(dataDir):
+    addUser(dataDir, ALICE)
+    # Trust the clients' addresses for plaintext: this test is about guessing, not TLS.
+    srv = startServer(dataDir, auth={"plaintext_networks": ["127.0.0.0/8"], "max_delay": 0.05})
+    try:
+        for n in range(50):
+            pop = POP3From(srv.pop3Port, f"127.0.0.{2 + n % 10}")
+            pop.user(ALICE)
+            with pytest.raises(poplib.error_proto):
+                pop.pass_("wrong")
+            pop.quit()
+        pop = POP3From(srv.pop3Port, "127.0.0.100")
+        pop.user(ALICE)
+        assert pop.pass_("secret").startswith(b"+OK")
+        pop.quit()
+        again = POP3From(srv.pop3Port, "127.0.0.2")  # loopback: slowed, never blocked
+        again.user(ALICE)
+        assert again.pass_("secret").startswith(b"+OK")
+        again.quit()
+    finally:
+        srv.stop()

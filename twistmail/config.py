@@ -166,13 +166,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "key": Key(str, "", "PEM private key of the certificate"),
     },
     "auth": {
-        "plaintext_networks": Key(list, ["127.0.0.0/8", "::1/128"],
-                                  "clients (CIDR) that may send passwords without TLS",
-                                  validate=_networks, example='["127.0.0.0/8", "::1/128"]'),
-        "failure_delay": Key(float, 2.0, "seconds before a failed login is answered", 0),
-        "max_failures": Key(int, 5, "failed logins (per address, per account) before a lockout", 1),
+        "plaintext_networks": Key(list, [],
+                                  "clients (CIDR) that may send passwords without TLS, besides "
+                                  "the listener's own address",
+                                  validate=_networks, example='["192.0.2.0/24"]'),
+        "failure_delay": Key(float, 2.0, "seconds before a first failed login is answered; "
+                             "doubles with each recent failure of the address or account", 0),
+        "max_delay": Key(float, 15.0, "the longest a failed login waits (Dovecot: 15)", 0),
+        "max_failures": Key(int, 5, "failed logins from one client address within "
+                            "failure_window that block it (loopback never)", 1),
         "failure_window": Key(int, 600, "seconds over which failed logins are counted", 1),
-        "lockout": Key(int, 900, "seconds a locked-out address or account is refused", 1),
+        "block_time": Key(int, 600, "seconds a blocked client address is refused unchecked", 1),
     },
     "pop3": {
         "timeout": Key(int, 600, "idle seconds before disconnect (RFC 1939: >= 10 min)", 1),
@@ -228,6 +232,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "smarthost_ca_file": Key(str, "", "PEM CA certificates to verify the smarthost; "
                                  "'' = the system trust store"),
     },
+}
+
+#: Keys an earlier version had, with what to do instead: named, not "unknown key".
+REMOVED: dict[tuple[str, str], str] = {
+    ("auth", "lockout"): "accounts are no longer locked out (that let anyone lock out any user); "
+                         "delete it, and set block_time for how long a failing client address "
+                         "is blocked",
 }
 
 _TCP_EXAMPLE = '["tcp:25"]'
@@ -383,6 +394,8 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
         for key in value:
             if section == "storage" and isinstance(value[key], dict):
                 continue  # [storage.<backend>]: options for that backend plugin
+            if (section, key) in REMOVED:
+                raise _fail(shown, f"[{section}] {key}", "no longer exists", REMOVED[section, key])
             if key not in SCHEMA[section]:
                 raise _fail(shown, f"[{section}] {key}", "unknown key",
                             f"use one of {', '.join(sorted(SCHEMA[section]))}")

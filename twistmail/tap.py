@@ -278,8 +278,8 @@ def makeService(options: Options) -> service.MultiService:
     kdf = _ThreadPoolService("twistmail-kdf", 2)
     kdf.setServiceParent(top)
     auth = config["auth"]
-    throttle = AuthThrottle(auth["max_failures"], auth["failure_window"], auth["lockout"],
-                            auth["failure_delay"])
+    throttle = AuthThrottle(auth["failure_delay"], auth["max_delay"], auth["max_failures"],
+                            auth["failure_window"], auth["block_time"])
     portal = Portal(realm, [PasswordChecker(
         accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args),
         throttle, reactor)])

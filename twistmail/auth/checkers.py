@@ -24,8 +24,10 @@ def fromClient(creds, client: str, protocol: str):
 class PasswordChecker:
     """Checks IUsernamePassword against argon2 hashes, off the reactor thread.
 
-    With a throttle, a locked-out address or account fails at once (no hash
-    computed), and every failure is answered only after the throttle's delay.
+    With a throttle, a client address that has been failing waits before its
+    password is checked, a blocked one is refused without a hash computed, and
+    every failure is answered only after the throttle's delay; a correct
+    password is answered as soon as it is checked.
     """
 
     credentialInterfaces = (credentials.IUsernamePassword,)
@@ -47,8 +49,16 @@ class PasswordChecker:
             return self._fail(creds, "")
         username = username.strip().lower()
         client = getattr(creds, "client", "unknown")
-        if self._throttle is not None and self._throttle.lockedOut(client, username):
-            return self._refuse()
+        if self._throttle is None:
+            return self._check(creds, username, password)
+        blocked, delay = self._throttle.before(client)
+        if blocked:
+            return self._refuse(delay)
+        if not delay:
+            return self._check(creds, username, password)
+        return task.deferLater(self._clock, delay, self._check, creds, username, password)
+
+    def _check(self, creds, username: str, password: str) -> defer.Deferred:
         hashed = self._accounts.passwordHash(username)
         d = self._deferToThread(verifyPassword, hashed, password)
 
@@ -56,7 +66,7 @@ class PasswordChecker:
             if not ok:
                 return self._fail(creds, username)
             if self._throttle is not None:
-                self._throttle.succeeded(client, username)
+                self._throttle.succeeded(getattr(creds, "client", "unknown"))
             return username
 
         return d.addCallback(checked)
@@ -64,13 +74,10 @@ class PasswordChecker:
     def _fail(self, creds, username: str) -> defer.Deferred:
         if self._throttle is None:
             return defer.fail(error.UnauthorizedLogin())
-        self._throttle.failed(getattr(creds, "client", "unknown"), username,
-                              getattr(creds, "protocol", "?"))
-        return self._refuse()
+        return self._refuse(self._throttle.failed(getattr(creds, "client", "unknown"), username,
+                                                  getattr(creds, "protocol", "?")))
 
-    def _refuse(self) -> defer.Deferred:
-        delay = self._throttle.failureDelay if self._throttle is not None else 0
-
+    def _refuse(self, delay: float) -> defer.Deferred:
         def refuse():
             raise error.UnauthorizedLogin()
 

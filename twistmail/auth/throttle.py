@@ -1,95 +1,150 @@
 # -*- test-case-name: tests.test_throttle -*-
-"""Slowing down and locking out password guessing, for every protocol at once.
+"""Slowing down password guessing by client address, for every protocol at once.
 
-Each failed login is answered only after a delay, so one connection cannot
-try passwords quickly.  Too many failures from one client address, or for
-one account from anywhere, lock that address or account out for a while:
-further attempts fail at once without checking the password (which would
-cost the server an argon2 hash each), and the lockout is logged.  A
-successful login clears the address's and the account's failures.
+Dovecot's ``auth_penalty`` and fail2ban, inside the server:
 
-Like fail2ban's findtime / maxretry / bantime, but inside the server and
-without touching the firewall.  State is in memory and bounded.
+* Each failed login is answered after a delay that doubles with the recent
+  failures of the client's address (``failure_delay``, 2 s, then 4, 8, up to
+  ``max_delay``, 15 s: Dovecot's 2^n seconds, capped at 15), and the next
+  attempt from that address waits as long before its password is checked.
+* An address with ``max_failures`` failures within ``failure_window`` is
+  blocked for ``block_time`` (fail2ban's maxretry 5, findtime and bantime 10
+  minutes): refused without checking the password, which would cost an argon2
+  hash.  Loopback is slowed but never blocked (fail2ban's ignoreip).
+* Failures for one account from many addresses make that account's failures
+  answered later too (the same doubling), so a spread-out guessing run is
+  slowed; but an account is never locked: a correct password from an address
+  that has not been failing is checked and answered at once.  (Locking the
+  account let anyone lock any user out.)
+
+IPv6 clients are counted per /64, the block one host is usually given.  State
+is in memory and bounded: at most MAX_TRACKED addresses and as many accounts
+(kept as 16-octet digests), about 60 MB when both tables are full; the least
+recently seen are forgotten first.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 from twisted.logger import Logger
 
 from twistmail._logtext import loggable
+from twistmail._netaddr import parseHost
 
 log = Logger()
 
-#: Addresses and accounts remembered at most (oldest forgotten first).
+#: Addresses, and accounts, remembered at most (least recently seen forgotten first).
 MAX_TRACKED = 100_000
-#: Characters of an account name a key keeps: a client chooses the name (an IMAP
-#: line holds 64 KiB of it), and 100,000 keys of that size would be gigabytes.
-MAX_ACCOUNT = 320
 
 
-class _Window:
-    """Failure times of one key within the window, and its lockout deadline."""
+class Verdict(NamedTuple):
+    blocked: bool  # refuse without checking the password
+    delay: float  # seconds to wait before checking (or before refusing)
 
-    __slots__ = ("failures", "lockedUntil")
+
+class _Failures:
+    """Recent failure times of one address or account, and an address's block deadline."""
+
+    __slots__ = ("times", "blockedUntil")
 
     def __init__(self) -> None:
-        self.failures: deque[float] = deque()
-        self.lockedUntil = 0.0
+        self.times: list[float] = []  # oldest first, at most AuthThrottle._keep
+        self.blockedUntil = 0.0
+
+
+def _addressKey(client: str) -> tuple[str, bool]:
+    """The key C{client} is counted under, and whether it may be blocked."""
+    address = parseHost(client)
+    if address is None:
+        return client, False  # no IP address: a local socket
+    if address.version == 6 and not address.is_loopback:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False)), True
+    return str(address), not address.is_loopback
+
+
+def _accountKey(account: str) -> bytes:
+    """16 octets whatever the name's length: a client chooses it (an IMAP line holds
+    64 KiB of it), and 100,000 keys of that size would be gigabytes."""
+    return hashlib.blake2b(account.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
 class AuthThrottle:
-    def __init__(self, maxFailures: int, window: float, lockout: float, failureDelay: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    """Recent failed logins per client address and per account, shared by every listener."""
+
+    def __init__(self, failureDelay: float, maxDelay: float, maxFailures: int, window: float,
+                 blockTime: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failureDelay = failureDelay
+        self.maxDelay = max(maxDelay, failureDelay)
         self.maxFailures = maxFailures
         self.window = window
-        self.lockout = lockout
-        self.failureDelay = failureDelay
+        self.blockTime = blockTime
         self._clock = clock
-        self._keys: OrderedDict[str, _Window] = OrderedDict()
+        # Failure times kept per key: enough to block, and to reach the longest delay.
+        doublings = math.ceil(math.log2(self.maxDelay / failureDelay)) + 1 if failureDelay else 1
+        self._keep = max(maxFailures, min(doublings, 64))
+        self._addresses: OrderedDict[str, _Failures] = OrderedDict()
+        self._accounts: OrderedDict[bytes, _Failures] = OrderedDict()
 
-    def _get(self, key: str, create: bool) -> _Window | None:
-        entry = self._keys.get(key)
-        if entry is None and create:
-            entry = self._keys[key] = _Window()
-            while len(self._keys) > MAX_TRACKED:
-                self._keys.popitem(last=False)
+    def _penalty(self, failures: int) -> float:
+        """Dovecot's auth_penalty: the delay doubles with each recent failure, up to the cap."""
+        if failures <= 0:
+            return 0.0
+        return min(self.failureDelay * 2 ** min(failures - 1, 64), self.maxDelay)
+
+    def _recent(self, table: OrderedDict, key: str | bytes, now: float) -> _Failures | None:
+        entry = table.get(key)
         if entry is not None:
-            self._keys.move_to_end(key)
+            table.move_to_end(key)
+            stale = 0
+            while stale < len(entry.times) and entry.times[stale] <= now - self.window:
+                stale += 1
+            del entry.times[:stale]
         return entry
 
-    def lockedOut(self, client: str, account: str) -> str | None:
-        """Why a login from C{client} for C{account} is refused without checking, or None."""
-        now = self._clock()
-        for kind, key in (("address", "ip:" + client), ("account", "user:" + account[:MAX_ACCOUNT])):
-            entry = self._get(key, create=False)
-            if entry is not None and entry.lockedUntil > now:
-                return f"{kind} locked out for {math.ceil(entry.lockedUntil - now)} more seconds"
-        return None
+    def _add(self, table: OrderedDict, key: str | bytes, now: float) -> _Failures:
+        entry = self._recent(table, key, now)
+        if entry is None:
+            entry = table[key] = _Failures()
+            while len(table) > MAX_TRACKED:
+                table.popitem(last=False)
+        entry.times.append(now)
+        del entry.times[:-self._keep]
+        return entry
 
-    def failed(self, client: str, account: str, protocol: str) -> None:
+    def before(self, client: str) -> Verdict:
+        """Whether a login from C{client} is refused unchecked, and how long it waits first."""
         now = self._clock()
-        for kind, key in (("address", "ip:" + client), ("account", "user:" + account[:MAX_ACCOUNT])):
-            entry = self._get(key, create=True)
-            failures = entry.failures
-            failures.append(now)
-            while failures and failures[0] <= now - self.window:
-                failures.popleft()
-            if len(failures) >= self.maxFailures and entry.lockedUntil <= now:
-                entry.lockedUntil = now + self.lockout
-                failures.clear()
-                log.warn("auth lockout: {kind} {key} after {n} failed logins within {window}s "
-                         "(last: {protocol} user={user} client={client}); locked for {lockout}s",
-                         kind=kind, key=loggable(key.split(":", 1)[1]), n=self.maxFailures,
-                         window=int(self.window), protocol=protocol, user=loggable(account),
-                         client=client, lockout=int(self.lockout))
+        entry = self._recent(self._addresses, _addressKey(client)[0], now)
+        if entry is None:
+            return Verdict(False, 0.0)
+        if entry.blockedUntil > now:
+            return Verdict(True, self.maxDelay)
+        return Verdict(False, self._penalty(len(entry.times)))
 
-    def succeeded(self, client: str, account: str) -> None:
-        for key in ("ip:" + client, "user:" + account[:MAX_ACCOUNT]):
-            entry = self._keys.get(key)
-            if entry is not None and entry.lockedUntil <= self._clock():
-                del self._keys[key]
+    def failed(self, client: str, account: str, protocol: str) -> float:
+        """Count a failed login; the seconds to wait before answering it."""
+        now = self._clock()
+        key, blockable = _addressKey(client)
+        address = self._add(self._addresses, key, now)
+        hot = self._add(self._accounts, _accountKey(account), now)
+        if blockable and len(address.times) >= self.maxFailures and address.blockedUntil <= now:
+            address.blockedUntil = now + self.blockTime
+            log.warn("auth block client={client} result=blocked for {seconds}s after {n} failed "
+                     "logins in {window}s (last: {protocol} user={user})",
+                     client=loggable(key), seconds=math.ceil(self.blockTime), n=len(address.times),
+                     window=math.ceil(self.window), protocol=protocol, user=loggable(account))
+        return max(self._penalty(len(address.times)), self._penalty(len(hot.times)))
+
+    def succeeded(self, client: str) -> None:
+        """A correct password: the address's failures are forgiven (not a block in force)."""
+        key = _addressKey(client)[0]
+        entry = self._addresses.get(key)
+        if entry is not None and entry.blockedUntil <= self._clock():
+            del self._addresses[key]

@@ -11,11 +11,11 @@ accepted, so the MX role is unaffected.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from twistmail._netaddr import Networks
 from twistmail.auth.accounts import NotLocal, UnknownUser
 
 __all__ = ["BadAddress", "Client", "LocalRoute", "RelayDenied", "RelayPolicy", "RelayRoute",
@@ -57,16 +57,10 @@ class RelayPolicy:
     """Decides whether a client may send to domains that are not ours."""
 
     def __init__(self, trustedNetworks: Sequence[str] = ()) -> None:
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in trustedNetworks]
+        self._networks = Networks(trustedNetworks)
 
     def trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # a dual-stack listener sees ::ffff:192.0.2.1
-        return any(ip in network for network in self._networks)
+        return address in self._networks
 
     def relayAllowed(self, client: Client) -> bool:
         return client.local or client.authenticated is not None or self.trusted(client.address)

@@ -39,7 +39,7 @@ from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.protocols.flow import Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
-from twistmail.protocols.security import Security, isSecure
+from twistmail.protocols.security import Security, isSecure, listenerHost
 
 log = Logger()
 
@@ -187,7 +187,8 @@ class POP3Server(pop3.POP3):
         return caps + [b"IMPLEMENTATION twistmail"]
 
     def _passwordsAllowed(self) -> bool:
-        return self.factory.security.passwordsAllowed(self.peerHost, self.secure)
+        return self.factory.security.passwordsAllowed(
+            self.peerHost, listenerHost(self.transport), self.secure)
 
     def do_STLS(self) -> None:
         """RFC 2595 §4.  Lines the client pipelined after STLS in plaintext are dropped,
@@ -559,7 +560,7 @@ class POP3ServerFactory(protocol.ServerFactory):
         self.config = config
         self.portal = portal
         self.limiter = limiter
-        self.security = security or Security(None, ["0.0.0.0/0", "::/0"])
+        self.security = security or Security()
         self.inUse: set[str] = set()
 
     def buildProtocol(self, addr):

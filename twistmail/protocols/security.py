@@ -1,18 +1,19 @@
-# -*- test-case-name: tests.test_tls -*-
+# -*- test-case-name: tests.test_plaintext -*-
 """What every listener decides the same way: is this connection encrypted, may it send passwords.
 
-RFC 3501 §6.2.3, RFC 2595 and RFC 6409 ask for no plaintext passwords on an
-unencrypted connection; like Dovecot's ``disable_plaintext_auth``, the
-networks in ``[auth] plaintext_networks`` (loopback by default: local
-webmail, scripts, the test suite) are trusted not to be sniffed.
+RFC 3501 §6.2.3, RFC 2595 §4 and RFC 6409 ask for no plaintext passwords on an
+unencrypted connection.  Like Dovecot's ``disable_plaintext_auth``, a client
+whose address is the listener's own (local IP == remote IP: it is this host)
+counts as secure; so do the networks in ``[auth] plaintext_networks`` (none by
+default).  Another loopback address, such as 127.0.0.2 talking to 127.0.0.1,
+does not: it may be a container or a proxy forwarding a remote client.
 """
 
 from __future__ import annotations
 
-import ipaddress
-
 from twisted.internet.interfaces import ISSLTransport
 
+from twistmail._netaddr import Networks, sameHost
 from twistmail.tls import ServerTLS
 
 
@@ -21,18 +22,17 @@ def isSecure(transport) -> bool:
     return ISSLTransport.providedBy(transport)
 
 
-class Security:
-    def __init__(self, tls: ServerTLS | None, plaintextNetworks=()) -> None:
-        self.tls = tls
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in plaintextNetworks]
+def listenerHost(transport) -> str:
+    """The listener's own address for this connection ('' when it has none, as on a UNIX socket)."""
+    return getattr(transport.getHost(), "host", "")
 
-    def passwordsAllowed(self, peerHost: str, secure: bool) -> bool:
-        if secure:
-            return True
-        try:
-            address = ipaddress.ip_address(peerHost)
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+
+class Security:
+    """TLS for a listener, and who may send a password without it."""
+
+    def __init__(self, tls: ServerTLS | None = None, plaintextNetworks=()) -> None:
+        self.tls = tls
+        self._networks = Networks(plaintextNetworks)
+
+    def passwordsAllowed(self, peerHost: str, localHost: str, secure: bool) -> bool:
+        return secure or sameHost(peerHost, localHost) or peerHost in self._networks

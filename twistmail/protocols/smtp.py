@@ -57,7 +57,7 @@ from twistmail.interfaces import IMailAccount
 from twistmail.model import Envelope
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
-from twistmail.protocols.security import Security, isSecure
+from twistmail.protocols.security import Security, isSecure, listenerHost
 
 log = Logger()
 
@@ -292,7 +292,8 @@ class SMTPServer(smtp.ESMTP):
     # -- TLS and authentication ---------------------------------------------------
 
     def _passwordsAllowed(self) -> bool:
-        return self.factory.security.passwordsAllowed(self.peerHost, self.secure)
+        return self.factory.security.passwordsAllowed(
+            self.peerHost, listenerHost(self.transport), self.secure)
 
     def ext_STARTTLS(self, rest: bytes) -> None:
         """RFC 3207.  Whatever the client pipelined after STARTTLS in plaintext is
@@ -652,7 +653,7 @@ class SMTPFactory(smtp.SMTPFactory):
         super().__init__(portal)
         self.submission = submission
         self.checkSender = checkSender
-        self.security = security or Security(None)
+        self.security = security or Security()
         self.offersAuth = portal is not None and (submission or config["auth"])
         self.config = config
         self.hostname = hostname.encode("idna") if isinstance(hostname, str) else hostname

@@ -59,7 +59,7 @@ from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
 from twistmail.protocols.limits import ConnectionLimiter, admit
-from twistmail.protocols.security import Security, isSecure
+from twistmail.protocols.security import Security, isSecure, listenerHost
 
 log = Logger()
 
@@ -190,7 +190,8 @@ class IMAPServer(imap4.IMAP4Server):
         return caps
 
     def _passwordsAllowed(self) -> bool:
-        return self.factory.security.passwordsAllowed(self.peerHost, self.secure)
+        return self.factory.security.passwordsAllowed(
+            self.peerHost, listenerHost(self.transport), self.secure)
 
     # -- framing -----------------------------------------------------------------
 
@@ -1029,7 +1030,7 @@ class IMAPFactory(protocol.ServerFactory):
                  clock: Callable[[], float] = time.time, security: Security | None = None) -> None:
         self.config = config
         self.portal = portal
-        self.security = security or Security(None, ["0.0.0.0/0", "::/0"])
+        self.security = security or Security()
         self.spoolDir = spoolDir
         self.limiter = limiter
         self.specialUse = dict(config["special_use"])
