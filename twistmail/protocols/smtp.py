@@ -153,7 +153,8 @@ class SMTPServer(smtp.ESMTP):
         if self.factory.offersAuth:
             self.challengers = CHALLENGERS
         self._flow = Flow(self.transport, lambda: self.timeout, drained=self._resume,
-                          activity=self.resetTimeout)
+                          activity=self.resetTimeout, clock=self, expired=self.timeoutConnection,
+                          name="smtp")
         super().connectionMade()
 
     def greeting(self) -> bytes:
@@ -186,7 +187,9 @@ class SMTPServer(smtp.ESMTP):
         self._flow.close(self.timeout)
 
     def timeoutConnection(self) -> None:
-        """Idle too long: a client that has not read our replies either is aborted."""
+        """Idle too long, or a line not completed in time (L{Flow.received}): a client
+        that has not read our replies either is aborted."""
+        self.setTimeout(None)
         self._buf = b""  # nothing more is read as a command
         self.sendCode(421, self.host + b" Timeout. Try talking faster next time!")
         self._flow.close(self.timeout, abort=self._flow.outputFull)
@@ -195,6 +198,7 @@ class SMTPServer(smtp.ESMTP):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        self._flow.received(data)
         self._buf += data
         self._process()
 
