@@ -19,6 +19,11 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   leaves our replies unread, and reading stops when more than
   L{flow.MAX_BACKLOG} octets of commands wait; message data is spooled as it
   comes, so only commands count.  Closing aborts a client that does not read.
+  A line must be complete within the timeout of its first octet (the
+  per-record deadline of L{flow.Flow.received}), however often bytes come.
+* **Not SMTP** (L{_notSMTP}): an HTTP request line or a header-shaped line
+  outside DATA ends the session before anything pipelined behind it is read,
+  so a web page's form posted to port 25 cannot deliver the SMTP in its body.
 
 Line endings: the message is stored exactly as received after dot-unstuffing,
 CRLF included.  Bare CR or LF inside the data are kept as they are.
