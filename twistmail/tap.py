@@ -160,6 +160,49 @@ class _ReloadOnHangup(service.Service):
         return super().stopService()
 
 
+class _StopOnce(service.Service):
+    """A second SIGTERM or SIGINT while stopping is noted, not a critical traceback.
+
+    The reactor answers each of them with C{reactor.stop()}, and a second call
+    raises ReactorNotRunning, logged as an unhandled error (twisted/twisted#2265):
+    an operator pressing Ctrl-C twice, or systemd's stop followed by a kill, got
+    a traceback.  So, once the reactor has installed its handlers, each is
+    wrapped to pass on only the first signal (twistd's exit status still names
+    it).  Only handlers the reactor installed, and only from the main thread.
+    They stay wrapped after stopService: that runs while the reactor stops, when
+    a second signal is most likely."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._wrap)
+
+    def stopService(self):
+        self._stopping = True  # however the stop began (reactor.stop() from code, too)
+        return super().stopService()
+
+    def _wrap(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if getattr(handler, "__self__", None) is not self._reactor:
+                continue  # not the reactor's (a test's reactor, a debugger's SIGINT)
+            try:
+                signal.signal(signum, lambda n, frame, handler=handler: self._once(handler, n, frame))
+            except ValueError:
+                return  # not the main thread
+
+    def _once(self, handler, signum: int, frame) -> None:
+        if self._stopping:
+            log.info("Received {signal} while already stopping; ignored",
+                     signal=signal.Signals(signum).name)
+            return
+        self._stopping = True
+        handler(signum, frame)
+
+
 class _Listener(internet.StreamServerEndpointService):
     """A listener whose bind failure stops twistd with one line saying what to do."""
 
@@ -263,6 +306,7 @@ def makeService(options: Options) -> service.MultiService:
     os.makedirs(dataDir, mode=0o700, exist_ok=True)
     top = service.MultiService()
     _DataDirLock(dataDir).setServiceParent(top)
+    _StopOnce(reactor).setServiceParent(top)
 
     try:
         store = makeStore(config)

@@ -152,7 +152,8 @@ class POP3Server(pop3.POP3):
         self._lines: deque[bytes | None] = deque()  # None: a line too long came
         self._queued = 0  # octets in _lines
         self._flow = Flow(self.transport, lambda: self._idle, drained=self._resume,
-                          activity=self.resetTimeout)
+                          activity=self.resetTimeout, clock=self, expired=self.timeoutConnection,
+                          name="pop3")
         self.successResponse(b"twistmail POP3 server ready")
         self.setTimeout(self.timeOut)
 
@@ -167,7 +168,11 @@ class POP3Server(pop3.POP3):
         self._flow.close(self._idle)
 
     def timeoutConnection(self) -> None:
-        """Idle too long: a client that has not read our answers either is aborted."""
+        """Idle too long, or a line not completed in time (L{Flow.received}): a client
+        that has not read our answers either is aborted."""
+        self.setTimeout(None)
+        self.failResponse(b"Disconnected for inactivity")
+        self._buffer = b""
         self._lines.clear()
         self._queued = 0
         self._flow.close(self._idle, abort=self._flow.outputFull)
@@ -209,6 +214,7 @@ class POP3Server(pop3.POP3):
     # -- framing: a queue of lines, one command at a time -----------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self._flow.received(data)
         if self._lines and self._lines[-1] is None:
             return  # closing: a line was too long
         lines = (self._buffer + data).split(self.delimiter)

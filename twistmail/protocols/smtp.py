@@ -19,6 +19,11 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   leaves our replies unread, and reading stops when more than
   L{flow.MAX_BACKLOG} octets of commands wait; message data is spooled as it
   comes, so only commands count.  Closing aborts a client that does not read.
+  A line must be complete within the timeout of its first octet (the
+  per-record deadline of L{flow.Flow.received}), however often bytes come.
+* **Not SMTP** (L{_notSMTP}): an HTTP request line or a header-shaped line
+  outside DATA ends the session before anything pipelined behind it is read,
+  so a web page's form posted to port 25 cannot deliver the SMTP in its body.
 
 Line endings: the message is stored exactly as received after dot-unstuffing,
 CRLF included.  Bare CR or LF inside the data are kept as they are.
@@ -82,6 +87,14 @@ _NO_UTF8 = b" (printable ASCII only; SMTPUTF8 is not offered)"
 MAX_ERRORS = 20
 #: RFC 5321 §6.3: more Received: fields than this means a mail loop.
 MAX_HOPS = 100
+#: Not SMTP but another protocol spoken to our port (a browser's form POST carries
+#: SMTP commands in its body): the session ends at once, as with Postfix's
+#: smtpd_forbidden_commands = CONNECT GET POST.  Every RFC 9110 §9 method and PATCH.
+_FORBIDDEN_VERBS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT",
+                              b"OPTIONS", b"TRACE", b"PATCH"})
+#: A header field ("Host:", "User-Agent:"): an RFC 5322 §3.6.8 field name and its colon
+#: in the first word (Postfix's is_header check).  No SMTP verb has a colon.
+_HEADER_SHAPED = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
 _DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
@@ -153,7 +166,8 @@ class SMTPServer(smtp.ESMTP):
         if self.factory.offersAuth:
             self.challengers = CHALLENGERS
         self._flow = Flow(self.transport, lambda: self.timeout, drained=self._resume,
-                          activity=self.resetTimeout)
+                          activity=self.resetTimeout, clock=self, expired=self.timeoutConnection,
+                          name="smtp")
         super().connectionMade()
 
     def greeting(self) -> bytes:
@@ -186,7 +200,9 @@ class SMTPServer(smtp.ESMTP):
         self._flow.close(self.timeout)
 
     def timeoutConnection(self) -> None:
-        """Idle too long: a client that has not read our replies either is aborted."""
+        """Idle too long, or a line not completed in time (L{Flow.received}): a client
+        that has not read our replies either is aborted."""
+        self.setTimeout(None)
         self._buf = b""  # nothing more is read as a command
         self.sendCode(421, self.host + b" Timeout. Try talking faster next time!")
         self._flow.close(self.timeout, abort=self._flow.outputFull)
@@ -195,6 +211,7 @@ class SMTPServer(smtp.ESMTP):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        self._flow.received(data)
         self._buf += data
         self._process()
 
@@ -241,6 +258,9 @@ class SMTPServer(smtp.ESMTP):
             self._command = None
             self.sendCode(500, b"5.5.2 Line too long")
             return True
+        if self.mode == COMMAND and _notSMTP(line):
+            self._refuseOtherProtocol(line)
+            return False
         self._waiting = True
         self._command = "AUTH-RESPONSE" if self.mode != COMMAND else \
             line.split(None, 1)[0].upper().decode("ascii", "replace") if line.strip() else ""
@@ -260,6 +280,16 @@ class SMTPServer(smtp.ESMTP):
             if self._waiting:
                 self.sendCode(451, b"4.3.0 Local error in processing, try again later")
         return True
+
+    def _refuseOtherProtocol(self, line: bytes) -> None:
+        """An HTTP request line or header: nothing more is read (what follows could be
+        SMTP commands a web page put in a form); one reply, as Postfix's, and close."""
+        log.info("smtp client={client} disconnected: not an SMTP command: {line}",
+                 client=self.peerHost, line=loggable(line, 100))
+        self._buf = b""
+        self._command = None
+        self.sendCode(221, b"2.7.0 Error: not an SMTP command; closing the connection")
+        self.closeConnection()
 
     def lookupMethod(self, command: bytes):
         """Only ASCII letters name a command: Twisted decodes the verb as ASCII and
@@ -634,6 +664,12 @@ class SMTPServer(smtp.ESMTP):
             relay=",".join(loggable(r) for r in env.relay) or "-", size=size,
             result=result,
         )
+
+
+def _notSMTP(line: bytes) -> bool:
+    """An HTTP method or a header-shaped first word (see L{_FORBIDDEN_VERBS})."""
+    verb = (line.split(None, 1) or [b""])[0].upper()
+    return verb in _FORBIDDEN_VERBS or bool(_HEADER_SHAPED.match(line))
 
 
 class SMTPFactory(smtp.SMTPFactory):

@@ -149,7 +149,8 @@ class IMAPServer(imap4.IMAP4Server):
                                     maxCommand=config["max_line_length"] + 4 * config["max_literal_size"],
                                     spoolDir=self.factory.spoolDir)
         self._flow = Flow(self.transport, lambda: self.timeOut or self.POSTAUTH_TIMEOUT,
-                          drained=self._process, activity=self.resetTimeout)
+                          drained=self._process, activity=self.resetTimeout, clock=self,
+                          expired=self.timeoutConnection, name="imap")
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
@@ -168,7 +169,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._send(b"* BYE Autologout; idle for too long")
         self.reader.dropBuffered()
         # A client that has not read our answers either is aborted.
-        self._flow.close(self.timeOut, abort=self._flow.outputFull)
+        self._flow.close(self.timeOut or self.POSTAUTH_TIMEOUT, abort=self._flow.outputFull)
+        self.setTimeout(None)  # when a line timed out (L{Flow.received}), not the idle timer
 
     def closeConnection(self) -> None:
         """Close once the client has read our answers, or abort if it has not within
@@ -197,6 +199,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        self._flow.received(data)
         self.reader.feed(data)
         self._process()
 
