@@ -26,7 +26,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from zope.interface import directlyProvides, providedBy
 
 from twistmail._logtext import loggable
-from twistmail.delivery.routing import RelayPolicy
+from twistmail._netaddr import Networks
 
 log = Logger()
 
@@ -103,7 +103,7 @@ class _HeaderReader(protocol.Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        if not self.factory.trusted(getattr(peer, "host", "")):
+        if getattr(peer, "host", "") not in self.factory.trusted:
             log.warn("proxy client={client} result=refused: not in [server] proxy_networks",
                      client=getattr(peer, "host", "unknown"))
             self.transport.abortConnection()
@@ -199,8 +199,8 @@ class ProxyHeaderFactory(protocol.Factory):
         if clock is None:
             from twisted.internet import reactor as clock
         self.wrappedFactory = wrappedFactory
-        #: "is this client in these networks", decided as for relaying
-        self.trusted = RelayPolicy(networks).trusted
+        #: the proxies allowed to send a header
+        self.trusted = Networks(networks)
         self.clock = clock
         self.timeout = timeout
 
