@@ -50,6 +50,8 @@ class Hop:
     host: str
     addresses: tuple
     preference: int = 0
+    #: The destination domain's MTA-STS policy (twistmail.mtasts.Policy), None for none.
+    policy: object = None
 
 
 @implementer(IMXResolver)
