@@ -181,3 +181,20 @@ def test_smarthost_skips_mx_lookup():
     assert hopsOf(resolveSmarthost(fake, "relay.test")) == [Hop("relay.test", ("192.0.2.9",))]
     assert hopsOf(resolveSmarthost(fake, "::1")) == [Hop("::1", ("::1",))]
     assert isinstance(hopsOf(resolveSmarthost(fake, "none.test")).value, DNSFailure)
+
+
+def test_mta_sts_enforce_keeps_only_listed_mx_hosts():
+    from twistmail.mtasts import Policy
+    from twistmail.relay.mx import DNSFailure, Hop, applyPolicy
+
+    hops = [Hop("mx1.example.test", ("127.0.0.1",)), Hop("evil.attacker.test", ("127.0.0.2",))]
+    enforce = Policy("enforce", ("*.example.test",), 86400)
+    [kept] = applyPolicy(hops, enforce, "example.test")
+    assert kept.host == "mx1.example.test" and kept.policy is enforce
+    with pytest.raises(DNSFailure) as e:
+        applyPolicy(hops[1:], enforce, "example.test")
+    assert e.value.temporary and e.value.status == "4.7.5" and "MTA-STS" in e.value.text
+    testing = Policy("testing", ("*.example.test",), 86400)
+    assert [h.host for h in applyPolicy(hops, testing, "example.test")] == \
+        ["mx1.example.test", "evil.attacker.test"]
+    assert applyPolicy(hops, None, "example.test") == hops

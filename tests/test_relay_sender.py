@@ -272,3 +272,84 @@ def test_wrong_password_is_deferred(certs, tmp_path):
         assert "s3cret" not in result.reply
     finally:
         sink.stop()
+
+
+# -- MTA-STS (RFC 8461 §5) --------------------------------------------------------
+
+
+class Reports:
+    """Records what the sender reports for TLS-RPT."""
+
+    def __init__(self):
+        self.records = []
+
+    def record(self, domain, policy, failure, host, address):
+        self.records.append((domain, failure, host))
+
+
+def stsSettings(port, certs, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certs.caPEM)
+    return settings(port, trustRoot=trustRootFromFile(str(ca)))
+
+
+def policy(mode):
+    from twistmail.mtasts import Policy
+    return Policy(mode, ("localhost",), 86400, "id1")
+
+
+def test_enforce_without_starttls_is_deferred_and_reported(certs, tmp_path):
+    sink = startSink()  # no STARTTLS offered: a downgrade
+    reports = Reports()
+    try:
+        results = send(RelaySender(reactor, stsSettings(sink.port, certs, tmp_path), reports),
+                       [Hop("localhost", ("127.0.0.1",), policy=policy("enforce"))])
+        [result] = results.values()
+        assert result.kind == DEFERRED and result.status == "4.7.5"
+        assert "MTA-STS" in result.reply
+        assert sink.messages == [] and sink.connections == 1  # no plaintext retry
+        assert reports.records == [("remote.test", "starttls-not-supported", "localhost")]
+    finally:
+        sink.stop()
+
+
+def test_enforce_with_an_unverifiable_certificate_is_deferred(certs, tmp_path):
+    other = makeCerts("localhost")  # signed by a CA we do not trust
+    sink = startSink(script=Script(tlsOptions=other.serverOptions()))
+    reports = Reports()
+    try:
+        results = send(RelaySender(reactor, stsSettings(sink.port, certs, tmp_path), reports),
+                       [Hop("localhost", ("127.0.0.1",), policy=policy("enforce"))])
+        [result] = results.values()
+        assert result.kind == DEFERRED and "MTA-STS" in result.reply
+        assert sink.messages == [] and sink.connections == 1
+        assert reports.records == [("remote.test", "validation-failure", "localhost")]
+    finally:
+        sink.stop()
+
+
+def test_enforce_with_a_valid_certificate_delivers_over_tls(certs, tmp_path):
+    sink = startSink(script=Script(tlsOptions=certs.serverOptions()))
+    reports = Reports()
+    try:
+        results = send(RelaySender(reactor, stsSettings(sink.port, certs, tmp_path), reports),
+                       [Hop("localhost", ("127.0.0.1",), policy=policy("enforce"))])
+        assert results["bob@remote.test"].kind == SENT
+        assert sink.messages[0].tls
+        assert reports.records == [("remote.test", None, "localhost")]
+    finally:
+        sink.stop()
+
+
+def test_testing_mode_delivers_over_bad_tls_and_reports_the_failure(certs, tmp_path):
+    other = makeCerts("localhost")
+    sink = startSink(script=Script(tlsOptions=other.serverOptions()))
+    reports = Reports()
+    try:
+        results = send(RelaySender(reactor, stsSettings(sink.port, certs, tmp_path), reports),
+                       [Hop("localhost", ("127.0.0.1",), policy=policy("testing"))])
+        assert results["bob@remote.test"].kind == SENT
+        assert sink.messages[0].tls  # opportunistic, unverified, as without a policy
+        assert reports.records == [("remote.test", "validation-failure", "localhost")]
+    finally:
+        sink.stop()

@@ -10,6 +10,7 @@ against ``IMXResolver`` so tests can give it a fake.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from collections.abc import Callable, Sequence
@@ -50,6 +51,8 @@ class Hop:
     host: str
     addresses: tuple
     preference: int = 0
+    #: The destination domain's MTA-STS policy (twistmail.mtasts.Policy), None for none.
+    policy: object = None
 
 
 @implementer(IMXResolver)
@@ -186,3 +189,20 @@ def resolveSmarthost(resolver: IMXResolver, host: str):
     if not found:
         raise DNSFailure(True, "4.4.3", f"Host not found: smarthost {host} has no address")
     return [Hop(host, tuple(found))]
+
+
+def applyPolicy(hops: Sequence[Hop], policy, domain: str) -> list[Hop]:
+    """The hops with the domain's MTA-STS policy attached; under enforce only listed MX hosts.
+
+    @raise DNSFailure: (temporary) when enforce leaves no host to try (RFC 8461 §4.2).
+    """
+    if policy is None or policy.mode not in ("enforce", "testing"):
+        return list(hops)
+    attached = [dataclasses.replace(h, policy=policy) for h in hops]
+    if policy.mode == "testing":
+        return attached  # RFC 8461 §5: testing delivers to every MX, reporting mismatches
+    allowed = [h for h in attached if policy.matches(h.host)]
+    if not allowed:
+        raise DNSFailure(True, "4.7.5", f"MTA-STS policy (enforce) of {domain} lists none of its "
+                         f"MX hosts ({', '.join(h.host for h in hops)})")
+    return allowed

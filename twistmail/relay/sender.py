@@ -21,7 +21,12 @@ per recipient.  What this module changes in ``twisted.mail.smtp``'s
 
 STARTTLS is opportunistic towards MX hosts (no certificate check, as Postfix's
 ``smtp_tls_security_level = may``; a failed handshake is retried once in
-plaintext); towards a smarthost it may be required and verified.
+plaintext); towards a smarthost it may be required and verified.  A hop that
+carries an MTA-STS policy (RFC 8461 §5) is tried with verified TLS for its
+host name first: under ``mode: enforce`` nothing less is accepted (the
+recipients are deferred), under ``mode: testing`` a failure is reported and
+delivery falls back to the opportunistic ladder.  Each verified attempt's
+outcome goes to ``tlsReport`` (RFC 8460) when one is given.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from twistmail._logtext import loggableText
+from twistmail.mtasts import ENFORCE, TESTING
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
 
@@ -42,6 +48,11 @@ log = Logger()
 
 #: Result kinds: SENT and FAILED are also the recipient's final state in the queue.
 DEFERRED = "deferred"
+
+#: TLS levels of one attempt: verified for the host name, unverified, none.
+_VERIFY, _MAY, _NONE = "verify", "may", "none"
+#: Verified contexts are per host name; at most this many are kept.
+MAX_CONTEXTS = 1000
 
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 MAX_REPLY = 500
@@ -87,7 +98,7 @@ class SenderSettings:
     tls: str = "opportunistic"  # or "required"
     username: str = ""
     password: str = ""  # never logged
-    trustRoot: object = None  # for tls="required"; None is the platform's CAs
+    trustRoot: object = None  # for verified TLS; None is the platform's CAs
 
 
 def trustRootFromFile(path: str):
@@ -177,10 +188,11 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
     noisy = False
 
     def __init__(self, settings: SenderSettings, hostname: str, sender: str,
-                 recipients: Sequence[str], messageFile, context) -> None:
-        """@param context: TLS client options for STARTTLS, or None for none."""
+                 recipients: Sequence[str], messageFile, context, required: bool) -> None:
+        """@param context: TLS client options for STARTTLS, or None for none.
+        @param required: no transaction without STARTTLS (C{context} then verifies).
+        """
         self.done = defer.Deferred()
-        required = settings.tls == "required"
         super().__init__(
             settings.username.encode() or None, settings.password.encode() or None, "",
             [], messageFile, self.done, retries=0, timeout=settings.commandTimeout,
@@ -240,27 +252,29 @@ def _text(value) -> str:
 class RelaySender:
     """Delivers one message to the recipients of one destination."""
 
-    def __init__(self, reactor, settings: SenderSettings) -> None:
+    def __init__(self, reactor, settings: SenderSettings, tlsReport=None) -> None:
+        """@param tlsReport: records verified-TLS outcomes per policy domain
+            (L{twistmail.relay.tlsrpt.TLSReports}), or None."""
         self._reactor = reactor
         self.settings = settings
+        self.tlsReport = tlsReport
         self._contexts: dict[str, object] = {}  # building one costs more than a delivery
 
-    def _context(self, hostname: str, useTLS: bool):
-        if self.settings.tls == "required":
-            key = hostname
-        elif useTLS:
-            key = ""  # unverified: the same for every host
-        else:
+    def _context(self, hostname: str, level: str):
+        if level == _NONE:
             return None
+        key = hostname if level == _VERIFY else ""  # unverified: the same for every host
         if key not in self._contexts:
+            if len(self._contexts) >= MAX_CONTEXTS:  # one per verified host name: bounded
+                self._contexts.clear()
             self._contexts[key] = ssl.optionsForClientTLS(hostname, trustRoot=self.settings.trustRoot) \
                 if key else ssl.CertificateOptions()
         return self._contexts[key]
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
-                 messageFile, useTLS: bool) -> defer.Deferred:
+                 messageFile, level: str) -> defer.Deferred:
         factory = _RelayClientFactory(self.settings, hostname, sender, recipients, messageFile,
-                                      self._context(hostname, useTLS))
+                                      self._context(hostname, level), level == _VERIFY)
         self._reactor.connectTCP(address, self.settings.port, factory,
                                  timeout=self.settings.connectTimeout)
 
@@ -286,32 +300,58 @@ class RelaySender:
                 if tried == MAX_ADDRESSES:
                     break
                 tried += 1
-                useTLS = True
+                mode = getattr(hop.policy, "mode", None)
+                level = _VERIFY if self.settings.tls == "required" or \
+                    mode in (ENFORCE, TESTING) else _MAY
                 while True:
                     where = f"{hop.host}[{address}]:{self.settings.port}"
                     messageFile = yield openMessage()
                     try:
                         results = yield self._attempt(hop.host, address, sender, recipients,
-                                                      messageFile, useTLS)
+                                                      messageFile, level)
                     except _SessionFailure as e:
                         failure = e
                     else:
+                        if mode in (ENFORCE, TESTING) and level == _VERIFY:
+                            self._report(logContext, hop, address, None)
                         logAttempt(logContext, where, results)
                         return results
                     finally:
                         messageFile.close()
-                    last = ourError(f"connect to {where}: {failure.reason}"
-                                    if failure.status == "4.4.1" else f"{where}: {failure.reason}",
+                    tlsFailed = failure.afterTLS or failure.status == "4.7.5"
+                    reason = failure.reason
+                    if mode == ENFORCE and tlsFailed:
+                        # RFC 8461 §5.1: no delivery without a valid TLS session to a listed MX.
+                        reason = f"MTA-STS policy (enforce) needs verified TLS: {reason}"
+                        failure.status = "4.7.5"
+                    last = ourError(f"connect to {where}: {reason}"
+                                    if failure.status == "4.4.1" else f"{where}: {reason}",
                                     failure.status, hop.host if failure.status != "4.4.1" else "")
                     logAttempt(logContext, where, {r: last for r in recipients})
+                    if mode in (ENFORCE, TESTING) and level == _VERIFY and tlsFailed:
+                        self._report(logContext, hop, address, failure)
                     if failure.inTransaction:
                         # The host may have the message: never offer it to another now.
                         return {r: last for r in recipients}
-                    if failure.afterTLS and useTLS and self.settings.tls != "required":
-                        useTLS = False  # opportunistic TLS failed: once more in plaintext
+                    if tlsFailed and level == _VERIFY and mode == TESTING:
+                        level = _MAY  # RFC 8461 §5: testing mode reports, then delivers as before
+                        continue
+                    if failure.afterTLS and level == _MAY:
+                        level = _NONE  # opportunistic TLS failed: once more in plaintext
                         continue
                     break
         return {r: last for r in recipients}
+
+    def _report(self, context: dict, hop: Hop, address: str, failure) -> None:
+        if self.tlsReport is None:
+            return
+        if failure is None:
+            kind = None
+        elif failure.status == "4.7.5" and not failure.afterTLS:
+            kind = "starttls-not-supported"  # RFC 8460 §4.3.1
+        else:
+            kind = "validation-failure"  # RFC 8460 §4.3.2.2: the handshake or chain failed
+        self.tlsReport.record(context.get("domain", ""), hop.policy, kind, hop.host, address)
 
 
 def logAttempt(context: dict, where: str, results: dict) -> None:
