@@ -7,7 +7,7 @@ import socket
 import time
 
 import pytest
-from dnsserver import AAAA, MX, A, startDNS
+from dnsserver import AAAA, MX, TXT, A, startDNS
 from support import onReactor
 from twisted.internet import defer, threads
 from zope.interface import implementer
@@ -31,6 +31,7 @@ ZONE = {
     "nomail.test": [MX(0, "")],
     "nothing.test": [],  # exists, but no MX, A or AAAA
     "lame.test": [MX(10, "gone.lame.test")],
+    "_mta-sts.example.net": [TXT("v=STSv1; ", "id=2024"), TXT("unrelated")],
 }
 
 
@@ -64,6 +65,16 @@ def test_mx_records_in_preference_order_with_ipv6_and_ipv4_addresses(dnsServer):
     hops = resolve(dnsServer, "example.net")
     assert hops == [Hop("mx1.example.net", ("127.0.0.2",), 10),
                     Hop("mx2.example.net", ("::1", "127.0.0.3"), 20)]
+
+
+def test_txt_records_have_their_strings_joined(dnsServer):
+    r = resolver(dnsServer)
+    texts = onReactor(lambda: r.lookupTXT("_mta-sts.example.net"))
+    assert sorted(texts) == ["unrelated", "v=STSv1; id=2024"]
+    assert onReactor(lambda: r.lookupTXT("example.net")) == []  # NODATA
+    with pytest.raises(DNSFailure) as info:
+        onReactor(lambda: r.lookupTXT("_mta-sts.nowhere.test"))
+    assert not info.value.temporary
 
 
 def test_no_mx_means_the_domain_itself_is_the_mx(dnsServer):

@@ -223,3 +223,8 @@ class IMXResolver(Interface):
         """@return: Deferred firing with the IPv6 and IPv4 addresses of C{host} as strings,
             IPv6 first; ``[]`` if the name does not exist or has neither.
         """
+
+    def lookupTXT(name: str):
+        """@return: Deferred firing with the TXT records of C{name}, each record's strings
+            joined into one str (``[]`` for NODATA); NXDOMAIN is a permanent DNSFailure.
+        """

@@ -121,8 +121,15 @@ class DnsPythonMXResolver:
                     raise
         return found
 
+    def _txtSync(self, name: str) -> list[str]:
+        # RFC 7208 §3.3 / RFC 8461 §3.1: a record's strings are joined without a separator.
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in self._query(name, "TXT")]
+
     def lookupMX(self, domain: str) -> defer.Deferred:
         return self._run(self._mxSync, domain)
+
+    def lookupTXT(self, name: str) -> defer.Deferred:
+        return self._run(self._txtSync, name)
 
     def lookupAddresses(self, host: str) -> defer.Deferred:
         return self._run(self._addressesSync, host)
