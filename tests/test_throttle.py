@@ -157,11 +157,11 @@ def test_checker_right_password_from_a_fresh_address_after_50_failures(tmp_path)
 def test_checker_blocked_address_is_refused_without_a_hash_after_the_delay(tmp_path):
     clock = task.Clock()
     attempt, hashed = checkerFor(tmp_path, clock, maxFailures=2)
-    for _ in range(2):
-        attempt("wrong", "192.0.2.1")
+    for n in range(2):
+        attempt(f"wrong{n}", "192.0.2.1")
         clock.advance(15)
     blocked = attempt("right", "192.0.2.1")
-    assert blocked == [] and hashed == ["wrong", "wrong"], "no hash computed"
+    assert blocked == [] and hashed == ["wrong0", "wrong1"], "no hash computed"
     clock.advance(15)
     assert blocked[0].check(error.UnauthorizedLogin)
     clock.advance(600)
@@ -178,6 +178,36 @@ def test_checker_delays_the_check_of_a_failing_address(tmp_path):
     assert later == [] and hashed == ["wrong"], "checked only after the address's penalty"
     clock.advance(2)
     assert later == [ALICE]
+
+
+def test_the_same_wrong_password_again_is_one_failure_as_in_dovecot():
+    """A phone holding an old password opens five connections at once: one mistake, not five."""
+    clock = task.Clock()
+    t = throttle(clock)
+    delays = [t.failed("192.0.2.7", "alice@x", "imap", "old") for _ in range(20)]
+    assert delays == [2] * 20, "repeats do not escalate"
+    assert t.before("192.0.2.7") == (False, 2), "not blocked"
+    assert t.failed("192.0.2.7", "bob@x", "imap", "old") == 4, "another account is another guess"
+    assert t.failed("192.0.2.7", "alice@x", "imap", "guess") == 8, "another password is another guess"
+
+
+def test_guessing_with_different_passwords_still_blocks():
+    clock = task.Clock()
+    t = throttle(clock)
+    for n in range(5):
+        t.failed("192.0.2.7", "alice@x", "imap", f"guess{n}")
+    assert t.before("192.0.2.7")[0] is True
+
+
+def test_checker_stale_password_on_many_connections_never_blocks_its_owner(tmp_path):
+    clock = task.Clock()
+    attempt, hashed = checkerFor(tmp_path, clock)
+    for _ in range(10):
+        attempt("old-password", "192.0.2.1")
+        clock.advance(15)
+    fixed = attempt("right", "192.0.2.1")
+    clock.advance(2)
+    assert fixed == [ALICE], "the owner's new password works after one short delay"
 
 
 # -- over a real protocol --------------------------------------------------------------

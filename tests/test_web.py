@@ -80,7 +80,8 @@ def test_other_paths_and_traversal_are_404(web, path):
 
 def test_only_get_and_head(web):
     assert get(web.https, method="HEAD")[0] == 200
-    assert get(web.https, method="POST", body=b"x")[0] == 405
+    status, headers, _ = get(web.https, method="POST", body=b"x")
+    assert status == 405 and headers.get("allow") == "GET, HEAD"
 
 
 def test_large_body_and_too_many_headers_are_cut_off(web):
@@ -119,11 +120,20 @@ def test_policy_id_follows_the_policy():
     assert mtasts.policyId(POLICY).isalnum() and len(mtasts.policyId(POLICY)) <= 32  # RFC 8461 §3.1
 
 
+@pytest.mark.parametrize("mode,mx", [("enforce", MTA_STS["mx"]), ("testing", ["mail.example.test"]),
+                                     ("none", [])])
+def test_the_policy_we_serve_is_one_the_senders_parser_accepts(mode, mx):
+    from twistmail.mtasts import Policy, parsePolicy
+
+    assert parsePolicy(mtasts.policyText(mode, mx, 86400)) == Policy(mode, tuple(mx), 86400)
+
+
 @pytest.mark.parametrize("section,message", [
     ({"mode": "enforce"}, "[mta_sts] mx: mode 'enforce' needs the MX host names"),
     ({"mode": "strict", "mx": ["a.example"]}, "[mta_sts] mode: 'strict' is not one of"),
     ({"mode": "testing", "mx": ["not a host"]}, "[mta_sts] mx: 'not a host' is not a host name"),
     ({"mode": "testing", "mx": ["a.example"], "max_age": 40000000}, "[mta_sts] max_age: 40000000"),
+    ({"mode": "testing", "mx": ["mail.example."]}, "[mta_sts] mx: 'mail.example.' is not a host"),
 ])
 def test_bad_mta_sts_config_names_key_and_fix(section, message):
     with pytest.raises(configmod.ConfigError, match="Fix: ") as e:

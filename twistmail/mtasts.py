@@ -93,7 +93,7 @@ def parsePolicy(body: bytes, id: str = "") -> Policy:
             raise PolicyError(f"line {line[:64]!r} is not key: value")
         key, value = key.strip(), value.strip(" \t")
         if key == "mx":
-            if not _MX.match(value):
+            if not validMX(value):
                 raise PolicyError(f"mx {value[:64]!r} is not a host name or *.domain pattern")
             mx.append(value.lower())
         else:
@@ -109,6 +109,11 @@ def parsePolicy(body: bytes, id: str = "") -> Policy:
     if not mx and mode != NONE:
         raise PolicyError("no mx line")  # RFC 8461 §3.2: mx is required unless mode is none
     return Policy(mode, tuple(mx), int(maxAge), id)
+
+
+def validMX(pattern: str) -> bool:
+    """Whether C{pattern} may be an ``mx:`` line: a host name or ``*.`` and a domain."""
+    return bool(_MX.match(pattern))
 
 
 def mxMatches(pattern: str, host: str) -> bool:

@@ -20,6 +20,10 @@ def fromClient(creds, client: str, protocol: str):
     return creds
 
 
+def _client(creds) -> str:
+    return getattr(creds, "client", "unknown")
+
+
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """Checks IUsernamePassword against argon2 hashes, off the reactor thread.
@@ -46,12 +50,11 @@ class PasswordChecker:
             username = creds.username.decode("utf-8") if isinstance(creds.username, bytes) else creds.username
             password = creds.password.decode("utf-8") if isinstance(creds.password, bytes) else creds.password
         except UnicodeDecodeError:
-            return self._fail(creds, "")
+            return self._fail(creds, "", None)
         username = username.strip().lower()
-        client = getattr(creds, "client", "unknown")
         if self._throttle is None:
             return self._check(creds, username, password)
-        blocked, delay = self._throttle.before(client)
+        blocked, delay = self._throttle.before(_client(creds))
         if blocked:
             return self._refuse(delay)
         if not delay:
@@ -64,18 +67,18 @@ class PasswordChecker:
 
         def checked(ok: bool):
             if not ok:
-                return self._fail(creds, username)
+                return self._fail(creds, username, password)
             if self._throttle is not None:
-                self._throttle.succeeded(getattr(creds, "client", "unknown"))
+                self._throttle.succeeded(_client(creds))
             return username
 
         return d.addCallback(checked)
 
-    def _fail(self, creds, username: str) -> defer.Deferred:
+    def _fail(self, creds, username: str, password: str | None) -> defer.Deferred:
         if self._throttle is None:
             return defer.fail(error.UnauthorizedLogin())
-        return self._refuse(self._throttle.failed(getattr(creds, "client", "unknown"), username,
-                                                  getattr(creds, "protocol", "?")))
+        return self._refuse(self._throttle.failed(_client(creds), username,
+                                                  getattr(creds, "protocol", "?"), password))
 
     def _refuse(self, delay: float) -> defer.Deferred:
         def refuse():

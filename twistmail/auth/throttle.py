@@ -17,9 +17,16 @@ Dovecot's ``auth_penalty`` and fail2ban, inside the server:
   that has not been failing is checked and answered at once.  (Locking the
   account let anyone lock any user out.)
 
+* The same wrong password for the same account, tried again while its first
+  failure is recent, is not counted again (Dovecot's penalty checksum): a
+  phone or Thunderbird still holding an old password retries it on several
+  connections at once, and that is one mistake, not a guessing run; it must
+  not block its owner's address.  Only 8 octets of a keyed hash (a random key
+  per process) are kept, never the password.
+
 IPv6 clients are counted per /64, the block one host is usually given.  State
 is in memory and bounded: at most MAX_TRACKED addresses and as many accounts
-(kept as 16-octet digests), about 60 MB when both tables are full; the least
+(kept as 16-octet digests), about 80 MB when both tables are full; the least
 recently seen are forgotten first.
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,10 +60,11 @@ class Verdict(NamedTuple):
 class _Failures:
     """Recent failure times of one address or account, and an address's block deadline."""
 
-    __slots__ = ("times", "blockedUntil")
+    __slots__ = ("times", "guesses", "blockedUntil")
 
     def __init__(self) -> None:
         self.times: list[float] = []  # oldest first, at most AuthThrottle._keep
+        self.guesses: list[bytes] = []  # the credential digest of each time (b"" unknown)
         self.blockedUntil = 0.0
 
 
@@ -91,6 +100,7 @@ class AuthThrottle:
         self._keep = max(maxFailures, min(doublings, 64))
         self._addresses: OrderedDict[str, _Failures] = OrderedDict()
         self._accounts: OrderedDict[bytes, _Failures] = OrderedDict()
+        self._secret = os.urandom(16)
 
     def _penalty(self, failures: int) -> float:
         """Dovecot's auth_penalty: the delay doubles with each recent failure, up to the cap."""
@@ -106,17 +116,28 @@ class AuthThrottle:
             while stale < len(entry.times) and entry.times[stale] <= now - self.window:
                 stale += 1
             del entry.times[:stale]
+            del entry.guesses[:stale]
         return entry
 
-    def _add(self, table: OrderedDict, key: str | bytes, now: float) -> _Failures:
+    def _add(self, table: OrderedDict, key: str | bytes, now: float, guess: bytes) -> _Failures:
         entry = self._recent(table, key, now)
         if entry is None:
             entry = table[key] = _Failures()
             while len(table) > MAX_TRACKED:
                 table.popitem(last=False)
+        if guess and guess in entry.guesses:
+            return entry  # the same wrong password again: counted once
         entry.times.append(now)
+        entry.guesses.append(guess)
         del entry.times[:-self._keep]
+        del entry.guesses[:-self._keep]
         return entry
+
+    def _guess(self, account: str, secret: str | None) -> bytes:
+        if secret is None:
+            return b""
+        return hashlib.blake2b(f"{account}\0{secret}".encode("utf-8", "surrogateescape"),
+                               key=self._secret, digest_size=8).digest()
 
     def before(self, client: str) -> Verdict:
         """Whether a login from C{client} is refused unchecked, and how long it waits first."""
@@ -128,12 +149,17 @@ class AuthThrottle:
             return Verdict(True, self.maxDelay)
         return Verdict(False, self._penalty(len(entry.times)))
 
-    def failed(self, client: str, account: str, protocol: str) -> float:
-        """Count a failed login; the seconds to wait before answering it."""
+    def failed(self, client: str, account: str, protocol: str, secret: str | None = None) -> float:
+        """Count a failed login; the seconds to wait before answering it.
+
+        @param secret: the wrong password, so that a repeat of it is counted once;
+            None when unknown (every failure counts).
+        """
         now = self._clock()
         key, blockable = _addressKey(client)
-        address = self._add(self._addresses, key, now)
-        hot = self._add(self._accounts, _accountKey(account), now)
+        guess = self._guess(account, secret)
+        address = self._add(self._addresses, key, now, guess)
+        hot = self._add(self._accounts, _accountKey(account), now, guess)
         if blockable and len(address.times) >= self.maxFailures and address.blockedUntil <= now:
             address.blockedUntil = now + self.blockTime
             log.warn("auth block client={client} result=blocked for {seconds}s after {n} failed "

@@ -60,7 +60,6 @@ class PolicyResource(resource.Resource):
     """The policy, for a Host header naming mta-sts.<one of our domains>; 404 otherwise."""
 
     isLeaf = True
-    allowedMethods = (b"GET", b"HEAD")
 
     def __init__(self, text: bytes, hosted: Callable[[str], bool]) -> None:
         super().__init__()
@@ -75,3 +74,10 @@ class PolicyResource(resource.Resource):
         return self.text
 
     render_HEAD = render_GET
+
+    def render(self, request) -> bytes:
+        # Twisted's own 405 page is deprecated (unescaped HTML): answer it here.
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")  # RFC 9110 §15.5.6
+            return pages.errorPage(405, "Method Not Allowed", "Only GET and HEAD.").render(request)
+        return super().render(request)
