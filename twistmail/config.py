@@ -190,6 +190,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "special_use": Key(dict, dict(DEFAULT_SPECIAL_USE),
                            "folder = RFC 6154 attribute; created and subscribed at login"),
     },
+    "autoconfig": {
+        "serve": Key(bool, True, "serve mail client autoconfiguration (Thunderbird, Outlook, "
+                     "Apple) on the web listeners"),
+        "host": Key(str, "", "host name clients connect to (on the certificate); '' = "
+                    "[server] hostname"),
+    },
     "mta_sts": {
         "mode": Key(str, "", "our MTA-STS policy (RFC 8461): testing, enforce, none "
                     "(withdraws it) or '' (not served)",

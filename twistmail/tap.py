@@ -45,6 +45,7 @@ from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
 from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
 from twistmail.tls import ServerTLS, TLSConfigError
+from twistmail.web import autoconfig
 from twistmail.web.site import Site, WebFactory, buildRoot
 
 log = Logger()
@@ -354,8 +355,8 @@ def makeService(options: Options) -> service.MultiService:
     imapFactory = IMAPFactory(config["imap"], portal, spool, limiter, security=security)
     realm.register(IMailAccount, imapFactory.avatar)
     factories["imap"] = imapFactory
-    factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain)),
-                                   limiter, reactor)
+    factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
+                                                  autoconfig.fromConfig(config))), limiter, reactor)
     for implicit, plain in {**configmod.IMPLICIT_TLS, "https": "http"}.items():
         # RFC 8314: the same service, with TLS from the first byte.
         factories[implicit] = TLSMemoryBIOFactory(tls, False, factories[plain])

@@ -146,7 +146,23 @@ def cmdCheckConfig(args) -> str:
                   [(name, type(plugin).__module__, plugin.description)
                    for name, plugin in backends.items()])
     return table(["SETTING", "VALUE"], rows) + "\n\n" + found + _mtaStsRecords(config, args) + \
-        "\nconfiguration OK"
+        _clientRecords(config, args) + "\nconfiguration OK"
+
+
+def _clientRecords(config: configmod.Config, args) -> str:
+    """The SRV records (and, with a web listener, autoconfig names) for each hosted domain."""
+    from twistmail.web import autoconfig
+
+    clients = autoconfig.fromConfig(config)
+    if clients is None:
+        clients = autoconfig.ClientSettings(config.hostname, tuple(autoconfig.services(config)))
+        webPort = None
+    else:
+        ports = [autoconfig.listenerPort(d) for d in config.listeners("https")]
+        webPort = next((p for p in ports if p is not None), None)
+    records = autoconfig.dnsRecords(clients, _accounts(args).domains, webPort)
+    return ("\nMail clients find the servers with these records (RFC 6186, RFC 8314):\n"
+            + "".join(f"  {record}\n" for record in records))
 
 
 def _mtaStsRecords(config: configmod.Config, args) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 
-from twisted.web import pages, resource
+from twistmail.web.base import ReadOnly, notFound
 
 #: RFC 8461 §3.3: the policy host is "mta-sts." followed by the Policy Domain.
 HOST_PREFIX = "mta-sts."
@@ -56,10 +56,8 @@ def policyDomain(hostHeader: bytes | None) -> str | None:
     return host[len(HOST_PREFIX):]
 
 
-class PolicyResource(resource.Resource):
+class PolicyResource(ReadOnly):
     """The policy, for a Host header naming mta-sts.<one of our domains>; 404 otherwise."""
-
-    isLeaf = True
 
     def __init__(self, text: bytes, hosted: Callable[[str], bool]) -> None:
         super().__init__()
@@ -69,15 +67,6 @@ class PolicyResource(resource.Resource):
     def render_GET(self, request) -> bytes:
         domain = policyDomain(request.getHeader(b"host"))
         if request.postpath or domain is None or not self.hosted(domain):
-            return pages.notFound().render(request)
+            return notFound(request)
         request.setHeader(b"content-type", b"text/plain")  # RFC 8461 §3.3
         return self.text
-
-    render_HEAD = render_GET
-
-    def render(self, request) -> bytes:
-        # Twisted's own 405 page is deprecated (unescaped HTML): answer it here.
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")  # RFC 9110 §15.5.6
-            return pages.errorPage(405, "Method Not Allowed", "Only GET and HEAD.").render(request)
-        return super().render(request)

@@ -9,7 +9,7 @@ from twisted.protocols import policies
 from twisted.web import http, pages, resource, server
 
 from twistmail.protocols.limits import ConnectionLimiter, admit
-from twistmail.web import mtasts
+from twistmail.web import autoconfig, mtasts
 
 #: Seconds a connection may last in all (a policy fetch is one small request); also
 #: the idle timeout.  Slow or dribbling clients are cut off here.
@@ -17,8 +17,8 @@ CONNECTION_DEADLINE = 30
 #: Request line plus headers, and their number (Twisted's defaults: 16 KiB and 500).
 MAX_HEADER_BYTES = 8192
 MAX_HEADERS = 50
-#: Request bodies: nothing served here takes one.
-MAX_BODY = 1024
+#: Request bodies: only Autodiscover takes one (a few hundred octets).
+MAX_BODY = 4096
 
 
 class Tree(resource.Resource):
@@ -31,11 +31,13 @@ class Tree(resource.Resource):
         return pages.notFound().render(request)
 
 
-def buildRoot(mtaSts: dict, hosted: Callable[[str], bool]) -> resource.Resource:
+def buildRoot(mtaSts: dict, hosted: Callable[[str], bool],
+              clients: autoconfig.ClientSettings | None = None) -> resource.Resource:
     """Every path served; anything not put here is a 404.
 
     @param mtaSts: the ``[mta_sts]`` section.
     @param hosted: whether a domain is one of ours.
+    @param clients: what autoconfiguration tells mail clients; None serves none.
     """
     root = Tree()
     if mtaSts["mode"]:
@@ -43,6 +45,8 @@ def buildRoot(mtaSts: dict, hosted: Callable[[str], bool]) -> resource.Resource:
         root.putChild(mtasts.WELL_KNOWN[0], wellKnown)
         wellKnown.putChild(mtasts.WELL_KNOWN[1], mtasts.PolicyResource(
             mtasts.policyText(mtaSts["mode"], mtaSts["mx"], mtaSts["max_age"]), hosted))
+    if clients is not None:
+        autoconfig.addTo(root, clients, hosted, Tree)
     return root
 
 
