@@ -5,7 +5,9 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 from relayenv import Internet, mailbox, queueIds
@@ -132,12 +134,21 @@ def test_without_a_server_mail_waits_in_the_queue(net, dataDir):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as CI has")
-def test_run_by_root_the_files_belong_to_the_servers_user(dataDir):
+def test_run_by_root_the_files_belong_to_the_servers_user():
+    # Root acts as the data directory's owner (twistmail.ownership), who must be able to
+    # reach it: not under pytest's root-only tmp_path.
+    base = tempfile.mkdtemp(prefix="twistmail-sendmail-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    dataDir = os.path.join(base, "data")
+    os.mkdir(dataDir, 0o700)
     os.chown(dataDir, 65534, 65534)  # the server would run as nobody
-    proc = sendmail(dataDir, "-v", "-f", ALICE, "bob@remote.test", stdin="Subject: r\n\nx\n")
-    queueId = proc.stdout.split()[-1]
-    queueDir = os.path.join(dataDir, "queue")
-    for path in (queueDir, os.path.join(queueDir, ".lock"), os.path.join(queueDir, "control"),
-                 os.path.join(queueDir, queueId + ".eml"), os.path.join(queueDir, queueId + ".json"),
-                 os.path.join(queueDir, "control", queueId + ".new")):
-        assert os.stat(path).st_uid == 65534, path
+    try:
+        proc = sendmail(dataDir, "-v", "-f", ALICE, "bob@remote.test", stdin="Subject: r\n\nx\n")
+        queueId = proc.stdout.split()[-1]
+        queueDir = os.path.join(dataDir, "queue")
+        for path in (queueDir, os.path.join(queueDir, ".lock"), os.path.join(queueDir, "control"),
+                     os.path.join(queueDir, queueId + ".eml"), os.path.join(queueDir, queueId + ".json"),
+                     os.path.join(queueDir, "control", queueId + ".new")):
+            assert os.stat(path).st_uid == 65534, path
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

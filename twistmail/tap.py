@@ -22,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from twistmail import _pluginload
+from twistmail import _pluginload, ownership
 from twistmail import config as configmod
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
@@ -135,6 +135,29 @@ class _DataDirLock(service.Service):
         if self._file is not None:
             self._file.close()
         return super().stopService()
+
+
+class _DataDirOwner(service.Service):
+    """The data directory belongs to the user twistd runs the server as (twistmail.ownership)."""
+
+    def __init__(self, dataDir: str, uid: int | None, gid: int | None) -> None:
+        self.dataDir = dataDir
+        self.uid, self.gid = uid, gid
+
+    def privilegedStartService(self) -> None:
+        # Still root here: twistd drops to --uid/--gid after every privilegedStartService.
+        if self.uid is not None and os.geteuid() == 0:
+            changed = ownership.adopt(self.dataDir, self.uid, self.gid)
+            log.info("data directory {path} belongs to {owner} (twistd --uid/--gid): "
+                     "{changed} entries given to it", path=self.dataDir,
+                     owner=ownership.describeUser(self.uid, self.gid), changed=changed)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        problem = ownership.checkWritable(self.dataDir)
+        if problem is not None:
+            raise startupError(problem)
+        super().startService()
 
 
 class _ReloadOnHangup(service.Service):
@@ -307,6 +330,7 @@ def makeService(options: Options) -> service.MultiService:
     os.makedirs(dataDir, mode=0o700, exist_ok=True)
     top = service.MultiService()
     _DataDirLock(dataDir).setServiceParent(top)
+    _DataDirOwner(dataDir, *ownership.serviceIds(options)).setServiceParent(top)
     _StopOnce(reactor).setServiceParent(top)
 
     try:

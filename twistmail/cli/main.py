@@ -15,7 +15,7 @@ import getpass
 import sys
 from collections.abc import Sequence
 
-from twistmail import __version__
+from twistmail import __version__, ownership
 from twistmail import config as configmod
 from twistmail.auth.accounts import AccountError, Accounts
 from twistmail.auth.passwords import hashPassword
@@ -44,11 +44,17 @@ def readPassword(stdin=None) -> str:
 
 
 def _config(args) -> configmod.Config:
-    overrides = {"server": {"data_dir": args.data_dir}} if args.data_dir else {}
-    try:
-        return configmod.load(args.config, overrides)
-    except configmod.ConfigError as e:
-        raise CLIError(str(e)) from None
+    """The configuration, read once; then root acts as the data directory's owner
+    (twistmail.ownership), so what the command writes stays the server's."""
+    config = getattr(args, "loadedConfig", None)
+    if config is None:
+        overrides = {"server": {"data_dir": args.data_dir}} if args.data_dir else {}
+        try:
+            config = args.loadedConfig = configmod.load(args.config, overrides)
+        except configmod.ConfigError as e:
+            raise CLIError(str(e)) from None
+    ownership.actAsOwner(config.dataDir)
+    return config
 
 
 def _accounts(args) -> Accounts:

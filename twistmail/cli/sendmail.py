@@ -132,17 +132,6 @@ def prepare(message: bytes, *, sender: str, fullname: str | None, hostname: str,
     return head + b"\n" + body
 
 
-def _own(paths, dataDir: str) -> None:
-    """Run by root: give what we created to the data directory's owner (the server's user)."""
-    if os.geteuid() != 0:
-        return
-    st = os.stat(dataDir)
-    if st.st_uid == 0:
-        return
-    for path in paths:
-        os.chown(path, st.st_uid, st.st_gid)
-
-
 def queueMessage(config: configmod.Config, build: Callable[[str], bytes], sender: str,
                  recipients: list[str], now: float) -> str:
     """Commit the message C{build(queueId)} returns to the queue and tell the server.
@@ -159,19 +148,15 @@ def queueMessage(config: configmod.Config, build: Callable[[str], bytes], sender
             os.makedirs(control.controlDir(queueDir), mode=0o700, exist_ok=True)
             lock = os.path.join(queueDir, ".lock")  # the server must be able to take it too
             os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600))
-            _own([queueDir, control.controlDir(queueDir), lock], config.dataDir)
             # Announced first: a sendmail killed after the commit is still picked up.
             request = control.writeRequest(queueDir, queueId, "new")
-            _own([request], config.dataDir)
         except OSError as e:
             raise SendmailError(f"cannot write to {queueDir}: {e.strerror}. Run sendmail as the "
                                 "server's user (or root), or check --config/--data-dir",
                                 EX_TEMPFAIL) from None
 
         def stage(entry=entry, data=data):
-            files = stageNew(queueDir, entry, lambda: [data])
-            _own([f.tmp for f in files], config.dataDir)  # before they become visible
-            return files
+            return stageNew(queueDir, entry, lambda: [data])
 
         [result] = commitLocked(queueDir, [stage])
         if not isinstance(result, Exception):
