@@ -17,7 +17,7 @@ from twistmail.relay import tlsrpt
 from twistmail.relay.mx import DNSFailure
 from twistmail.relay.tlsrpt import RecordError, TLSReports, mailtoAddresses, parseRecord
 from twistmail.relay.tlsrptmail import buildReportMail
-
+from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 
 POLICY = Policy("enforce", ("mx.example.test",), 86400, "id1")
 
@@ -250,9 +250,11 @@ def test_no_more_than_the_daily_limit_is_mailed(tmp_path):
     _mailer(directory, clock, FakeResolver(records), queue, maxPerDay=2).mailDue()
     _mailer(directory, clock, FakeResolver(records), queue, maxPerDay=2).mailDue()
     assert len(queue.queued) == 2
-    clock.advance(86400)  # the next day: the rest
+    clock.advance(86400)  # the next day: two more
     _mailer(directory, clock, FakeResolver(records), queue, maxPerDay=2).mailDue()
     _mailer(directory, clock, FakeResolver(records), queue, maxPerDay=2).mailDue()
+    assert len(queue.queued) == 4
+    clock.advance(86400)
     _mailer(directory, clock, FakeResolver(records), queue, maxPerDay=2).mailDue()
     assert sorted(r[1][0] for r in queue.queued) == [f"tls@{d}" for d in domains]
 
