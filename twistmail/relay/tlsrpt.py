@@ -116,9 +116,12 @@ class TLSReports:
         self._now = now
         self._days: dict[tuple[str, str], dict] = {}
 
+    def today(self) -> str:
+        """The current UTC day, as reports name it."""
+        return time.strftime("%Y-%m-%d", time.gmtime(self._now()))
+
     def record(self, domain: str, policy, failure: str | None, host: str, address: str) -> None:
-        day = time.strftime("%Y-%m-%d", time.gmtime(self._now()))
-        key = (day, domain.lower())
+        key = (self.today(), domain.lower())
         if not _DOMAIN.match(key[1]):
             return  # not a name we would deliver to; never a path
         entry = self._days.get(key)
@@ -158,7 +161,7 @@ class TLSReports:
 
     def snapshot(self) -> list[tuple[str, dict]]:
         """Every report as (file name, JSON object), today's too; finished days are forgotten."""
-        today = time.strftime("%Y-%m-%d", time.gmtime(self._now()))
+        today = self.today()
         out = []
         for day, domain in list(self._days):
             out.append((f"{day}_{domain}.json", self.report(day, domain)))

@@ -221,8 +221,7 @@ class TLSReportService(internet.TimerService):
         if not self._loaded:
             # Counts an earlier run wrote for today: merged once, or today's file would be
             # rewritten with this run's counts only.
-            earlier = yield self._run(readReports, self._directory,
-                                      _day(self._reports._now()))
+            earlier = yield self._run(readReports, self._directory, self._reports.today())
             for report in earlier:
                 try:
                     self._reports.merge(report)
@@ -231,6 +230,11 @@ class TLSReportService(internet.TimerService):
                              error=repr(e))
             self._loaded = True
         yield self._run(writeReports, self._directory, self._reports.snapshot())
+
+    def startService(self) -> None:
+        if self._mailer is not None:
+            self._mailer.stopping = False
+        super().startService()
 
     @defer.inlineCallbacks
     def tick(self):
