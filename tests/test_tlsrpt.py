@@ -160,6 +160,19 @@ def test_the_service_writes_reports_hourly_and_at_stop(tmp_path):
         "total-successful-session-count"] == 2
 
 
+def test_only_changed_reports_are_written_again():
+    reports = TLSReports("relay.test", now=lambda: DAY3 + 5)
+    reports.record("a.test", POLICY, None, "mx.example.test", "192.0.2.1")
+    reports.record("b.test", POLICY, None, "mx.example.test", "192.0.2.1")
+    assert [name for name, _ in reports.snapshot()] == ["1970-01-04_a.test.json",
+                                                         "1970-01-04_b.test.json"]
+    reports.record("b.test", POLICY, None, "mx.example.test", "192.0.2.1")
+    [(name, report)] = reports.snapshot()
+    assert name == "1970-01-04_b.test.json"
+    assert report["policies"][0]["summary"]["total-successful-session-count"] == 2
+    assert reports.snapshot() == []
+
+
 def test_counts_written_before_a_restart_are_kept(tmp_path):
     directory = str(tmp_path / "tlsrpt")
     clock = task.Clock()

@@ -129,6 +129,7 @@ class TLSReports:
             if len(self._days) >= MAX_DOMAINS:
                 return
             entry = self._days[key] = {"policy": policy, "ok": 0, "failed": 0, "details": {}}
+        entry["dirty"] = True
         if failure is None:
             entry["ok"] += 1
             return
@@ -160,11 +161,13 @@ class TLSReports:
         }
 
     def snapshot(self) -> list[tuple[str, dict]]:
-        """Every report as (file name, JSON object), today's too; finished days are forgotten."""
+        """The reports changed since the last snapshot, today's too, as (file name, JSON
+        object); finished days are forgotten."""
         today = self.today()
         out = []
-        for day, domain in list(self._days):
-            out.append((f"{day}_{domain}.json", self.report(day, domain)))
+        for (day, domain), entry in list(self._days.items()):
+            if entry.pop("dirty", False):
+                out.append((f"{day}_{domain}.json", self.report(day, domain)))
             if day != today:
                 del self._days[(day, domain)]
         return out
@@ -189,6 +192,7 @@ class TLSReports:
             entry = self._days[(day, domain)] = {
                 "policy": Policy(fields["mode"], mx, int(fields["max_age"])),
                 "ok": 0, "failed": 0, "details": {}}
+        entry["dirty"] = True
         entry["ok"] += policy["summary"]["total-successful-session-count"]
         entry["failed"] += policy["summary"]["total-failure-session-count"]
         for d in policy.get("failure-details", []):
