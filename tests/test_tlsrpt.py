@@ -19,6 +19,12 @@ from twistmail.relay.tlsrpt import RecordError, TLSReports, mailtoAddresses, par
 from twistmail.relay.tlsrptmail import buildReportMail
 from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 
+
+def readJSON(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 POLICY = Policy("enforce", ("mx.example.test",), 86400, "id1")
 
 
@@ -29,7 +35,7 @@ def test_one_json_report_per_domain_and_day(tmp_path):
     reports.record("example.test", POLICY, "starttls-not-supported", "mx.example.test", "127.0.0.1")
     [path] = reports.flush(str(tmp_path))
     assert path.endswith("1970-01-04_example.test.json")
-    data = json.loads(open(path).read())
+    data = readJSON(path)
     [policy] = data["policies"]
     assert policy["policy"]["policy-domain"] == "example.test"
     assert policy["summary"] == {"total-successful-session-count": 1,
@@ -152,11 +158,11 @@ def test_the_service_writes_reports_hourly_and_at_stop(tmp_path):
     path = os.path.join(directory, "1970-01-04_example.test.json")
     assert not os.path.exists(path)
     clock.advance(3600)
-    assert json.loads(open(path).read())["policies"][0]["summary"][
+    assert readJSON(path)["policies"][0]["summary"][
         "total-successful-session-count"] == 1
     reports.record("example.test", POLICY, None, "mx.example.test", "192.0.2.1")
     svc.stopService()
-    assert json.loads(open(path).read())["policies"][0]["summary"][
+    assert readJSON(path)["policies"][0]["summary"][
         "total-successful-session-count"] == 2
 
 
@@ -184,7 +190,7 @@ def test_counts_written_before_a_restart_are_kept(tmp_path):
         reports.record("example.test", POLICY, "validation-failure", "mx.example.test",
                        "192.0.2.1")
         svc.stopService()
-    data = json.loads(open(os.path.join(directory, "1970-01-04_example.test.json")).read())
+    data = readJSON(os.path.join(directory, "1970-01-04_example.test.json"))
     [policy] = data["policies"]
     assert policy["summary"]["total-failure-session-count"] == 2
     assert policy["failure-details"][0]["failed-session-count"] == 2
