@@ -29,9 +29,10 @@ MAX_DOMAINS = 10000
 #: Distinct failure details kept per domain.
 MAX_DETAILS = 100
 #: A domain name safe to use in a file name (no "/", no leading dot).
-_DOMAIN = re.compile(r"^[a-z0-9-]+(?:\.[a-z0-9-]+)*$")
+_NAME = r"[a-z0-9-]+(?:\.[a-z0-9-]+)*"
+_DOMAIN = re.compile(rf"^{_NAME}$")
 #: A report file: ``<day>_<domain>.json``.
-REPORT_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})_([a-z0-9-]+(?:\.[a-z0-9-]+)*)\.json$")
+REPORT_FILE = re.compile(rf"^(\d{{4}}-\d{{2}}-\d{{2}})_({_NAME})\.json$")
 
 #: The longest TXT record read, joined (a 1,000-URI record is refused, not parsed).
 MAX_RECORD = 2048

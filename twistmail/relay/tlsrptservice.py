@@ -30,7 +30,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from twistmail._fsutil import atomicWrite
-from twistmail._logtext import loggable
+from twistmail._logtext import loggable, loggableText
 from twistmail.relay.mx import DNSFailure
 from twistmail.relay.tlsrpt import (
     MAX_RUA,
@@ -135,9 +135,9 @@ class ReportMailer:
             if self.stopping:
                 return
             if mailed >= self._maxPerDay:
-                log.warn("tlsrpt: {left} reports wait for tomorrow: {max} mailed today "
-                         "([relay] tlsrpt_max_mails_per_day)", left=len(due) - i,
-                         max=self._maxPerDay)
+                log.warn("tlsrpt reports={left} result=deferred reason=limit of {max} mails "
+                         "a day reached ([relay] tlsrpt_max_mails_per_day); they wait for "
+                         "tomorrow", left=len(due) - i, max=self._maxPerDay)
                 return
             domain = REPORT_FILE.match(name).group(2)
             found = yield self._recipients(domain)
@@ -153,7 +153,8 @@ class ReportMailer:
             # Marked before it is queued: at most once (see the module docstring).
             yield self._run(markDone, self._directory, name, recipients, note, self._now())
             if not recipients:
-                log.info("tlsrpt: report {name} not mailed: {note}", name=name, note=note)
+                log.info("tlsrpt report={name} result=not-mailed reason={note}", name=name,
+                         note=loggableText(note))
                 continue
             mailed += 1
             try:
@@ -162,11 +163,11 @@ class ReportMailer:
                 entry = yield self._queue.enqueue("", recipients, lambda m=message: [m],
                                                   origin="tlsrpt")
             except Exception:
-                log.failure("tlsrpt: report {name} could not be queued; not retried",
-                            name=name)
+                log.failure("tlsrpt report={name} result=lost reason=not queued; "
+                            "not retried", name=name)
                 continue
-            log.info("tlsrpt: report {name} queued id={id} to={to}", name=name, id=entry.id,
-                     to=",".join(loggable(r) for r in recipients))
+            log.info("tlsrpt report={name} result=queued id={id} to={to}", name=name,
+                     id=entry.id, to=",".join(loggable(r) for r in recipients))
 
     @defer.inlineCallbacks
     def _recipients(self, domain: str):
@@ -176,25 +177,28 @@ class ReportMailer:
             texts = yield self._resolver.lookupTXT(name)
         except DNSFailure as e:
             if e.temporary:
-                log.info("tlsrpt: {name}: {error}; asking again later", name=name, error=e.text)
+                log.info("tlsrpt record={name} result=retry reason={error}", name=name,
+                         error=loggableText(e.text))
                 return None
             texts = []
         except Exception as e:
-            log.info("tlsrpt: {name}: {error}; asking again later", name=name, error=repr(e))
+            log.info("tlsrpt record={name} result=retry reason={error}", name=name,
+                     error=loggableText(repr(e)))
             return None
         try:
             uris = parseRecord(texts)
         except RecordError as e:
-            log.warn("tlsrpt: {name}: ignored: {error}", name=name, error=str(e))
+            log.warn("tlsrpt record={name} result=ignored reason={error}", name=name,
+                     error=loggableText(str(e)))
             return [], f"invalid TLS-RPT record: {e}"
         if uris is None:
             return [], "no TLS-RPT record"
         recipients = mailtoAddresses(uris)
         mailto = sum(1 for uri in uris if uri[:7].lower() == "mailto:")
         if mailto > len(recipients):
-            log.warn("tlsrpt: {name}: {n} more mailto addresses ignored (at most {max} are used, "
-                     "and only plain addresses)", name=name, n=mailto - len(recipients),
-                     max=MAX_RUA)
+            log.warn("tlsrpt record={name} result=truncated reason={n} more mailto addresses "
+                     "ignored (at most {max} are used, and only plain addresses)", name=name,
+                     n=mailto - len(recipients), max=MAX_RUA)
         # https: reports (RFC 8460 §5.4) are not sent: only mail is.
         return recipients, "" if recipients else "no mailto: address in the record"
 
