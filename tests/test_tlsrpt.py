@@ -133,6 +133,7 @@ def test_the_report_mail_carries_the_gzipped_json():
     begin, end = DAY3, DAY3 + 86399
     assert attachment.get_filename().startswith(f"relay.test!example.test!{begin}!{end}!")
     assert attachment.get_filename().endswith(".json.gz")
+    assert f'filename="{attachment.get_filename()}"'.encode() in data  # one plain parameter
     assert json.loads(gzip.decompress(attachment.get_content())) == report
 
 

@@ -20,6 +20,7 @@ from email.utils import formatdate, make_msgid
 
 #: RFC 8460 §6.4: the media type of a gzipped report.
 MEDIA_TYPE = ("application", "tlsrpt+gzip")
+_POLICY = email.policy.SMTP.clone(max_line_length=998)
 
 
 def _epoch(datetime: str) -> int:
@@ -52,21 +53,24 @@ def buildReportMail(report: dict, submitter: str, recipients: list[str], now: fl
                           f"Report-ID: <{report['report-id']}>")
     message["TLS-Report-Domain"] = domain
     message["TLS-Report-Submitter"] = submitter
-    message["Date"] = formatdate(now)
+    message["Date"] = formatdate(now, localtime=True)
     message["Message-ID"] = make_msgid("tlsrpt", domain=submitter)
     message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies to this
     # RFC 8460 §5.3: a report is delivered despite TLS failures; RFC 8689 §5 says so.
     message["TLS-Required"] = "No"
     dates = report["date-range"]
     message.set_content(
-        f"This is an SMTP TLS report (RFC 8460) from {submitter} for the policy domain "
-        f"{domain},\nfrom {dates['start-datetime']} to {dates['end-datetime']}: "
+        f"This is an SMTP TLS report (RFC 8460) from {submitter}\n"
+        f"for the policy domain {domain},\n"
+        f"from {dates['start-datetime']} to {dates['end-datetime']}:\n"
         f"{summary['total-successful-session-count']} sessions with verified TLS, "
         f"{summary['total-failure-session-count']} failed.\n"
-        "The report is the attached gzipped JSON.\n")
+        "The report is the attached gzipped JSON.\n", charset="us-ascii", cte="7bit")
     message.add_attachment(gzip.compress(json.dumps(report).encode(), mtime=0), *MEDIA_TYPE,
                            filename=reportFilename(report, submitter))
     # RFC 8460 §5.3: multipart/report (RFC 6522) with report-type "tlsrpt".
     message.replace_header("Content-Type", "multipart/report")
     message.set_param("report-type", "tlsrpt")
-    return message.as_bytes(policy=email.policy.SMTP)
+    # Lines up to RFC 5322's 998 octets: folded at 78, the file name would be split into
+    # RFC 2231 continuations, which report parsers that look for filename="..." miss.
+    return message.as_bytes(policy=_POLICY)
