@@ -103,6 +103,8 @@ def test_only_a_few_mailto_addresses_are_used():
 
 
 DAY3 = 86400 * 3  # 1970-01-04T00:00:00Z
+#: Long enough that a header folded at 78 columns would split the file name.
+SUBMITTER = "outbound.relay.test"
 
 
 def _report(domain="example.test"):
@@ -113,16 +115,16 @@ def _report(domain="example.test"):
 
 def test_the_report_mail_carries_the_gzipped_json():
     report = _report()
-    data = buildReportMail(report, "relay.test", ["tls@example.test"], now=DAY3 + 86400 + 60)
+    data = buildReportMail(report, SUBMITTER, ["tls@example.test"], now=DAY3 + 86400 + 60)
     assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert message.get_content_type() == "multipart/report"
     assert message.get_param("report-type") == "tlsrpt"
-    assert message["From"] == "postmaster@relay.test"
+    assert message["From"] == f"postmaster@{SUBMITTER}"
     assert message["To"] == "tls@example.test"
     assert message["TLS-Report-Domain"] == "example.test"
-    assert message["TLS-Report-Submitter"] == "relay.test"
-    assert message["Subject"] == ("Report Domain: example.test Submitter: relay.test "
+    assert message["TLS-Report-Submitter"] == SUBMITTER
+    assert message["Subject"] == (f"Report Domain: example.test Submitter: {SUBMITTER} "
                                   f"Report-ID: <{report['report-id']}>")
     assert message["Auto-Submitted"] == "auto-generated"
     assert message["TLS-Required"] == "No"
@@ -131,7 +133,7 @@ def test_the_report_mail_carries_the_gzipped_json():
     assert "example.test" in text.get_content()
     assert attachment.get_content_type() == "application/tlsrpt+gzip"
     begin, end = DAY3, DAY3 + 86399
-    assert attachment.get_filename().startswith(f"relay.test!example.test!{begin}!{end}!")
+    assert attachment.get_filename().startswith(f"{SUBMITTER}!example.test!{begin}!{end}!")
     assert attachment.get_filename().endswith(".json.gz")
     assert f'filename="{attachment.get_filename()}"'.encode() in data  # one plain parameter
     assert json.loads(gzip.decompress(attachment.get_content())) == report
