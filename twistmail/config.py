@@ -235,6 +235,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "or opportunistic", choices=("required", "opportunistic")),
         "smarthost_ca_file": Key(str, "", "PEM CA certificates to verify the smarthost; "
                                  "'' = the system trust store"),
+        "tlsrpt_mail": Key(bool, False, "mail each finished day's TLS-RPT report (RFC 8460) to "
+                           "the mailto: addresses in the domain's _smtp._tls TXT record"),
+        "tlsrpt_max_mails_per_day": Key(int, 1000, "TLS-RPT report mails queued per day at most; "
+                                        "the rest wait for the next day", 1),
     },
 }
 

@@ -44,6 +44,8 @@ from twistmail.relay.pickup import ControlPoller
 from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
 from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
+from twistmail.relay.tlsrpt import TLSReports
+from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 from twistmail.tls import ServerTLS, TLSConfigError
 from twistmail.web import autoconfig
 from twistmail.web.site import Site, WebFactory, buildRoot
@@ -280,6 +282,7 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
     resolver = DnsPythonMXResolver(
         [configmod.hostPort(ns, 53) for ns in relay["nameservers"]], relay["dns_timeout"],
         lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f, *args))
+    reports = TLSReports(config.hostname, reactor.seconds)  # RFC 8460, for MX deliveries
     common = {"heloName": config.hostname, "connectTimeout": relay["connect_timeout"],
               "commandTimeout": relay["command_timeout"]}
     if relay["smarthost"]:
@@ -297,7 +300,8 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             return resolveSmarthost(resolver, host)
     else:
         rng = random.SystemRandom()
-        sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], **common))
+        sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], **common),
+                             tlsReport=reports)
 
         def destination(domain: str):
             return resolveHops(resolver, domain, rng)
@@ -306,6 +310,10 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
                          RunnerSettings.fromConfig(config.hostname, relay), reactor)
     runner.setServiceParent(parent)
     ControlPoller(runner, queue.path, relay["pickup_interval"]).setServiceParent(parent)
+    directory = os.path.join(config.dataDir, "tlsrpt")
+    mailer = ReportMailer(directory, config.hostname, resolver, queue,
+                          maxPerDay=relay["tlsrpt_max_mails_per_day"]) if relay["tlsrpt_mail"] else None
+    TLSReportService(reports, directory, clock=reactor, mailer=mailer).setServiceParent(parent)
     return runner
 
 

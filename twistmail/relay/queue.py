@@ -85,7 +85,7 @@ class QueueEntry:
     sender: str  # "" is the null reverse-path: never bounced (RFC 5321 §4.5.5)
     recipients: list[Recipient]
     created: float
-    origin: str  # "smtp", "sendmail" or "bounce"
+    origin: str  # "smtp", "sendmail", "bounce" or "tlsrpt"
     client: str = ""
     helo: str = ""
     size: int = 0
