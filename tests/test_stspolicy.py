@@ -12,67 +12,13 @@ import os
 import pytest
 from certs import makeCerts
 from dnsserver import A, startDNS
-from support import freePort, onReactor
+from stsserver import POLICY, TXT, startPolicyServer
+from support import onReactor
 from twisted.internet import defer, reactor, task, threads
-from twisted.names import dns
-from twisted.web import resource, server
 
 from twistmail.relay.mx import DnsPythonMXResolver
 from twistmail.relay.sender import trustRootFromFile
 from twistmail.relay.stspolicy import FetchError, PolicyFetcher, PolicySource
-
-POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mx.sts.test\r\nmax_age: 86400\r\n"
-
-
-def TXT(text: str) -> dns.Record_TXT:
-    return dns.Record_TXT(text.encode(), ttl=0)  # never cached: a test may change it
-
-
-class PolicyResource(resource.Resource):
-    """/.well-known/mta-sts.txt as the test says: ``mode`` is ok, redirect, stream, hang."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mode = "ok"
-        self.code = 200
-        self.body = POLICY
-        self.contentType = b"text/plain; charset=utf-8"
-        self.requests: list[bytes] = []
-        self.arrived = defer.Deferred()  # fires at the first request
-        self.closed = defer.Deferred()  # fires when a streamed/hung request's connection ends
-        self.streamed = 0
-
-    def render_GET(self, request):
-        self.requests.append(request.getHeader(b"host"))
-        if not self.arrived.called:
-            self.arrived.callback(None)
-        request.notifyFinish().addBoth(lambda _: self.closed.called or self.closed.callback(None))
-        if request.path != b"/.well-known/mta-sts.txt":
-            request.setResponseCode(404)
-            return b"not here"
-        if self.mode == "redirect":
-            request.setResponseCode(301)
-            request.setHeader(b"location", b"https://mta-sts.sts.test/other.txt")
-            return b""
-        request.setResponseCode(self.code)
-        request.setHeader(b"content-type", self.contentType)
-        if self.mode == "stream":
-            self._stream(request)
-            return server.NOT_DONE_YET
-        if self.mode == "hang":
-            return server.NOT_DONE_YET
-        return self.body
-
-    def _stream(self, request) -> None:
-        """Policy-shaped lines for ever, until the client goes away."""
-        if self.closed.called:
-            return
-        chunk = b"mx: mx.sts.test\r\n" * 512
-        request.write(chunk)
-        self.streamed += len(chunk)
-        reactor.callLater(0.001, self._stream, request)
 
 
 class Env:
@@ -90,10 +36,9 @@ class Env:
         })
         self.resolver = DnsPythonMXResolver([("127.0.0.1", self.dns.port)], 2,
                                             threads.deferToThread)
-        self.policy = PolicyResource()
-        self.port = freePort()
-        self.listening = onReactor(reactor.listenSSL, self.port, server.Site(self.policy),
-                                   self.certs.serverOptions(), interface="127.0.0.1")
+        self.server = startPolicyServer(self.certs)
+        self.policy = self.server.resource
+        self.port = self.server.port
         self.cacheDir = str(tmp_path / "mta-sts")
         self.now = 1_000_000.0
 
@@ -109,7 +54,7 @@ class Env:
         self.dns.resolver.zone["_mta-sts.sts.test"] = [TXT(f"v=STSv1; id={id}")]
 
     def stop(self) -> None:
-        onReactor(self.listening.stopListening)
+        self.server.stop()
         self.dns.stop()
 
 
