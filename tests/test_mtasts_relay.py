@@ -94,10 +94,11 @@ def lastReply(dataDir: str, queueId: str) -> str:
         return ""
 
 
-def test_enforce_without_starttls_stays_queued_not_sent_in_clear(net, relay, dataDir):
+def test_enforce_without_starttls_stays_queued_not_sent_in_clear(net, relay, dataDir, logged):
     server = relay()  # the sink offers no STARTTLS: what an attacker stripping it looks like
     queueId = submit(server.smtpPort, ["bob@sts.test"])
-    reply = waitUntil(lambda: lastReply(dataDir, queueId), 15, "a deferred attempt")
+    reply = waitUntil(lambda: lastReply(dataDir, queueId), 15, "a deferred attempt",
+                      describe=lambda: "\n".join(logged))
     assert reply.startswith("451 4.7.5 ") and "MTA-STS" in reply
     assert net.sink.messages == [] and net.sink.connections >= 1
     assert not any(line.startswith("MAIL") for _, line in net.sink.transcript)

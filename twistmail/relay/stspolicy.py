@@ -228,7 +228,8 @@ class PolicySource:
         self._directory = directory
         self._run = run
         self._now = now
-        self._memory: OrderedDict[str, tuple[Policy, float]] = OrderedDict()  # LRU
+        # LRU: domain -> (policy, expires), or None when nothing is cached for it.
+        self._memory: OrderedDict[str, tuple[Policy, float] | None] = OrderedDict()
         # One lookup per domain at a time; at most one entry per running delivery.
         self._pending: dict[str, list[defer.Deferred]] = {}
 
@@ -276,7 +277,7 @@ class PolicySource:
             # RFC 8461 §5.1: a failed refetch leaves the unexpired cached policy in force.
             return self._use(domain, cached, "fetch-failed", str(e))
         fetched = self._now()
-        self._remember(domain, policy, fetched)
+        self._remember(domain, (policy, fetched + policy.maxAge))
         try:
             yield self._run(self._write, domain, body, id, fetched)
         except OSError as e:
@@ -299,8 +300,9 @@ class PolicySource:
                      using=f"cached-{cached.mode}" if cached is not None else "none")
         return cached
 
-    def _remember(self, domain: str, policy: Policy, fetched: float) -> None:
-        self._memory[domain] = (policy, fetched + policy.maxAge)
+    def _remember(self, domain: str, entry: tuple[Policy, float] | None) -> None:
+        """Keep (policy, expires), or None: nothing cached, not even on disk (no disk read)."""
+        self._memory[domain] = entry
         self._memory.move_to_end(domain)
         while len(self._memory) > MAX_CACHED:
             self._memory.popitem(last=False)
@@ -308,21 +310,15 @@ class PolicySource:
     @defer.inlineCallbacks
     def _cached(self, domain: str):
         """The unexpired cached policy, from memory or else from disk; None for none."""
-        entry = self._memory.get(domain)
-        if entry is None:
+        if domain in self._memory:
+            entry = self._memory[domain]
+        else:
             found = yield self._run(self._read, domain)
-            if found is not None:
-                policy, fetched = found
-                self._remember(domain, policy, fetched)
-                entry = self._memory[domain]
-        if entry is None:
-            return None
-        policy, expires = entry
-        if self._now() >= expires:  # RFC 8461 §3.2: max_age has passed
-            del self._memory[domain]
-            return None
-        self._memory.move_to_end(domain)
-        return policy
+            entry = None if found is None else (found[0], found[1] + found[0].maxAge)
+        if entry is not None and self._now() >= entry[1]:  # RFC 8461 §3.2: max_age passed
+            entry = None
+        self._remember(domain, entry)
+        return None if entry is None else entry[0]
 
     def _path(self, domain: str) -> str:
         return os.path.join(self._directory, f"{domain}.json")
