@@ -14,8 +14,9 @@ from certs import makeCerts
 from dnsserver import A, startDNS
 from stsserver import POLICY, TXT, startPolicyServer
 from support import onReactor
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 
+from twistmail.mtasts import MAX_POLICY_BYTES
 from twistmail.relay.mx import DnsPythonMXResolver
 from twistmail.relay.sender import trustRootFromFile
 from twistmail.relay.stspolicy import FetchError, PolicyFetcher, PolicySource
@@ -229,3 +230,35 @@ def test_a_hostile_domain_name_is_never_a_path_or_url(env):
     for domain in ("../../etc", "sts.test/x", "a b.test", "", "x" * 300 + ".test"):
         assert policyFor(env.source(), domain) is None
     assert not os.path.exists(env.cacheDir) or os.listdir(env.cacheDir) == []
+
+
+class EndlessHeaders(protocol.Protocol):
+    """An HTTPS server that never finishes its response headers."""
+
+    def connectionMade(self):
+        self.factory.connected.callback(None) if not self.factory.connected.called else None
+        self.transport.write(b"HTTP/1.1 200 OK\r\n")
+        self.more()
+
+    def more(self):
+        if self.factory.lost.called:
+            return
+        self.transport.write(b"X-Filler: " + b"x" * 1000 + b"\r\n")
+        self.factory.sent += 1012
+        reactor.callLater(0.0005, self.more)
+
+    def connectionLost(self, reason):
+        if not self.factory.lost.called:
+            self.factory.lost.callback(None)
+
+
+def test_endless_headers_are_cut_off(env):
+    factory = protocol.ServerFactory.forProtocol(EndlessHeaders)
+    factory.connected, factory.lost, factory.sent = defer.Deferred(), defer.Deferred(), 0
+    onReactor(env.server.listening.stopListening)
+    env.server.listening = onReactor(reactor.listenSSL, env.port, factory,
+                                     env.certs.serverOptions(), interface="127.0.0.1")
+    error = failure(env_fetch(env))
+    assert isinstance(error, FetchError)
+    onReactor(lambda: factory.lost)  # we hung up, long before the 30 s timeout
+    assert factory.sent < 16 * MAX_POLICY_BYTES, factory.sent

@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -50,6 +51,8 @@ log = Logger()
 
 #: Policies kept in memory; the disk cache holds the rest.  A policy is at most 64 KiB.
 MAX_CACHED = 1000
+#: Octets one fetch may receive in all, headers and framing included.
+MAX_RESPONSE_BYTES = 2 * MAX_POLICY_BYTES
 #: RFC 8461 §3.3: the policy's well-known path.
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 #: The on-disk format; a file of another version is ignored (refetched).
@@ -72,6 +75,30 @@ def policyDomain(domain: str) -> str | None:
     return name if len(name) <= 253 - len("mta-sts.") and _DOMAIN.match(name) else None
 
 
+class _CappedProtocol(ProtocolWrapper):
+    """Hangs up once the server has sent more than the factory's cap: Twisted's HTTP
+    client bounds the length of a header line but not their number."""
+
+    received = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > MAX_RESPONSE_BYTES:
+            log.info("mta-sts fetch from {host}: more than {limit} octets; hung up",
+                     host=self.factory.host, limit=MAX_RESPONSE_BYTES)
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+
+class _CappedFactory(WrappingFactory):
+    protocol = _CappedProtocol
+
+    def __init__(self, wrappedFactory, host: str) -> None:
+        super().__init__(wrappedFactory)
+        self.host = host
+
+
 @implementer(IStreamClientEndpoint)
 class _ResolvedTLSEndpoint:
     """TLS to a host name whose addresses the relay's resolver gives, tried in order."""
@@ -88,7 +115,8 @@ class _ResolvedTLSEndpoint:
             kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
             tcp = kind(self._reactor, address, self._port, timeout=self._timeout)
             try:
-                return (yield wrapClientTLS(self._tls, tcp).connect(factory))
+                capped = yield wrapClientTLS(self._tls, tcp).connect(_CappedFactory(factory, self._host))
+                return capped.wrappedProtocol  # what the HTTP pool talks to
             except error.ConnectError as e:
                 last = e
         raise last
