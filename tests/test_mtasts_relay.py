@@ -159,3 +159,11 @@ def test_mta_sts_off_delivers_as_before(net, relay, dataDir):
     submit(server.smtpPort, ["bob@sts.test"])
     waitUntil(lambda: net.sink.messages, 15, "delivery without MTA-STS")
     assert net.policy.resource.requests == []
+
+
+def test_a_ca_file_without_certificates_stops_the_start_naming_the_key(net, dataDir, tmp_path):
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("hello\n")
+    with pytest.raises(SystemExit) as e:  # twistd prints it as one line and exits
+        startServer(dataDir, relay=net.relayConfig(mta_sts_ca_file=str(bad)))
+    assert "[relay] mta_sts_ca_file" in str(e.value) and "Fix:" in str(e.value)
