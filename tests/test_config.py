@@ -334,7 +334,7 @@ def test_relativeCaFileIsRelativeToTheConfigFile(tmp_path):
 
 
 def test_mtaStsIsOnByDefault():
-    """RFC 8461 senders: Exim, Stalwart and Mox apply policies out of the box."""
+    """As Stalwart, Mox and Maddy: policies are applied out of the box."""
     relay = config.load(None)["relay"]
     assert (relay["mta_sts"], relay["mta_sts_port"], relay["mta_sts_ca_file"]) == (True, 443, "")
 

@@ -10,7 +10,8 @@ JSON file per domain, written atomically in a thread), so a restart does not
 forget it.  The cache is the downgrade protection: while an unexpired policy
 is cached, an attacker who strips the TXT record, breaks DNS or blocks the
 HTTPS fetch only gets the cached policy applied.  Policies are not refreshed
-ahead of expiry (RFC 8461 §10.2 suggests it; not done yet).
+ahead of expiry (RFC 8461 suggests it for domains mail keeps going to;
+not done yet).
 
 The fetch is on Twisted's ``Agent`` rather than treq: treq always adds a
 gzip ``ContentDecoderAgent`` (one 32 KiB TLS read can inflate to ~32 MiB
