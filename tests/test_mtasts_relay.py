@@ -14,12 +14,13 @@ import os
 import pytest
 from certs import makeCerts
 from dnsserver import MX, A, startDNS
+from hostile import errors, logged  # noqa: F401 - logged is a fixture
 from relayenv import ZONE, Internet, queueIds
 from serverproc import waitUntil
 from stsserver import POLICY, TXT, startPolicyServer
-from support import addUser, startServer
-from test_relay_e2e import ALICE, submit
-from twisted.logger import formatEvent, globalLogPublisher
+from support import startServer
+from test_relay_e2e import relay, submit  # noqa: F401 - relay is a fixture
+from twisted.logger import formatEvent
 
 STS_ZONE = {
     "sts.test": [MX(10, "mx.sts.test")],
@@ -58,34 +59,6 @@ def net(tmp_path):
     internet.stop()
 
 
-@pytest.fixture
-def relay(net, dataDir):
-    servers = []
-
-    def start(**overrides):
-        addUser(dataDir, ALICE)
-        server = startServer(dataDir, relay=net.relayConfig(**overrides))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def logged():
-    """The text of every log event while the test runs."""
-    lines: list[str] = []
-
-    def observe(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
-
-
 def lastReply(dataDir: str, queueId: str) -> str:
     try:
         with open(os.path.join(dataDir, "queue", queueId + ".json")) as f:
@@ -94,11 +67,11 @@ def lastReply(dataDir: str, queueId: str) -> str:
         return ""
 
 
-def test_enforce_without_starttls_stays_queued_not_sent_in_clear(net, relay, dataDir, logged):
+def test_enforce_without_starttls_stays_queued_not_sent_in_clear(net, relay, dataDir, logged):  # noqa: F811
     server = relay()  # the sink offers no STARTTLS: what an attacker stripping it looks like
     queueId = submit(server.smtpPort, ["bob@sts.test"])
     reply = waitUntil(lambda: lastReply(dataDir, queueId), 15, "a deferred attempt",
-                      describe=lambda: "\n".join(logged))
+                      describe=lambda: "\n".join(map(formatEvent, logged)))
     assert reply.startswith("451 4.7.5 ") and "MTA-STS" in reply
     assert net.sink.messages == [] and net.sink.connections >= 1
     assert not any(line.startswith("MAIL") for _, line in net.sink.transcript)
@@ -106,7 +79,7 @@ def test_enforce_without_starttls_stays_queued_not_sent_in_clear(net, relay, dat
     assert net.policy.resource.requests == [b"mta-sts.sts.test"]
 
 
-def test_enforce_with_a_certificate_for_another_name_stays_queued(net, relay, dataDir, tmp_path):
+def test_enforce_with_a_certificate_for_another_name_stays_queued(net, relay, dataDir, tmp_path):  # noqa: F811
     other = makeCerts("other.test")  # from a CA we trust, for a name that is not the MX's
     net.sink.script.tlsOptions = other.serverOptions()
     caFile = tmp_path / "ca-other.pem"
@@ -118,7 +91,7 @@ def test_enforce_with_a_certificate_for_another_name_stays_queued(net, relay, da
     assert net.sink.messages == []
 
 
-def test_enforce_with_a_listed_mx_that_is_not_in_the_policy_stays_queued(net, relay, dataDir):
+def test_enforce_with_a_listed_mx_that_is_not_in_the_policy_stays_queued(net, relay, dataDir):  # noqa: F811
     net.policy.resource.body = POLICY.replace(b"mx.sts.test", b"other.sts.test")
     net.sink.script.tlsOptions = net.mxCerts.serverOptions()
     server = relay()
@@ -128,7 +101,7 @@ def test_enforce_with_a_listed_mx_that_is_not_in_the_policy_stays_queued(net, re
     assert net.sink.connections == 0
 
 
-def test_enforce_with_valid_tls_delivers(net, relay, dataDir, logged):
+def test_enforce_with_valid_tls_delivers(net, relay, dataDir, logged):  # noqa: F811
     net.sink.script.tlsOptions = net.mxCerts.serverOptions()
     server = relay()
     submit(server.smtpPort, ["bob@sts.test"])
@@ -136,10 +109,11 @@ def test_enforce_with_valid_tls_delivers(net, relay, dataDir, logged):
     assert net.sink.messages[0].tls
     assert net.policy.resource.requests == [b"mta-sts.sts.test"]
     waitUntil(lambda: not queueIds(dataDir), 15, "the queue to empty")
-    assert any("mta-sts domain=sts.test result=enforce id=one" in line for line in logged)
+    assert any("mta-sts domain=sts.test result=enforce id=one" in formatEvent(e) for e in logged)
+    assert errors(logged) == []
 
 
-def test_testing_mode_delivers_over_bad_tls_and_reports_the_failure(net, relay, dataDir, logged):
+def test_testing_mode_delivers_over_bad_tls_and_reports_the_failure(net, relay, dataDir, logged):  # noqa: F811
     net.policy.resource.body = POLICY.replace(b"enforce", b"testing")
     untrusted = makeCerts("mx.sts.test")  # right name, a CA we do not trust
     net.sink.script.tlsOptions = untrusted.serverOptions()
@@ -148,13 +122,15 @@ def test_testing_mode_delivers_over_bad_tls_and_reports_the_failure(net, relay, 
     waitUntil(lambda: net.sink.messages, 15, "delivery in testing mode")
     assert net.sink.messages[0].tls  # opportunistic, as without a policy
     assert net.sink.connections == 2  # the verified attempt failed, then the usual one
-    assert any("mta-sts domain=sts.test result=testing" in line for line in logged)
-    failed = [line for line in logged if "relay id=" in line and "domain=sts.test" in line
+    lines = [formatEvent(e) for e in logged]
+    assert any("mta-sts domain=sts.test result=testing" in line for line in lines)
+    failed = [line for line in lines if "relay id=" in line and "domain=sts.test" in line
               and "result=deferred" in line]
-    assert failed, logged  # the failed verified attempt is in the log (and TLS-RPT when on)
+    assert failed, lines  # the failed verified attempt is in the log (and TLS-RPT when on)
+    assert errors(logged) == []
 
 
-def test_mta_sts_off_delivers_as_before(net, relay, dataDir):
+def test_mta_sts_off_delivers_as_before(net, relay, dataDir):  # noqa: F811
     server = relay(mta_sts=False)
     submit(server.smtpPort, ["bob@sts.test"])
     waitUntil(lambda: net.sink.messages, 15, "delivery without MTA-STS")

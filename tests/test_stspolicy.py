@@ -163,10 +163,16 @@ def test_same_id_uses_the_cache_without_a_request(env):
     assert len(env.policy.requests) == 1
 
 
-def test_changed_id_refetches(env):
+def cachedThenNewId(env) -> PolicySource:
+    """A source that has fetched and cached policy "one"; the TXT record now says "two"."""
     source = env.source()
     policyFor(source)
     env.setId("two")
+    return source
+
+
+def test_changed_id_refetches(env):
+    source = cachedThenNewId(env)
     env.policy.body = POLICY.replace(b"enforce", b"testing")
     policy = policyFor(source)
     assert (policy.mode, policy.id) == ("testing", "two")
@@ -174,9 +180,7 @@ def test_changed_id_refetches(env):
 
 
 def test_failed_refetch_keeps_the_cached_policy(env):
-    source = env.source()
-    policyFor(source)
-    env.setId("two")
+    source = cachedThenNewId(env)
     env.policy.code = 500  # an attacker blocking the new fetch cannot downgrade us
     policy = policyFor(source)
     assert (policy.mode, policy.id) == ("enforce", "one")
@@ -184,9 +188,7 @@ def test_failed_refetch_keeps_the_cached_policy(env):
 
 
 def test_invalid_new_policy_keeps_the_cached_one(env):
-    source = env.source()
-    policyFor(source)
-    env.setId("two")
+    source = cachedThenNewId(env)
     env.policy.body = b"version: STSv1\r\nmode: none-of-these\r\nmax_age: 1\r\n"
     assert policyFor(source).id == "one"
 

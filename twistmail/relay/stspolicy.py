@@ -77,7 +77,7 @@ def policyDomain(domain: str) -> str | None:
 
 
 class _CappedProtocol(ProtocolWrapper):
-    """Hangs up once the server has sent more than the factory's cap: Twisted's HTTP
+    """Hangs up once the server has sent more than MAX_RESPONSE_BYTES: Twisted's HTTP
     client bounds the length of a header line but not their number."""
 
     received = 0
@@ -116,7 +116,8 @@ class _ResolvedTLSEndpoint:
             kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
             tcp = kind(self._reactor, address, self._port, timeout=self._timeout)
             try:
-                capped = yield wrapClientTLS(self._tls, tcp).connect(_CappedFactory(factory, self._host))
+                capped = yield wrapClientTLS(self._tls, tcp).connect(
+                    _CappedFactory(factory, self._host))
                 return capped.wrappedProtocol  # what the HTTP pool talks to
             except error.ConnectError as e:
                 last = e
