@@ -12,9 +12,11 @@ import os
 import pytest
 from certs import makeCerts
 from dnsserver import A, startDNS
+from hostile import logged  # noqa: F401 - a fixture
 from stsserver import POLICY, TXT, startPolicyServer
 from support import onReactor
 from twisted.internet import defer, protocol, reactor, task, threads
+from twisted.logger import formatEvent
 
 from twistmail.mtasts import MAX_POLICY_BYTES
 from twistmail.relay.mx import DnsPythonMXResolver
@@ -179,12 +181,16 @@ def test_changed_id_refetches(env):
     assert len(env.policy.requests) == 2
 
 
-def test_failed_refetch_keeps_the_cached_policy(env):
+def test_failed_refetch_keeps_the_cached_policy(env, logged):  # noqa: F811
     source = cachedThenNewId(env)
     env.policy.code = 500  # an attacker blocking the new fetch cannot downgrade us
     policy = policyFor(source)
     assert (policy.mode, policy.id) == ("enforce", "one")
     assert len(env.policy.requests) == 2
+    lines = [formatEvent(e) for e in logged]
+    assert "mta-sts domain=sts.test result=enforce id=one max_age=86400 source=fetched" in lines
+    assert "mta-sts domain=sts.test result=fetch-failed detail=HTTP 500 using=cached-enforce" \
+        in lines
 
 
 def test_invalid_new_policy_keeps_the_cached_one(env):
