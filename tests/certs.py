@@ -33,8 +33,11 @@ def _name(cn: str) -> x509.Name:
 def makeCerts(hostname: str = "localhost") -> Certs:
     now = datetime.datetime.now(datetime.UTC)
     caKey = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("twistmail test CA"))
-          .issuer_name(_name("twistmail test CA")).public_key(caKey.public_key())
+    # A name of its own: OpenSSL finds the issuer by name, so two test CAs in one
+    # trust file must not share one.
+    caName = _name(f"twistmail test CA {x509.random_serial_number():x}"[:64])
+    ca = (x509.CertificateBuilder().subject_name(caName)
+          .issuer_name(caName).public_key(caKey.public_key())
           .serial_number(x509.random_serial_number())
           .not_valid_before(now - datetime.timedelta(days=1))
           .not_valid_after(now + datetime.timedelta(days=30))

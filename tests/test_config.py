@@ -309,6 +309,8 @@ def test_exampleConfigShowsDefaultsUnlessMarkedExample():
      'smarthost_password = "p"\nsmarthost_tls = "opportunistic"\n', "[relay] smarthost_tls",
      '"required"'),
     ('[relay]\nsmarthost_ca_file = "missing.pem"\n', "[relay] smarthost_ca_file", "PEM"),
+    ('[relay]\nmta_sts_ca_file = "missing.pem"\n', "[relay] mta_sts_ca_file", "PEM"),
+    ("[relay]\nmta_sts = 1\n", "[relay] mta_sts", "true"),
     ("[relay]\nmax_queue_lifetime = 0\n", "[relay] max_queue_lifetime", "at least 1"),
 ])
 def test_relayErrorsNameKeyAndFix(tmp_path, text, where, fix):
@@ -326,8 +328,15 @@ def test_relayDefaultsTrustNoNetwork():
 
 def test_relativeCaFileIsRelativeToTheConfigFile(tmp_path):
     (tmp_path / "ca.pem").write_text("x")
-    path = write(tmp_path, '[relay]\nsmarthost_ca_file = "ca.pem"\n')
-    assert config.load(path)["relay"]["smarthost_ca_file"] == str(tmp_path / "ca.pem")
+    path = write(tmp_path, '[relay]\nsmarthost_ca_file = "ca.pem"\nmta_sts_ca_file = "ca.pem"\n')
+    relay = config.load(path)["relay"]
+    assert relay["smarthost_ca_file"] == relay["mta_sts_ca_file"] == str(tmp_path / "ca.pem")
+
+
+def test_mtaStsIsOnByDefault():
+    """As Stalwart, Mox and Maddy: policies are applied out of the box."""
+    relay = config.load(None)["relay"]
+    assert (relay["mta_sts"], relay["mta_sts_port"], relay["mta_sts_ca_file"]) == (True, 443, "")
 
 
 def test_removedKeyNamesTheFix(tmp_path):

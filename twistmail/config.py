@@ -239,6 +239,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "the mailto: addresses in the domain's _smtp._tls TXT record"),
         "tlsrpt_max_mails_per_day": Key(int, 1000, "TLS-RPT report mails queued per day at most; "
                                         "the rest wait for the next day", 1),
+        "mta_sts": Key(bool, True, "apply recipient domains' MTA-STS policies (RFC 8461) to MX "
+                       "delivery: enforce means verified TLS to a listed MX or no delivery"),
+        "mta_sts_port": Key(int, 443, "HTTPS port of mta-sts.<domain> (change only for tests)", 1),
+        "mta_sts_ca_file": Key(str, "", "PEM CA certificates that verify mta-sts.<domain> and MX "
+                               "hosts under a policy; '' = the system trust store"),
+        "mta_sts_timeout": Key(int, 30, "seconds to fetch one MTA-STS policy over HTTPS", 1),
     },
 }
 
@@ -359,13 +365,14 @@ def _checkRelay(shown: str, path: str | None, relay: dict) -> None:
             # Never send a password over a connection that may be plaintext or intercepted.
             raise _fail(shown, "[relay] smarthost_tls", "AUTH credentials are only sent over "
                         "verified TLS", 'set smarthost_tls = "required"')
-    caFile = relay["smarthost_ca_file"]
-    if caFile:
+    for key in ("smarthost_ca_file", "mta_sts_ca_file"):
+        caFile = relay[key]
+        if not caFile:
+            continue
         if path is not None and not os.path.isabs(caFile):
-            caFile = relay["smarthost_ca_file"] = os.path.join(
-                os.path.dirname(os.path.abspath(path)), caFile)
+            caFile = relay[key] = os.path.join(os.path.dirname(os.path.abspath(path)), caFile)
         if not os.path.isfile(caFile):
-            raise _fail(shown, "[relay] smarthost_ca_file", f"{caFile} is not a file",
+            raise _fail(shown, f"[relay] {key}", f"{caFile} is not a file",
                         "give the path of a PEM file of CA certificates, or remove the key")
 
 

@@ -14,7 +14,7 @@ import signal
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints, threads
+from twisted.internet import defer, endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.mail import pop3
@@ -39,11 +39,12 @@ from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.security import Security
 from twistmail.protocols.smtp import SMTPFactory
-from twistmail.relay.mx import DnsPythonMXResolver, resolveHops, resolveSmarthost
+from twistmail.relay.mx import DnsPythonMXResolver, applyPolicy, resolveHops, resolveSmarthost
 from twistmail.relay.pickup import ControlPoller
 from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
 from twistmail.relay.sender import RelaySender, SenderSettings, trustRootFromFile
+from twistmail.relay.stspolicy import PolicyFetcher, PolicySource
 from twistmail.relay.tlsrpt import TLSReports
 from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 from twistmail.tls import ServerTLS, TLSConfigError
@@ -300,11 +301,27 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             return resolveSmarthost(resolver, host)
     else:
         rng = random.SystemRandom()
-        sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], **common),
-                             tlsReport=reports)
+        try:
+            # The CAs MTA-STS trusts: for mta-sts.<domain> and for MX hosts under a policy.
+            stsTrust = trustRootFromFile(relay["mta_sts_ca_file"])
+        except (OSError, ValueError) as e:
+            raise startupError(f"{config.path}: [relay] mta_sts_ca_file: {e}. Fix: give a "
+                               "PEM file of CA certificates") from None
+        sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], trustRoot=stsTrust,
+                                                     **common), tlsReport=reports)
+        policies = PolicySource(
+            resolver, PolicyFetcher(reactor, resolver, relay["mta_sts_port"], stsTrust,
+                                    relay["mta_sts_timeout"]),
+            os.path.join(config.dataDir, "mta-sts"), threads.deferToThread) \
+            if relay["mta_sts"] else None
 
+        @defer.inlineCallbacks
         def destination(domain: str):
-            return resolveHops(resolver, domain, rng)
+            hops = yield resolveHops(resolver, domain, rng)
+            if policies is None:
+                return hops
+            # RFC 8461 §5: only MX hosts the policy lists, each with the policy attached.
+            return applyPolicy(hops, (yield policies.policyFor(domain)), domain)
 
     runner = QueueRunner(queue, router, local, destination, sender,
                          RunnerSettings.fromConfig(config.hostname, relay), reactor)
