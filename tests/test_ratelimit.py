@@ -12,8 +12,8 @@ from twisted.internet import defer, task
 from twistmail.ratelimit import (
     BUCKET,
     WINDOW,
-    Limits,
     LimitReached,
+    Limits,
     RateLimitPublisher,
     SendLimits,
     StateError,
