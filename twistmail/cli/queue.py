@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_queue_cli -*-
-"""``twistmail queue list|show|flush|delete``: look at and steer the relay queue.
+"""``twistmail queue list|show|flush|delete|senders``: look at and steer the relay queue.
 
-Reading needs no server.  ``flush`` and ``delete`` go through the running
+Reading needs no server.  ``senders`` (L{twistmail.cli.senders}) shows who sent
+most in the last hour.  ``flush`` and ``delete`` go through the running
 server when there is one (``twistmail.relay.control``), so they never race
 a delivery; otherwise they change the queue files directly, holding the
 server's lock so it cannot start meanwhile.
@@ -40,6 +41,9 @@ def register(sub) -> None:
     queue.add_parser("flush", help="retry now (all messages, or one)").add_argument(
         "id", nargs="?")
     queue.add_parser("delete", help="remove a message without delivering it").add_argument("id")
+    queue.add_parser("senders", help="authenticated users and domains that sent most in the "
+                     "last hour, against their limits").add_argument(
+        "--top", type=int, default=20, metavar="N", help="show N senders (default 20)")
 
 
 def _when(timestamp: float | None) -> str:
