@@ -16,9 +16,9 @@ twins; 0 = unlimited).
   against the limit at once, so concurrent sessions of one account cannot
   overshoot it together (counting at the final 250 would let each of them pass).
   All of this runs on the reactor thread: no locks.
-* **Bounded**: at most L{MAX_TRACKED} users and as many domains (at most 60
-  buckets each, a few MB even when full); the least recently active are
-  forgotten first.
+* **Bounded**: at most L{MAX_TRACKED} users and as many domains, about 1.5 KiB
+  each (a ring of 60 slots), so under 30 MB when both tables are full; the least
+  recently active are forgotten first.
 * **Published** (L{RateLimitPublisher}): the counts are written to
   ``<data_dir>/state/ratelimits.json`` every L{SAVE_INTERVAL} seconds when they
   changed, and at stop, off the reactor thread, atomically; and read back at start,
@@ -30,9 +30,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import task
@@ -45,6 +47,9 @@ log = Logger()
 #: The window, and the width of one bucket in it, in seconds.
 WINDOW = 3600
 BUCKET = 60
+SLOTS = WINDOW // BUCKET
+_MAX_COUNT = 2**32 - 1  # an "I" array slot
+_NEVER = -2**62  # the minute of a slot never used
 #: Users, and domains, tracked at most (least recently active forgotten first).
 MAX_TRACKED = 10_000
 #: Seconds between writes of the state file (only when something changed).
@@ -95,34 +100,57 @@ class StateError(ValueError):
 
 
 class _Window:
-    """One user's or domain's recent sending: [minute, messages, recipients] buckets,
-    oldest first, and what open transactions have reserved."""
+    """One user's or domain's recent sending, and what open transactions reserved.
 
-    __slots__ = ("buckets", "messages", "recipients")
+    A ring of one slot per minute of the window (the minute it holds, its messages,
+    its recipients), in arrays: about 1 KiB however busy the sender."""
+
+    __slots__ = ("minutes", "sentMessages", "sentRecipients", "messages", "recipients")
 
     def __init__(self) -> None:
-        self.buckets: deque[list[int]] = deque()
+        self.minutes = array("q", [_NEVER]) * SLOTS
+        self.sentMessages = array("I", [0]) * SLOTS
+        self.sentRecipients = array("I", [0]) * SLOTS
         self.messages = 0  # reserved, not yet committed
         self.recipients = 0
 
+    def copy(self) -> tuple[array, array, array]:
+        """The counts alone, copied at C speed (for L{_buckets} in a thread)."""
+        return self.minutes[:], self.sentMessages[:], self.sentRecipients[:]
+
     def sent(self, minute: int) -> tuple[int, int]:
         """Messages and recipients committed in the window ending with C{minute}."""
-        while self.buckets and self.buckets[0][0] <= minute - WINDOW // BUCKET:
-            self.buckets.popleft()
-        return sum(b[1] for b in self.buckets), sum(b[2] for b in self.buckets)
+        messages = recipients = 0
+        for i, m in enumerate(self.minutes):
+            if minute - SLOTS < m <= minute:
+                messages += self.sentMessages[i]
+                recipients += self.sentRecipients[i]
+        return messages, recipients
 
     def add(self, minute: int, messages: int, recipients: int) -> None:
-        if self.buckets and self.buckets[-1][0] == minute:
-            self.buckets[-1][1] += messages
-            self.buckets[-1][2] += recipients
-        else:
-            self.buckets.append([minute, messages, recipients])
+        slot = minute % SLOTS
+        if self.minutes[slot] != minute:
+            if self.minutes[slot] > minute:
+                return  # older than what the slot holds: already out of the window
+            self.minutes[slot] = minute
+            self.sentMessages[slot] = self.sentRecipients[slot] = 0
+        self.sentMessages[slot] = min(self.sentMessages[slot] + messages, _MAX_COUNT)
+        self.sentRecipients[slot] = min(self.sentRecipients[slot] + recipients, _MAX_COUNT)
 
 
-def totals(buckets: Iterable, now: float) -> tuple[int, int]:
+def _buckets(counts: tuple[array, array, array], minute: int) -> list[list[int]]:
+    """[minute, messages, recipients] of the window ending with C{minute}, oldest first."""
+    minutes, messages, recipients = counts
+    return sorted([m, messages[i], recipients[i]]
+                  for i, m in enumerate(minutes) if minute - SLOTS < m <= minute)
+
+
+def totals(buckets: Any, now: float) -> tuple[int, int]:
     """Messages and recipients in the hour before C{now}, from a state file's buckets."""
-    oldest = int(now // BUCKET) - WINDOW // BUCKET
-    recent = [b for b in buckets if b[0] > oldest]
+    minute = int(now // BUCKET)
+    if not isinstance(buckets, list):
+        return 0, 0
+    recent = [b for b in buckets if _valid(b) and minute - SLOTS < b[0] <= minute]
     return sum(b[1] for b in recent), sum(b[2] for b in recent)
 
 
@@ -187,34 +215,44 @@ class SendLimits:
         window = self._tables[scope].get(name)
         return window.sent(int(self._clock() // BUCKET)) if window else (0, 0)
 
+    def capture(self) -> Callable[[], dict]:
+        """Copy the counts (cheap, on the reactor thread); the result builds the state
+        file's content from the copy, and may be called in another thread."""
+        now = self._clock()
+        minute = int(now // BUCKET)
+        limits = {scope: {"messages": lim.messages, "recipients": lim.recipients}
+                  for scope, lim in self.limits.items()}
+        copied = {scope: [(name, window.copy()) for name, window in self._tables[scope].items()
+                          if max(window.minutes) > minute - SLOTS]
+                  for scope in SCOPES}
+
+        def build() -> dict:
+            data: dict = {"version": FORMAT_VERSION, "saved": now, "bucket": BUCKET,
+                          "window": WINDOW, "limits": limits}
+            for scope, key in SCOPES.items():
+                data[key] = {name: _buckets(counts, minute) for name, counts in copied[scope]}
+            return data
+
+        return build
+
     def snapshot(self) -> dict:
-        """The counts as the state file holds them (plain lists: safe to encode in a thread)."""
-        minute = int(self._clock() // BUCKET)
-        data: dict = {"version": FORMAT_VERSION, "saved": self._clock(), "bucket": BUCKET,
-                      "window": WINDOW,
-                      "limits": {scope: {"messages": lim.messages, "recipients": lim.recipients}
-                                 for scope, lim in self.limits.items()}}
-        for scope, key in SCOPES.items():
-            data[key] = {}
-            for name, window in self._tables[scope].items():
-                window.sent(minute)  # drop what left the window
-                if window.buckets:
-                    data[key][name] = [list(b) for b in window.buckets]
-        return data
+        """The counts as the state file holds them."""
+        return self.capture()()
 
     def restore(self, data: dict) -> None:
         """Take back the buckets of a snapshot (an earlier run's); malformed entries are skipped."""
+        minute = int(self._clock() // BUCKET)
         for scope, key in SCOPES.items():
             table = data.get(key)
             if not isinstance(table, dict):
                 continue
             for name, buckets in table.items():
                 if isinstance(name, str) and isinstance(buckets, list):
-                    good = sorted(b for b in buckets if _valid(b))
+                    good = [b for b in buckets if _valid(b) and minute - SLOTS < b[0] <= minute]
                     if good:
                         window = self._window(scope, name)
-                        for minute, messages, recipients in good:
-                            window.add(minute, messages, recipients)
+                        for when, messages, recipients in sorted(good):
+                            window.add(when, messages, recipients)
 
 
 class Reservation:
@@ -280,10 +318,10 @@ def readState(path: str) -> dict:
     return data
 
 
-def _write(path: str, data: dict) -> None:
-    """In a thread: encode and replace the file (temp + fsync + rename)."""
+def _write(path: str, build: Callable[[], dict]) -> None:
+    """In a thread: build, encode and replace the file (temp + fsync + rename)."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    atomicWrite(path, json.dumps(data, separators=(",", ":")).encode())
+    atomicWrite(path, json.dumps(build(), separators=(",", ":")).encode())
 
 
 class RateLimitPublisher(service.Service):
@@ -315,7 +353,7 @@ class RateLimitPublisher(service.Service):
         if self._writing is not None or not self.limits.changed:
             return None
         self.limits.changed = False
-        d = self._writing = self._inThread(_write, self.path, self.limits.snapshot())
+        d = self._writing = self._inThread(_write, self.path, self.limits.capture())
 
         def failed(failure) -> None:
             self.limits.changed = True  # try again next time
