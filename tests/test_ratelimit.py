@@ -199,3 +199,19 @@ def test_publisher_starts_empty_over_a_damaged_file(tmp_path):
     sl = limits(clock)
     RateLimitPublisher(sl, str(tmp_path), clock, _Writes(), interval=10).startService()
     assert sl.counts("user", ALICE) == (0, 0)
+
+
+def test_each_snapshot_copies_only_what_changed_but_holds_every_recent_sender():
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    sl = limits(clock)
+    send(sl, ALICE)
+    assert list(sl.snapshot()["users"]) == [ALICE]
+    assert not sl.changed
+    send(sl, CAROL)
+    assert sorted(sl.snapshot()["users"]) == [ALICE, CAROL]  # alice kept, not copied again
+    clock.advance(WINDOW + BUCKET)
+    send(sl, "bob@example.test")
+    data = sl.snapshot()
+    assert list(data["users"]) == ["bob@example.test"]  # the others left the window
+    assert data["domains"] == {"example.test": [[int(clock.seconds() // BUCKET), 1, 1]]}

@@ -170,8 +170,16 @@ class SendLimits:
         self._maxTracked = maxTracked
         self._tables: dict[str, OrderedDict[str, _Window]] = {
             "user": OrderedDict(), "domain": OrderedDict()}
-        #: Set when a count changes; the publisher clears it when it has written them.
-        self.changed = False
+        #: Names whose counts changed since the last L{capture}.
+        self._dirty: dict[str, set[str]] = {scope: set() for scope in SCOPES}
+        #: What the last build published, per scope: name -> buckets.  Only the
+        #: (one at a time) build touches it, in the publisher's thread.
+        self._published: dict[str, dict[str, list]] = {scope: {} for scope in SCOPES}
+
+    @property
+    def changed(self) -> bool:
+        """Whether a count changed since the last L{capture}."""
+        return any(self._dirty.values())
 
     def _window(self, scope: str, name: str) -> _Window:
         table = self._tables[scope]
@@ -216,21 +224,33 @@ class SendLimits:
         return window.sent(int(self._clock() // BUCKET)) if window else (0, 0)
 
     def capture(self) -> Callable[[], dict]:
-        """Copy the counts (cheap, on the reactor thread); the result builds the state
-        file's content from the copy, and may be called in another thread."""
+        """Copy the counts changed since the last capture (on the reactor thread: a
+        few arrays per sender who sent meanwhile).  The result builds the state
+        file's content from them and from the last build, and is meant to run in
+        another thread, one build at a time."""
         now = self._clock()
         minute = int(now // BUCKET)
         limits = {scope: {"messages": lim.messages, "recipients": lim.recipients}
                   for scope, lim in self.limits.items()}
-        copied = {scope: [(name, window.copy()) for name, window in self._tables[scope].items()
-                          if max(window.minutes) > minute - SLOTS]
-                  for scope in SCOPES}
+        copied = {scope: [(name, self._tables[scope][name].copy()) for name in names
+                          if name in self._tables[scope]]
+                  for scope, names in self._dirty.items()}
+        for names in self._dirty.values():
+            names.clear()
 
         def build() -> dict:
             data: dict = {"version": FORMAT_VERSION, "saved": now, "bucket": BUCKET,
                           "window": WINDOW, "limits": limits}
             for scope, key in SCOPES.items():
-                data[key] = {name: _buckets(counts, minute) for name, counts in copied[scope]}
+                published = self._published[scope]
+                published.update((name, _buckets(counts, minute)) for name, counts in copied[scope])
+                for name, buckets in list(published.items()):
+                    recent = [b for b in buckets if b[0] > minute - SLOTS]
+                    if recent:
+                        published[name] = recent
+                    else:
+                        del published[name]  # nothing in the last hour (or forgotten)
+                data[key] = dict(published)
             return data
 
         return build
@@ -253,6 +273,7 @@ class SendLimits:
                         window = self._window(scope, name)
                         for when, messages, recipients in sorted(good):
                             window.add(when, messages, recipients)
+                        self._dirty[scope].add(name)
 
 
 class Reservation:
@@ -289,9 +310,9 @@ class Reservation:
         """The message was accepted: it counts as sent from now."""
         if self._close():
             minute = int(self._limits._clock() // BUCKET)
-            for _, _, window in self._scopes:
+            for scope, name, window in self._scopes:
                 window.add(minute, 1, self._recipients)
-            self._limits.changed = True
+                self._limits._dirty[scope].add(name)
 
     def release(self) -> None:
         """The transaction ended without a message: give back what it reserved (idempotent)."""
@@ -338,6 +359,7 @@ class RateLimitPublisher(service.Service):
         self._loop.clock = clock
         self._interval = interval
         self._writing = None
+        self._retry = False  # the last write failed
 
     def startService(self) -> None:
         super().startService()
@@ -350,13 +372,13 @@ class RateLimitPublisher(service.Service):
         self._loop.start(self._interval, now=False)
 
     def _save(self):
-        if self._writing is not None or not self.limits.changed:
+        if self._writing is not None or not (self.limits.changed or self._retry):
             return None
-        self.limits.changed = False
+        self._retry = False
         d = self._writing = self._inThread(_write, self.path, self.limits.capture())
 
         def failed(failure) -> None:
-            self.limits.changed = True  # try again next time
+            self._retry = True  # try again next time
             log.failure("ratelimit state {path} not written", failure, path=self.path)
 
         def done(ignored) -> None:
