@@ -103,6 +103,23 @@ def test_an_abandoned_transaction_gives_its_reservation_back(limited):
         assert s.mail(ALICE)[0] == 451
 
 
+def test_auth_on_the_mx_port_is_limited_too(dataDir):
+    """With [smtp] auth = true, port 25 is another way for a user to send."""
+    addUser(dataDir, ALICE)
+    srv = startServer(dataDir, smtp={"auth": True}, submission={"max_messages_per_hour": 1})
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.smtpPort, timeout=10) as s:
+            s.ehlo()
+            s.login(ALICE, "secret")
+            assert s.sendmail(ALICE, [ALICE], MSG) == {}
+            code, text = s.mail(ALICE)
+            assert code == 451 and text.startswith(b"4.7.1")
+        with smtplib.SMTP("127.0.0.1", srv.smtpPort, timeout=10) as s:
+            assert s.sendmail("x@remote.test", [ALICE], MSG) == {}  # MX mail: not limited
+    finally:
+        srv.stop()
+
+
 def test_domain_limit_counts_every_user_of_the_sending_domain(limited):
     srv = limited(max_messages_per_hour=10, domain_max_messages_per_hour=2)
     with login(srv, ALICE) as s:
