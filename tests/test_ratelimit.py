@@ -215,3 +215,29 @@ def test_each_snapshot_copies_only_what_changed_but_holds_every_recent_sender():
     data = sl.snapshot()
     assert list(data["users"]) == ["bob@example.test"]  # the others left the window
     assert data["domains"] == {"example.test": [[int(clock.seconds() // BUCKET), 1, 1]]}
+
+
+def test_a_failed_write_is_logged_and_tried_again(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    clock = task.Clock()
+    sl = limits(clock)
+    outcomes = [defer.fail(OSError(28, "No space left on device"))]
+
+    def inThread(f, *args):
+        return outcomes.pop() if outcomes else defer.maybeDeferred(f, *args)
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        pub = RateLimitPublisher(sl, str(tmp_path), clock, inThread, interval=10)
+        pub.startService()
+        send(sl, ALICE)
+        clock.advance(10)
+        assert not os.path.exists(statePath(str(tmp_path)))
+        clock.advance(10)  # nothing new was sent, but the failed write is retried
+        assert readState(statePath(str(tmp_path)))["users"][ALICE][0][1:] == [1, 1]
+        pub.stopService()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert any("not written" in e.get("log_format", "") for e in seen)

@@ -38,6 +38,8 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twistmail._fsutil import atomicWrite
@@ -349,8 +351,8 @@ class RateLimitPublisher(service.Service):
     """Reads the counts back at start; writes them every C{interval} seconds when they
     changed, and at stop, so the CLI can show them and a restart keeps them."""
 
-    def __init__(self, limits: SendLimits, dataDir: str, clock, inThread,
-                 interval: float = SAVE_INTERVAL) -> None:
+    def __init__(self, limits: SendLimits, dataDir: str, clock: IReactorTime,
+                 inThread: Callable[..., Deferred], interval: float = SAVE_INTERVAL) -> None:
         """@param inThread: C{deferToThread}-like: runs C{f(*args)} off the reactor thread."""
         self.limits = limits
         self.path = statePath(dataDir)
@@ -363,7 +365,7 @@ class RateLimitPublisher(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        # Before any listener starts (this service is added first); a small file.
+        # Read before any listener starts (makeService adds this service before them).
         try:
             self.limits.restore(readState(self.path))
         except (OSError, StateError) as e:
@@ -371,7 +373,7 @@ class RateLimitPublisher(service.Service):
                      path=self.path, error=str(e))
         self._loop.start(self._interval, now=False)
 
-    def _save(self):
+    def _save(self) -> Deferred | None:
         if self._writing is not None or not (self.limits.changed or self._retry):
             return None
         self._retry = False
@@ -388,12 +390,11 @@ class RateLimitPublisher(service.Service):
         d.addBoth(done)
         return d
 
-    def stopService(self):
+    def stopService(self) -> Deferred | None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
         pending = self._writing
         if pending is None:
             return self._save()
-        result = pending.addCallback(lambda ignored: self._save())
-        return result
+        return pending.addCallback(lambda ignored: self._save())
