@@ -257,6 +257,11 @@ class SendLimits:
 
         return build
 
+    def recapture(self) -> None:
+        """The last capture was lost (its write failed): copy every sender next time."""
+        for scope, names in self._dirty.items():
+            names.update(self._tables[scope])
+
     def snapshot(self) -> dict:
         """The counts as the state file holds them."""
         return self.capture()()
@@ -343,8 +348,9 @@ def readState(path: str) -> dict:
 
 def _write(path: str, build: Callable[[], dict]) -> None:
     """In a thread: build, encode and replace the file (temp + fsync + rename)."""
+    data = json.dumps(build(), separators=(",", ":")).encode()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    atomicWrite(path, json.dumps(build(), separators=(",", ":")).encode())
+    atomicWrite(path, data)
 
 
 class RateLimitPublisher(service.Service):
@@ -361,7 +367,6 @@ class RateLimitPublisher(service.Service):
         self._loop.clock = clock
         self._interval = interval
         self._writing = None
-        self._retry = False  # the last write failed
 
     def startService(self) -> None:
         super().startService()
@@ -374,13 +379,12 @@ class RateLimitPublisher(service.Service):
         self._loop.start(self._interval, now=False)
 
     def _save(self) -> Deferred | None:
-        if self._writing is not None or not (self.limits.changed or self._retry):
+        if self._writing is not None or not self.limits.changed:
             return None
-        self._retry = False
         d = self._writing = self._inThread(_write, self.path, self.limits.capture())
 
         def failed(failure) -> None:
-            self._retry = True  # try again next time
+            self.limits.recapture()  # try again next time
             log.failure("ratelimit state {path} not written", failure, path=self.path)
 
         def done(ignored) -> None:
