@@ -241,3 +241,14 @@ def test_a_failed_write_is_logged_and_tried_again(tmp_path):
     finally:
         globalLogPublisher.removeObserver(seen.append)
     assert any("not written" in e.get("log_format", "") for e in seen)
+
+
+def test_a_clock_stepped_back_does_not_hand_out_a_fresh_hour():
+    now = [1_000_000.0]
+    sl = SendLimits(Limits(2, 0), Limits(0, 0), clock=lambda: now[0])
+    send(sl, ALICE)
+    send(sl, ALICE)
+    now[0] -= 1800  # NTP, or an operator, sets the clock half an hour back
+    with pytest.raises(LimitReached):
+        sl.begin(ALICE)
+    assert totals(sl.snapshot()["users"][ALICE], now[0]) == (2, 2)

@@ -8,8 +8,9 @@ user and against the domain of the account (``[submission]``
 twins; 0 = unlimited).
 
 * **Sliding window**: per-minute buckets over the last hour, so a limit never
-  resets all at once at the top of the hour (policyd-rate-limit's sliding window;
-  Exim's ``ratelimit`` smooths the same way).
+  resets all at once at the top of the hour (as policyd-rate-limit's sliding
+  window).  Should the clock step back, counts stamped up to an hour ahead
+  still count: a clock change never hands out a fresh hour.
 * **Reserve, then commit or release**: MAIL reserves one message and each
   accepted RCPT one recipient, before the 250; the end of DATA commits them, and
   RSET, a failed DATA or a lost connection gives them back.  Reservations count
@@ -17,7 +18,7 @@ twins; 0 = unlimited).
   overshoot it together (counting at the final 250 would let each of them pass).
   All of this runs on the reactor thread: no locks.
 * **Bounded**: at most L{MAX_TRACKED} users and as many domains, about 1.5 KiB
-  each (a ring of 60 slots), so under 30 MB when both tables are full; the least
+  each (a ring of 60 slots), so about 30 MB when both tables are full; the least
   recently active are forgotten first.
 * **Published** (L{RateLimitPublisher}): the counts are written to
   ``<data_dir>/state/ratelimits.json`` every L{SAVE_INTERVAL} seconds when they
@@ -124,27 +125,31 @@ class _Window:
         """Messages and recipients committed in the window ending with C{minute}."""
         messages = recipients = 0
         for i, m in enumerate(self.minutes):
-            if minute - SLOTS < m <= minute:
+            if _recent(m, minute):
                 messages += self.sentMessages[i]
                 recipients += self.sentRecipients[i]
         return messages, recipients
 
     def add(self, minute: int, messages: int, recipients: int) -> None:
         slot = minute % SLOTS
-        if self.minutes[slot] != minute:
-            if self.minutes[slot] > minute:
-                return  # older than what the slot holds: already out of the window
+        if self.minutes[slot] != minute:  # an hour (or more) away, or never: reuse the slot
             self.minutes[slot] = minute
             self.sentMessages[slot] = self.sentRecipients[slot] = 0
         self.sentMessages[slot] = min(self.sentMessages[slot] + messages, _MAX_COUNT)
         self.sentRecipients[slot] = min(self.sentRecipients[slot] + recipients, _MAX_COUNT)
 
 
+def _recent(stamp: int, minute: int) -> bool:
+    """Whether a bucket of C{stamp} is in the window ending with C{minute} (or ahead of
+    it by less than the window: the clock stepped back)."""
+    return minute - SLOTS < stamp < minute + SLOTS
+
+
 def _buckets(counts: tuple[array, array, array], minute: int) -> list[list[int]]:
     """[minute, messages, recipients] of the window ending with C{minute}, oldest first."""
     minutes, messages, recipients = counts
     return sorted([m, messages[i], recipients[i]]
-                  for i, m in enumerate(minutes) if minute - SLOTS < m <= minute)
+                  for i, m in enumerate(minutes) if _recent(m, minute))
 
 
 def totals(buckets: Any, now: float) -> tuple[int, int]:
@@ -152,7 +157,7 @@ def totals(buckets: Any, now: float) -> tuple[int, int]:
     minute = int(now // BUCKET)
     if not isinstance(buckets, list):
         return 0, 0
-    recent = [b for b in buckets if _valid(b) and minute - SLOTS < b[0] <= minute]
+    recent = [b for b in buckets if _valid(b) and _recent(b[0], minute)]
     return sum(b[1] for b in recent), sum(b[2] for b in recent)
 
 
@@ -247,7 +252,7 @@ class SendLimits:
                 published = self._published[scope]
                 published.update((name, _buckets(counts, minute)) for name, counts in copied[scope])
                 for name, buckets in list(published.items()):
-                    recent = [b for b in buckets if b[0] > minute - SLOTS]
+                    recent = [b for b in buckets if _recent(b[0], minute)]
                     if recent:
                         published[name] = recent
                     else:
@@ -275,7 +280,7 @@ class SendLimits:
                 continue
             for name, buckets in table.items():
                 if isinstance(name, str) and isinstance(buckets, list):
-                    good = [b for b in buckets if _valid(b) and minute - SLOTS < b[0] <= minute]
+                    good = [b for b in buckets if _valid(b) and _recent(b[0], minute)]
                     if good:
                         window = self._window(scope, name)
                         for when, messages, recipients in sorted(good):
