@@ -196,3 +196,49 @@ def test_cli_fails_on_a_damaged_state_file(dataDir):
     proc = cli("queue", "senders", dataDir=dataDir, check=False)
     assert proc.returncode == 1 and "ratelimits.json" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.e2e
+def test_twistd_publishes_the_counts_at_sigterm_and_keeps_them_over_a_restart(tmp_path):
+    """The real twistd: its stop (SIGTERM) writes the counts in the thread pool while the
+    reactor shuts down, the CLI shows them, and the next twistd goes on with the hour."""
+    from serverproc import ServerProcess, twistdCommand
+    from support import freePort
+
+    dataDir = str(tmp_path / "data")
+    addUser(dataDir, ALICE)
+    config = tmp_path / "twistmail.toml"
+    config.write_text("[submission]\nmax_messages_per_hour = 2\n")
+
+    def run(name: str) -> tuple[ServerProcess, int]:
+        port = freePort()
+        process = ServerProcess(
+            twistdCommand("--config", str(config), "--data-dir", dataDir, "--hostname",
+                          "mx.example.test", "--submission", f"tcp:{port}:interface=127.0.0.1",
+                          *[a for p in ("smtp", "submissions", "pop3", "pop3s", "imap", "imaps")
+                            for a in (f"--{p}", "none")]),
+            logPath=str(tmp_path / f"{name}.log"), cwd=str(tmp_path)).start()
+        process.waitReady(port, None)
+        return process, port
+
+    first, port = run("first")
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.login(ALICE, "secret")
+            s.sendmail(ALICE, [ALICE], MSG)
+            s.sendmail(ALICE, [ALICE], MSG)
+            assert s.mail(ALICE)[0] == 451
+    finally:
+        first.stop()
+    assert "Traceback" not in first.log, first.describe()
+
+    out = cli("--config", str(config), "queue", "senders", dataDir=dataDir).stdout.splitlines()
+    assert out[1].split() == [ALICE, "user", "2/2", "2/500"], out
+
+    second, port = run("second")
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.login(ALICE, "secret")
+            assert s.mail(ALICE)[0] == 451
+    finally:
+        second.stop()
