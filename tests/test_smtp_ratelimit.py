@@ -72,6 +72,32 @@ def test_concurrent_sessions_of_one_account_cannot_overshoot(limited):
             s.close()
 
 
+def test_pipelined_transaction_past_the_recipient_limit(limited):
+    """RFC 2920: MAIL, RCPTs and DATA sent at once are answered in order; the RCPT past
+    the limit gets 451, and the message goes to the recipients accepted before it."""
+    import base64
+    import socket
+
+    from support import readAll
+
+    srv = limited(max_recipients_per_hour=2)
+    with socket.create_connection(("127.0.0.1", srv.ports["submission"]), timeout=10) as sock:
+        readAll(sock, b"\r\n")
+        sock.sendall(b"EHLO client\r\nAUTH PLAIN " + base64.b64encode(
+            b"\0" + ALICE.encode() + b"\0secret") + b"\r\n")
+        readAll(sock, b"235 ")
+        sock.sendall(b"MAIL FROM:<" + ALICE.encode() + b">\r\n" + b"".join(
+            b"RCPT TO:<bob+%d@example.test>\r\n" % n for n in range(3)) + b"DATA\r\n")
+        replies = readAll(sock, b"354 ").split(b"\r\n")[:5]
+        assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"451", b"354"], replies
+        assert replies[3].startswith(b"451 4.7.1")
+        sock.sendall(MSG + b".\r\nQUIT\r\n")
+        assert b"250 2.0.0 Ok: queued" in readAll(sock, b"221 ")
+    with login(srv) as s:
+        assert s.mail(ALICE)[0] == 250
+        assert s.rcpt(BOB)[0] == 451  # the two recipients sent fill the hour
+
+
 def test_concurrent_recipients_are_shared_across_sessions(limited):
     srv = limited(max_recipients_per_hour=4)
     one, two = login(srv), login(srv)
