@@ -10,6 +10,7 @@ server's lock so it cannot start meanwhile.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -43,7 +44,13 @@ def register(sub) -> None:
     queue.add_parser("delete", help="remove a message without delivering it").add_argument("id")
     queue.add_parser("senders", help="authenticated users and domains that sent most in the "
                      "last hour, against their limits").add_argument(
-        "--top", type=int, default=20, metavar="N", help="show N senders (default 20)")
+        "--top", type=_positive, default=20, metavar="N", help="show N senders (default 20)")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of senders (1 or more)")
+    return int(text)
 
 
 def _when(timestamp: float | None) -> str:
