@@ -156,16 +156,18 @@ def test_userList(dataDir, domain):
     cli("alias", "add", "team@example.test", "alice@example.test", "bob@example.test",
         dataDir=dataDir)
     cli("alias", "add", "postmaster@example.test", "alice@example.test", dataDir=dataDir)
+    # Nothing sent yet: each user's hour against the default limits.
     assert table(cli("user", "list", dataDir=dataDir).stdout) == [
-        ["ADDRESS", "ALIASES"],
-        ["alice@example.test", "postmaster@example.test,team@example.test"],
-        ["bob@example.test", "team@example.test"],
-        ["carol@example.org", "-"],
+        ["ADDRESS", "ALIASES", "MESSAGES-1H", "RECIPIENTS-1H"],
+        ["alice@example.test", "postmaster@example.test,team@example.test", "0/100", "0/500"],
+        ["bob@example.test", "team@example.test", "0/100", "0/500"],
+        ["carol@example.org", "-", "0/100", "0/500"],
     ]
 
 
 def test_userListEmpty(dataDir):
-    assert table(cli("user", "list", dataDir=dataDir).stdout) == [["ADDRESS", "ALIASES"]]
+    assert table(cli("user", "list", dataDir=dataDir).stdout) == [
+        ["ADDRESS", "ALIASES", "MESSAGES-1H", "RECIPIENTS-1H"]]
 
 
 def test_userPasswd(dataDir, domain):

@@ -158,6 +158,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "submission": {
         "require_own_sender": Key(bool, True, "MAIL FROM must be the user's address or alias"),
+        # Per authenticated user (on submission, and on port 25 with [smtp] auth), then
+        # per domain of the account: past one, MAIL or RCPT gets 451 4.7.1.
+        "max_messages_per_hour": Key(int, 100, "messages one authenticated user may send in "
+                                     "any hour; 0 = unlimited", 0),
+        "max_recipients_per_hour": Key(int, 500, "recipients (accepted RCPT TO) one user may "
+                                       "send to in any hour; 0 = unlimited", 0),
+        "domain_max_messages_per_hour": Key(int, 1000, "messages all users of one domain may "
+                                            "send in any hour; 0 = unlimited", 0),
+        "domain_max_recipients_per_hour": Key(int, 5000, "recipients all users of one domain "
+                                              "may send to in any hour; 0 = unlimited", 0),
     },
     "tls": {
         "certificate": Key(str, "", "PEM certificate, then its chain; '' = self-signed, generated"),

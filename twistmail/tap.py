@@ -39,6 +39,7 @@ from twistmail.protocols.limits import ConnectionLimiter
 from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.security import Security
 from twistmail.protocols.smtp import SMTPFactory
+from twistmail.ratelimit import Limits, RateLimitPublisher, SendLimits
 from twistmail.relay.mx import DnsPythonMXResolver, applyPolicy, resolveHops, resolveSmarthost
 from twistmail.relay.pickup import ControlPoller
 from twistmail.relay.queue import RelayQueue
@@ -391,12 +392,19 @@ def makeService(options: Options) -> service.MultiService:
     makeRelay(config, reactor, queue, router, local, top)
     spool = os.path.join(dataDir, "spool")
     pipeline = DeliveryPipeline(local, queue)
+    submission = config["submission"]
+    sendLimits = SendLimits(Limits.fromConfig(submission, "user"),
+                            Limits.fromConfig(submission, "domain"))
+    # Before the listeners: it reads the last run's counts at start, writes them at stop.
+    RateLimitPublisher(sendLimits, dataDir, reactor, lambda f, *args: threads.deferToThreadPool(
+        reactor, reactor.getThreadPool(), f, *args)).setServiceParent(top)
     factories = {
         "smtp": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool, limiter,
-                            security, portal),
+                            security, portal, sendLimits=sendLimits),
         "submission": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool,
                                   limiter, security, portal, submission=True,
-                                  checkSender=config["submission"]["require_own_sender"]),
+                                  checkSender=submission["require_own_sender"],
+                                  sendLimits=sendLimits),
     }
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter, security)
     realm.register(pop3.IMailbox, pop3Factory.avatar)

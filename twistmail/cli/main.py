@@ -20,8 +20,9 @@ from twistmail import config as configmod
 from twistmail.auth.accounts import AccountError, Accounts
 from twistmail.auth.passwords import hashPassword
 from twistmail.cli import queue as queuecli
-from twistmail.cli import sendmail
+from twistmail.cli import senders, sendmail
 from twistmail.cli.output import table
+from twistmail.ratelimit import StateError
 from twistmail.relay.queue import QueueError
 
 
@@ -85,8 +86,10 @@ def cmdUser(args) -> str:
         for alias, dests in accounts.aliases.items():
             for dest in dests:
                 targets.setdefault(dest, []).append(alias)
-        rows = [(u, ",".join(sorted(targets.get(u, []))) or "-") for u in sorted(accounts.users)]
-        return table(["ADDRESS", "ALIASES"], rows)
+        sent = senders.Sent(_config(args))
+        rows = [(u, ",".join(sorted(targets.get(u, []))) or "-", *sent.cells("user", u))
+                for u in sorted(accounts.users)]
+        return table(["ADDRESS", "ALIASES", *senders.HEADERS], rows)
     if args.action == "remove":
         with accounts.editing():
             done = accounts.removeUser(args.address)
@@ -253,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
 
 def cmdQueue(args) -> str:
     config = _config(args)
+    if args.action == "senders":
+        return senders.cmdSenders(config, args.top)
     return queuecli.run(args, config.dataDir, config["relay"]["pickup_interval"])
 
 
@@ -277,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sendmail.SendmailError as e:
         print(f"twistmail sendmail: error: {e}", file=sys.stderr)
         return e.status
-    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError) as e:
+    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError, StateError) as e:
         print(f"twistmail: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

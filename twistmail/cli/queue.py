@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_queue_cli -*-
-"""``twistmail queue list|show|flush|delete``: look at and steer the relay queue.
+"""``twistmail queue list|show|flush|delete|senders``: look at and steer the relay queue.
 
-Reading needs no server.  ``flush`` and ``delete`` go through the running
+Reading needs no server.  ``senders`` (L{twistmail.cli.senders}) shows who sent
+most in the last hour.  ``flush`` and ``delete`` go through the running
 server when there is one (``twistmail.relay.control``), so they never race
 a delivery; otherwise they change the queue files directly, holding the
 server's lock so it cannot start meanwhile.
@@ -9,6 +10,7 @@ server's lock so it cannot start meanwhile.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -40,6 +42,15 @@ def register(sub) -> None:
     queue.add_parser("flush", help="retry now (all messages, or one)").add_argument(
         "id", nargs="?")
     queue.add_parser("delete", help="remove a message without delivering it").add_argument("id")
+    queue.add_parser("senders", help="authenticated users and domains that sent most in the "
+                     "last hour, against their limits").add_argument(
+        "--top", type=_positive, default=20, metavar="N", help="show N senders (default 20)")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of senders (1 or more)")
+    return int(text)
 
 
 def _when(timestamp: float | None) -> str:

@@ -21,6 +21,11 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   comes, so only commands count.  Closing aborts a client that does not read.
   A line must be complete within the timeout of its first octet (the
   per-record deadline of L{flow.Flow.received}), however often bytes come.
+* **Outbound rate limits** (L{twistmail.ratelimit}): an authenticated user's
+  MAIL reserves a message and each accepted RCPT a recipient against the
+  user's and the domain's hourly limits (451 4.7.1 past one); the end of DATA
+  commits them, and RSET, HELO/EHLO, STARTTLS, a failed DATA or a lost
+  connection releases them, so concurrent sessions cannot overshoot.
 * **Not SMTP** (L{_notSMTP}): an HTTP request line or a header-shaped line
   outside DATA ends the session before anything pipelined behind it is read,
   so a web page's form posted to port 25 cannot deliver the SMTP in its body.
@@ -63,6 +68,7 @@ from twistmail.model import Envelope
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
+from twistmail.ratelimit import LimitReached, Reservation, SendLimits
 
 log = Logger()
 
@@ -151,6 +157,8 @@ class SMTPServer(smtp.ESMTP):
         self._usedEhlo = False
         self._errors = 0
         self._flow: Flow | None = None
+        #: The rate-limit reservation of the open transaction of an authenticated user.
+        self._reservation: Reservation | None = None
         #: What relay permission depends on; SMTP AUTH sets ``authenticated``.
         self.client = Client()
 
@@ -186,6 +194,7 @@ class SMTPServer(smtp.ESMTP):
         return ext
 
     def connectionLost(self, reason) -> None:
+        self._release()
         if self.mode is DATA and self._source is not None:
             self._source.discard()
             self._logTransaction("aborted: client disconnected in DATA", size=self._source.size)
@@ -274,6 +283,7 @@ class SMTPServer(smtp.ESMTP):
                         command=self._command if self.mode != AUTH else "AUTH")
             self.mode = COMMAND
             self._from, self._to = None, []
+            self._release()
             if self._source is not None:
                 self._source.discard()
                 self._source = None
@@ -341,6 +351,7 @@ class SMTPServer(smtp.ESMTP):
             self._helo = None
             self._from = None
             self._to = []
+            self._release()
             self.client = Client(address=self.peerHost)
             self.authenticated = False
             self._flow.startTLS(self.ctx)
@@ -435,9 +446,15 @@ class SMTPServer(smtp.ESMTP):
 
     def validateFrom(self, helo, origin):
         """MX: any sender may deliver to our users (relay policy is in validateTo).
-        Submission (RFC 6409 §4.2, §6.1): only after AUTH, and only as oneself."""
-        if not self.factory.submission:
-            return origin
+        Submission: see L{_checkSubmitter}.  Either: an authenticated user's message
+        counts against the hourly limits."""
+        if self.factory.submission:
+            self._checkSubmitter(origin)
+        self._reserveMessage()
+        return origin
+
+    def _checkSubmitter(self, origin) -> None:
+        """RFC 6409 §4.2, §6.1: only after AUTH, and only as oneself."""
         if not self.authenticated:
             raise smtp.SMTPServerError(530, "5.7.0 Authentication required")
         if self.factory.checkSender:
@@ -453,7 +470,30 @@ class SMTPServer(smtp.ESMTP):
                          user=self.client.authenticated, sender=loggable(sender))
                 raise smtp.SMTPServerError(
                     553, "5.7.1 Sender address rejected: not owned by the authenticated user")
-        return origin
+
+    def _reserveMessage(self) -> None:
+        """An authenticated user's MAIL reserves one message of the hourly limits."""
+        limits = self.factory.sendLimits
+        if limits is None or not self.client.authenticated:
+            return
+        self._release()
+        try:
+            self._reservation = limits.begin(self.client.authenticated)
+        except LimitReached as e:
+            self._logLimit(e)
+            raise smtp.SMTPServerError(451, e.reply()) from None
+
+    def _release(self) -> None:
+        """The transaction ended without a message (RSET, EHLO, failure, disconnect)."""
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
+
+    def _logLimit(self, e: LimitReached) -> None:
+        log.info("ratelimit user={user} domain={domain} limit={limit} max={max} client={client} "
+                 "result={result}", user=loggable(self.client.authenticated),
+                 domain=loggable(self.client.authenticated.rpartition("@")[2]), limit=e.key,
+                 max=e.limit, client=self.peerHost, result="deferred")
 
     def validateTo(self, user):
         """A L{LocalRoute} or L{RelayRoute}; the relay decision is the router's (RFC 5321 §3.6.2)."""
@@ -461,7 +501,7 @@ class SMTPServer(smtp.ESMTP):
             raise smtp.SMTPServerError(452, "4.5.3 Too many recipients")
         address = str(user.dest)
         try:
-            return self.factory.router.route(address, self.client)
+            route = self.factory.router.route(address, self.client)
         except RelayDenied:
             self._logReject(address, "relay denied")
             raise smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied") from None
@@ -471,22 +511,32 @@ class SMTPServer(smtp.ESMTP):
         except BadAddress:
             self._logReject(address, "bad address")
             raise smtp.SMTPBadRcpt(user, 553, "5.1.3 Bad recipient address syntax") from None
+        if self._reservation is not None:
+            try:
+                self._reservation.addRecipient()  # only accepted recipients count
+            except LimitReached as e:
+                self._logLimit(e)
+                raise smtp.SMTPBadRcpt(user, 451, e.reply()) from None
+        return route
 
     def _logReject(self, rcpt: str, why: str) -> None:
         log.info("smtp reject client={client} from=<{sender}> rcpt=<{rcpt}> result={why}",
                  client=self.peerHost, sender=loggable(str(self._from)), rcpt=loggable(rcpt), why=why)
 
     def do_EHLO(self, rest: bytes) -> None:
+        self._release()  # Twisted's do_EHLO and do_HELO reset the transaction
         self._usedEhlo = True
         super().do_EHLO(rest)
 
     def do_HELO(self, rest: bytes) -> None:
+        self._release()
         self._usedEhlo = False
         super().do_HELO(rest)
 
     def do_RSET(self, rest: bytes) -> None:
         self._from = None
         self._to = []
+        self._release()
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_NOOP(self, rest: bytes) -> None:
@@ -623,7 +673,10 @@ class SMTPServer(smtp.ESMTP):
         source, envelope = self._source, self._envelope
         size = source.size
         self._source = None
+        reservation, self._reservation = self._reservation, None
         if self._dataError is not None:
+            if reservation is not None:
+                reservation.release()
             code, message = self._dataError
             self._logTransaction(f"rejected: {message.decode()}", size=size)
             self.sendCode(code, message)
@@ -641,6 +694,8 @@ class SMTPServer(smtp.ESMTP):
             result = "+".join(what for what, todo in (("delivered", envelope.recipients),
                                                        ("queued", envelope.relay)) if todo)
             self._logTransaction(result, size=size)
+            if reservation is not None:
+                reservation.commit()
             self.sendCode(250, f"2.0.0 Ok: queued as {envelope.id}".encode())
 
         def failed(failure) -> None:
@@ -649,6 +704,8 @@ class SMTPServer(smtp.ESMTP):
             else:
                 log.failure("delivery of {id} failed", failure, id=envelope.id)
                 self._logTransaction("deferred: internal error", size=size)
+            if reservation is not None:
+                reservation.release()
             self.sendCode(451, b"4.3.0 Local error in processing, try again later")
 
         d.addCallbacks(delivered, failed)
@@ -680,12 +737,15 @@ class SMTPFactory(smtp.SMTPFactory):
 
     def __init__(self, config, hostname: str, router: Router, delivery, spoolDir: str,
                  limiter: ConnectionLimiter | None = None, security: Security | None = None,
-                 portal=None, submission: bool = False, checkSender: bool = True) -> None:
+                 portal=None, submission: bool = False, checkSender: bool = True,
+                 sendLimits: SendLimits | None = None) -> None:
         """@param delivery: has C{deliver(envelope, source) -> Deferred}, durable when it fires
             (L{twistmail.delivery.pipeline.DeliveryPipeline}).
         @param submission: the RFC 6409 role: AUTH required before MAIL, the sender
             must be the user's own (C{checkSender}), Message-ID and Date added.
-            Otherwise the MX role, which offers AUTH only if C{config["auth"]}."""
+            Otherwise the MX role, which offers AUTH only if C{config["auth"]}.
+        @param sendLimits: the hourly limits of authenticated senders (shared by every
+            listener); None = unlimited."""
         super().__init__(portal)
         self.submission = submission
         self.checkSender = checkSender
@@ -698,6 +758,7 @@ class SMTPFactory(smtp.SMTPFactory):
         self.delivery = delivery
         self.spoolDir = spoolDir
         self.limiter = limiter
+        self.sendLimits = sendLimits
 
     def buildProtocol(self, addr):
         return admit(self.limiter, addr, b"421 4.7.0 ", self._build)
