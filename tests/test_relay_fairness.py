@@ -1,0 +1,160 @@
+"""Per-sender fairness in the relay queue: one sender's flood, or backscatter to one
+address, does not hold back everyone else's mail.
+
+Driven like tests/test_relay_runner.py: a fake clock, a fake SMTP sender that holds
+each transaction until the test answers it, and synchronous disk work.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+from test_relay_runner import ALICE, World
+from twisted.internet import defer
+
+from twistmail.relay.queue import RelayQueue
+from twistmail.relay.sender import SENT, Result
+
+MALLORY = "mallory@example.test"  # a compromised account
+
+
+def deliveriesBefore(w: World, recipient: str, limit: int) -> int:
+    """Answer the held transactions oldest first until one for C{recipient} starts;
+    how many other transactions were started before it."""
+    answered = 0
+    while True:
+        for i, call in enumerate(w.sender.calls):
+            if recipient in call.recipients:
+                return i
+        assert answered < limit, f"{recipient} still waits after {answered} deliveries"
+        call = w.sender.calls[answered]
+        call.d.callback({r: Result(SENT, "250 ok") for r in call.recipients})
+        answered += 1
+        w.clock.advance(0)
+
+
+def flood(w: World, n: int, sender: str, to=lambda i: f"u{i}@remote.test", queue=None) -> list[str]:
+    out = []
+    for i in range(n):
+        (queue or w.queue).enqueue(sender, [to(i)], lambda: [b"Subject: spam\r\n\r\nx\r\n"],
+                                   origin="smtp").addCallback(lambda e: out.append(e.id))
+    return out
+
+
+def test_a_sender_flooding_the_queue_does_not_delay_another_senders_mail(dataDir):
+    w = World(dataDir, maxDeliveries=2)
+    w.sender.hold = True
+    flood(w, 1000, MALLORY)
+    w.clock.advance(1)  # a second later
+    w.enqueue(["friend@other.test"], sender=ALICE)
+    w.clock.advance(0)
+    assert deliveriesBefore(w, "friend@other.test", 1000) <= 4
+
+
+def test_backscatter_to_one_address_does_not_delay_other_mail_or_other_bounces(dataDir):
+    """Bounces (from <>) share a lane per recipient: thousands to one victim are one lane."""
+    w = World(dataDir, maxDeliveries=2)
+    w.sender.hold = True
+    flood(w, 1000, "", to=lambda i: "victim@remote.test")
+    w.clock.advance(1)  # a second later
+    w.enqueue(["friend@other.test"], sender=ALICE)
+    w.enqueue(["carol@elsewhere.test"], sender="")  # a bounce to someone else
+    w.clock.advance(0)
+    assert deliveriesBefore(w, "friend@other.test", 1000) <= 5
+    assert deliveriesBefore(w, "carol@elsewhere.test", 1000) <= 6
+
+
+def test_fair_turns_at_a_busy_domain_too(dataDir):
+    """Both senders mail the same domain: the flood's transactions already waiting for
+    one of its connection slots do not all go first."""
+    w = World(dataDir, maxDeliveries=20, maxPerDomain=1)
+    w.sender.hold = True
+    flood(w, 200, MALLORY, to=lambda i: f"u{i}@busy.test")
+    w.clock.advance(1)  # a second later
+    w.enqueue(["friend@busy.test"], sender=ALICE)
+    w.clock.advance(0)
+    assert deliveriesBefore(w, "friend@busy.test", 200) <= 3
+
+
+def test_tagged_addresses_of_one_account_are_one_sender(dataDir):
+    """user+1@, user+2@ ... are the same account (RFC 5233 subaddresses): one lane."""
+    w = World(dataDir, maxDeliveries=2)
+    w.sender.hold = True
+    for i in range(300):
+        w.enqueue([f"u{i}@remote.test"], sender=f"Mallory+{i}@example.test")
+    w.clock.advance(1)  # a second later
+    w.enqueue(["friend@other.test"], sender=ALICE)
+    w.clock.advance(0)
+    assert deliveriesBefore(w, "friend@other.test", 300) <= 4
+
+
+def test_fair_after_a_restart_with_the_senders_read_by_the_startup_scan(dataDir):
+    w = World(dataDir, maxDeliveries=2)
+    w.runner.stopService()
+    flood(w, 300, MALLORY)
+    w.clock.advance(1)
+    w.enqueue(["friend@other.test"], sender=ALICE)
+    w.sender.hold = True
+    w.runner = w.newRunner()
+    w.clock.advance(0)
+    assert deliveriesBefore(w, "friend@other.test", 300) <= 4
+
+
+def test_fair_for_mail_queued_by_another_process(dataDir):
+    """``twistmail sendmail`` commits its messages itself; the server hears only their
+    ids (``runner.add``) and reads the sender from the queue file."""
+    w = World(dataDir, maxDeliveries=2)
+    w.sender.hold = True
+    other = RelayQueue(dataDir, run=w.queue._run, clock=w.clock.seconds)  # not listened to
+    for id in flood(w, 300, MALLORY, queue=other):
+        w.runner.add(id)
+    w.clock.advance(1)  # a second later
+    [id] = flood(w, 1, ALICE, to=lambda i: "friend@other.test", queue=other)
+    w.runner.add(id)
+    w.clock.advance(0)
+    assert deliveriesBefore(w, "friend@other.test", 300) <= 4
+
+
+def test_a_sender_alone_still_uses_every_delivery_slot(dataDir):
+    """Fairness shares the slots; it does not cap one sender when no one else waits."""
+    w = World(dataDir, maxDeliveries=5, maxPerDomain=20)
+    w.sender.hold = True
+    flood(w, 50, MALLORY)
+    w.clock.advance(0)
+    assert len(w.sender.calls) == 5
+
+
+class NeverLoads:
+    """A queue whose files never finish loading: the runner's bookkeeping alone."""
+
+    path = "/nonexistent"
+
+    def addListener(self, listener):
+        pass
+
+    def scan(self):
+        return defer.Deferred()
+
+    def load(self, id):
+        return defer.Deferred()
+
+
+def test_memory_per_queued_message_is_a_few_hundred_octets(dataDir):
+    """100,000 queued messages must cost a few tens of MB: what is kept per message
+    (id, due time, sender lane) stays under 400 octets, half of it due, half waiting."""
+    w = World(dataDir, maxDeliveries=2)
+    w.runner.stopService()
+    runner = type(w.runner)(NeverLoads(), None, None, None, None, w.settings, w.clock)
+    runner.startService()
+    n = 20_000
+    now = w.clock.seconds()
+    found = [(f"{i:016X}", now if i % 2 else now + 3600, f"sender{i % 500}@example.test")
+             for i in range(n)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    runner._scanned(found)
+    w.clock.advance(0)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert runner.queued == n
+    assert used / n < 400, f"{used / n:.0f} octets per queued message"
