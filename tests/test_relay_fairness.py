@@ -21,16 +21,14 @@ MALLORY = "mallory@example.test"  # a compromised account
 def deliveriesBefore(w: World, recipient: str, limit: int) -> int:
     """Answer the held transactions oldest first until one for C{recipient} starts;
     how many other transactions were started before it."""
-    answered = 0
-    while True:
+    for _ in range(limit + 1):
         for i, call in enumerate(w.sender.calls):
             if recipient in call.recipients:
                 return i
-        assert answered < limit, f"{recipient} still waits after {answered} deliveries"
-        call = w.sender.calls[answered]
+        call = next(c for c in w.sender.calls if not c.d.called)
         call.d.callback({r: Result(SENT, "250 ok") for r in call.recipients})
-        answered += 1
         w.clock.advance(0)
+    raise AssertionError(f"{recipient} still waits after {limit} deliveries")
 
 
 def flood(w: World, n: int, sender: str, to=lambda i: f"u{i}@remote.test", queue=None) -> list[str]:
@@ -48,7 +46,7 @@ def test_a_sender_flooding_the_queue_does_not_delay_another_senders_mail(dataDir
     w.clock.advance(1)  # a second later
     w.enqueue(["friend@other.test"], sender=ALICE)
     w.clock.advance(0)
-    assert deliveriesBefore(w, "friend@other.test", 1000) <= 4
+    assert deliveriesBefore(w, "friend@other.test", 1000) <= 5
 
 
 def test_backscatter_to_one_address_does_not_delay_other_mail_or_other_bounces(dataDir):
@@ -61,7 +59,7 @@ def test_backscatter_to_one_address_does_not_delay_other_mail_or_other_bounces(d
     w.enqueue(["carol@elsewhere.test"], sender="")  # a bounce to someone else
     w.clock.advance(0)
     assert deliveriesBefore(w, "friend@other.test", 1000) <= 5
-    assert deliveriesBefore(w, "carol@elsewhere.test", 1000) <= 6
+    assert deliveriesBefore(w, "carol@elsewhere.test", 1000) <= 5
 
 
 def test_fair_turns_at_a_busy_domain_too(dataDir):
@@ -73,7 +71,7 @@ def test_fair_turns_at_a_busy_domain_too(dataDir):
     w.clock.advance(1)  # a second later
     w.enqueue(["friend@busy.test"], sender=ALICE)
     w.clock.advance(0)
-    assert deliveriesBefore(w, "friend@busy.test", 200) <= 3
+    assert deliveriesBefore(w, "friend@busy.test", 200) <= 5
 
 
 def test_tagged_addresses_of_one_account_are_one_sender(dataDir):
@@ -85,7 +83,7 @@ def test_tagged_addresses_of_one_account_are_one_sender(dataDir):
     w.clock.advance(1)  # a second later
     w.enqueue(["friend@other.test"], sender=ALICE)
     w.clock.advance(0)
-    assert deliveriesBefore(w, "friend@other.test", 300) <= 4
+    assert deliveriesBefore(w, "friend@other.test", 300) <= 5
 
 
 def test_fair_after_a_restart_with_the_senders_read_by_the_startup_scan(dataDir):
@@ -97,7 +95,7 @@ def test_fair_after_a_restart_with_the_senders_read_by_the_startup_scan(dataDir)
     w.sender.hold = True
     w.runner = w.newRunner()
     w.clock.advance(0)
-    assert deliveriesBefore(w, "friend@other.test", 300) <= 4
+    assert deliveriesBefore(w, "friend@other.test", 300) <= 5
 
 
 def test_fair_for_mail_queued_by_another_process(dataDir):
@@ -112,7 +110,7 @@ def test_fair_for_mail_queued_by_another_process(dataDir):
     [id] = flood(w, 1, ALICE, to=lambda i: "friend@other.test", queue=other)
     w.runner.add(id)
     w.clock.advance(0)
-    assert deliveriesBefore(w, "friend@other.test", 300) <= 4
+    assert deliveriesBefore(w, "friend@other.test", 300) <= 5
 
 
 def test_a_sender_alone_still_uses_every_delivery_slot(dataDir):
