@@ -122,6 +122,20 @@ def test_a_sender_alone_still_uses_every_delivery_slot(dataDir):
     assert len(w.sender.calls) == 5
 
 
+def test_repeated_flushes_while_every_slot_is_busy_keep_the_schedule_bounded(dataDir):
+    """Each flush reschedules every message: flushes within one clock tick do not pile
+    up one schedule entry per message per flush."""
+    w = World(dataDir, maxDeliveries=1)
+    w.sender.hold = True
+    flood(w, 100, MALLORY)
+    w.clock.advance(0)
+    for _ in range(50):
+        w.runner.flush()
+        w.clock.advance(0)
+    assert len(w.runner._heap) + len(w.runner._turns) <= 2 * 100 + 1000
+    assert deliveriesBefore(w, "u99@remote.test", 200) <= 100  # and all still get their turn
+
+
 class NeverLoads:
     """A queue whose files never finish loading: the runner's bookkeeping alone."""
 

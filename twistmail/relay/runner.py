@@ -215,6 +215,8 @@ class QueueRunner(service.Service):
     def _schedule(self, id: str, when: float, lane: str | None = None) -> None:
         if lane is not None:
             self._lane[id] = lane
+        if self._due.get(id) == when:
+            return  # already waiting for exactly then
         self._due[id] = when
         heapq.heappush(self._heap, (when, id))
 
