@@ -12,6 +12,7 @@ import tracemalloc
 from test_relay_runner import ALICE, World
 from twisted.internet import defer
 
+from twistmail.relay.fairness import FairQueue, laneKey
 from twistmail.relay.queue import RelayQueue
 from twistmail.relay.sender import SENT, Result
 
@@ -170,3 +171,25 @@ def test_memory_per_queued_message_is_a_few_hundred_octets(dataDir):
     tracemalloc.stop()
     assert runner.queued == n and len(runner._turns) == n - 4
     assert used / n < 450, f"{used / n:.0f} octets per queued message"
+
+
+def test_lane_keys():
+    assert laneKey("Mallory+x@Example.TEST", ["a@b.test"]) == "mallory@example.test"
+    assert laneKey("", ["Victim@Remote.test", "other@remote.test"]) == "victim@remote.test"
+    assert laneKey("ROOT", []) == "root" and laneKey("", []) == ""
+    assert laneKey("a" * 1000 + "@x.test", []) == "a" * 320  # bounded
+    assert laneKey("x@y.test", []) is laneKey("X@y.test", [])  # one string per lane
+
+
+def test_fair_queue_takes_one_per_lane_per_round_and_an_idle_lane_first():
+    q = FairQueue()
+    for i in range(3):
+        q.push("a", f"a{i}")
+    q.push("b", "b0")
+    assert [q.pop(), q.pop()] == ["a0", "b0"]
+    q.push("c", "c0")  # nothing of c or b is waiting: they go before a's next turn
+    q.push("b", "b1")
+    q.push("b", "b2")  # ... but b2 waits for the next round
+    assert [q.pop() for _ in range(len(q))] == ["c0", "b1", "a1", "b2", "a2"]
+    q.push("a", "a3")
+    assert q.pop() == "a3" and len(q) == 0 and q._last == {}

@@ -32,8 +32,8 @@ def laneKey(sender: str, recipients: Sequence[str]) -> str:
     backscatter to one address is one lane.  Interned: the messages of one
     lane share one string.
     """
-    address = sender or (recipients[0] if recipients else "")
-    local, at, domain = address.lower().rpartition("@")
+    address = (sender or (recipients[0] if recipients else "")).lower()
+    local, at, domain = address.rpartition("@")
     if at:
         address = f"{local.split('+', 1)[0]}@{domain}"
     return sys.intern(address[:_MAX_KEY])
