@@ -1,19 +1,26 @@
 """Per-sender fairness in the relay queue: one sender's flood, or backscatter to one
 address, does not hold back everyone else's mail.
 
-Driven like tests/test_relay_runner.py: a fake clock, a fake SMTP sender that holds
-each transaction until the test answers it, and synchronous disk work.
+Mostly driven like tests/test_relay_runner.py: a fake clock, a fake SMTP sender that
+holds each transaction until the test answers it, and synchronous disk work; one test
+runs the server makeService builds against a receiving server on loopback.
 """
 
 from __future__ import annotations
 
+import smtplib
+import time
 import tracemalloc
 
+from relayenv import Internet
+from serverproc import waitUntil
+from support import addUser, onReactor, startServer
 from test_relay_runner import ALICE, World
 from twisted.internet import defer
 
+from twistmail._groupcommit import commitBatch
 from twistmail.relay.fairness import FairQueue, laneKey
-from twistmail.relay.queue import RelayQueue
+from twistmail.relay.queue import QueueEntry, Recipient, RelayQueue, stageNew
 from twistmail.relay.sender import SENT, Result
 
 MALLORY = "mallory@example.test"  # a compromised account
@@ -190,3 +197,41 @@ def test_fair_queue_takes_one_per_lane_per_round_and_an_idle_lane_first():
     assert [q.pop() for _ in range(len(q))] == ["c0", "b1", "a1", "b2", "a2"]
     q.push("a", "a3")
     assert q.pop() == "a3" and len(q) == 0 and q._last == {}
+
+
+def test_a_flood_queued_before_a_restart_does_not_delay_a_message_submitted_after(dataDir):
+    """The composed server (startup scan, enqueue listener, real sender) against a
+    receiving server that answers one message at a time, when the test says so."""
+    net = Internet()
+    server = None
+    try:
+        def stage(i: int):  # queued while the server was down
+            entry = QueueEntry(f"FLOOD{i:04d}", MALLORY, [Recipient(f"u{i}@remote.test")],
+                               time.time(), "smtp")
+            return lambda: stageNew(f"{dataDir}/queue", entry,
+                                    lambda: [b"Subject: spam\r\n\r\nx\r\n"])
+
+        assert all(isinstance(r, list) for r in commitBatch([stage(i) for i in range(300)]))
+        net.sink.script.hold = defer.Deferred()
+        addUser(dataDir, ALICE)
+        server = startServer(dataDir, relay=net.relayConfig(max_deliveries=1))
+        waitUntil(lambda: net.sink.dataSeen, 15, "the first delivery")
+        with smtplib.SMTP("127.0.0.1", server.smtpPort, timeout=30) as client:
+            client.sendmail(ALICE, ["friend@remote.test"], b"Subject: hi\r\n\r\nhello\r\n")
+
+        def answerOne():
+            held, net.sink.script.hold = net.sink.script.hold, defer.Deferred()
+            held.callback(None)
+
+        for seen in range(1, 10):
+            if any("friend@remote.test" in r.recipients for r in net.sink.dataSeen):
+                break
+            onReactor(answerOne)
+            waitUntil(lambda seen=seen: len(net.sink.dataSeen) > seen, 15, "the next delivery")
+        order = [r.recipients for r in net.sink.dataSeen]
+        assert ["friend@remote.test"] in order[:5], order
+    finally:
+        if server is not None:
+            onReactor(lambda: net.sink.script.hold.callback(None))
+            server.stop()
+        net.stop()
