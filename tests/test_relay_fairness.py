@@ -118,6 +118,15 @@ def test_fair_for_mail_queued_by_another_process(dataDir):
     assert deliveriesBefore(w, "friend@other.test", 300) <= 5
 
 
+def test_an_unknown_id_from_the_control_channel_leaves_nothing_behind(dataDir):
+    w = World(dataDir)
+    w.runner.add("NOSUCH")
+    w.runner.flush("NOSUCH2")
+    w.clock.advance(0)
+    assert (w.runner._lane, w.runner._learning, w.runner._forced, w.runner.queued) == \
+        ({}, set(), set(), 0)
+
+
 def test_a_sender_alone_still_uses_every_delivery_slot(dataDir):
     """Fairness shares the slots; it does not cap one sender when no one else waits."""
     w = World(dataDir, maxDeliveries=5, maxPerDomain=20)

@@ -193,6 +193,7 @@ class QueueRunner(service.Service):
 
         def failed(f: Failure) -> None:
             self._learning.discard(id)
+            self._forced.discard(id)
             if f.check(QueueError):
                 log.warn("relay id={id}: {why}", id=id, why=f.getErrorMessage())
             else:
