@@ -141,7 +141,7 @@ def test_scan_cleans_up_after_a_crash_and_lists_due_times(queue):
                        ("NEW.json.9.9.tmp", b"{")):
         with open(os.path.join(queue.path, name), "wb") as f:
             f.write(data)
-    assert result(queue.scan()) == [("OK1", 1700000300.0)]
+    assert result(queue.scan()) == [("OK1", 1700000300.0, "alice@example.test")]
     assert sorted(n for n in os.listdir(queue.path) if not n.startswith(".")) == ["OK1.eml", "OK1.json"]
 
 
@@ -152,7 +152,7 @@ def test_scan_quarantines_what_it_cannot_read(queue):
     with open(os.path.join(queue.path, "BAD.json"), "w") as f:
         json.dump({"format": "twistmail-queue", "version": 99}, f)
     os.unlink(os.path.join(queue.path, "LOST.eml"))
-    assert [id for id, _ in scanSync(queue.path)] == ["GOOD"]
+    assert [id for id, _, _ in scanSync(queue.path)] == ["GOOD"]
     assert sorted(os.listdir(os.path.join(queue.path, "corrupt"))) == ["BAD.eml", "BAD.json", "LOST.json"]
 
 

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twistmail import _fsutil
 from twistmail._groupcommit import GroupCommit, NewFile, Removed, commitBatch, writeNewFile
 from twistmail.errors import StorageError
+from twistmail.relay.fairness import laneKey
 
 log = Logger()
 
@@ -97,6 +98,10 @@ class QueueEntry:
     def nextAttempt(self) -> float | None:
         """When the earliest pending recipient is due; None when nothing is pending."""
         return min((r.next_attempt for r in self.pending()), default=None)
+
+    def lane(self) -> str:
+        """Whose turn this message takes in the runner (L{twistmail.relay.fairness})."""
+        return laneKey(self.sender, [r.address for r in self.recipients])
 
     def toJSON(self) -> bytes:
         document = {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -255,8 +260,8 @@ def commitLocked(queueDir: str, stages: list) -> list:
         return commitBatch(stages)
 
 
-def scanSync(queueDir: str) -> list[tuple[str, float]]:
-    """Clean up after a crash and list (id, next attempt) of every message with work left.
+def scanSync(queueDir: str) -> list[tuple[str, float, str]]:
+    """Clean up after a crash and list (id, next attempt, lane) of every message with work left.
 
     Entries whose files are inconsistent are moved to ``queue/corrupt/`` for the
     admin, never deleted.
@@ -278,7 +283,7 @@ def scanSync(queueDir: str) -> list[tuple[str, float]]:
             _quarantine(queueDir, id, str(e))
             continue
         due = entry.nextAttempt()
-        found.append((id, due if due is not None else 0.0))
+        found.append((id, due if due is not None else 0.0, entry.lane()))
     return found
 
 
@@ -370,5 +375,5 @@ class RelayQueue:
         return self._run(open, self.messagePath(id), "rb")
 
     def scan(self) -> defer.Deferred:
-        """Deferred firing with [(id, next attempt)] for every committed message."""
+        """Deferred firing with [(id, next attempt, lane)] for every committed message."""
         return self._run(scanSync, self.path)

@@ -1,11 +1,32 @@
 # -*- test-case-name: tests.test_relay_runner -*-
 """QueueRunner: works the relay queue — when to try, where, and what then.
 
-In memory it keeps only each queued message's id and when it is next due (a
-dict and a heap); the envelope is read from ``<id>.json`` when the message
-is due and the body is streamed from ``<id>.eml``, so 100,000 queued
-messages cost a few tens of megabytes.  At most ``2 * max_deliveries``
-messages are being worked on at once.
+In memory it keeps only each queued message's id, when it is next due (a
+dict and a heap) and its *lane* (whose turn it takes, below); the envelope
+is read from ``<id>.json`` when the message is due and the body is streamed
+from ``<id>.eml``.  That is about 300 octets per waiting message and 400
+per due one (tests.test_relay_fairness measures it): 100,000 queued
+messages cost 30 to 40 MB.  At most ``2 * max_deliveries`` messages are
+being worked on at once.
+
+Fairness: one sender's flood waits behind itself, not behind others.  A
+message's lane is its sender's address (case-folded, without ``+tag``) or,
+for a bounce (``<>``), its recipient, so backscatter to one address is one
+lane.  Due messages take their turns one per lane per round, oldest first
+within a lane (``twistmail.relay.fairness``), and so do the attempts
+waiting for one of the ``max_deliveries`` slots or of a domain's
+``max_deliveries_per_domain`` connections.  A sender alone still gets
+every slot; with a compromised account's 5,000 messages queued, another
+sender's message takes the next free slot, not the 5,001st.  The
+lane is known without reading the files: from the enqueue listener, the
+startup scan, or (for ``twistmail sendmail``'s messages, which another
+process committed) one read when the server is told of them.  Postfix's
+queue manager has no sender notion: it works messages first come first
+served with a cap per destination (``default_destination_concurrency_limit``
+= 20, our ``max_deliveries_per_domain``), lets a message with few
+recipients overtake a mass mailing, and gives bounces their own lifetime
+(``bounce_queue_lifetime``); so one account's flood to many domains
+delays everyone there.
 
 One attempt at a message: route each due recipient (local account, remote
 domain, or unknown), deliver local ones through LocalDelivery and remote
@@ -54,6 +75,7 @@ from twistmail.delivery.routing import (
 from twistmail.errors import StorageError
 from twistmail.model import Envelope
 from twistmail.relay import bounce
+from twistmail.relay.fairness import FairQueue, FairSemaphore
 from twistmail.relay.mx import DNSFailure
 from twistmail.relay.queue import FAILED, SENT, QueuedSource, QueueEntry, QueueError, RelayQueue
 from twistmail.relay.sender import DEFERRED, Result, logAttempt
@@ -102,29 +124,30 @@ class QueueRunner(service.Service):
         self.settings = settings
         self._clock = clock
         self._due: dict[str, float] = {}  # id -> when; only for ids not being worked on
-        self._heap: list[tuple[float, str]] = []  # may hold stale entries; _due decides
+        self._heap: list[tuple[float, str]] = []  # not due yet; may hold stale entries: _due decides
+        self._turns = FairQueue()  # the same (when, id) entries once due, waiting for their turn
+        self._lane: dict[str, str] = {}  # id -> lane, while the message is queued
+        self._learning: set[str] = set()  # ids whose lane is being read from their file
         self._busy: dict[str, defer.Deferred | None] = {}
         self._forced: set[str] = set()  # flushed: try every pending recipient now
         self._deleting: dict[str, list[defer.Deferred]] = {}  # id -> who waits for it
         self._suspended: dict[str, tuple[float, Result]] = {}
-        self._slots: dict[str, defer.DeferredSemaphore] = {}
-        self._global = defer.DeferredSemaphore(settings.maxDeliveries)
+        self._slots: dict[str, FairSemaphore] = {}
+        self._global = FairSemaphore(settings.maxDeliveries)
         self._maxActive = 2 * settings.maxDeliveries
         self._timer = None
-        self._ready = False
 
     # -- service ------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self._queue.addListener(lambda entry: self.add(entry.id))
+        self._queue.addListener(lambda entry: self.add(entry.id, entry.lane()))
         self._queue.scan().addCallbacks(self._scanned, lambda f: log.failure("queue scan", f))
 
-    def _scanned(self, found: list[tuple[str, float]]) -> None:
-        for id, when in found:
+    def _scanned(self, found: list[tuple[str, float, str]]) -> None:
+        for id, when, lane in found:
             if id not in self._busy and id not in self._due:
-                self._schedule(id, when)
-        self._ready = True
+                self._schedule(id, when, lane)
         log.info("relay queue: {n} messages", n=len(found))
         self._arm()
 
@@ -143,11 +166,40 @@ class QueueRunner(service.Service):
 
     # -- what the rest of the server calls ------------------------------------------
 
-    def add(self, id: str) -> None:
-        """A new message is in the queue: try it now."""
-        if id not in self._busy:
-            self._schedule(id, self._clock.seconds())
-            self._arm()
+    def add(self, id: str, lane: str | None = None) -> None:
+        """A new message is in the queue: try it now.
+
+        @param lane: its L{QueueEntry.lane}; if None (``twistmail sendmail``
+            queued it), read from its file first.
+        """
+        if id in self._busy:
+            return
+        lane = self._lane.get(id) if lane is None else lane
+        if lane is None:
+            self._learn(id)
+            return
+        self._schedule(id, self._clock.seconds(), lane)
+        self._arm()
+
+    def _learn(self, id: str) -> None:
+        if id in self._learning:
+            return
+        self._learning.add(id)
+
+        def learned(entry: QueueEntry) -> None:
+            if id in self._learning:  # not deleted meanwhile
+                self._learning.discard(id)
+                self.add(id, entry.lane())
+
+        def failed(f: Failure) -> None:
+            self._learning.discard(id)
+            self._forced.discard(id)
+            if f.check(QueueError):
+                log.warn("relay id={id}: {why}", id=id, why=f.getErrorMessage())
+            else:
+                log.failure("relay id={id}: cannot read the queue entry", f, id=id)
+
+        self._queue.load(id).addCallbacks(learned, failed)
 
     def flush(self, id: str | None = None) -> None:
         """Try now (all messages, or one), whatever their retry times say."""
@@ -157,8 +209,11 @@ class QueueRunner(service.Service):
             self._suspended.clear()
         for one in ids:
             self._forced.add(one)  # a busy one goes again as soon as its attempt ends
-            if one not in self._busy:
-                self._schedule(one, now)  # also one not seen yet (sendmail's, just committed)
+            if one in self._lane:
+                if one not in self._busy:
+                    self._schedule(one, now)
+            else:
+                self._learn(one)  # not seen yet (sendmail's, just committed)
         self._arm()
 
     def delete(self, id: str) -> defer.Deferred:
@@ -168,6 +223,8 @@ class QueueRunner(service.Service):
             self._deleting.setdefault(id, []).append(waiter)
             return waiter
         self._due.pop(id, None)
+        self._lane.pop(id, None)
+        self._learning.discard(id)
         return self._queue.remove(id).addCallback(
             lambda _: log.info("relay id={id} deleted by the admin", id=id))
 
@@ -177,7 +234,11 @@ class QueueRunner(service.Service):
 
     # -- scheduling ---------------------------------------------------------------
 
-    def _schedule(self, id: str, when: float) -> None:
+    def _schedule(self, id: str, when: float, lane: str | None = None) -> None:
+        if lane is not None:
+            self._lane[id] = lane
+        if self._due.get(id) == when:
+            return  # already waiting for exactly then
         self._due[id] = when
         heapq.heappush(self._heap, (when, id))
 
@@ -187,9 +248,14 @@ class QueueRunner(service.Service):
         heap = self._heap
         while heap and self._due.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)  # stale
-        if not heap or len(self._busy) >= self._maxActive:
+        if len(self._busy) >= self._maxActive:
             return
-        delay = max(0.0, heap[0][0] - self._clock.seconds())
+        if self._turns:
+            delay = 0.0
+        elif heap:
+            delay = max(0.0, heap[0][0] - self._clock.seconds())
+        else:
+            return
         if self._timer is not None and self._timer.active():
             self._timer.reset(delay)
         else:
@@ -198,15 +264,15 @@ class QueueRunner(service.Service):
     def _pump(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        heap = self._heap
-        while heap and len(self._busy) < self._maxActive and self.running:
-            when, id = heap[0]
+        heap, turns = self._heap, self._turns
+        while heap and heap[0][0] <= now:
+            due = heapq.heappop(heap)
+            if self._due.get(due[1]) == due[0]:
+                turns.push(self._lane[due[1]], due)
+        while turns and len(self._busy) < self._maxActive and self.running:
+            when, id = turns.pop()
             if self._due.get(id) != when:
-                heapq.heappop(heap)
-                continue
-            if when > now:
-                break
-            heapq.heappop(heap)
+                continue  # stale: rescheduled, deleted or started meanwhile
             del self._due[id]
             self._busy[id] = d = self._process(id)
             d.addBoth(self._processed, id)
@@ -216,6 +282,8 @@ class QueueRunner(service.Service):
         self._busy.pop(id, None)
         for waiter in self._deleting.pop(id, []):
             waiter.callback(None)
+        if result is None or isinstance(result, Failure) and result.check(QueueError):
+            self._lane.pop(id, None)  # it left the queue
         if isinstance(result, Failure):
             if result.check(QueueError):
                 log.warn("relay id={id}: {why}", id=id, why=result.getErrorMessage())
@@ -311,15 +379,15 @@ class QueueRunner(service.Service):
 
         return d.addBoth(done)
 
-    def _slot(self, domain: str) -> defer.DeferredSemaphore:
+    def _slot(self, domain: str) -> FairSemaphore:
         slot = self._slots.get(domain)
         if slot is None:
-            slot = self._slots[domain] = defer.DeferredSemaphore(self.settings.maxPerDomain)
+            slot = self._slots[domain] = FairSemaphore(self.settings.maxPerDomain)
         return slot
 
-    def _release(self, domain: str, slot: defer.DeferredSemaphore) -> None:
+    def _release(self, domain: str, slot: FairSemaphore) -> None:
         slot.release()
-        if slot.tokens == slot.limit and not slot.waiting:
+        if slot.idle:
             self._slots.pop(domain, None)
 
     @defer.inlineCallbacks
@@ -328,10 +396,11 @@ class QueueRunner(service.Service):
         # ours: the attempts ahead of us may have suspended it meanwhile.)
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
+        lane = entry.lane()
         slot = self._slot(domain)
-        yield slot.acquire()
+        yield slot.acquire(lane)
         try:
-            yield self._global.acquire()
+            yield self._global.acquire(lane)
             try:
                 results = yield self._attemptDomain(entry, domain, addresses)
             finally:
