@@ -30,7 +30,8 @@ def settings(port, **kw) -> SenderSettings:
     return SenderSettings(heloName="relay.example.test", port=port, **kw)
 
 
-def send(sender, hops, recipients=("bob@remote.test",), message=MESSAGE, mailFrom="a@example.test"):
+def send(sender, hops, recipients=("bob@remote.test",), message=MESSAGE, mailFrom="a@example.test",
+         origin="smtp"):
     opened = []
 
     def openMessage():
@@ -39,7 +40,8 @@ def send(sender, hops, recipients=("bob@remote.test",), message=MESSAGE, mailFro
         return defer.succeed(f)
 
     results = onReactor(lambda: sender.send(hops, mailFrom, list(recipients), openMessage,
-                                            {"id": "T1", "domain": "remote.test"}))
+                                            {"id": "T1", "domain": "remote.test",
+                                             "origin": origin}))
     assert all(f.closed for f in opened)
     return results
 
@@ -309,6 +311,21 @@ def test_enforce_without_starttls_is_deferred_and_reported(certs, tmp_path):
         assert "MTA-STS" in result.reply
         assert sink.messages == [] and sink.connections == 1  # no plaintext retry
         assert reports.records == [("remote.test", "starttls-not-supported", "localhost")]
+    finally:
+        sink.stop()
+
+
+def test_a_tls_report_is_delivered_despite_the_policy_and_not_counted(certs, tmp_path):
+    """RFC 8460 §5.3: reports of TLS failures must get through those failures (they are
+    sent as RFC 8689 ``TLS-Required: No``), and are not counted in the next report."""
+    sink = startSink()  # no STARTTLS: what the report is about
+    reports = Reports()
+    try:
+        results = send(RelaySender(reactor, stsSettings(sink.port, certs, tmp_path), reports),
+                       [Hop("localhost", ("127.0.0.1",), policy=policy("enforce"))],
+                       mailFrom="", origin="tlsrpt")
+        assert results["bob@remote.test"].kind == SENT
+        assert len(sink.messages) == 1 and reports.records == []
     finally:
         sink.stop()
 

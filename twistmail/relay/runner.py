@@ -422,7 +422,7 @@ class QueueRunner(service.Service):
 
     @defer.inlineCallbacks
     def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str]):
-        context = {"id": entry.id, "domain": domain}
+        context = {"id": entry.id, "domain": domain, "origin": entry.origin}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
         try:

@@ -300,7 +300,10 @@ class RelaySender:
                 if tried == MAX_ADDRESSES:
                     break
                 tried += 1
-                mode = getattr(hop.policy, "mode", None)
+                # RFC 8460 §5.3: a TLS report must get through the failures it reports
+                # (sent as RFC 8689 "TLS-Required: No"): no policy for it, nothing counted.
+                mode = None if logContext.get("origin") == "tlsrpt" else \
+                    getattr(hop.policy, "mode", None)
                 level = _VERIFY if self.settings.tls == "required" or \
                     mode in (ENFORCE, TESTING) else _MAY
                 while True:
