@@ -200,12 +200,17 @@ def test_ipv6_then_ipv4_addresses_are_tried(net, relay, dataDir):
         server = relay()
         submit(server.smtpPort, ["bob@v6.test"])  # AAAA ::1 (nothing listens), then A 127.0.0.1
         [got] = wait(lambda: net.sink.messages, "delivery over IPv4 after IPv6 was refused")
+
+        def attempts():
+            return [(e["mx"], e["result"]) for e in list(events)
+                    if e.get("log_format", "").startswith("relay id=") and e.get("domain") == "v6.test"]
+
+        # The sink has the message before the relay has read its 250 and logged "sent".
+        wait(lambda: len(attempts()) == 2, "the relay to log both attempts")
     finally:
         onReactor(globalLogPublisher.removeObserver, events.append)
     assert got.local == "127.0.0.1"
-    attempts = [(e["mx"], e["result"]) for e in events
-                if e.get("log_format", "").startswith("relay id=") and e.get("domain") == "v6.test"]
-    assert attempts == [(f"mx.v6.test[::1]:{net.port}", "deferred"),
+    assert attempts() == [(f"mx.v6.test[::1]:{net.port}", "deferred"),
                         (f"mx.v6.test[127.0.0.1]:{net.port}", "sent")]
 
 
