@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import weakref
 
 from twisted.internet import defer, task, threads
@@ -48,6 +49,10 @@ class FileStore:
         self._recentlyUsed: collections.OrderedDict = collections.OrderedDict()
         self._reactor = reactor
         self._watcher: Watcher | None = None
+        # Subscribing is read-modify-write of one file per account: a client's parallel
+        # first logins each subscribe the special-use folders, and none may be lost.
+        # One lock for the store (not one per account: no table to bound); it is rare.
+        self._subscriptionsLock = threading.Lock()
 
     def accountPath(self, name: str) -> str:
         try:
@@ -144,11 +149,12 @@ class FileAccount:
         return self._store._run(self._setSubscribedSync, name, subscribed)
 
     def _setSubscribedSync(self, name: str, subscribed: bool) -> None:
-        current = set(self._readSubscriptions())
-        current = current | {name} if subscribed else current - {name}
-        self._makeRoot()
-        _fsutil.atomicWrite(os.path.join(self.root, self.subscriptionsFile),
-                            "".join(n + "\n" for n in sorted(current)).encode("utf-8"))
+        with self._store._subscriptionsLock:
+            current = set(self._readSubscriptions())
+            current = current | {name} if subscribed else current - {name}
+            self._makeRoot()
+            _fsutil.atomicWrite(os.path.join(self.root, self.subscriptionsFile),
+                                "".join(n + "\n" for n in sorted(current)).encode("utf-8"))
 
 
 class FolderIndex:
