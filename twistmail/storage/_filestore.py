@@ -131,6 +131,17 @@ class FileAccount:
         d = self._store._run(self._prepareInbox, path) if name == "INBOX" else defer.succeed(None)
         return d.addCallback(lambda ignored: folder.refresh()).addCallback(lambda ignored: folder)
 
+    def _renameInbox(self, work, *args) -> defer.Deferred:
+        """Run C{work} (INBOX's messages move, INBOX stays: RFC 3501 §6.3.5) in a worker
+        thread, under INBOX's folder lock if a session has it open.  INBOX stays in the
+        folder cache: its sessions keep sharing one index."""
+        inbox = self._store._folders.get((self.name, "INBOX"))
+
+        def run() -> defer.Deferred:
+            return self._store._run(work, *args)
+
+        return inbox._lock.run(run) if inbox is not None else run()
+
     def subscriptions(self) -> defer.Deferred:
         return self._store._run(self._readSubscriptions)
 

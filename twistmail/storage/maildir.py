@@ -118,7 +118,9 @@ class MaildirAccount(FileAccount):
             return defer.fail()
         if name == "INBOX":
             return defer.fail(StorageError("INBOX cannot be deleted"))
-        return self._store._run(self._deleteSync, name, path)
+        # The folder cache is the reactor thread's: forget there, not in the worker.
+        return self._store._run(self._deleteSync, name, path).addCallback(
+            lambda ignored: self._store._forget(self.name, name))
 
     def _deleteSync(self, name: str, path: str) -> None:
         if not os.path.isdir(os.path.join(path, "cur")):
@@ -128,14 +130,16 @@ class MaildirAccount(FileAccount):
         os.rename(path, trash)
         _fsutil.fsyncDir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
-        self._store._forget(self.name, name)
 
     def renameFolder(self, old: str, new: str) -> defer.Deferred:
         try:
             old, new = folders.normalize(old), folders.normalize(new)
         except InvalidFolderName:
             return defer.fail()
-        return self._store._run(self._renameSync, old, new)
+        if old != "INBOX":
+            return self._store._run(self._renameSync, old, new).addCallback(
+                lambda ignored: self._store._forget(self.name, old))
+        return self._renameInbox(self._renameSync, old, new)
 
     def _renameSync(self, old: str, new: str) -> None:
         src, dst = self.folderPath(old), self.folderPath(new)
@@ -156,7 +160,6 @@ class MaildirAccount(FileAccount):
             for path in (os.path.join(src, "cur"), os.path.join(src, "new"), os.path.join(dst, "cur"),
                          os.path.join(dst, "new")):
                 _fsutil.fsyncDir(path)
-            self._store._forget(self.name, old)
             return
         prefix = os.path.basename(src)
         moves = [(entry, os.path.basename(dst) + entry[len(prefix):])
@@ -170,7 +173,6 @@ class MaildirAccount(FileAccount):
         if parent and not os.path.isdir(os.path.join(self.folderPath(parent), "cur")):
             self._createSync(parent, self.folderPath(parent))
         _fsutil.fsyncDir(self.root)
-        self._store._forget(self.name, old)
 
 
 @implementer(IMailStore)

@@ -45,7 +45,7 @@ log = Logger()
 
 SUBSCRIPTIONS = ".subscriptions"
 NAME_MAX = 255
-#: Octets a component's derived names add (".<name>.index.tmp.<pid>", ".<name>.lk<pid>.<n>").
+#: Octets a component's derived names add (".<name>.index.tmp.<pid>.<n>", ".<name>.lk<pid>.<n>").
 _DERIVED = 40
 #: Deliveries written to one mbox in one locked trip (one fsync).
 MAX_BATCH = 64
@@ -170,14 +170,8 @@ class MboxAccount(FileAccount):
         if old != "INBOX":
             return self._store._run(self._renameSync, old, new, src, dst).addCallback(
                 lambda ignored: self._store._forget(self.name, old))
-        # RFC 3501 §6.3.5: INBOX's messages move, INBOX stays (empty, same UIDVALIDITY,
-        # and its UIDNEXT goes on): under its folder lock if a session has it open.
-        inbox = self._store._folders.get((self.name, "INBOX"))
-
-        def run() -> defer.Deferred:
-            return self._store._run(self._renameInboxSync, new, src, dst)
-
-        return inbox._lock.run(run) if inbox is not None else run()
+        # INBOX stays empty with the same UIDVALIDITY, and its UIDNEXT goes on.
+        return self._renameInbox(self._renameInboxSync, new, src, dst)
 
     def _renameSync(self, old: str, new: str, src: str, dst: str) -> None:
         if not os.path.isfile(src):

@@ -411,8 +411,8 @@ class MboxFolder(FolderIndex):
         """Write the folder anew without C{drop}, with C{flags} (uid -> flags), and rename it
         over the old file: a crash leaves one complete file or the other."""
         directory, base = os.path.split(self.path)
-        tmp = os.path.join(directory, f".{base}.rewrite")
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+        tmp = _fsutil.tempName(os.path.join(directory, f".{base}.rewrite"))
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                       os.fstat(fd).st_mode & 0o777)
         kept: dict[int, Entry] = {}
         try:
