@@ -45,7 +45,8 @@ log = Logger()
 
 SUBSCRIPTIONS = ".subscriptions"
 NAME_MAX = 255
-#: Octets a component's derived names add (".<name>.index.tmp.<pid>.<n>", ".<name>.lk<pid>.<n>").
+#: Octets a component's derived names add (".<name>.index.tmp.<pid>.<n>", ".<name>.lk<pid>.<n>",
+#: ".<name>.rewrite").
 _DERIVED = 40
 #: Deliveries written to one mbox in one locked trip (one fsync).
 MAX_BATCH = 64

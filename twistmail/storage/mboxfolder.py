@@ -411,8 +411,11 @@ class MboxFolder(FolderIndex):
         """Write the folder anew without C{drop}, with C{flags} (uid -> flags), and rename it
         over the old file: a crash leaves one complete file or the other."""
         directory, base = os.path.split(self.path)
-        tmp = _fsutil.tempName(os.path.join(directory, f".{base}.rewrite"))
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+        # One fixed name is safe here, unlike atomicWrite's: only the holder of the
+        # exclusive lock (which excludes this process's other threads too) writes it,
+        # and the next rewrite reuses what a crash left behind.
+        tmp = os.path.join(directory, f".{base}.rewrite")
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                       os.fstat(fd).st_mode & 0o777)
         kept: dict[int, Entry] = {}
         try:
