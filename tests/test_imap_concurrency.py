@@ -9,9 +9,11 @@ other sessions' expunges only where RFC 3501 §7.4.1 allows.
 from __future__ import annotations
 
 import imaplib
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from imapwire import RawIMAP
 from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
 
 ALICE = "alice@example.test"
@@ -61,3 +63,104 @@ def test_concurrent_first_logins_of_one_account(server):
     c.logout()
     subscribed = {line.decode().rsplit(" ", 1)[1].strip('"') for line in lines}
     assert {"Drafts", "Sent", "Trash", "Junk", "Archive"} <= subscribed, subscribed
+
+
+def selected(server) -> RawIMAP:
+    c = RawIMAP(server.imapPort)
+    c.login()
+    c.ok("SELECT INBOX")
+    return c
+
+
+def appendMessages(server, count: int) -> None:
+    c = RawIMAP(server.imapPort)
+    c.login()
+    for n in range(1, count + 1):
+        data = msg(n)
+        c.ok(b"APPEND INBOX (\\Flagged) {%d+}\r\n" % len(data) + data)
+    c.close()
+
+
+def test_fetch_store_search_of_a_message_another_session_expunged(server):
+    """RFC 2180 §4.1 as Dovecot does it: until this session is told of the expunge
+    (RFC 3501 §7.4.1: not during FETCH, STORE or SEARCH), it is served from its own
+    view: UID, FLAGS, INTERNALDATE and RFC822.SIZE as they were; what needs the gone
+    message's text is NIL, and the FETCH ends with OK [EXPUNGEISSUED] (Dovecot's
+    imap-fetch.c "nil reply", cmd-fetch.c).  STORE on it does nothing and succeeds
+    (Dovecot's cmd-store.c).  Nothing fails."""
+    appendMessages(server, 2)
+    a, b = selected(server), selected(server)
+    b.ok("STORE 1 +FLAGS (\\Deleted)")
+    b.ok("EXPUNGE")
+
+    untagged, status = a.command("FETCH 1 (UID FLAGS RFC822.SIZE)")
+    assert status.startswith(b"OK"), status
+    match = re.fullmatch(rb"\* 1 FETCH \(UID 1 FLAGS \(([^)]*)\) RFC822.SIZE (\d+)\)", untagged[0])
+    assert len(untagged) == 1 and match, untagged
+    assert set(match[1].split()) - {b"\\Recent"} == {b"\\Flagged", b"\\Deleted"}
+    assert int(match[2]) == len(msg(1))
+    untagged, status = a.command("FETCH 1:2 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)] ENVELOPE)")
+    assert status.startswith(b"OK [EXPUNGEISSUED]"), status
+    assert untagged[0] == (b"* 1 FETCH (UID 1 BODY[HEADER.FIELDS (SUBJECT)] NIL "
+                           b"ENVELOPE (NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL))")
+    assert untagged[1].startswith(b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (SUBJECT)] {")
+    untagged, status = a.command("FETCH 1 (BODY BODYSTRUCTURE RFC822)")
+    assert status.startswith(b"OK [EXPUNGEISSUED]"), status
+    assert untagged == [b'* 1 FETCH (BODY ("text" "plain" NIL NIL NIL "7bit" 0 0) '
+                        b'BODYSTRUCTURE ("text" "plain" NIL NIL NIL "7bit" 0 0 NIL NIL NIL NIL) '
+                        b'RFC822 NIL)']
+    untagged = a.ok("STORE 1:2 +FLAGS (\\Seen)")
+    assert len(untagged) == 1 and untagged[0].startswith(b"* 2 FETCH (FLAGS ("), untagged
+    assert a.ok("SEARCH FLAGGED") == [b"* SEARCH 1 2"]
+    assert a.ok("SEARCH BODY \"body\"") == [b"* SEARCH 2"]
+    # Told at last (NOOP may): the numbers move.
+    assert a.ok("NOOP") == [b"* 1 EXPUNGE"]
+    assert a.ok("FETCH 1 (UID)") == [b"* 1 FETCH (UID 2)"]
+
+
+def test_ten_sessions_append_fetch_store_search_expunge_in_one_folder(server):
+    """Ten sessions working one folder at once: every command of every session
+    succeeds, though each keeps seeing messages the others expunged."""
+    appendMessages(server, 20)
+    rounds = 12
+
+    def session(i: int) -> list:
+        c = client(server)
+        c.login(ALICE, "secret")
+        failures = []
+        count = 0
+
+        def run(*command):
+            nonlocal count
+            try:
+                typ, data = (c.uid(*command[1:]) if command[0] == "UID"
+                             else getattr(c, command[0].lower())(*command[1:]))
+            except imaplib.IMAP4.error as e:
+                typ, data = "BAD", [str(e).encode()]
+            if typ != "OK":
+                failures.append((command, typ, data))
+            exists = c.untagged_responses.pop("EXISTS", None)
+            expunged = c.untagged_responses.pop("EXPUNGE", [])
+            count = int(exists[-1]) if exists else count - len(expunged)
+            c.untagged_responses.clear()
+            return data
+
+        run("SELECT", "INBOX")
+        for n in range(rounds):
+            run("APPEND", "INBOX", None, None, msg(100 * i + n))
+            run("NOOP")
+            if count:
+                run("FETCH", f"1:{count}", "(UID FLAGS RFC822.SIZE INTERNALDATE)")
+                run("FETCH", f"{max(1, count - 3)}:{count}", "(BODY.PEEK[] ENVELOPE BODYSTRUCTURE)")
+                run("STORE", f"1:{count}", "+FLAGS.SILENT", "(\\Seen)")
+                run("STORE", str(count), "+FLAGS", "(\\Deleted)")
+                run("FETCH", f"1:{count}", "(FLAGS BODY[HEADER.FIELDS (SUBJECT)])")
+            run("SEARCH", None, "TEXT", "body")
+            run("UID", "SEARCH", "FLAGGED")
+            run("UID", "FETCH", "1:*", "(FLAGS)")
+            run("EXPUNGE")
+        c.logout()
+        return failures
+
+    results = together(SESSIONS, session)
+    assert [r for r in results if r] == [], results

@@ -219,6 +219,10 @@ class FolderIndex:
     def keywords(self) -> list[str]:
         return list(self._keywords)
 
+    def _expunged(self, entries: dict, uids) -> tuple:
+        """The messages C{uids} of C{entries} as they were, for L{FolderChanges.expunged}."""
+        return tuple(self._message(uid, entries[uid]) for uid in uids)
+
     def _changed(self, changes: FolderChanges) -> FolderChanges:
         if changes:
             self._snapshot = None

@@ -300,6 +300,8 @@ class MaildirFolder(FolderIndex):
     def _applyFull(self, scan: _Scan) -> FolderChanges:
         validityChanged = bool(self.uidValidity) and scan.uidValidity != self.uidValidity
         old, new = self._entries, scan.entries
+        removed = tuple(u for u in old if u not in new)
+        expunged = self._expunged(old, removed)  # with the keywords they had
         if scan.keywords != self._keywords:
             self._keywords = scan.keywords
             self._flagCache = {}
@@ -309,9 +311,10 @@ class MaildirFolder(FolderIndex):
         self._byBase = {e.base: uid for uid, e in new.items()}
         changes = FolderChanges(
             added=tuple(u for u in new if u not in old),
-            removed=tuple(u for u in old if u not in new),
+            removed=removed,
             flagsChanged=tuple(u for u, e in new.items() if u in old and old[u].info != e.info),
             uidValidityChanged=validityChanged,
+            expunged=expunged,
         )
         return self._changed(changes)
 
@@ -565,9 +568,10 @@ class MaildirFolder(FolderIndex):
                 if u not in targets]
 
         def removed(ignored) -> list:
+            expunged = self._expunged(self._entries, targets)
             for uid in targets:
                 del self._byBase[self._entries.pop(uid).base]
-            self._changed(FolderChanges(removed=tuple(targets)))
+            self._changed(FolderChanges(removed=tuple(targets), expunged=expunged))
             return list(targets)
 
         return self._runOwn(self._removeSync, targets, keep).addCallback(removed)

@@ -110,11 +110,13 @@ class MboxFolder(FolderIndex):
         if sync.full is not None:
             new = sync.full
             self._entries = new
+            removed = tuple(u for u in old if u not in new)
             changes = FolderChanges(
                 added=tuple(u for u in new if u not in old),
-                removed=tuple(u for u in old if u not in new),
+                removed=removed,
                 flagsChanged=tuple(u for u, e in new.items() if u in old and old[u].flags != e.flags),
-                uidValidityChanged=validityChanged)
+                uidValidityChanged=validityChanged,
+                expunged=self._expunged(old, removed))
         else:
             flagsChanged = []
             for uid, e in sync.updated:
