@@ -816,6 +816,27 @@ class StoreConformanceTests:
         assert set(onReactor(account.listFolders)) >= {f"New{i}" for i in range(4)}
         assert onReactor(account.subscriptions) == [f"Box{i}" for i in range(4)]
 
+    def test_readsDuringConcurrentExpungesSucceed(self, store):
+        """Sessions read while others expunge (an mbox is rewritten each time): every
+        message still in the folder reads whole, every time."""
+        for n in range(CONCURRENCY):
+            deliver(store, message(n))
+        folder = openFolder(store)
+        every = uids(folder)
+        keep = every[-4:]
+
+        def work():
+            ops = []
+            for uid in every[:-4]:
+                ops.append(folder.remove([uid]))
+                ops += [folder.readMessages(keep) for _ in range(3)]
+            return defer.gatherResults(ops, consumeErrors=True)
+
+        results = onReactor(work)
+        expected = [message(n) for n in range(CONCURRENCY - 4, CONCURRENCY)]
+        assert [r for i, r in enumerate(results) if i % 4] == [expected] * (3 * len(every[:-4]))
+        assert uids(folder) == keep
+
     def test_accountsAreSeparate(self, store):
         deliver(store, message(1), account=ALICE)
         deliver(store, message(2), account="Bob@Example.Test")
