@@ -816,6 +816,19 @@ class StoreConformanceTests:
         assert set(onReactor(account.listFolders)) >= {f"New{i}" for i in range(4)}
         assert onReactor(account.subscriptions) == [f"Box{i}" for i in range(4)]
 
+    def test_removalListenersHearWhatWasRemoved(self, store):
+        """FolderChanges.expunged is optional; when given, it is the removed messages as
+        they were (sessions not yet told of the expunge answer FETCH from it)."""
+        for n in range(3):
+            deliver(store, message(n))
+        folder = openFolder(store)
+        call(folder, "setFlags", [2], {"\\Flagged", "work"}, "add")
+        before = byUid(folder)
+        changes, _ = waitForChange(folder, lambda: folder.remove([2]),
+                                   lambda changes: bool(changes.removed))
+        assert changes.removed == (2,)
+        assert changes.expunged in ((), (before[2],))
+
     def test_readsDuringConcurrentExpungesSucceed(self, store):
         """Sessions read while others expunge (an mbox is rewritten each time): every
         message still in the folder reads whole, every time."""
