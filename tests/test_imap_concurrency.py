@@ -164,3 +164,19 @@ def test_ten_sessions_append_fetch_store_search_expunge_in_one_folder(server):
 
     results = together(SESSIONS, session)
     assert [r for r in results if r] == [], results
+
+
+def test_keyword_limit_is_a_limit_never_a_serverbug(server):
+    """A folder's last keyword letters taken by another session (Maildir has 26): a STORE
+    or APPEND that needs one more is refused with NO [LIMIT], not NO [SERVERBUG]."""
+    appendMessages(server, 1)
+    a, b = selected(server), selected(server)
+    a.ok("STORE 1 +FLAGS (" + " ".join(f"k{n}" for n in range(26)) + ")")
+    data = msg(2)
+    for c, command in ((b, b"STORE 1 +FLAGS (more)"),
+                       (b, b"APPEND INBOX (another) {%d+}\r\n" % len(data) + data)):
+        untagged, status = c.command(command)
+        if server.backend == "maildir":
+            assert status.startswith(b"NO [LIMIT]"), (command, status)
+        else:  # mbox keywords have no limit
+            assert status.startswith(b"OK"), (command, status)

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from twistmail import _fsutil
 from twistmail._groupcommit import NewFile, commitBatch, writeNewFile
-from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError
+from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError, TooManyKeywords
 from twistmail.interfaces import IImportableMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _uidlist
@@ -395,7 +395,7 @@ class MaildirFolder(FolderIndex):
         for keyword in sorted(f for f in flags if not f.startswith("\\") and f != "$Forwarded"):
             if keyword not in self._keywords:
                 if len(self._keywords) >= MAX_KEYWORDS:
-                    raise StorageError(f"at most {MAX_KEYWORDS} keywords per folder")
+                    raise TooManyKeywords(f"at most {MAX_KEYWORDS} keywords per folder")
                 self._keywords.append(keyword)
             letters.add(chr(97 + self._keywords.index(keyword)))
         return "".join(sorted(letters))
@@ -407,7 +407,7 @@ class MaildirFolder(FolderIndex):
         """Info letters for each flag set, giving new keywords letters; all or none.
 
         @return: (the infos, the keyword list if it grew, else None)
-        @raise StorageError: past MAX_KEYWORDS; the keywords are as before.
+        @raise TooManyKeywords: past MAX_KEYWORDS; the keywords are as before.
         """
         before = list(self._keywords)
         try:

@@ -51,6 +51,7 @@ from twistmail.errors import (
     NoSuchFolder,
     NoSuchMessage,
     StorageError,
+    TooManyKeywords,
 )
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
@@ -105,6 +106,9 @@ def _storageNo(failure_or_error) -> bytes:
         return b"[CANNOT] " + str(error).encode("utf-8", "replace")[:200]
     if isinstance(error, NoSuchMessage):
         return b"[EXPUNGEISSUED] Some of the messages no longer exist"
+    if isinstance(error, TooManyKeywords):
+        # Another session may have taken the last keyword since this command's check.
+        return b"[LIMIT] " + str(error).encode("utf-8", "replace")[:200]
     return b"[SERVERBUG] " + str(error).encode("utf-8", "replace")[:200]
 
 
