@@ -40,9 +40,22 @@ def together(count: int, work) -> list:
         return list(pool.map(run, range(count)))
 
 
-def client(server) -> imaplib.IMAP4:
-    c = imaplib.IMAP4("127.0.0.1", server.imapPort, timeout=30)
-    return c
+class Counting(imaplib.IMAP4):
+    """imaplib, also keeping EXISTS and EXPUNGE in the order they came (imaplib's own
+    dict of untagged responses loses the order, and some commands take theirs away)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.heard: list[tuple[str, bytes]] = []
+        super().__init__(*args, **kwargs)
+
+    def _append_untagged(self, typ, dat):
+        if typ in ("EXISTS", "EXPUNGE"):
+            self.heard.append((typ, dat))
+        super()._append_untagged(typ, dat)
+
+
+def client(server) -> Counting:
+    return Counting("127.0.0.1", server.imapPort, timeout=30)
 
 
 def test_concurrent_first_logins_of_one_account(server):
@@ -139,9 +152,9 @@ def test_ten_sessions_append_fetch_store_search_expunge_in_one_folder(server):
                 typ, data = "BAD", [str(e).encode()]
             if typ != "OK":
                 failures.append((command, typ, data))
-            exists = c.untagged_responses.pop("EXISTS", None)
-            expunged = c.untagged_responses.pop("EXPUNGE", [])
-            count = int(exists[-1]) if exists else count - len(expunged)
+            for kind, value in c.heard:  # in the order the server sent them
+                count = int(value) if kind == "EXISTS" else count - 1
+            c.heard.clear()
             c.untagged_responses.clear()
             return data
 

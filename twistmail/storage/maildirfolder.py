@@ -49,6 +49,8 @@ _FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": 
 _LETTER_FLAGS = {v: k for k, v in _FLAG_LETTERS.items()}
 _LETTER_FLAGS["P"] = "$Forwarded"  # "passed" in Maildir, $Forwarded keyword in IMAP
 MAX_KEYWORDS = 26
+#: Times a message renamed under a reader is looked for again before it counts as gone.
+OPEN_TRIES = 3
 #: Seconds after which a refresh rescans cur/ even if its mtime says nothing changed.
 FULL_SCAN_INTERVAL = 300.0
 
@@ -382,11 +384,19 @@ class MaildirFolder(FolderIndex):
         try:
             return open(path, "rb")
         except FileNotFoundError:
-            # Renamed by another program since our last scan (flags changed).
+            pass
+        # Renamed since the index was made (flags changed by another session or
+        # program), or expunged: look for its name now.  It can move, or go, again
+        # between the listing and the open (another session's expunge), so a few tries.
+        for _ in range(OPEN_TRIES):
             name = self._currentName(base)
             if name is None:
-                raise NoSuchMessage(base) from None
-            return open(os.path.join(self.path, "cur", name), "rb")
+                break
+            try:
+                return open(os.path.join(self.path, "cur", name), "rb")
+            except FileNotFoundError:
+                continue
+        raise NoSuchMessage(base)
 
     def _infoFor(self, flags) -> str:
         letters = {_FLAG_LETTERS[f] for f in flags if f in _FLAG_LETTERS}
