@@ -9,6 +9,7 @@ other sessions' expunges only where RFC 3501 §7.4.1 allows.
 from __future__ import annotations
 
 import imaplib
+import random
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -193,3 +194,58 @@ def test_keyword_limit_is_a_limit_never_a_serverbug(server):
             assert status.startswith(b"NO [LIMIT]"), (command, status)
         else:  # mbox keywords have no limit
             assert status.startswith(b"OK"), (command, status)
+
+
+class LoggedFailures:
+    """The server's logged failures (tracebacks) while in use: there must be none."""
+
+    def __enter__(self) -> list:
+        from twisted.logger import globalLogPublisher
+
+        self.seen: list = []
+        self._observer = lambda event: event.get("log_failure") is not None and self.seen.append(
+            event["log_failure"].getTraceback()[-2000:])
+        globalLogPublisher.addObserver(self._observer)
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self._observer)
+
+
+def test_ten_sessions_change_one_accounts_folders_at_once(server):
+    """Sessions of one account creating, deleting, renaming, subscribing, selecting,
+    appending to and asking STATUS of the same few folders at once: answers are OK or
+    a clear NO ([NONEXISTENT], [ALREADYEXISTS], [TRYCREATE]), never BAD or [SERVERBUG],
+    and the server logs no failure.  A session whose selected folder is deleted under
+    it may be told BYE, as Dovecot does."""
+    def session(i: int) -> list:
+        rnd = random.Random(i)
+        c = client(server)
+        c.login(ALICE, "secret")
+        wrong = []
+        for n in range(40):
+            a, b = f"F{rnd.randrange(3)}", f"F{rnd.randrange(3)}/S{i}"
+            command = rnd.choice([
+                ("create", a), ("delete", a), ("rename", a, b), ("subscribe", a),
+                ("unsubscribe", a), ("list",), ("status", a, "(MESSAGES UIDNEXT)"),
+                ("select", a), ("append", a, None, None, msg(n))])
+            try:
+                typ, data = getattr(c, command[0])(*command[1:])
+            except imaplib.IMAP4.abort:
+                assert "BYE" in c.untagged_responses, command
+                c = client(server)
+                c.login(ALICE, "secret")
+                continue
+            except imaplib.IMAP4.error as e:
+                typ, data = "BAD", [str(e).encode()]
+            text = b" ".join(d for d in data if isinstance(d, bytes))
+            if typ == "BAD" or b"SERVERBUG" in text:
+                wrong.append((command, typ, text))
+        c.logout()
+        return wrong
+
+    with LoggedFailures() as logged:
+        results = together(SESSIONS, session)
+    assert [r for r in results if r] == [] and logged == [], (results, logged)

@@ -49,10 +49,13 @@ class FileStore:
         self._recentlyUsed: collections.OrderedDict = collections.OrderedDict()
         self._reactor = reactor
         self._watcher: Watcher | None = None
-        # Subscribing is read-modify-write of one file per account: a client's parallel
-        # first logins each subscribe the special-use folders, and none may be lost.
-        # One lock for the store (not one per account: no table to bound); it is rare.
-        self._subscriptionsLock = threading.Lock()
+        # Held by every change to an account's folder tree and subscriptions (worker
+        # threads): each is check-then-act on shared files (a client's parallel first
+        # logins all subscribe; two sessions delete or rename one folder at once), so
+        # none may interleave with another.  One lock for the store, not one per
+        # account (no table to bound): such changes are rare.  Reentrant: renaming
+        # INBOX creates the target folder.
+        self._treeLock = threading.RLock()
 
     def accountPath(self, name: str) -> str:
         try:
@@ -131,14 +134,22 @@ class FileAccount:
         d = self._store._run(self._prepareInbox, path) if name == "INBOX" else defer.succeed(None)
         return d.addCallback(lambda ignored: folder.refresh()).addCallback(lambda ignored: folder)
 
+    def _changeTree(self, work, *args) -> defer.Deferred:
+        """Run C{work} in a worker thread under the store's tree lock."""
+        return self._store._run(self._underTreeLock, work, *args)
+
+    def _underTreeLock(self, work, *args):
+        with self._store._treeLock:
+            return work(*args)
+
     def _renameInbox(self, work, *args) -> defer.Deferred:
-        """Run C{work} (INBOX's messages move, INBOX stays: RFC 3501 §6.3.5) in a worker
-        thread, under INBOX's folder lock if a session has it open.  INBOX stays in the
-        folder cache: its sessions keep sharing one index."""
+        """Run C{work} (INBOX's messages move, INBOX stays: RFC 3501 §6.3.5) like
+        L{_changeTree}, also under INBOX's folder lock if a session has it open.  INBOX
+        stays in the folder cache: its sessions keep sharing one index."""
         inbox = self._store._folders.get((self.name, "INBOX"))
 
         def run() -> defer.Deferred:
-            return self._store._run(work, *args)
+            return self._changeTree(work, *args)
 
         return inbox._lock.run(run) if inbox is not None else run()
 
@@ -157,15 +168,14 @@ class FileAccount:
             name = folders.normalize(name)
         except InvalidFolderName:
             return defer.fail()
-        return self._store._run(self._setSubscribedSync, name, subscribed)
+        return self._changeTree(self._setSubscribedSync, name, subscribed)
 
     def _setSubscribedSync(self, name: str, subscribed: bool) -> None:
-        with self._store._subscriptionsLock:
-            current = set(self._readSubscriptions())
-            current = current | {name} if subscribed else current - {name}
-            self._makeRoot()
-            _fsutil.atomicWrite(os.path.join(self.root, self.subscriptionsFile),
-                                "".join(n + "\n" for n in sorted(current)).encode("utf-8"))
+        current = set(self._readSubscriptions())
+        current = current | {name} if subscribed else current - {name}
+        self._makeRoot()
+        _fsutil.atomicWrite(os.path.join(self.root, self.subscriptionsFile),
+                            "".join(n + "\n" for n in sorted(current)).encode("utf-8"))
 
 
 class FolderIndex:
@@ -296,7 +306,10 @@ class Watcher:
             del names[key]
         if not names:
             del self._dirs[directory]
-            self._notifier.ignore(self._paths.pop(directory))
+            try:
+                self._notifier.ignore(self._paths.pop(directory))
+            except KeyError:
+                pass  # the kernel dropped the watch when another session deleted the folder
 
     def _event(self, ignored, path, mask) -> None:
         names = self._dirs.get(os.fsdecode(path.dirname()), {})

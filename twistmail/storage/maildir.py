@@ -94,7 +94,7 @@ class MaildirAccount(FileAccount):
         if isinstance(name, str) and folders.isInbox(name):
             return defer.fail(FolderExists("INBOX"))  # it always exists
         return defer.maybeDeferred(self.folderPath, name).addCallback(
-            lambda path: self._store._run(self._createSync, folders.normalize(name), path))
+            lambda path: self._changeTree(self._createSync, folders.normalize(name), path))
 
     def _createSync(self, name: str, path: str) -> None:
         if os.path.isdir(os.path.join(path, "cur")):
@@ -119,7 +119,7 @@ class MaildirAccount(FileAccount):
         if name == "INBOX":
             return defer.fail(StorageError("INBOX cannot be deleted"))
         # The folder cache is the reactor thread's: forget there, not in the worker.
-        return self._store._run(self._deleteSync, name, path).addCallback(
+        return self._changeTree(self._deleteSync, name, path).addCallback(
             lambda ignored: self._store._forget(self.name, name))
 
     def _deleteSync(self, name: str, path: str) -> None:
@@ -127,7 +127,10 @@ class MaildirAccount(FileAccount):
             raise NoSuchFolder(name)
         # Rename away first so no reader sees a half-deleted folder.
         trash = os.path.join(self.root, f"..deleting-{uniqueName()}")
-        os.rename(path, trash)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            raise NoSuchFolder(name) from None  # another program deleted it just now
         _fsutil.fsyncDir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -137,7 +140,7 @@ class MaildirAccount(FileAccount):
         except InvalidFolderName:
             return defer.fail()
         if old != "INBOX":
-            return self._store._run(self._renameSync, old, new).addCallback(
+            return self._changeTree(self._renameSync, old, new).addCallback(
                 lambda ignored: self._store._forget(self.name, old))
         return self._renameInbox(self._renameSync, old, new)
 

@@ -186,7 +186,29 @@ class MaildirFolder(FolderIndex):
 
     def _refresh(self) -> defer.Deferred:
         full = time.monotonic() - self._fullScanAt > FULL_SCAN_INTERVAL
-        return self._store._run(self._scanSync, full).addCallback(self._applyScan)
+        return self._store._run(self._whileThere, self._scanSync, full).addCallback(
+            self._applyScan)
+
+    def _whileThere(self, work, *args):
+        """Worker: C{work(*args)}; if another session deletes or renames the folder under
+        it (and perhaps creates one of that name again), L{NoSuchFolder}, a clear
+        NO [NONEXISTENT], instead of the error a vanished file made."""
+        cur = os.path.join(self.path, "cur")
+        try:
+            before = os.stat(cur).st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            raise NoSuchFolder(self.name) from None
+        try:
+            return work(*args)
+        except (FileNotFoundError, NotADirectoryError, StorageError) as e:
+            if isinstance(e, (NoSuchFolder, NoSuchMessage)):
+                raise
+            try:
+                if os.stat(cur).st_ino == before:
+                    raise
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            raise NoSuchFolder(self.name) from None
 
     def _scanSync(self, forceFull: bool) -> _Scan:
         """Worker thread, under the lock: move new/ to cur/, assign UIDs to newcomers."""
@@ -342,7 +364,7 @@ class MaildirFolder(FolderIndex):
             result, stamps = outcome
             self._stamps = stamps
             return result
-        return self._store._run(self._own, work, *args).addCallback(done)
+        return self._store._run(self._whileThere, self._own, work, *args).addCallback(done)
 
     # -- messages --------------------------------------------------------------
 

@@ -128,7 +128,7 @@ class MboxAccount(FileAccount):
             self.folderPath(name)
         except InvalidFolderName:
             return defer.fail()
-        return self._store._run(self._createSync, name)
+        return self._changeTree(self._createSync, name)
 
     def _createSync(self, name: str) -> None:
         parts = name.split(folders.SEPARATOR)
@@ -145,7 +145,7 @@ class MboxAccount(FileAccount):
             return defer.fail()
         if name == "INBOX":
             return defer.fail(StorageError("INBOX cannot be deleted"))
-        return self._store._run(self._deleteSync, name, path).addCallback(
+        return self._changeTree(self._deleteSync, name, path).addCallback(
             lambda ignored: self._store._forget(self.name, name))
 
     def _deleteSync(self, name: str, path: str) -> None:
@@ -169,7 +169,7 @@ class MboxAccount(FileAccount):
         if new.startswith(old + folders.SEPARATOR):
             return defer.fail(InvalidFolderName("a folder cannot move into its own child"))
         if old != "INBOX":
-            return self._store._run(self._renameSync, old, new, src, dst).addCallback(
+            return self._changeTree(self._renameSync, old, new, src, dst).addCallback(
                 lambda ignored: self._store._forget(self.name, old))
         # INBOX stays empty with the same UIDVALIDITY, and its UIDNEXT goes on.
         return self._renameInbox(self._renameInboxSync, new, src, dst)
