@@ -104,15 +104,18 @@ def test_fetch_store_search_of_a_message_another_session_expunged(server):
     (Dovecot's cmd-store.c).  Nothing fails."""
     appendMessages(server, 2)
     a, b = selected(server), selected(server)
+    [date] = a.ok("FETCH 1 (INTERNALDATE)")
     b.ok("STORE 1 +FLAGS (\\Deleted)")
     b.ok("EXPUNGE")
 
-    untagged, status = a.command("FETCH 1 (UID FLAGS RFC822.SIZE)")
+    untagged, status = a.command("FETCH 1 (UID FLAGS RFC822.SIZE INTERNALDATE)")
     assert status.startswith(b"OK"), status
-    match = re.fullmatch(rb"\* 1 FETCH \(UID 1 FLAGS \(([^)]*)\) RFC822.SIZE (\d+)\)", untagged[0])
+    match = re.fullmatch(rb"\* 1 FETCH \(UID 1 FLAGS \(([^)]*)\) RFC822.SIZE (\d+) (INTERNALDATE .*)\)",
+                         untagged[0])
     assert len(untagged) == 1 and match, untagged
     assert set(match[1].split()) - {b"\\Recent"} == {b"\\Flagged", b"\\Deleted"}
     assert int(match[2]) == len(msg(1))
+    assert date == b"* 1 FETCH (" + match[3] + b")"
     untagged, status = a.command("FETCH 1:2 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)] ENVELOPE)")
     assert status.startswith(b"OK [EXPUNGEISSUED]"), status
     assert untagged[0] == (b"* 1 FETCH (UID 1 BODY[HEADER.FIELDS (SUBJECT)] NIL "
