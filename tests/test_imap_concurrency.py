@@ -14,6 +14,7 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from imapwire import RawIMAP
 from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
 
@@ -255,3 +256,20 @@ def test_ten_sessions_change_one_accounts_folders_at_once(server):
     with LoggedFailures() as logged:
         results = together(SESSIONS, session)
     assert [r for r in results if r] == [] and logged == [], (results, logged)
+
+
+def test_selected_folder_deleted_by_another_session(server):
+    """RFC 2180 §3, as Dovecot does it: a session whose selected folder another session
+    deleted is told BYE at its next NOOP (or CHECK, or IDLE), not left with NO to every
+    command in a folder that no longer exists."""
+    c = RawIMAP(server.imapPort)
+    c.login()
+    c.ok("CREATE Work")
+    c.ok("SELECT Work")
+    other = RawIMAP(server.imapPort)
+    other.login()
+    other.ok("DELETE Work")
+    c.send(b"n1 NOOP\r\n")
+    assert c.line() == b"* BYE Selected mailbox was deleted, have to disconnect"
+    with pytest.raises(ConnectionError):  # no tagged answer: the connection is closed
+        c.line()

@@ -347,8 +347,18 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def _noop(self, tag: bytes, text: bytes) -> None:
         if self.selected is not None:
-            await self.selected.mailbox.refresh()
+            try:
+                await self.selected.mailbox.refresh()
+            except NoSuchFolder:
+                self._selectedGone()
+                return
         self._ok(tag, text)
+
+    def _selectedGone(self) -> None:
+        """RFC 2180 §3, as Dovecot: another session deleted (or renamed) the selected
+        folder; nothing this session could do in it means anything any more."""
+        self._send(b"* BYE Selected mailbox was deleted, have to disconnect")
+        self.closeConnection()
 
     def cmd_LOGOUT(self, tag, args):
         args.end()
@@ -926,7 +936,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._flushUpdates(expunge=True)
             view.onChange = self._pushUpdates
             # Pick up anything a refresh has not reported yet (another program's writes).
-            view.mailbox.refresh().addErrback(lambda f: None)
+            view.mailbox.refresh().addErrback(
+                lambda f: self._selectedGone() if f.check(NoSuchFolder) else None)
         try:
             line = await self._nextLine()
         finally:
