@@ -7,7 +7,19 @@ never half of one).
 
 from __future__ import annotations
 
+import itertools
 import os
+
+_counter = itertools.count()  # next() is atomic: safe from any thread
+
+
+def tempName(path: str) -> str:
+    """A name beside C{path} that no other write, in any thread or process, uses.
+
+    Unique per write, not per process: two worker threads replacing one file
+    (two sessions of one account subscribing at once) must not share a temp file.
+    """
+    return f"{path}.tmp.{os.getpid()}.{next(_counter)}"
 
 
 def fsyncDir(path: str) -> None:
@@ -22,8 +34,8 @@ def fsyncDir(path: str) -> None:
 def atomicWrite(path: str, data: bytes, mode: int = 0o600) -> None:
     """Replace C{path} with C{data}: temp file + fsync + rename + fsync(dir)."""
     directory = os.path.dirname(path) or "."
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = tempName(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:

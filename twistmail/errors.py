@@ -23,3 +23,7 @@ class InvalidFolderName(StorageError):
 
 class NoSuchMessage(StorageError):
     """The uid is not (or no longer) in the folder."""
+
+
+class TooManyKeywords(StorageError):
+    """The folder has no room for another keyword (Maildir's 26 letters); nothing changed."""

@@ -114,7 +114,12 @@ class IMailbox(Interface):
         """
 
     def addListener(listener) -> None:
-        """Call C{listener(changes)} on the reactor thread after each change to this folder."""
+        """Call C{listener(changes)} on the reactor thread after each change to this folder.
+
+        C{changes} is a L{FolderChanges}; for removals, give its C{expunged} (the
+        messages as they were) where you can: IMAP sessions not yet told of an
+        expunge answer FETCH for those messages from it (RFC 2180 §4.1.2).
+        """
 
     def removeListener(listener) -> None:
         """Stop notifying C{listener}; unknown listeners are ignored."""

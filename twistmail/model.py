@@ -33,6 +33,10 @@ class FolderChanges:
     removed: tuple = ()  # uids gone
     flagsChanged: tuple = ()  # uids whose flags changed
     uidValidityChanged: bool = False
+    # The removed messages as they were (StoredMessage), where the backend still had
+    # them: a session that has not been told of the expunge yet answers FETCH for them
+    # from these (RFC 2180 §4.1).  Optional: a backend may leave it empty.
+    expunged: tuple = ()
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.flagsChanged or self.uidValidityChanged)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import weakref
 
 from twisted.internet import defer, task, threads
@@ -48,6 +49,13 @@ class FileStore:
         self._recentlyUsed: collections.OrderedDict = collections.OrderedDict()
         self._reactor = reactor
         self._watcher: Watcher | None = None
+        # Held by every change to an account's folder tree and subscriptions (worker
+        # threads): each is check-then-act on shared files (a client's parallel first
+        # logins all subscribe; two sessions delete or rename one folder at once), so
+        # none may interleave with another.  One lock for the store, not one per
+        # account (no table to bound): such changes are rare.  Reentrant: renaming
+        # INBOX creates the target folder.
+        self._treeLock = threading.RLock()
 
     def accountPath(self, name: str) -> str:
         try:
@@ -126,6 +134,25 @@ class FileAccount:
         d = self._store._run(self._prepareInbox, path) if name == "INBOX" else defer.succeed(None)
         return d.addCallback(lambda ignored: folder.refresh()).addCallback(lambda ignored: folder)
 
+    def _changeTree(self, work, *args) -> defer.Deferred:
+        """Run C{work} in a worker thread under the store's tree lock."""
+        return self._store._run(self._underTreeLock, work, *args)
+
+    def _underTreeLock(self, work, *args):
+        with self._store._treeLock:
+            return work(*args)
+
+    def _renameInbox(self, work, *args) -> defer.Deferred:
+        """Run C{work} (INBOX's messages move, INBOX stays: RFC 3501 §6.3.5) like
+        L{_changeTree}, also under INBOX's folder lock if a session has it open.  INBOX
+        stays in the folder cache: its sessions keep sharing one index."""
+        inbox = self._store._folders.get((self.name, "INBOX"))
+
+        def run() -> defer.Deferred:
+            return self._changeTree(work, *args)
+
+        return inbox._lock.run(run) if inbox is not None else run()
+
     def subscriptions(self) -> defer.Deferred:
         return self._store._run(self._readSubscriptions)
 
@@ -141,7 +168,7 @@ class FileAccount:
             name = folders.normalize(name)
         except InvalidFolderName:
             return defer.fail()
-        return self._store._run(self._setSubscribedSync, name, subscribed)
+        return self._changeTree(self._setSubscribedSync, name, subscribed)
 
     def _setSubscribedSync(self, name: str, subscribed: bool) -> None:
         current = set(self._readSubscriptions())
@@ -201,6 +228,10 @@ class FolderIndex:
 
     def keywords(self) -> list[str]:
         return list(self._keywords)
+
+    def _expunged(self, entries: dict, uids) -> tuple:
+        """The messages C{uids} of C{entries} as they were, for L{FolderChanges.expunged}."""
+        return tuple(self._message(uid, entries[uid]) for uid in uids)
 
     def _changed(self, changes: FolderChanges) -> FolderChanges:
         if changes:
@@ -275,7 +306,10 @@ class Watcher:
             del names[key]
         if not names:
             del self._dirs[directory]
-            self._notifier.ignore(self._paths.pop(directory))
+            try:
+                self._notifier.ignore(self._paths.pop(directory))
+            except KeyError:
+                pass  # the kernel dropped the watch when another session deleted the folder
 
     def _event(self, ignored, path, mask) -> None:
         names = self._dirs.get(os.fsdecode(path.dirname()), {})

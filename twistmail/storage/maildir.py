@@ -94,7 +94,7 @@ class MaildirAccount(FileAccount):
         if isinstance(name, str) and folders.isInbox(name):
             return defer.fail(FolderExists("INBOX"))  # it always exists
         return defer.maybeDeferred(self.folderPath, name).addCallback(
-            lambda path: self._store._run(self._createSync, folders.normalize(name), path))
+            lambda path: self._changeTree(self._createSync, folders.normalize(name), path))
 
     def _createSync(self, name: str, path: str) -> None:
         if os.path.isdir(os.path.join(path, "cur")):
@@ -118,24 +118,31 @@ class MaildirAccount(FileAccount):
             return defer.fail()
         if name == "INBOX":
             return defer.fail(StorageError("INBOX cannot be deleted"))
-        return self._store._run(self._deleteSync, name, path)
+        # The folder cache is the reactor thread's: forget there, not in the worker.
+        return self._changeTree(self._deleteSync, name, path).addCallback(
+            lambda ignored: self._store._forget(self.name, name))
 
     def _deleteSync(self, name: str, path: str) -> None:
         if not os.path.isdir(os.path.join(path, "cur")):
             raise NoSuchFolder(name)
         # Rename away first so no reader sees a half-deleted folder.
         trash = os.path.join(self.root, f"..deleting-{uniqueName()}")
-        os.rename(path, trash)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            raise NoSuchFolder(name) from None  # another program deleted it just now
         _fsutil.fsyncDir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
-        self._store._forget(self.name, name)
 
     def renameFolder(self, old: str, new: str) -> defer.Deferred:
         try:
             old, new = folders.normalize(old), folders.normalize(new)
         except InvalidFolderName:
             return defer.fail()
-        return self._store._run(self._renameSync, old, new)
+        if old != "INBOX":
+            return self._changeTree(self._renameSync, old, new).addCallback(
+                lambda ignored: self._store._forget(self.name, old))
+        return self._renameInbox(self._renameSync, old, new)
 
     def _renameSync(self, old: str, new: str) -> None:
         src, dst = self.folderPath(old), self.folderPath(new)
@@ -156,7 +163,6 @@ class MaildirAccount(FileAccount):
             for path in (os.path.join(src, "cur"), os.path.join(src, "new"), os.path.join(dst, "cur"),
                          os.path.join(dst, "new")):
                 _fsutil.fsyncDir(path)
-            self._store._forget(self.name, old)
             return
         prefix = os.path.basename(src)
         moves = [(entry, os.path.basename(dst) + entry[len(prefix):])
@@ -170,7 +176,6 @@ class MaildirAccount(FileAccount):
         if parent and not os.path.isdir(os.path.join(self.folderPath(parent), "cur")):
             self._createSync(parent, self.folderPath(parent))
         _fsutil.fsyncDir(self.root)
-        self._store._forget(self.name, old)
 
 
 @implementer(IMailStore)

@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from twistmail import _fsutil
 from twistmail._groupcommit import NewFile, commitBatch, writeNewFile
-from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError
+from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError, TooManyKeywords
 from twistmail.interfaces import IImportableMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _uidlist
@@ -49,6 +49,8 @@ _FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": 
 _LETTER_FLAGS = {v: k for k, v in _FLAG_LETTERS.items()}
 _LETTER_FLAGS["P"] = "$Forwarded"  # "passed" in Maildir, $Forwarded keyword in IMAP
 MAX_KEYWORDS = 26
+#: Times a message renamed under a reader is looked for again before it counts as gone.
+OPEN_TRIES = 3
 #: Seconds after which a refresh rescans cur/ even if its mtime says nothing changed.
 FULL_SCAN_INTERVAL = 300.0
 
@@ -184,7 +186,29 @@ class MaildirFolder(FolderIndex):
 
     def _refresh(self) -> defer.Deferred:
         full = time.monotonic() - self._fullScanAt > FULL_SCAN_INTERVAL
-        return self._store._run(self._scanSync, full).addCallback(self._applyScan)
+        return self._store._run(self._whileThere, self._scanSync, full).addCallback(
+            self._applyScan)
+
+    def _whileThere(self, work, *args):
+        """Worker: C{work(*args)}; if another session deletes or renames the folder under
+        it (and perhaps creates one of that name again), L{NoSuchFolder}, a clear
+        NO [NONEXISTENT], instead of the error a vanished file made."""
+        cur = os.path.join(self.path, "cur")
+        try:
+            before = os.stat(cur).st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            raise NoSuchFolder(self.name) from None
+        try:
+            return work(*args)
+        except (FileNotFoundError, NotADirectoryError, StorageError) as e:
+            if isinstance(e, (NoSuchFolder, NoSuchMessage)):
+                raise
+            try:
+                if os.stat(cur).st_ino == before:
+                    raise
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            raise NoSuchFolder(self.name) from None
 
     def _scanSync(self, forceFull: bool) -> _Scan:
         """Worker thread, under the lock: move new/ to cur/, assign UIDs to newcomers."""
@@ -300,6 +324,8 @@ class MaildirFolder(FolderIndex):
     def _applyFull(self, scan: _Scan) -> FolderChanges:
         validityChanged = bool(self.uidValidity) and scan.uidValidity != self.uidValidity
         old, new = self._entries, scan.entries
+        removed = tuple(u for u in old if u not in new)
+        expunged = self._expunged(old, removed)  # with the keywords they had
         if scan.keywords != self._keywords:
             self._keywords = scan.keywords
             self._flagCache = {}
@@ -309,9 +335,10 @@ class MaildirFolder(FolderIndex):
         self._byBase = {e.base: uid for uid, e in new.items()}
         changes = FolderChanges(
             added=tuple(u for u in new if u not in old),
-            removed=tuple(u for u in old if u not in new),
+            removed=removed,
             flagsChanged=tuple(u for u, e in new.items() if u in old and old[u].info != e.info),
             uidValidityChanged=validityChanged,
+            expunged=expunged,
         )
         return self._changed(changes)
 
@@ -337,7 +364,7 @@ class MaildirFolder(FolderIndex):
             result, stamps = outcome
             self._stamps = stamps
             return result
-        return self._store._run(self._own, work, *args).addCallback(done)
+        return self._store._run(self._whileThere, self._own, work, *args).addCallback(done)
 
     # -- messages --------------------------------------------------------------
 
@@ -379,11 +406,19 @@ class MaildirFolder(FolderIndex):
         try:
             return open(path, "rb")
         except FileNotFoundError:
-            # Renamed by another program since our last scan (flags changed).
+            pass
+        # Renamed since the index was made (flags changed by another session or
+        # program), or expunged: look for its name now.  It can move, or go, again
+        # between the listing and the open (another session's expunge), so a few tries.
+        for _ in range(OPEN_TRIES):
             name = self._currentName(base)
             if name is None:
-                raise NoSuchMessage(base) from None
-            return open(os.path.join(self.path, "cur", name), "rb")
+                break
+            try:
+                return open(os.path.join(self.path, "cur", name), "rb")
+            except FileNotFoundError:
+                continue
+        raise NoSuchMessage(base)
 
     def _infoFor(self, flags) -> str:
         letters = {_FLAG_LETTERS[f] for f in flags if f in _FLAG_LETTERS}
@@ -392,7 +427,7 @@ class MaildirFolder(FolderIndex):
         for keyword in sorted(f for f in flags if not f.startswith("\\") and f != "$Forwarded"):
             if keyword not in self._keywords:
                 if len(self._keywords) >= MAX_KEYWORDS:
-                    raise StorageError(f"at most {MAX_KEYWORDS} keywords per folder")
+                    raise TooManyKeywords(f"at most {MAX_KEYWORDS} keywords per folder")
                 self._keywords.append(keyword)
             letters.add(chr(97 + self._keywords.index(keyword)))
         return "".join(sorted(letters))
@@ -404,7 +439,7 @@ class MaildirFolder(FolderIndex):
         """Info letters for each flag set, giving new keywords letters; all or none.
 
         @return: (the infos, the keyword list if it grew, else None)
-        @raise StorageError: past MAX_KEYWORDS; the keywords are as before.
+        @raise TooManyKeywords: past MAX_KEYWORDS; the keywords are as before.
         """
         before = list(self._keywords)
         try:
@@ -565,9 +600,10 @@ class MaildirFolder(FolderIndex):
                 if u not in targets]
 
         def removed(ignored) -> list:
+            expunged = self._expunged(self._entries, targets)
             for uid in targets:
                 del self._byBase[self._entries.pop(uid).base]
-            self._changed(FolderChanges(removed=tuple(targets)))
+            self._changed(FolderChanges(removed=tuple(targets), expunged=expunged))
             return list(targets)
 
         return self._runOwn(self._removeSync, targets, keep).addCallback(removed)

@@ -45,7 +45,8 @@ log = Logger()
 
 SUBSCRIPTIONS = ".subscriptions"
 NAME_MAX = 255
-#: Octets a component's derived names add (".<name>.index.tmp.<pid>", ".<name>.lk<pid>.<n>").
+#: Octets a component's derived names add (".<name>.index.tmp.<pid>.<n>", ".<name>.lk<pid>.<n>",
+#: ".<name>.rewrite").
 _DERIVED = 40
 #: Deliveries written to one mbox in one locked trip (one fsync).
 MAX_BATCH = 64
@@ -127,7 +128,7 @@ class MboxAccount(FileAccount):
             self.folderPath(name)
         except InvalidFolderName:
             return defer.fail()
-        return self._store._run(self._createSync, name)
+        return self._changeTree(self._createSync, name)
 
     def _createSync(self, name: str) -> None:
         parts = name.split(folders.SEPARATOR)
@@ -144,7 +145,7 @@ class MboxAccount(FileAccount):
             return defer.fail()
         if name == "INBOX":
             return defer.fail(StorageError("INBOX cannot be deleted"))
-        return self._store._run(self._deleteSync, name, path).addCallback(
+        return self._changeTree(self._deleteSync, name, path).addCallback(
             lambda ignored: self._store._forget(self.name, name))
 
     def _deleteSync(self, name: str, path: str) -> None:
@@ -168,16 +169,10 @@ class MboxAccount(FileAccount):
         if new.startswith(old + folders.SEPARATOR):
             return defer.fail(InvalidFolderName("a folder cannot move into its own child"))
         if old != "INBOX":
-            return self._store._run(self._renameSync, old, new, src, dst).addCallback(
+            return self._changeTree(self._renameSync, old, new, src, dst).addCallback(
                 lambda ignored: self._store._forget(self.name, old))
-        # RFC 3501 §6.3.5: INBOX's messages move, INBOX stays (empty, same UIDVALIDITY,
-        # and its UIDNEXT goes on): under its folder lock if a session has it open.
-        inbox = self._store._folders.get((self.name, "INBOX"))
-
-        def run() -> defer.Deferred:
-            return self._store._run(self._renameInboxSync, new, src, dst)
-
-        return inbox._lock.run(run) if inbox is not None else run()
+        # INBOX stays empty with the same UIDVALIDITY, and its UIDNEXT goes on.
+        return self._renameInbox(self._renameInboxSync, new, src, dst)
 
     def _renameSync(self, old: str, new: str, src: str, dst: str) -> None:
         if not os.path.isfile(src):

@@ -110,11 +110,13 @@ class MboxFolder(FolderIndex):
         if sync.full is not None:
             new = sync.full
             self._entries = new
+            removed = tuple(u for u in old if u not in new)
             changes = FolderChanges(
                 added=tuple(u for u in new if u not in old),
-                removed=tuple(u for u in old if u not in new),
+                removed=removed,
                 flagsChanged=tuple(u for u, e in new.items() if u in old and old[u].flags != e.flags),
-                uidValidityChanged=validityChanged)
+                uidValidityChanged=validityChanged,
+                expunged=self._expunged(old, removed))
         else:
             flagsChanged = []
             for uid, e in sync.updated:
@@ -411,6 +413,9 @@ class MboxFolder(FolderIndex):
         """Write the folder anew without C{drop}, with C{flags} (uid -> flags), and rename it
         over the old file: a crash leaves one complete file or the other."""
         directory, base = os.path.split(self.path)
+        # One fixed name is safe here, unlike atomicWrite's: only the holder of the
+        # exclusive lock (which excludes this process's other threads too) writes it,
+        # and the next rewrite reuses what a crash left behind.
         tmp = os.path.join(directory, f".{base}.rewrite")
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                       os.fstat(fd).st_mode & 0o777)

@@ -39,6 +39,8 @@ from twistmail.testing._reactor import onReactor
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
+#: Operations started at once by the concurrency tests (the thread pool runs up to ten).
+CONCURRENCY = 24
 
 HOSTILE_NAMES = ["..", "../x", "a/../b", "/abs", "", "a//b", ".", "a/.", "x\x00y", "x\ry", "x\ny",
                  "x\x7fy", "x" * 2000, "a\\b", "../../../../etc", "INBOX/../../x"]
@@ -768,6 +770,85 @@ class StoreConformanceTests:
         onReactor(account.setSubscribed, "Never", False)
         assert onReactor(account.subscriptions) == ["INBOX", "Work"]
         assert onReactor(self.restart(dataDir).account(ALICE).subscriptions) == ["INBOX", "Work"]
+
+    def test_concurrentSubscriptionChangesAllPersist(self, store, dataDir):
+        """A client's connections subscribe at once (first login): none fails, none is lost."""
+        account = store.account(ALICE)
+        names = [f"Folder{i}" for i in range(CONCURRENCY)]
+        onReactor(lambda: defer.gatherResults(
+            [account.setSubscribed(n, True) for n in names], consumeErrors=True))
+        assert onReactor(account.subscriptions) == sorted(names)
+        assert onReactor(self.restart(dataDir).account(ALICE).subscriptions) == sorted(names)
+
+    def test_concurrentFolderWritesAllSucceed(self, store):
+        """Creating, appending to, flagging and expunging in folders at once, as several
+        sessions of one account do: every operation succeeds and nothing is lost."""
+        account = store.account(ALICE)
+        for i in range(4):
+            onReactor(account.createFolder, f"Box{i}")
+        boxes = [openFolder(store, f"Box{i}") for i in range(4)]
+
+        def work():
+            ops = []
+            for i, box in enumerate(boxes):
+                ops += [box.append(message(n), {f"kw{n}"}) for n in range(CONCURRENCY // 4)]
+                ops.append(account.createFolder(f"New{i}"))
+                ops.append(account.setSubscribed(f"Box{i}", True))
+            return defer.gatherResults(ops, consumeErrors=True)
+
+        onReactor(work)
+        for box in boxes:
+            assert len(uids(box)) == CONCURRENCY // 4
+            assert sorted(k for m in box.messages() for k in m.flags) == sorted(
+                f"kw{n}" for n in range(CONCURRENCY // 4))
+
+        def flagAndRemove():
+            ops = []
+            for box in boxes:
+                ops.append(box.setFlags(uids(box)[::2], {"\\Deleted"}, "add"))
+                ops.append(box.remove(uids(box)[1::2]))
+            return defer.gatherResults(ops, consumeErrors=True)
+
+        onReactor(flagAndRemove)
+        for box in boxes:
+            assert [m.flags >= {"\\Deleted"} for m in box.messages()] == [True] * (
+                CONCURRENCY // 8)
+        assert set(onReactor(account.listFolders)) >= {f"New{i}" for i in range(4)}
+        assert onReactor(account.subscriptions) == [f"Box{i}" for i in range(4)]
+
+    def test_removalListenersHearWhatWasRemoved(self, store):
+        """FolderChanges.expunged is optional; when given, it is the removed messages as
+        they were (sessions not yet told of the expunge answer FETCH from it)."""
+        for n in range(3):
+            deliver(store, message(n))
+        folder = openFolder(store)
+        call(folder, "setFlags", [2], {"\\Flagged", "work"}, "add")
+        before = byUid(folder)
+        changes, _ = waitForChange(folder, lambda: folder.remove([2]),
+                                   lambda changes: bool(changes.removed))
+        assert changes.removed == (2,)
+        assert changes.expunged in ((), (before[2],))
+
+    def test_readsDuringConcurrentExpungesSucceed(self, store):
+        """Sessions read while others expunge (an mbox is rewritten each time): every
+        message still in the folder reads whole, every time."""
+        for n in range(CONCURRENCY):
+            deliver(store, message(n))
+        folder = openFolder(store)
+        every = uids(folder)
+        keep = every[-4:]
+
+        def work():
+            ops = []
+            for uid in every[:-4]:
+                ops.append(folder.remove([uid]))
+                ops += [folder.readMessages(keep) for _ in range(3)]
+            return defer.gatherResults(ops, consumeErrors=True)
+
+        results = onReactor(work)
+        expected = [message(n) for n in range(CONCURRENCY - 4, CONCURRENCY)]
+        assert [r for i, r in enumerate(results) if i % 4] == [expected] * (3 * len(every[:-4]))
+        assert uids(folder) == keep
 
     def test_accountsAreSeparate(self, store):
         deliver(store, message(1), account=ALICE)

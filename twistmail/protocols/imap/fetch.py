@@ -172,6 +172,25 @@ def render(item: Item, message, parsed: Parsed | None, flags) -> bytes:
     return item.sectionLabel() + b" " + _literal(content)
 
 
+#: What Dovecot answers for an item whose message text is gone (imap-fetch.c's nil
+#: replies): a message expunged by another session that this one still shows.
+_NIL_REPLIES = {
+    b"ENVELOPE": b"ENVELOPE (NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)",
+    b"BODY": b'BODY ("text" "plain" NIL NIL NIL "7bit" 0 0)',
+    b"BODYSTRUCTURE": b'BODYSTRUCTURE ("text" "plain" NIL NIL NIL "7bit" 0 0 NIL NIL NIL NIL)',
+}
+
+
+def renderGone(item: Item, message, flags) -> bytes:
+    """Like L{render}, for a message whose text can no longer be read (RFC 2180 §4.1.2):
+    the index items as the session knew them, NIL for the rest."""
+    if not item.needsMessage:
+        return render(item, message, None, flags)
+    if item.isSection:
+        return item.sectionLabel() + b" NIL"
+    return _NIL_REPLIES.get(item.name, item.name + b" NIL")
+
+
 def _literal(content: bytes) -> bytes:
     """Message data always as a literal: it may hold anything (8-bit, CRLF, NUL)."""
     return b"{%d}\r\n" % len(content) + content

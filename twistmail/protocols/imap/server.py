@@ -51,8 +51,10 @@ from twistmail.errors import (
     NoSuchFolder,
     NoSuchMessage,
     StorageError,
+    TooManyKeywords,
 )
 from twistmail.interfaces import IMailAccount
+from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.imap import fetch, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
@@ -104,6 +106,9 @@ def _storageNo(failure_or_error) -> bytes:
         return b"[CANNOT] " + str(error).encode("utf-8", "replace")[:200]
     if isinstance(error, NoSuchMessage):
         return b"[EXPUNGEISSUED] Some of the messages no longer exist"
+    if isinstance(error, TooManyKeywords):
+        # Another session may have taken the last keyword since this command's check.
+        return b"[LIMIT] " + str(error).encode("utf-8", "replace")[:200]
     return b"[SERVERBUG] " + str(error).encode("utf-8", "replace")[:200]
 
 
@@ -342,8 +347,18 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def _noop(self, tag: bytes, text: bytes) -> None:
         if self.selected is not None:
-            await self.selected.mailbox.refresh()
+            try:
+                await self.selected.mailbox.refresh()
+            except NoSuchFolder:
+                self._selectedGone()
+                return
         self._ok(tag, text)
+
+    def _selectedGone(self) -> None:
+        """RFC 2180 §3, as Dovecot: another session deleted (or renamed) the selected
+        folder; nothing this session could do in it means anything any more."""
+        self._send(b"* BYE Selected mailbox was deleted, have to disconnect")
+        self.closeConnection()
 
     def cmd_LOGOUT(self, tag, args):
         args.end()
@@ -755,15 +770,16 @@ class IMAPServer(imap4.IMAP4Server):
                 await mailbox.setFlags(unseen, {"\\Seen"}, "add")
                 if not any(i.name == b"FLAGS" for i in items):
                     items.append(fetch.Item(b"FLAGS"))
-        missing = await self._respondFetch(view, targets, items)
-        if missing:
-            self._flushUpdates(expunge=uid)
-            self._tagged(tag, b"NO", b"[EXPUNGEISSUED] Some messages were expunged")
+        if await self._respondFetch(view, targets, items):
+            # RFC 2180 §4.1.2, as Dovecot's cmd-fetch.c: not a failure, the client can do
+            # nothing about it; the untagged EXPUNGE follows at the next allowed point.
+            self._ok(tag, b"[EXPUNGEISSUED] Some messages were already expunged", expunge=uid)
         else:
             self._ok(tag, b"FETCH completed", expunge=uid)
 
     async def _respondFetch(self, view: SelectedFolder, targets: list, items: list) -> bool:
-        """Write the FETCH responses; True if some message had gone meanwhile."""
+        """Write the FETCH responses; True if some message's text had gone (expunged by
+        another session: answered from this session's view, NIL for its text)."""
         mailbox = view.mailbox
         needsMessage = any(i.needsMessage for i in items)
         missing = False
@@ -777,10 +793,11 @@ class IMAPServer(imap4.IMAP4Server):
         # snapshot's n-th message: no lookup by uid (this is UID FETCH 1:* FLAGS).
         snapshot = mailbox.messages() if view.uids is mailbox.uids() else None
         for seq, u in targets:
-            message = snapshot[seq - 1] if snapshot is not None else mailbox.message(u)
+            message = snapshot[seq - 1] if snapshot is not None else view.message(u)
             if message is None:
-                missing = True  # expunged by another session, not yet reported
-                continue
+                # Expunged by another session, and the backend kept nothing of it.
+                message = StoredMessage(u, "", frozenset(), 0, 0)
+                missing = True
             view.told(u, message.flags)
             if not needsMessage:
                 # Index-only items: no disk access; written a few hundred lines at a time.
@@ -807,24 +824,15 @@ class IMAPServer(imap4.IMAP4Server):
         return message.flags | {"\\Recent"} if message.uid in view.recent else message.flags
 
     async def _fetchBatch(self, view: SelectedFolder, batch: list, items: list) -> bool:
-        try:
-            datas = await view.mailbox.readMessages([u for _, u, _ in batch])
-        except NoSuchMessage:
-            datas = []
-            for _, u, _ in batch:  # one was expunged meanwhile: read the others one by one
-                try:
-                    datas.append((await view.mailbox.readMessages([u]))[0])
-                except NoSuchMessage:
-                    datas.append(None)
+        datas = await _readEach(view.mailbox, [u for _, u, _ in batch])
         flags = [self._flags(view, m) for _, _, m in batch]
         # Parsing MIME structure is CPU work: off the reactor thread, like the reads.
         lines = await threads.deferToThread(_renderBatch, batch, datas, items, flags)
         for line in lines:
-            if line is not None:
-                self._send(line)
-                if self._flow.outputFull:
-                    await self._flow.drained()
-        return any(line is None for line in lines)
+            self._send(line)
+            if self._flow.outputFull:
+                await self._flow.drained()
+        return any(data is None for data in datas)
 
     async def cmd_STORE(self, tag, args, uid: bool = False):
         args.sp()
@@ -894,7 +902,7 @@ class IMAPServer(imap4.IMAP4Server):
         key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view))
         candidates = []
         for seq, u in enumerate(list(view.uids), 1):
-            message = view.mailbox.message(u)
+            message = view.message(u)  # RFC 2180 §4.1: expunged elsewhere still counts
             if message is not None:
                 candidates.append(search.Candidate(seq, u, message, u in view.recent))
         if not key.needsData:
@@ -910,12 +918,11 @@ class IMAPServer(imap4.IMAP4Server):
         else:
             found = []
             for start in range(0, len(candidates), 200):
-                chunk = candidates[start:start + 200]
-                try:
-                    datas = await view.mailbox.readMessages([c.uid for c in chunk])
-                except NoSuchMessage:
-                    continue  # expunged meanwhile: the next SEARCH will tell
-                found += await threads.deferToThread(_searchChunk, key, chunk, datas)
+                datas = await _readEach(view.mailbox, [c.uid for c in candidates[start:start + 200]])
+                # A message whose text has gone (expunged elsewhere) matches no text key.
+                readable = [(c, d) for c, d in zip(candidates[start:start + 200], datas, strict=True)
+                            if d is not None]
+                found += await threads.deferToThread(_searchChunk, key, readable)
         numbers = b" ".join(b"%d" % (c.uid if uid else c.seq) for c in found)
         self._send(b"* SEARCH" + (b" " + numbers if numbers else b""))
         self._ok(tag, b"SEARCH completed", expunge=uid)
@@ -929,7 +936,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._flushUpdates(expunge=True)
             view.onChange = self._pushUpdates
             # Pick up anything a refresh has not reported yet (another program's writes).
-            view.mailbox.refresh().addErrback(lambda f: None)
+            view.mailbox.refresh().addErrback(
+                lambda f: self._selectedGone() if f.check(NoSuchFolder) else None)
         try:
             line = await self._nextLine()
         finally:
@@ -954,12 +962,29 @@ def _listPattern(wire: bytes) -> str:
         raise _Bad(b"LIST pattern is not valid modified UTF-7") from None
 
 
+async def _readEach(mailbox, uids: list) -> list:
+    """The messages' bytes, in order; None for each one that has gone (expunged by
+    another session, which this session may not be told of yet: RFC 3501 §7.4.1)."""
+    present = [u for u in uids if mailbox.message(u) is not None]
+    try:
+        datas = dict(zip(present, await mailbox.readMessages(present), strict=True))
+    except NoSuchMessage:
+        datas = {}
+        for u in present:  # one went meanwhile: read the others one by one
+            try:
+                datas[u] = (await mailbox.readMessages([u]))[0]
+            except NoSuchMessage:
+                pass
+    return [datas.get(u) for u in uids]
+
+
 def _renderBatch(batch: list, datas: list, items: list, flags: list) -> list:
-    """Worker thread: FETCH response lines (None for a message that has gone)."""
+    """Worker thread: FETCH response lines (RFC 2180 §4.1.2: NIL text for one that has gone)."""
     lines = []
     for (seq, _, message), data, messageFlags in zip(batch, datas, flags, strict=True):
         if data is None:
-            lines.append(None)
+            lines.append(b"* %d FETCH (" % seq + b" ".join(
+                fetch.renderGone(i, message, messageFlags) for i in items) + b")")
             continue
         parsed = fetch.Parsed(data)
         # Distinct items can still overlap (BODY[]<0.N>, BODY[]<1.N>, ...): a response
@@ -976,9 +1001,10 @@ def _renderBatch(batch: list, datas: list, items: list, flags: list) -> list:
     return lines
 
 
-def _searchChunk(key, chunk: list, datas: list) -> list:
+def _searchChunk(key, chunk: list) -> list:
+    """Worker thread: the candidates of C{chunk} ((candidate, bytes) pairs) that match."""
     found = []
-    for candidate, data in zip(chunk, datas, strict=True):
+    for candidate, data in chunk:
         candidate.data = data
         if key.match(candidate):
             found.append(candidate)

@@ -8,6 +8,10 @@ only at certain moments (never in the middle of FETCH, STORE or SEARCH,
 notifications pile up until L{SelectedFolder.updates} turns them into
 untagged EXPUNGE, EXISTS, RECENT and FETCH FLAGS responses.
 
+Until then a message another session expunged is still this session's
+(RFC 2180 §4.1.2, as Dovecot does): L{SelectedFolder.message} serves it as
+it was when it went (kept only for messages in this view, until reported).
+
 Memory matters with a thousand sessions idling on one folder: when nothing
 is pending, a view's uid list *is* the folder's shared uid tuple, and flags
 are never copied per session.
@@ -29,6 +33,7 @@ class SelectedFolder:
         self._claimRecent = claimRecent
         self.recent: set[int] = claimRecent(mailbox, list(self.uids))
         self._removed: set[int] = set()
+        self._expunged: dict[int, object] = {}  # uid -> StoredMessage, removed but not told
         self._flagsChanged: set[int] = set()
         self._told: dict[int, frozenset] = {}  # flags this session just reported itself
         self.validityChanged = False
@@ -38,9 +43,13 @@ class SelectedFolder:
     def close(self) -> None:
         self.mailbox.removeListener(self._changed)
         self.onChange = None
+        self._expunged.clear()
 
     def _changed(self, changes) -> None:
         self._removed.update(changes.removed)
+        for message in changes.expunged:
+            if self.seq(message.uid) is not None:  # bounded by this view's size
+                self._expunged[message.uid] = message
         self._flagsChanged.update(changes.flagsChanged)
         if changes.uidValidityChanged:
             self.validityChanged = True
@@ -72,6 +81,12 @@ class SelectedFolder:
             out.extend((i + 1, self.uids[i]) for i in range(start, stop))
         return out
 
+    def message(self, uid: int):
+        """The message with this uid as this session sees it: the folder's, or, if another
+        session expunged it and this one has not been told, as it was (None if unknown)."""
+        message = self.mailbox.message(uid)
+        return self._expunged.get(uid) if message is None else message
+
     def largestUid(self) -> int:
         return self.uids[-1] if self.uids else 0
 
@@ -102,6 +117,7 @@ class SelectedFolder:
                 self.uids = [u for u in self.uids if u not in gone]
                 self.recent -= gone
             self._removed.clear()
+            self._expunged.clear()
         current = self.mailbox.uids()
         newer = current[bisect_right(current, self.largestUid()):]
         if newer:
