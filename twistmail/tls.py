@@ -118,6 +118,14 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self._options.getContext(), None)
 
+    def use(self, certPath: str, keyPath: str) -> None:
+        """Serve this pair from now on (a renewed ACME certificate); SIGHUP rereads it.
+
+        @raise TLSConfigError: the pair cannot be used; the current one stays.
+        """
+        self._options = loadOptions(certPath, keyPath)
+        self.certPath, self.keyPath = certPath, keyPath
+
     def reload(self) -> bool:
         """Read the files again; on any problem keep serving the old certificate."""
         try:
