@@ -344,3 +344,14 @@ def test_an_unusable_pair_on_disk_falls_back_and_is_replaced(keeperAt, tmp_path)
     assert k.served() == ["fallback.example"]
     k.clock.advance(0)
     assert len(k.issuer.orders) == 1
+
+
+def test_a_name_left_out_while_renewing_is_not_asked_for_again_at_once(keeperAt):
+    k = keeperAt(names=("mail.example.org",), optional=("autoconfig.example.org",),
+                 existing=(["mail.example.org", "autoconfig.example.org"], 20))
+    k.clock.advance(0)
+    k.issuer.orders[0][1].errback(autocert.OrderFailed(["autoconfig.example.org"], "NXDOMAIN"))
+    k.clock.advance(0)
+    k.clock.advance(0)
+    assert [names for names, _ in k.issuer.orders] == [
+        ["mail.example.org", "autoconfig.example.org"], ["mail.example.org"]]

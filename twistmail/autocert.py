@@ -139,9 +139,10 @@ class CertificateKeeper(service.Service):
         self._timer = None
         self._failures = 0
         self._ordering = False
-        #: web names whose validation failed, left out until the next renewal (bounded:
-        #: a subset of Names.optional)
+        #: web names whose validation failed, left out until the renewal of the certificate
+        #: obtained without them (bounded: a subset of Names.optional)
         self._excluded: set[str] = set()
+        self._excludedUntil: float | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -172,8 +173,9 @@ class CertificateKeeper(service.Service):
         now = self.clock.seconds()
         current = self._current()
         renewAt = current[1] - self.schedule.renewBefore if current else now
-        if current is not None and now >= renewAt:
+        if self._excludedUntil is not None and now >= self._excludedUntil:
             self._excluded.clear()  # a renewal gives every name another chance
+            self._excludedUntil = None
         wanted = [n for n in self.names().all() if n not in self._excluded]
         if current is not None and now < renewAt and set(wanted) <= current[0]:
             self._later(min(renewAt - now, RECHECK))
@@ -197,6 +199,8 @@ class CertificateKeeper(service.Service):
             return
         self._failures = 0
         covered, expires = _coverage(self.certPath)
+        if self._excluded and self._excludedUntil is None:
+            self._excludedUntil = expires - self.schedule.renewBefore
         log.info("acme: serving a new certificate for {names}, valid until {expires}; "
                  "connections already up keep theirs", names=" ".join(names),
                  expires=datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat())

@@ -22,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from twistmail import _pluginload, ownership
+from twistmail import __version__, _pluginload, autocert, ownership
 from twistmail import config as configmod
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
@@ -50,6 +50,7 @@ from twistmail.relay.tlsrpt import TLSReports
 from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 from twistmail.tls import ServerTLS, TLSConfigError
 from twistmail.web import autoconfig
+from twistmail.web.acmechallenge import ChallengeTokens
 from twistmail.web.site import Site, WebFactory, buildRoot
 
 log = Logger()
@@ -335,6 +336,30 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
     return runner
 
 
+def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accounts,
+             parent: service.MultiService) -> ChallengeTokens:
+    """``[tls] acme``: the certificate kept current from the CA; returns the HTTP-01
+    tokens the web listeners answer."""
+    from twistmail.acmeissuer import AcmeIssuer
+
+    section = config["tls"]
+    directory = os.path.join(config.dataDir, "acme")
+    pair = autocert.startingPair(directory, tls.certPath, tls.keyPath)
+    if pair != (tls.certPath, tls.keyPath):
+        tls.use(*pair)
+    challenges = ChallengeTokens()
+    issuer = AcmeIssuer(section["acme_directory"], section["acme_email"], section["acme_ca_file"],
+                        directory, challenges, userAgent=f"twistmail/{__version__}")
+    # One thread: orders are sequential, and a slow CA must not hold the disk's threads.
+    pool = _ThreadPoolService("twistmail-acme", 1)
+    pool.setServiceParent(parent)
+    autocert.CertificateKeeper(
+        tls, lambda names: threads.deferToThreadPool(reactor, pool.pool, issuer.issue, names),
+        lambda: autocert.namesFromConfig(config, accounts.domains), directory,
+        autocert.Schedule.fromConfig(section), reactor).setServiceParent(parent)
+    return challenges
+
+
 def makeStore(config: configmod.Config):
     """The store of the backend plugin named by ``[storage] backend``, with its options.
 
@@ -383,6 +408,7 @@ def makeService(options: Options) -> service.MultiService:
     except TLSConfigError as e:
         raise startupError(f"{config.path}: [tls]: {e}") from None
     _ReloadOnHangup(tls).setServiceParent(top)
+    challenges = makeAcme(config, reactor, tls, accounts, top) if config["tls"]["acme"] else None
     security = Security(tls, auth["plaintext_networks"])
 
     router = Router(accounts, RelayPolicy(config["relay"]["trusted_networks"]),
@@ -413,7 +439,8 @@ def makeService(options: Options) -> service.MultiService:
     realm.register(IMailAccount, imapFactory.avatar)
     factories["imap"] = imapFactory
     factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
-                                                  autoconfig.fromConfig(config))), limiter, reactor)
+                                                  autoconfig.fromConfig(config), challenges)),
+                                   limiter, reactor)
     for implicit, plain in {**configmod.IMPLICIT_TLS, "https": "http"}.items():
         # RFC 8314: the same service, with TLS from the first byte.
         factories[implicit] = TLSMemoryBIOFactory(tls, False, factories[plain])
