@@ -17,6 +17,7 @@ import stat
 import time
 
 import pytest
+from certs import makeCerts
 from dnsserver import A, startDNS
 from pebble import Pebble
 from serverproc import waitUntil
@@ -200,3 +201,29 @@ def test_renewal_within_30_days_of_expiry_reuses_the_account(dataDir, pebble, lo
     with open(os.path.join(acme, "account.json"), "rb") as f:
         assert f.read() == account  # not registered again
     assert not [e for e in logged if "retrying in" in e]
+
+
+def test_stopping_does_not_wait_for_a_ca_that_does_not_answer(dataDir, tmp_path):
+    """The CA accepts the connection and says nothing: the order waits for it in its
+    thread, but stopping the server does not (systemd would kill a stop that hangs)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    silent.settimeout(20)
+    (tmp_path / "ca.pem").write_bytes(makeCerts("localhost").caPEM)
+    server = startServer(dataDir, listen={"http": [f"tcp:{freePort()}:interface=127.0.0.1"]},
+                         tls={"acme": True, "acme_ca_file": str(tmp_path / "ca.pem"),
+                              "acme_directory": f"https://127.0.0.1:{silent.getsockname()[1]}/dir"})
+    try:
+        connection, _ = silent.accept()  # the order is waiting for the CA now
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 5
+    finally:
+        connection.close()
+        silent.close()
+

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python import failure
 
 from twistmail._logtext import loggableText
 from twistmail.tls import TLSConfigError, loadOptions
@@ -83,6 +85,28 @@ def namesFromConfig(config, domains: Iterable[str]) -> Names:
     return certificateNames(
         config.hostname, domains, mtaSts=https and bool(config["mta_sts"]["mode"]),
         autoconfig=https and config["autoconfig"]["serve"], extra=config["tls"]["acme_names"])
+
+
+def inDaemonThread(reactor, f: Callable, *args) -> defer.Deferred:
+    """C{f(*args)} in a thread that stopping the server does not wait for.
+
+    An order polls the CA for up to two minutes: a thread pool would be joined
+    at shutdown and hold it up that long.  Files are written atomically, so a
+    thread cut short leaves nothing half-written in place.  The keeper runs one
+    order at a time: one such thread at most.
+    """
+    d: defer.Deferred = defer.Deferred()
+
+    def run() -> None:
+        try:
+            result = f(*args)
+        except BaseException:
+            reactor.callFromThread(d.errback, failure.Failure())
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=run, name="twistmail-acme", daemon=True).start()
+    return d
 
 
 def startingPair(directory: str, fallbackCert: str, fallbackKey: str) -> tuple[str, str]:

@@ -350,11 +350,8 @@ def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accoun
     challenges = ChallengeTokens()
     issuer = AcmeIssuer(section["acme_directory"], section["acme_email"], section["acme_ca_file"],
                         directory, challenges, userAgent=f"twistmail/{__version__}")
-    # One thread: orders are sequential, and a slow CA must not hold the disk's threads.
-    pool = _ThreadPoolService("twistmail-acme", 1)
-    pool.setServiceParent(parent)
     autocert.CertificateKeeper(
-        tls, lambda names: threads.deferToThreadPool(reactor, pool.pool, issuer.issue, names),
+        tls, lambda names: autocert.inDaemonThread(reactor, issuer.issue, names),
         lambda: autocert.namesFromConfig(config, accounts.domains), directory,
         autocert.Schedule.fromConfig(section), reactor).setServiceParent(parent)
     return challenges
