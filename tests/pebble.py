@@ -1,7 +1,7 @@
 """Let's Encrypt's test CA, pebble (Debian's ``pebble`` package), on loopback.
 
-Pebble validates HTTP-01 on the port its config names (``httpPort``), at the
-address its ``-dnsserver`` gives for the name: a tests/dnsserver.py zone that
+Pebble validates HTTP-01 and TLS-ALPN-01 on the ports its config names
+(``httpPort``, ``tlsPort``), at the address its ``-dnsserver`` gives for the name: a tests/dnsserver.py zone that
 maps the test names to 127.0.0.1.  Its own HTTPS uses a throw-away CA from
 tests/certs.py (the Debian package ships none), which ``[tls] acme_ca_file``
 trusts.  Its roots are made afresh at each start: ``root()`` fetches the one
@@ -30,6 +30,7 @@ class Pebble:
     directory: str  # a scratch directory for its config, certificates and log
     nameserver: str  # host:port of the DNS server it resolves with
     httpPort: int  # where it expects our HTTP-01 responder
+    tlsPort: int = field(default_factory=freePort)  # and our TLS-ALPN-01 responder
     port: int = field(default_factory=freePort)
     managementPort: int = field(default_factory=freePort)
     proc: subprocess.Popen | None = None
@@ -52,7 +53,7 @@ class Pebble:
                 "managementListenAddress": f"127.0.0.1:{self.managementPort}",
                 "certificate": os.path.join(self.directory, "cert.pem"),
                 "privateKey": os.path.join(self.directory, "key.pem"),
-                "httpPort": self.httpPort, "tlsPort": freePort(), "ocspResponderURL": "",
+                "httpPort": self.httpPort, "tlsPort": self.tlsPort, "ocspResponderURL": "",
                 "externalAccountBindingRequired": False}}, f)
         self.logPath = os.path.join(self.directory, "pebble.log")
 

@@ -17,8 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from twistmail import autocert, config
+from twistmail.acmechallenges import ChallengeTokens
 from twistmail.tls import ServerTLS
-from twistmail.web.acmechallenge import ChallengeTokens
 from twistmail.web.site import Site, buildRoot
 
 DAY = 86400
@@ -44,8 +44,18 @@ def test_acme_config_loads_with_an_http_listener(tmp_path):
     assert tls["acme_ca_file"] == str(tmp_path / "ca.pem")  # relative to the config file
 
 
+def test_acme_with_only_an_https_listener_uses_tls_alpn_01(tmp_path):
+    path = write(tmp_path, '[listen]\nhttps = ["tcp:443"]\n[tls]\nacme = true\n')
+    loaded = config.load(path)
+    assert autocert.challengeType(loaded) == "tls-alpn-01"
+    both = config.load(None, {"listen": {"http": ["tcp:80"], "https": ["tcp:443"]},
+                              "tls": {"acme": True}})
+    assert autocert.challengeType(both) == "http-01"  # the one every CA offers
+
+
 @pytest.mark.parametrize("text, where, fix", [
     ("[tls]\nacme = true\n", "[tls] acme", 'http = ["tcp:80"]'),
+    ("[tls]\nacme = true\n", "[tls] acme", 'https = ["tcp:443"]'),
     (HTTP + '[tls]\nacme = true\ncertificate = "c.pem"\nkey = "k.pem"\n', "[tls] acme",
      "certificate"),
     (HTTP + '[tls]\nacme = true\nacme_directory = "http://ca.example/dir"\n',
@@ -355,3 +365,68 @@ def test_a_name_left_out_while_renewing_is_not_asked_for_again_at_once(keeperAt)
     k.clock.advance(0)
     assert [names for names, _ in k.issuer.orders] == [
         ["mail.example.org", "autoconfig.example.org"], ["mail.example.org"]]
+
+
+# -- TLS-ALPN-01 (RFC 8737) ---------------------------------------------------------------
+
+
+def handshake(tls: ServerTLS, serverName: str, protocols: list[bytes] | None):
+    """One TLS handshake with C{tls}, in memory: (the certificate seen, the ALPN protocol)."""
+    from OpenSSL import SSL
+
+    server = tls.serverConnectionForTLS(None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_tlsext_host_name(serverName.encode())
+    if protocols:
+        client.set_alpn_protos(protocols)
+    client.set_connect_state()
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for source, sink in ((client, server), (server, client)):
+            try:
+                sink.bio_write(source.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    return client.get_peer_certificate(as_cryptography=True), \
+        client.get_alpn_proto_negotiated() or None
+
+
+def test_tls_alpn_01_presents_the_challenge_certificate_only_to_the_validation(tmp_path):
+    import hashlib
+
+    from cryptography import x509
+
+    from twistmail.acmechallenges import ALPNCertificates, challengeCertificate
+
+    tls = ServerTLS(*makeCertificate(str(tmp_path), ["mail.example.org"], 90, time.time()))
+    alpn = ALPNCertificates()
+    tls.answerALPN(alpn.select)
+    alpn.add("mail.example.org", challengeCertificate("mail.example.org", "token.thumbprint"))
+
+    certificate, protocol = handshake(tls, "mail.example.org", [b"acme-tls/1"])
+    assert protocol == b"acme-tls/1"
+    assert certificate.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == ["mail.example.org"]
+    identifier = certificate.extensions.get_extension_for_oid(
+        x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"))
+    assert identifier.critical  # RFC 8737 §3
+    assert identifier.value.value == b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest()
+
+    # Every other client gets the server's certificate and no protocol.
+    for name, protocols in (("mail.example.org", None), ("mail.example.org", [b"imap"]),
+                            ("other.example.org", [b"acme-tls/1"])):
+        certificate, protocol = handshake(tls, name, protocols)
+        assert protocol is None
+        assert certificate.subject.rfc4514_string() == "CN=mail.example.org"
+        with pytest.raises(x509.ExtensionNotFound):
+            certificate.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31"))
+    # A new certificate (renewal, SIGHUP) keeps the responder.
+    tls.use(*makeCertificate(str(tmp_path / "new"), ["mail.example.org"], 90, time.time()))
+    assert handshake(tls, "mail.example.org", [b"acme-tls/1"])[1] == b"acme-tls/1"
+    alpn.remove("mail.example.org")
+    assert handshake(tls, "mail.example.org", [b"acme-tls/1"])[1] is None

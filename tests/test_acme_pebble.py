@@ -203,6 +203,23 @@ def test_renewal_within_30_days_of_expiry_reuses_the_account(dataDir, pebble, lo
     assert not [e for e in logged if "retrying in" in e]
 
 
+def test_tls_alpn_01_on_the_https_listener_alone(dataDir, pebble, logged):
+    """No plain web listener: the CA's TLS handshake with ALPN acme-tls/1 is answered."""
+    pebble.start()
+    addUser(dataDir, "alice@example.test")
+    server = startServer(
+        dataDir, listen={"https": [f"tcp:{pebble.tlsPort}:interface=127.0.0.1"]},
+        tls={"acme": True, "acme_directory": pebble.directoryURL, "acme_ca_file": pebble.caFile})
+    try:
+        waitUntil(lambda: servedByPebble(server.ports["imaps"], pebble), 60,
+                  "the certificate from pebble", describe=lambda: "\n".join(logged))
+        with imaps(server.ports["imaps"], trusting(pebble)) as tls:
+            assert names(tls) == ["autoconfig.example.test", HOST]
+    finally:
+        server.stop()
+    assert not [e for e in logged if "retrying in" in e]
+
+
 def test_stopping_does_not_wait_for_a_ca_that_does_not_answer(dataDir, tmp_path):
     """The CA accepts the connection and says nothing: the order waits for it in its
     thread, but stopping the server does not (systemd would kill a stop that hangs)."""

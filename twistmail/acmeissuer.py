@@ -14,9 +14,14 @@ import datetime
 import json
 import os
 
+import josepy
+from acme import challenges, client, crypto_util, errors, messages
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from twistmail import _fsutil
+from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens, challengeCertificate
 from twistmail.autocert import CERTIFICATE, KEY, OrderFailed
-from twistmail.web.acmechallenge import ChallengeTokens
 
 #: Seconds for one HTTP request to the CA, and for a whole order to be validated.
 NETWORK_TIMEOUT = 30
@@ -24,22 +29,47 @@ ORDER_TIMEOUT = 120
 
 
 def _pemKey(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+    """RFC 8737 §3: the client's response is an empty JSON object."""
+
+    typ = "tls-alpn-01"
+
+
+class TLSALPN01(challenges.KeyAuthorizationChallenge):
+    """RFC 8737: certbot's acme library dropped its class for it (acme 3.0)."""
+
+    typ = "tls-alpn-01"
+    response_cls = TLSALPN01Response
+
+    def validation(self, account_key, **kwargs) -> str:
+        return self.key_authorization(account_key)
+
+
+if TLSALPN01.typ not in challenges.Challenge.TYPES:  # a later acme may bring it back
+    challenges.Challenge.register(TLSALPN01)
+    challenges.ChallengeResponse.register(TLSALPN01Response)
 
 
 class AcmeIssuer:
     """Orders certificates from one ACME directory with the HTTP-01 challenge."""
 
     def __init__(self, directoryURL: str, email: str, caFile: str, stateDir: str,
-                 challenges: ChallengeTokens, userAgent: str = "twistmail") -> None:
+                 responder: ChallengeTokens | ALPNCertificates,
+                 userAgent: str = "twistmail") -> None:
+        """
+        @param responder: where the answers go: L{ChallengeTokens} for HTTP-01 (the web
+            listeners), L{ALPNCertificates} for TLS-ALPN-01 (every TLS listener).
+        """
         self.directoryURL = directoryURL
         self.email = email
         self.verify: bool | str = caFile or True
         self.stateDir = stateDir
-        self.challenges = challenges
+        self.responder = responder
+        self.challengeType = "http-01" if isinstance(responder, ChallengeTokens) else TLSALPN01.typ
         self.userAgent = userAgent
 
     def _path(self, name: str) -> str:
@@ -49,10 +79,6 @@ class AcmeIssuer:
         _fsutil.atomicWrite(self._path(name), data, mode=0o600)
 
     def _accountKey(self):
-        import josepy
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
         try:
             with open(self._path("account.key"), "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), password=None)
@@ -63,8 +89,6 @@ class AcmeIssuer:
 
     def _client(self, register: bool = False):
         """A client logged in to the account: the stored one, or a new registration."""
-        from acme import client, errors, messages
-
         os.makedirs(self.stateDir, mode=0o700, exist_ok=True)
         os.chmod(self.stateDir, 0o700)
         net = client.ClientNetwork(self._accountKey(), verify_ssl=self.verify,
@@ -96,8 +120,6 @@ class AcmeIssuer:
         @raise OrderFailed: the CA could not validate some names.
         @raise Exception: anything else from the network or the CA.
         """
-        from acme import messages
-
         try:
             self._issue(self._client(), names)
         except messages.Error as e:
@@ -106,9 +128,6 @@ class AcmeIssuer:
             self._issue(self._client(register=True), names)  # the CA forgot us: register again
 
     def _issue(self, acme, names: list[str]) -> None:
-        from acme import challenges, crypto_util, errors
-        from cryptography.hazmat.primitives.asymmetric import ec
-
         key = _pemKey(ec.generate_private_key(ec.SECP256R1()))
         order = acme.new_order(crypto_util.make_csr(key, names))
         published = []
@@ -116,24 +135,28 @@ class AcmeIssuer:
             for authorization in order.authorizations:
                 if authorization.body.status.name == "valid":
                     continue  # validated for an earlier order (RFC 8555 §7.1.4)
+                name = authorization.body.identifier.value
                 challenge = next((c for c in authorization.body.challenges
-                                  if isinstance(c.chall, challenges.HTTP01)), None)
+                                  if c.chall.typ == self.challengeType), None)
                 if challenge is None:
-                    raise OrderFailed([authorization.body.identifier.value],
-                                      "the CA offers no http-01 challenge")
-                response, keyAuthorization = challenge.response_and_validation(acme.net.key)
-                token = challenge.chall.encode("token")
-                self.challenges.add(token, keyAuthorization)
-                published.append(token)
-                acme.answer_challenge(challenge, response)
+                    raise OrderFailed([name], f"the CA offers no {self.challengeType} challenge")
+                # RFC 8555 §8.1: token "." base64url(SHA-256 JWK thumbprint of the account key)
+                keyAuthorization = challenge.chall.key_authorization(acme.net.key)
+                if isinstance(self.responder, ChallengeTokens):
+                    key, answer = challenge.chall.encode("token"), keyAuthorization
+                else:
+                    key, answer = name, challengeCertificate(name, keyAuthorization)
+                self.responder.add(key, answer)
+                published.append(key)
+                acme.answer_challenge(challenge, challenge.chall.response(acme.net.key))
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
             order = acme.poll_and_finalize(order, deadline)
         except errors.ValidationError as e:
             failed = [a.body.identifier.value for a in e.failed_authzrs]
             raise OrderFailed(failed, " ".join(str(e).split())) from None
         finally:
-            for token in published:
-                self.challenges.remove(token)
+            for key in published:
+                self.responder.remove(key)
         # The key first: a crash between the two leaves a pair that does not load, which
         # startingPair notices (and the next order replaces).
         self._write(KEY, key)

@@ -109,6 +109,12 @@ def inDaemonThread(reactor, f: Callable, *args) -> defer.Deferred:
     return d
 
 
+def challengeType(config) -> str:
+    """HTTP-01 (RFC 8555 §8.3), which every CA offers, when a plain web listener is there
+    for it; TLS-ALPN-01 (RFC 8737) on the https listener otherwise."""
+    return "http-01" if config.listeners("http") else "tls-alpn-01"
+
+
 def startingPair(directory: str, fallbackCert: str, fallbackKey: str) -> tuple[str, str]:
     """The ACME certificate and key if they are there and usable, else the fallback.
 

@@ -433,10 +433,12 @@ def _checkAcme(shown: str, path: str | None, sections: dict) -> None:
     if tls["certificate"]:
         raise _fail(shown, "[tls] acme", "the certificate comes from ACME, yet [tls] "
                     "certificate names one", "remove [tls] certificate and key, or set acme = false")
-    if not sections["listen"]["http"]:
-        # RFC 8555 §8.3: the CA fetches http://<name>/.well-known/acme-challenge/ on port 80.
-        raise _fail(shown, "[tls] acme", "HTTP-01 needs a plain web listener the CA reaches "
-                    "on port 80", 'set [listen] http = ["tcp:80"], or acme = false')
+    if not (sections["listen"]["http"] or sections["listen"]["https"]):
+        # RFC 8555 §8.3: the CA fetches http://<name>/.well-known/acme-challenge/ on port 80;
+        # RFC 8737 §3: or it makes a TLS handshake to port 443.
+        raise _fail(shown, "[tls] acme", "the CA checks the names on a web listener: port 80 "
+                    "(HTTP-01) or 443 (TLS-ALPN-01)",
+                    'set [listen] http = ["tcp:80"] or https = ["tcp:443"], or acme = false')
     if not tls["acme_directory"].startswith("https://"):
         raise _fail(shown, "[tls] acme_directory", f"{tls['acme_directory']!r} is not an "
                     "https:// URL (RFC 8555 §6.1)", f'write e.g. acme_directory = "{LETS_ENCRYPT}"')

@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from twistmail import __version__, _pluginload, autocert, ownership
 from twistmail import config as configmod
+from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
@@ -50,7 +51,6 @@ from twistmail.relay.tlsrpt import TLSReports
 from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 from twistmail.tls import ServerTLS, TLSConfigError
 from twistmail.web import autoconfig
-from twistmail.web.acmechallenge import ChallengeTokens
 from twistmail.web.site import Site, WebFactory, buildRoot
 
 log = Logger()
@@ -337,9 +337,9 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
 
 
 def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accounts,
-             parent: service.MultiService) -> ChallengeTokens:
+             parent: service.MultiService) -> ChallengeTokens | None:
     """``[tls] acme``: the certificate kept current from the CA; returns the HTTP-01
-    tokens the web listeners answer."""
+    tokens the web listeners answer (None with TLS-ALPN-01, which ServerTLS answers)."""
     from twistmail.acmeissuer import AcmeIssuer
 
     section = config["tls"]
@@ -347,14 +347,18 @@ def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accoun
     pair = autocert.startingPair(directory, tls.certPath, tls.keyPath)
     if pair != (tls.certPath, tls.keyPath):
         tls.use(*pair)
-    challenges = ChallengeTokens()
+    if autocert.challengeType(config) == "http-01":
+        responder = tokens = ChallengeTokens()
+    else:
+        responder, tokens = ALPNCertificates(), None
+        tls.answerALPN(responder.select)
     issuer = AcmeIssuer(section["acme_directory"], section["acme_email"], section["acme_ca_file"],
-                        directory, challenges, userAgent=f"twistmail/{__version__}")
+                        directory, responder, userAgent=f"twistmail/{__version__}")
     autocert.CertificateKeeper(
         tls, lambda names: autocert.inDaemonThread(reactor, issuer.issue, names),
         lambda: autocert.namesFromConfig(config, accounts.domains), directory,
         autocert.Schedule.fromConfig(section), reactor).setServiceParent(parent)
-    return challenges
+    return tokens
 
 
 def makeStore(config: configmod.Config):

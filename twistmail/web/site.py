@@ -8,6 +8,7 @@ from collections.abc import Callable
 from twisted.protocols import policies
 from twisted.web import http, pages, resource, server
 
+from twistmail.acmechallenges import ChallengeTokens
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.web import acmechallenge, autoconfig, mtasts
 
@@ -33,7 +34,7 @@ class Tree(resource.Resource):
 
 def buildRoot(mtaSts: dict, hosted: Callable[[str], bool],
               clients: autoconfig.ClientSettings | None = None,
-              challenges: acmechallenge.ChallengeTokens | None = None) -> resource.Resource:
+              challenges: ChallengeTokens | None = None) -> resource.Resource:
     """Every path served; anything not put here is a 404.
 
     @param mtaSts: the ``[mta_sts]`` section.
