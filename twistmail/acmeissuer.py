@@ -128,8 +128,8 @@ class AcmeIssuer:
             self._issue(self._client(register=True), names)  # the CA forgot us: register again
 
     def _issue(self, acme, names: list[str]) -> None:
-        key = _pemKey(ec.generate_private_key(ec.SECP256R1()))
-        order = acme.new_order(crypto_util.make_csr(key, names))
+        certificateKey = _pemKey(ec.generate_private_key(ec.SECP256R1()))
+        order = acme.new_order(crypto_util.make_csr(certificateKey, names))
         published = []
         try:
             for authorization in order.authorizations:
@@ -143,11 +143,11 @@ class AcmeIssuer:
                 # RFC 8555 §8.1: token "." base64url(SHA-256 JWK thumbprint of the account key)
                 keyAuthorization = challenge.chall.key_authorization(acme.net.key)
                 if isinstance(self.responder, ChallengeTokens):
-                    key, answer = challenge.chall.encode("token"), keyAuthorization
+                    entry, answer = challenge.chall.encode("token"), keyAuthorization
                 else:
-                    key, answer = name, challengeCertificate(name, keyAuthorization)
-                self.responder.add(key, answer)
-                published.append(key)
+                    entry, answer = name, challengeCertificate(name, keyAuthorization)
+                self.responder.add(entry, answer)
+                published.append(entry)
                 acme.answer_challenge(challenge, challenge.chall.response(acme.net.key))
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
             order = acme.poll_and_finalize(order, deadline)
@@ -155,9 +155,9 @@ class AcmeIssuer:
             failed = [a.body.identifier.value for a in e.failed_authzrs]
             raise OrderFailed(failed, " ".join(str(e).split())) from None
         finally:
-            for key in published:
-                self.responder.remove(key)
+            for entry in published:
+                self.responder.remove(entry)
         # The key first: a crash between the two leaves a pair that does not load, which
         # startingPair notices (and the next order replaces).
-        self._write(KEY, key)
+        self._write(KEY, certificateKey)
         self._write(CERTIFICATE, order.fullchain_pem.encode("ascii"))
