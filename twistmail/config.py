@@ -188,7 +188,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "certificate": Key(str, "", "PEM certificate, then its chain; '' = self-signed, generated"),
         "key": Key(str, "", "PEM private key of the certificate"),
         "acme": Key(bool, False, "obtain and renew the certificate from an ACME CA (HTTP-01 on "
-                    "[listen] http); agrees to the CA's terms of service"),
+                    "[listen] http, else TLS-ALPN-01 on https); agrees to the CA's terms of "
+                    "service"),
         "acme_directory": Key(str, LETS_ENCRYPT, "the ACME CA's directory URL (https://)"),
         "acme_email": Key(str, "", "contact address given to the CA; '' = none"),
         "acme_names": Key(list, [], "names the certificate covers besides the host name and "
