@@ -11,7 +11,7 @@ import os
 import time
 
 import pytest
-from test_config import assertActionable, loadError, write
+from test_config import assertFileError, write
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -68,10 +68,7 @@ def test_acme_with_only_an_https_listener_uses_tls_alpn_01(tmp_path):
      "at least acme_retry_min"),
 ])
 def test_acme_config_errors_name_key_and_fix(tmp_path, text, where, fix):
-    path = write(tmp_path, text)
-    message = loadError(path)
-    assertActionable(message, path, where)
-    assert fix in message.split("Fix:")[1], message
+    assertFileError(tmp_path, text, where, fix)
 
 
 # -- which names the certificate covers ------------------------------------------------

@@ -55,7 +55,7 @@ if TLSALPN01.typ not in challenges.Challenge.TYPES:  # a later acme may bring it
 
 
 class AcmeIssuer:
-    """Orders certificates from one ACME directory with the HTTP-01 challenge."""
+    """Orders certificates from one ACME directory with HTTP-01 or TLS-ALPN-01."""
 
     def __init__(self, directoryURL: str, email: str, caFile: str, stateDir: str,
                  responder: ChallengeTokens | ALPNCertificates,

@@ -404,14 +404,19 @@ def _checkRelay(shown: str, path: str | None, relay: dict) -> None:
             raise _fail(shown, "[relay] smarthost_tls", "AUTH credentials are only sent over "
                         "verified TLS", 'set smarthost_tls = "required"')
     for key in ("smarthost_ca_file", "mta_sts_ca_file"):
-        caFile = relay[key]
-        if not caFile:
-            continue
-        if path is not None and not os.path.isabs(caFile):
-            caFile = relay[key] = os.path.join(os.path.dirname(os.path.abspath(path)), caFile)
-        if not os.path.isfile(caFile):
-            raise _fail(shown, f"[relay] {key}", f"{caFile} is not a file",
-                        "give the path of a PEM file of CA certificates, or remove the key")
+        _checkCaFile(shown, path, "relay", relay, key)
+
+
+def _checkCaFile(shown: str, path: str | None, section: str, values: dict, key: str) -> None:
+    """A CA file named relative to the config file, and there."""
+    caFile = values[key]
+    if not caFile:
+        return
+    if path is not None and not os.path.isabs(caFile):
+        caFile = values[key] = os.path.join(os.path.dirname(os.path.abspath(path)), caFile)
+    if not os.path.isfile(caFile):
+        raise _fail(shown, f"[{section}] {key}", f"{caFile} is not a file",
+                    "give the path of a PEM file of CA certificates, or remove the key")
 
 
 def _checkAcme(shown: str, path: str | None, sections: dict) -> None:
@@ -421,14 +426,7 @@ def _checkAcme(shown: str, path: str | None, sections: dict) -> None:
         raise _fail(shown, "[tls] acme_retry_max", f"{tls['acme_retry_max']} is below "
                     f"acme_retry_min ({tls['acme_retry_min']})",
                     "make acme_retry_max at least acme_retry_min")
-    caFile = tls["acme_ca_file"]
-    if caFile:
-        if path is not None and not os.path.isabs(caFile):
-            caFile = tls["acme_ca_file"] = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                        caFile)
-        if not os.path.isfile(caFile):
-            raise _fail(shown, "[tls] acme_ca_file", f"{caFile} is not a file",
-                        "give the path of a PEM file of CA certificates, or remove the key")
+    _checkCaFile(shown, path, "tls", tls, "acme_ca_file")
     if not tls["acme"]:
         return
     if tls["certificate"]:
