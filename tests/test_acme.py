@@ -37,7 +37,8 @@ def test_acme_is_off_by_default_and_lets_encrypt_is_the_directory():
 
 def test_acme_config_loads_with_an_http_listener(tmp_path):
     (tmp_path / "ca.pem").write_text("x")
-    path = write(tmp_path, HTTP + '[tls]\nacme = true\nacme_email = "admin@example.org"\n'
+    path = write(tmp_path, HTTP + '[server]\nhostname = "mail.example.org"\n'
+                 '[tls]\nacme = true\nacme_email = "admin@example.org"\n'
                  'acme_names = ["www.example.org"]\nacme_ca_file = "ca.pem"\n')
     tls = config.load(path)["tls"]
     assert tls["acme"] and tls["acme_names"] == ["www.example.org"]
@@ -45,10 +46,12 @@ def test_acme_config_loads_with_an_http_listener(tmp_path):
 
 
 def test_acme_with_only_an_https_listener_uses_tls_alpn_01(tmp_path):
-    path = write(tmp_path, '[listen]\nhttps = ["tcp:443"]\n[tls]\nacme = true\n')
+    path = write(tmp_path, '[server]\nhostname = "mail.example.org"\n'
+                 '[listen]\nhttps = ["tcp:443"]\n[tls]\nacme = true\n')
     loaded = config.load(path)
     assert autocert.challengeType(loaded) == "tls-alpn-01"
-    both = config.load(None, {"listen": {"http": ["tcp:80"], "https": ["tcp:443"]},
+    both = config.load(None, {"server": {"hostname": "mail.example.org"},
+                              "listen": {"http": ["tcp:80"], "https": ["tcp:443"]},
                               "tls": {"acme": True}})
     assert autocert.challengeType(both) == "http-01"  # the one every CA offers
 
@@ -64,6 +67,8 @@ def test_acme_with_only_an_https_listener_uses_tls_alpn_01(tmp_path):
     (HTTP + '[tls]\nacme = true\nacme_names = ["bad name", "../x"]\n', "[tls] acme_names",
      "www.example.org"),
     (HTTP + '[tls]\nacme = true\nacme_ca_file = "missing.pem"\n', "[tls] acme_ca_file", "PEM"),
+    (HTTP + '[server]\nhostname = "localhost"\n[tls]\nacme = true\n', "[server] hostname",
+     'hostname = "mail.example.org"'),
     (HTTP + "[tls]\nacme_retry_min = 600\nacme_retry_max = 60\n", "[tls] acme_retry_max",
      "at least acme_retry_min"),
 ])

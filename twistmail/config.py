@@ -523,6 +523,11 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
         import socket
 
         sections["server"]["hostname"] = socket.getfqdn() or "localhost"
+    if sections["tls"]["acme"] and not _HOST_NAME.match(sections["server"]["hostname"]):
+        # The host name is the certificate's first name: a CA certifies only names in DNS.
+        raise _fail(shown, "[server] hostname", f"{sections['server']['hostname']!r} is not a "
+                    "fully qualified domain name a CA can certify ([tls] acme)",
+                    'write e.g. hostname = "mail.example.org"')
     frozen = {name: MappingProxyType(values) for name, values in sections.items()}
     backendOptions = {name: MappingProxyType(table) for name, table in raw.get("storage", {}).items()
                       if isinstance(table, dict)}
