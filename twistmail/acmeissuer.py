@@ -40,12 +40,13 @@ class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
 
 
 class TLSALPN01(challenges.KeyAuthorizationChallenge):
-    """RFC 8737: certbot's acme library dropped its class for it (acme 3.0)."""
+    """RFC 8737's challenge, which certbot's acme library (5.x) no longer defines."""
 
     typ = "tls-alpn-01"
     response_cls = TLSALPN01Response
 
     def validation(self, account_key, **kwargs) -> str:
+        """(Abstract in the base class.) The digest of this goes into the certificate."""
         return self.key_authorization(account_key)
 
 
