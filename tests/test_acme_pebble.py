@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import imaplib
 import os
+import signal
 import smtplib
 import socket
 import ssl
@@ -218,6 +219,46 @@ def test_tls_alpn_01_on_the_https_listener_alone(dataDir, pebble, logged):
     finally:
         server.stop()
     assert not [e for e in logged if "retrying in" in e]
+
+
+@pytest.mark.e2e
+def test_twistd_obtains_the_certificate_reloads_it_on_sighup_and_stops(tmp_path, pebble):
+    """The real ``twistd -n twistmail`` with [tls] acme in its config file."""
+    from serverproc import ServerProcess, twistdCommand
+    from test_e2e import listenerArgs
+
+    pebble.start()
+    dataDir = tmp_path / "data"
+    addUser(str(dataDir), "alice@example.test")
+    config = tmp_path / "twistmail.toml"
+    config.write_text(f'''[server]
+data_dir = "data"
+hostname = "{HOST}"
+[listen]
+http = ["tcp:{pebble.httpPort}:interface=127.0.0.1"]
+[tls]
+acme = true
+acme_directory = "{pebble.directoryURL}"
+acme_ca_file = "{pebble.caFile}"
+''')
+    smtp, pop3, imap = freePort(), freePort(), freePort()
+    args = listenerArgs(smtp, pop3, imap)
+    imapsPort = int(args[args.index("--imaps") + 1].split(":")[1])
+    process = ServerProcess(twistdCommand("--config", str(config), *args),
+                            logPath=str(tmp_path / "server.log"), cwd=str(tmp_path)).start()
+    try:
+        process.waitReady(smtp, pop3, imap)
+        process.waitForLog(lambda log: "acme: serving a new certificate for " + HOST in log,
+                           "the new certificate", timeout=60)
+        assert servedByPebble(imapsPort, pebble)
+        process.proc.send_signal(signal.SIGHUP)
+        process.waitForLog(lambda log: f"certificate reloaded from {dataDir}/acme/cert.pem"
+                           in log, "the reload of the ACME certificate")
+        assert servedByPebble(imapsPort, pebble)
+    finally:
+        status = process.stop()
+    assert status == -signal.SIGTERM, process.describe()  # twistd re-raises it
+    assert "Traceback" not in process.log
 
 
 def test_stopping_does_not_wait_for_a_ca_that_does_not_answer(dataDir, tmp_path):
