@@ -314,6 +314,11 @@ def test_exampleConfigShowsDefaultsUnlessMarkedExample():
     ("[relay]\nmax_queue_lifetime = 0\n", "[relay] max_queue_lifetime", "at least 1"),
 ])
 def test_relayErrorsNameKeyAndFix(tmp_path, text, where, fix):
+    assertFileError(tmp_path, text, where, fix)
+
+
+def assertFileError(tmp_path, text: str, where: str, fix: str) -> None:
+    """A config file of C{text} is refused naming the file, C{where}, and C{fix} after Fix:."""
     path = write(tmp_path, text)
     message = loadError(path)
     assertActionable(message, path, where)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "19
                     "fc00::/7")
 #: Listeners that speak TLS from the first byte (RFC 8314) instead of offering STARTTLS.
 IMPLICIT_TLS = {"submissions": "submission", "pop3s": "pop3", "imaps": "imap"}
+
+#: Let's Encrypt's production directory (RFC 8555 §7.1.1).
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -120,6 +124,17 @@ def _mxPatterns(values: list[str]) -> None:
             raise ValueError(f"{value!r} is not a host name or *.domain (no trailing dot)")
 
 
+#: RFC 1035 §2.3.1 labels (with RFC 1123 §2.1 digits first), at least two of them.
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+"
+                        r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
+
+
+def _hostNames(values: list[str]) -> None:
+    for value in values:
+        if not _HOST_NAME.match(value):
+            raise ValueError(f"{value!r} is not a host name")
+
+
 def _maxAge(value: int) -> None:
     if value > mtasts.MAX_AGE_LIMIT:
         raise ValueError(f"{value} is above {mtasts.MAX_AGE_LIMIT} (one year, RFC 8461 §3.2)")
@@ -172,6 +187,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "tls": {
         "certificate": Key(str, "", "PEM certificate, then its chain; '' = self-signed, generated"),
         "key": Key(str, "", "PEM private key of the certificate"),
+        "acme": Key(bool, False, "obtain and renew the certificate from an ACME CA (HTTP-01 on "
+                    "[listen] http, else TLS-ALPN-01 on https); agrees to the CA's terms of "
+                    "service"),
+        "acme_directory": Key(str, LETS_ENCRYPT, "the ACME CA's directory URL (https://)"),
+        "acme_email": Key(str, "", "contact address given to the CA; '' = none"),
+        "acme_names": Key(list, [], "names the certificate covers besides the host name and "
+                          "the web names", validate=_hostNames, example='["www.example.org"]'),
+        "acme_ca_file": Key(str, "", "PEM CA certificates that verify the ACME directory's "
+                            "HTTPS; '' = the system trust store (change only for tests)"),
+        "acme_renew_before": Key(int, 30, "days before expiry a certificate is renewed", 1),
+        "acme_retry_min": Key(int, 60, "seconds before retrying a failed order; doubles per "
+                              "failure", 1),
+        "acme_retry_max": Key(int, 86400, "longest wait between retries, in seconds", 1),
     },
     "auth": {
         "plaintext_networks": Key(list, [],
@@ -376,14 +404,48 @@ def _checkRelay(shown: str, path: str | None, relay: dict) -> None:
             raise _fail(shown, "[relay] smarthost_tls", "AUTH credentials are only sent over "
                         "verified TLS", 'set smarthost_tls = "required"')
     for key in ("smarthost_ca_file", "mta_sts_ca_file"):
-        caFile = relay[key]
-        if not caFile:
-            continue
-        if path is not None and not os.path.isabs(caFile):
-            caFile = relay[key] = os.path.join(os.path.dirname(os.path.abspath(path)), caFile)
-        if not os.path.isfile(caFile):
-            raise _fail(shown, f"[relay] {key}", f"{caFile} is not a file",
-                        "give the path of a PEM file of CA certificates, or remove the key")
+        _checkCaFile(shown, path, "relay", relay, key)
+
+
+def _checkCaFile(shown: str, path: str | None, section: str, values: dict, key: str) -> None:
+    """A CA file named relative to the config file, and there."""
+    caFile = values[key]
+    if not caFile:
+        return
+    if path is not None and not os.path.isabs(caFile):
+        caFile = values[key] = os.path.join(os.path.dirname(os.path.abspath(path)), caFile)
+    if not os.path.isfile(caFile):
+        raise _fail(shown, f"[{section}] {key}", f"{caFile} is not a file",
+                    "give the path of a PEM file of CA certificates, or remove the key")
+
+
+def _checkAcme(shown: str, path: str | None, sections: dict) -> None:
+    """Rules for [tls] acme, which involve [listen] too."""
+    tls = sections["tls"]
+    if tls["acme_retry_max"] < tls["acme_retry_min"]:
+        raise _fail(shown, "[tls] acme_retry_max", f"{tls['acme_retry_max']} is below "
+                    f"acme_retry_min ({tls['acme_retry_min']})",
+                    "make acme_retry_max at least acme_retry_min")
+    _checkCaFile(shown, path, "tls", tls, "acme_ca_file")
+    if not tls["acme"]:
+        return
+    if tls["certificate"]:
+        raise _fail(shown, "[tls] acme", "the certificate comes from ACME, yet [tls] "
+                    "certificate names one", "remove [tls] certificate and key, or set acme = false")
+    if not (sections["listen"]["http"] or sections["listen"]["https"]):
+        # RFC 8555 §8.3: the CA fetches http://<name>/.well-known/acme-challenge/ on port 80;
+        # RFC 8737 §3: or it makes a TLS handshake to port 443.
+        raise _fail(shown, "[tls] acme", "the CA checks the names on a web listener: port 80 "
+                    "(HTTP-01) or 443 (TLS-ALPN-01)",
+                    'set [listen] http = ["tcp:80"] or https = ["tcp:443"], or acme = false')
+    if not tls["acme_directory"].startswith("https://"):
+        raise _fail(shown, "[tls] acme_directory", f"{tls['acme_directory']!r} is not an "
+                    "https:// URL (RFC 8555 §6.1)", f'write e.g. acme_directory = "{LETS_ENCRYPT}"')
+    email = tls["acme_email"]
+    if email and (email.count("@") != 1 or not email.isprintable() or " " in email
+                  or not all(email.split("@"))):
+        raise _fail(shown, "[tls] acme_email", f"{email!r} is not an email address",
+                    'write e.g. acme_email = "postmaster@example.org", or ""')
 
 
 def load(path: str | None = None, overrides: dict | None = None) -> Config:
@@ -451,6 +513,7 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
                     "certificate", "set both [tls] certificate and [tls] key, or neither")
 
     _checkRelay(shown, path, sections["relay"])
+    _checkAcme(shown, path, sections)
     if sections["mta_sts"]["mode"] in ("testing", "enforce") and not sections["mta_sts"]["mx"]:
         # RFC 8461 §3.2: a testing or enforce policy lists the MX hosts it allows.
         raise _fail(shown, "[mta_sts] mx", f"mode {sections['mta_sts']['mode']!r} needs the MX "
@@ -460,6 +523,11 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
         import socket
 
         sections["server"]["hostname"] = socket.getfqdn() or "localhost"
+    if sections["tls"]["acme"] and not _HOST_NAME.match(sections["server"]["hostname"]):
+        # The host name is the certificate's first name: a CA certifies only names in DNS.
+        raise _fail(shown, "[server] hostname", f"{sections['server']['hostname']!r} is not a "
+                    "fully qualified domain name a CA can certify ([tls] acme)",
+                    'write e.g. hostname = "mail.example.org"')
     frozen = {name: MappingProxyType(values) for name, values in sections.items()}
     backendOptions = {name: MappingProxyType(table) for name, table in raw.get("storage", {}).items()
                       if isinstance(table, dict)}

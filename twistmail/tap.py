@@ -22,8 +22,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from twistmail import _pluginload, ownership
+from twistmail import __version__, _pluginload, autocert, ownership
 from twistmail import config as configmod
+from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
@@ -335,6 +336,31 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
     return runner
 
 
+def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accounts,
+             parent: service.MultiService) -> ChallengeTokens | None:
+    """``[tls] acme``: the certificate kept current from the CA; returns the HTTP-01
+    tokens the web listeners answer (None with TLS-ALPN-01, which ServerTLS answers)."""
+    from twistmail.acmeissuer import AcmeIssuer
+
+    section = config["tls"]
+    directory = os.path.join(config.dataDir, "acme")
+    pair = autocert.startingPair(directory, tls.certPath, tls.keyPath)
+    if pair != (tls.certPath, tls.keyPath):
+        tls.use(*pair)
+    if autocert.challengeType(config) == "http-01":
+        responder = tokens = ChallengeTokens()
+    else:
+        responder, tokens = ALPNCertificates(), None
+        tls.answerALPN(responder.select)
+    issuer = AcmeIssuer(section["acme_directory"], section["acme_email"], section["acme_ca_file"],
+                        directory, responder, userAgent=f"twistmail/{__version__}")
+    autocert.CertificateKeeper(
+        tls, lambda names: autocert.inDaemonThread(reactor, issuer.issue, names),
+        lambda: autocert.namesFromConfig(config, accounts.domains), directory,
+        autocert.Schedule.fromConfig(section), reactor).setServiceParent(parent)
+    return tokens
+
+
 def makeStore(config: configmod.Config):
     """The store of the backend plugin named by ``[storage] backend``, with its options.
 
@@ -383,6 +409,7 @@ def makeService(options: Options) -> service.MultiService:
     except TLSConfigError as e:
         raise startupError(f"{config.path}: [tls]: {e}") from None
     _ReloadOnHangup(tls).setServiceParent(top)
+    challenges = makeAcme(config, reactor, tls, accounts, top) if config["tls"]["acme"] else None
     security = Security(tls, auth["plaintext_networks"])
 
     router = Router(accounts, RelayPolicy(config["relay"]["trusted_networks"]),
@@ -413,7 +440,8 @@ def makeService(options: Options) -> service.MultiService:
     realm.register(IMailAccount, imapFactory.avatar)
     factories["imap"] = imapFactory
     factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
-                                                  autoconfig.fromConfig(config))), limiter, reactor)
+                                                  autoconfig.fromConfig(config), challenges)),
+                                   limiter, reactor)
     for implicit, plain in {**configmod.IMPLICIT_TLS, "https": "http"}.items():
         # RFC 8314: the same service, with TLS from the first byte.
         factories[implicit] = TLSMemoryBIOFactory(tls, False, factories[plain])

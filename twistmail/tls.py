@@ -99,7 +99,19 @@ class ServerTLS:
     def __init__(self, certPath: str, keyPath: str) -> None:
         self.certPath = certPath
         self.keyPath = keyPath
-        self._options = loadOptions(certPath, keyPath)
+        self._alpnSelect = None
+        self._install(loadOptions(certPath, keyPath))
+
+    def _install(self, options: ssl.CertificateOptions) -> None:
+        if self._alpnSelect is not None:
+            options.getContext().set_alpn_select_callback(self._alpnSelect)
+        self._options = options
+
+    def answerALPN(self, select) -> None:
+        """Let C{select} (OpenSSL's ALPN callback) answer TLS-ALPN-01 validations (RFC 8737),
+        on this certificate and every later one."""
+        self._alpnSelect = select
+        self._install(self._options)
 
     @classmethod
     def fromConfig(cls, tlsConfig, hostname: str, dataDir: str) -> ServerTLS:
@@ -118,10 +130,18 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self._options.getContext(), None)
 
+    def use(self, certPath: str, keyPath: str) -> None:
+        """Serve this pair from now on (a renewed ACME certificate); SIGHUP rereads it.
+
+        @raise TLSConfigError: the pair cannot be used; the current one stays.
+        """
+        self._install(loadOptions(certPath, keyPath))
+        self.certPath, self.keyPath = certPath, keyPath
+
     def reload(self) -> bool:
         """Read the files again; on any problem keep serving the old certificate."""
         try:
-            self._options = loadOptions(self.certPath, self.keyPath)
+            self._install(loadOptions(self.certPath, self.keyPath))
         except TLSConfigError as e:
             log.error("tls: reload failed, keeping the current certificate: {error}", error=e)
             return False

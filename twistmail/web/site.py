@@ -8,8 +8,9 @@ from collections.abc import Callable
 from twisted.protocols import policies
 from twisted.web import http, pages, resource, server
 
+from twistmail.acmechallenges import ChallengeTokens
 from twistmail.protocols.limits import ConnectionLimiter, admit
-from twistmail.web import autoconfig, mtasts
+from twistmail.web import acmechallenge, autoconfig, mtasts
 
 #: Seconds a connection may last in all (a policy fetch is one small request); also
 #: the idle timeout.  Slow or dribbling clients are cut off here.
@@ -32,19 +33,24 @@ class Tree(resource.Resource):
 
 
 def buildRoot(mtaSts: dict, hosted: Callable[[str], bool],
-              clients: autoconfig.ClientSettings | None = None) -> resource.Resource:
+              clients: autoconfig.ClientSettings | None = None,
+              challenges: ChallengeTokens | None = None) -> resource.Resource:
     """Every path served; anything not put here is a 404.
 
     @param mtaSts: the ``[mta_sts]`` section.
     @param hosted: whether a domain is one of ours.
     @param clients: what autoconfiguration tells mail clients; None serves none.
+    @param challenges: the ACME HTTP-01 tokens of orders in flight; None serves none.
     """
     root = Tree()
+    wellKnown = Tree()
+    root.putChild(b".well-known", wellKnown)
     if mtaSts["mode"]:
-        wellKnown = Tree()
-        root.putChild(mtasts.WELL_KNOWN[0], wellKnown)
         wellKnown.putChild(mtasts.WELL_KNOWN[1], mtasts.PolicyResource(
             mtasts.policyText(mtaSts["mode"], mtaSts["mx"], mtaSts["max_age"]), hosted))
+    if challenges is not None:
+        wellKnown.putChild(acmechallenge.WELL_KNOWN[1],
+                           acmechallenge.ChallengeResource(challenges))
     if clients is not None:
         autoconfig.addTo(root, clients, hosted, Tree)
     return root
