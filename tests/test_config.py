@@ -362,7 +362,7 @@ def test_metricsListenerIsOffByDefault():
                                       "tcp6:9325:interface=\\:\\:", "haproxy:tcp:9325",
                                       "tcp:9325:interface=localhost"])
 def test_metricsListenerOffLoopbackIsRefused(tmp_path, endpoint):
-    path = write(tmp_path, f'[listen]\nmetrics = ["tcp:9325:interface=127.0.0.1", {endpoint!r}]\n')
+    path = write(tmp_path, "[listen]\nmetrics = [\"tcp:9325:interface=127.0.0.1\", '" + endpoint + "']\n")
     message = loadError(path)
     assertActionable(message, path, "[listen] metrics")
     assert endpoint in message, message
@@ -373,7 +373,7 @@ def test_metricsListenerOffLoopbackIsRefused(tmp_path, endpoint):
 @pytest.mark.parametrize("endpoint", ["tcp:9325:interface=127.0.0.1", "tcp:9325:interface=127.0.0.9",
                                       "tcp6:9325:interface=\\:\\:1", "unix:/run/twistmail/metrics"])
 def test_metricsListenerOnLoopbackOrASocketFileIsAccepted(tmp_path, endpoint):
-    path = write(tmp_path, f"[listen]\nmetrics = [{endpoint!r}]\n")
+    path = write(tmp_path, f"[listen]\nmetrics = ['{endpoint}']\n")
     assert config.load(path).listeners("metrics") == [endpoint]
 
 

@@ -403,8 +403,11 @@ def test_the_metrics_listener_serves_nothing_else(dataDir):
         assert scrape(port, "/").status == 404
         assert scrape(port, "/metrics/x").status == 404
         assert scrape(port, "/.well-known/mta-sts.txt").status == 404
-        assert scrape(port, "/metrics", "POST").status == 405
-        head = scrape(port, "/metrics", "HEAD")
-        assert head.status == 200 and head.body == b""
+        for method in ("POST", "HEAD", "OPTIONS", "SCRIPT"):
+            refused = scrape(port, "/metrics", method)
+            assert (refused.status, refused.getheader("allow")) == (405, "GET"), method
+            assert method.encode() not in refused.body  # not reflected in text/html
+        assert scrape(port, "/metrics", "<script>").status == 400  # not a method (Twisted)
+        assert scrape(port, "/metrics/").status == 200
     finally:
         server.stop()

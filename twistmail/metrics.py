@@ -126,12 +126,16 @@ class _CountingFactory(protocol.Factory):
     """Passes every call to the listener's own factory; counts the connections it is asked for.
 
     The protocol built is the wrapped factory's own, unwrapped: nothing per
-    connection is added."""
+    connection is added.  Other attributes are the wrapped factory's, so the
+    listener's C{factory} still reads as the protocol's own."""
 
     def __init__(self, wrapped, counter) -> None:
         self.wrapped = wrapped
         self._counter = counter
         self.noisy = False
+
+    def __getattr__(self, name: str):
+        return getattr(self.wrapped, name)
 
     def logPrefix(self) -> str:
         return self.wrapped.logPrefix() if hasattr(self.wrapped, "logPrefix") \
