@@ -135,6 +135,8 @@ class _CountingFactory(protocol.Factory):
         self.noisy = False
 
     def __getattr__(self, name: str):
+        if name == "wrapped":  # not set yet (copying): no endless recursion
+            raise AttributeError(name)
         return getattr(self.wrapped, name)
 
     def logPrefix(self) -> str:
