@@ -351,3 +351,42 @@ def test_removedKeyNamesTheFix(tmp_path):
         config.load(path)
     assert "[auth] lockout: no longer exists" in str(caught.value)
     assert "block_time" in str(caught.value)
+
+
+# -- the metrics listener is on loopback ----------------------------------------------
+
+
+def test_metricsListenerIsOffByDefault():
+    c = config.load(None)
+    assert c.listeners("metrics") == []
+    assert c["metrics"]["allow_non_loopback"] is False
+
+
+@pytest.mark.parametrize("endpoint", ["tcp:9325", "tcp:9325:interface=0.0.0.0",
+                                      "tcp:9325:interface=192.0.2.1", "tcp6:9325",
+                                      "tcp6:9325:interface=\\:\\:", "haproxy:tcp:9325",
+                                      "tcp:9325:interface=localhost"])
+def test_metricsListenerOffLoopbackIsRefused(tmp_path, endpoint):
+    path = write(tmp_path, "[listen]\nmetrics = [\"tcp:9325:interface=127.0.0.1\", '" + endpoint + "']\n")
+    message = loadError(path)
+    assertActionable(message, path, "[listen] metrics")
+    assert endpoint in message, message
+    fix = message.split("Fix:")[1]
+    assert "tcp:9325:interface=127.0.0.1" in fix and "allow_non_loopback" in fix, message
+
+
+@pytest.mark.parametrize("endpoint", ["tcp:9325:interface=127.0.0.1", "tcp:9325:interface=127.0.0.9",
+                                      "tcp6:9325:interface=\\:\\:1", "unix:/run/twistmail/metrics"])
+def test_metricsListenerOnLoopbackOrASocketFileIsAccepted(tmp_path, endpoint):
+    path = write(tmp_path, f"[listen]\nmetrics = ['{endpoint}']\n")
+    assert config.load(path).listeners("metrics") == [endpoint]
+
+
+def test_metricsListenerAnywhereWhenTheOperatorSaysSo(tmp_path):
+    path = write(tmp_path, '[listen]\nmetrics = ["tcp:9325"]\n[metrics]\nallow_non_loopback = true\n')
+    assert config.load(path).listeners("metrics") == ["tcp:9325"]
+
+
+def test_metricsListenerFromTheCommandLineIsCheckedToo():
+    message = loadError(None, {"listen": {"metrics": ["tcp:9325"]}})
+    assert "[listen] metrics" in message and "Fix:" in message

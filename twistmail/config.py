@@ -26,6 +26,8 @@ DEFAULT_PORTS = {"smtp": 2525, "submission": 2587, "submissions": 2465, "pop3": 
 DEFAULT_DATA_DIR = "twistmail-data"
 
 ALL_PROTOCOLS = tuple(DEFAULT_PORTS)
+#: A metrics listener on loopback (9325: unassigned in Prometheus' port allocations list).
+METRICS_EXAMPLE = "tcp:9325:interface=127.0.0.1"
 #: Where load balancers live: loopback and the private ranges (RFC 1918, RFC 4193).
 PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                     "fc00::/7")
@@ -103,6 +105,27 @@ def _endpoints(values: list[str]) -> None:
             raise ValueError(f"bad endpoint {value!r} ({e})") from None
 
 
+def offLoopback(endpoint: str) -> bool:
+    """Whether C{endpoint} would listen beyond this host: on any address but loopback
+    (``tcp:9325`` alone binds every interface).  A UNIX socket is local.  Found by
+    listening on a reactor that only records (nothing is bound)."""
+    from twisted.internet import endpoints
+    from twisted.internet.testing import MemoryReactor
+
+    recorder = MemoryReactor()
+    endpoints.serverFromString(recorder, endpoint).listen(None)
+    bound = [server[3] for server in recorder.tcpServers + recorder.sslServers]
+    if not bound and not recorder.unixServers:
+        return True  # another kind (systemd:, a plugin's): cannot tell, so not loopback
+    for interface in bound:
+        try:
+            if not ipaddress.ip_address(interface).is_loopback:
+                return True
+        except ValueError:  # "" (every interface), or a host name
+            return True
+    return False
+
+
 def _nameservers(values: list[str]) -> None:
     for value in values:
         host, _ = hostPort(value, 53)
@@ -161,6 +184,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      validate=_endpoints, example='["tcp:443"]'),
         "http": Key(list, [], "plain web listeners, e.g. behind a reverse proxy",
                     validate=_endpoints, example='["tcp:8080:interface=127.0.0.1"]'),
+        "metrics": Key(list, [], "Prometheus /metrics listeners, on loopback (see [metrics])",
+                       validate=_endpoints, example=f'["{METRICS_EXAMPLE}"]'),
+    },
+    "metrics": {
+        "allow_non_loopback": Key(bool, False, "let [listen] metrics bind addresses other "
+                                  "than loopback (then firewall it)"),
     },
     "smtp": {
         "max_message_size": Key(int, 25 * MiB, "SIZE limit in octets; larger -> 552 5.3.4", 1024),
@@ -514,6 +543,15 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
 
     _checkRelay(shown, path, sections["relay"])
     _checkAcme(shown, path, sections)
+    if not sections["metrics"]["allow_non_loopback"]:
+        for endpoint in sections["listen"]["metrics"]:
+            if offLoopback(endpoint):
+                # Counters name no user, but they tell anyone who can read them how
+                # busy the server is and whether guessing passwords gets blocked.
+                raise _fail(shown, "[listen] metrics", f"\"{endpoint}\" is not on a loopback "
+                            "interface, and metrics are for this host only",
+                            f'bind it to loopback, e.g. metrics = ["{METRICS_EXAMPLE}"], or '
+                            "set [metrics] allow_non_loopback = true and firewall the port")
     if sections["mta_sts"]["mode"] in ("testing", "enforce") and not sections["mta_sts"]["mx"]:
         # RFC 8461 §3.2: a testing or enforce policy lists the MX hosts it allows.
         raise _fail(shown, "[mta_sts] mx", f"mode {sections['mta_sts']['mode']!r} needs the MX "

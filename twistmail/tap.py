@@ -34,6 +34,7 @@ from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.interfaces import IMailAccount, IMailStoreFactory
+from twistmail.metrics import Metrics
 from twistmail.protocols import proxyheader
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
@@ -50,10 +51,14 @@ from twistmail.relay.stspolicy import PolicyFetcher, PolicySource
 from twistmail.relay.tlsrpt import TLSReports
 from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 from twistmail.tls import ServerTLS, TLSConfigError
-from twistmail.web import autoconfig
+from twistmail.web import autoconfig, metricsite
 from twistmail.web.site import Site, WebFactory, buildRoot
 
 log = Logger()
+
+#: Connections at once to the metrics listener: a scraper or two, kept apart from the
+#: mail limits so that a connection flood cannot hide itself from monitoring.
+METRICS_CONNECTIONS = 16
 
 
 class Options(usage.Options):
@@ -277,14 +282,16 @@ class _ThreadPoolService(service.Service):
 
 
 def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Router,
-              local: LocalDelivery, parent: service.MultiService) -> QueueRunner:
+              local: LocalDelivery, parent: service.MultiService,
+              metrics: Metrics | None = None) -> QueueRunner:
     """The outbound side: DNS, the SMTP client, the queue runner and the CLI's control channel."""
+    metrics = metrics or Metrics()
     relay = config["relay"]
     pool = _ThreadPoolService("twistmail-dns", 10)
     pool.setServiceParent(parent)
     resolver = DnsPythonMXResolver(
         [configmod.hostPort(ns, 53) for ns in relay["nameservers"]], relay["dns_timeout"],
-        lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f, *args))
+        lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f, *args), metrics)
     reports = TLSReports(config.hostname, reactor.seconds)  # RFC 8460, for MX deliveries
     common = {"heloName": config.hostname, "connectTimeout": relay["connect_timeout"],
               "commandTimeout": relay["command_timeout"]}
@@ -297,7 +304,8 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
                                    "PEM file of CA certificates") from None
         sender = RelaySender(reactor, SenderSettings(
             port=port, tls=relay["smarthost_tls"], username=relay["smarthost_username"],
-            password=relay["smarthost_password"], trustRoot=trustRoot, **common))
+            password=relay["smarthost_password"], trustRoot=trustRoot, **common),
+            metrics=metrics)
 
         def destination(domain: str):
             return resolveSmarthost(resolver, host)
@@ -310,7 +318,8 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             raise startupError(f"{config.path}: [relay] mta_sts_ca_file: {e}. Fix: give a "
                                "PEM file of CA certificates") from None
         sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], trustRoot=stsTrust,
-                                                     **common), tlsReport=reports)
+                                                     **common), tlsReport=reports,
+                             metrics=metrics)
         policies = PolicySource(
             resolver, PolicyFetcher(reactor, resolver, relay["mta_sts_port"], stsTrust,
                                     relay["mta_sts_timeout"]),
@@ -326,7 +335,8 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             return applyPolicy(hops, (yield policies.policyFor(domain)), domain)
 
     runner = QueueRunner(queue, router, local, destination, sender,
-                         RunnerSettings.fromConfig(config.hostname, relay), reactor)
+                         RunnerSettings.fromConfig(config.hostname, relay), reactor, metrics)
+    metrics.watch(runner=runner)
     runner.setServiceParent(parent)
     ControlPoller(runner, queue.path, relay["pickup_interval"]).setServiceParent(parent)
     directory = os.path.join(config.dataDir, "tlsrpt")
@@ -390,8 +400,10 @@ def makeService(options: Options) -> service.MultiService:
     except configmod.ConfigError as e:
         raise startupError(str(e)) from None
     accounts = Accounts(dataDir, reloadInterval=config["accounts"]["reload_interval"])
+    metrics = Metrics()  # counted whether or not [listen] metrics serves them
     limiter = ConnectionLimiter(config["server"]["max_connections"],
-                                config["server"]["max_connections_per_ip"])
+                                config["server"]["max_connections_per_ip"], metrics)
+    metrics.watch(limiter=limiter)
     realm = MailRealm(store)
     releaseHashMemory()
     # Password hashing gets its own two threads: a login storm must not take the
@@ -400,23 +412,24 @@ def makeService(options: Options) -> service.MultiService:
     kdf.setServiceParent(top)
     auth = config["auth"]
     throttle = AuthThrottle(auth["failure_delay"], auth["max_delay"], auth["max_failures"],
-                            auth["failure_window"], auth["block_time"])
+                            auth["failure_window"], auth["block_time"], metrics=metrics)
     portal = Portal(realm, [PasswordChecker(
         accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args),
-        throttle, reactor)])
+        throttle, reactor, metrics)])
     try:
         tls = ServerTLS.fromConfig(config["tls"], config.hostname, dataDir)
     except TLSConfigError as e:
         raise startupError(f"{config.path}: [tls]: {e}") from None
     _ReloadOnHangup(tls).setServiceParent(top)
     challenges = makeAcme(config, reactor, tls, accounts, top) if config["tls"]["acme"] else None
-    security = Security(tls, auth["plaintext_networks"])
+    served = metrics.countHandshakes(tls)  # every listener's TLS and STARTTLS
+    security = Security(served, auth["plaintext_networks"])
 
     router = Router(accounts, RelayPolicy(config["relay"]["trusted_networks"]),
                     config["smtp"]["recipient_delimiter"])
     local = LocalDelivery(store)
     queue = RelayQueue(dataDir)
-    makeRelay(config, reactor, queue, router, local, top)
+    makeRelay(config, reactor, queue, router, local, top, metrics)
     spool = os.path.join(dataDir, "spool")
     pipeline = DeliveryPipeline(local, queue)
     submission = config["submission"]
@@ -427,11 +440,11 @@ def makeService(options: Options) -> service.MultiService:
         reactor, reactor.getThreadPool(), f, *args)).setServiceParent(top)
     factories = {
         "smtp": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool, limiter,
-                            security, portal, sendLimits=sendLimits),
+                            security, portal, sendLimits=sendLimits, metrics=metrics),
         "submission": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool,
                                   limiter, security, portal, submission=True,
                                   checkSender=submission["require_own_sender"],
-                                  sendLimits=sendLimits),
+                                  sendLimits=sendLimits, metrics=metrics),
     }
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter, security)
     realm.register(pop3.IMailbox, pop3Factory.avatar)
@@ -442,9 +455,12 @@ def makeService(options: Options) -> service.MultiService:
     factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
                                                   autoconfig.fromConfig(config), challenges)),
                                    limiter, reactor)
+    factories["metrics"] = WebFactory(
+        Site(metricsite.buildRoot(metrics)),
+        ConnectionLimiter(METRICS_CONNECTIONS, METRICS_CONNECTIONS, metrics), reactor)
     for implicit, plain in {**configmod.IMPLICIT_TLS, "https": "http"}.items():
         # RFC 8314: the same service, with TLS from the first byte.
-        factories[implicit] = TLSMemoryBIOFactory(tls, False, factories[plain])
+        factories[implicit] = TLSMemoryBIOFactory(served, False, factories[plain])
 
     for protocol, factory in factories.items():
         for description in config.listeners(protocol):
@@ -457,7 +473,8 @@ def makeService(options: Options) -> service.MultiService:
                     factory, config["server"]["proxy_networks"], reactor)
             else:
                 factory_ = factory
-            listener = _Listener(protocol, description, endpoint, factory_)
+            listener = _Listener(protocol, description, endpoint,
+                                 metrics.countConnections(protocol, factory_))
             listener.setName(f"{protocol} {description}")
             listener.setServiceParent(top)
     return top

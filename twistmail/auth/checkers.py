@@ -11,6 +11,7 @@ from zope.interface import implementer
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.passwords import verifyPassword
 from twistmail.auth.throttle import AuthThrottle
+from twistmail.metrics import LOGIN_PROTOCOLS, Metrics
 
 
 def fromClient(creds, client: str, protocol: str):
@@ -32,18 +33,22 @@ class PasswordChecker:
     password is checked, a blocked one is refused without a hash computed, and
     every failure is answered only after the throttle's delay; a correct
     password is answered as soon as it is checked.
+
+    Every outcome is counted (L{Metrics.logins}): per protocol, ok, failed or blocked.
     """
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
     def __init__(self, accounts: Accounts, deferToThread=threads.deferToThread,
-                 throttle: AuthThrottle | None = None, clock=None) -> None:
+                 throttle: AuthThrottle | None = None, clock=None,
+                 metrics: Metrics | None = None) -> None:
         self._accounts = accounts
         self._deferToThread = deferToThread
         self._throttle = throttle
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
+        self._logins = (metrics or Metrics()).logins
 
     def requestAvatarId(self, creds) -> defer.Deferred:
         try:
@@ -56,6 +61,7 @@ class PasswordChecker:
             return self._check(creds, username, password)
         blocked, delay = self._throttle.before(_client(creds))
         if blocked:
+            self._count(creds, "blocked")
             return self._refuse(delay)
         if not delay:
             return self._check(creds, username, password)
@@ -68,13 +74,19 @@ class PasswordChecker:
         def checked(ok: bool):
             if not ok:
                 return self._fail(creds, username, password)
+            self._count(creds, "ok")
             if self._throttle is not None:
                 self._throttle.succeeded(_client(creds))
             return username
 
         return d.addCallback(checked)
 
+    def _count(self, creds, result: str) -> None:
+        protocol = getattr(creds, "protocol", "")
+        self._logins.labels(protocol if protocol in LOGIN_PROTOCOLS else "other", result).inc()
+
     def _fail(self, creds, username: str, password: str | None) -> defer.Deferred:
+        self._count(creds, "failed")
         if self._throttle is None:
             return defer.fail(error.UnauthorizedLogin())
         return self._refuse(self._throttle.failed(_client(creds), username,

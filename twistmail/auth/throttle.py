@@ -45,6 +45,7 @@ from twisted.logger import Logger
 
 from twistmail._logtext import loggable
 from twistmail._netaddr import parseHost
+from twistmail.metrics import Metrics
 
 log = Logger()
 
@@ -88,7 +89,8 @@ class AuthThrottle:
     """Recent failed logins per client address and per account, shared by every listener."""
 
     def __init__(self, failureDelay: float, maxDelay: float, maxFailures: int, window: float,
-                 blockTime: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 blockTime: float, clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
         self.failureDelay = failureDelay
         self.maxDelay = max(maxDelay, failureDelay)
         self.maxFailures = maxFailures
@@ -101,6 +103,7 @@ class AuthThrottle:
         self._addresses: OrderedDict[str, _Failures] = OrderedDict()
         self._accounts: OrderedDict[bytes, _Failures] = OrderedDict()
         self._secret = os.urandom(16)
+        self._blocks = (metrics or Metrics()).authBlocks
 
     def _penalty(self, failures: int) -> float:
         """Dovecot's auth_penalty: the delay doubles with each recent failure, up to the cap."""
@@ -162,6 +165,7 @@ class AuthThrottle:
         hot = self._add(self._accounts, _accountKey(account), now, guess)
         if blockable and len(address.times) >= self.maxFailures and address.blockedUntil <= now:
             address.blockedUntil = now + self.blockTime
+            self._blocks.inc()
             log.warn("auth block client={client} result=blocked for {seconds}s after {n} failed "
                      "logins in {window}s (last: {protocol} user={user})",
                      client=loggable(key), seconds=math.ceil(self.blockTime), n=len(address.times),

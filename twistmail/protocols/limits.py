@@ -12,6 +12,8 @@ from collections.abc import Callable
 from twisted.internet import protocol
 from twisted.logger import Logger
 
+from twistmail.metrics import Metrics
+
 log = Logger()
 
 #: Seconds a refused client has to take its one line before the socket is aborted.
@@ -40,9 +42,12 @@ class _Refuse(protocol.Protocol):
 
 
 class ConnectionLimiter:
-    def __init__(self, maxTotal: int, maxPerAddress: int) -> None:
+    def __init__(self, maxTotal: int, maxPerAddress: int, metrics: Metrics | None = None) -> None:
         self.maxTotal = maxTotal
         self.maxPerAddress = maxPerAddress
+        metrics = metrics or Metrics()
+        self._refusedTotal = metrics.connectionsRefused.labels("total")
+        self._refusedPerAddress = metrics.connectionsRefused.labels("per_address")
         self.total = 0
         self.perAddress: Counter = Counter()
 
@@ -51,10 +56,12 @@ class ConnectionLimiter:
         host = getattr(addr, "host", str(addr))
         if self.total >= self.maxTotal:
             log.warn("refused {host}: {total} connections in total", host=host, total=self.total)
+            self._refusedTotal.inc()
             return b"Too many connections, try again later"
         if self.perAddress[host] >= self.maxPerAddress:
             log.warn("refused {host}: {n} connections from this address", host=host,
                      n=self.perAddress[host])
+            self._refusedPerAddress.inc()
             return b"Too many connections from your address"
         return None
 

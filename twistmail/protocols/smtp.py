@@ -64,6 +64,7 @@ from twistmail.delivery.routing import (
 from twistmail.delivery.spool import MessageSource
 from twistmail.errors import StorageError
 from twistmail.interfaces import IMailAccount
+from twistmail.metrics import Metrics
 from twistmail.model import Envelope
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
@@ -82,6 +83,9 @@ _ENHANCED = {
     (553, None): b"5.1.3", (554, None): b"5.6.0", (555, None): b"5.5.4",
 }
 _HAS_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
+#: The status codes a rejection is counted under: RFC 3463 classes 4 and 5, subjects 0-7;
+#: at most 1,600 label values, whatever a reply says ("other" for the rest).
+_STATUS_LABEL = re.compile(rb"^([45]\.[0-7]\.\d{1,2})(?: |$)")
 _NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 _PRINTABLE = re.compile(rb"[^\x21-\x7e]")
 #: RFC 5321 §4.1.2: a path is printable ASCII (qtextSMTP is %d32-126 but for " and \);
@@ -318,6 +322,8 @@ class SMTPServer(smtp.ESMTP):
                     message = enhanced + b" " + message
         super().sendCode(code, message)
         self._waiting = False
+        if code >= 400:
+            self.factory.countRejection(code, message)
         if code >= 500:
             self._errors += 1
             if self._errors >= MAX_ERRORS and not self.transport.disconnecting:
@@ -696,6 +702,7 @@ class SMTPServer(smtp.ESMTP):
             self._logTransaction(result, size=size)
             if reservation is not None:
                 reservation.commit()
+            self.factory.accepted.inc()
             self.sendCode(250, f"2.0.0 Ok: queued as {envelope.id}".encode())
 
         def failed(failure) -> None:
@@ -738,14 +745,15 @@ class SMTPFactory(smtp.SMTPFactory):
     def __init__(self, config, hostname: str, router: Router, delivery, spoolDir: str,
                  limiter: ConnectionLimiter | None = None, security: Security | None = None,
                  portal=None, submission: bool = False, checkSender: bool = True,
-                 sendLimits: SendLimits | None = None) -> None:
+                 sendLimits: SendLimits | None = None, metrics: Metrics | None = None) -> None:
         """@param delivery: has C{deliver(envelope, source) -> Deferred}, durable when it fires
             (L{twistmail.delivery.pipeline.DeliveryPipeline}).
         @param submission: the RFC 6409 role: AUTH required before MAIL, the sender
             must be the user's own (C{checkSender}), Message-ID and Date added.
             Otherwise the MX role, which offers AUTH only if C{config["auth"]}.
         @param sendLimits: the hourly limits of authenticated senders (shared by every
-            listener); None = unlimited."""
+            listener); None = unlimited.
+        @param metrics: counts accepted messages and 4xx/5xx replies."""
         super().__init__(portal)
         self.submission = submission
         self.checkSender = checkSender
@@ -759,6 +767,16 @@ class SMTPFactory(smtp.SMTPFactory):
         self.spoolDir = spoolDir
         self.limiter = limiter
         self.sendLimits = sendLimits
+        self.service = "submission" if submission else "smtp"
+        self.metrics = metrics or Metrics()
+        self.accepted = self.metrics.smtpAccepted.labels(self.service)
+
+    def countRejection(self, code: int, message: bytes) -> None:
+        """A 4xx or 5xx reply, under its enhanced status code (RFC 3463), which the server
+        chose: a client's text never becomes a label."""
+        status = _STATUS_LABEL.match(message)
+        status = status.group(1).decode() if status else "other"
+        self.metrics.smtpRejected.labels(self.service, str(code), status).inc()
 
     def buildProtocol(self, addr):
         return admit(self.limiter, addr, b"421 4.7.0 ", self._build)

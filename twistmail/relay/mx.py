@@ -24,6 +24,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from twistmail.interfaces import IMXResolver
+from twistmail.metrics import Metrics
 
 #: At most this many addresses are tried per delivery attempt (Postfix: smtp_mx_address_limit).
 MAX_ADDRESSES = 5
@@ -60,14 +61,16 @@ class DnsPythonMXResolver:
     """IMXResolver over ``dns.resolver.Resolver`` (dnspython), run off the reactor thread."""
 
     def __init__(self, nameservers: Sequence[tuple[str, int]], timeout: float,
-                 run: Callable) -> None:
+                 run: Callable, metrics: Metrics | None = None) -> None:
         """@param nameservers: (address, port) pairs; empty means /etc/resolv.conf.
         @param run: C{run(f, *args) -> Deferred}, e.g. deferToThreadPool on a DNS pool.
+        @param metrics: times every lookup, answered or not.
         """
         self._nameservers = list(nameservers)
         self._timeout = timeout
         self._run = run
         self._resolver: dns.resolver.Resolver | None = None
+        self._latency = (metrics or Metrics()).dnsLookups
 
     def _get(self) -> dns.resolver.Resolver:
         # Built on first use, in a worker thread: reading /etc/resolv.conf is I/O,
@@ -90,6 +93,10 @@ class DnsPythonMXResolver:
 
     def _query(self, name: str, rdtype: str):
         """The answer's records, [] for NODATA; DNSFailure for what is not an answer."""
+        with self._latency.labels(rdtype).time():  # in a worker thread: the metric locks
+            return self._resolve(name, rdtype)
+
+    def _resolve(self, name: str, rdtype: str):
         try:
             answer = self._get().resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:

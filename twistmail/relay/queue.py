@@ -61,6 +61,17 @@ def newQueueId(now: float | None = None) -> str:
     return f"{micros:013X}{int.from_bytes(os.urandom(2), 'big') % 4096:03X}"
 
 
+def idTime(id: str) -> float | None:
+    """When the message of C{id} was queued (L{newQueueId}, and SMTP's transaction ids,
+    start with it); None for an id of another form."""
+    if len(id) != 16:
+        return None
+    try:
+        return int(id[:13], 16) / 1e6
+    except ValueError:
+        return None
+
+
 def validId(id: str) -> str:
     if not _ID.match(id or ""):
         raise QueueError(f"{id!r} is not a queue id (see: twistmail queue list)")

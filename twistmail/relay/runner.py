@@ -73,11 +73,20 @@ from twistmail.delivery.routing import (
     remoteDomain,
 )
 from twistmail.errors import StorageError
+from twistmail.metrics import Metrics
 from twistmail.model import Envelope
 from twistmail.relay import bounce
 from twistmail.relay.fairness import FairQueue, FairSemaphore
 from twistmail.relay.mx import DNSFailure
-from twistmail.relay.queue import FAILED, SENT, QueuedSource, QueueEntry, QueueError, RelayQueue
+from twistmail.relay.queue import (
+    FAILED,
+    SENT,
+    QueuedSource,
+    QueueEntry,
+    QueueError,
+    RelayQueue,
+    idTime,
+)
 from twistmail.relay.sender import DEFERRED, Result, logAttempt
 
 log = Logger()
@@ -109,12 +118,13 @@ class QueueRunner(service.Service):
     name = "relay queue"
 
     def __init__(self, queue: RelayQueue, router: Router, local, destination: Callable,
-                 sender, settings: RunnerSettings, clock) -> None:
+                 sender, settings: RunnerSettings, clock, metrics: Metrics | None = None) -> None:
         """@param local: L{twistmail.delivery.local.LocalDelivery}.
         @param destination: C{destination(domain) -> Deferred[list[Hop]]} (MX lookup or
             the smarthost); fails with L{DNSFailure}.
         @param sender: L{twistmail.relay.sender.RelaySender}.
         @param clock: IReactorTime; C{seconds()} is POSIX time.
+        @param metrics: counts each recipient's outcome.
         """
         self._queue = queue
         self._router = router
@@ -136,6 +146,9 @@ class QueueRunner(service.Service):
         self._global = FairSemaphore(settings.maxDeliveries)
         self._maxActive = 2 * settings.maxDeliveries
         self._timer = None
+        outcomes = (metrics or Metrics()).relayRecipients
+        self._delivered, self._deferred, self._bounced = (
+            outcomes.labels(result) for result in ("delivered", "deferred", "bounced"))
 
     # -- service ------------------------------------------------------------------
 
@@ -231,6 +244,17 @@ class QueueRunner(service.Service):
     @property
     def queued(self) -> int:
         return len(self._due) + len(self._busy)
+
+    def stats(self) -> tuple[int, float]:
+        """Messages queued, and the age in seconds of the oldest (0 for none).
+
+        Safe from another thread (a metrics scrape): the ids are copied in one
+        call, atomic for a dict of strings, and only the copy is read.  Ids of
+        one width sort as their time of creation (L{idTime})."""
+        ids = self._lane.copy()
+        oldest = min((id for id in ids if len(id) == 16), default="")
+        born = idTime(oldest)
+        return len(ids), max(0.0, self._clock.seconds() - born) if born is not None else 0.0
 
     # -- scheduling ---------------------------------------------------------------
 
@@ -462,12 +486,15 @@ class QueueRunner(service.Service):
             r.remote_host = result.host if result.remote else ""
             if result.kind == SENT:
                 r.state = SENT
+                self._delivered.inc()
             elif result.kind == FAILED or now >= end:
                 r.state = FAILED
+                self._bounced.inc()
                 failed.append(r)
                 if result.kind != FAILED:
                     expired.add(r.address)
             else:
+                self._deferred.inc()
                 # The last retry happens when the lifetime ends, not a backoff later.
                 r.next_attempt = min(now + retryDelay(r.attempts, self.settings.retryMin,
                                                       self.settings.retryMax), end)

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from twistmail._logtext import loggableText
+from twistmail.metrics import Metrics
 from twistmail.mtasts import ENFORCE, TESTING
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
@@ -252,13 +253,16 @@ def _text(value) -> str:
 class RelaySender:
     """Delivers one message to the recipients of one destination."""
 
-    def __init__(self, reactor, settings: SenderSettings, tlsReport=None) -> None:
+    def __init__(self, reactor, settings: SenderSettings, tlsReport=None,
+                 metrics: Metrics | None = None) -> None:
         """@param tlsReport: records verified-TLS outcomes per policy domain
-            (L{twistmail.relay.tlsrpt.TLSReports}), or None."""
+            (L{twistmail.relay.tlsrpt.TLSReports}), or None.
+        @param metrics: times each L{send}, by its result."""
         self._reactor = reactor
         self.settings = settings
         self.tlsReport = tlsReport
         self._contexts: dict[str, object] = {}  # building one costs more than a delivery
+        self._latency = (metrics or Metrics()).deliveries
 
     def _context(self, hostname: str, level: str):
         if level == _NONE:
@@ -287,12 +291,22 @@ class RelaySender:
 
         return factory.done.addErrback(failed)
 
-    @defer.inlineCallbacks
     def send(self, hops: Sequence[Hop], sender: str, recipients: Sequence[str],
-             openMessage: Callable[[], defer.Deferred], logContext: dict):
+             openMessage: Callable[[], defer.Deferred], logContext: dict) -> defer.Deferred:
         """@param openMessage: returns a Deferred firing with the message file, opened anew.
         @return: Deferred firing with {recipient: L{Result}}; never fails.
         """
+        started = self._reactor.seconds()
+
+        def timed(results: dict) -> dict:
+            self._latency.labels(_outcome(results)).observe(self._reactor.seconds() - started)
+            return results
+
+        return self._send(hops, sender, recipients, openMessage, logContext).addCallback(timed)
+
+    @defer.inlineCallbacks
+    def _send(self, hops: Sequence[Hop], sender: str, recipients: Sequence[str],
+              openMessage: Callable[[], defer.Deferred], logContext: dict):
         last = ourError("no host to try")
         tried = 0
         for hop in hops:
@@ -357,11 +371,15 @@ class RelaySender:
         self.tlsReport.record(context.get("domain", ""), hop.policy, kind, hop.host, address)
 
 
+def _outcome(results: dict) -> str:
+    """SENT, DEFERRED or FAILED when every recipient had it, else "partial"."""
+    kinds = {r.kind for r in results.values()}
+    return kinds.pop() if len(kinds) == 1 else "partial"
+
+
 def logAttempt(context: dict, where: str, results: dict) -> None:
     """One log line per delivery attempt; never the message, never credentials."""
-    kinds = {r.kind for r in results.values()}
     shown = next((r for r in results.values() if r.kind != SENT), next(iter(results.values())))
     log.info("relay id={id} domain={domain} mx={mx} rcpts={n} result={result} reply={reply}",
              id=context.get("id", ""), domain=context.get("domain", ""), mx=where,
-             n=len(results), result=kinds.pop() if len(kinds) == 1 else "partial",
-             reply=loggableText(shown.reply))
+             n=len(results), result=_outcome(results), reply=loggableText(shown.reply))
