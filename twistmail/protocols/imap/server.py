@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import collections
 import time
 from collections.abc import Callable
 
@@ -72,6 +74,8 @@ READ_BATCH = 1024 * 1024
 SEARCH_SLICE = 5000
 #: RFC 5258 multiple patterns: each is matched against every folder name.
 MAX_LIST_PATTERNS = 64
+#: Folders whose \Recent claims are remembered (least recently used forgotten first).
+MAX_RECENT_FOLDERS = 10000
 #: Failed logins a connection may make before it is closed.
 MAX_LOGIN_FAILURES = 3
 #: Commands that may be prefixed with UID, and commands during which EXPUNGE must wait.
@@ -501,7 +505,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._unselect()
         self.state = "auth"
         mailbox = await self.account.openFolder(name)
-        view = SelectedFolder(mailbox, readOnly, self._claimRecent)
+        # RFC 3501 §6.3.2: EXAMINE shows \Recent but does not take it (as Dovecot).
+        view = SelectedFolder(mailbox, readOnly, self._peekRecent if readOnly else self._claimRecent)
         self.selected = view
         self.state = "select"
         keywords = [k for k in mailbox.keywords()]
@@ -533,7 +538,10 @@ class IMAPServer(imap4.IMAP4Server):
         return None
 
     def _claimRecent(self, mailbox, uids: list) -> set:
-        return self.factory.claimRecent((self.user, mailbox.name), mailbox, uids)
+        return self.factory.claimRecent(self.user, mailbox, uids)
+
+    def _peekRecent(self, mailbox, uids: list) -> set:
+        return self.factory.claimRecent(self.user, mailbox, uids, take=False)
 
     def _unselect(self) -> None:
         if self.selected is not None:
@@ -656,7 +664,7 @@ class IMAPServer(imap4.IMAP4Server):
         mailbox = await self.account.openFolder(name)
         values = {
             b"MESSAGES": lambda: len(mailbox.uids()),
-            b"RECENT": lambda: self.factory.countRecent((self.user, mailbox.name), mailbox),
+            b"RECENT": lambda: self.factory.countRecent(self.user, mailbox),
             b"UIDNEXT": lambda: mailbox.uidNext,
             b"UIDVALIDITY": lambda: mailbox.uidValidity,
             b"UNSEEN": lambda: sum("\\Seen" not in m.flags for m in mailbox.messages()),
@@ -684,6 +692,9 @@ class IMAPServer(imap4.IMAP4Server):
             mailbox = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
+        # What is already in the folder is settled first: the appended message is
+        # \Recent whatever INTERNALDATE it was given.
+        self.factory.settleRecent(self.user, mailbox)
         uid = await mailbox.append(literal.source, flagSet, when)
         log.info("imap append user={user} folder={folder} uid={uid} size={size}", user=self.user,
                  folder=loggable(name), uid=uid, size=literal.size)
@@ -877,6 +888,7 @@ class IMAPServer(imap4.IMAP4Server):
             target = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
+        self.factory.settleRecent(self.user, target)  # copies are \Recent there, as appends
         uids = [u for _, u in targets if view.mailbox.message(u) is not None]
         if not uids:
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
@@ -1063,7 +1075,7 @@ class IMAPFactory(protocol.ServerFactory):
         self.spoolDir = spoolDir
         self.limiter = limiter
         self.specialUse = dict(config["special_use"])
-        self._recent: dict[tuple, int] = {}
+        self._recent: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._startTime = clock()
 
     def buildProtocol(self, addr):
@@ -1091,11 +1103,15 @@ class IMAPFactory(protocol.ServerFactory):
                     pass
                 await account.setSubscribed(name, True)
 
-    def _claimedUpTo(self, key: tuple, mailbox) -> int:
+    def _claimedUpTo(self, user: str, mailbox) -> tuple[tuple, int]:
         """\\Recent belongs to one session (RFC 3501 §2.3.2): the highest UID given out so far.
 
-        After a restart, nothing that arrived before the server started is recent.
+        Kept in memory, per account, folder and UIDVALIDITY (a folder deleted and
+        created again starts afresh), for the L{MAX_RECENT_FOLDERS} folders used
+        last.  The first time a folder is seen (after a restart, or after it was
+        forgotten), what arrived before the server started is not recent.
         """
+        key = (user, mailbox.name, mailbox.uidValidity)
         claimed = self._recent.get(key)
         if claimed is None:
             claimed = 0
@@ -1105,15 +1121,26 @@ class IMAPFactory(protocol.ServerFactory):
                     claimed = uid
                     break
             self._recent[key] = claimed
-        return claimed
+            while len(self._recent) > MAX_RECENT_FOLDERS:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(key)
+        return key, claimed
 
-    def claimRecent(self, key: tuple, mailbox, uids: list) -> set:
-        claimed = self._claimedUpTo(key, mailbox)
+    def settleRecent(self, user: str, mailbox) -> None:
+        """Before adding messages: what the folder holds now is settled, so what is
+        added is \\Recent whatever its INTERNALDATE."""
+        self._claimedUpTo(user, mailbox)
+
+    def claimRecent(self, user: str, mailbox, uids: list, take: bool = True) -> set:
+        """The C{uids} still \\Recent; a SELECT session takes them (C{take}), EXAMINE only looks."""
+        key, claimed = self._claimedUpTo(user, mailbox)
         recent = {u for u in uids if u > claimed}
-        if recent:
+        if recent and take:
             self._recent[key] = max(recent)
         return recent
 
-    def countRecent(self, key: tuple, mailbox) -> int:
-        claimed = self._claimedUpTo(key, mailbox)
-        return sum(1 for u in mailbox.uids() if u > claimed)
+    def countRecent(self, user: str, mailbox) -> int:
+        """STATUS (RECENT): messages no SELECT session has taken yet."""
+        key, claimed = self._claimedUpTo(user, mailbox)
+        uids = mailbox.uids()
+        return len(uids) - bisect.bisect_right(uids, claimed)
