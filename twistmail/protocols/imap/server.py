@@ -60,14 +60,13 @@ from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.imap import fetch, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
-from twistmail.protocols.imap.view import SelectedFolder
+from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
 
 log = Logger()
 
-SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 #: Read this many bytes of messages per worker-thread trip when FETCH or SEARCH needs them.
 READ_BATCH = 1024 * 1024
 #: Messages whose index-only SEARCH keys are evaluated before other connections get a turn.
@@ -509,15 +508,8 @@ class IMAPServer(imap4.IMAP4Server):
         view = SelectedFolder(mailbox, readOnly, self._peekRecent if readOnly else self._claimRecent)
         self.selected = view
         self.state = "select"
-        keywords = [k for k in mailbox.keywords()]
-        flags = list(SYSTEM_FLAGS) + ["$Forwarded"] + [k for k in keywords if k != "$Forwarded"]
-        self._send(b"* FLAGS " + response.flagList(flags))
-        if readOnly:
-            self._send(b"* OK [PERMANENTFLAGS ()] Read-only mailbox")
-        else:
-            permanent = flags + (["\\*"] if mailbox.maxKeywords is None
-                                 or len(keywords) < mailbox.maxKeywords else [])
-            self._send(b"* OK [PERMANENTFLAGS " + response.flagList(permanent) + b"] Flags allowed")
+        for line in view.flagsResponses():
+            self._send(line)
         self._send(b"* %d EXISTS" % len(view))
         self._send(b"* %d RECENT" % len(view.recent))
         unseen = self._firstUnseen(view)
@@ -781,6 +773,8 @@ class IMAPServer(imap4.IMAP4Server):
                 await mailbox.setFlags(unseen, {"\\Seen"}, "add")
                 if not any(i.name == b"FLAGS" for i in items):
                     items.append(fetch.Item(b"FLAGS"))
+        for line in view.newKeywords():
+            self._send(line)
         if await self._respondFetch(view, targets, items):
             # RFC 2180 §4.1.2, as Dovecot's cmd-fetch.c: not a failure, the client can do
             # nothing about it; the untagged EXPUNGE follows at the next allowed point.
@@ -867,6 +861,8 @@ class IMAPServer(imap4.IMAP4Server):
             raise _No(b"[LIMIT] Too many keywords in this mailbox (at most %d)" % limit)
         seqOf = dict((u, s) for s, u in targets)
         updated = await view.mailbox.setFlags(list(seqOf), flags, mode)
+        for line in view.newKeywords():
+            self._send(line)
         for message in updated:
             view.told(message.uid, message.flags)
             if not silent:
