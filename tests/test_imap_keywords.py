@@ -78,3 +78,7 @@ def test_nil_is_a_keyword(server):
     announced(client.ok("STORE 1 +FLAGS (NIL $Other)"), b"$Other")
     (fetched,) = client.ok("FETCH 1 FLAGS")
     assert b"NIL" in fetched.split(b"FLAGS (")[1].split()
+    assert b"* SEARCH 1" in client.ok("SEARCH KEYWORD NIL")
+    client.ok("STORE 1 FLAGS NIL")  # the bare form: one flag, not an empty list
+    (fetched,) = client.ok("FETCH 1 FLAGS")
+    assert sorted(fetched.split(b"FLAGS (")[1].rstrip(b"))").split()) == [b"NIL", b"\\Recent"]
