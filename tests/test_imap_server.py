@@ -443,8 +443,10 @@ def test_fetch_body_sets_seen_but_peek_does_not(server, imap):
 def test_store_modes_silent_and_keywords_persist(server, imap):
     send(server, msg(1), msg(2))
     imap.ok("SELECT INBOX")
-    assert imap.ok("STORE 1 +FLAGS (\\Flagged $Important)") == \
-        [b"* 1 FETCH (FLAGS ($Important \\Flagged \\Recent))"]
+    flags, permanent, fetched = imap.ok("STORE 1 +FLAGS (\\Flagged $Important)")
+    assert flags.startswith(b"* FLAGS (") and b"$Important" in flags  # a new keyword, announced
+    assert permanent.startswith(b"* OK [PERMANENTFLAGS (") and b"$Important" in permanent
+    assert fetched == b"* 1 FETCH (FLAGS ($Important \\Flagged \\Recent))"
     assert imap.ok("STORE 1 -FLAGS (\\Flagged)") == [b"* 1 FETCH (FLAGS ($Important \\Recent))"]
     assert imap.ok("STORE 1:2 FLAGS.SILENT (\\Answered)") == []
     assert imap.ok("UID STORE 2 +FLAGS (\\Seen)") == \
