@@ -1,0 +1,71 @@
+"""LIST, LSUB and SUBSCRIBE answers as RFC 3501 §6.3.8-9 and Dovecot give them (issue 12 §2),
+on every backend."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from imapwire import RawIMAP
+from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
+
+
+@pytest.fixture
+def imap(server):
+    client = RawIMAP(server.imapPort)
+    client.login()
+    yield client
+    client.close()
+
+
+def names(untagged: list[bytes], verb: bytes = b"LIST") -> dict[str, set[str]]:
+    out = {}
+    for line in untagged:
+        m = re.fullmatch(rb'\* ' + verb + rb' \(([^)]*)\) "/" (.+)', line)
+        assert m, line
+        out[m.group(2).strip(b'"').decode("imap4-utf-7")] = set(m.group(1).decode().split())
+    return out
+
+
+@pytest.mark.parametrize("command", [b'LIST "" "\xff*"', b'LSUB "" "caf\xc3\xa9"',
+                                     b'LIST "" ("INBOX" "\xe9")', b'LIST "" "bad&-utf7&*"',
+                                     b'LIST "&Jjo" "*"', b'LSUB "" "&AEE-*"'])
+def test_pattern_not_modified_utf7_matches_nothing(imap, command):
+    """Dovecot answers OK and lists nothing; BAD would make clients think the command is wrong."""
+    untagged, tagged = imap.command(command)
+    assert tagged.startswith(b"OK"), tagged
+    assert untagged == []
+
+
+def test_reference_is_joined_to_the_pattern_by_concatenation(imap):
+    imap.ok("CREATE foo/bar")
+    imap.ok("CREATE foobar")
+    imap.ok("CREATE other")
+    assert set(names(imap.ok('LIST "foo" "*"'))) == {"foo", "foo/bar", "foobar"}
+    assert set(names(imap.ok('LIST "foo/" "%"'))) == {"foo/bar"}
+    assert set(names(imap.ok('LIST "fo" "o"'))) == {"foo"}
+
+
+def test_lsub_percent_shows_a_subscribed_below_parent_as_noselect(imap):
+    imap.ok("CREATE Lists/Python/Announce")
+    imap.ok("SUBSCRIBE Lists/Python/Announce")
+    assert names(imap.ok('LSUB "" "Lists"'), b"LSUB") == {"Lists": {"\\Noselect"}}
+    assert names(imap.ok('LSUB "" "%"'), b"LSUB")["Lists"] == {"\\Noselect"}
+    assert names(imap.ok('LSUB "Lists/" "%"'), b"LSUB") == {"Lists/Python": {"\\Noselect"}}
+    every = names(imap.ok('LSUB "" "Lists*"'), b"LSUB")
+    assert every == {"Lists/Python/Announce": set()}
+    imap.ok("SUBSCRIBE Lists")
+    assert names(imap.ok('LSUB "" "%"'), b"LSUB")["Lists"] == set()
+
+
+def test_subscribe_to_a_folder_that_does_not_exist_is_refused(imap):
+    _, tagged = imap.command("SUBSCRIBE Gone")
+    assert tagged.startswith(b"NO [NONEXISTENT]"), tagged
+    assert not any(line.endswith(b" Gone") for line in imap.ok('LSUB "" "*"'))
+    imap.ok("CREATE Kept")
+    imap.ok("SUBSCRIBE Kept")
+    imap.ok("DELETE Kept")
+    # A subscription outliving its folder can still be removed (as Dovecot).
+    assert names(imap.ok('LSUB "" "Kept"'), b"LSUB") == {"Kept": {"\\Noselect"}}
+    imap.ok("UNSUBSCRIBE Kept")
+    assert imap.ok('LSUB "" "Kept"') == []
