@@ -34,7 +34,8 @@ def test_pattern_not_modified_utf7_matches_nothing(imap, command):
     """Dovecot answers OK and lists nothing; BAD would make clients think the command is wrong."""
     untagged, tagged = imap.command(command)
     assert tagged.startswith(b"OK"), tagged
-    assert untagged == []
+    # Only the valid pattern of a list matches.
+    assert set(names(untagged)) == ({"INBOX"} if b"(" in command else set())
 
 
 def test_reference_is_joined_to_the_pattern_by_concatenation(imap):
@@ -53,9 +54,10 @@ def test_lsub_percent_shows_a_subscribed_below_parent_as_noselect(imap):
     assert names(imap.ok('LSUB "" "%"'), b"LSUB")["Lists"] == {"\\Noselect"}
     assert names(imap.ok('LSUB "Lists/" "%"'), b"LSUB") == {"Lists/Python": {"\\Noselect"}}
     every = names(imap.ok('LSUB "" "Lists*"'), b"LSUB")
-    assert every == {"Lists/Python/Announce": set()}
+    assert set(every) == {"Lists/Python/Announce"}
+    assert "\\Noselect" not in every["Lists/Python/Announce"]
     imap.ok("SUBSCRIBE Lists")
-    assert names(imap.ok('LSUB "" "%"'), b"LSUB")["Lists"] == set()
+    assert "\\Noselect" not in names(imap.ok('LSUB "" "%"'), b"LSUB")["Lists"]
 
 
 def test_subscribe_to_a_folder_that_does_not_exist_is_refused(imap):

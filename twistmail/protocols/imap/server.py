@@ -575,6 +575,10 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         name = self._mailbox(args)
         args.end()
+        # As Dovecot: a subscription needs the folder; removing one does not (the
+        # folder may have been deleted since).
+        if subscribe and name not in await self.account.listFolders():
+            raise _No(b"[NONEXISTENT] Mailbox does not exist")
         await self.account.setSubscribed(name, subscribe)
         self._ok(tag, b"SUBSCRIBE completed" if subscribe else b"UNSUBSCRIBE completed")
 
@@ -593,7 +597,7 @@ class IMAPServer(imap4.IMAP4Server):
         if not lsub and args.peek() == b"(":
             select = {o.upper() for o in args.parenthesized(args.atom)}
             args.sp()
-        reference = self._mailboxName(args.astring())
+        reference = _listPattern(args.astring())
         args.sp()
         if not lsub and args.peek() == b"(":
             patterns = [_listPattern(p) for p in args.parenthesized(args.listMailbox)]
@@ -606,6 +610,8 @@ class IMAPServer(imap4.IMAP4Server):
             returns = {o.upper() for o in args.parenthesized(args.atom)}
         args.end()
         verb = b"LSUB" if lsub else b"LIST"
+        if reference is None:
+            patterns = []
         if len(patterns) == 1 and patterns[0] == "":
             self._send(b"* " + verb + b' (\\Noselect) "/" ""')
             self._ok(tag, verb + b" completed")
@@ -615,21 +621,33 @@ class IMAPServer(imap4.IMAP4Server):
         specialUse = self.factory.specialUse
         existing = set(folderNames)
         onlySubscribed = lsub or b"SUBSCRIBED" in select
-        candidates = sorted(existing | subscribed) if onlySubscribed else folderNames
-        matchers = [names.pattern(reference, p) for p in patterns]
+        matchers = [names.pattern(reference, p) for p in patterns if p is not None]
+        if not matchers:
+            self._ok(tag, verb + b" completed")
+            return
         # Every name with a folder below it, in one pass (not a scan per folder listed).
-        parents = {other[:i] for other in existing
-                   for i, c in enumerate(other) if c == names.SEPARATOR}
+        parents = _parents(existing)
+        noselect: set = set()
+        if lsub:
+            # RFC 3501 §6.3.9: "%" matching a parent of a subscribed folder, but not that
+            # folder, lists the parent with \Noselect (unless it is subscribed itself).
+            for parent in _parents(subscribed) - subscribed:
+                below = [n for n in subscribed if n.startswith(parent + names.SEPARATOR)]
+                if any(m.match(parent) and not all(m.match(n) for n in below) for m in matchers):
+                    noselect.add(parent)
+        candidates = sorted(existing | subscribed | noselect) if onlySubscribed else folderNames
         for name in candidates:
             if not any(m.match(name) for m in matchers):
                 continue
-            if onlySubscribed and name not in subscribed:
+            if onlySubscribed and name not in subscribed and name not in noselect:
                 continue
             use = specialUse.get(name) if name in existing else None
             if b"SPECIAL-USE" in select and use is None:
                 continue
             attributes = []
-            if name not in existing:
+            if name in noselect:
+                attributes.append("\\Noselect")
+            elif name not in existing:
                 attributes.append("\\NonExistent" if not lsub else "\\Noselect")
             else:
                 attributes.append("\\HasChildren" if name in parents else "\\HasNoChildren")
@@ -961,13 +979,18 @@ class IMAPServer(imap4.IMAP4Server):
             self._flushUpdates(expunge=True)
 
 
-def _listPattern(wire: bytes) -> str:
-    # Twisted's imap4-utf-7 decoder raises UnicodeDecodeError on 8-bit octets even
-    # with errors="replace": that was a logged traceback and NO [SERVERBUG].
+def _listPattern(wire: bytes) -> str | None:
+    """A LIST pattern or reference, or None if it is not valid modified UTF-7: such a
+    pattern matches nothing, and the command still succeeds (as Dovecot answers)."""
     try:
-        return wire.decode("imap4-utf-7")
-    except (UnicodeError, ValueError):
-        raise _Bad(b"LIST pattern is not valid modified UTF-7") from None
+        return names.decode(wire)
+    except names.BadName:
+        return None
+
+
+def _parents(folderNames) -> set:
+    """Every name with a folder below it: C{a} and C{a/b} for C{a/b/c}."""
+    return {name[:i] for name in folderNames for i, c in enumerate(name) if c == names.SEPARATOR}
 
 
 async def _readEach(mailbox, uids: list) -> list:
