@@ -71,3 +71,27 @@ def test_subscribe_to_a_folder_that_does_not_exist_is_refused(imap):
     assert names(imap.ok('LSUB "" "Kept"'), b"LSUB") == {"Kept": {"\\Noselect"}}
     imap.ok("UNSUBSCRIBE Kept")
     assert imap.ok('LSUB "" "Kept"') == []
+
+
+def test_folder_names_may_hold_backslash_percent_and_dot(server, imap):
+    """Any character a Maildir++ or mbox name can carry (not control characters, not
+    the separator) names a folder; on disk, '\\', '.', '%' are escaped (%5C, %2E, %25)."""
+    import os
+
+    wanted = ["a\\b", "Work\\Old/x.y", "100%", "dots.in.name"]
+    for name in wanted:
+        wire = name.replace("\\", "\\\\")
+        imap.ok(f'CREATE "{wire}"')
+        assert names(imap.ok(f'LIST "" "{wire}"')).keys() == {name}
+        imap.ok(f'SUBSCRIBE "{wire}"')
+        imap.ok(b'APPEND "' + wire.encode() + b'" {6+}\r\nx: y\r\n')
+        assert b"* 1 EXISTS" in imap.ok(f'SELECT "{wire}"')
+    listed = names(imap.ok('LIST "" "*"'))
+    assert set(wanted) <= set(listed)
+    assert set(wanted) <= set(names(imap.ok('LSUB "" "*"'), b"LSUB"))
+    for _root, dirs, files in os.walk(server.dataDir):
+        assert not [n for n in dirs + files if "\\" in n]
+    imap.ok('RENAME "a\\\\b" "c\\\\d"')
+    assert "c\\d" in names(imap.ok('LIST "" "*"'))
+    imap.ok('DELETE "c\\\\d"')
+    assert "c\\d" not in names(imap.ok('LIST "" "*"'))
