@@ -23,7 +23,10 @@ def names(untagged: list[bytes], verb: bytes = b"LIST") -> dict[str, set[str]]:
     for line in untagged:
         m = re.fullmatch(rb'\* ' + verb + rb' \(([^)]*)\) "/" (.+)', line)
         assert m, line
-        out[m.group(2).strip(b'"').decode("imap4-utf-7")] = set(m.group(1).decode().split())
+        wire = m.group(2)
+        if wire.startswith(b'"'):
+            wire = re.sub(rb'\\(.)', rb"\1", wire[1:-1])  # a quoted string's escapes
+        out[wire.decode("imap4-utf-7")] = set(m.group(1).decode().split())
     return out
 
 

@@ -659,7 +659,7 @@ def tree(root: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name", ["../x", "a/../../b", "/etc", "a//b", "x" * 2000, "a\x01b",
-                                  "INBOX/../../x", "a/./b", "..", "a\\b"])
+                                  "INBOX/../../x", "a/./b", ".."])
 def test_mailbox_names_cannot_escape(server, imap, name):
     imap.ok("LIST \"\" *")  # the special-use folders exist: the tree is settled
     before = tree(server.dataDir)
