@@ -631,10 +631,10 @@ class IMAPServer(imap4.IMAP4Server):
         if lsub:
             # RFC 3501 §6.3.9: "%" matching a parent of a subscribed folder, but not that
             # folder, lists the parent with \Noselect (unless it is subscribed itself).
-            for parent in _parents(subscribed) - subscribed:
-                below = [n for n in subscribed if n.startswith(parent + names.SEPARATOR)]
-                if any(m.match(parent) and not all(m.match(n) for n in below) for m in matchers):
-                    noselect.add(parent)
+            for below in subscribed:  # each has at most folders.MAX_DEPTH parents
+                for parent in _parents([below]) - subscribed - noselect:
+                    if any(m.match(parent) and not m.match(below) for m in matchers):
+                        noselect.add(parent)
         candidates = sorted(existing | subscribed | noselect) if onlySubscribed else folderNames
         for name in candidates:
             if not any(m.match(name) for m in matchers):
