@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import re
 
-from imapwire import RawIMAP
+from imapwire import loggedIn
 from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
 
 MESSAGE = (b"From: s@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n"
            b"Message-ID: <k@remote.test>\r\n\r\nbody\r\n")
-
-
-def session(server) -> RawIMAP:
-    client = RawIMAP(server.imapPort)
-    client.login()
-    return client
-
-
-def append(client: RawIMAP, flags: str = "") -> None:
-    client.ok(b"APPEND INBOX (%s) {%d+}\r\n" % (flags.encode(), len(MESSAGE)) + MESSAGE)
 
 
 def announced(untagged: list[bytes], keyword: bytes) -> None:
@@ -43,9 +33,9 @@ def announced(untagged: list[bytes], keyword: bytes) -> None:
 
 
 def test_new_keyword_announced_to_the_storing_session_and_to_others(server):
-    writer = session(server)
-    append(writer)
-    mine, other = session(server), session(server)
+    writer = loggedIn(server.imapPort)
+    writer.append(MESSAGE)
+    mine, other = loggedIn(server.imapPort), loggedIn(server.imapPort)
     mine.ok("SELECT INBOX")
     other.ok("SELECT INBOX")
     announced(mine.ok("STORE 1 +FLAGS ($Work)"), b"$Work")
@@ -55,18 +45,18 @@ def test_new_keyword_announced_to_the_storing_session_and_to_others(server):
 
 
 def test_keyword_appended_by_another_session_is_announced_before_its_fetch(server):
-    watcher, writer = session(server), session(server)
-    append(writer)
+    watcher, writer = loggedIn(server.imapPort), loggedIn(server.imapPort)
+    writer.append(MESSAGE)
     watcher.ok("SELECT INBOX")
-    append(writer, "$Later")
+    writer.append(MESSAGE, "$Later")
     untagged = watcher.ok("NOOP")
     assert any(u.startswith(b"* FLAGS ") and b"$Later" in u for u in untagged), untagged
     announced(untagged + watcher.ok("FETCH 2 FLAGS"), b"$Later")
 
 
 def test_nil_is_a_keyword(server):
-    client = session(server)
-    append(client, "NIL \\Seen")
+    client = loggedIn(server.imapPort)
+    client.append(MESSAGE, "NIL \\Seen")
     untagged = client.ok("SELECT INBOX")
     (flags,) = [u for u in untagged if u.startswith(b"* FLAGS ")]
     assert b"NIL" in flags.split(b"(")[1].rstrip(b")").split()

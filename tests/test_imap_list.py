@@ -6,16 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
-from imapwire import RawIMAP
+from imapwire import loggedIn
 from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
 
 
 @pytest.fixture
 def imap(server):
-    client = RawIMAP(server.imapPort)
-    client.login()
-    yield client
-    client.close()
+    with loggedIn(server.imapPort) as client:
+        yield client
 
 
 def names(untagged: list[bytes], verb: bytes = b"LIST") -> dict[str, set[str]]:

@@ -13,7 +13,7 @@ import imaplib
 import re
 import smtplib
 
-from imapwire import RawIMAP
+from imapwire import RawIMAP, loggedIn
 from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
 from test_imap_concurrency import together
 
@@ -23,14 +23,12 @@ MESSAGE = (b"From: s@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n"
 
 
 def session(server) -> RawIMAP:
-    client = RawIMAP(server.imapPort)
-    client.login()
-    return client
+    return loggedIn(server.imapPort)
 
 
-def append(client: RawIMAP, date: str = "01-Jan-2020 10:00:00 +0000") -> None:
+def append(client: RawIMAP) -> None:
     """APPEND with an INTERNALDATE from before the server started (as a client copying old mail)."""
-    client.ok(b'APPEND INBOX "%s" {%d+}\r\n' % (date.encode(), len(MESSAGE)) + MESSAGE)
+    client.append(MESSAGE, date="01-Jan-2020 10:00:00 +0000")
 
 
 def recentCount(untagged: list[bytes]) -> int:
