@@ -14,6 +14,7 @@ import re
 
 from imapwire import loggedIn
 from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
+from test_imap_concurrency import together
 
 MESSAGE = (b"From: s@remote.test\r\nTo: alice@example.test\r\nSubject: hi\r\n"
            b"Message-ID: <k@remote.test>\r\n\r\nbody\r\n")
@@ -72,3 +73,26 @@ def test_nil_is_a_keyword(server):
     client.ok("STORE 1 FLAGS NIL")  # the bare form: one flag, not an empty list
     (fetched,) = client.ok("FETCH 1 FLAGS")
     assert sorted(fetched.split(b"FLAGS (")[1].rstrip(b"))").split()) == [b"NIL", b"\\Recent"]
+
+
+def test_sessions_adding_keywords_at_once_each_see_them_announced_first(server):
+    """Six sessions each add their own keyword to one message at once, then NOOP: in what
+    each session heard, every keyword a FETCH shows was in an earlier FLAGS."""
+    loggedIn(server.imapPort).append(MESSAGE)
+    clients = [loggedIn(server.imapPort) for _ in range(6)]
+    heard = [c.ok("SELECT INBOX") for c in clients]
+
+    def work(i: int) -> list[bytes]:
+        return clients[i].ok(f"STORE 1 +FLAGS ($Label{i})") + clients[i].ok("NOOP")
+
+    results = together(6, work)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    for before, after in zip(heard, results, strict=True):
+        known: set[bytes] = set()
+        for line in before + after:
+            if line.startswith(b"* FLAGS ("):
+                known = set(line[len(b"* FLAGS ("):-1].split())
+            elif b" FETCH " in line:
+                shown = set(line.split(b"FLAGS (")[1].split(b")")[0].split()) - {b"\\Recent"}
+                assert shown <= known, (line, known)
+        assert {b"$Label%d" % i for i in range(6)} <= known
