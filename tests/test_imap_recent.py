@@ -73,18 +73,24 @@ def test_examine_does_not_take_recent(server):
     assert statusRecent(looker) == 0
 
 
-def test_arrival_is_recent_in_exactly_one_of_many_selected_sessions(server):
-    """Ten sessions have INBOX selected; another appends five messages; each session
-    then asks (at once) what is new: between them, each message is recent exactly once."""
+def test_recent_in_exactly_one_of_many_sessions(server):
+    """Two messages are appended; ten sessions SELECT at once; three more are appended
+    while they have the folder selected, and each asks (at once) what is new: between
+    them, each of the five messages is recent exactly once."""
+    writer = session(server)
+    append(writer)
+    append(writer)
     clients = []
     for _ in range(10):
         c = imaplib.IMAP4("127.0.0.1", server.imapPort, timeout=30)
         c.login(ALICE, "secret")
-        c.select("INBOX")
         clients.append(c)
-    writer = session(server)
-    for _ in range(5):
-        append(writer)
+
+    def select(i: int) -> list[int]:
+        typ, _ = clients[i].select("INBOX")
+        assert typ == "OK"
+        typ, data = clients[i].search(None, "RECENT")
+        return [int(n) for n in data[0].split()]
 
     def poll(i: int) -> list[int]:
         clients[i].noop()
@@ -92,9 +98,16 @@ def test_arrival_is_recent_in_exactly_one_of_many_selected_sessions(server):
         assert typ == "OK"
         return [int(n) for n in data[0].split()]
 
-    results = together(10, poll)
+    selected = together(10, select)
+    for _ in range(3):
+        append(writer)
+    polled = together(10, poll)
+    results = selected + polled
     assert not [r for r in results if isinstance(r, Exception)], results
-    claimed = sorted(n for r in results for n in r)
+    assert sum(bool(r) for r in selected) == 1  # one session took both
+    for before, after in zip(selected, polled, strict=True):
+        assert set(before) <= set(after)  # still recent in the session that took it
+    claimed = sorted(n for r in polled for n in r)
     assert claimed == [1, 2, 3, 4, 5]
     assert statusRecent(writer) == 0
     for c in clients:
