@@ -20,6 +20,12 @@ class RawIMAP:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> RawIMAP:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _fill(self, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out; have {self.buf[:500]!r}")
@@ -72,3 +78,16 @@ class RawIMAP:
 
     def login(self, user: str = "alice@example.test", password: str = "secret") -> None:
         self.ok(f'LOGIN "{user}" "{password}"')
+
+    def append(self, message: bytes, flags: str = "", date: str | None = None,
+               folder: str = "INBOX") -> list[bytes]:
+        """APPEND with LITERAL+; C{date} is an INTERNALDATE such as ``01-Jan-2020 10:00:00 +0000``."""
+        when = b' "%s"' % date.encode() if date else b""
+        return self.ok(b"APPEND %s (%s)%s {%d+}\r\n" % (folder.encode(), flags.encode(), when,
+                                                       len(message)) + message)
+
+
+def loggedIn(port: int, user: str = "alice@example.test") -> RawIMAP:
+    client = RawIMAP(port)
+    client.login(user)
+    return client

@@ -28,8 +28,8 @@ def normalize(name: str) -> str:
     for part in parts:
         if not part or part in (".", "..") or len(part) > MAX_COMPONENT:
             raise InvalidFolderName(f"invalid folder name component {part!r}")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part) or "\\" in part:
-            raise InvalidFolderName("folder names may not contain control characters or '\\'")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
+            raise InvalidFolderName("folder names may not contain control characters")
     if parts[0].upper() == "INBOX":
         parts[0] = "INBOX"
     return SEPARATOR.join(parts)
@@ -40,8 +40,9 @@ def isInbox(name: str) -> bool:
 
 
 def escapeComponent(part: str) -> str:
-    """Make a component safe as (part of) a file name: no '.', '/', '%' survive."""
-    return part.replace("%", "%25").replace(".", "%2E").replace("/", "%2F")
+    """Make a component safe as (part of) a file name: no '.', '/', '%' or '\\' survive
+    ('\\' is legal in a POSIX name, but shells, rsync filters and Windows shares read it)."""
+    return part.replace("%", "%25").replace(".", "%2E").replace("/", "%2F").replace("\\", "%5C")
 
 
 def unescapeComponent(part: str) -> str:

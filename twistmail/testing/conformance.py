@@ -43,7 +43,7 @@ BOB = "bob@example.test"
 CONCURRENCY = 24
 
 HOSTILE_NAMES = ["..", "../x", "a/../b", "/abs", "", "a//b", ".", "a/.", "x\x00y", "x\ry", "x\ny",
-                 "x\x7fy", "x" * 2000, "a\\b", "../../../../etc", "INBOX/../../x"]
+                 "x\x7fy", "x" * 2000, "../../../../etc", "INBOX/../../x"]
 HOSTILE_ADDRESSES = ["../x@example.test", "a/b@example.test", "alice@../etc", "nobody",
                      "..@example.test", "x@..", "x@example.test/../../etc", "a\x00b@example.test"]
 
@@ -599,8 +599,12 @@ class StoreConformanceTests:
 
     @pytest.mark.parametrize("name", ["v1.2", "100%", "a%2Eb", "%", ".hidden", "a.b/c.d",
                                       "Entwürfe", "with space", "INBOX/Sub.folder", "x.sbd",
-                                      "x.lock", "x.index", "twistmail-uidlist", "cur", "new"])
+                                      "x.lock", "x.index", "twistmail-uidlist", "cur", "new",
+                                      "a\\b", "Work\\Old/x.y", "\\", "a%5Cb", 'say "hi"'])
     def test_folderNamesRoundTrip(self, store, dataDir, name):
+        """Any name without control characters or empty, '.' or '..' components works
+        (IMAP clients create folders with '\\' and '%' in them); a backend escapes what
+        its storage cannot hold."""
         account = store.account(ALICE)
         onReactor(account.createFolder, name)
         names = onReactor(account.listFolders)

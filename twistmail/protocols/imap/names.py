@@ -43,14 +43,12 @@ def encode(name: str) -> bytes:
 
 
 def pattern(reference: str, mailbox: str) -> Pattern:
-    """RFC 3501 §6.3.8: reference + mailbox, with * (anything) and % (anything but /)."""
-    if mailbox.startswith(SEPARATOR) or not reference:
-        combined = mailbox
-    elif reference.endswith(SEPARATOR):
-        combined = reference + mailbox
-    else:
-        combined = reference + SEPARATOR + mailbox
-    return Pattern(combined)
+    """RFC 3501 §6.3.8: reference + mailbox, with * (anything) and % (anything but /).
+
+    Joined by plain concatenation, as Dovecot, Cyrus and Gmail do: ``LIST "foo" "*"``
+    is ``foo*``, which matches ``foo`` itself, ``foobar`` and everything below ``foo``.
+    """
+    return Pattern(reference + mailbox)
 
 
 class Pattern:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import collections
 import time
 from collections.abc import Callable
 
@@ -58,20 +60,21 @@ from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.imap import fetch, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
-from twistmail.protocols.imap.view import SelectedFolder
+from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
 
 log = Logger()
 
-SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 #: Read this many bytes of messages per worker-thread trip when FETCH or SEARCH needs them.
 READ_BATCH = 1024 * 1024
 #: Messages whose index-only SEARCH keys are evaluated before other connections get a turn.
 SEARCH_SLICE = 5000
 #: RFC 5258 multiple patterns: each is matched against every folder name.
 MAX_LIST_PATTERNS = 64
+#: Folders whose \Recent claims are remembered (least recently used forgotten first).
+MAX_RECENT_FOLDERS = 10000
 #: Failed logins a connection may make before it is closed.
 MAX_LOGIN_FAILURES = 3
 #: Commands that may be prefixed with UID, and commands during which EXPUNGE must wait.
@@ -501,18 +504,12 @@ class IMAPServer(imap4.IMAP4Server):
         self._unselect()
         self.state = "auth"
         mailbox = await self.account.openFolder(name)
-        view = SelectedFolder(mailbox, readOnly, self._claimRecent)
+        # RFC 3501 §6.3.2: EXAMINE shows \Recent but does not take it (as Dovecot).
+        view = SelectedFolder(mailbox, readOnly, self._peekRecent if readOnly else self._claimRecent)
         self.selected = view
         self.state = "select"
-        keywords = [k for k in mailbox.keywords()]
-        flags = list(SYSTEM_FLAGS) + ["$Forwarded"] + [k for k in keywords if k != "$Forwarded"]
-        self._send(b"* FLAGS " + response.flagList(flags))
-        if readOnly:
-            self._send(b"* OK [PERMANENTFLAGS ()] Read-only mailbox")
-        else:
-            permanent = flags + (["\\*"] if mailbox.maxKeywords is None
-                                 or len(keywords) < mailbox.maxKeywords else [])
-            self._send(b"* OK [PERMANENTFLAGS " + response.flagList(permanent) + b"] Flags allowed")
+        for line in view.flagsResponses():
+            self._send(line)
         self._send(b"* %d EXISTS" % len(view))
         self._send(b"* %d RECENT" % len(view.recent))
         unseen = self._firstUnseen(view)
@@ -533,7 +530,10 @@ class IMAPServer(imap4.IMAP4Server):
         return None
 
     def _claimRecent(self, mailbox, uids: list) -> set:
-        return self.factory.claimRecent((self.user, mailbox.name), mailbox, uids)
+        return self.factory.claimRecent(self.user, mailbox, uids)
+
+    def _peekRecent(self, mailbox, uids: list) -> set:
+        return self.factory.claimRecent(self.user, mailbox, uids, take=False)
 
     def _unselect(self) -> None:
         if self.selected is not None:
@@ -575,6 +575,10 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         name = self._mailbox(args)
         args.end()
+        # As Dovecot: a subscription needs the folder; removing one does not (the
+        # folder may have been deleted since).
+        if subscribe and name not in await self.account.listFolders():
+            raise _No(b"[NONEXISTENT] Mailbox does not exist")
         await self.account.setSubscribed(name, subscribe)
         self._ok(tag, b"SUBSCRIBE completed" if subscribe else b"UNSUBSCRIBE completed")
 
@@ -593,7 +597,7 @@ class IMAPServer(imap4.IMAP4Server):
         if not lsub and args.peek() == b"(":
             select = {o.upper() for o in args.parenthesized(args.atom)}
             args.sp()
-        reference = self._mailboxName(args.astring())
+        reference = _listPattern(args.astring())
         args.sp()
         if not lsub and args.peek() == b"(":
             patterns = [_listPattern(p) for p in args.parenthesized(args.listMailbox)]
@@ -606,6 +610,8 @@ class IMAPServer(imap4.IMAP4Server):
             returns = {o.upper() for o in args.parenthesized(args.atom)}
         args.end()
         verb = b"LSUB" if lsub else b"LIST"
+        if reference is None:
+            patterns = []
         if len(patterns) == 1 and patterns[0] == "":
             self._send(b"* " + verb + b' (\\Noselect) "/" ""')
             self._ok(tag, verb + b" completed")
@@ -615,21 +621,33 @@ class IMAPServer(imap4.IMAP4Server):
         specialUse = self.factory.specialUse
         existing = set(folderNames)
         onlySubscribed = lsub or b"SUBSCRIBED" in select
-        candidates = sorted(existing | subscribed) if onlySubscribed else folderNames
-        matchers = [names.pattern(reference, p) for p in patterns]
+        matchers = [names.pattern(reference, p) for p in patterns if p is not None]
+        if not matchers:
+            self._ok(tag, verb + b" completed")
+            return
         # Every name with a folder below it, in one pass (not a scan per folder listed).
-        parents = {other[:i] for other in existing
-                   for i, c in enumerate(other) if c == names.SEPARATOR}
+        parents = _parents(existing)
+        noselect: set = set()
+        if lsub:
+            # RFC 3501 §6.3.9: "%" matching a parent of a subscribed folder, but not that
+            # folder, lists the parent with \Noselect (unless it is subscribed itself).
+            for below in subscribed:  # each has at most folders.MAX_DEPTH parents
+                for parent in _parents([below]) - subscribed - noselect:
+                    if any(m.match(parent) and not m.match(below) for m in matchers):
+                        noselect.add(parent)
+        candidates = sorted(existing | subscribed | noselect) if onlySubscribed else folderNames
         for name in candidates:
             if not any(m.match(name) for m in matchers):
                 continue
-            if onlySubscribed and name not in subscribed:
+            if onlySubscribed and name not in subscribed and name not in noselect:
                 continue
             use = specialUse.get(name) if name in existing else None
             if b"SPECIAL-USE" in select and use is None:
                 continue
             attributes = []
-            if name not in existing:
+            if name in noselect:
+                attributes.append("\\Noselect")
+            elif name not in existing:
                 attributes.append("\\NonExistent" if not lsub else "\\Noselect")
             else:
                 attributes.append("\\HasChildren" if name in parents else "\\HasNoChildren")
@@ -656,7 +674,7 @@ class IMAPServer(imap4.IMAP4Server):
         mailbox = await self.account.openFolder(name)
         values = {
             b"MESSAGES": lambda: len(mailbox.uids()),
-            b"RECENT": lambda: self.factory.countRecent((self.user, mailbox.name), mailbox),
+            b"RECENT": lambda: self.factory.countRecent(self.user, mailbox),
             b"UIDNEXT": lambda: mailbox.uidNext,
             b"UIDVALIDITY": lambda: mailbox.uidValidity,
             b"UNSEEN": lambda: sum("\\Seen" not in m.flags for m in mailbox.messages()),
@@ -684,6 +702,9 @@ class IMAPServer(imap4.IMAP4Server):
             mailbox = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
+        # What is already in the folder is settled first: the appended message is
+        # \Recent whatever INTERNALDATE it was given.
+        self.factory.settleRecent(self.user, mailbox)
         uid = await mailbox.append(literal.source, flagSet, when)
         log.info("imap append user={user} folder={folder} uid={uid} size={size}", user=self.user,
                  folder=loggable(name), uid=uid, size=literal.size)
@@ -770,6 +791,8 @@ class IMAPServer(imap4.IMAP4Server):
                 await mailbox.setFlags(unseen, {"\\Seen"}, "add")
                 if not any(i.name == b"FLAGS" for i in items):
                     items.append(fetch.Item(b"FLAGS"))
+        for line in view.newKeywords():
+            self._send(line)
         if await self._respondFetch(view, targets, items):
             # RFC 2180 §4.1.2, as Dovecot's cmd-fetch.c: not a failure, the client can do
             # nothing about it; the untagged EXPUNGE follows at the next allowed point.
@@ -856,6 +879,8 @@ class IMAPServer(imap4.IMAP4Server):
             raise _No(b"[LIMIT] Too many keywords in this mailbox (at most %d)" % limit)
         seqOf = dict((u, s) for s, u in targets)
         updated = await view.mailbox.setFlags(list(seqOf), flags, mode)
+        for line in view.newKeywords():
+            self._send(line)
         for message in updated:
             view.told(message.uid, message.flags)
             if not silent:
@@ -877,6 +902,7 @@ class IMAPServer(imap4.IMAP4Server):
             target = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
+        self.factory.settleRecent(self.user, target)  # copies are \Recent there, as appends
         uids = [u for _, u in targets if view.mailbox.message(u) is not None]
         if not uids:
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
@@ -953,13 +979,18 @@ class IMAPServer(imap4.IMAP4Server):
             self._flushUpdates(expunge=True)
 
 
-def _listPattern(wire: bytes) -> str:
-    # Twisted's imap4-utf-7 decoder raises UnicodeDecodeError on 8-bit octets even
-    # with errors="replace": that was a logged traceback and NO [SERVERBUG].
+def _listPattern(wire: bytes) -> str | None:
+    """A LIST pattern or reference, or None if it is not valid modified UTF-7: such a
+    pattern matches nothing, and the command still succeeds (as Dovecot answers)."""
     try:
-        return wire.decode("imap4-utf-7")
-    except (UnicodeError, ValueError):
-        raise _Bad(b"LIST pattern is not valid modified UTF-7") from None
+        return names.decode(wire)
+    except names.BadName:
+        return None
+
+
+def _parents(folderNames) -> set:
+    """Every name with a folder below it: C{a} and C{a/b} for C{a/b/c}."""
+    return {name[:i] for name in folderNames for i, c in enumerate(name) if c == names.SEPARATOR}
 
 
 async def _readEach(mailbox, uids: list) -> list:
@@ -1063,7 +1094,7 @@ class IMAPFactory(protocol.ServerFactory):
         self.spoolDir = spoolDir
         self.limiter = limiter
         self.specialUse = dict(config["special_use"])
-        self._recent: dict[tuple, int] = {}
+        self._recent: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self._startTime = clock()
 
     def buildProtocol(self, addr):
@@ -1091,11 +1122,15 @@ class IMAPFactory(protocol.ServerFactory):
                     pass
                 await account.setSubscribed(name, True)
 
-    def _claimedUpTo(self, key: tuple, mailbox) -> int:
+    def _claimedUpTo(self, user: str, mailbox) -> tuple[tuple, int]:
         """\\Recent belongs to one session (RFC 3501 §2.3.2): the highest UID given out so far.
 
-        After a restart, nothing that arrived before the server started is recent.
+        Kept in memory, per account, folder and UIDVALIDITY (a folder deleted and
+        created again starts afresh), for the L{MAX_RECENT_FOLDERS} folders used
+        last.  The first time a folder is seen (after a restart, or after it was
+        forgotten), what arrived before the server started is not recent.
         """
+        key = (user, mailbox.name, mailbox.uidValidity)
         claimed = self._recent.get(key)
         if claimed is None:
             claimed = 0
@@ -1105,15 +1140,26 @@ class IMAPFactory(protocol.ServerFactory):
                     claimed = uid
                     break
             self._recent[key] = claimed
-        return claimed
+            while len(self._recent) > MAX_RECENT_FOLDERS:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(key)
+        return key, claimed
 
-    def claimRecent(self, key: tuple, mailbox, uids: list) -> set:
-        claimed = self._claimedUpTo(key, mailbox)
+    def settleRecent(self, user: str, mailbox) -> None:
+        """Before adding messages: what the folder holds now is settled, so what is
+        added is \\Recent whatever its INTERNALDATE."""
+        self._claimedUpTo(user, mailbox)
+
+    def claimRecent(self, user: str, mailbox, uids: list, take: bool = True) -> set:
+        """The C{uids} still \\Recent; a SELECT session takes them (C{take}), EXAMINE only looks."""
+        key, claimed = self._claimedUpTo(user, mailbox)
         recent = {u for u in uids if u > claimed}
-        if recent:
+        if recent and take:
             self._recent[key] = max(recent)
         return recent
 
-    def countRecent(self, key: tuple, mailbox) -> int:
-        claimed = self._claimedUpTo(key, mailbox)
-        return sum(1 for u in mailbox.uids() if u > claimed)
+    def countRecent(self, user: str, mailbox) -> int:
+        """STATUS (RECENT): messages no SELECT session has taken yet."""
+        key, claimed = self._claimedUpTo(user, mailbox)
+        uids = mailbox.uids()
+        return len(uids) - bisect.bisect_right(uids, claimed)

@@ -8,6 +8,10 @@ only at certain moments (never in the middle of FETCH, STORE or SEARCH,
 notifications pile up until L{SelectedFolder.updates} turns them into
 untagged EXPUNGE, EXISTS, RECENT and FETCH FLAGS responses.
 
+A keyword the session has not been told of is announced with FLAGS and
+PERMANENTFLAGS before any FETCH shows it (RFC 3501 §7.2.6: clients keep
+their keyword list from FLAGS), whichever session added it.
+
 Until then a message another session expunged is still this session's
 (RFC 2180 §4.1.2, as Dovecot does): L{SelectedFolder.message} serves it as
 it was when it went (kept only for messages in this view, until reported).
@@ -24,6 +28,10 @@ from collections.abc import Callable
 
 from twistmail.protocols.imap import response
 
+#: The system flags in the order FLAGS lists them, and the one keyword always offered.
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_OFFERED = ("$Forwarded",)
+
 
 class SelectedFolder:
     def __init__(self, mailbox, readOnly: bool, claimRecent: Callable[[object, list], set]) -> None:
@@ -36,6 +44,7 @@ class SelectedFolder:
         self._expunged: dict[int, object] = {}  # uid -> StoredMessage, removed but not told
         self._flagsChanged: set[int] = set()
         self._told: dict[int, frozenset] = {}  # flags this session just reported itself
+        self._announced: frozenset = frozenset()  # keywords this session was told of
         self.validityChanged = False
         self.onChange: Callable[[], None] | None = None  # set while in IDLE
         mailbox.addListener(self._changed)
@@ -101,13 +110,34 @@ class SelectedFolder:
 
     # -- untagged updates -----------------------------------------------------------
 
+    def flagsResponses(self) -> list[bytes]:
+        """FLAGS and PERMANENTFLAGS (RFC 3501 §7.2.6, §7.1) for the folder's keywords now."""
+        keywords = list(self.mailbox.keywords())
+        self._announced = frozenset(keywords)
+        flags = list(SYSTEM_FLAGS) + list(_OFFERED) + [k for k in keywords if k not in _OFFERED]
+        out = [b"* FLAGS " + response.flagList(flags)]
+        if self.readOnly:
+            out.append(b"* OK [PERMANENTFLAGS ()] Read-only mailbox")
+            return out
+        limit = self.mailbox.maxKeywords
+        permanent = flags + (["\\*"] if limit is None or len(keywords) < limit else [])
+        out.append(b"* OK [PERMANENTFLAGS " + response.flagList(permanent) + b"] Flags allowed")
+        return out
+
+    def newKeywords(self) -> list[bytes]:
+        """FLAGS and PERMANENTFLAGS again if the folder has keywords this session was not
+        told of: to be sent before any FETCH that could show them."""
+        if self._announced.issuperset(self.mailbox.keywords()):
+            return []
+        return self.flagsResponses()
+
     def updates(self, expunge: bool = True) -> list[bytes]:
         """Untagged responses for what changed since the last call, applied to the view.
 
         @param expunge: False while answering FETCH, STORE or SEARCH: removals
             wait, and the removed messages keep their sequence numbers.
         """
-        out: list[bytes] = []
+        out: list[bytes] = self.newKeywords()
         if expunge and self._removed:
             gone = {uid for uid in self._removed if self.seq(uid) is not None}
             # Highest first: each number is still valid when the client reads it.
