@@ -84,6 +84,13 @@ def _port(value: str, text: str) -> int:
     return int(text)
 
 
+def _addresses(values: list[str]) -> None:
+    for value in values:
+        local, at, domain = str(value).rpartition("@")
+        if not at or not local or not domain:
+            raise ValueError(f"{value!r} is not an address: write it as user@domain")
+
+
 def _networks(values: list[str]) -> None:
     for value in values:
         try:
@@ -242,6 +249,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                   validate=_mxPatterns, example='["mail.example.org"]'),
         "max_age": Key(int, 604800, "seconds senders cache the policy (RFC 8461 §3.2: weeks)",
                        86400, validate=_maxAge),
+    },
+    "admin": {
+        "enabled": Key(bool, False, "serve the web admin at /admin/ on the web listeners (https, "
+                       "or http from loopback only)"),
+        "admins": Key(list, [], "users (full addresses) who may administer; every other user "
+                      "may only change their own password", validate=_addresses,
+                      example='["postmaster@example.org"]'),
+        "session_idle": Key(int, 1800, "seconds a web admin session lasts without a request", 60),
     },
     "storage": {
         "backend": Key(str, "maildir", "mailbox backend plugin name"),
