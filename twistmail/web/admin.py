@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from markupsafe import Markup
 from twisted.cred import credentials, error
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -195,9 +196,8 @@ class AdminResource(resource.Resource):
         values.setdefault("done", "")
         html = ENVIRONMENT.get_template(name).render(
             session=session, title=name, **values,
-            csrf=lambda: ENVIRONMENT.from_string(
-                '<input type="hidden" name="csrf" value="{{ t }}">').render(
-                    t=session.csrf if session else ""))
+            csrf=lambda: Markup('<input type="hidden" name="csrf" value="{}">').format(
+                session.csrf if session else ""))
         return html.encode("utf-8")
 
     def _redirect(self, request, where: bytes) -> bytes:
@@ -216,7 +216,7 @@ class AdminResource(resource.Resource):
         return token
 
     def _finish(self, request, body: bytes) -> None:
-        if not request._disconnected and not request.finished:
+        if not getattr(request, "_disconnected", False) and not request.finished:
             request.write(body)
             request.finish()
 
