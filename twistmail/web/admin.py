@@ -19,6 +19,7 @@ the same host), is served; the site's header and body limits apply.
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -36,6 +37,8 @@ from twistmail._netaddr import parseHost
 from twistmail.auth.accounts import AccountError, Accounts
 from twistmail.auth.checkers import fromClient
 from twistmail.auth.passwords import hashPassword
+from twistmail.cli import queue as queuecli
+from twistmail.relay.queue import QueueError
 from twistmail.web.admintemplates import ENVIRONMENT
 
 log = Logger()
@@ -137,6 +140,7 @@ class AdminResource(resource.Resource):
                  sessions: Sessions, deferToThread=threads.deferToThread) -> None:
         super().__init__()
         self._dataDir = dataDir
+        self._queueDir = os.path.join(dataDir, "queue")
         self._accounts = accounts
         self._checker = checker
         self._admins = {a.lower() for a in admins}
@@ -181,11 +185,15 @@ class AdminResource(resource.Resource):
             return self._redirect(request, b"/admin/password")
         if path == "" and method == b"GET":
             return self._page(request, "dashboard", session)
+        if path == "queue" and method == b"GET":
+            self._respond(request, session, "queue")
+            return server.NOT_DONE_YET
         action = self.ACTIONS.get(path)
         if action is None or method != b"POST":
             request.setResponseCode(404)
             return b"Not found\n"
-        return self._edit(request, session, "dashboard", action)
+        return self._edit(request, session, "queue" if path.startswith("queue/") else "dashboard",
+                          action)
 
     def _page(self, request, name: str, session: Session | None, **values) -> bytes:
         if name == "dashboard":
@@ -199,6 +207,22 @@ class AdminResource(resource.Resource):
             csrf=lambda: Markup('<input type="hidden" name="csrf" value="{}">').format(
                 session.csrf if session else ""))
         return html.encode("utf-8")
+
+    def _respond(self, request, session: Session, page: str, code: int = 200,
+                 **values) -> defer.Deferred:
+        """Finish C{request} with C{page}; the queue page reads the queue in a thread first."""
+        if page == "queue":
+            d = self._deferToThread(queuecli.listing, self._queueDir)
+        else:
+            d = defer.succeed(None)
+
+        def render(rows) -> None:
+            request.setResponseCode(code)
+            if rows is not None:
+                values["rows"] = rows
+            self._finish(request, self._page(request, page, session, **values))
+
+        return d.addCallback(render).addErrback(self._failed, request)
 
     def _redirect(self, request, where: bytes) -> bytes:
         request.setResponseCode(303)
@@ -266,36 +290,35 @@ class AdminResource(resource.Resource):
 
     # -- changes ------------------------------------------------------------------
 
-    def _edit(self, request, session: Session, page: str, action) -> bytes | int:
-        """Read the form with C{action}, then apply it in a thread with the accounts file locked."""
+    def _edit(self, request, session: Session, page: str, action) -> int:
+        """Read the form with C{action}, then carry it out in a thread: an accounts change with
+        the file locked (C{apply}), or a queue request (C{run})."""
         try:
             prepared = action(request, session)
-        except AccountError as e:
-            request.setResponseCode(400)
-            return self._page(request, page, session, error=str(e))
+        except (AccountError, QueueError) as e:
+            self._respond(request, session, page, 400, error=str(e))
+            return server.NOT_DONE_YET
 
         def inThread() -> str:
+            if "run" in prepared:
+                return prepared["run"](self._queueDir)
             hashed = hashPassword(prepared["password"]) if "password" in prepared else None
             accounts = Accounts(self._dataDir)
             with accounts.editing():
                 return prepared["apply"](accounts, hashed)
 
-        d = self._deferToThread(inThread)
-
-        def done(text: str) -> None:
+        def done(text: str) -> defer.Deferred:
             self._accounts.reload()
             log.info("web admin user={user} result={done}", user=loggable(session.address),
                      done=loggable(text))
-            self._finish(request, self._page(request, page, session, done=text))
+            return self._respond(request, session, page, done=text)
 
-        def refused(failure) -> None:
-            failure.trap(AccountError)
-            self._accounts.reload()
-            request.setResponseCode(400)
-            self._finish(request, self._page(request, page, session,
-                                             error=str(failure.value)))
+        def refused(failure) -> defer.Deferred:
+            failure.trap(AccountError, QueueError)
+            return self._respond(request, session, page, 400, error=str(failure.value))
 
-        d.addCallbacks(done, refused).addErrback(self._failed, request)
+        self._deferToThread(inThread).addCallbacks(done, refused).addErrback(
+            self._failed, request)
         return server.NOT_DONE_YET
 
     # Each action reads its form in the reactor thread and returns what the thread
@@ -354,6 +377,16 @@ class AdminResource(resource.Resource):
         source = _field(request, "source")
         return {"apply": lambda a, _: f"alias {a.removeAlias(source)} removed"}
 
-    ACTIONS = {"domain/add": _addDomain, "domain/remove": _removeDomain,
+    @staticmethod
+    def _flush(request, session: Session) -> dict:
+        id = _field(request, "id") or None
+        return {"run": lambda queueDir: queuecli.askServer(queueDir, id, "flush")}
+
+    @staticmethod
+    def _delete(request, session: Session) -> dict:
+        id = _field(request, "id")
+        return {"run": lambda queueDir: queuecli.askServer(queueDir, id, "delete")}
+
+    ACTIONS = {"queue/flush": _flush, "queue/delete": _delete, "domain/add": _addDomain, "domain/remove": _removeDomain,
                "user/add": _addUser, "user/password": _setPassword, "user/remove": _removeUser,
                "alias/add": _addAlias, "alias/remove": _removeAlias}

@@ -46,7 +46,18 @@ _DASHBOARD = """{% extends "layout" %}{% block body %}
 </table>
 <form method="post" action="/admin/alias/add">{{ csrf() }}<input name="source" placeholder="alias@example.org">
 <input name="targets" placeholder="user@example.org, other@example.org"> <button>Add alias</button></form></section>
-<p><a href="/admin/password">Change my password</a></p>{% endblock %}
+<p><a href="/admin/queue">Queue</a> · <a href="/admin/password">Change my password</a></p>{% endblock %}
+"""
+
+_QUEUE = """{% extends "layout" %}{% block body %}
+<h2>Queue</h2><table id="queue"><tr><th>id</th><th>sender</th><th>recipients</th><th>attempts</th>
+<th>next attempt</th><th>last error</th><th></th></tr>
+{% for id, sender, recipients, attempts, next, last in rows %}<tr><td>{{ id }}</td><td>{{ sender }}</td><td>{{ recipients }}</td><td>{{ attempts }}</td><td>{{ next }}</td><td>{{ last }}</td>
+<td><form class="inline" method="post" action="/admin/queue/flush">{{ csrf() }}<input type="hidden" name="id" value="{{ id }}"><button>Retry</button></form>
+<form class="inline" method="post" action="/admin/queue/delete">{{ csrf() }}<input type="hidden" name="id" value="{{ id }}"><button>Delete</button></form></td></tr>{% endfor %}
+</table><p>{{ rows|length }} message{{ "" if rows|length == 1 else "s" }} queued</p>
+<form method="post" action="/admin/queue/flush">{{ csrf() }}<button>Retry all now</button></form>
+<p><a href="/admin/">Back</a></p>{% endblock %}
 """
 
 _PASSWORD = """{% extends "layout" %}{% block body %}
@@ -59,5 +70,5 @@ _PASSWORD = """{% extends "layout" %}{% block body %}
 
 ENVIRONMENT = jinja2.Environment(
     loader=jinja2.DictLoader({"layout": _LAYOUT, "login": _LOGIN, "dashboard": _DASHBOARD,
-                              "password": _PASSWORD}),
+                              "password": _PASSWORD, "queue": _QUEUE}),
     autoescape=True, undefined=jinja2.StrictUndefined)
