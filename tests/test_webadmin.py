@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 from support import addUser, freePort, startServer
+from test_tls import insecure
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.web.test.requesthelper import DummyRequest
@@ -39,14 +40,19 @@ def web(dataDir):
 class Browser:
     """http.client with a cookie jar: just enough of a browser for these tests."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: bool = False) -> None:
         self.port = port
+        self.tls = tls
         self.cookies: dict[str, str] = {}
         self.setCookies: list[str] = []
 
     def request(self, method: str, path: str, form: dict | None = None,
                 body: bytes | None = None) -> tuple[int, dict, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        if self.tls:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=15,
+                                               context=insecure())
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
         headers = {}
         if self.cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
@@ -274,3 +280,43 @@ def test_login_goes_through_the_auth_throttle(dataDir):
     assert len(checked) == 3
     clock.advance(600)
     assert attempt("adminpw").responseCode == 303
+
+
+def test_over_https_the_session_cookie_is_secure(dataDir):
+    addUser(dataDir, ADMIN, "adminpw")
+    port = freePort()
+    srv = startServer(dataDir, listen={"https": [f"tcp:{port}:interface=127.0.0.1"]},
+                      admin={"enabled": True, "admins": [ADMIN]})
+    try:
+        browser = Browser(port, tls=True)
+        status, _, _ = browser.login(ADMIN, "adminpw")
+        assert status == 303
+        cookie = next(c for c in browser.setCookies if c.startswith("twistmail_admin="))
+        assert "Secure" in cookie and "HttpOnly" in cookie
+        assert browser.request("GET", "/admin/")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_a_removed_user_s_session_ends(web):
+    alice = Browser(web.port)
+    alice.login("alice@example.test", "alicepw")
+    assert alice.request("GET", "/admin/password")[0] == 200
+    browser = Browser(web.port)
+    browser.login(ADMIN, "adminpw")
+    _, _, page = browser.request("GET", "/admin/")
+    status, _, _ = browser.request("POST", "/admin/user/remove", {
+        "csrf": browser.token(page), "address": "alice@example.test"})
+    assert status == 200
+    status, headers, _ = alice.request("GET", "/admin/password")
+    assert (status, headers["location"]) == (303, "/admin/login")
+
+
+def test_passwords_are_taken_as_typed(web):
+    browser = Browser(web.port)
+    browser.login("alice@example.test", "alicepw")
+    _, _, page = browser.request("GET", "/admin/password")
+    browser.request("POST", "/admin/password", {"csrf": browser.token(page),
+                                                "password": " spaced out "})
+    assert Browser(web.port).login("alice@example.test", " spaced out ")[0] == 303
+    assert Browser(web.port).login("alice@example.test", "spaced out")[0] == 401

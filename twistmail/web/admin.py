@@ -111,19 +111,21 @@ def _allowed(request) -> bool:
     return address is not None and address.is_loopback
 
 
-def _field(request, name: str) -> str:
+def _field(request, name: str, strip: bool = True) -> str:
     """A form field as text; missing is ''; a field sent twice or not UTF-8 is refused."""
     values = request.args.get(name.encode(), [])
     if len(values) > 1:
         raise AccountError(f"the form field {name} was sent more than once")
     try:
-        return values[0].decode("utf-8").strip() if values else ""
+        text = values[0].decode("utf-8") if values else ""
     except UnicodeDecodeError:
         raise AccountError(f"the form field {name} is not UTF-8") from None
+    return text.strip() if strip else text
 
 
 def _password(request) -> str:
-    password = _field(request, "password")
+    """Taken as typed: spaces at either end are part of it (the CLI keeps them too)."""
+    password = _field(request, "password", strip=False)
     if not password:
         raise AccountError("empty password; type one")
     if len(password) > MAX_PASSWORD:
@@ -163,6 +165,9 @@ class AdminResource(resource.Resource):
             return self._page(request, "login", None, token=self._loginToken(request))
         sid = (request.getCookie(COOKIE) or b"").decode("ascii", "replace")
         session = self.sessions.get(sid)
+        if session is not None and self._accounts.passwordHash(session.address) is None:
+            self.sessions.end(sid)  # the user was removed meanwhile (here or with the CLI)
+            session = None
         if session is None:
             return self._redirect(request, b"/admin/login")
         if method == b"POST":
@@ -251,7 +256,7 @@ class AdminResource(resource.Resource):
         try:
             token = _field(request, "csrf").encode()
             address = _field(request, "address").lower()
-            password = _field(request, "password")
+            password = _field(request, "password", strip=False)
         except AccountError:
             token = b""
         if not cookie or not hmac.compare_digest(token, cookie):
