@@ -103,6 +103,14 @@ class FormRequest(DummyRequest):
         self.cookiesSet.append((name, value, attributes))
 
 
+def asAdmin(web) -> tuple[Browser, str]:
+    """A browser logged in as the admin, and the dashboard it sees."""
+    browser = Browser(web.port)
+    browser.login(ADMIN, "adminpw")
+    _, _, page = browser.request("GET", "/admin/")
+    return browser, page
+
+
 def users(dataDir: str) -> dict:
     with open(os.path.join(dataDir, "accounts.json")) as f:
         return json.load(f)["users"]
@@ -140,9 +148,7 @@ def test_wrong_password_refused(web):
 
 
 def test_admin_adds_a_user_through_the_accounts_code(web):
-    browser = Browser(web.port)
-    browser.login(ADMIN, "adminpw")
-    _, _, page = browser.request("GET", "/admin/")
+    browser, page = asAdmin(web)
     status, _, page = browser.request("POST", "/admin/user/add", {
         "csrf": browser.token(page), "address": "Bob@Example.test", "password": "bobpw"})
     assert status == 200 and "user bob@example.test added" in page
@@ -178,9 +184,7 @@ def test_login_form_needs_its_csrf_token(web):
 
 
 def test_script_in_input_is_shown_as_text(web):
-    browser = Browser(web.port)
-    browser.login(ADMIN, "adminpw")
-    _, _, page = browser.request("GET", "/admin/")
+    browser, page = asAdmin(web)
     status, _, page = browser.request("POST", "/admin/user/add", {
         "csrf": browser.token(page), "address": "<script>alert(1)</script>@example.test",
         "password": "x"})
@@ -190,10 +194,8 @@ def test_script_in_input_is_shown_as_text(web):
 
 
 def test_logout_ends_the_session_on_the_server(web):
-    browser = Browser(web.port)
-    browser.login(ADMIN, "adminpw")
+    browser, page = asAdmin(web)
     stolen = dict(browser.cookies)
-    _, _, page = browser.request("GET", "/admin/")
     status, headers, _ = browser.request("POST", "/admin/logout", {"csrf": browser.token(page)})
     assert (status, headers["location"]) == (303, "/admin/login")
     browser.cookies = stolen  # the old cookie, replayed
@@ -302,9 +304,7 @@ def test_a_removed_user_s_session_ends(web):
     alice = Browser(web.port)
     alice.login("alice@example.test", "alicepw")
     assert alice.request("GET", "/admin/password")[0] == 200
-    browser = Browser(web.port)
-    browser.login(ADMIN, "adminpw")
-    _, _, page = browser.request("GET", "/admin/")
+    browser, page = asAdmin(web)
     status, _, _ = browser.request("POST", "/admin/user/remove", {
         "csrf": browser.token(page), "address": "alice@example.test"})
     assert status == 200

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from relayenv import Internet, queueIds
+import test_queue_cli
+from relayenv import queueIds
 from serverproc import waitUntil
 from support import addUser, freePort, startServer
 from test_queue_cli import queued
 from test_webadmin import ADMIN, Browser
 
-
-@pytest.fixture
-def net():
-    internet = Internet()
-    yield internet
-    internet.stop()
+net = test_queue_cli.net  # the fixture: a loopback Internet with DNS and an SMTP sink
 
 
 @pytest.fixture

@@ -336,62 +336,50 @@ class AdminResource(resource.Resource):
                 "apply": lambda a, hashed: f"password of {a.setPassword(session.address, hashed)} "
                                            "changed"}
 
-    @staticmethod
-    def _addDomain(request, session: Session) -> dict:
-        domain = _field(request, "domain")
-        return {"apply": lambda a, _: f"domain {a.addDomain(domain)} added"}
+    ACTIONS: dict = {}  # filled in below
 
-    @staticmethod
-    def _removeDomain(request, session: Session) -> dict:
-        domain = _field(request, "domain")
-        return {"apply": lambda a, _: f"domain {a.removeDomain(domain)} removed"}
 
-    @staticmethod
-    def _addUser(request, session: Session) -> dict:
-        address = _field(request, "address")
-        password = _password(request)
-        return {"password": password,
-                "apply": lambda a, hashed: f"user {a.addUser(address, hashed)} added"}
+def _accountAction(fields: tuple[str, ...], apply, password: bool = False):
+    """An action reading C{fields} (and a password to hash) that calls
+    C{apply(accounts, hashedPassword, *values)} in the thread."""
 
-    @staticmethod
-    def _setPassword(request, session: Session) -> dict:
-        address = _field(request, "address")
-        password = _password(request)
-        return {"password": password,
-                "apply": lambda a, hashed: f"password of {a.setPassword(address, hashed)} changed"}
+    def action(request, session: Session) -> dict:
+        values = [_field(request, name) for name in fields]
+        prepared = {"apply": lambda a, hashed: apply(a, hashed, *values)}
+        if password:
+            prepared["password"] = _password(request)
+        return prepared
 
-    @staticmethod
-    def _removeUser(request, session: Session) -> dict:
-        address = _field(request, "address")
-        return {"apply": lambda a, _: f"user {a.removeUser(address)} removed (its mail stays in "
-                                      "the data directory)"}
+    return action
 
-    @staticmethod
-    def _addAlias(request, session: Session) -> dict:
-        source = _field(request, "source")
-        targets = [t.strip() for t in _field(request, "targets").split(",") if t.strip()]
 
-        def apply(a: Accounts, _) -> str:
-            done = a.addAlias(source, targets)
-            return f"alias {done} -> {', '.join(a.aliases[done])}"
-
-        return {"apply": apply}
-
-    @staticmethod
-    def _removeAlias(request, session: Session) -> dict:
-        source = _field(request, "source")
-        return {"apply": lambda a, _: f"alias {a.removeAlias(source)} removed"}
-
-    @staticmethod
-    def _flush(request, session: Session) -> dict:
+def _queueAction(verb: str):
+    def action(request, session: Session) -> dict:
         id = _field(request, "id") or None
-        return {"run": lambda queueDir: queuecli.askServer(queueDir, id, "flush")}
+        return {"run": lambda queueDir: queuecli.askServer(queueDir, id, verb)}
 
-    @staticmethod
-    def _delete(request, session: Session) -> dict:
-        id = _field(request, "id")
-        return {"run": lambda queueDir: queuecli.askServer(queueDir, id, "delete")}
+    return action
 
-    ACTIONS = {"queue/flush": _flush, "queue/delete": _delete, "domain/add": _addDomain, "domain/remove": _removeDomain,
-               "user/add": _addUser, "user/password": _setPassword, "user/remove": _removeUser,
-               "alias/add": _addAlias, "alias/remove": _removeAlias}
+
+def _aliasAdded(a: Accounts, _, source: str, targets: str) -> str:
+    done = a.addAlias(source, [t.strip() for t in targets.split(",") if t.strip()])
+    return f"alias {done} -> {', '.join(a.aliases[done])}"
+
+
+# The texts are the CLI's (twistmail.cli.main).
+AdminResource.ACTIONS = {
+    "domain/add": _accountAction(("domain",), lambda a, _, d: f"domain {a.addDomain(d)} added"),
+    "domain/remove": _accountAction(("domain",),
+                                    lambda a, _, d: f"domain {a.removeDomain(d)} removed"),
+    "user/add": _accountAction(("address",), lambda a, hashed, u: f"user {a.addUser(u, hashed)} "
+                               "added", password=True),
+    "user/password": _accountAction(("address",), lambda a, hashed, u: "password of "
+                                    f"{a.setPassword(u, hashed)} changed", password=True),
+    "user/remove": _accountAction(("address",), lambda a, _, u: f"user {a.removeUser(u)} removed "
+                                  "(its mail stays in the data directory)"),
+    "alias/add": _accountAction(("source", "targets"), _aliasAdded),
+    "alias/remove": _accountAction(("source",),
+                                   lambda a, _, s: f"alias {a.removeAlias(s)} removed"),
+    "queue/flush": _queueAction("flush"),
+    "queue/delete": _queueAction("delete"),
+}
