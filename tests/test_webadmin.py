@@ -58,6 +58,7 @@ class Browser:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         if form is not None:
             body = urlencode(form).encode()
+        if method == "POST":
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         try:
             conn.request(method, path, body=body, headers=headers)
@@ -164,9 +165,10 @@ def test_admin_adds_a_user_through_the_accounts_code(web):
 def test_csrf_missing_or_wrong_is_403(web):
     browser = Browser(web.port)
     browser.login(ADMIN, "adminpw")
-    for form in ({}, {"csrf": "forged"}):
-        status, _, _ = browser.request("POST", "/admin/domain/add", {**form, "domain": "evil.test"})
-        assert status == 403
+    for body in (b"domain=evil.test", b"csrf=forged&domain=evil.test",
+                 b"csrf=%ff%fe&domain=evil.test", b"csrf=&domain=evil.test"):
+        status, _, _ = browser.request("POST", "/admin/domain/add", body=body)
+        assert status == 403, body
     status, _, _ = browser.request("POST", "/admin/logout", {})
     assert status == 403
     assert "evil.test" not in Accounts(web.dataDir).domains

@@ -133,6 +133,12 @@ def _password(request) -> str:
     return password
 
 
+def _tokenMatches(request, expected: bytes) -> bool:
+    """The form's one C{csrf} field equals C{expected} (constant time; empty never matches)."""
+    sent = request.args.get(b"csrf", [])
+    return bool(expected) and len(sent) == 1 and hmac.compare_digest(sent[0], expected)
+
+
 class AdminResource(resource.Resource):
     """Everything under /admin/ (a leaf: it routes C{request.postpath} itself)."""
 
@@ -171,8 +177,7 @@ class AdminResource(resource.Resource):
         if session is None:
             return self._redirect(request, b"/admin/login")
         if method == b"POST":
-            token = _field(request, "csrf") if len(request.args.get(b"csrf", [])) == 1 else ""
-            if not hmac.compare_digest(token.encode(), session.csrf.encode()):
+            if not _tokenMatches(request, session.csrf.encode()):
                 request.setResponseCode(403)
                 log.warn("web admin user={user} client={client} result=refused: CSRF token "
                          "missing or wrong", user=loggable(session.address),
@@ -252,16 +257,14 @@ class AdminResource(resource.Resource):
     # -- login ------------------------------------------------------------------
 
     def _login(self, request) -> int | bytes:
-        cookie = request.getCookie(LOGIN_COOKIE) or b""
+        if not _tokenMatches(request, request.getCookie(LOGIN_COOKIE) or b""):
+            request.setResponseCode(403)
+            return b"Forbidden: the login form's CSRF token is missing or wrong; reload the page.\n"
         try:
-            token = _field(request, "csrf").encode()
             address = _field(request, "address").lower()
             password = _field(request, "password", strip=False)
         except AccountError:
-            token = b""
-        if not cookie or not hmac.compare_digest(token, cookie):
-            request.setResponseCode(403)
-            return b"Forbidden: the login form's CSRF token is missing or wrong; reload the page.\n"
+            address = password = ""  # refused below like any wrong password
         client = request.getClientAddress().host
         creds = fromClient(credentials.UsernamePassword(address.encode(), password.encode()),
                            client, "web")
