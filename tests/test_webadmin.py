@@ -322,3 +322,31 @@ def test_passwords_are_taken_as_typed(web):
                                                 "password": " spaced out "})
     assert Browser(web.port).login("alice@example.test", " spaced out ")[0] == 303
     assert Browser(web.port).login("alice@example.test", "spaced out")[0] == 401
+
+
+def test_one_change_at_a_time_per_session(dataDir):
+    """A user cannot queue up password hashes (the mail logins' threads) by posting in a loop:
+    while one change of a session is under way, the next is 429."""
+    addUser(dataDir, "alice@example.test", "alicepw")
+    pending: list[defer.Deferred] = []
+
+    def parked(f, *args):
+        pending.append(defer.Deferred().addCallback(lambda _: f(*args)))
+        return pending[-1]
+
+    sessions = admin.Sessions(60)
+    resource = admin.AdminResource(dataDir, Accounts(dataDir), None, [], sessions, parked)
+    sid, session = sessions.create("alice@example.test", False)
+
+    def post() -> FormRequest:
+        request = FormRequest(b"password", secure=True, cookies={admin.COOKIE: sid.encode()})
+        request.method = b"POST"
+        request.args = {b"csrf": [session.csrf.encode()], b"password": [b"newpw"]}
+        resource.render(request)
+        return request
+
+    first = post()
+    assert post().responseCode == 429
+    pending[0].callback(None)
+    assert first.responseCode == 200 and first.finished
+    assert post().responseCode is None  # accepted: under way again

@@ -68,6 +68,8 @@ class Session:
     admin: bool
     lastSeen: float
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    #: A change is under way (one at a time: each may cost a password hash).
+    busy: bool = False
 
 
 class Sessions:
@@ -301,11 +303,15 @@ class AdminResource(resource.Resource):
     def _edit(self, request, session: Session, page: str, action) -> int:
         """Read the form with C{action}, then carry it out in a thread: an accounts change with
         the file locked (C{apply}), or a queue request (C{run})."""
+        if session.busy:
+            request.setResponseCode(429)
+            return b"Too many requests: your previous change is still under way.\n"
         try:
             prepared = action(request, session)
         except (AccountError, QueueError) as e:
             self._respond(request, session, page, 400, error=str(e))
             return server.NOT_DONE_YET
+        session.busy = True
 
         def inThread() -> str:
             if "run" in prepared:
@@ -325,7 +331,11 @@ class AdminResource(resource.Resource):
             failure.trap(AccountError, QueueError)
             return self._respond(request, session, page, 400, error=str(failure.value))
 
-        self._deferToThread(inThread).addCallbacks(done, refused).addErrback(
+        def idle(result):
+            session.busy = False
+            return result
+
+        self._deferToThread(inThread).addBoth(idle).addCallbacks(done, refused).addErrback(
             self._failed, request)
         return server.NOT_DONE_YET
 
