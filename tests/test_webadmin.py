@@ -350,3 +350,14 @@ def test_one_change_at_a_time_per_session(dataDir):
     pending[0].callback(None)
     assert first.responseCode == 200 and first.finished
     assert post().responseCode is None  # accepted: under way again
+
+
+def test_config_errors_name_the_key_and_the_fix(tmp_path):
+    from twistmail import config as configmod
+
+    with pytest.raises(configmod.ConfigError) as caught:
+        configmod.load(None, {"admin": {"enabled": True}})
+    assert "[admin] enabled" in str(caught.value) and "[listen] https" in str(caught.value)
+    with pytest.raises(configmod.ConfigError) as caught:
+        configmod.load(None, {"admin": {"admins": ["postmaster"]}, "listen": {"https": ["tcp:443"]}})
+    assert "[admin] admins" in str(caught.value) and "user@domain" in str(caught.value)

@@ -529,6 +529,11 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
 
     _checkRelay(shown, path, sections["relay"])
     _checkAcme(shown, path, sections)
+    if sections["admin"]["enabled"] and not (sections["listen"]["https"]
+                                             or sections["listen"]["http"]):
+        raise _fail(shown, "[admin] enabled", "the web admin is served on the web listeners, "
+                    "and there is none", 'set [listen] https = ["tcp:443"] (or http on '
+                    '127.0.0.1 behind a TLS proxy), or enabled = false')
     if sections["mta_sts"]["mode"] in ("testing", "enforce") and not sections["mta_sts"]["mx"]:
         # RFC 8461 §3.2: a testing or enforce policy lists the MX hosts it allows.
         raise _fail(shown, "[mta_sts] mx", f"mode {sections['mta_sts']['mode']!r} needs the MX "
