@@ -1,5 +1,6 @@
 """The web admin in a real headless Chromium (Debian's chromium + chromium-driver, via Selenium):
-log in, add a user, see it listed; a screenshot is saved under the test's tmp dir."""
+log in, add a user, see it listed; that user logs in and changes their own password.
+Screenshots are saved under the test's tmp dir and their paths printed."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def chromium(tmp_path):
     driver.quit()
 
 
-def test_log_in_add_a_user_see_it_listed(dataDir, chromium, tmp_path):
+def test_admin_adds_a_user_who_then_changes_their_password(dataDir, chromium, tmp_path):
     addUser(dataDir, ADMIN, "adminpw")
     port = freePort()
     srv = startServer(dataDir, listen={"http": [f"tcp:{port}:interface=127.0.0.1"]},
@@ -50,5 +51,17 @@ def test_log_in_add_a_user_see_it_listed(dataDir, chromium, tmp_path):
         screenshot = tmp_path / "webadmin-user-added.png"
         assert chromium.save_screenshot(str(screenshot))
         print(f"screenshot: {screenshot}")
+        # Bob logs in and changes his own password; he sees no admin pages.
+        chromium.find_element(By.CSS_SELECTOR, "header form button").click()
+        chromium.find_element(By.ID, "address").send_keys("bob@example.test")
+        chromium.find_element(By.ID, "password").send_keys("bobpw")
+        chromium.find_element(By.ID, "login").click()
+        assert chromium.current_url.endswith("/admin/password")
+        chromium.find_element(By.ID, "own-password").send_keys("bobs new password")
+        chromium.find_element(By.ID, "change").click()
+        assert chromium.find_element(By.ID, "done").text == "password of bob@example.test changed"
+        own = tmp_path / "webadmin-own-password.png"
+        assert chromium.save_screenshot(str(own))
+        print(f"screenshot: {own}")
     finally:
         srv.stop()
