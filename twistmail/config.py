@@ -86,6 +86,13 @@ def _port(value: str, text: str) -> int:
     return int(text)
 
 
+def _addresses(values: list[str]) -> None:
+    for value in values:
+        local, at, domain = str(value).rpartition("@")
+        if not at or not local or not domain:
+            raise ValueError(f"{value!r} is not an address: write it as user@domain")
+
+
 def _networks(values: list[str]) -> None:
     for value in values:
         try:
@@ -271,6 +278,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                   validate=_mxPatterns, example='["mail.example.org"]'),
         "max_age": Key(int, 604800, "seconds senders cache the policy (RFC 8461 §3.2: weeks)",
                        86400, validate=_maxAge),
+    },
+    "admin": {
+        "enabled": Key(bool, False, "serve the web admin at /admin/ on the web listeners (https, "
+                       "or http from loopback only)"),
+        "admins": Key(list, [], "users (full addresses) who may administer; every other user "
+                      "may only change their own password", validate=_addresses,
+                      example='["postmaster@example.org"]'),
+        "session_idle": Key(int, 1800, "seconds a web admin session lasts without a request", 60),
     },
     "storage": {
         "backend": Key(str, "maildir", "mailbox backend plugin name"),
@@ -552,6 +567,11 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
                             "interface, and metrics are for this host only",
                             f'bind it to loopback, e.g. metrics = ["{METRICS_EXAMPLE}"], or '
                             "set [metrics] allow_non_loopback = true and firewall the port")
+    if sections["admin"]["enabled"] and not (sections["listen"]["https"]
+                                             or sections["listen"]["http"]):
+        raise _fail(shown, "[admin] enabled", "the web admin is served on the web listeners, "
+                    "and there is none", 'set [listen] https = ["tcp:443"] (or http on '
+                    '127.0.0.1 behind a TLS proxy), or enabled = false')
     if sections["mta_sts"]["mode"] in ("testing", "enforce") and not sections["mta_sts"]["mx"]:
         # RFC 8461 §3.2: a testing or enforce policy lists the MX hosts it allows.
         raise _fail(shown, "[mta_sts] mx", f"mode {sections['mta_sts']['mode']!r} needs the MX "

@@ -51,7 +51,7 @@ from twistmail.relay.stspolicy import PolicyFetcher, PolicySource
 from twistmail.relay.tlsrpt import TLSReports
 from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 from twistmail.tls import ServerTLS, TLSConfigError
-from twistmail.web import autoconfig, metricsite
+from twistmail.web import admin, autoconfig, metricsite
 from twistmail.web.site import Site, WebFactory, buildRoot
 
 log = Logger()
@@ -413,9 +413,10 @@ def makeService(options: Options) -> service.MultiService:
     auth = config["auth"]
     throttle = AuthThrottle(auth["failure_delay"], auth["max_delay"], auth["max_failures"],
                             auth["failure_window"], auth["block_time"], metrics=metrics)
-    portal = Portal(realm, [PasswordChecker(
+    checker = PasswordChecker(
         accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args),
-        throttle, reactor, metrics)])
+        throttle, reactor, metrics)
+    portal = Portal(realm, [checker])
     try:
         tls = ServerTLS.fromConfig(config["tls"], config.hostname, dataDir)
     except TLSConfigError as e:
@@ -452,8 +453,15 @@ def makeService(options: Options) -> service.MultiService:
     imapFactory = IMAPFactory(config["imap"], portal, spool, limiter, security=security)
     realm.register(IMailAccount, imapFactory.avatar)
     factories["imap"] = imapFactory
+    webAdmin = None
+    if config["admin"]["enabled"]:
+        webAdmin = admin.AdminResource(
+            dataDir, accounts, checker,
+            config["admin"]["admins"], admin.Sessions(config["admin"]["session_idle"]),
+            lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args))
     factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
-                                                  autoconfig.fromConfig(config), challenges)),
+                                                  autoconfig.fromConfig(config), challenges,
+                                                  webAdmin)),
                                    limiter, reactor)
     factories["metrics"] = WebFactory(
         Site(metricsite.buildRoot(metrics)),

@@ -75,7 +75,9 @@ def _entries(queueDir: str) -> list[QueueEntry]:
     return sorted(found, key=lambda e: (e.created, e.id))
 
 
-def cmdList(queueDir: str) -> str:
+def listing(queueDir: str) -> list[tuple]:
+    """One row per queued message: id, sender, recipients, attempts, next attempt, last error
+    (what ``queue list`` prints and the web admin's queue page shows)."""
     rows = []
     for e in _entries(queueDir):
         pending = e.pending()
@@ -86,8 +88,13 @@ def cmdList(queueDir: str) -> str:
                      max((r.attempts for r in pending), default=0),
                      _when(e.nextAttempt()).replace(" ", "T"),
                      _short(" ".join(errors[0].split()) if errors else "-", 70)))
-    listing = table(["ID", "SENDER", "RECIPIENTS", "ATTEMPTS", "NEXT-ATTEMPT", "LAST-ERROR"], rows)
-    return f"{listing}\n{len(rows)} message{'s' if len(rows) != 1 else ''} queued"
+    return rows
+
+
+def cmdList(queueDir: str) -> str:
+    rows = listing(queueDir)
+    shown = table(["ID", "SENDER", "RECIPIENTS", "ATTEMPTS", "NEXT-ATTEMPT", "LAST-ERROR"], rows)
+    return f"{shown}\n{len(rows)} message{'s' if len(rows) != 1 else ''} queued"
 
 
 def cmdShow(queueDir: str, id: str) -> str:
@@ -107,6 +114,17 @@ def cmdShow(queueDir: str, id: str) -> str:
 def _ask(queueDir: str, id: str, action: str, timeout: float) -> bool:
     path = control.writeRequest(queueDir, id, action)
     return control.waitHandled(path, timeout)
+
+
+def askServer(queueDir: str, id: str | None, action: str) -> str:
+    """From inside the running server (the web admin): request a flush or delete of an
+    existing message (every message: C{id} None, flush only), without waiting for it."""
+    if id is not None:
+        readEntry(queueDir, id)  # exists?
+    control.writeRequest(queueDir, id or control.ALL, action)
+    if action == "flush":
+        return f"flush requested: the server is retrying {id or 'every message'} now"
+    return f"delete of message {id} requested: the server removes it at its next queue scan"
 
 
 def cmdFlush(dataDir: str, queueDir: str, id: str | None, timeout: float) -> str:

@@ -18,7 +18,7 @@ CONNECTION_DEADLINE = 30
 #: Request line plus headers, and their number (Twisted's defaults: 16 KiB and 500).
 MAX_HEADER_BYTES = 8192
 MAX_HEADERS = 50
-#: Request bodies: only Autodiscover takes one (a few hundred octets).
+#: Request bodies: Autodiscover's (a few hundred octets) and the admin forms'.
 MAX_BODY = 4096
 
 
@@ -34,13 +34,15 @@ class Tree(resource.Resource):
 
 def buildRoot(mtaSts: dict, hosted: Callable[[str], bool],
               clients: autoconfig.ClientSettings | None = None,
-              challenges: ChallengeTokens | None = None) -> resource.Resource:
+              challenges: ChallengeTokens | None = None,
+              admin: resource.IResource | None = None) -> resource.Resource:
     """Every path served; anything not put here is a 404.
 
     @param mtaSts: the ``[mta_sts]`` section.
     @param hosted: whether a domain is one of ours.
     @param clients: what autoconfiguration tells mail clients; None serves none.
     @param challenges: the ACME HTTP-01 tokens of orders in flight; None serves none.
+    @param admin: the web admin (L{twistmail.web.admin}); None serves none.
     """
     root = Tree()
     wellKnown = Tree()
@@ -53,6 +55,8 @@ def buildRoot(mtaSts: dict, hosted: Callable[[str], bool],
                            acmechallenge.ChallengeResource(challenges))
     if clients is not None:
         autoconfig.addTo(root, clients, hosted, Tree)
+    if admin is not None:
+        root.putChild(b"admin", admin)
     return root
 
 

@@ -1,0 +1,398 @@
+# -*- test-case-name: tests.test_webadmin -*-
+"""The web admin under /admin/: log in, manage domains, users and aliases, change one's password.
+
+Every change goes through the CLI's own code (L{Accounts.editing} and its
+methods, L{hashPassword}), so the web gets the same validation and the same
+error texts as ``twistmail domain|user|alias``; a fresh L{Accounts} edits the
+file in a thread (lock, fsync, rename), and the server's own copy notices the
+change as it notices the CLI's.
+
+Hostile clients: pages need a server-side session (256-bit random id in an
+``HttpOnly; SameSite=Strict`` cookie, ``Secure`` over https, forgotten after
+``[admin] session_idle`` seconds idle); every POST carries the session's CSRF
+token (the login form a double-submit cookie's); passwords are checked by the
+mail logins' L{PasswordChecker}, so the auth throttle's delays and blocks
+apply; only https, or plain http from loopback (a TLS-terminating proxy on
+the same host), is served; the site's header and body limits apply.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from markupsafe import Markup
+from twisted.cred import credentials, error
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from twistmail._logtext import loggable
+from twistmail._netaddr import parseHost
+from twistmail.auth.accounts import AccountError, Accounts
+from twistmail.auth.checkers import fromClient
+from twistmail.auth.passwords import hashPassword
+from twistmail.cli import queue as queuecli
+from twistmail.relay.queue import QueueError
+from twistmail.web.admintemplates import ENVIRONMENT
+
+log = Logger()
+
+COOKIE = b"twistmail_admin"
+LOGIN_COOKIE = b"twistmail_login"
+#: Logged-in sessions kept at most; the least recently used is forgotten first.
+MAX_SESSIONS = 1000
+#: Longest password the forms take (argon2 hashes any length; the body limit bounds it too).
+MAX_PASSWORD = 1024
+
+_HEADERS = {
+    b"Content-Type": b"text/html; charset=utf-8",
+    b"Cache-Control": b"no-store",
+    b"X-Frame-Options": b"DENY",
+    b"X-Content-Type-Options": b"nosniff",
+    b"Referrer-Policy": b"no-referrer",
+    # No script at all; forms post only to us; never framed.
+    b"Content-Security-Policy": b"default-src 'none'; style-src 'unsafe-inline'; "
+                                b"form-action 'self'; frame-ancestors 'none'",
+}
+
+
+@dataclass
+class Session:
+    address: str
+    admin: bool
+    lastSeen: float
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    #: A change is under way (one at a time: each may cost a password hash).
+    busy: bool = False
+
+
+class Sessions:
+    """Server-side sessions by random id, bounded, forgotten when idle."""
+
+    def __init__(self, idle: float, clock: Callable[[], float] = time.monotonic,
+                 limit: int = MAX_SESSIONS) -> None:
+        self.idle = idle
+        self._clock = clock
+        self._limit = limit
+        self._table: OrderedDict[str, Session] = OrderedDict()
+
+    def create(self, address: str, admin: bool) -> tuple[str, Session]:
+        sid = secrets.token_urlsafe(32)  # 256 random bits
+        session = self._table[sid] = Session(address, admin, self._clock())
+        while len(self._table) > self._limit:
+            self._table.popitem(last=False)
+        return sid, session
+
+    def get(self, sid: str | None) -> Session | None:
+        session = self._table.get(sid) if sid else None
+        if session is None:
+            return None
+        now = self._clock()
+        if now - session.lastSeen > self.idle:
+            del self._table[sid]
+            return None
+        session.lastSeen = now
+        self._table.move_to_end(sid)
+        return session
+
+    def end(self, sid: str | None) -> None:
+        self._table.pop(sid or "", None)
+
+
+def _allowed(request) -> bool:
+    """https, or http from loopback (a proxy on this host that terminates TLS)."""
+    if request.isSecure():
+        return True
+    address = parseHost(getattr(request.getClientAddress(), "host", "") or "")
+    return address is not None and address.is_loopback
+
+
+def _field(request, name: str, strip: bool = True) -> str:
+    """A form field as text; missing is ''; a field sent twice or not UTF-8 is refused."""
+    values = request.args.get(name.encode(), [])
+    if len(values) > 1:
+        raise AccountError(f"the form field {name} was sent more than once")
+    try:
+        text = values[0].decode("utf-8") if values else ""
+    except UnicodeDecodeError:
+        raise AccountError(f"the form field {name} is not UTF-8") from None
+    return text.strip() if strip else text
+
+
+def _password(request) -> str:
+    """Taken as typed: spaces at either end are part of it (the CLI keeps them too)."""
+    password = _field(request, "password", strip=False)
+    if not password:
+        raise AccountError("empty password; type one")
+    if len(password) > MAX_PASSWORD:
+        raise AccountError(f"a password of at most {MAX_PASSWORD} characters, please")
+    return password
+
+
+def _tokenMatches(request, expected: bytes) -> bool:
+    """The form's one C{csrf} field equals C{expected} (constant time; empty never matches)."""
+    sent = request.args.get(b"csrf", [])
+    return bool(expected) and len(sent) == 1 and hmac.compare_digest(sent[0], expected)
+
+
+class AdminResource(resource.Resource):
+    """Everything under /admin/ (a leaf: it routes C{request.postpath} itself)."""
+
+    isLeaf = True
+
+    def __init__(self, dataDir: str, accounts: Accounts, checker, admins: list[str],
+                 sessions: Sessions, deferToThread=threads.deferToThread) -> None:
+        super().__init__()
+        self._dataDir = dataDir
+        self._queueDir = os.path.join(dataDir, "queue")
+        self._accounts = accounts
+        self._checker = checker
+        self._admins = {a.lower() for a in admins}
+        self.sessions = sessions
+        self._deferToThread = deferToThread
+
+    # -- plumbing -------------------------------------------------------------
+
+    def render(self, request) -> bytes | int:
+        for name, value in _HEADERS.items():
+            request.setHeader(name, value)
+        if not _allowed(request):
+            request.setResponseCode(403)
+            return b"The admin pages are served over https only (or http from loopback).\n"
+        path = b"/".join(request.postpath).decode("ascii", "replace")
+        method = request.method
+        if path == "login":
+            if method == b"POST":
+                return self._login(request)
+            return self._page(request, "login", None, token=self._loginToken(request))
+        sid = (request.getCookie(COOKIE) or b"").decode("ascii", "replace")
+        session = self.sessions.get(sid)
+        if session is not None and self._accounts.passwordHash(session.address) is None:
+            self.sessions.end(sid)  # the user was removed meanwhile (here or with the CLI)
+            session = None
+        if session is None:
+            return self._redirect(request, b"/admin/login")
+        if method == b"POST":
+            if not _tokenMatches(request, session.csrf.encode()):
+                request.setResponseCode(403)
+                log.warn("web admin user={user} client={client} result=refused: CSRF token "
+                         "missing or wrong", user=loggable(session.address),
+                         client=loggable(request.getClientAddress().host))
+                return b"Forbidden: the form's CSRF token is missing or wrong; reload the page.\n"
+        if path == "logout" and method == b"POST":
+            self.sessions.end(sid)
+            self._setCookie(request, COOKIE, b"", expire=True)
+            return self._redirect(request, b"/admin/login")
+        if path == "password":
+            if method == b"POST":
+                return self._edit(request, session, "password", self._ownPassword)
+            return self._page(request, "password", session)
+        if not session.admin:
+            return self._redirect(request, b"/admin/password")
+        if path == "" and method == b"GET":
+            return self._page(request, "dashboard", session)
+        if path == "queue" and method == b"GET":
+            self._respond(request, session, "queue")
+            return server.NOT_DONE_YET
+        action = self.ACTIONS.get(path)
+        if action is None or method != b"POST":
+            request.setResponseCode(404)
+            return b"Not found\n"
+        return self._edit(request, session, "queue" if path.startswith("queue/") else "dashboard",
+                          action)
+
+    def _page(self, request, name: str, session: Session | None, **values) -> bytes:
+        if name == "dashboard":
+            values.update(domains=sorted(self._accounts.domains),
+                          users=sorted(self._accounts.users),
+                          aliases=sorted(self._accounts.aliases.items()))
+        values.setdefault("error", "")
+        values.setdefault("done", "")
+        html = ENVIRONMENT.get_template(name).render(
+            session=session, title=name, **values,
+            csrf=lambda: Markup('<input type="hidden" name="csrf" value="{}">').format(
+                session.csrf if session else ""))
+        return html.encode("utf-8")
+
+    def _respond(self, request, session: Session, page: str, code: int = 200,
+                 **values) -> defer.Deferred:
+        """Finish C{request} with C{page}; the queue page reads the queue in a thread first."""
+        if page == "queue":
+            d = self._deferToThread(queuecli.listing, self._queueDir)
+        else:
+            d = defer.succeed(None)
+
+        def render(rows) -> None:
+            request.setResponseCode(code)
+            if rows is not None:
+                values["rows"] = rows
+            self._finish(request, self._page(request, page, session, **values))
+
+        return d.addCallback(render).addErrback(self._failed, request)
+
+    def _redirect(self, request, where: bytes) -> bytes:
+        request.setResponseCode(303)
+        request.setHeader(b"Location", where)
+        return b""
+
+    def _setCookie(self, request, name: bytes, value: bytes, expire: bool = False) -> None:
+        request.addCookie(name, value, path=b"/admin", httpOnly=True, sameSite=b"strict",
+                          secure=request.isSecure(),
+                          max_age=b"0" if expire else None)
+
+    def _loginToken(self, request) -> str:
+        token = secrets.token_urlsafe(32)
+        self._setCookie(request, LOGIN_COOKIE, token.encode())
+        return token
+
+    def _finish(self, request, body: bytes) -> None:
+        if not getattr(request, "_disconnected", False) and not request.finished:
+            request.write(body)
+            request.finish()
+
+    # -- login ------------------------------------------------------------------
+
+    def _login(self, request) -> int | bytes:
+        if not _tokenMatches(request, request.getCookie(LOGIN_COOKIE) or b""):
+            request.setResponseCode(403)
+            return b"Forbidden: the login form's CSRF token is missing or wrong; reload the page.\n"
+        try:
+            address = _field(request, "address").lower()
+            password = _field(request, "password", strip=False)
+        except AccountError:
+            address = password = ""  # refused below like any wrong password
+        client = request.getClientAddress().host
+        creds = fromClient(credentials.UsernamePassword(address.encode(), password.encode()),
+                           client, "web")
+        d = defer.maybeDeferred(self._checker.requestAvatarId, creds)
+
+        def ok(who: str) -> None:
+            sid, session = self.sessions.create(who, who in self._admins)
+            self._setCookie(request, COOKIE, sid.encode())
+            self._setCookie(request, LOGIN_COOKIE, b"", expire=True)
+            log.info("web admin login user={user} client={client} result=ok admin={admin}",
+                     user=loggable(who), client=loggable(client), admin=session.admin)
+            self._finish(request, self._redirect(
+                request, b"/admin/" if session.admin else b"/admin/password"))
+
+        def refused(failure) -> None:
+            failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
+            log.info("web admin login user={user} client={client} result=refused",
+                     user=loggable(address), client=loggable(client))
+            request.setResponseCode(401)
+            self._finish(request, self._page(request, "login", None,
+                                             error="wrong address or password",
+                                             token=self._loginToken(request)))
+
+        d.addCallbacks(ok, refused).addErrback(self._failed, request)
+        return server.NOT_DONE_YET
+
+    def _failed(self, failure, request) -> None:
+        log.failure("web admin request failed", failure)
+        request.setResponseCode(500)
+        self._finish(request, b"Internal error; see the server log.\n")
+
+    # -- changes ------------------------------------------------------------------
+
+    def _edit(self, request, session: Session, page: str, action) -> int:
+        """Read the form with C{action}, then carry it out in a thread: an accounts change with
+        the file locked (C{apply}), or a queue request (C{run})."""
+        if session.busy:
+            request.setResponseCode(429)
+            return b"Too many requests: your previous change is still under way.\n"
+        try:
+            prepared = action(request, session)
+        except (AccountError, QueueError) as e:
+            self._respond(request, session, page, 400, error=str(e))
+            return server.NOT_DONE_YET
+        session.busy = True
+
+        def inThread() -> str:
+            if "run" in prepared:
+                return prepared["run"](self._queueDir)
+            hashed = hashPassword(prepared["password"]) if "password" in prepared else None
+            accounts = Accounts(self._dataDir)
+            with accounts.editing():
+                return prepared["apply"](accounts, hashed)
+
+        def done(text: str) -> defer.Deferred:
+            self._accounts.reload()
+            log.info("web admin user={user} result={done}", user=loggable(session.address),
+                     done=loggable(text))
+            return self._respond(request, session, page, done=text)
+
+        def refused(failure) -> defer.Deferred:
+            failure.trap(AccountError, QueueError)
+            return self._respond(request, session, page, 400, error=str(failure.value))
+
+        def idle(result):
+            session.busy = False
+            return result
+
+        self._deferToThread(inThread).addBoth(idle).addCallbacks(done, refused).addErrback(
+            self._failed, request)
+        return server.NOT_DONE_YET
+
+    # Each action reads its form in the reactor thread and returns what the thread
+    # applies: {"apply": f(accounts, hashedPassword) -> text, "password": to hash}.
+
+    @staticmethod
+    def _ownPassword(request, session: Session) -> dict:
+        password = _password(request)
+        return {"password": password,
+                "apply": lambda a, hashed: f"password of {a.setPassword(session.address, hashed)} "
+                                           "changed"}
+
+    ACTIONS: dict = {}  # filled in below
+
+
+def _accountAction(fields: tuple[str, ...], apply, password: bool = False):
+    """An action reading C{fields} (and a password to hash) that calls
+    C{apply(accounts, hashedPassword, *values)} in the thread."""
+
+    def action(request, session: Session) -> dict:
+        values = [_field(request, name) for name in fields]
+        prepared = {"apply": lambda a, hashed: apply(a, hashed, *values)}
+        if password:
+            prepared["password"] = _password(request)
+        return prepared
+
+    return action
+
+
+def _queueAction(verb: str):
+    def action(request, session: Session) -> dict:
+        id = _field(request, "id") or None
+        return {"run": lambda queueDir: queuecli.askServer(queueDir, id, verb)}
+
+    return action
+
+
+def _aliasAdded(a: Accounts, _, source: str, targets: str) -> str:
+    done = a.addAlias(source, [t.strip() for t in targets.split(",") if t.strip()])
+    return f"alias {done} -> {', '.join(a.aliases[done])}"
+
+
+# The texts are the CLI's (twistmail.cli.main).
+AdminResource.ACTIONS = {
+    "domain/add": _accountAction(("domain",), lambda a, _, d: f"domain {a.addDomain(d)} added"),
+    "domain/remove": _accountAction(("domain",),
+                                    lambda a, _, d: f"domain {a.removeDomain(d)} removed"),
+    "user/add": _accountAction(("address",), lambda a, hashed, u: f"user {a.addUser(u, hashed)} "
+                               "added", password=True),
+    "user/password": _accountAction(("address",), lambda a, hashed, u: "password of "
+                                    f"{a.setPassword(u, hashed)} changed", password=True),
+    "user/remove": _accountAction(("address",), lambda a, _, u: f"user {a.removeUser(u)} removed "
+                                  "(its mail stays in the data directory)"),
+    "alias/add": _accountAction(("source", "targets"), _aliasAdded),
+    "alias/remove": _accountAction(("source",),
+                                   lambda a, _, s: f"alias {a.removeAlias(s)} removed"),
+    "queue/flush": _queueAction("flush"),
+    "queue/delete": _queueAction("delete"),
+}
