@@ -64,6 +64,7 @@ class Sink(basic.LineReceiver):
     """Accepts everything; counts acknowledged messages."""
 
     def connectionMade(self):
+        self.factory.connections += 1
         self.buffer = b""
         self.sendLine(b"220 sink.bench ESMTP")
 
@@ -101,7 +102,7 @@ class SinkFactory(protocol.ServerFactory):
     noisy = False
 
     def reset(self):
-        self.count, self.first, self.last = 0, None, None
+        self.count, self.first, self.last, self.connections = 0, None, None, 0
 
 
 def startPeers(domains: list[str]) -> tuple[int, int, SinkFactory]:
@@ -240,7 +241,8 @@ def drain(workdir: Path, peers, domains: int, messages: int, size: int) -> dict:
             "start_to_first_s": round(sink.first - started, 2), "drain_s": round(seconds, 2),
             "msg_per_s": round((messages - 1) / seconds, 1) if seconds else None,
             "server_cpu_ms_per_msg": round((cpu1 - cpu0) * 1000 / messages, 2),
-            "delivered": sink.count, "left_in_queue": queueFiles(dataDir), "rss_kib": rss}
+            "delivered": sink.count, "left_in_queue": queueFiles(dataDir), "rss_kib": rss,
+            "connections": sink.connections}
 
 
 def postfixDrain(peers, domains: int, messages: int, size: int) -> dict:
@@ -290,7 +292,7 @@ default_process_limit = 200
     return {"domains": domains, "messages": messages, "size": size, "fill_s": round(fill, 1),
             "drain_s": round(seconds, 2),
             "msg_per_s": round((messages - 1) / seconds, 1) if seconds else None,
-            "delivered": sink.count}
+            "delivered": sink.count, "connections": sink.connections}
 
 
 def queuedMemory(workdir: Path, peers, queued: int, size: int) -> dict:
@@ -380,7 +382,8 @@ def main(argv=None) -> int:
             results["drain"].append(r)
             print(f"drain {r['messages']} x {r['size']} B to {domains} domain(s): "
                   f"{r['msg_per_s']} msg/s ({r['drain_s']} s, server {r['server_cpu_ms_per_msg']} "
-                  f"ms CPU/msg, delivered {r['delivered']}, left {r['left_in_queue']})", flush=True)
+                  f"ms CPU/msg, {r['connections']} connections, delivered {r['delivered']}, "
+                  f"left {r['left_in_queue']})", flush=True)
             if r["delivered"] != args.messages or r["left_in_queue"]:
                 print("  INTEGRITY FAILURE", flush=True)
                 return 1
@@ -388,7 +391,8 @@ def main(argv=None) -> int:
                 p = postfixDrain(peers, domains, args.messages, args.size)
                 results.setdefault("postfix", []).append(p)
                 print(f"  Postfix, same queue and sink: {p['msg_per_s']} msg/s ({p['drain_s']} s, "
-                      f"delivered {p['delivered']}); twistmail/Postfix = "
+                      f"{p['connections']} connections, delivered {p['delivered']}); "
+                      "twistmail/Postfix = "
                       f"{r['msg_per_s'] / p['msg_per_s']:.2f}", flush=True)
         if args.queued:
             m = queuedMemory(workdir, peers, args.queued, args.size)
