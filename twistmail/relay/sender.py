@@ -197,11 +197,11 @@ class _RelayClient(smtp.ESMTPSender):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
-        self.factory.unpark(self)
+        self.factory.unpark()
         self.setTimeout(self.factory.timeout)
         self._disconnectFromServer()
 
-    def connectionLost(self, reason=None):
+    def connectionLost(self, reason):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
@@ -311,12 +311,12 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         return self.cache is not None and self.messages < self.settings.maxPerConnection \
             and self.cache.park(self.key, self)
 
-    def unpark(self, client: _RelayClient) -> None:
+    def unpark(self) -> None:
         if self.cache is not None:
             self.cache.remove(self.key, self)
 
     def finish(self, results: dict | None) -> None:
-        if not self.sendFinished:
+        if results is not None and not self.sendFinished:
             self.sendFinished = True
             self.result.callback(results)
 
@@ -328,7 +328,7 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
             self.result.errback(exc)
 
     def _processConnectionError(self, connector, err):
-        self.unpark(None)
+        self.unpark()
         if self.pending is not None:
             self.finish(self.pending)
         super()._processConnectionError(connector, err)
@@ -371,6 +371,12 @@ class ConnectionCache:
 
     def __len__(self) -> int:
         return self._count
+
+    def takeAll(self) -> list[_RelayClientFactory]:
+        everything = [factory for parked in self._idle.values() for factory in parked]
+        self._idle.clear()
+        self._count = 0
+        return everything
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:
@@ -419,9 +425,8 @@ class RelaySender:
 
     def closeIdle(self) -> None:
         """QUIT every parked connection (at shutdown)."""
-        while self._cache:
-            key = next(iter(self._cache._idle))
-            self._cache.take(key).client.quit()
+        for factory in self._cache.takeAll() if self._cache is not None else ():
+            factory.client.quit()
 
     def _context(self, hostname: str, level: str):
         if level == _NONE:
