@@ -7,6 +7,7 @@ whose queue this script fills before starting it.
 
     python bench/relay_drain.py                         # 2000 x 4 KiB at 1 and 10 domains, 100,000 queued
     python bench/relay_drain.py --messages 5000 --queued 0 --domains 1,10,50
+    python bench/relay_drain.py --queued 0 --postfix    # also Postfix draining the same queue (root)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import smtplib
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from twisted.protocols import basic
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))  # postfixproc: the tests' private Postfix
 
 from message import MessageFactory  # noqa: E402
 from servers import cpu_seconds, free_port, listen_section  # noqa: E402
@@ -61,6 +64,7 @@ class Sink(basic.LineReceiver):
     """Accepts everything; counts acknowledged messages."""
 
     def connectionMade(self):
+        self.factory.connections += 1
         self.buffer = b""
         self.sendLine(b"220 sink.bench ESMTP")
 
@@ -98,7 +102,7 @@ class SinkFactory(protocol.ServerFactory):
     noisy = False
 
     def reset(self):
-        self.count, self.first, self.last = 0, None, None
+        self.count, self.first, self.last, self.connections = 0, None, None, 0
 
 
 def startPeers(domains: list[str]) -> tuple[int, int, SinkFactory]:
@@ -237,7 +241,58 @@ def drain(workdir: Path, peers, domains: int, messages: int, size: int) -> dict:
             "start_to_first_s": round(sink.first - started, 2), "drain_s": round(seconds, 2),
             "msg_per_s": round((messages - 1) / seconds, 1) if seconds else None,
             "server_cpu_ms_per_msg": round((cpu1 - cpu0) * 1000 / messages, 2),
-            "delivered": sink.count, "left_in_queue": queueFiles(dataDir), "rss_kib": rss}
+            "delivered": sink.count, "left_in_queue": queueFiles(dataDir), "rss_kib": rss,
+            "connections": sink.connections}
+
+
+def postfixDrain(peers, domains: int, messages: int, size: int) -> dict:
+    """The same messages through a private Postfix to the same sink: held, released, timed.
+
+    Every domain's next hop is the sink (transport_maps), which Postfix counts as one
+    destination; its concurrency limit is raised to what twistmail gets (20 per domain,
+    100 in all), so both open as many connections.
+    """
+    from postfixproc import Postfix
+
+    dnsPort, smtpPort, sink = peers
+    names = [f"d{i}.bench.test" for i in range(domains)]
+    concurrency = min(20 * domains, 100)
+    transport = ", ".join(f"{d}=smtp:[127.0.0.1]:{smtpPort}" for d in names)
+    extra = f"""\
+smtpd_client_restrictions = check_client_access static:HOLD
+transport_maps = inline:{{ {transport} }}
+relay_domains = {" ".join(names)}
+default_destination_concurrency_limit = {concurrency}
+initial_destination_concurrency = {concurrency}
+default_process_limit = 200
+"""
+    factory = MessageFactory(size)
+    with Postfix(free_port(), extra=extra) as pf:
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", pf.port, timeout=60) as client:
+            for seq in range(messages):
+                client.sendmail("bench@client.test", [f"user{seq}@{names[seq % domains]}"],
+                                factory.render(seq))
+        deadline = time.monotonic() + 120
+        while pf.run("/usr/sbin/postqueue", "-c", pf.config, "-p").count("!") < messages:
+            if time.monotonic() > deadline:
+                raise SystemExit("Postfix did not hold every message")
+            time.sleep(0.2)
+        fill = time.monotonic() - started
+        reactor.callFromThread(sink.reset)
+        time.sleep(0.1)
+        pf.run("/usr/sbin/postsuper", "-c", pf.config, "-H", "ALL")  # to the deferred queue
+        pf.run("/usr/sbin/postqueue", "-c", pf.config, "-f")  # ... and deliver it now
+        deadline = time.monotonic() + 600
+        while sink.count < messages:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"Postfix delivered {sink.count} of {messages}")
+            time.sleep(0.05)
+    seconds = sink.last - sink.first
+    return {"domains": domains, "messages": messages, "size": size, "fill_s": round(fill, 1),
+            "drain_s": round(seconds, 2),
+            "msg_per_s": round((messages - 1) / seconds, 1) if seconds else None,
+            "delivered": sink.count, "connections": sink.connections}
 
 
 def queuedMemory(workdir: Path, peers, queued: int, size: int) -> dict:
@@ -311,6 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", help="where data directories go (a real disk, not tmpfs)")
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--postfix", action="store_true",
+                        help="also drain the same messages with Postfix (needs root and postfix)")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="twistmail-relay-bench-", dir=args.workdir))
@@ -325,10 +382,18 @@ def main(argv=None) -> int:
             results["drain"].append(r)
             print(f"drain {r['messages']} x {r['size']} B to {domains} domain(s): "
                   f"{r['msg_per_s']} msg/s ({r['drain_s']} s, server {r['server_cpu_ms_per_msg']} "
-                  f"ms CPU/msg, delivered {r['delivered']}, left {r['left_in_queue']})", flush=True)
+                  f"ms CPU/msg, {r['connections']} connections, delivered {r['delivered']}, "
+                  f"left {r['left_in_queue']})", flush=True)
             if r["delivered"] != args.messages or r["left_in_queue"]:
                 print("  INTEGRITY FAILURE", flush=True)
                 return 1
+            if args.postfix:
+                p = postfixDrain(peers, domains, args.messages, args.size)
+                results.setdefault("postfix", []).append(p)
+                print(f"  Postfix, same queue and sink: {p['msg_per_s']} msg/s ({p['drain_s']} s, "
+                      f"{p['connections']} connections, delivered {p['delivered']}); "
+                      "twistmail/Postfix = "
+                      f"{r['msg_per_s'] / p['msg_per_s']:.2f}", flush=True)
         if args.queued:
             m = queuedMemory(workdir, peers, args.queued, args.size)
             results["memory"] = m

@@ -47,6 +47,8 @@ class Script:
     users: dict = field(default_factory=dict)
     #: AUTH only after STARTTLS (as a submission server would)
     authNeedsTLS: bool = True
+    #: drop the connection right after accepting RSET (a server that times out idle clients)
+    closeAfterRset: bool = False
 
 
 class SinkProtocol(basic.LineReceiver):
@@ -57,7 +59,7 @@ class SinkProtocol(basic.LineReceiver):
         self.sink.connections += 1
         self.sink.active += 1
         self.sink.maxActive = max(self.sink.maxActive, self.sink.active)
-        self.tls = False
+        self.tls = self.factory.implicitTLS
         self.user = None
         self.authPending = False
         self.lost = False
@@ -67,6 +69,10 @@ class SinkProtocol(basic.LineReceiver):
     def connectionLost(self, reason):
         self.sink.active -= 1
         self.lost = True
+        if not self.sink.active:
+            waiters, self.sink.closedWaiters = self.sink.closedWaiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def reset(self):
         self.sender = None
@@ -180,6 +186,8 @@ class SinkProtocol(basic.LineReceiver):
     def do_RSET(self, rest):
         self.reset()
         self.reply("250 2.0.0 Ok")
+        if self.sink.script.closeAfterRset:
+            self.transport.loseConnection()
 
     def do_NOOP(self, rest):
         self.reply("250 2.0.0 Ok")
@@ -195,8 +203,9 @@ class SinkFactory(protocol.ServerFactory):
     protocol = SinkProtocol
     noisy = False
 
-    def __init__(self, sink):
+    def __init__(self, sink, implicitTLS: bool = False):
         self.sink = sink
+        self.implicitTLS = implicitTLS
 
 
 @dataclass
@@ -209,6 +218,15 @@ class Sink:
     connections: int = 0
     active: int = 0
     maxActive: int = 0
+    closedWaiters: list = field(default_factory=list)
+
+    def allClosed(self) -> defer.Deferred:
+        """(On the reactor) fires once no client is connected."""
+        if not self.active:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self.closedWaiters.append(waiter)
+        return waiter
 
     @property
     def port(self) -> int:
@@ -219,14 +237,20 @@ class Sink:
                                                for p in self.ports]))
         self.ports = []
 
-    def listen(self, port: int, interface: str) -> None:
-        factory = SinkFactory(self)
-        self.ports.append(onReactor(reactor.listenTCP, port, factory, interface=interface))
+    def listen(self, port: int, interface: str, implicitTLS=None) -> None:
+        """@param implicitTLS: server TLS options for SMTPS (TLS from the first byte), or None."""
+        factory = SinkFactory(self, implicitTLS is not None)
+        if implicitTLS is not None:
+            self.ports.append(onReactor(reactor.listenSSL, port, factory, implicitTLS,
+                                        interface=interface))
+        else:
+            self.ports.append(onReactor(reactor.listenTCP, port, factory, interface=interface))
 
 
-def startSink(port: int = 0, interfaces=("127.0.0.1",), script: Script | None = None) -> Sink:
+def startSink(port: int = 0, interfaces=("127.0.0.1",), script: Script | None = None,
+              implicitTLS=None) -> Sink:
     sink = Sink(script or Script())
     for interface in interfaces:
-        sink.listen(port, interface)
+        sink.listen(port, interface, implicitTLS)
         port = sink.port
     return sink

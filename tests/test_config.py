@@ -312,6 +312,8 @@ def test_exampleConfigShowsDefaultsUnlessMarkedExample():
     ('[relay]\nmta_sts_ca_file = "missing.pem"\n', "[relay] mta_sts_ca_file", "PEM"),
     ("[relay]\nmta_sts = 1\n", "[relay] mta_sts", "true"),
     ("[relay]\nmax_queue_lifetime = 0\n", "[relay] max_queue_lifetime", "at least 1"),
+    ("[relay]\nmax_messages_per_connection = 0\n", "[relay] max_messages_per_connection",
+     "at least 1"),
 ])
 def test_relayErrorsNameKeyAndFix(tmp_path, text, where, fix):
     assertFileError(tmp_path, text, where, fix)
@@ -323,6 +325,19 @@ def assertFileError(tmp_path, text: str, where: str, fix: str) -> None:
     message = loadError(path)
     assertActionable(message, path, where)
     assert fix in message.split("Fix:")[1], message
+
+
+def test_smtpsSmarthostWithCredentials(tmp_path):
+    """SMTPS (implicit TLS, verified) carries AUTH credentials like required STARTTLS."""
+    path = write(tmp_path, '[relay]\nsmarthost = "relay.example:465"\nsmarthost_username = "u"\n'
+                 'smarthost_password = "p"\nsmarthost_tls = "implicit"\n')
+    assert config.load(path)["relay"]["smarthost_tls"] == "implicit"
+
+
+def test_connectionReuseDefaultsAsPostfix():
+    relay = config.load(None)["relay"]
+    assert (relay["connection_reuse"], relay["connection_cache_time"],
+            relay["max_messages_per_connection"]) == (True, 2.0, 100)
 
 
 def test_relayDefaultsTrustNoNetwork():

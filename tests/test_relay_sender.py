@@ -222,7 +222,8 @@ def smarthostSettings(port, certs, tmp_path, **kw):
     ca.write_bytes(certs.caPEM)
     kw.setdefault("username", "relayuser")
     kw.setdefault("password", "s3cret pass")
-    return settings(port, tls="required", trustRoot=trustRootFromFile(str(ca)), **kw)
+    kw.setdefault("tls", "required")
+    return settings(port, trustRoot=trustRootFromFile(str(ca)), **kw)
 
 
 def test_smarthost_with_verified_tls_and_auth(certs, tmp_path):

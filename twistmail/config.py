@@ -305,6 +305,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_deliveries": Key(int, 100, "outbound SMTP deliveries at once, in total", 1),
         "max_deliveries_per_domain": Key(int, 20, "outbound SMTP deliveries at once per domain", 1),
         "max_recipients_per_transaction": Key(int, 50, "RCPT TO per outbound transaction", 1),
+        "connection_reuse": Key(bool, True, "carry several messages to one destination over one "
+                                "connection (Postfix's connection cache)"),
+        "connection_cache_time": Key(float, 2.0, "seconds an idle outbound connection waits for "
+                                     "the next message (Postfix: 2)", 0.1),
+        "max_messages_per_connection": Key(int, 100, "messages over one outbound connection at "
+                                           "most (Postfix: 100)", 1),
         "retry_min": Key(int, 300, "seconds before the first retry; doubles per attempt", 1),
         "retry_max": Key(int, 4000, "longest wait between retries, in seconds", 1),
         "max_queue_lifetime": Key(int, 5 * 86400, "seconds before undeliverable mail bounces", 1),
@@ -313,8 +319,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          validate=_smarthost),
         "smarthost_username": Key(str, "", "AUTH user name for the smarthost; '' = no AUTH"),
         "smarthost_password": Key(str, "", "AUTH password for the smarthost (never logged)"),
-        "smarthost_tls": Key(str, "required", "STARTTLS to the smarthost: required (verified) "
-                             "or opportunistic", choices=("required", "opportunistic")),
+        "smarthost_tls": Key(str, "required", "TLS to the smarthost: required (STARTTLS, "
+                             "verified), implicit (SMTPS, port 465, verified) or opportunistic",
+                             choices=("required", "implicit", "opportunistic")),
         "smarthost_ca_file": Key(str, "", "PEM CA certificates to verify the smarthost; "
                                  "'' = the system trust store"),
         "tlsrpt_mail": Key(bool, False, "mail each finished day's TLS-RPT report (RFC 8460) to "
@@ -443,10 +450,11 @@ def _checkRelay(shown: str, path: str | None, relay: dict) -> None:
         if not (relay["smarthost_username"] and relay["smarthost_password"]):
             raise _fail(shown, "[relay] smarthost_password", "AUTH needs both a user name and a "
                         "password", "set both smarthost_username and smarthost_password")
-        if relay["smarthost_tls"] != "required":
+        if relay["smarthost_tls"] == "opportunistic":
             # Never send a password over a connection that may be plaintext or intercepted.
             raise _fail(shown, "[relay] smarthost_tls", "AUTH credentials are only sent over "
-                        "verified TLS", 'set smarthost_tls = "required"')
+                        "verified TLS", 'set smarthost_tls = "required" (or "implicit" for '
+                        'port 465)')
     for key in ("smarthost_ca_file", "mta_sts_ca_file"):
         _checkCaFile(shown, path, "relay", relay, key)
 

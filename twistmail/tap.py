@@ -294,7 +294,10 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
         lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f, *args), metrics)
     reports = TLSReports(config.hostname, reactor.seconds)  # RFC 8460, for MX deliveries
     common = {"heloName": config.hostname, "connectTimeout": relay["connect_timeout"],
-              "commandTimeout": relay["command_timeout"]}
+              "commandTimeout": relay["command_timeout"],
+              "connectionReuse": relay["connection_reuse"],
+              "cacheTime": relay["connection_cache_time"],
+              "maxPerConnection": relay["max_messages_per_connection"]}
     if relay["smarthost"]:
         host, port = configmod.hostPort(relay["smarthost"], 25)
         try:
@@ -337,6 +340,7 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
     runner = QueueRunner(queue, router, local, destination, sender,
                          RunnerSettings.fromConfig(config.hostname, relay), reactor, metrics)
     metrics.watch(runner=runner)
+    reactor.addSystemEventTrigger("before", "shutdown", sender.closeIdle)  # QUIT parked ones
     runner.setServiceParent(parent)
     ControlPoller(runner, queue.path, relay["pickup_interval"]).setServiceParent(parent)
     directory = os.path.join(config.dataDir, "tlsrpt")

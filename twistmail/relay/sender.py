@@ -26,7 +26,19 @@ carries an MTA-STS policy (RFC 8461 §5) is tried with verified TLS for its
 host name first: under ``mode: enforce`` nothing less is accepted (the
 recipients are deferred), under ``mode: testing`` a failure is reported and
 delivery falls back to the opportunistic ladder.  Each verified attempt's
-outcome goes to ``tlsReport`` (RFC 8460) when one is given.
+outcome goes to ``tlsReport`` (RFC 8460) when one is given.  A smarthost may
+also be reached over implicit TLS (SMTPS, RFC 8314 §3), verified, from the
+first byte.
+
+Connection reuse (Postfix's connection cache): after a transaction the client
+sends RSET and, once that is accepted, parks the connection in a
+``ConnectionCache`` keyed by (host, address, port, TLS level, SASL user), so a
+connection is only ever reused for a message that needs the same TLS level and
+verification (never a plaintext or unverified one under an MTA-STS enforce
+policy).  A parked connection is closed after ``cacheTime`` idle seconds or
+``maxPerConnection`` messages.  A reused connection that fails before the final
+``.`` of DATA was sent (EOF, timeout, 421) cannot have taken the message: it is
+retried at once on a fresh connection.  After that it could have, so it is not.
 """
 
 from __future__ import annotations
@@ -54,6 +66,10 @@ DEFERRED = "deferred"
 _VERIFY, _MAY, _NONE = "verify", "may", "none"
 #: Verified contexts are per host name; at most this many are kept.
 MAX_CONTEXTS = 1000
+#: Parked connections at most, over all destinations.
+MAX_PARKED = 1000
+#: SenderSettings.tls for SMTPS (RFC 8314 §3) to a smarthost.
+IMPLICIT = "implicit"
 
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 MAX_REPLY = 500
@@ -100,6 +116,9 @@ class SenderSettings:
     username: str = ""
     password: str = ""  # never logged
     trustRoot: object = None  # for verified TLS; None is the platform's CAs
+    connectionReuse: bool = True
+    cacheTime: float = 2.0  # seconds a parked connection waits for the next message
+    maxPerConnection: int = 100  # messages over one connection at most
 
 
 def trustRootFromFile(path: str):
@@ -134,6 +153,7 @@ class _SessionFailure(Exception):
         self.status = status
         self.inTransaction = inTransaction  # MAIL FROM was sent: do not try another host
         self.afterTLS = afterTLS  # STARTTLS was under way or done
+        self.retryFresh = False  # a reused connection failed before the message was complete
 
 
 class _RelayClient(smtp.ESMTPSender):
@@ -143,6 +163,54 @@ class _RelayClient(smtp.ESMTPSender):
         super().__init__(*args, **kwargs)
         self._started = False
         self._tail = b"\r\n"  # the message starts at the beginning of a line
+        self._idle = None  # the idle timer while parked
+
+    def smtpState_msgSent(self, code, resp):
+        super().smtpState_msgSent(code, resp)  # sends RSET (RFC 5321 §4.1.1.5)
+        self._failresponse = self._rsetRefused
+
+    def _rsetRefused(self, code, resp):
+        self.factory.finish(self.factory.pending)
+        self._disconnectFromServer()
+
+    def smtpState_from(self, code, resp):
+        if self._started:  # RSET accepted after a transaction
+            if self.factory.park(self):
+                self.setTimeout(None)  # idle: the cache's timer applies
+                self._idle = self.factory.clock.callLater(self.factory.settings.cacheTime,
+                                                          self.quit)
+                self.factory.finish(self.factory.pending)
+                return
+            self.factory.finish(self.factory.pending)
+        super().smtpState_from(code, resp)
+
+    def nextMessage(self) -> None:
+        """Take the factory's new message over this parked connection."""
+        self._idle.cancel()
+        self._idle = None
+        self._started = False
+        self._tail = b"\r\n"
+        self.setTimeout(self.factory.timeout)
+        super().smtpState_from(250, b"")
+
+    def quit(self) -> None:
+        """Idle too long, or the cache is being emptied: QUIT."""
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self.factory.unpark()
+        self.setTimeout(self.factory.timeout)
+        self._disconnectFromServer()
+
+    def connectionLost(self, reason):
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        super().connectionLost(reason)
+
+    def finishedFileTransfer(self, lastsent):
+        self.factory.dataSent = True  # from here on the server may take the message
+        return super().finishedFileTransfer(lastsent)
 
     def esmtpState_starttls(self, code, resp):
         self.factory.tlsStarted = True
@@ -169,6 +237,10 @@ class _RelayClient(smtp.ESMTPSender):
 
     def sentMail(self, code, resp, numOk, addresses, log):
         host = self.factory.hostname
+        if code == 421 and self.factory.reused and not self.factory.dataSent:
+            # RFC 5321 §3.8: the server is closing this (reused) connection; try a fresh one.
+            self.factory.fail(smtp.SMTPClientError(code, resp))
+            return
         if not addresses:  # MAIL FROM was refused: its reply is everyone's
             results = {r: fromReply(code, resp, host) for r in self.factory.toEmail}
         else:
@@ -177,7 +249,9 @@ class _RelayClient(smtp.ESMTPSender):
                 accepted = rcode in smtp.SUCCESS
                 results[address.text] = fromReply(code if accepted else rcode,
                                                   resp if accepted else rresp, host)
-        self.factory.finish(results)
+        # Reported once RSET is answered (or the connection is gone): by then the connection
+        # is parked, ready for the message that waits for this one's slot.
+        self.factory.pending = results
 
     def sendError(self, exc):
         smtp.SMTPClient.sendError(self, exc)  # QUIT or drop the connection
@@ -189,11 +263,21 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
     noisy = False
 
     def __init__(self, settings: SenderSettings, hostname: str, sender: str,
-                 recipients: Sequence[str], messageFile, context, required: bool) -> None:
-        """@param context: TLS client options for STARTTLS, or None for none.
+                 recipients: Sequence[str], messageFile, context, required: bool,
+                 cache: ConnectionCache | None = None, key: tuple = ()) -> None:
+        """@param context: TLS client options for STARTTLS, or None for none (also
+            for implicit TLS, which the transport does).
         @param required: no transaction without STARTTLS (C{context} then verifies).
+        @param cache: where the connection is parked after its transaction, under C{key}.
         """
         self.done = defer.Deferred()
+        self.settings = settings
+        self.cache, self.key = cache, key
+        self.clock = cache.clock if cache is not None else None
+        self.messages = 1
+        self.reused = False
+        self.dataSent = False
+        self.pending = None
         super().__init__(
             settings.username.encode() or None, settings.password.encode() or None, "",
             [], messageFile, self.done, retries=0, timeout=settings.commandTimeout,
@@ -209,15 +293,91 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         self.started = False
         self.tlsStarted = False
 
-    def finish(self, results: dict) -> None:
-        if not self.sendFinished:
+    def assign(self, sender: str, recipients: Sequence[str], messageFile) -> defer.Deferred:
+        """The next message for this (parked) connection; returns its result Deferred."""
+        self.done = self.result = defer.Deferred()
+        self.sendFinished = False
+        self.fromEmail, self.toEmail, self.file = sender, list(recipients), messageFile
+        self.nEmails = len(self.toEmail)
+        self.started = self.dataSent = False
+        self.reused = True
+        self.pending = None
+        self.messages += 1
+        self.client.nextMessage()
+        return self.done
+
+    def park(self, client: _RelayClient) -> bool:
+        """After RSET: keep the connection if it may carry more and the cache takes it."""
+        self.client = client
+        return self.cache is not None and self.messages < self.settings.maxPerConnection \
+            and self.cache.park(self.key, self)
+
+    def unpark(self) -> None:
+        if self.cache is not None:
+            self.cache.remove(self.key, self)
+
+    def finish(self, results: dict | None) -> None:
+        if results is not None and not self.sendFinished:
             self.sendFinished = True
             self.result.callback(results)
 
     def fail(self, exc) -> None:
+        if self.pending is not None:
+            self.finish(self.pending)  # the server acknowledged: RSET's fate does not matter
         if not self.sendFinished:
             self.sendFinished = True
             self.result.errback(exc)
+
+    def _processConnectionError(self, connector, err):
+        self.unpark()
+        if self.pending is not None:
+            self.finish(self.pending)
+        super()._processConnectionError(connector, err)
+
+
+class ConnectionCache:
+    """Parked connections by destination (Postfix's ``scache``); at most C{size} of them."""
+
+    def __init__(self, clock, size: int) -> None:
+        self.clock = clock
+        self.size = size
+        self._idle: dict[tuple, list[_RelayClientFactory]] = {}
+        self._count = 0
+
+    def park(self, key: tuple, factory: _RelayClientFactory) -> bool:
+        if self._count >= self.size:
+            return False  # full: this one QUITs
+        self._idle.setdefault(key, []).append(factory)
+        self._count += 1
+        return True
+
+    def take(self, key: tuple) -> _RelayClientFactory | None:
+        """The most recently parked connection for C{key} (the least likely to time out)."""
+        parked = self._idle.get(key)
+        if not parked:
+            return None
+        factory = parked.pop()
+        self._count -= 1
+        if not parked:
+            del self._idle[key]
+        return factory
+
+    def remove(self, key: tuple, factory: _RelayClientFactory) -> None:
+        parked = self._idle.get(key)
+        if parked and factory in parked:
+            parked.remove(factory)
+            self._count -= 1
+            if not parked:
+                del self._idle[key]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def takeAll(self) -> list[_RelayClientFactory]:
+        everything = [factory for parked in self._idle.values() for factory in parked]
+        self._idle.clear()
+        self._count = 0
+        return everything
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:
@@ -254,15 +414,23 @@ class RelaySender:
     """Delivers one message to the recipients of one destination."""
 
     def __init__(self, reactor, settings: SenderSettings, tlsReport=None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, clock=None) -> None:
         """@param tlsReport: records verified-TLS outcomes per policy domain
             (L{twistmail.relay.tlsrpt.TLSReports}), or None.
-        @param metrics: times each L{send}, by its result."""
+        @param metrics: times each L{send}, by its result.
+        @param clock: for the idle timers of parked connections; the reactor by default."""
         self._reactor = reactor
         self.settings = settings
         self.tlsReport = tlsReport
         self._contexts: dict[str, object] = {}  # building one costs more than a delivery
         self._latency = (metrics or Metrics()).deliveries
+        self._cache = ConnectionCache(clock or reactor, MAX_PARKED) \
+            if settings.connectionReuse else None
+
+    def closeIdle(self) -> None:
+        """QUIT every parked connection (at shutdown)."""
+        for factory in self._cache.takeAll() if self._cache is not None else ():
+            factory.client.quit()
 
     def _context(self, hostname: str, level: str):
         if level == _NONE:
@@ -276,18 +444,34 @@ class RelaySender:
         return self._contexts[key]
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
-                 messageFile, level: str) -> defer.Deferred:
-        factory = _RelayClientFactory(self.settings, hostname, sender, recipients, messageFile,
-                                      self._context(hostname, level), level == _VERIFY)
-        self._reactor.connectTCP(address, self.settings.port, factory,
-                                 timeout=self.settings.connectTimeout)
+                 messageFile, level: str, reuse: bool) -> defer.Deferred:
+        settings = self.settings
+        key = (hostname, address, settings.port, level, settings.username)
+        factory = self._cache.take(key) if reuse and self._cache is not None else None
+        if factory is not None:
+            factory.assign(sender, recipients, messageFile)
+        elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
+            factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
+                                          None, False, self._cache, key)
+            self._reactor.connectSSL(address, settings.port, factory,
+                                     self._context(hostname, _VERIFY),
+                                     timeout=settings.connectTimeout)
+        else:
+            factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
+                                          self._context(hostname, level), level == _VERIFY,
+                                          self._cache, key)
+            self._reactor.connectTCP(address, settings.port, factory,
+                                     timeout=settings.connectTimeout)
 
         def failed(failure):
             exc = failure.value
             cause = exc.__cause__ if isinstance(exc, smtp.SMTPConnectError) and \
                 exc.__cause__ is not None else exc
             text, status = _describe(cause)
-            raise _SessionFailure(text, status, factory.started, factory.tlsStarted)
+            failure = _SessionFailure(text, status, factory.started,
+                                      factory.tlsStarted or settings.tls == IMPLICIT)
+            failure.retryFresh = factory.reused and not factory.dataSent
+            raise failure
 
         return factory.done.addErrback(failed)
 
@@ -318,14 +502,15 @@ class RelaySender:
                 # (sent as RFC 8689 "TLS-Required: No"): no policy for it, nothing counted.
                 mode = None if logContext.get("origin") == "tlsrpt" else \
                     getattr(hop.policy, "mode", None)
-                level = _VERIFY if self.settings.tls == "required" or \
+                level = _VERIFY if self.settings.tls in ("required", IMPLICIT) or \
                     mode in (ENFORCE, TESTING) else _MAY
+                reuse = True
                 while True:
                     where = f"{hop.host}[{address}]:{self.settings.port}"
                     messageFile = yield openMessage()
                     try:
                         results = yield self._attempt(hop.host, address, sender, recipients,
-                                                      messageFile, level)
+                                                      messageFile, level, reuse)
                     except _SessionFailure as e:
                         failure = e
                     else:
@@ -335,6 +520,13 @@ class RelaySender:
                         return results
                     finally:
                         messageFile.close()
+                    if failure.retryFresh:
+                        # The server cannot have the message: at once, on a new connection.
+                        log.info("relay id={id} mx={mx}: reused connection failed ({why}); "
+                                 "retrying on a new one", id=logContext.get("id", ""), mx=where,
+                                 why=loggableText(failure.reason))
+                        reuse = False
+                        continue
                     tlsFailed = failure.afterTLS or failure.status == "4.7.5"
                     reason = failure.reason
                     if mode == ENFORCE and tlsFailed:
