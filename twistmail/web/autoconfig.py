@@ -29,7 +29,7 @@ from xml.parsers import expat
 from twisted.web import pages, resource
 
 from twistmail.protocols.proxyheader import splitMarked
-from twistmail.web.base import ReadOnly, notFound
+from twistmail.web.base import ReadOnly, methodNotAllowed, notFound
 
 #: Listeners in the order clients should prefer them: (listener, kind, implicit TLS).
 PREFERENCE = (("imaps", "imap", True), ("imap", "imap", False), ("pop3s", "pop3", True),
@@ -227,8 +227,7 @@ class OutlookAutodiscover(resource.Resource):
 
     def render(self, request) -> bytes:
         if request.method != b"POST":
-            request.setHeader(b"allow", b"POST")
-            return pages.errorPage(405, "Method Not Allowed", "Only POST.").render(request)
+            return methodNotAllowed(request, b"POST")
         return super().render(request)
 
     def render_POST(self, request) -> bytes:

@@ -11,10 +11,8 @@ class ReadOnly(resource.Resource):
     isLeaf = True
 
     def render(self, request) -> bytes:
-        # Twisted's own 405 page is deprecated (unescaped HTML): answer it here.
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")  # RFC 9110 §15.5.6
-            return pages.errorPage(405, "Method Not Allowed", "Only GET and HEAD.").render(request)
+            return methodNotAllowed(request, b"GET", b"HEAD")
         if request.method == b"HEAD":
             return self.render_GET(request)
         return super().render(request)
@@ -22,3 +20,11 @@ class ReadOnly(resource.Resource):
 
 def notFound(request) -> bytes:
     return pages.notFound().render(request)
+
+
+def methodNotAllowed(request, *allowed: bytes) -> bytes:
+    """405 with the Allow header (RFC 9110 §15.5.6), never echoing the method: Twisted's
+    own 405 page is deprecated (unescaped HTML)."""
+    request.setHeader(b"allow", b", ".join(allowed))
+    names = " and ".join(a.decode("ascii") for a in allowed)
+    return pages.errorPage(405, "Method Not Allowed", f"Only {names}.").render(request)

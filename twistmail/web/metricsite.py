@@ -9,10 +9,10 @@ reactor's thread pool) over the server's own registry.  Every other path is
 
 from __future__ import annotations
 
-from twisted.web import pages, resource
+from twisted.web import resource
 
 from twistmail.metrics import Metrics
-from twistmail.web.base import notFound
+from twistmail.web.base import methodNotAllowed, notFound
 from twistmail.web.site import Tree
 
 
@@ -32,8 +32,7 @@ class MetricsPage(resource.Resource):
         if request.postpath not in ([], [b""]):
             return notFound(request)
         if request.method != b"GET":  # its WSGI app answers GET only, HEAD included
-            request.setHeader(b"allow", b"GET")  # RFC 9110 §15.5.6
-            return pages.errorPage(405, "Method Not Allowed", "Only GET.").render(request)
+            return methodNotAllowed(request, b"GET")
         return self._exposition.render(request)
 
 

@@ -11,6 +11,7 @@ from twisted.web import http, pages, resource, server
 from twistmail.acmechallenges import ChallengeTokens
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.web import acmechallenge, autoconfig, mtasts
+from twistmail.web.base import notFound
 
 #: Seconds a connection may last in all (a policy fetch is one small request); also
 #: the idle timeout.  Slow or dribbling clients are cut off here.
@@ -29,7 +30,7 @@ class Tree(resource.Resource):
         return pages.notFound()
 
     def render(self, request) -> bytes:
-        return pages.notFound().render(request)
+        return notFound(request)
 
 
 def buildRoot(mtaSts: dict, hosted: Callable[[str], bool],
