@@ -281,6 +281,16 @@ class _ThreadPoolService(service.Service):
         return threads.deferToThread(self.pool.stop)  # joins; a lookup ends within dns_timeout
 
 
+def _trustRoot(config: configmod.Config, key: str):
+    """The CAs of the PEM file ``[relay] <key>`` names ('' = the system's); a start-up
+    error naming the key if it cannot be used."""
+    try:
+        return trustRootFromFile(config["relay"][key])
+    except (OSError, ValueError) as e:
+        raise startupError(f"{config.path}: [relay] {key}: {e}. Fix: give a PEM file of CA "
+                           "certificates") from None
+
+
 def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Router,
               local: LocalDelivery, parent: service.MultiService,
               metrics: Metrics | None = None) -> QueueRunner:
@@ -300,11 +310,7 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
               "maxPerConnection": relay["max_messages_per_connection"]}
     if relay["smarthost"]:
         host, port = configmod.hostPort(relay["smarthost"], 25)
-        try:
-            trustRoot = trustRootFromFile(relay["smarthost_ca_file"])
-        except (OSError, ValueError) as e:
-            raise startupError(f"{config.path}: [relay] smarthost_ca_file: {e}. Fix: give a "
-                                   "PEM file of CA certificates") from None
+        trustRoot = _trustRoot(config, "smarthost_ca_file")
         sender = RelaySender(reactor, SenderSettings(
             port=port, tls=relay["smarthost_tls"], username=relay["smarthost_username"],
             password=relay["smarthost_password"], trustRoot=trustRoot, **common),
@@ -314,12 +320,8 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             return resolveSmarthost(resolver, host)
     else:
         rng = random.SystemRandom()
-        try:
-            # The CAs MTA-STS trusts: for mta-sts.<domain> and for MX hosts under a policy.
-            stsTrust = trustRootFromFile(relay["mta_sts_ca_file"])
-        except (OSError, ValueError) as e:
-            raise startupError(f"{config.path}: [relay] mta_sts_ca_file: {e}. Fix: give a "
-                               "PEM file of CA certificates") from None
+        # The CAs MTA-STS trusts: for mta-sts.<domain> and for MX hosts under a policy.
+        stsTrust = _trustRoot(config, "mta_sts_ca_file")
         sender = RelaySender(reactor, SenderSettings(port=relay["smtp_port"], trustRoot=stsTrust,
                                                      **common), tlsReport=reports,
                              metrics=metrics)
@@ -417,9 +419,10 @@ def makeService(options: Options) -> service.MultiService:
     auth = config["auth"]
     throttle = AuthThrottle(auth["failure_delay"], auth["max_delay"], auth["max_failures"],
                             auth["failure_window"], auth["block_time"], metrics=metrics)
-    checker = PasswordChecker(
-        accounts, lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args),
-        throttle, reactor, metrics)
+    def onKdfPool(f, *args):
+        return threads.deferToThreadPool(reactor, kdf.pool, f, *args)
+
+    checker = PasswordChecker(accounts, onKdfPool, throttle, reactor, metrics)
     portal = Portal(realm, [checker])
     try:
         tls = ServerTLS.fromConfig(config["tls"], config.hostname, dataDir)
@@ -462,7 +465,7 @@ def makeService(options: Options) -> service.MultiService:
         webAdmin = admin.AdminResource(
             dataDir, accounts, checker,
             config["admin"]["admins"], admin.Sessions(config["admin"]["session_idle"]),
-            lambda f, *args: threads.deferToThreadPool(reactor, kdf.pool, f, *args))
+            onKdfPool)
     factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
                                                   autoconfig.fromConfig(config), challenges,
                                                   webAdmin)),
