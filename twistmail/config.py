@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from twistmail import mtasts
+from twistmail._dnsname import isHostName
 
 #: The embedded default when no --config is given: loopback, unprivileged ports
 #: (the standard ones are 25, 587, 465, 110, 995, 143 and 993).
@@ -154,14 +154,9 @@ def _mxPatterns(values: list[str]) -> None:
             raise ValueError(f"{value!r} is not a host name or *.domain (no trailing dot)")
 
 
-#: RFC 1035 §2.3.1 labels (with RFC 1123 §2.1 digits first), at least two of them.
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+"
-                        r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
-
-
 def _hostNames(values: list[str]) -> None:
     for value in values:
-        if not _HOST_NAME.match(value):
+        if not isHostName(value, minLabels=2):
             raise ValueError(f"{value!r} is not a host name")
 
 
@@ -589,7 +584,7 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
         import socket
 
         sections["server"]["hostname"] = socket.getfqdn() or "localhost"
-    if sections["tls"]["acme"] and not _HOST_NAME.match(sections["server"]["hostname"]):
+    if sections["tls"]["acme"] and not isHostName(sections["server"]["hostname"], minLabels=2):
         # The host name is the certificate's first name: a CA certifies only names in DNS.
         raise _fail(shown, "[server] hostname", f"{sections['server']['hostname']!r} is not a "
                     "fully qualified domain name a CA can certify ([tls] acme)",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from twistmail._dnsname import isHostName
+
 ENFORCE, TESTING, NONE = "enforce", "testing", "none"
 MODES = (ENFORCE, TESTING, NONE)
 
@@ -24,9 +26,6 @@ MAX_POLICY_BYTES = 64 * 1024
 
 # RFC 8461 §3.1: sts-id = 1*32(ALPHA / DIGIT)
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
-# RFC 8461 §3.2: mx = ["*."] Domain (a label per RFC 5321; no trailing dot)
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_MX = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})+$")
 
 
 class PolicyError(ValueError):
@@ -113,7 +112,8 @@ def parsePolicy(body: bytes, id: str = "") -> Policy:
 
 def validMX(pattern: str) -> bool:
     """Whether C{pattern} may be an ``mx:`` line: a host name or ``*.`` and a domain."""
-    return bool(_MX.match(pattern))
+    # RFC 8461 §3.2: mx = ["*."] Domain (labels per RFC 5321; no trailing dot)
+    return isHostName(pattern.removeprefix("*."), minLabels=2)
 
 
 def mxMatches(pattern: str, host: str) -> bool:

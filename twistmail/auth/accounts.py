@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from twistmail._dnsname import isHostName
 from twistmail._fsutil import atomicWrite
 
 FORMAT = "twistmail-accounts"
@@ -26,8 +27,6 @@ MAX_ALIAS_DEPTH = 10
 # Local parts become directory names: keep them to a conservative, case-folded
 # set so no name can escape the data directory or clash after case folding.
 _LOCALPART = re.compile(r"^[a-z0-9_](?:[a-z0-9_.-]{0,62}[a-z0-9_-])?$")
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
 
 class AccountError(Exception):
@@ -52,7 +51,7 @@ def splitAddress(address: str) -> tuple[str, str]:
 
 def validDomain(domain: str) -> str:
     domain = domain.lower().rstrip(".")
-    if not _DOMAIN.match(domain):
+    if not isHostName(domain):  # lower-cased above
         raise AccountError(f"{domain!r} is not a valid domain name (letters, digits, '-' and '.')")
     return domain
 

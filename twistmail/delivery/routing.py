@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from twistmail._dnsname import isHostName
 from twistmail._netaddr import Networks
 from twistmail.auth.accounts import NotLocal, UnknownUser
 
@@ -22,8 +23,6 @@ __all__ = ["BadAddress", "Client", "LocalRoute", "RelayDenied", "RelayPolicy", "
            "Router", "UnknownUser"]
 
 # RFC 5321 §4.1.2 Domain, LDH labels only: no address literals, no trailing junk.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 # Printable ASCII; spaces only inside a quoted string (RFC 5321 §4.1.2 Quoted-string).
 _LOCALPART_CHARS = re.compile(r'^(?:[\x21-\x7e]{1,64}|"[\x20-\x7e]{1,62}")$')
 
@@ -84,7 +83,7 @@ def remoteDomain(address: str) -> str:
 def checkRemoteAddress(address: str) -> str:
     """C{address} if another MTA can be given it as is; BadAddress otherwise."""
     local, at, domain = address.rpartition("@")
-    if not at or not _LOCALPART_CHARS.match(local) or not _DOMAIN.match(domain.rstrip(".")):
+    if not at or not _LOCALPART_CHARS.match(local) or not isHostName(domain.rstrip(".")):
         raise BadAddress(address)
     return address
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from twistmail._dnsname import isHostName
 from twistmail._fsutil import atomicWrite
 from twistmail._logtext import loggableText
 from twistmail.mtasts import MAX_POLICY_BYTES, Policy, PolicyError, parsePolicy, parseRecord
@@ -59,8 +59,6 @@ WELL_KNOWN = "/.well-known/mta-sts.txt"
 #: The on-disk format; a file of another version is ignored (refetched).
 CACHE_VERSION = 1
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})+$")
 
 
 class FetchError(Exception):
@@ -73,7 +71,8 @@ def policyDomain(domain: str) -> str | None:
         name = domain.rstrip(".").encode("idna").decode("ascii").lower()
     except UnicodeError:
         return None
-    return name if len(name) <= 253 - len("mta-sts.") and _DOMAIN.match(name) else None
+    # Room for the policy host's "mta-sts." in front of it.
+    return name if isHostName("mta-sts." + name, minLabels=3) else None
 
 
 class _CappedProtocol(ProtocolWrapper):
