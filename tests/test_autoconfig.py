@@ -7,8 +7,8 @@ import plistlib
 import xml.etree.ElementTree as ET
 
 import pytest
-from support import addUser, cli, freePort, startServer
-from test_web import get
+from support import addUser, freePort, startServer
+from test_web import checkConfigOutput, get
 
 from twistmail import config as configmod
 from twistmail.web import autoconfig
@@ -192,12 +192,9 @@ def test_clients_host_name_is_configurable(dataDir):
 
 
 def test_check_config_prints_the_client_dns_records(dataDir, tmp_path):
-    addUser(dataDir, "alice@example.test")
-    path = tmp_path / "twistmail.toml"
-    path.write_text(f'[server]\ndata_dir = "{dataDir}"\nhostname = "mx.example.test"\n'
-                    '[listen]\nimaps = ["tcp:993"]\nimap = []\npop3 = []\npop3s = ["tcp:995"]\n'
-                    'submissions = ["tcp:465"]\nsubmission = ["tcp:587"]\nhttps = ["tcp:443"]\n')
-    out = cli("--config", str(path), "check-config", dataDir=dataDir).stdout
+    out = checkConfigOutput(dataDir, tmp_path,
+                            'imaps = ["tcp:993"]\nimap = []\npop3 = []\npop3s = ["tcp:995"]\n'
+                            'submissions = ["tcp:465"]\nsubmission = ["tcp:587"]\nhttps = ["tcp:443"]\n')
     for record in ("_imaps._tcp.example.test. IN SRV 0 1 993 mx.example.test.",
                    "_imap._tcp.example.test. IN SRV 0 0 0 .",  # RFC 6186 §4: not offered
                    "_pop3s._tcp.example.test. IN SRV 10 1 995 mx.example.test.",

@@ -141,13 +141,18 @@ def test_bad_mta_sts_config_names_key_and_fix(section, message):
     assert message in str(e.value)
 
 
-def test_check_config_prints_the_dns_records(dataDir, tmp_path):
+def checkConfigOutput(dataDir: str, tmp_path, listen: str, extra: str = "") -> str:
+    """``twistmail check-config`` on a file for mx.example.test hosting example.test."""
     addUser(dataDir, "alice@example.test")
-    path = tmp_path / "t.toml"
+    path = tmp_path / "twistmail.toml"
     path.write_text(f'[server]\ndata_dir = "{dataDir}"\nhostname = "mx.example.test"\n'
-                    '[listen]\nhttps = ["tcp:443"]\n'
-                    '[mta_sts]\nmode = "enforce"\nmx = ["mail.example.test", "*.mx.example.test"]\n')
-    out = cli("--config", str(path), "check-config", dataDir=dataDir).stdout
+                    f"[listen]\n{listen}{extra}")
+    return cli("--config", str(path), "check-config", dataDir=dataDir).stdout
+
+
+def test_check_config_prints_the_dns_records(dataDir, tmp_path):
+    out = checkConfigOutput(dataDir, tmp_path, 'https = ["tcp:443"]\n',
+                            '[mta_sts]\nmode = "enforce"\nmx = ["mail.example.test", "*.mx.example.test"]\n')
     assert f'_mta-sts.example.test. IN TXT "v=STSv1; id={mtasts.policyId(POLICY)}"' in out
     assert "mta-sts.example.test. IN CNAME mx.example.test." in out
 
