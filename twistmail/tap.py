@@ -444,8 +444,7 @@ def makeService(options: Options) -> service.MultiService:
     sendLimits = SendLimits(Limits.fromConfig(submission, "user"),
                             Limits.fromConfig(submission, "domain"))
     # Before the listeners: it reads the last run's counts at start, writes them at stop.
-    RateLimitPublisher(sendLimits, dataDir, reactor, lambda f, *args: threads.deferToThreadPool(
-        reactor, reactor.getThreadPool(), f, *args)).setServiceParent(top)
+    RateLimitPublisher(sendLimits, dataDir, reactor, threads.deferToThread).setServiceParent(top)
     factories = {
         "smtp": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool, limiter,
                             security, portal, sendLimits=sendLimits, metrics=metrics),
