@@ -233,3 +233,80 @@ class IMXResolver(Interface):
         """@return: Deferred firing with the TXT records of C{name}, each record's strings
             joined into one str (``[]`` for NODATA); NXDOMAIN is a permanent DNSFailure.
         """
+
+
+class IDeliveryTarget(Interface):
+    """Where an accepted message goes: local mailboxes and/or the relay queue.
+
+    The SMTP transaction hands every accepted message to one of these; a test
+    hands it a recording target instead (L{twistmail.testing}).
+    """
+
+    def deliver(envelope, source):
+        """Store the message durably for every recipient of C{envelope}.
+
+        @param envelope: a L{twistmail.model.Envelope}; local recipients are
+            filed into C{envelope.folder}.
+        @param source: a L{twistmail.delivery.spool.MessageSource}.
+        @return: Deferred firing once every copy is fsynced; fails with
+            L{twistmail.errors.StorageError} (the client is told 451 and retries).
+        """
+
+
+class IMessageFilter(Interface):
+    """One step of SMTP policy: called at each stage of a session, in configured order.
+
+    Every hook returns a L{twistmail.model.Verdict}, None (the same as
+    ``Verdict.accept()``) or a Deferred of either.  The first verdict other
+    than accept ends the stage: later filters are not called for it.  A hook
+    must not block the reactor: DNS, disk and CPU-heavy work (DKIM hashing of
+    a large body) go to a thread or an asynchronous API.
+
+    ``session`` is a L{twistmail.model.SessionInfo} snapshot: what is known
+    about the connection and the transaction at that point.  Subclass
+    L{twistmail.filters.base.Filter} to implement only the hooks you need.
+    """
+
+    name = Attribute("str: the name this filter is enabled under in [filters]")
+
+    def connect(session):
+        """A client connected (before the greeting)."""
+
+    def helo(session):
+        """HELO or EHLO; C{session.helo} holds the name given."""
+
+    def mailFrom(session):
+        """MAIL FROM; C{session.sender} holds the reverse-path (``""`` for ``<>``)."""
+
+    def rcptTo(session, recipient: str):
+        """One RCPT TO, after our own routing accepted it; C{session.recipients} holds
+        the ones accepted before this one."""
+
+    def endOfData(session, message):
+        """The whole message has arrived and is on disk, not yet acknowledged.
+
+        @param message: a L{twistmail.model.FilterMessage}: the parsed header
+            section, and C{open()} for the full bytes as they would be stored,
+            including the headers that filters before this one added.
+        """
+
+
+class IMessageFilterFactory(IPlugin):
+    """A filter offered as a Twisted plugin, enabled by name in ``[filters]``.
+
+    Provide it from a module in a ``twistmail/plugins/`` directory, like a
+    storage backend; see README.rst, "Writing a filter".
+    """
+
+    name = Attribute("str: the name used in [filters] inbound / submission")
+    description = Attribute("str: one line for ``twistmail check-config``")
+
+    def makeFilter(options: dict, context):
+        """Validate C{options} (the ``[filters.<name>]`` table, without the keys the
+        pipeline itself reads: ``timeout`` and ``on_failure``) and build the filter.
+
+        @param context: a L{twistmail.model.FilterContext}: host name, data
+            directory, the shared DNS resolver, the reactor.
+        @return: an L{IMessageFilter} provider.
+        @raise twistmail.config.ConfigError: bad options, naming the key and the fix.
+        """

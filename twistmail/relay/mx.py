@@ -114,6 +114,18 @@ class DnsPythonMXResolver:
             raise DNSFailure(True, "4.4.3", f"DNS error for {name} type={rdtype}: {e}") from None
         return list(answer.rrset or ())
 
+    def resolveSync(self, name: str, rdtype: str) -> list:
+        """The dnspython rdata of C{name}/C{rdtype} ([] for NODATA); L{DNSFailure} otherwise.
+
+        Blocking: call it only in a worker thread (L{run}).  For filters (SPF,
+        DKIM, DMARC, DNSBL) that share this resolver's servers, timeout and cache.
+        """
+        return self._query(name, rdtype)
+
+    def run(self, f: Callable, *args) -> defer.Deferred:
+        """Call C{f(*args)} in the DNS worker pool; for blocking code built on L{resolveSync}."""
+        return self._run(f, *args)
+
     def _mxSync(self, domain: str) -> list[tuple[int, str]]:
         return [(r.preference, "" if r.exchange == dns.name.root else r.exchange.to_text(True))
                 for r in self._query(domain, "MX")]
