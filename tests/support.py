@@ -159,9 +159,17 @@ def cli(*args: str, dataDir: str, stdin: str = "", check: bool = True) -> subpro
 
 
 def addUser(dataDir: str, address: str, password: str = "secret") -> None:
-    """Create the domain (if needed) and user through the Accounts API (fast path for tests)."""
+    """Create the domain (if needed) and user through the Accounts API (fast path for tests).
+
+    The hash is argon2id with the cheapest parameters (each hash records its own,
+    so the server verifies it as it would any other): hundreds of logins in the
+    suite then cost microseconds, not 40 ms of CPU each.  The production
+    parameters are tested in tests/test_accounts.py."""
+    from argon2 import PasswordHasher
+
     from twistmail.auth.accounts import Accounts
-    from twistmail.auth.passwords import hashPassword
+
+    hashPassword = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash
 
     accounts = Accounts(dataDir)
     with accounts.editing():
