@@ -30,15 +30,28 @@ def _ephemeralLow() -> int:
         return 32768
 
 
+def _slice(low: int, high: int) -> tuple[int, int]:
+    """This pytest-xdist worker's share of [low, high) (all of it without xdist)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count <= 1:
+        return low, high
+    size = (high - low) // count
+    start = low + int(worker[2:]) * size
+    return start, start + size
+
+
 def freePort() -> int:
     """A loopback TCP port nothing listens on, never handed out before in this run.
 
     Probing with bind(0) would return ports from the ephemeral range, where the
     tests' own client connections can take one before the server listens, and
     could return the same port twice.  So: ports below the ephemeral range,
-    each handed out once."""
+    each handed out once; under pytest-xdist each worker has its own slice of
+    that range, so two workers never hand out the same port."""
+    low, high = _slice(10000, _ephemeralLow())
     for _ in range(1000):
-        port = random.randrange(10000, _ephemeralLow())
+        port = random.randrange(low, high)
         if port in _portsHandedOut:
             continue
         with socket.socket() as s:
@@ -146,9 +159,17 @@ def cli(*args: str, dataDir: str, stdin: str = "", check: bool = True) -> subpro
 
 
 def addUser(dataDir: str, address: str, password: str = "secret") -> None:
-    """Create the domain (if needed) and user through the Accounts API (fast path for tests)."""
+    """Create the domain (if needed) and user through the Accounts API (fast path for tests).
+
+    The hash is argon2id with the cheapest parameters (each hash records its own,
+    so the server verifies it as it would any other): hundreds of logins in the
+    suite then cost microseconds, not 40 ms of CPU each.  The production
+    parameters are tested in tests/test_accounts.py."""
+    from argon2 import PasswordHasher
+
     from twistmail.auth.accounts import Accounts
-    from twistmail.auth.passwords import hashPassword
+
+    hashPassword = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash
 
     accounts = Accounts(dataDir)
     with accounts.editing():
