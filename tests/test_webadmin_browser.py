@@ -5,6 +5,7 @@ Screenshots are saved under the test's tmp dir and their paths printed."""
 from __future__ import annotations
 
 import shutil
+import smtplib
 
 import pytest
 from selenium import webdriver
@@ -36,12 +37,19 @@ def test_admin_adds_a_user_who_then_changes_their_password(dataDir, chromium, tm
     srv = startServer(dataDir, listen={"http": [f"tcp:{port}:interface=127.0.0.1"]},
                       admin={"enabled": True, "admins": [ADMIN]})
     try:
+        with smtplib.SMTP("127.0.0.1", srv.smtpPort, timeout=30) as smtp:
+            smtp.sendmail("someone@remote.test", [ADMIN], b"Subject: counted\r\n\r\nchart\r\n")
         chromium.get(f"http://127.0.0.1:{port}/admin/")
         assert chromium.current_url.endswith("/admin/login")  # no session: the login page
         chromium.find_element(By.ID, "address").send_keys(ADMIN)
         chromium.find_element(By.ID, "password").send_keys("adminpw")
         chromium.find_element(By.ID, "login").click()
         assert chromium.find_element(By.ID, "who").text == ADMIN
+        # The traffic chart, from the same counters as /metrics: the message sent above.
+        accepted = chromium.find_element(By.ID, "chart-accepted")
+        assert accepted.get_attribute("data-total") == "1"
+        assert chromium.find_element(By.CSS_SELECTOR, "#traffic svg").is_displayed()
+        assert "accepted by SMTP: 1" in chromium.find_element(By.ID, "traffic").text
         chromium.find_element(By.ID, "new-user").send_keys("bob@example.test")
         chromium.find_element(By.ID, "new-password").send_keys("bobpw")
         chromium.find_element(By.ID, "add-user").click()

@@ -51,6 +51,7 @@ from twistmail.relay.stspolicy import PolicyFetcher, PolicySource
 from twistmail.relay.tlsrpt import TLSReports
 from twistmail.relay.tlsrptservice import ReportMailer, TLSReportService
 from twistmail.tls import ServerTLS, TLSConfigError
+from twistmail.traffic import TrafficHistory
 from twistmail.web import admin, autoconfig, metricsite
 from twistmail.web.site import Site, WebFactory, buildRoot
 
@@ -461,10 +462,12 @@ def makeService(options: Options) -> service.MultiService:
     factories["imap"] = imapFactory
     webAdmin = None
     if config["admin"]["enabled"]:
+        traffic = TrafficHistory(metrics, dataDir, reactor, threads.deferToThread)
+        traffic.setServiceParent(top)
         webAdmin = admin.AdminResource(
             dataDir, accounts, checker,
             config["admin"]["admins"], admin.Sessions(config["admin"]["session_idle"]),
-            onKdfPool)
+            onKdfPool, traffic)
     factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
                                                   autoconfig.fromConfig(config), challenges,
                                                   webAdmin)),

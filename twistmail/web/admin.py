@@ -39,7 +39,9 @@ from twistmail.auth.checkers import fromClient
 from twistmail.auth.passwords import hashPassword
 from twistmail.cli import queue as queuecli
 from twistmail.relay.queue import QueueError
+from twistmail.traffic import TrafficHistory
 from twistmail.web.admintemplates import ENVIRONMENT
+from twistmail.web.chart import svgChart
 
 log = Logger()
 
@@ -49,6 +51,13 @@ LOGIN_COOKIE = b"twistmail_login"
 MAX_SESSIONS = 1000
 #: Longest password the forms take (argon2 hashes any length; the body limit bounds it too).
 MAX_PASSWORD = 1024
+
+#: What the dashboard's charts draw, from L{twistmail.traffic}: (series, legend, colour).
+MESSAGE_SERIES = (("accepted", "accepted by SMTP", "#1f77b4"),
+                  ("delivered", "relayed (recipients)", "#2ca02c"),
+                  ("rejected", "SMTP 4xx/5xx replies", "#d62728"),
+                  ("bounced", "bounced (recipients)", "#9467bd"))
+QUEUE_SERIES = (("queue", "messages queued", "#ff7f0e"),)
 
 _HEADERS = {
     b"Content-Type": b"text/html; charset=utf-8",
@@ -147,8 +156,11 @@ class AdminResource(resource.Resource):
     isLeaf = True
 
     def __init__(self, dataDir: str, accounts: Accounts, checker, admins: list[str],
-                 sessions: Sessions, deferToThread=threads.deferToThread) -> None:
+                 sessions: Sessions, deferToThread=threads.deferToThread,
+                 traffic: TrafficHistory | None = None) -> None:
+        """@param traffic: the last day's samples the dashboard charts; None draws none."""
         super().__init__()
+        self._traffic = traffic
         self._dataDir = dataDir
         self._queueDir = os.path.join(dataDir, "queue")
         self._accounts = accounts
@@ -211,7 +223,8 @@ class AdminResource(resource.Resource):
         if name == "dashboard":
             values.update(domains=sorted(self._accounts.domains),
                           users=sorted(self._accounts.users),
-                          aliases=sorted(self._accounts.aliases.items()))
+                          aliases=sorted(self._accounts.aliases.items()),
+                          charts=self._charts())
         values.setdefault("error", "")
         values.setdefault("done", "")
         html = ENVIRONMENT.get_template(name).render(
@@ -219,6 +232,14 @@ class AdminResource(resource.Resource):
             csrf=lambda: Markup('<input type="hidden" name="csrf" value="{}">').format(
                 session.csrf if session else ""))
         return html.encode("utf-8")
+
+    def _charts(self) -> list:
+        """The dashboard's charts: messages per five minutes, and the queue."""
+        if self._traffic is None:
+            return []
+        points, now = self._traffic.points(), self._traffic.now()
+        return [("Messages per five minutes", svgChart(points, MESSAGE_SERIES, now)),
+                ("Relay queue", svgChart(points, QUEUE_SERIES, now))]
 
     def _respond(self, request, session: Session, page: str, code: int = 200,
                  **values) -> defer.Deferred:

@@ -31,6 +31,8 @@ _LOGIN = """{% extends "layout" %}{% block body %}
 """
 
 _DASHBOARD = """{% extends "layout" %}{% block body %}
+{% if charts %}<section id="traffic"><h2>Traffic, last 24 hours</h2>
+{% for title, svg in charts %}<h3>{{ title }}</h3>{{ svg }}{% endfor %}</section>{% endif %}
 <section><h2>Domains</h2><table id="domains"><tr><th>domain</th><th></th></tr>
 {% for d in domains %}<tr><td>{{ d }}</td><td><form class="inline" method="post" action="/admin/domain/remove">{{ csrf() }}<input type="hidden" name="domain" value="{{ d }}"><button>Remove</button></form></td></tr>{% endfor %}
 </table>
