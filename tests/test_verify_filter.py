@@ -213,13 +213,14 @@ def test_helo_check_can_be_turned_off(dnsServer):
 
 def test_spf_ptr_and_macros(dnsServer):
     f = makeFilter(dnsServer, spf_helo=False)
-    ar = authResults(runHook(f, session(client="192.0.2.20", sender="p@ptr.example"), message()))
+    ar = authResults(runHook(f, session(client="192.0.2.20", sender="p@ptr.example"),
+                             message(fromHeader="p@ptr.example")))
     assert "spf=pass smtp.mailfrom=p@ptr.example" in ar
     ar = authResults(runHook(f, session(client="192.0.2.20", sender="carol@macro.example"),
-                             message()))
+                             message(fromHeader="carol@macro.example")))
     assert "spf=pass smtp.mailfrom=carol@macro.example" in ar
     ar = authResults(runHook(f, session(client="192.0.2.21", sender="carol@macro.example"),
-                             message()))
+                             message(fromHeader="carol@macro.example")))
     assert "spf=fail smtp.mailfrom=carol@macro.example" in ar
 
 
