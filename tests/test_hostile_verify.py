@@ -185,7 +185,18 @@ def test_garbage_header_section_gets_results_not_a_traceback(dnsServer):
     raw = b" leading continuation\r\nDKIM-Signature: \xff\xfe;;;=\r\nFrom: \x00@@\r\n\r\nbody\r\n"
     verdict = verify(dnsServer, raw)
     ar = authResults(verdict)
-    assert "dmarc=permerror" in ar or "dmarc=none" in ar
+    assert verdict.action == ACCEPT
+    assert "dkim=permerror" in ar and "dmarc=permerror" in ar
+
+
+def test_hostile_values_cannot_forge_a_result_in_the_header():
+    from twistmail.filters.authresults import Result, header
+
+    name, value = header(HOST, [Result("dkim", "permerror", (("header.d", "x; dmarc=pass"),),
+                                       reason='bad "sig"\r\n; dmarc=pass')])
+    assert value.count(";") == 1 + 2  # the authserv-id's, and two inside quoted-strings
+    assert 'header.d="x; dmarc=pass"' in value
+    assert 'reason="bad \\"sig\\"??; dmarc=pass"' in value
 
 
 # -- SPF ------------------------------------------------------------------------------
