@@ -41,7 +41,7 @@ import servers
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from message import MessageFactory
-from servers import BENCH_DIR, HOST, PYTHON, TWISTD, Server, free_port
+from servers import HOST, TWISTD, Server, free_port
 
 DOMAIN = "client.test"  # bench/message.py's sender domain
 HELO = "loadgen.client.test"  # bench/loadgen.py's EHLO name
@@ -107,17 +107,6 @@ def verifyingServer(workdir: Path, dnsPort: int, filters: list[str]) -> Server:
     return server
 
 
-def load(port: int, args, prefixFile: Path) -> dict:
-    argv = [PYTHON, str(BENCH_DIR / "loadgen.py"), "--port", str(port), "--messages",
-            str(args.messages), "--size", str(args.size), "--concurrency", str(args.concurrency),
-            "--prefix-file", str(prefixFile)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    result = json.loads(proc.stdout)
-    if result["failed"]:
-        raise RuntimeError(f"loadgen: {result['errors'][:3]}")
-    return result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
@@ -143,7 +132,8 @@ def main() -> int:
                                          ["spf-dkim-dmarc"] if mode == "on" else [])
                 server.start()
                 try:
-                    run = load(server.port, args, prefixFile)
+                    run = servers.smtp_load(server.port, args.messages, args.size,
+                                            args.concurrency, "--prefix-file", str(prefixFile))
                 finally:
                     server.stop()
                 if mode == "on" and "dmarc=pass" not in server.tail(400):

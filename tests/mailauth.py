@@ -19,7 +19,7 @@ from dnsserver import TXT
 from support import onReactor
 from twisted.internet import defer, threads
 
-from twistmail.model import FilterMessage, SessionInfo
+from twistmail.model import FilterContext, FilterMessage, SessionInfo
 from twistmail.relay.mx import DnsPythonMXResolver
 
 #: Our host name: the authserv-id of the Authentication-Results header.
@@ -101,6 +101,16 @@ def session(client: str = "192.0.2.10", sender: str = "bob@good.example",
 
 def resolverFor(server, timeout: float = 2) -> DnsPythonMXResolver:
     return DnsPythonMXResolver([("127.0.0.1", server.port)], timeout, threads.deferToThread)
+
+
+def makeVerifier(server, timeout: float = 2, **options):
+    """The spf-dkim-dmarc filter, built as the engine builds it, on C{server}'s DNS."""
+    from twisted.internet import reactor
+
+    from twistmail.filters.spfdkimdmarc import SpfDkimDmarcFactory
+
+    context = FilterContext(HOST, "/nonexistent", resolverFor(server, timeout), reactor)
+    return SpfDkimDmarcFactory().makeFilter(options, context)
 
 
 def runHook(filter, sessionInfo: SessionInfo, raw: bytes):

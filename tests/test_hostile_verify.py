@@ -17,8 +17,8 @@ from mailauth import (
     WEAK_RSA_PEM,
     RSAKey,
     authResults,
+    makeVerifier,
     message,
-    resolverFor,
     runHook,
     session,
     sign,
@@ -26,7 +26,7 @@ from mailauth import (
 from support import onReactor
 from twisted.internet import defer, reactor
 
-from twistmail.model import ACCEPT, REJECT, FilterContext
+from twistmail.model import ACCEPT, REJECT
 
 RSA = RSAKey()
 WEAK = RSAKey(WEAK_RSA_PEM)
@@ -79,15 +79,8 @@ def dnsServer():
     server.stop()
 
 
-def makeFilter(server, timeout=2, **options):
-    from twistmail.filters.spfdkimdmarc import SpfDkimDmarcFactory
-
-    context = FilterContext(HOST, "/nonexistent", resolverFor(server, timeout), reactor)
-    return SpfDkimDmarcFactory().makeFilter(options, context)
-
-
 def verify(server, raw, options=None, **sessionArgs):
-    return runHook(makeFilter(server, spf_helo=False, **(options or {})), session(**sessionArgs),
+    return runHook(makeVerifier(server, spf_helo=False, **(options or {})), session(**sessionArgs),
                    raw)
 
 
@@ -253,8 +246,8 @@ def test_two_dmarc_records_are_a_permerror_not_applied(dnsServer):
 def test_dns_that_never_answers_gives_temperror_in_time_and_stalls_nobody(dnsServer):
     # Each lookup gives up after the resolver's 1 s; the filter's own time_limit (2 s)
     # stops it from starting more.  Meanwhile the reactor and other sessions go on.
-    slow = makeFilter(dnsServer, timeout=1, time_limit=2)
-    fast = makeFilter(dnsServer, timeout=1, time_limit=2, spf_helo=False)
+    slow = makeVerifier(dnsServer, timeout=1, time_limit=2)
+    fast = makeVerifier(dnsServer, timeout=1, time_limit=2, spf_helo=False)
     raw = sign(message(fromHeader="s@slow.example"), RSA, "slow.example", "rsa")
     slowSession = session(sender="s@slow.example", helo="slow.example")
     fastRaw = message(fromHeader="f@fast.example")

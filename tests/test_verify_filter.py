@@ -13,6 +13,7 @@ from mailauth import (
     Ed25519Key,
     RSAKey,
     authResults,
+    makeVerifier,
     message,
     resolverFor,
     runHook,
@@ -79,13 +80,6 @@ def dnsServer():
     server.stop()
 
 
-def makeFilter(server, **options):
-    from twistmail.filters.spfdkimdmarc import SpfDkimDmarcFactory
-
-    context = FilterContext(HOST, "/nonexistent", resolverFor(server), reactor)
-    return SpfDkimDmarcFactory().makeFilter(options, context)
-
-
 def signedGood(raw=None) -> bytes:
     raw = raw or message()
     return sign(sign(raw, RSA, "good.example", "rsa"), ED, "good.example", "ed")
@@ -112,7 +106,7 @@ def test_found_by_name_as_a_plugin(dnsServer):
 ])
 def test_bad_options_name_the_key_and_the_fix(dnsServer, options, key):
     with pytest.raises(ConfigError) as info:
-        makeFilter(dnsServer, **options)
+        makeVerifier(dnsServer, **options)
     text = str(info.value)
     assert f"[filters.spf-dkim-dmarc] {key}" in text and "Fix:" in text
 
@@ -121,7 +115,7 @@ def test_bad_options_name_the_key_and_the_fix(dnsServer, options, key):
 
 
 def test_aligned_signed_message_passes_everything(dnsServer):
-    verdict = runHook(makeFilter(dnsServer), session(), signedGood())
+    verdict = runHook(makeVerifier(dnsServer), session(), signedGood())
     assert verdict.action == ACCEPT
     ar = authResults(verdict)
     assert ar.startswith(f"{HOST};")
@@ -137,9 +131,8 @@ def test_aligned_signed_message_passes_everything(dnsServer):
 
 def test_forged_from_under_p_reject_is_refused_at_end_of_data(dnsServer):
     # evil.example's own SPF passes, but nothing aligns with good.example in From.
-    verdict = runHook(makeFilter(dnsServer), session(client="192.0.2.66",
-                                                     sender="x@evil.example",
-                                                     helo="evil.example"), message())
+    forger = session(client="192.0.2.66", sender="x@evil.example", helo="evil.example")
+    verdict = runHook(makeVerifier(dnsServer), forger, message())
     assert verdict.action == REJECT
     assert verdict.code == 550
     assert verdict.text.startswith("5.7.1 ") and "DMARC" in verdict.text
@@ -147,14 +140,14 @@ def test_forged_from_under_p_reject_is_refused_at_end_of_data(dnsServer):
 
 
 def test_forged_from_is_quarantined_when_reject_on_dmarc_is_off(dnsServer):
-    f = makeFilter(dnsServer, reject_on_dmarc=False)
+    f = makeVerifier(dnsServer, reject_on_dmarc=False)
     verdict = runHook(f, session(client="192.0.2.66", sender="x@evil.example"), message())
     assert verdict.action == QUARANTINE
     assert "dmarc=fail (p=reject) header.from=good.example" in authResults(verdict)
 
 
 def test_p_quarantine_files_into_junk(dnsServer):
-    verdict = runHook(makeFilter(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
+    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
                       message(fromHeader="q@quarantine.example"))
     assert verdict.action == QUARANTINE
     assert "dmarc=fail (p=quarantine) header.from=quarantine.example" in authResults(verdict)
@@ -162,20 +155,20 @@ def test_p_quarantine_files_into_junk(dnsServer):
 
 def test_pct_samples_the_policy_down_one_step(dnsServer):
     # RFC 7489 §6.6.4: messages outside pct get the next policy down (reject -> quarantine).
-    verdict = runHook(makeFilter(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
+    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
                       message(fromHeader="s@sampled.example"))
     assert verdict.action == QUARANTINE
 
 
 def test_subdomain_uses_the_organizational_domain_and_sp(dnsServer):
-    verdict = runHook(makeFilter(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
+    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
                       message(fromHeader="n@news.relaxed.example"))
     assert verdict.action == ACCEPT
     assert "dmarc=fail (p=none) header.from=news.relaxed.example" in authResults(verdict)
 
 
 def test_organizational_domain_comes_from_the_public_suffix_list(dnsServer):
-    verdict = runHook(makeFilter(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
+    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
                       message(fromHeader="m@mail.shop.example.co.uk"))
     assert verdict.action == REJECT
     queried = [name for name, _ in dnsServer.queries]
@@ -183,7 +176,7 @@ def test_organizational_domain_comes_from_the_public_suffix_list(dnsServer):
 
 
 def test_relaxed_spf_alignment_accepts_a_subdomain_bounce_address(dnsServer):
-    verdict = runHook(makeFilter(dnsServer), session(sender="b@bounces.good.example"), message())
+    verdict = runHook(makeVerifier(dnsServer), session(sender="b@bounces.good.example"), message())
     ar = authResults(verdict)
     assert verdict.action == ACCEPT
     assert "spf=pass smtp.mailfrom=b@bounces.good.example" in ar
@@ -191,14 +184,14 @@ def test_relaxed_spf_alignment_accepts_a_subdomain_bounce_address(dnsServer):
 
 
 def test_strict_spf_alignment_refuses_a_subdomain(dnsServer):
-    verdict = runHook(makeFilter(dnsServer), session(sender="b@bounces.strict.example"),
+    verdict = runHook(makeVerifier(dnsServer), session(sender="b@bounces.strict.example"),
                       message(fromHeader="a@strict.example"))
     assert verdict.action == REJECT
 
 
 def test_null_sender_is_checked_with_the_helo_identity(dnsServer):
     # RFC 7208 §2.4: for <> the MAIL FROM identity is postmaster@<HELO name>.
-    verdict = runHook(makeFilter(dnsServer), session(sender=""), message())
+    verdict = runHook(makeVerifier(dnsServer), session(sender=""), message())
     ar = authResults(verdict)
     assert "spf=pass smtp.helo=mail.good.example" in ar
     assert "smtp.mailfrom" not in ar
@@ -206,13 +199,13 @@ def test_null_sender_is_checked_with_the_helo_identity(dnsServer):
 
 
 def test_helo_check_can_be_turned_off(dnsServer):
-    f = makeFilter(dnsServer, spf_helo=False)
+    f = makeVerifier(dnsServer, spf_helo=False)
     ar = authResults(runHook(f, session(), signedGood()))
     assert "smtp.helo" not in ar and "spf=pass smtp.mailfrom=bob@good.example" in ar
 
 
 def test_spf_ptr_and_macros(dnsServer):
-    f = makeFilter(dnsServer, spf_helo=False)
+    f = makeVerifier(dnsServer, spf_helo=False)
     ar = authResults(runHook(f, session(client="192.0.2.20", sender="p@ptr.example"),
                              message(fromHeader="p@ptr.example")))
     assert "spf=pass smtp.mailfrom=p@ptr.example" in ar
@@ -226,7 +219,7 @@ def test_spf_ptr_and_macros(dnsServer):
 
 def test_dns_temporary_errors_give_temperror_never_a_reject(dnsServer):
     raw = sign(message(fromHeader="t@tempfail.example"), RSA, "tempfail.example", "rsa")
-    verdict = runHook(makeFilter(dnsServer), session(sender="t@tempfail.example"), raw)
+    verdict = runHook(makeVerifier(dnsServer), session(sender="t@tempfail.example"), raw)
     ar = authResults(verdict)
     assert verdict.action == ACCEPT
     assert "spf=temperror smtp.mailfrom=t@tempfail.example" in ar
@@ -236,7 +229,7 @@ def test_dns_temporary_errors_give_temperror_never_a_reject(dnsServer):
 
 def test_authenticated_sessions_are_skipped(dnsServer):
     before = len(dnsServer.queries)
-    verdict = runHook(makeFilter(dnsServer), session(authenticated="alice@receiver.example"),
+    verdict = runHook(makeVerifier(dnsServer), session(authenticated="alice@receiver.example"),
                       message())
     assert verdict is None
     assert len(dnsServer.queries) == before

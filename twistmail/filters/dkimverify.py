@@ -34,7 +34,7 @@ B_PREFIX = 8
 
 @dataclass(frozen=True)
 class DKIMResult:
-    result: str  # pass, fail, policy, neutral, permerror, temperror
+    result: str  # pass, fail, policy, permerror, temperror
     domain: str = ""  # d=
     selector: str = ""  # s=
     algorithm: str = ""  # a=

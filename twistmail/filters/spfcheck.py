@@ -20,17 +20,13 @@ from twistmail._dnsname import isHostName
 from twistmail.filters.lookups import Lookups
 from twistmail.relay.mx import DNSFailure
 
-#: RFC 7208 §2.6 results.
-RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
-
 
 @dataclass(frozen=True)
 class SPFResult:
-    result: str  # one of RESULTS
+    result: str  # RFC 7208 §2.6: pass fail softfail neutral none permerror temperror
     identity: str  # "mailfrom" or "helo" (RFC 7208 §2.3, §2.4)
     domain: str  # the domain checked
     sender: str  # the address checked: MAIL FROM, or postmaster@<HELO>
-    reason: str = ""
 
 
 def _value(qtype: str, rdata):
@@ -89,12 +85,12 @@ def checkHost(lookups: Lookups, client: str, sender: str, helo: str, receiver: s
     try:
         ipaddress.ip_address(client)
     except ValueError:
-        return SPFResult("none", identity, domain, address, "no client address")
+        return SPFResult("none", identity, domain, address)  # a local program: no client
     if not isHostName(domain, minLabels=2):
         # RFC 7208 §4.3: a malformed domain or one that is not fully qualified -> none.
-        return SPFResult("none", identity, domain, address, "not a domain name")
+        return SPFResult("none", identity, domain, address)
     query = _Query(lookups, i=client, s="" if identity == "helo" else address, h=helo,
                    receiver=receiver, strict=True)
-    result, _, explanation = query.check()
-    return SPFResult(result, identity, domain, address,
-                     "" if result in ("pass", "none") else explanation)
+    # The explanation (exp=) is the sender's text: not repeated in our header.
+    result, _, _ = query.check()
+    return SPFResult(result, identity, domain, address)

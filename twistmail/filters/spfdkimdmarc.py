@@ -145,8 +145,8 @@ class SpfDkimDmarc(Filter):
             try:
                 results.append(spfcheck.checkHost(lookups, session.client, session.sender or "",
                                                   session.helo, self._hostname, identity))
-            except Exception as e:  # pyspf on input nobody anticipated: not a reject
-                results.append(spfcheck.SPFResult("temperror", identity, "", "", repr(e)))
+            except Exception:  # pyspf on input nobody anticipated: not a reject
+                results.append(spfcheck.SPFResult("temperror", identity, "", ""))
         return results
 
     def _message(self, lookups: Lookups, message) -> tuple:
