@@ -32,8 +32,8 @@ from twistmail.model import ACCEPT, REJECT
 RSA = RSAKey()
 WEAK = RSAKey(WEAK_RSA_PEM)
 
-SLOW = ("slow.example", "rsa._domainkey.slow.example", "_dmarc.sub.slow.example",
-        "_dmarc.slow.example")
+SLOW = ("slow.example", "rsa._domainkey.slow.example", "rsa2._domainkey.slow.example",
+        "_dmarc.sub.slow.example")
 
 
 def chunks(text: str, size: int = 255) -> list[str]:
@@ -247,12 +247,13 @@ def test_two_dmarc_records_are_a_permerror_not_applied(dnsServer):
 
 def test_dns_that_never_answers_gives_temperror_in_time_and_stalls_nobody(dnsServer):
     # Unchecked, this message would wait for 5 lookups of 1 s each: SPF for MAIL FROM
-    # and HELO, then the DKIM key, _dmarc.sub.slow.example and _dmarc.slow.example.
-    # The time limit (1 s) stops each job after its first timeout.  Meanwhile the
-    # reactor and another session's checks go on.
+    # and HELO (2 s), then two DKIM keys and _dmarc.sub.slow.example (3 s).  The time
+    # limit (1 s) stops each job after its first timeout.  Meanwhile the reactor and
+    # another session's checks go on.
     slow = makeVerifier(dnsServer, timeout=1, time_limit=1)
     fast = makeVerifier(dnsServer, timeout=1, time_limit=1, spf_helo=False)
-    raw = sign(message(fromHeader="s@sub.slow.example"), RSA, "slow.example", "rsa")
+    raw = sign(sign(message(fromHeader="s@sub.slow.example"), RSA, "slow.example", "rsa"),
+               RSA, "slow.example", "rsa2")
     slowSession = session(sender="s@slow.example", helo="slow.example")
     fastRaw = message(fromHeader="f@fast.example")
     fastSession = session(sender="f@fast.example")
