@@ -233,3 +233,20 @@ def test_authenticated_sessions_are_skipped(dnsServer):
                       message())
     assert verdict is None
     assert len(dnsServer.queries) == before
+
+
+def test_each_message_is_logged_with_who_what_and_result(dnsServer):
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
+                message())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e for e in events if e.get("log_format", "").startswith("spf-dkim-dmarc ")]
+    assert len(logged) == 1
+    event = logged[0]
+    assert (event["client"], event["domain"], event["spf"], event["dkim"], event["dmarc"],
+            event["action"]) == ("192.0.2.66", "good.example", "pass", "none", "fail", "reject")
