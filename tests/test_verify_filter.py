@@ -139,38 +139,32 @@ def test_forged_from_under_p_reject_is_refused_at_end_of_data(dnsServer):
     assert "good.example" in verdict.text
 
 
-def test_forged_from_is_quarantined_when_reject_on_dmarc_is_off(dnsServer):
-    f = makeVerifier(dnsServer, reject_on_dmarc=False)
-    verdict = runHook(f, session(client="192.0.2.66", sender="x@evil.example"), message())
-    assert verdict.action == QUARANTINE
-    assert "dmarc=fail (p=reject) header.from=good.example" in authResults(verdict)
+def forged(server, fromHeader: str, **options):
+    """The verdict on a message from evil.example's host claiming C{fromHeader}."""
+    return runHook(makeVerifier(server, **options),
+                   session(client="192.0.2.66", sender="x@evil.example"),
+                   message(fromHeader=fromHeader))
 
 
-def test_p_quarantine_files_into_junk(dnsServer):
-    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
-                      message(fromHeader="q@quarantine.example"))
-    assert verdict.action == QUARANTINE
-    assert "dmarc=fail (p=quarantine) header.from=quarantine.example" in authResults(verdict)
-
-
-def test_pct_samples_the_policy_down_one_step(dnsServer):
-    # RFC 7489 §6.6.4: messages outside pct get the next policy down (reject -> quarantine).
-    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
-                      message(fromHeader="s@sampled.example"))
-    assert verdict.action == QUARANTINE
-
-
-def test_subdomain_uses_the_organizational_domain_and_sp(dnsServer):
-    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
-                      message(fromHeader="n@news.relaxed.example"))
-    assert verdict.action == ACCEPT
-    assert "dmarc=fail (p=none) header.from=news.relaxed.example" in authResults(verdict)
+@pytest.mark.parametrize("fromHeader, options, action, result", [
+    # reject_on_dmarc = false: a p=reject failure goes to Junk instead.
+    ("a@good.example", {"reject_on_dmarc": False}, QUARANTINE, "dmarc=fail (p=reject)"),
+    # p=quarantine: Junk.
+    ("q@quarantine.example", {}, QUARANTINE, "dmarc=fail (p=quarantine)"),
+    # RFC 7489 §6.6.4: outside pct= (0 here) the next policy down applies.
+    ("s@sampled.example", {}, QUARANTINE, "dmarc=fail (p=reject)"),
+    # A subdomain without a record of its own gets its organizational domain's sp=.
+    ("n@news.relaxed.example", {}, ACCEPT, "dmarc=fail (p=none)"),
+])
+def test_dmarc_dispositions(dnsServer, fromHeader, options, action, result):
+    verdict = forged(dnsServer, fromHeader, **options)
+    assert verdict.action == action
+    domain = fromHeader.partition("@")[2]
+    assert f"{result} header.from={domain}" in authResults(verdict)
 
 
 def test_organizational_domain_comes_from_the_public_suffix_list(dnsServer):
-    verdict = runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
-                      message(fromHeader="m@mail.shop.example.co.uk"))
-    assert verdict.action == REJECT
+    assert forged(dnsServer, "m@mail.shop.example.co.uk").action == REJECT
     queried = [name for name, _ in dnsServer.queries]
     assert "_dmarc.example.co.uk" in queried and "_dmarc.co.uk" not in queried
 
