@@ -181,10 +181,11 @@ async def run_asyncio(
     concurrency: int,
     pipelining: str = "auto",
     starttls: bool = False,
+    prefix: bytes = b"",
 ) -> LoadResult:
     """Send ``messages`` over ``concurrency`` connections and time them."""
     result = LoadResult("asyncio", messages, size, concurrency)
-    factory = MessageFactory(size)
+    factory = MessageFactory(size, prefix)
     counter = itertools.count()
     latencies: list[float] = []
     workers = [
@@ -252,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: pipeline MAIL+RCPT+DATA only if PIPELINING is advertised",
     )
     parser.add_argument("--starttls", action="store_true", help="STARTTLS on every connection")
+    parser.add_argument("--prefix-file", type=argparse.FileType("rb"), default=None,
+                        help="header lines (CRLF) put first in every message, e.g. a "
+                             "DKIM-Signature (asyncio engine)")
     args = parser.parse_args(argv)
+    prefix = args.prefix_file.read() if args.prefix_file else b""
     before = resource.getrusage(resource.RUSAGE_SELF)
     if args.engine == "asyncio":
         result = asyncio.run(
             run_asyncio(
                 args.host, args.port, args.messages, args.size,
-                args.concurrency, args.pipelining, args.starttls,
+                args.concurrency, args.pipelining, args.starttls, prefix,
             )
         )  # fmt: skip
         after = resource.getrusage(resource.RUSAGE_SELF)

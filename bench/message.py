@@ -62,16 +62,20 @@ def _body(length: int) -> bytes:
 class MessageFactory:
     """Build messages of ``size`` bytes (CRLF form, without the final dot)."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 4096, prefix: bytes = b"") -> None:
+        """@param prefix: header lines put first in every message (a DKIM-Signature
+            valid for all of them: it signs neither Subject nor Message-ID), on top
+            of C{size}."""
         head_len = len(_HEAD % (0, 0))
         if size < head_len + 2:
             raise ValueError(f"size must be at least {head_len + 2} bytes")
-        self.size = size
+        self.prefix = prefix
+        self.size = size + len(prefix)
         self.body = _body(size - head_len)
 
     def head(self, seq: int) -> bytes:
         """Headers for message ``seq`` (the body is shared by all messages)."""
-        return _HEAD % (seq, seq)
+        return self.prefix + _HEAD % (seq, seq)
 
     def render(self, seq: int) -> bytes:
         """The full message ``seq`` exactly as sent on the wire (unstuffed)."""

@@ -8,6 +8,7 @@ cores went.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -149,3 +150,15 @@ def twistmail_available() -> str | None:
     if b"twistmail" not in proc.stdout:
         return "twistd has no twistmail plugin (pip install -e . ?)"
     return None
+
+
+def smtp_load(port: int, messages: int, size: int, concurrency: int, *options: str) -> dict:
+    """bench/loadgen.py's result against C{port}; C{options} are more loadgen arguments
+    (``--starttls``, ``--prefix-file F``).  Raises if any message was not accepted."""
+    argv = [PYTHON, str(BENCH_DIR / "loadgen.py"), "--port", str(port), "--messages", str(messages),
+            "--size", str(size), "--concurrency", str(concurrency), *options]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    result = json.loads(proc.stdout)
+    if result["failed"]:
+        raise RuntimeError(f"loadgen: {result['errors'][:3]}")
+    return result

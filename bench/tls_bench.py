@@ -16,32 +16,19 @@ Figures are messages (or fetches) per second and the TLS/plain ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import servers
-from servers import BENCH_DIR, PASSWORD, PYTHON, free_port
+from servers import PASSWORD, free_port
 
 ADDRESS = f"{servers.USER}@{servers.DOMAIN}"
-
-
-def smtpLoad(port: int, messages: int, size: int, concurrency: int, starttls: bool) -> dict:
-    argv = [PYTHON, str(BENCH_DIR / "loadgen.py"), "--port", str(port), "--messages", str(messages),
-            "--size", str(size), "--concurrency", str(concurrency)]
-    argv += ["--starttls"] if starttls else []
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    result = json.loads(proc.stdout)
-    if result["failed"]:
-        raise RuntimeError(f"loadgen: {result['errors'][:3]}")
-    return result
 
 
 def imapFetch(port: int, tls: bool, command: str) -> tuple[float, int]:
@@ -96,7 +83,8 @@ def main() -> int:
             for rep in range(args.repeat):
                 for conc in (1, 20):
                     for tls in ((False, True) if rep % 2 == 0 else (True, False)):
-                        run = smtpLoad(ports["smtp"], args.messages, args.size, conc, tls)
+                        run = servers.smtp_load(ports["smtp"], args.messages, args.size, conc,
+                                                *(["--starttls"] if tls else []))
                         smtp.setdefault((conc, tls), []).append(run["msgs_per_sec"])
                         print(f"[rep {rep + 1}] smtp conc {conc:>2} {'starttls' if tls else 'plain':8}"
                               f" {run['msgs_per_sec']:7.0f} msg/s", flush=True)

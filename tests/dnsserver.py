@@ -34,6 +34,10 @@ def AAAA(address: str) -> dns.Record_AAAA:
     return dns.Record_AAAA(address, ttl=60)
 
 
+def PTR(name: str) -> dns.Record_PTR:
+    return dns.Record_PTR(name.encode(), ttl=60)
+
+
 def TXT(*strings: str) -> dns.Record_TXT:
     """One TXT record; several strings are joined by the reader (RFC 7208 §3.3)."""
     return dns.Record_TXT(*(t.encode() for t in strings), ttl=60)

@@ -1,0 +1,246 @@
+"""Inbound SPF, DKIM and DMARC verification (the "spf-dkim-dmarc" filter).
+
+The filter's hooks are called as the SMTP engine calls them, with DNS from a
+twisted.names server on loopback through the relay's real resolver.
+"""
+
+from __future__ import annotations
+
+import pytest
+from dnsserver import PTR, TXT, A, startDNS
+from mailauth import (
+    HOST,
+    Ed25519Key,
+    RSAKey,
+    authResults,
+    makeVerifier,
+    message,
+    resolverFor,
+    runHook,
+    session,
+    sign,
+)
+from twisted.internet import reactor
+from zope.interface.verify import verifyObject
+
+from twistmail import _pluginload
+from twistmail.config import ConfigError
+from twistmail.interfaces import IMessageFilter, IMessageFilterFactory
+from twistmail.model import ACCEPT, QUARANTINE, REJECT, FilterContext
+
+RSA = RSAKey()
+ED = Ed25519Key()
+
+
+def zone() -> dict:
+    return {
+        # A domain doing everything right: SPF for its outgoing host, two DKIM keys
+        # (RSA and Ed25519, RFC 8463) and DMARC p=reject.
+        "good.example": [TXT("v=spf1 ip4:192.0.2.10 -all")],
+        "mail.good.example": [A("192.0.2.10"), TXT("v=spf1 a -all")],
+        "bounces.good.example": [TXT("v=spf1 ip4:192.0.2.10 -all")],
+        "rsa._domainkey.good.example": [RSA.record()],
+        "ed._domainkey.good.example": [ED.record()],
+        "_dmarc.good.example": [TXT("v=DMARC1; p=reject; rua=mailto:d@good.example")],
+        # Strict SPF alignment.
+        "strict.example": [TXT("v=spf1 include:good.example -all")],
+        "_dmarc.strict.example": [TXT("v=DMARC1; p=reject; aspf=s")],
+        "bounces.strict.example": [TXT("v=spf1 ip4:192.0.2.10 -all")],
+        # A sender whose own SPF passes, forging another domain's From.
+        "evil.example": [TXT("v=spf1 ip4:192.0.2.66 -all")],
+        "quarantine.example": [],
+        "_dmarc.quarantine.example": [TXT("v=DMARC1; p=quarantine")],
+        "sampled.example": [],
+        "_dmarc.sampled.example": [TXT("v=DMARC1; p=reject; pct=0")],
+        "relaxed.example": [],
+        "_dmarc.relaxed.example": [TXT("v=DMARC1; p=reject; sp=none")],
+        "news.relaxed.example": [],
+        # The organizational domain comes from the Public Suffix List: co.uk is a
+        # public suffix, so a From of mail.shop.example.co.uk falls back to
+        # _dmarc.example.co.uk (RFC 7489 §6.6.3), never to _dmarc.co.uk.
+        "mail.shop.example.co.uk": [],
+        "_dmarc.example.co.uk": [TXT("v=DMARC1; p=reject")],
+        "_dmarc.co.uk": [TXT("v=DMARC1; p=none")],
+        # SPF with ptr and macros (RFC 7208 §5.5, §7).
+        "ptr.example": [TXT("v=spf1 ptr -all")],
+        "host.ptr.example": [A("192.0.2.20")],
+        "20.2.0.192.in-addr.arpa": [PTR("host.ptr.example")],
+        "macro.example": [TXT("v=spf1 exists:%{ir}.%{l1r+-}._spf.%{d} -all")],
+        "20.2.0.192.carol._spf.macro.example": [A("127.0.0.2")],
+        # DNS that fails temporarily, for a domain publishing p=reject.
+        "tempfail.example": [],
+        "_dmarc.tempfail.example": [TXT("v=DMARC1; p=reject")],
+    }
+
+
+@pytest.fixture(scope="module")
+def dnsServer():
+    server = startDNS(zone(), servfail={"tempfail.example", "rsa._domainkey.tempfail.example"})
+    yield server
+    server.stop()
+
+
+def signedGood(raw=None) -> bytes:
+    raw = raw or message()
+    return sign(sign(raw, RSA, "good.example", "rsa"), ED, "good.example", "ed")
+
+
+# -- the plugin ---------------------------------------------------------------------
+
+
+def test_found_by_name_as_a_plugin(dnsServer):
+    factory = _pluginload.find(IMessageFilterFactory, "spf-dkim-dmarc", "[filters] inbound")
+    assert verifyObject(IMessageFilterFactory, factory)
+    f = factory.makeFilter({}, FilterContext(HOST, "/x", resolverFor(dnsServer), reactor))
+    assert verifyObject(IMessageFilter, f)
+    assert f.name == "spf-dkim-dmarc"
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"max_signatures": 0}, "max_signatures"),
+    ({"max_signatures": "5"}, "max_signatures"),
+    ({"reject_on_dmarc": "yes"}, "reject_on_dmarc"),
+    ({"time_limit": 0}, "time_limit"),
+    ({"spf_helo": 1}, "spf_helo"),
+    ({"dkim_minimum_bits": 2}, "dkim_minimum_bits"),
+])
+def test_bad_options_name_the_key_and_the_fix(dnsServer, options, key):
+    with pytest.raises(ConfigError) as info:
+        makeVerifier(dnsServer, **options)
+    text = str(info.value)
+    assert f"[filters.spf-dkim-dmarc] {key}" in text and "Fix:" in text
+
+
+# -- results ------------------------------------------------------------------------
+
+
+def test_aligned_signed_message_passes_everything(dnsServer):
+    verdict = runHook(makeVerifier(dnsServer), session(), signedGood())
+    assert verdict.action == ACCEPT
+    ar = authResults(verdict)
+    assert ar.startswith(f"{HOST};")
+    assert "spf=pass smtp.mailfrom=bob@good.example" in ar
+    assert "spf=pass smtp.helo=mail.good.example" in ar
+    assert "dkim=pass header.d=good.example header.s=rsa header.a=rsa-sha256 header.b=" in ar
+    assert "dkim=pass header.d=good.example header.s=ed header.a=ed25519-sha256 header.b=" in ar
+    assert "dmarc=pass (p=reject) header.from=good.example" in ar
+    # One header, values folded one result a line (RFC 5322 §2.2.3).
+    (name, value), = verdict.headers
+    assert "\r\n\t" in value and "\n" not in value.replace("\r\n\t", "")
+
+
+def test_forged_from_under_p_reject_is_refused_at_end_of_data(dnsServer):
+    # evil.example's own SPF passes, but nothing aligns with good.example in From.
+    forger = session(client="192.0.2.66", sender="x@evil.example", helo="evil.example")
+    verdict = runHook(makeVerifier(dnsServer), forger, message())
+    assert verdict.action == REJECT
+    assert verdict.code == 550
+    assert verdict.text.startswith("5.7.1 ") and "DMARC" in verdict.text
+    assert "good.example" in verdict.text
+
+
+def forged(server, fromHeader: str, **options):
+    """The verdict on a message from evil.example's host claiming C{fromHeader}."""
+    return runHook(makeVerifier(server, **options),
+                   session(client="192.0.2.66", sender="x@evil.example"),
+                   message(fromHeader=fromHeader))
+
+
+@pytest.mark.parametrize("fromHeader, options, action, result", [
+    # reject_on_dmarc = false: a p=reject failure goes to Junk instead.
+    ("a@good.example", {"reject_on_dmarc": False}, QUARANTINE, "dmarc=fail (p=reject)"),
+    # p=quarantine: Junk.
+    ("q@quarantine.example", {}, QUARANTINE, "dmarc=fail (p=quarantine)"),
+    # RFC 7489 §6.6.4: outside pct= (0 here) the next policy down applies.
+    ("s@sampled.example", {}, QUARANTINE, "dmarc=fail (p=reject)"),
+    # A subdomain without a record of its own gets its organizational domain's sp=.
+    ("n@news.relaxed.example", {}, ACCEPT, "dmarc=fail (p=none)"),
+])
+def test_dmarc_dispositions(dnsServer, fromHeader, options, action, result):
+    verdict = forged(dnsServer, fromHeader, **options)
+    assert verdict.action == action
+    domain = fromHeader.partition("@")[2]
+    assert f"{result} header.from={domain}" in authResults(verdict)
+
+
+def test_organizational_domain_comes_from_the_public_suffix_list(dnsServer):
+    assert forged(dnsServer, "m@mail.shop.example.co.uk").action == REJECT
+    queried = [name for name, _ in dnsServer.queries]
+    assert "_dmarc.example.co.uk" in queried and "_dmarc.co.uk" not in queried
+
+
+def test_relaxed_spf_alignment_accepts_a_subdomain_bounce_address(dnsServer):
+    verdict = runHook(makeVerifier(dnsServer), session(sender="b@bounces.good.example"), message())
+    ar = authResults(verdict)
+    assert verdict.action == ACCEPT
+    assert "spf=pass smtp.mailfrom=b@bounces.good.example" in ar
+    assert "dkim=none" in ar and "dmarc=pass" in ar
+
+
+def test_strict_spf_alignment_refuses_a_subdomain(dnsServer):
+    verdict = runHook(makeVerifier(dnsServer), session(sender="b@bounces.strict.example"),
+                      message(fromHeader="a@strict.example"))
+    assert verdict.action == REJECT
+
+
+def test_null_sender_is_checked_with_the_helo_identity(dnsServer):
+    # RFC 7208 §2.4: for <> the MAIL FROM identity is postmaster@<HELO name>.
+    verdict = runHook(makeVerifier(dnsServer), session(sender=""), message())
+    ar = authResults(verdict)
+    assert "spf=pass smtp.helo=mail.good.example" in ar
+    assert "smtp.mailfrom" not in ar
+    assert "dmarc=pass" in ar and verdict.action == ACCEPT
+
+
+def test_helo_check_can_be_turned_off(dnsServer):
+    f = makeVerifier(dnsServer, spf_helo=False)
+    ar = authResults(runHook(f, session(), signedGood()))
+    assert "smtp.helo" not in ar and "spf=pass smtp.mailfrom=bob@good.example" in ar
+
+
+def test_spf_ptr_and_macros(dnsServer):
+    f = makeVerifier(dnsServer, spf_helo=False)
+    ar = authResults(runHook(f, session(client="192.0.2.20", sender="p@ptr.example"),
+                             message(fromHeader="p@ptr.example")))
+    assert "spf=pass smtp.mailfrom=p@ptr.example" in ar
+    ar = authResults(runHook(f, session(client="192.0.2.20", sender="carol@macro.example"),
+                             message(fromHeader="carol@macro.example")))
+    assert "spf=pass smtp.mailfrom=carol@macro.example" in ar
+    ar = authResults(runHook(f, session(client="192.0.2.21", sender="carol@macro.example"),
+                             message(fromHeader="carol@macro.example")))
+    assert "spf=fail smtp.mailfrom=carol@macro.example" in ar
+
+
+def test_dns_temporary_errors_give_temperror_never_a_reject(dnsServer):
+    raw = sign(message(fromHeader="t@tempfail.example"), RSA, "tempfail.example", "rsa")
+    verdict = runHook(makeVerifier(dnsServer), session(sender="t@tempfail.example"), raw)
+    ar = authResults(verdict)
+    assert verdict.action == ACCEPT
+    assert "spf=temperror smtp.mailfrom=t@tempfail.example" in ar
+    assert "dkim=temperror" in ar and "header.d=tempfail.example" in ar
+    assert "dmarc=temperror" in ar
+
+
+def test_authenticated_sessions_are_skipped(dnsServer):
+    before = len(dnsServer.queries)
+    verdict = runHook(makeVerifier(dnsServer), session(authenticated="alice@receiver.example"),
+                      message())
+    assert verdict is None
+    assert len(dnsServer.queries) == before
+
+
+def test_each_message_is_logged_with_who_what_and_result(dnsServer):
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        runHook(makeVerifier(dnsServer), session(client="192.0.2.66", sender="x@evil.example"),
+                message())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    logged = [e for e in events if e.get("log_format", "").startswith("spf-dkim-dmarc ")]
+    assert len(logged) == 1
+    event = logged[0]
+    assert (event["client"], event["domain"], event["spf"], event["dkim"], event["dmarc"],
+            event["action"]) == ("192.0.2.66", "good.example", "pass", "none", "fail", "reject")

@@ -1,0 +1,42 @@
+# -*- test-case-name: tests.test_hostile_verify -*-
+"""DNS lookups for one message's checks, through the shared resolver, within a time limit.
+
+The resolver bounds each query (``[relay] dns_timeout``); this bounds the
+message: once its time is spent, every further lookup fails at once as a
+temporary DNS failure, so a check built on hostile records or a DNS server
+that never answers ends with ``temperror`` instead of holding a worker
+thread lookup after lookup.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from twistmail.relay.mx import DNSFailure
+
+
+class Lookups:
+    """C{lookups(name, rdtype)}: the resolver's C{resolveSync}, until the deadline."""
+
+    def __init__(self, resolveSync: Callable[[str, str], list], seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._resolve = resolveSync
+        self._clock = clock
+        self._deadline = clock() + seconds
+
+    def __call__(self, name: str, rdtype: str) -> list:
+        """dnspython rdata ([] for NODATA); L{DNSFailure} (temporary once time is up)."""
+        if self._clock() >= self._deadline:
+            raise DNSFailure(True, "4.4.3", f"time limit for this message's DNS lookups "
+                             f"reached before {name} {rdtype}")
+        return self._resolve(name, rdtype)
+
+    def records(self, name: str, rdtype: str) -> list:
+        """As calling it, but NXDOMAIN is no records (the checks treat both alike)."""
+        try:
+            return self(name, rdtype)
+        except DNSFailure as e:
+            if e.temporary:
+                raise
+            return []
