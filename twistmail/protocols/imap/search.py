@@ -72,6 +72,22 @@ class Candidate:
             self._decoded[field] = values
         return values
 
+    def addresses(self, field: str) -> str:
+        """The addresses of C{field}, casefolded, as ``name <@route:mailbox@host>, ...``."""
+        key = "address:" + field
+        if self._decoded is None:
+            self._decoded = {}
+        text = self._decoded.get(key)
+        if text is None:
+            written = []
+            for name, route, mailbox, host in structure.addressList(self.root, field) or ():
+                address = "@".join(p for p in (mailbox, host) if p)
+                if route:
+                    address = f"{route}:{address}"
+                written.append(f"{_decodeHeader(name)} <{address}>" if name else address)
+            text = self._decoded[key] = ", ".join(written).casefold()
+        return text
+
     @property
     def root(self) -> structure.Entity:
         if self._root is None:
@@ -209,6 +225,15 @@ class _Header(Key):
         if not self.text:
             return True  # HEADER field "": the field exists (RFC 3501 §6.4.4)
         return any(self.text in v for v in values)
+
+
+class _Address(_Header):
+    """FROM, TO, CC, BCC: a substring of the decoded field, or of its addresses written
+    as Dovecot searches them (``display name <@route:mailbox@domain>``, RFC 2047 words
+    decoded, quotes gone), so ``René <rene@`` finds ``"=?utf-8?q?Ren=C3=A9?=" <rene@...>``."""
+
+    def match(self, c):
+        return super().match(c) or self.text in c.addresses(self.field)
 
 
 class _Body(Key):
@@ -365,7 +390,8 @@ def _key(args: Arguments, largest, depth: int, count: list) -> Key:
         args.sp()
         return _Or(a, _key(args, largest, depth + 1, count))
     if name in _HEADER_KEYS:
-        return _Header(_HEADER_KEYS[name], _string(args))
+        field = _HEADER_KEYS[name]
+        return (_Header if field == "subject" else _Address)(field, _string(args))
     if name == b"HEADER":
         field = _string(args)
         args.sp()
