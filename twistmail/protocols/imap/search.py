@@ -345,17 +345,27 @@ def parseCharset(args: Arguments) -> None:
             raise BadCharset(charset.decode("ascii", "replace"))
 
 
-def parseKeys(args: Arguments, largest: Callable[[bool], int]) -> Key:
+def parseKeys(args: Arguments, largest: Callable[[bool], int],
+              saved: Callable[[], list] = list) -> Key:
     """All search keys to the end of the command, ANDed.
 
     @param largest: largest(byUid) -> what ``*`` means for a sequence set.
+    @param saved: saved() -> the UID ranges ``$`` stands for (RFC 5182).
     """
     count = [0]
-    keys = [_key(args, largest, 0, count)]
+    keys = [_key(args, (largest, saved), 0, count)]
     while not args.atEnd():
         args.sp()
-        keys.append(_key(args, largest, 0, count))
+        keys.append(_key(args, (largest, saved), 0, count))
     return keys[0] if len(keys) == 1 else _And(keys)
+
+
+def _sequenceKey(args: Arguments, context: tuple, byUid: bool) -> Key:
+    largest, saved = context
+    seqset = args.sequenceSet()
+    if seqset.saved:
+        return _Set(saved(), byUid=True)  # "$" is UIDs, whether after UID or not
+    return _Set(seqset.resolve(largest(byUid)), byUid=byUid)
 
 
 def _string(args: Arguments) -> str:
@@ -373,8 +383,8 @@ def _key(args: Arguments, largest, depth: int, count: list) -> Key:
         if not keys:
             raise ParseError("empty search key list")
         return keys[0] if len(keys) == 1 else _And(keys)
-    if args.peek().isdigit() or args.peek() == b"*":
-        return _Set(args.sequenceSet().resolve(largest(False)), byUid=False)
+    if args.peek().isdigit() or args.peek() in (b"*", b"$"):
+        return _sequenceKey(args, largest, byUid=False)
     name = args.atom().upper()
     if name == b"ALL":
         return _All()
@@ -403,7 +413,7 @@ def _key(args: Arguments, largest, depth: int, count: list) -> Key:
     if name in (b"LARGER", b"SMALLER"):
         return _Size(args.number(), name == b"LARGER")
     if name == b"UID":
-        return _Set(args.sequenceSet().resolve(largest(True)), byUid=True)
+        return _sequenceKey(args, largest, byUid=True)
     if name in _DATE_KEYS:
         day = datetime.date(*args.date())
         return (_SentDate if name.startswith(b"SENT") else _InternalDate)(day, name)

@@ -58,7 +58,7 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import fetch, names, response, search
+from twistmail.protocols.imap import esearch, fetch, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -115,15 +115,7 @@ def _storageNo(failure_or_error) -> bytes:
     return b"[SERVERBUG] " + str(error).encode("utf-8", "replace")[:200]
 
 
-def _uidSet(uids: list[int]) -> bytes:
-    """1,2,3,5 -> 1:3,5 (for COPYUID)."""
-    out = []
-    for uid in uids:
-        if out and out[-1][1] == uid - 1:
-            out[-1][1] = uid
-        else:
-            out.append([uid, uid])
-    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in out)
+_uidSet = response.numberSet
 
 
 class IMAPServer(imap4.IMAP4Server):
@@ -136,6 +128,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.account = None  # IMailAccount once logged in
         self.user = ""
         self.selected: SelectedFolder | None = None
+        self.searchResult: list[tuple[int, int]] = []  # "$": UID ranges (RFC 5182)
         self._busy = False
         self._processing = False
         self._continuation: defer.Deferred | None = None
@@ -189,6 +182,7 @@ class IMAPServer(imap4.IMAP4Server):
         caps: dict = {b"LITERAL+": None, b"SASL-IR": None, b"ID": None, b"ENABLE": None,
                       b"IDLE": None, b"NAMESPACE": None, b"UNSELECT": None, b"UIDPLUS": None,
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
+                      b"ESEARCH": None, b"SEARCHRES": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -536,6 +530,7 @@ class IMAPServer(imap4.IMAP4Server):
         return self.factory.claimRecent(self.user, mailbox, uids, take=False)
 
     def _unselect(self) -> None:
+        self.searchResult = []  # RFC 5182 §2.1: "$" is empty in a newly selected folder
         if self.selected is not None:
             self.selected.close()
             self.selected = None
@@ -750,7 +745,7 @@ class IMAPServer(imap4.IMAP4Server):
         allowed = None
         if uid:
             args.sp()
-            allowed = {u for _, u in view.byUid(args.sequenceSet().resolve(view.largestUid()))}
+            allowed = {u for _, u in view.byUid(self._uidRanges(args.sequenceSet()))}
         args.end()
         if view.readOnly:
             raise _No(b"[READ-ONLY] Mailbox is read-only")
@@ -763,8 +758,8 @@ class IMAPServer(imap4.IMAP4Server):
     def _targets(self, args: Arguments, uid: bool) -> list[tuple[int, int]]:
         view = self.selected
         seqset = args.sequenceSet()
-        if uid:
-            return view.byUid(seqset.resolve(view.largestUid()))
+        if uid or seqset.saved:
+            return view.byUid(self._uidRanges(seqset))
         if not len(view):
             if seqset.usesStar():
                 raise _Bad(b"No messages: * has no meaning")
@@ -773,6 +768,10 @@ class IMAPServer(imap4.IMAP4Server):
         if resolved[-1][1] > len(view):
             raise _Bad(b"No such message: the mailbox has %d" % len(view))
         return view.bySeq(resolved)
+
+    def _uidRanges(self, seqset) -> list[tuple[int, int]]:
+        """UID ranges of a UID command's set, or of ``$`` in any command (RFC 5182 §2.1)."""
+        return self.searchResult if seqset.saved else seqset.resolve(self.selected.largestUid())
 
     async def cmd_FETCH(self, tag, args, uid: bool = False):
         args.sp()
@@ -924,8 +923,26 @@ class IMAPServer(imap4.IMAP4Server):
     async def cmd_SEARCH(self, tag, args, uid: bool = False):
         view = self.selected
         args.sp()
+        options = esearch.parseReturn(args)
+        if options is not None and b"SAVE" in options:
+            self.searchResult = []  # RFC 5182 §2.1: a SEARCH ... SAVE that fails leaves "$" empty
         search.parseCharset(args)
-        key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view))
+        key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view),
+                               lambda: self.searchResult)
+        found = await self._matching(view, key)
+        numbers = [c.uid if uid else c.seq for c in found]
+        if options is None:
+            self._send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+        else:
+            line = esearch.answer(tag, options, numbers, uid)
+            if line is not None:
+                self._send(line)
+            if b"SAVE" in options:
+                self.searchResult = esearch.saved(options, [c.uid for c in found])
+        self._ok(tag, b"SEARCH completed", expunge=uid)
+
+    async def _matching(self, view: SelectedFolder, key) -> list:
+        """The candidates of the selected folder that C{key} matches, in order."""
         candidates = []
         for seq, u in enumerate(list(view.uids), 1):
             message = view.message(u)  # RFC 2180 §4.1: expunged elsewhere still counts
@@ -949,9 +966,7 @@ class IMAPServer(imap4.IMAP4Server):
                 readable = [(c, d) for c, d in zip(candidates[start:start + 200], datas, strict=True)
                             if d is not None]
                 found += await threads.deferToThread(_searchChunk, key, readable)
-        numbers = b" ".join(b"%d" % (c.uid if uid else c.seq) for c in found)
-        self._send(b"* SEARCH" + (b" " + numbers if numbers else b""))
-        self._ok(tag, b"SEARCH completed", expunge=uid)
+        return found
 
     async def cmd_IDLE(self, tag, args):
         """RFC 2177: push updates until the client says DONE."""
