@@ -68,7 +68,7 @@ class Candidate:
             if field is None:
                 values = [_decodeHeaderBlock(self.root.header).casefold()]
             else:
-                values = [_decodeHeader(v).casefold() for v in structure.rawValues(self.root, field)]
+                values = [decodeHeader(v).casefold() for v in structure.rawValues(self.root, field)]
             self._decoded[field] = values
         return values
 
@@ -84,7 +84,7 @@ class Candidate:
                 address = "@".join(p for p in (mailbox, host) if p)
                 if route:
                     address = f"{route}:{address}"
-                written.append(f"{_decodeHeader(name)} <{address}>" if name else address)
+                written.append(f"{decodeHeader(name)} <{address}>" if name else address)
             text = self._decoded[key] = ", ".join(written).casefold()
         return text
 
@@ -263,7 +263,7 @@ class _Keyword(Key):
 _DECODE_PIECE = 8192
 
 
-def _decodeHeader(value) -> str:
+def decodeHeader(value) -> str:
     text = str(value).replace("\r\n", "").replace("\n", "")
     # Raw 8-bit in a header (not RFC 2047) reaches us as surrogate escapes: read it as UTF-8.
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -291,7 +291,7 @@ def _decodeWords(text: str) -> str:
 
 
 def _decodeHeaderBlock(header: bytes) -> str:
-    return _decodeHeader(header.decode("utf-8", "replace"))
+    return decodeHeader(header.decode("utf-8", "replace"))
 
 
 def _texts(entity: structure.Entity, depth: int = 0):
@@ -339,10 +339,15 @@ def parseCharset(args: Arguments) -> None:
     """[CHARSET name SP]: only UTF-8 and US-ASCII (their strings decode as UTF-8)."""
     if args.peek(8).upper() == b"CHARSET ":
         args.expect(b"CHARSET ")
-        charset = args.astring().upper()
-        args.sp()
-        if charset not in (b"UTF-8", b"US-ASCII", b"UTF8"):
-            raise BadCharset(charset.decode("ascii", "replace"))
+        charsetArgument(args)
+
+
+def charsetArgument(args: Arguments) -> None:
+    """A charset name and SP (SEARCH's after CHARSET; SORT's and THREAD's, RFC 5256 §3)."""
+    charset = args.astring().upper()
+    args.sp()
+    if charset not in (b"UTF-8", b"US-ASCII", b"UTF8"):
+        raise BadCharset(charset.decode("ascii", "replace"))
 
 
 def parseKeys(args: Arguments, largest: Callable[[bool], int],

@@ -58,7 +58,7 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import esearch, fetch, names, response, search
+from twistmail.protocols.imap import esearch, fetch, names, response, search, sort, thread
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -78,8 +78,9 @@ MAX_RECENT_FOLDERS = 10000
 #: Failed logins a connection may make before it is closed.
 MAX_LOGIN_FAILURES = 3
 #: Commands that may be prefixed with UID, and commands during which EXPUNGE must wait.
-_UID_COMMANDS = {b"COPY", b"FETCH", b"SEARCH", b"STORE", b"EXPUNGE", b"MOVE"}
-_NO_EXPUNGE_DURING = {b"FETCH", b"STORE", b"SEARCH"}
+_UID_COMMANDS = {b"COPY", b"FETCH", b"SEARCH", b"STORE", b"EXPUNGE", b"MOVE", b"SORT", b"THREAD"}
+#: RFC 3501 §7.4.1, and RFC 5256 §3/§4 for SORT and THREAD: numbers would shift under the client.
+_NO_EXPUNGE_DURING = {b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD"}
 
 
 class _No(Exception):
@@ -182,7 +183,8 @@ class IMAPServer(imap4.IMAP4Server):
         caps: dict = {b"LITERAL+": None, b"SASL-IR": None, b"ID": None, b"ENABLE": None,
                       b"IDLE": None, b"NAMESPACE": None, b"UNSELECT": None, b"UIDPLUS": None,
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
-                      b"ESEARCH": None, b"SEARCHRES": None,
+                      b"ESEARCH": None, b"SEARCHRES": None, b"SORT": None,
+                      b"THREAD=ORDEREDSUBJECT": None, b"THREAD=REFERENCES": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -941,6 +943,43 @@ class IMAPServer(imap4.IMAP4Server):
                 self.searchResult = esearch.saved(options, [c.uid for c in found])
         self._ok(tag, b"SEARCH completed", expunge=uid)
 
+    async def cmd_SORT(self, tag, args, uid: bool = False):
+        """RFC 5256 §3: SORT (criteria) charset keys; ties in mailbox order."""
+        args.sp()
+        criteria = sort.parseCriteria(args)
+        described = await self._described(args)
+        ordered = sort.sortMessages(described, criteria)
+        self._send(b"* SORT" + b"".join(b" %d" % (d.uid if uid else d.seq) for d in ordered))
+        self._ok(tag, b"SORT completed", expunge=uid)
+
+    async def cmd_THREAD(self, tag, args, uid: bool = False):
+        """RFC 5256 §4: THREAD algorithm charset keys."""
+        args.sp()
+        algorithm = args.atom().upper()
+        if algorithm not in thread.ALGORITHMS:
+            raise _Bad(b"Unknown threading algorithm " + algorithm[:32])
+        described = await self._described(args)
+        build = thread.references if algorithm == b"REFERENCES" else thread.orderedSubject
+        self._send(b"* THREAD " + thread.render(build(described), uid))
+        self._ok(tag, b"THREAD completed", expunge=uid)
+
+    async def _described(self, args: Arguments) -> list:
+        """SP charset SP search keys (RFC 5256 §3), evaluated: what SORT and THREAD order
+        the found messages by, read from their headers in a worker thread."""
+        view = self.selected
+        args.sp()
+        search.charsetArgument(args)
+        key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view),
+                               lambda: self.searchResult)
+        found = await self._matching(view, key)
+        described = []
+        for start in range(0, len(found), 200):
+            chunk = found[start:start + 200]
+            datas = await _readEach(view.mailbox, [c.uid for c in chunk])
+            described += await threads.deferToThread(
+                lambda pairs: [sort.describe(c, d) for c, d in pairs], list(zip(chunk, datas, strict=True)))
+        return described
+
     async def _matching(self, view: SelectedFolder, key) -> list:
         """The candidates of the selected folder that C{key} matches, in order."""
         candidates = []
@@ -1088,6 +1127,8 @@ _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
     b"UNSELECT": (IMAPServer.cmd_UNSELECT, ("select",)),
     b"EXPUNGE": (IMAPServer.cmd_EXPUNGE, ("select",)),
     b"SEARCH": (IMAPServer.cmd_SEARCH, ("select",)),
+    b"SORT": (IMAPServer.cmd_SORT, ("select",)),
+    b"THREAD": (IMAPServer.cmd_THREAD, ("select",)),
     b"FETCH": (IMAPServer.cmd_FETCH, ("select",)),
     b"STORE": (IMAPServer.cmd_STORE, ("select",)),
     b"COPY": (IMAPServer.cmd_COPY, ("select",)),
