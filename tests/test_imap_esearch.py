@@ -94,8 +94,13 @@ def test_saved_result_follows_expunges_and_resets_on_select(server):
     client.ok("SEARCH RETURN (SAVE) ALL")
     client.ok("EXAMINE INBOX")
     assert client.ok("FETCH $ UID") == []  # reset by SELECT/EXAMINE
-    # A SEARCH ... SAVE that fails leaves the saved result empty.
-    client.ok("SEARCH RETURN (SAVE) ALL")
+    # $ in the SEARCH that saves is the result saved before.
+    client.ok("SEARCH RETURN (SAVE) 1:2")
+    client.ok("SEARCH RETURN (SAVE) $ 2:*")
+    assert client.ok("FETCH $ UID") == [b"* 2 FETCH (UID 6)"]
+    # A SEARCH ... SAVE answered BAD changes nothing; one answered NO empties it.
+    assert client.command("SEARCH RETURN (SAVE) NOSUCHKEY")[1].startswith(b"BAD")
+    assert client.ok("FETCH $ UID") == [b"* 2 FETCH (UID 6)"]
     untagged, tagged = client.command("SEARCH RETURN (SAVE) CHARSET KOI8-R ALL")
     assert tagged.startswith(b"NO [BADCHARSET")
     assert client.ok("FETCH $ UID") == []

@@ -926,11 +926,17 @@ class IMAPServer(imap4.IMAP4Server):
         view = self.selected
         args.sp()
         options = esearch.parseReturn(args)
-        if options is not None and b"SAVE" in options:
-            self.searchResult = []  # RFC 5182 §2.1: a SEARCH ... SAVE that fails leaves "$" empty
-        search.parseCharset(args)
-        key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view),
-                               lambda: self.searchResult)
+        save = options is not None and b"SAVE" in options
+        try:
+            search.parseCharset(args)
+            key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view),
+                                   lambda: self.searchResult)  # "$" here is the one saved before
+        except search.BadCharset:
+            if save:
+                self.searchResult = []  # RFC 5182 §2.1: a SEARCH ... SAVE answered NO empties "$"
+            raise
+        if save:
+            self.searchResult = []  # (and so does one that fails from here on)
         found = await self._matching(view, key)
         numbers = [c.uid if uid else c.seq for c in found]
         if options is None:
