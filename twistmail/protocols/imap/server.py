@@ -116,9 +116,6 @@ def _storageNo(failure_or_error) -> bytes:
     return b"[SERVERBUG] " + str(error).encode("utf-8", "replace")[:200]
 
 
-_uidSet = response.numberSet
-
-
 class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection; configuration and shared state come from the factory."""
 
@@ -909,8 +906,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
             return
         pairs = await view.mailbox.copyMessages(uids, target)
-        code = b"[COPYUID %d %s %s]" % (target.uidValidity, _uidSet([a for a, _ in pairs]),
-                                        _uidSet([b for _, b in pairs]))
+        code = b"[COPYUID %d %s %s]" % (target.uidValidity, response.numberSet([a for a, _ in pairs]),
+                                        response.numberSet([b for _, b in pairs]))
         if not move:
             self._ok(tag, code + b" COPY completed")
             return
@@ -982,8 +979,7 @@ class IMAPServer(imap4.IMAP4Server):
         for start in range(0, len(found), 200):
             chunk = found[start:start + 200]
             datas = await _readEach(view.mailbox, [c.uid for c in chunk])
-            described += await threads.deferToThread(
-                lambda pairs: [sort.describe(c, d) for c, d in pairs], list(zip(chunk, datas, strict=True)))
+            described += await threads.deferToThread(_describeChunk, chunk, datas)
         return described
 
     async def _matching(self, view: SelectedFolder, key) -> list:
@@ -1102,6 +1098,11 @@ def _searchChunk(key, chunk: list) -> list:
         candidate.data = None
         candidate._root = candidate._text = candidate._decoded = None
     return found
+
+
+def _describeChunk(chunk: list, datas: list) -> list:
+    """Worker thread: what SORT and THREAD order each candidate of C{chunk} by."""
+    return [sort.describe(c, d) for c, d in zip(chunk, datas, strict=True)]
 
 
 _ANY = ("unauth", "auth", "select")
