@@ -115,3 +115,11 @@ def test_address_keys_match_the_decoded_addresses(header, criteria):
     field = header.split(b":", 1)[0].decode().upper()
     args = Arguments([f'{field} "{criteria}"'.encode()])
     assert search.parseKeys(args, lambda byUid: 1).match(candidate)
+
+
+def test_body_with_a_commented_transfer_encoding_is_decoded():
+    data = (b"Subject: s\r\nContent-Transfer-Encoding: base64 (it is)\r\n\r\n"
+            b"aGlkZGVuIHRyZWFzdXJl\r\n")
+    message = StoredMessage(1, "u1", frozenset(), len(data), NOON_2024_03_05)
+    candidate = search.Candidate(1, 1, message, recent=False, data=data)
+    assert search.parseKeys(Arguments([b"BODY treasure"]), lambda byUid: 1).match(candidate)

@@ -233,3 +233,9 @@ def test_envelope_keeps_source_routes():
     encoded = env(message)
     assert b'(("Relay User" "@relay.example,@hop.example" "user" "host.example"))' in encoded
     assert b'((NIL "@r.example" "a" "b.example") (NIL NIL "plain" "c.example"))' in encoded
+
+
+def test_comment_in_content_transfer_encoding_is_skipped():
+    message = (b"Content-Type: text/plain; charset=utf-8 (the usual)\r\n"
+               b"Content-Transfer-Encoding: base64 (it is)\r\n\r\naGk=\r\n")
+    assert bs(message, extended=False) == b'("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "BASE64" 6 1)'

@@ -314,7 +314,7 @@ def _decodeBody(entity: structure.Entity) -> str:
     import quopri
 
     body = entity.body
-    cte = str(entity.headers.get("content-transfer-encoding", "")).strip().lower()
+    cte = (structure.transferEncoding(entity) or "").lower()
     try:
         if cte == "base64":
             body = base64.b64decode(body, validate=False)

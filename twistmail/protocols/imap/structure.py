@@ -360,6 +360,12 @@ def _raw(entity: Entity, name: str) -> str | None:
     return values[0] if values else None
 
 
+def transferEncoding(entity: Entity) -> str | None:
+    """Content-Transfer-Encoding without its comments (RFC 2045 §6.1 allows them)."""
+    value = _raw(entity, "content-transfer-encoding")
+    return None if value is None else _uncommented(value[:MAX_PARAMS_TEXT]).strip() or None
+
+
 def _params(entity: Entity, header: str) -> list | None:
     params = entity.headers.get_params(header=header) or []
     out = []
@@ -401,7 +407,7 @@ def bodyStructure(entity: Entity, extended: bool = True) -> list:
     body = entity.body
     out = [entity.mainType.upper(), entity.subType.upper(), params,
            _raw(entity, "content-id"), _raw(entity, "content-description"),
-           (_raw(entity, "content-transfer-encoding") or "7BIT").upper(), len(body)]
+           (transferEncoding(entity) or "7BIT").upper(), len(body)]
     if entity.isMessage:
         out += [envelope(entity.embedded), bodyStructure(entity.embedded, extended), _lines(body)]
     elif entity.mainType == "text":
