@@ -97,3 +97,29 @@ def test_cheap_keys_are_evaluated_before_reading():
     candidate = candidates()[0]
     candidate.data = None  # would raise if the body key ran
     assert not key.match(candidate)
+
+
+@pytest.mark.parametrize("header, criteria", [
+    # Dovecot matches the address list as "display name <mailbox@domain>", decoded: a quoted
+    # encoded word is a name like any other, with no quotes or padding left around it.
+    (b'From: "=?utf-8?q?Ren=C3=A9?=" <rene@example.org>', "René <rene@example"),
+    (b'From: "Doe, =?utf-8?q?Jane?=" <jane@example.org>', "Doe, Jane <jane@"),
+    (b"Cc: =?utf-8?q?Ren=C3=A9?= <rene@example.org>", "rené <RENE@EXAMPLE.ORG>"),
+    (b"To: <@relay.example:user@host.example>", "user@host.example"),
+    (b"Bcc: team: a@x.example, b@y.example;", "b@y.example"),
+])
+def test_address_keys_match_the_decoded_addresses(header, criteria):
+    data = header + b"\r\nSubject: s\r\n\r\nbody\r\n"
+    message = StoredMessage(1, "u1", frozenset(), len(data), NOON_2024_03_05)
+    candidate = search.Candidate(1, 1, message, recent=False, data=data)
+    field = header.split(b":", 1)[0].decode().upper()
+    args = Arguments([f'{field} "{criteria}"'.encode()])
+    assert search.parseKeys(args, lambda byUid: 1).match(candidate)
+
+
+def test_body_with_a_commented_transfer_encoding_is_decoded():
+    data = (b"Subject: s\r\nContent-Transfer-Encoding: base64 (it is)\r\n\r\n"
+            b"aGlkZGVuIHRyZWFzdXJl\r\n")
+    message = StoredMessage(1, "u1", frozenset(), len(data), NOON_2024_03_05)
+    candidate = search.Candidate(1, 1, message, recent=False, data=data)
+    assert search.parseKeys(Arguments([b"BODY treasure"]), lambda byUid: 1).match(candidate)

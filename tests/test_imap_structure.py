@@ -159,3 +159,83 @@ def test_render_sets_literals_for_message_data():
     assert render(item, Message, parsed, Message.flags) == b"RFC822.TEXT {5}\r\nhello"
     [item] = items(b"BODY[]<100.5>")
     assert render(item, Message, parsed, Message.flags) == b"BODY[]<100> {0}\r\n"
+
+
+# -- structures the email package misreads, answered as the bytes say ----------------------
+
+_ONE_PART = b"\r\n--b\r\n\r\nx\r\n--b--\r\n"
+
+
+@pytest.mark.parametrize("header", [
+    # A line that is not a header field does not end the header (as Dovecot reads it).
+    b"Subject: a\r\nnot a header line\r\nContent-Type: multipart/mixed; boundary=b\r\n",
+    # RFC 822 §3.1.2 (obs-fields, RFC 5322 §4.5): white space before the colon.
+    b"Content-Type : multipart/mixed; boundary=b\r\n",
+    # RFC 2045 §5.1: comments may stand anywhere white space may.
+    b"Content-Type: multipart/mixed (comment); boundary=b\r\n",
+    b"Content-Type: multipart/mixed; (comment) boundary=\"b\"\r\n",
+    b"Content-Type: multipart/mixed; boundary=b (comment)\r\n",
+])
+def test_multipart_headers_the_email_package_misreads(header):
+    encoded = bs(header + _ONE_PART)
+    assert encoded == (b'(("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 1 1 NIL NIL NIL NIL)'
+                       b' "MIXED" ("BOUNDARY" "b") NIL NIL NIL)')
+
+
+def test_quoted_boundary_with_spaces_preamble_and_epilogue():
+    message = (b'Content-Type: multipart/mixed; boundary="a b c"\r\n\r\npreamble\r\n--a b c\r\n'
+               b"Content-Type: text/plain\r\n\r\none\r\n--a b c\r\n\r\ntwo\r\n--a b c--\r\n"
+               b"epilogue\r\n--a b c\r\n\r\nnot a part\r\n")
+    root = structure.parse(message)
+    assert [structure.section(root, (n,), None) for n in (1, 2)] == [b"one", b"two"]
+    assert structure.section(root, (1,), "MIME") == b"Content-Type: text/plain\r\n\r\n"
+    with pytest.raises(structure.NoSuchPart):
+        structure.section(root, (3,), None)
+
+
+_INNER = (b"Subject: inner\r\nContent-Type: multipart/alternative; boundary=in\r\n\r\n--in\r\n"
+          b"Content-Type: text/plain\r\n\r\nplain\r\n--in\r\nContent-Type: text/html\r\n\r\n"
+          b"<p>html</p>\r\n--in--\r\n")
+
+
+def test_nested_message_rfc822_part_numbering():
+    """RFC 3501 §6.4.5: 2 is the message/rfc822 part, 2.HEADER/2.TEXT its message, 2.1 and
+    2.2 the parts of that message's body, 2.1.MIME their own header."""
+    message = (b"Subject: outer\r\nContent-Type: multipart/mixed; boundary=out\r\n\r\n--out\r\n\r\n"
+               b"body\r\n--out\r\nContent-Type: message/rfc822\r\n\r\n" + _INNER + b"\r\n--out--\r\n")
+    root = structure.parse(message)
+    assert structure.section(root, (2,), None) == _INNER
+    assert structure.section(root, (2,), "MIME") == b"Content-Type: message/rfc822\r\n\r\n"
+    assert structure.section(root, (2,), "HEADER") == _INNER[:_INNER.index(b"\r\n\r\n") + 4]
+    assert structure.section(root, (2,), "TEXT") == _INNER[_INNER.index(b"\r\n\r\n") + 4:]
+    assert structure.section(root, (2, 1), None) == b"plain"
+    assert structure.section(root, (2, 2), None) == b"<p>html</p>"
+    assert structure.section(root, (2, 2), "MIME") == b"Content-Type: text/html\r\n\r\n"
+
+
+def test_top_level_message_rfc822_is_part_1():
+    """A message whose own type is message/rfc822 has a part 1 (its body, the encapsulated
+    message) whose parts are 1.1, 1.2 (RFC 3501 §6.4.5), not 1 and 2."""
+    message = b"Content-Type: message/rfc822\r\n\r\n" + _INNER
+    root = structure.parse(message)
+    assert structure.section(root, (1,), None) == _INNER
+    assert structure.section(root, (1,), "HEADER") == _INNER[:_INNER.index(b"\r\n\r\n") + 4]
+    assert structure.section(root, (1, 1), None) == b"plain"
+    assert structure.section(root, (1, 2), None) == b"<p>html</p>"
+    with pytest.raises(structure.NoSuchPart):
+        structure.section(root, (2,), None)
+
+
+def test_envelope_keeps_source_routes():
+    """RFC 3501 §7.4.2: the adl field holds the at-domain-list of a route-addr (RFC 5322 §4.4)."""
+    message = (b"From: Relay User <@relay.example,@hop.example:user@host.example>\r\n"
+               b"To: <@r.example:a@b.example>, plain@c.example\r\nSubject: s\r\n\r\n")
+    encoded = env(message)
+    assert b'(("Relay User" "@relay.example,@hop.example" "user" "host.example"))' in encoded
+    assert b'((NIL "@r.example" "a" "b.example") (NIL NIL "plain" "c.example"))' in encoded
+
+
+def test_comment_in_content_transfer_encoding_is_skipped():
+    message = (b"Content-Type: text/plain; charset=utf-8 (the usual)\r\n"
+               b"Content-Transfer-Encoding: base64 (it is)\r\n\r\naGk=\r\n")
+    assert bs(message, extended=False) == b'("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "BASE64" 6 1)'

@@ -41,6 +41,7 @@ class SequenceSet:
     """A sequence-set (RFC 3501 §9): ranges whose bounds may be ``*`` (None)."""
 
     ranges: tuple  # of (low, high) with None for "*"
+    saved: bool = False  # "$": the saved search result (RFC 5182 §2.1), UIDs kept by the session
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
         """Ranges as (low, high) inclusive, ``*`` replaced by C{largest}, merged and sorted."""
@@ -221,7 +222,10 @@ class Arguments:
         return flags
 
     def sequenceSet(self) -> SequenceSet:
-        """RFC 3501 §9 sequence-set; 0 and numbers over 2^32-1 are syntax errors."""
+        """RFC 3501 §9 sequence-set, or ``$`` (RFC 5182 §3 seq-last-command); 0 and
+        numbers over 2^32-1 are syntax errors."""
+        if self.accept(b"$"):
+            return SequenceSet((), saved=True)
         raw = self._match(_SEQ_SET, "a sequence set")
         ranges = []
         for item in raw.split(b","):

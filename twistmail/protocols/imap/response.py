@@ -46,6 +46,22 @@ def encode(value) -> bytes:
     return b"(" + b" ".join(encode(v) for v in value) + b")"
 
 
+def numberRanges(numbers: list[int]) -> list[tuple[int, int]]:
+    """Ascending numbers as (low, high) runs: 1,2,3,5 -> (1, 3), (5, 5)."""
+    out: list[list[int]] = []
+    for n in numbers:
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return [(low, high) for low, high in out]
+
+
+def numberSet(numbers: list[int]) -> bytes:
+    """Ascending numbers as a sequence set: 1,2,3,5 -> ``1:3,5`` (COPYUID, ESEARCH ALL)."""
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in numberRanges(numbers))
+
+
 _flagLists: dict = {}
 
 

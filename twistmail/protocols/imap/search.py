@@ -68,9 +68,25 @@ class Candidate:
             if field is None:
                 values = [_decodeHeaderBlock(self.root.header).casefold()]
             else:
-                values = [_decodeHeader(v).casefold() for v in structure.rawValues(self.root, field)]
+                values = [decodeHeader(v).casefold() for v in structure.rawValues(self.root, field)]
             self._decoded[field] = values
         return values
+
+    def addresses(self, field: str) -> str:
+        """The addresses of C{field}, casefolded, as ``name <@route:mailbox@host>, ...``."""
+        key = "address:" + field
+        if self._decoded is None:
+            self._decoded = {}
+        text = self._decoded.get(key)
+        if text is None:
+            written = []
+            for name, route, mailbox, host in structure.addressList(self.root, field) or ():
+                address = "@".join(p for p in (mailbox, host) if p)
+                if route:
+                    address = f"{route}:{address}"
+                written.append(f"{decodeHeader(name)} <{address}>" if name else address)
+            text = self._decoded[key] = ", ".join(written).casefold()
+        return text
 
     @property
     def root(self) -> structure.Entity:
@@ -211,6 +227,15 @@ class _Header(Key):
         return any(self.text in v for v in values)
 
 
+class _Address(_Header):
+    """FROM, TO, CC, BCC: a substring of the decoded field, or of its addresses written
+    as Dovecot searches them (``display name <@route:mailbox@domain>``, RFC 2047 words
+    decoded, quotes gone), so ``René <rene@`` finds ``"=?utf-8?q?Ren=C3=A9?=" <rene@...>``."""
+
+    def match(self, c):
+        return super().match(c) or self.text in c.addresses(self.field)
+
+
 class _Body(Key):
     needsData = True
 
@@ -238,7 +263,7 @@ class _Keyword(Key):
 _DECODE_PIECE = 8192
 
 
-def _decodeHeader(value) -> str:
+def decodeHeader(value) -> str:
     text = str(value).replace("\r\n", "").replace("\n", "")
     # Raw 8-bit in a header (not RFC 2047) reaches us as surrogate escapes: read it as UTF-8.
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -266,7 +291,7 @@ def _decodeWords(text: str) -> str:
 
 
 def _decodeHeaderBlock(header: bytes) -> str:
-    return _decodeHeader(header.decode("utf-8", "replace"))
+    return decodeHeader(header.decode("utf-8", "replace"))
 
 
 def _texts(entity: structure.Entity, depth: int = 0):
@@ -289,7 +314,7 @@ def _decodeBody(entity: structure.Entity) -> str:
     import quopri
 
     body = entity.body
-    cte = str(entity.headers.get("content-transfer-encoding", "")).strip().lower()
+    cte = (structure.transferEncoding(entity) or "").lower()
     try:
         if cte == "base64":
             body = base64.b64decode(body, validate=False)
@@ -314,23 +339,38 @@ def parseCharset(args: Arguments) -> None:
     """[CHARSET name SP]: only UTF-8 and US-ASCII (their strings decode as UTF-8)."""
     if args.peek(8).upper() == b"CHARSET ":
         args.expect(b"CHARSET ")
-        charset = args.astring().upper()
-        args.sp()
-        if charset not in (b"UTF-8", b"US-ASCII", b"UTF8"):
-            raise BadCharset(charset.decode("ascii", "replace"))
+        charsetArgument(args)
 
 
-def parseKeys(args: Arguments, largest: Callable[[bool], int]) -> Key:
+def charsetArgument(args: Arguments) -> None:
+    """A charset name and SP (SEARCH's after CHARSET; SORT's and THREAD's, RFC 5256 §3)."""
+    charset = args.astring().upper()
+    args.sp()
+    if charset not in (b"UTF-8", b"US-ASCII", b"UTF8"):
+        raise BadCharset(charset.decode("ascii", "replace"))
+
+
+def parseKeys(args: Arguments, largest: Callable[[bool], int],
+              saved: Callable[[], list] = list) -> Key:
     """All search keys to the end of the command, ANDed.
 
     @param largest: largest(byUid) -> what ``*`` means for a sequence set.
+    @param saved: saved() -> the UID ranges ``$`` stands for (RFC 5182).
     """
     count = [0]
-    keys = [_key(args, largest, 0, count)]
+    keys = [_key(args, (largest, saved), 0, count)]
     while not args.atEnd():
         args.sp()
-        keys.append(_key(args, largest, 0, count))
+        keys.append(_key(args, (largest, saved), 0, count))
     return keys[0] if len(keys) == 1 else _And(keys)
+
+
+def _sequenceKey(args: Arguments, context: tuple, byUid: bool) -> Key:
+    largest, saved = context
+    seqset = args.sequenceSet()
+    if seqset.saved:
+        return _Set(saved(), byUid=True)  # "$" is UIDs, whether after UID or not
+    return _Set(seqset.resolve(largest(byUid)), byUid=byUid)
 
 
 def _string(args: Arguments) -> str:
@@ -348,8 +388,8 @@ def _key(args: Arguments, largest, depth: int, count: list) -> Key:
         if not keys:
             raise ParseError("empty search key list")
         return keys[0] if len(keys) == 1 else _And(keys)
-    if args.peek().isdigit() or args.peek() == b"*":
-        return _Set(args.sequenceSet().resolve(largest(False)), byUid=False)
+    if args.peek().isdigit() or args.peek() in (b"*", b"$"):
+        return _sequenceKey(args, largest, byUid=False)
     name = args.atom().upper()
     if name == b"ALL":
         return _All()
@@ -365,7 +405,8 @@ def _key(args: Arguments, largest, depth: int, count: list) -> Key:
         args.sp()
         return _Or(a, _key(args, largest, depth + 1, count))
     if name in _HEADER_KEYS:
-        return _Header(_HEADER_KEYS[name], _string(args))
+        field = _HEADER_KEYS[name]
+        return (_Header if field == "subject" else _Address)(field, _string(args))
     if name == b"HEADER":
         field = _string(args)
         args.sp()
@@ -377,7 +418,7 @@ def _key(args: Arguments, largest, depth: int, count: list) -> Key:
     if name in (b"LARGER", b"SMALLER"):
         return _Size(args.number(), name == b"LARGER")
     if name == b"UID":
-        return _Set(args.sequenceSet().resolve(largest(True)), byUid=True)
+        return _sequenceKey(args, largest, byUid=True)
     if name in _DATE_KEYS:
         day = datetime.date(*args.date())
         return (_SentDate if name.startswith(b"SENT") else _InternalDate)(day, name)

@@ -58,7 +58,7 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import fetch, names, response, search
+from twistmail.protocols.imap import esearch, fetch, names, response, search, sort, thread
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -78,8 +78,9 @@ MAX_RECENT_FOLDERS = 10000
 #: Failed logins a connection may make before it is closed.
 MAX_LOGIN_FAILURES = 3
 #: Commands that may be prefixed with UID, and commands during which EXPUNGE must wait.
-_UID_COMMANDS = {b"COPY", b"FETCH", b"SEARCH", b"STORE", b"EXPUNGE", b"MOVE"}
-_NO_EXPUNGE_DURING = {b"FETCH", b"STORE", b"SEARCH"}
+_UID_COMMANDS = {b"COPY", b"FETCH", b"SEARCH", b"STORE", b"EXPUNGE", b"MOVE", b"SORT", b"THREAD"}
+#: RFC 3501 §7.4.1, and RFC 5256 §3/§4 for SORT and THREAD: numbers would shift under the client.
+_NO_EXPUNGE_DURING = {b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD"}
 
 
 class _No(Exception):
@@ -115,17 +116,6 @@ def _storageNo(failure_or_error) -> bytes:
     return b"[SERVERBUG] " + str(error).encode("utf-8", "replace")[:200]
 
 
-def _uidSet(uids: list[int]) -> bytes:
-    """1,2,3,5 -> 1:3,5 (for COPYUID)."""
-    out = []
-    for uid in uids:
-        if out and out[-1][1] == uid - 1:
-            out[-1][1] = uid
-        else:
-            out.append([uid, uid])
-    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in out)
-
-
 class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection; configuration and shared state come from the factory."""
 
@@ -136,6 +126,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.account = None  # IMailAccount once logged in
         self.user = ""
         self.selected: SelectedFolder | None = None
+        self.searchResult: list[tuple[int, int]] = []  # "$": UID ranges (RFC 5182)
         self._busy = False
         self._processing = False
         self._continuation: defer.Deferred | None = None
@@ -189,6 +180,8 @@ class IMAPServer(imap4.IMAP4Server):
         caps: dict = {b"LITERAL+": None, b"SASL-IR": None, b"ID": None, b"ENABLE": None,
                       b"IDLE": None, b"NAMESPACE": None, b"UNSELECT": None, b"UIDPLUS": None,
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
+                      b"ESEARCH": None, b"SEARCHRES": None, b"SORT": None,
+                      b"THREAD=ORDEREDSUBJECT": None, b"THREAD=REFERENCES": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -536,6 +529,7 @@ class IMAPServer(imap4.IMAP4Server):
         return self.factory.claimRecent(self.user, mailbox, uids, take=False)
 
     def _unselect(self) -> None:
+        self.searchResult = []  # RFC 5182 §2.1: "$" is empty in a newly selected folder
         if self.selected is not None:
             self.selected.close()
             self.selected = None
@@ -750,7 +744,7 @@ class IMAPServer(imap4.IMAP4Server):
         allowed = None
         if uid:
             args.sp()
-            allowed = {u for _, u in view.byUid(args.sequenceSet().resolve(view.largestUid()))}
+            allowed = {u for _, u in view.byUid(self._uidRanges(args.sequenceSet()))}
         args.end()
         if view.readOnly:
             raise _No(b"[READ-ONLY] Mailbox is read-only")
@@ -763,8 +757,8 @@ class IMAPServer(imap4.IMAP4Server):
     def _targets(self, args: Arguments, uid: bool) -> list[tuple[int, int]]:
         view = self.selected
         seqset = args.sequenceSet()
-        if uid:
-            return view.byUid(seqset.resolve(view.largestUid()))
+        if uid or seqset.saved:
+            return view.byUid(self._uidRanges(seqset))
         if not len(view):
             if seqset.usesStar():
                 raise _Bad(b"No messages: * has no meaning")
@@ -773,6 +767,10 @@ class IMAPServer(imap4.IMAP4Server):
         if resolved[-1][1] > len(view):
             raise _Bad(b"No such message: the mailbox has %d" % len(view))
         return view.bySeq(resolved)
+
+    def _uidRanges(self, seqset) -> list[tuple[int, int]]:
+        """UID ranges of a UID command's set, or of ``$`` in any command (RFC 5182 §2.1)."""
+        return self.searchResult if seqset.saved else seqset.resolve(self.selected.largestUid())
 
     async def cmd_FETCH(self, tag, args, uid: bool = False):
         args.sp()
@@ -908,8 +906,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
             return
         pairs = await view.mailbox.copyMessages(uids, target)
-        code = b"[COPYUID %d %s %s]" % (target.uidValidity, _uidSet([a for a, _ in pairs]),
-                                        _uidSet([b for _, b in pairs]))
+        code = b"[COPYUID %d %s %s]" % (target.uidValidity, response.numberSet([a for a, _ in pairs]),
+                                        response.numberSet([b for _, b in pairs]))
         if not move:
             self._ok(tag, code + b" COPY completed")
             return
@@ -924,8 +922,68 @@ class IMAPServer(imap4.IMAP4Server):
     async def cmd_SEARCH(self, tag, args, uid: bool = False):
         view = self.selected
         args.sp()
-        search.parseCharset(args)
-        key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view))
+        options = esearch.parseReturn(args)
+        save = options is not None and b"SAVE" in options
+        try:
+            search.parseCharset(args)
+            key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view),
+                                   lambda: self.searchResult)  # "$" here is the one saved before
+        except search.BadCharset:
+            if save:
+                self.searchResult = []  # RFC 5182 §2.1: a SEARCH ... SAVE answered NO empties "$"
+            raise
+        if save:
+            self.searchResult = []  # (and so does one that fails from here on)
+        found = await self._matching(view, key)
+        numbers = [c.uid if uid else c.seq for c in found]
+        if options is None:
+            self._send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+        else:
+            line = esearch.answer(tag, options, numbers, uid)
+            if line is not None:
+                self._send(line)
+            if b"SAVE" in options:
+                self.searchResult = esearch.saved(options, [c.uid for c in found])
+        self._ok(tag, b"SEARCH completed", expunge=uid)
+
+    async def cmd_SORT(self, tag, args, uid: bool = False):
+        """RFC 5256 §3: SORT (criteria) charset keys; ties in mailbox order."""
+        args.sp()
+        criteria = sort.parseCriteria(args)
+        described = await self._described(args)
+        ordered = sort.sortMessages(described, criteria)
+        self._send(b"* SORT" + b"".join(b" %d" % (d.uid if uid else d.seq) for d in ordered))
+        self._ok(tag, b"SORT completed", expunge=uid)
+
+    async def cmd_THREAD(self, tag, args, uid: bool = False):
+        """RFC 5256 §4: THREAD algorithm charset keys."""
+        args.sp()
+        algorithm = args.atom().upper()
+        if algorithm not in thread.ALGORITHMS:
+            raise _Bad(b"Unknown threading algorithm " + algorithm[:32])
+        described = await self._described(args)
+        build = thread.references if algorithm == b"REFERENCES" else thread.orderedSubject
+        self._send(b"* THREAD " + thread.render(build(described), uid))
+        self._ok(tag, b"THREAD completed", expunge=uid)
+
+    async def _described(self, args: Arguments) -> list:
+        """SP charset SP search keys (RFC 5256 §3), evaluated: what SORT and THREAD order
+        the found messages by, read from their headers in a worker thread."""
+        view = self.selected
+        args.sp()
+        search.charsetArgument(args)
+        key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view),
+                               lambda: self.searchResult)
+        found = await self._matching(view, key)
+        described = []
+        for start in range(0, len(found), 200):
+            chunk = found[start:start + 200]
+            datas = await _readEach(view.mailbox, [c.uid for c in chunk])
+            described += await threads.deferToThread(_describeChunk, chunk, datas)
+        return described
+
+    async def _matching(self, view: SelectedFolder, key) -> list:
+        """The candidates of the selected folder that C{key} matches, in order."""
         candidates = []
         for seq, u in enumerate(list(view.uids), 1):
             message = view.message(u)  # RFC 2180 §4.1: expunged elsewhere still counts
@@ -949,9 +1007,7 @@ class IMAPServer(imap4.IMAP4Server):
                 readable = [(c, d) for c, d in zip(candidates[start:start + 200], datas, strict=True)
                             if d is not None]
                 found += await threads.deferToThread(_searchChunk, key, readable)
-        numbers = b" ".join(b"%d" % (c.uid if uid else c.seq) for c in found)
-        self._send(b"* SEARCH" + (b" " + numbers if numbers else b""))
-        self._ok(tag, b"SEARCH completed", expunge=uid)
+        return found
 
     async def cmd_IDLE(self, tag, args):
         """RFC 2177: push updates until the client says DONE."""
@@ -1044,6 +1100,11 @@ def _searchChunk(key, chunk: list) -> list:
     return found
 
 
+def _describeChunk(chunk: list, datas: list) -> list:
+    """Worker thread: what SORT and THREAD order each candidate of C{chunk} by."""
+    return [sort.describe(c, d) for c, d in zip(chunk, datas, strict=True)]
+
+
 _ANY = ("unauth", "auth", "select")
 _AUTH = ("auth", "select")
 _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
@@ -1073,6 +1134,8 @@ _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
     b"UNSELECT": (IMAPServer.cmd_UNSELECT, ("select",)),
     b"EXPUNGE": (IMAPServer.cmd_EXPUNGE, ("select",)),
     b"SEARCH": (IMAPServer.cmd_SEARCH, ("select",)),
+    b"SORT": (IMAPServer.cmd_SORT, ("select",)),
+    b"THREAD": (IMAPServer.cmd_THREAD, ("select",)),
     b"FETCH": (IMAPServer.cmd_FETCH, ("select",)),
     b"STORE": (IMAPServer.cmd_STORE, ("select",)),
     b"COPY": (IMAPServer.cmd_COPY, ("select",)),

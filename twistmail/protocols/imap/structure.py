@@ -72,11 +72,19 @@ class _Headers(Message):
             return failobj
         # Parameters past 64 KiB are ignored: no real header has them, and all of
         # a 25 MB one would cost a minute of CPU on every FETCH BODYSTRUCTURE.
-        params = _splitParams(str(value)[:MAX_PARAMS_TEXT])
+        params = _splitParams(_uncommented(str(value)[:MAX_PARAMS_TEXT]))
         try:
             return emailutils.decode_params(params)
         except (ValueError, TypeError):
             return params  # as written, without RFC 2231 decoding
+
+    def get_content_type(self) -> str:
+        """As the stdlib's, but a comment (RFC 2045 §5.1) does not make the type unreadable."""
+        value = self.get("content-type")
+        if value is None:
+            return self.get_default_type()
+        ctype = "".join(_uncommented(str(value)[:MAX_PARAMS_TEXT]).split(";", 1)[0].split()).lower()
+        return ctype if ctype.count("/") == 1 else "text/plain"  # RFC 2045 §5.2
 
     def get_boundary(self, failobj=None):
         boundary = self.get_param("boundary")
@@ -100,7 +108,38 @@ def _collapse(value) -> str:
         return emailutils.collapse_rfc2231_value(value[2] if isinstance(value, tuple) else value)
 
 
+def _uncommented(value: str) -> str:
+    """C{value} without its RFC 822 comments, skipped only when it has one."""
+    return _withoutComments(value) if "(" in value else value
+
+
 _headerParser = BytesHeaderParser(_class=_Headers, policy=compat32)
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+def _fieldsOnly(header: bytes) -> bytes:
+    """The header block as the email package can read it.
+
+    The stdlib ends the header at the first line that is not a field, and reads
+    ``Content-Type : x`` (white space before the colon, RFC 5322 §4.5.3 obs-
+    syntax) as such a line: every field after it was lost, and with it the MIME
+    structure.  Dovecot skips a line without a colon and keeps reading, so the
+    line is dropped here, and the space before a colon removed.
+    """
+    out = []
+    keep = False
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out.append(line)
+            continue
+        m = _FIELD_NAME.match(line)
+        keep = m is not None
+        if keep:
+            out.append(line if m.end() == len(m.group(1)) + 1 else m.group(1) + b":" + line[m.end():])
+        elif not line.strip():
+            out.append(line)
+    return b"".join(out)
 _BLANK = re.compile(rb"\r?\n\r?\n")
 
 
@@ -161,7 +200,7 @@ def _splitHeader(data: bytes, start: int, end: int) -> int:
 
 def _entity(data: bytes, start: int, end: int, default: tuple, depth: int, counter: list) -> Entity:
     bodyStart = _splitHeader(data, start, end)
-    headers = _headerParser.parsebytes(data[start:bodyStart])
+    headers = _headerParser.parsebytes(_fieldsOnly(data[start:bodyStart]))
     mainType, subType = default
     if headers.get("content-type") is not None:
         ctype = headers.get_content_type()  # text/plain when unparseable (RFC 2045 §5.2)
@@ -238,9 +277,13 @@ class NoSuchPart(Exception):
     """The section names a part the message does not have (answered with an empty string)."""
 
 
-def subPart(entity: Entity, number: int) -> Entity:
-    """Part C{number} (1-based) of C{entity}, in IMAP's numbering."""
-    if entity.isMessage:
+def subPart(entity: Entity, number: int, top: bool = False) -> Entity:
+    """Part C{number} (1-based) of C{entity}, in IMAP's numbering.
+
+    A message/rfc822 part's numbers name the parts of its message's body; the
+    C{top} message's own (even of type message/rfc822) name its body's parts.
+    """
+    if entity.isMessage and not top:
         entity = entity.embedded
     if entity.isMultipart:
         if 1 <= number <= len(entity.children):
@@ -258,8 +301,8 @@ def section(root: Entity, parts: tuple[int, ...], text: str | None,
     @param text: None, "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT" or "MIME".
     """
     entity = root
-    for number in parts:
-        entity = subPart(entity, number)
+    for i, number in enumerate(parts):
+        entity = subPart(entity, number, top=i == 0)
     if text is None:
         if not parts:
             return root.data[root.headerStart:root.end]
@@ -317,6 +360,12 @@ def _raw(entity: Entity, name: str) -> str | None:
     return values[0] if values else None
 
 
+def transferEncoding(entity: Entity) -> str | None:
+    """Content-Transfer-Encoding without its comments (RFC 2045 §6.1 allows them)."""
+    value = _raw(entity, "content-transfer-encoding")
+    return None if value is None else _uncommented(value[:MAX_PARAMS_TEXT]).strip() or None
+
+
 def _params(entity: Entity, header: str) -> list | None:
     params = entity.headers.get_params(header=header) or []
     out = []
@@ -331,7 +380,7 @@ def _disposition(entity: Entity):
     value = entity.headers.get("content-disposition")
     if value is None:
         return None
-    kind = str(value).split(";", 1)[0].strip()
+    kind = _uncommented(str(value)[:MAX_PARAMS_TEXT]).split(";", 1)[0].strip()
     return [kind.upper(), _params(entity, "content-disposition")]
 
 
@@ -358,7 +407,7 @@ def bodyStructure(entity: Entity, extended: bool = True) -> list:
     body = entity.body
     out = [entity.mainType.upper(), entity.subType.upper(), params,
            _raw(entity, "content-id"), _raw(entity, "content-description"),
-           (_raw(entity, "content-transfer-encoding") or "7BIT").upper(), len(body)]
+           (transferEncoding(entity) or "7BIT").upper(), len(body)]
     if entity.isMessage:
         out += [envelope(entity.embedded), bodyStructure(entity.embedded, extended), _lines(body)]
     elif entity.mainType == "text":
@@ -373,17 +422,18 @@ def bodyStructure(entity: Entity, extended: bool = True) -> list:
 
 
 def envelope(message: Entity) -> list:
-    fromList = _addressList(message, "from")
+    fromList = addressList(message, "from")
     return [
         _raw(message, "date"), _raw(message, "subject"), fromList,
-        _addressList(message, "sender") or fromList,
-        _addressList(message, "reply-to") or fromList,
-        _addressList(message, "to"), _addressList(message, "cc"), _addressList(message, "bcc"),
+        addressList(message, "sender") or fromList,
+        addressList(message, "reply-to") or fromList,
+        addressList(message, "to"), addressList(message, "cc"), addressList(message, "bcc"),
         _raw(message, "in-reply-to"), _raw(message, "message-id"),
     ]
 
 
-def _addressList(message: Entity, name: str) -> list | None:
+def addressList(message: Entity, name: str) -> list | None:
+    """The addresses of header field C{name} as ENVELOPE lists them (groups marked)."""
     values = rawValues(message, name)
     if not values:
         return None
@@ -400,7 +450,23 @@ def _addressList(message: Entity, name: str) -> list | None:
     return out or None
 
 
+#: The obs-route of a route-addr (RFC 5322 §4.4): ``<@relay.example,@hop:``.
+_ROUTE = re.compile(r"<\s*(@[^<>:\"]*?)\s*:")
+
+
 def _addresses(text: str) -> list:
+    """[name, adl, mailbox, host] for each address of C{text} (RFC 3501 §7.4.2)."""
+    if "<@" not in text.replace(" ", ""):
+        return _routed(text, None)
+    out = []
+    for element in _elements(text):
+        m = _ROUTE.search(element)
+        route = "".join(m.group(1).split()) if m else None
+        out += _routed(element[:m.start()] + "<" + element[m.end():] if m else element, route)
+    return out
+
+
+def _routed(text: str, route: str | None) -> list:
     try:
         pairs = getaddresses([text])
     except RecursionError:
@@ -414,7 +480,35 @@ def _addresses(text: str) -> list:
         mailbox, at, host = address.rpartition("@")
         if not at:
             mailbox, host = address, None
-        out.append([name or None, None, mailbox or None, host or None])
+        out.append([name or None, route, mailbox or None, host or None])
+    return out
+
+
+def _elements(value: str) -> list[str]:
+    """C{value} split at the commas between addresses (not in quotes, comments or <>)."""
+    out = []
+    depth = 0
+    quoted = angle = False
+    start = i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\":
+            i += 1
+        elif quoted:
+            quoted = c != '"'
+        elif depth:
+            depth += {"(": 1, ")": -1}.get(c, 0)
+        elif c == '"':
+            quoted = True
+        elif c == "(":
+            depth = 1
+        elif c in "<>":
+            angle = c == "<"
+        elif c == "," and not angle:
+            out.append(value[start:i])
+            start = i + 1
+        i += 1
+    out.append(value[start:])
     return out
 
 
