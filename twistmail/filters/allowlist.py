@@ -73,3 +73,13 @@ class AllowList:
         """Nothing to check for this session (and recipient): authenticated, trusted or allowed."""
         return bool(session.authenticated) or self.client(session.client) \
             or self.mailbox(session.sender) or self.mailbox(recipient)
+
+
+def noOwnOptions(name: str, options: dict) -> None:
+    """The filters configured in [antispam] take no [filters.<name>] options of their own."""
+    if options:
+        from twistmail.config import ConfigError
+
+        raise ConfigError(f"[filters.{name}] {sorted(options)[0]}: unknown option. Fix: "
+                          f"configure {name} in [antispam]; [filters.{name}] takes only "
+                          "timeout and on_failure")

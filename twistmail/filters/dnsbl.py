@@ -25,7 +25,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twistmail._netaddr import parseHost
-from twistmail.filters.allowlist import AllowList
+from twistmail.filters.allowlist import AllowList, noOwnOptions
 from twistmail.filters.base import Filter
 from twistmail.interfaces import IMessageFilterFactory
 from twistmail.model import Verdict
@@ -104,16 +104,7 @@ class DnsblFilterFactory:
     description = "refuse clients listed on the DNS block lists of [antispam] dnsbl (554 5.7.1)"
 
     def makeFilter(self, options: dict, context) -> DnsblFilter:
-        rejectOptions(self.name, options)
+        noOwnOptions(self.name, options)
         return DnsblFilter(context.config["antispam"]["dnsbl"], AllowList.fromConfig(context.config),
                            context.resolver)
 
-
-def rejectOptions(name: str, options: dict) -> None:
-    """Filters configured in [antispam] take no [filters.<name>] options of their own."""
-    if options:
-        from twistmail.config import ConfigError
-
-        raise ConfigError(f"[filters.{name}] {sorted(options)[0]}: unknown option. Fix: "
-                          f"configure {name} in [antispam]; [filters.{name}] takes only "
-                          "timeout and on_failure")

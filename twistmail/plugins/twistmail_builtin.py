@@ -1,6 +1,7 @@
 """The built-in storage backends and filters, registered the way a third-party plugin registers its own."""
 
 from twistmail.filters.dnsbl import DnsblFilterFactory
+from twistmail.filters.greylist import GreylistFilterFactory
 from twistmail.storage.maildir import MaildirStoreFactory
 from twistmail.storage.mbox import MboxStoreFactory
 
@@ -8,3 +9,4 @@ maildir = MaildirStoreFactory()
 mbox = MboxStoreFactory()
 
 dnsbl = DnsblFilterFactory()
+greylist = GreylistFilterFactory()
