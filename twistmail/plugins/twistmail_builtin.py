@@ -2,6 +2,7 @@
 
 from twistmail.filters.dnsbl import DnsblFilterFactory
 from twistmail.filters.greylist import GreylistFilterFactory
+from twistmail.filters.rspamd import RspamdFilterFactory
 from twistmail.storage.maildir import MaildirStoreFactory
 from twistmail.storage.mbox import MboxStoreFactory
 
@@ -10,3 +11,4 @@ mbox = MboxStoreFactory()
 
 dnsbl = DnsblFilterFactory()
 greylist = GreylistFilterFactory()
+rspamd = RspamdFilterFactory()
