@@ -3,6 +3,9 @@ against a real DNS server on loopback."""
 
 from __future__ import annotations
 
+import ipaddress
+import time
+
 import pytest
 from dnsserver import A, startDNS
 from support import onReactor
@@ -11,6 +14,7 @@ from zope.interface.verify import verifyObject
 
 from twistmail import config
 from twistmail._pluginload import find
+from twistmail.filters.dnsbl import queryName
 from twistmail.interfaces import IMessageFilter, IMessageFilterFactory
 from twistmail.model import FilterContext, SessionInfo, Verdict
 from twistmail.relay.mx import DnsPythonMXResolver
@@ -32,15 +36,15 @@ ZONE = {
 
 @pytest.fixture(scope="module")
 def dnsServer():
-    server = startDNS(ZONE, servfail={"40.2.0.192.bl.example"})
+    server = startDNS(ZONE, servfail={"40.2.0.192.bl.example"}, hang={"50.2.0.192.bl2.example"})
     yield server
     server.stop()
 
 
-def makeFilter(dnsServer, tmp_path, zones=("bl.example", "bl2.example"), **antispam):
+def makeFilter(dnsServer, tmp_path, zones=("bl.example", "bl2.example"), timeout=2, **antispam):
     settings = config.load(None, {"antispam": {"dnsbl": list(zones), **antispam},
                                   "relay": {"trusted_networks": ["203.0.113.0/24"]}})
-    resolver = DnsPythonMXResolver([("127.0.0.1", dnsServer.port)], 2, threads.deferToThread)
+    resolver = DnsPythonMXResolver([("127.0.0.1", dnsServer.port)], timeout, threads.deferToThread)
     context = FilterContext("mx.example.org", str(tmp_path), resolver, reactor, settings)
     factory = find(IMessageFilterFactory, "dnsbl", "[filters] inbound", "filter")
     return factory.makeFilter({}, context)
@@ -112,3 +116,17 @@ def test_off_by_default_nothing_is_looked_up(dnsServer, tmp_path):
 def test_a_bad_zone_names_the_key_and_the_fix():
     with pytest.raises(config.ConfigError, match=r"\[antispam\] dnsbl.*Fix"):
         config.load(None, {"antispam": {"dnsbl": ["not a zone"]}})
+
+
+def test_a_list_that_never_answers_costs_one_dns_timeout_and_blocks_nothing(dnsServer, tmp_path):
+    filt = makeFilter(dnsServer, tmp_path, timeout=1)
+    started = time.monotonic()
+    assert connect(filt, "192.0.2.50") is None  # bl2.example never answers for it
+    assert time.monotonic() - started < 5
+
+
+def test_query_names_follow_rfc_5782():
+    assert queryName(ipaddress.ip_address("192.0.2.1"), "zen.spamhaus.org") == \
+        "1.2.0.192.zen.spamhaus.org"
+    assert queryName(ipaddress.ip_address("2001:db8::1"), "bl.example") == \
+        "1." + "0." * 23 + "8.b.d.0.1.0.0.2.bl.example"

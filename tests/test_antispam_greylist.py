@@ -125,6 +125,14 @@ def test_allowed_trusted_and_authenticated_sessions_are_never_greylisted(tmp_pat
     assert rcpt(filt, client, **fields) is None
 
 
+def test_the_null_sender_is_greylisted_like_any_other_and_a_local_program_never(tmp_path):
+    filt, clock = setup(tmp_path)
+    assert greylisted(rcpt(filt, sender=""))
+    clock.advance(300)
+    assert rcpt(filt, sender="") is None
+    assert rcpt(filt, client="") is None  # no address: nothing to key on
+
+
 def test_off_by_default(tmp_path):
     filt, _ = setup(tmp_path, greylist=False)
     assert rcpt(filt) is None

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_antispam_allowlist -*-
+# -*- test-case-name: tests.test_antispam_dnsbl,tests.test_antispam_greylist -*-
 """Who the source-reputation filters (DNSBL, greylisting) leave alone.
 
 ``[antispam] allow`` holds three kinds of entry: a network in CIDR notation
