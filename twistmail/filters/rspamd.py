@@ -31,14 +31,14 @@ import json
 import re
 from urllib.parse import urlsplit
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
-from twisted.web.client import Agent, FileBodyProducer, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from twistmail._httpbody import LimitedBody
 from twistmail._logtext import loggableText
 from twistmail._netaddr import parseHost
 from twistmail.filters.base import Filter
@@ -67,33 +67,6 @@ def smtpText(text, default: str) -> str:
     """Rspamd's message made safe for an SMTP reply line: printable ASCII, bounded."""
     text = _UNPRINTABLE.sub(" ", text if isinstance(text, str) else "").strip()
     return text[:MAX_TEXT] or default
-
-
-class _BoundedBody(protocol.Protocol):
-    """Collects a response body; more than C{limit} octets is an error, and the read stops."""
-
-    def __init__(self, finished: defer.Deferred, limit: int) -> None:
-        self.finished, self.limit = finished, limit
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished.called:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.finished.errback(RspamdError(f"rspamd's answer is larger than {self.limit} octets"))
-            self.transport.stopProducing()
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason) -> None:
-        if self.finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(b"".join(self.parts))
-        else:
-            self.finished.errback(RspamdError(f"rspamd's answer was cut short: {reason.value}"))
 
 
 def spamdResult(reply: dict, spam: bool) -> str:
@@ -184,8 +157,9 @@ class RspamdFilter(Filter):
         raise RspamdError(f"rspamd at {self.url.decode()} did not answer: {failure.value}")
 
     def _read(self, response) -> defer.Deferred:
-        finished = defer.Deferred()
-        response.deliverBody(_BoundedBody(finished, MAX_RESPONSE))
+        body = LimitedBody(MAX_RESPONSE, RspamdError, "rspamd's answer")
+        response.deliverBody(body)
+        finished = body.done
         if response.code != 200:
             def failed(body: bytes):
                 raise RspamdError(f"rspamd answered {response.code}: "
