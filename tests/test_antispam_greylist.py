@@ -205,3 +205,35 @@ def test_bad_greylist_settings_name_the_key():
     with pytest.raises(config.ConfigError, match=r"\[antispam\] allow.*Fix"):
         config.load(None, {"antispam": {"allow": ["not an entry"]}})
 
+
+
+def test_the_factory_reads_the_state_when_the_reactor_starts_and_writes_it_before_it_stops(tmp_path):
+    from support import onReactor
+    from twisted.internet.testing import MemoryReactorClock
+
+    def run(hooks):
+        for f, args, kwargs in hooks:
+            onReactor(lambda f=f, args=args, kwargs=kwargs: defer.maybeDeferred(f, *args, **kwargs))
+
+    def start():
+        reactor = MemoryReactorClock()
+        reactor.advance(1_000_000)
+        # A delay shorter than the save interval: no write comes from the clock (it would run
+        # deferToThread off the reactor thread).
+        settings = config.load(None, {"antispam": {"greylist": True, "greylist_delay": 30}})
+        factory = find(IMessageFilterFactory, "greylist", "[filters] inbound", "filter")
+        filt = factory.makeFilter({}, FilterContext("mx.example.org", str(tmp_path), None,
+                                                    reactor, settings))
+        run([(f, a, k) for f, a, k in reactor.whenRunningHooks])
+        return filt, reactor
+
+    filt, reactor = start()
+    assert greylisted(rcpt(filt))
+    reactor.advance(30)
+    assert rcpt(filt) is None
+    assert not os.path.exists(statePath(str(tmp_path)))  # not per message
+    run(reactor.triggers["before"]["shutdown"])
+    assert os.path.exists(statePath(str(tmp_path)))
+
+    again, _ = start()
+    assert rcpt(again) is None
