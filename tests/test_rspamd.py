@@ -13,6 +13,7 @@ import rspamdproc
 from rspamdproc import GTUBE, GTUBE_ADD_HEADER, GTUBE_REWRITE_SUBJECT
 from support import freePort, onReactor
 from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web import resource, server
 from zope.interface.verify import verifyObject
 
@@ -180,3 +181,19 @@ def test_rspamds_message_cannot_forge_an_smtp_reply(fake):
 def test_bad_options_name_the_key_and_the_fix(options, where):
     with pytest.raises(config.ConfigError, match=rf"\[filters\.rspamd\] {where}.*Fix"):
         makeFilter(**options)
+
+
+def test_a_silent_rspamd_is_hung_up_on_when_the_pipeline_gives_up(fake):
+    """The pipeline's [filters.rspamd] timeout cancels the check: the connection closes."""
+    resource_, url = fake
+    arrived = defer.Deferred()
+    resource_.render_POST = lambda request: (arrived.callback(request), server.NOT_DONE_YET)[1]
+    filt = makeFilter(url=url)
+    d = onReactor(lambda: defer.succeed(filt.endOfData(SESSION, message("hello"))))
+    request = onReactor(lambda: arrived)
+    lost = onReactor(lambda: defer.succeed(request.notifyFinish()))
+    failures = []
+    onReactor(lambda: defer.succeed(d.addErrback(failures.append).cancel()))
+    with pytest.raises((ConnectionDone, ConnectionLost)):
+        onReactor(lambda: lost.addTimeout(10, reactor))  # a TimeoutError fails the test
+    assert failures and failures[0].check(RspamdError, defer.CancelledError)
