@@ -160,6 +160,12 @@ def _hostNames(values: list[str]) -> None:
             raise ValueError(f"{value!r} is not a host name")
 
 
+def _allowEntries(values: list[str]) -> None:
+    from twistmail.filters.allowlist import parseEntries
+
+    parseEntries(values)
+
+
 def _maxAge(value: int) -> None:
     if value > mtasts.MAX_AGE_LIMIT:
         raise ValueError(f"{value} is above {mtasts.MAX_AGE_LIMIT} (one year, RFC 8461 §3.2)")
@@ -329,6 +335,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "mta_sts_ca_file": Key(str, "", "PEM CA certificates that verify mta-sts.<domain> and MX "
                                "hosts under a policy; '' = the system trust store"),
         "mta_sts_timeout": Key(int, 30, "seconds to fetch one MTA-STS policy over HTTPS", 1),
+    },
+    "antispam": {
+        # The usual lists are shown in etc/twistmail.toml; most refuse queries that come
+        # through public resolvers (8.8.8.8, 1.1.1.1): use a resolver of your own.
+        "dnsbl": Key(list, [], "DNS block list zones checked at connect; a listed client gets "
+                     "554 5.7.1; [] = off", validate=_hostNames, example='["zen.spamhaus.org"]'),
+        "allow": Key(list, [], "networks (CIDR), addresses and domains (sender or recipient) "
+                     "that DNSBL and greylisting skip", validate=_allowEntries,
+                     example='["192.0.2.0/24", "example.org", "postmaster@example.net"]'),
+        "greylist": Key(bool, False, "greylist (RFC 6647): 450 4.2.0 at the first RCPT of a new "
+                        "client /24 (/64), sender and recipient"),
+        "greylist_delay": Key(int, 300, "seconds before a retry is accepted (postgrey: 300)", 1),
+        "greylist_retry_window": Key(int, 2 * 86400, "seconds within which the first retry must "
+                                     "come, else it starts over (postgrey: 2 days)", 60),
+        "greylist_max_age": Key(int, 35 * 86400, "seconds a passed triplet and an allow-listed "
+                                "client are remembered since last seen (postgrey: 35 days)", 3600),
+        "greylist_auto_allow": Key(int, 5, "retries passed by one client network after which it "
+                                   "is no longer greylisted (postgrey: 5); 0 = never", 0),
     },
 }
 

@@ -37,15 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application import service
-from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
-from twistmail._fsutil import atomicWrite
-
-log = Logger()
+from twistmail._statepublisher import StatePublisher
 
 #: The window, and the width of one bucket in it, in seconds.
 WINDOW = 3600
@@ -351,59 +346,13 @@ def readState(path: str) -> dict:
     return data
 
 
-def _write(path: str, build: Callable[[], dict]) -> None:
-    """In a thread: build, encode and replace the file (temp + fsync + rename)."""
-    data = json.dumps(build(), separators=(",", ":")).encode()
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    atomicWrite(path, data)
-
-
-class RateLimitPublisher(service.Service):
+class RateLimitPublisher(StatePublisher):
     """Reads the counts back at start; writes them every C{interval} seconds when they
     changed, and at stop, so the CLI can show them and a restart keeps them."""
 
     def __init__(self, limits: SendLimits, dataDir: str, clock: IReactorTime,
                  inThread: Callable[..., Deferred], interval: float = SAVE_INTERVAL) -> None:
         """@param inThread: C{deferToThread}-like: runs C{f(*args)} off the reactor thread."""
+        super().__init__(limits, statePath(dataDir), readState, clock, inThread, interval,
+                         "ratelimit")
         self.limits = limits
-        self.path = statePath(dataDir)
-        self._inThread = inThread
-        self._loop = task.LoopingCall(self._save)
-        self._loop.clock = clock
-        self._interval = interval
-        self._writing = None
-
-    def startService(self) -> None:
-        super().startService()
-        # Read before any listener starts (makeService adds this service before them).
-        try:
-            self.limits.restore(readState(self.path))
-        except (OSError, StateError) as e:
-            log.warn("ratelimit state {path} not read, counting from zero: {error}",
-                     path=self.path, error=str(e))
-        self._loop.start(self._interval, now=False)
-
-    def _save(self) -> Deferred | None:
-        if self._writing is not None or not self.limits.changed:
-            return None
-        d = self._writing = self._inThread(_write, self.path, self.limits.capture())
-
-        def failed(failure) -> None:
-            self.limits.recapture()  # try again next time
-            log.failure("ratelimit state {path} not written", failure, path=self.path)
-
-        def done(ignored) -> None:
-            self._writing = None
-
-        d.addErrback(failed)
-        d.addBoth(done)
-        return d
-
-    def stopService(self) -> Deferred | None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-        pending = self._writing
-        if pending is None:
-            return self._save()
-        return pending.addCallback(lambda ignored: self._save())

@@ -32,18 +32,17 @@ from collections.abc import Callable
 from twisted.internet import defer, error
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from twistmail._dnsname import isHostName
 from twistmail._fsutil import atomicWrite
+from twistmail._httpbody import LimitedBody
 from twistmail._logtext import loggableText
 from twistmail.mtasts import MAX_POLICY_BYTES, Policy, PolicyError, parsePolicy, parseRecord
 from twistmail.relay.mx import MAX_ADDRESSES, DNSFailure
@@ -139,35 +138,6 @@ class _EndpointFactory:
                                     self._timeout)
 
 
-class _LimitedBody(Protocol):
-    """Collects a response body of at most C{limit} octets; past it, hangs up."""
-
-    def __init__(self, limit: int) -> None:
-        self.done = defer.Deferred(lambda _: self.transport.stopProducing())
-        self._limit = limit
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:  # never hold more than the limit
-            self._parts = []
-            self.transport.stopProducing()
-            self.done.errback(FetchError(f"policy larger than {self._limit} bytes"))
-            return
-        self._parts.append(data)
-
-    def connectionLost(self, reason) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._parts))
-        else:
-            self.done.errback(FetchError(f"connection lost: {reason.getErrorMessage()}"))
-
-
 class PolicyFetcher:
     """GETs ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` as RFC 8461 §3.3 says."""
 
@@ -216,7 +186,7 @@ class PolicyFetcher:
         # No Accept-Encoding: identity only; Agent follows no redirect (RFC 8461 §3.3).
         response = yield self._agent.request(
             b"GET", url, Headers({b"user-agent": [b"twistmail MTA-STS"]}))
-        body = _LimitedBody(MAX_POLICY_BYTES)
+        body = LimitedBody(MAX_POLICY_BYTES, FetchError, "policy")
         response.deliverBody(body)  # read or hung up on, whatever the verdict: no idle socket
         if not 200 <= response.code < 300:  # RFC 8461 §3.3: redirects and errors are failures
             _refuse(body, f"HTTP {response.code}")
@@ -229,7 +199,7 @@ class PolicyFetcher:
         return (yield body.done)
 
 
-def _refuse(body: _LimitedBody, why: str):
+def _refuse(body: LimitedBody, why: str):
     """Hang up on the response's body and fail the fetch with C{why}."""
     body.done.addErrback(lambda _: None)
     body.done.cancel()
