@@ -58,7 +58,7 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import fetch, names, response, search
+from twistmail.protocols.imap import fetch, listing, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -71,8 +71,6 @@ log = Logger()
 READ_BATCH = 1024 * 1024
 #: Messages whose index-only SEARCH keys are evaluated before other connections get a turn.
 SEARCH_SLICE = 5000
-#: RFC 5258 multiple patterns: each is matched against every folder name.
-MAX_LIST_PATTERNS = 64
 #: Folders whose \Recent claims are remembered (least recently used forgotten first).
 MAX_RECENT_FOLDERS = 10000
 #: Failed logins a connection may make before it is closed.
@@ -189,6 +187,7 @@ class IMAPServer(imap4.IMAP4Server):
         caps: dict = {b"LITERAL+": None, b"SASL-IR": None, b"ID": None, b"ENABLE": None,
                       b"IDLE": None, b"NAMESPACE": None, b"UNSELECT": None, b"UIDPLUS": None,
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
+                      b"LIST-EXTENDED": None, b"LIST-STATUS": None, b"STATUS=SIZE": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -591,72 +590,27 @@ class IMAPServer(imap4.IMAP4Server):
         self._ok(tag, b"NAMESPACE completed")
 
     async def cmd_LIST(self, tag, args, lsub: bool = False):
-        """LIST and LSUB, with RFC 5258 selection and return options for SPECIAL-USE and CHILDREN."""
-        args.sp()
-        select: set = set()
-        if not lsub and args.peek() == b"(":
-            select = {o.upper() for o in args.parenthesized(args.atom)}
-            args.sp()
-        reference = _listPattern(args.astring())
-        args.sp()
-        if not lsub and args.peek() == b"(":
-            patterns = [_listPattern(p) for p in args.parenthesized(args.listMailbox)]
-        else:
-            patterns = [_listPattern(args.listMailbox())]
-        if len(patterns) > MAX_LIST_PATTERNS:
-            raise _Bad(b"Too many LIST patterns: at most %d" % MAX_LIST_PATTERNS)
-        returns: set = set()
-        if not lsub and args.accept(b" RETURN "):
-            returns = {o.upper() for o in args.parenthesized(args.atom)}
-        args.end()
-        verb = b"LSUB" if lsub else b"LIST"
-        if reference is None:
-            patterns = []
-        if len(patterns) == 1 and patterns[0] == "":
+        """LIST and LSUB with RFC 5258 options and RFC 5819 STATUS: L{listing}."""
+        request = listing.parse(args, lsub)
+        verb = request.verb
+        if request.rootOnly:
             self._send(b"* " + verb + b' (\\Noselect) "/" ""')
+            self._ok(tag, verb + b" completed")
+            return
+        if not request.matchers:
             self._ok(tag, verb + b" completed")
             return
         folderNames = await self.account.listFolders()
         subscribed = set(await self.account.subscriptions())
-        specialUse = self.factory.specialUse
-        existing = set(folderNames)
-        onlySubscribed = lsub or b"SUBSCRIBED" in select
-        matchers = [names.pattern(reference, p) for p in patterns if p is not None]
-        if not matchers:
-            self._ok(tag, verb + b" completed")
-            return
-        # Every name with a folder below it, in one pass (not a scan per folder listed).
-        parents = _parents(existing)
-        noselect: set = set()
-        if lsub:
-            # RFC 3501 §6.3.9: "%" matching a parent of a subscribed folder, but not that
-            # folder, lists the parent with \Noselect (unless it is subscribed itself).
-            for below in subscribed:  # each has at most folders.MAX_DEPTH parents
-                for parent in _parents([below]) - subscribed - noselect:
-                    if any(m.match(parent) and not m.match(below) for m in matchers):
-                        noselect.add(parent)
-        candidates = sorted(existing | subscribed | noselect) if onlySubscribed else folderNames
-        for name in candidates:
-            if not any(m.match(name) for m in matchers):
-                continue
-            if onlySubscribed and name not in subscribed and name not in noselect:
-                continue
-            use = specialUse.get(name) if name in existing else None
-            if b"SPECIAL-USE" in select and use is None:
-                continue
-            attributes = []
-            if name in noselect:
-                attributes.append("\\Noselect")
-            elif name not in existing:
-                attributes.append("\\NonExistent" if not lsub else "\\Noselect")
-            else:
-                attributes.append("\\HasChildren" if name in parents else "\\HasNoChildren")
-            if use is not None:
-                attributes.append(use)
-            if b"SUBSCRIBED" in select | returns and name in subscribed and not lsub:
-                attributes.append("\\Subscribed")
-            self._send(b"* " + verb + b" " + response.flagList(attributes) + b' "/" ' +
-                       response.astring(names.encode(name)))
+        for entry in listing.select(request, folderNames, subscribed, self.factory.specialUse):
+            self._send(entry.line(verb))
+            if request.status and entry.selectable:
+                # RFC 5819 §2: a folder that cannot be opened now gets no STATUS line.
+                try:
+                    mailbox = await self.account.openFolder(entry.name)
+                except StorageError:
+                    continue
+                self._send(self._statusLine(entry.name, mailbox, request.status))
         self._ok(tag, verb + b" completed")
 
     def cmd_LSUB(self, tag, args):
@@ -666,22 +620,24 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         name = self._mailbox(args)
         args.sp()
-        items = [i.upper() for i in args.parenthesized(args.atom)]
+        items = listing.statusItems(args)
         args.end()
-        unknown = set(items) - {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN"}
-        if unknown:
-            raise _Bad(b"Unknown STATUS item " + sorted(unknown)[0][:32])
         mailbox = await self.account.openFolder(name)
+        self._send(self._statusLine(name, mailbox, items))
+        self._ok(tag, b"STATUS completed")
+
+    def _statusLine(self, name: str, mailbox, items: list[bytes]) -> bytes:
         values = {
             b"MESSAGES": lambda: len(mailbox.uids()),
             b"RECENT": lambda: self.factory.countRecent(self.user, mailbox),
             b"UIDNEXT": lambda: mailbox.uidNext,
             b"UIDVALIDITY": lambda: mailbox.uidValidity,
             b"UNSEEN": lambda: sum("\\Seen" not in m.flags for m in mailbox.messages()),
+            # RFC 8438 §2: the octets of every message, as RFC822.SIZE counts them.
+            b"SIZE": lambda: sum(m.size for m in mailbox.messages()),
         }
         body = b" ".join(b"%s %d" % (item, values[item]()) for item in items)
-        self._send(b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")")
-        self._ok(tag, b"STATUS completed")
+        return b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")"
 
     async def cmd_APPEND(self, tag, args):
         args.sp()
@@ -977,20 +933,6 @@ class IMAPServer(imap4.IMAP4Server):
     def _pushUpdates(self) -> None:
         if self.selected is not None and not self.transport.disconnecting:
             self._flushUpdates(expunge=True)
-
-
-def _listPattern(wire: bytes) -> str | None:
-    """A LIST pattern or reference, or None if it is not valid modified UTF-7: such a
-    pattern matches nothing, and the command still succeeds (as Dovecot answers)."""
-    try:
-        return names.decode(wire)
-    except names.BadName:
-        return None
-
-
-def _parents(folderNames) -> set:
-    """Every name with a folder below it: C{a} and C{a/b} for C{a/b/c}."""
-    return {name[:i] for name in folderNames for i, c in enumerate(name) if c == names.SEPARATOR}
 
 
 async def _readEach(mailbox, uids: list) -> list:
