@@ -58,7 +58,7 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import fetch, listing, names, response, search
+from twistmail.protocols.imap import fetch, listing, multiappend, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -153,7 +153,9 @@ class IMAPServer(imap4.IMAP4Server):
                                     maxLiteral=config["max_literal_size"],
                                     maxMessage=config["max_message_size"],
                                     maxCommand=config["max_line_length"] + 4 * config["max_literal_size"],
-                                    spoolDir=self.factory.spoolDir)
+                                    spoolDir=self.factory.spoolDir,
+                                    maxMessages=multiappend.MAX_MESSAGES,
+                                    maxAppend=multiappend.TOTAL_FACTOR * config["max_message_size"])
         self._flow = Flow(self.transport, lambda: self.timeOut or self.POSTAUTH_TIMEOUT,
                           drained=self._process, activity=self.resetTimeout, clock=self,
                           expired=self.timeoutConnection, name="imap")
@@ -188,6 +190,7 @@ class IMAPServer(imap4.IMAP4Server):
                       b"IDLE": None, b"NAMESPACE": None, b"UNSELECT": None, b"UIDPLUS": None,
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
                       b"LIST-EXTENDED": None, b"LIST-STATUS": None, b"STATUS=SIZE": None,
+                      b"MULTIAPPEND": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -640,31 +643,28 @@ class IMAPServer(imap4.IMAP4Server):
         return b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")"
 
     async def cmd_APPEND(self, tag, args):
+        """APPEND, with MULTIAPPEND (RFC 3502): L{multiappend}."""
         args.sp()
         name = self._mailbox(args)
         args.sp()
-        flags: list[bytes] = []
-        when = None
-        if args.peek() == b"(":
-            flags = args.flagList()
-            args.sp()
-        if args.peek() == b'"':
-            when = args.dateTime()
-            args.sp()
-        literal = args.literal(allowSpooled=True)
+        messages = multiappend.parse(args)
         args.end()
-        flagSet = self._storableFlags(flags)
+        if len(messages) > multiappend.MAX_MESSAGES:
+            raise _No(b"[LIMIT] At most %d messages in one APPEND" % multiappend.MAX_MESSAGES)
+        batch = [(m.literal.source, self._storableFlags(m.flags), m.when) for m in messages]
         try:
             mailbox = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
         # What is already in the folder is settled first: the appended message is
-        # \Recent whatever INTERNALDATE it was given.
+        # \\Recent whatever INTERNALDATE it was given.
         self.factory.settleRecent(self.user, mailbox)
-        uid = await mailbox.append(literal.source, flagSet, when)
-        log.info("imap append user={user} folder={folder} uid={uid} size={size}", user=self.user,
-                 folder=loggable(name), uid=uid, size=literal.size)
-        self._ok(tag, b"[APPENDUID %d %d] APPEND completed" % (mailbox.uidValidity, uid))
+        uids = await multiappend.appendAll(mailbox, batch)
+        log.info("imap append user={user} folder={folder} uids={uids} size={size}", user=self.user,
+                 folder=loggable(name), uids=_uidSet(uids).decode(),
+                 size=sum(m.literal.size for m in messages))
+        # RFC 4315 §3: APPENDUID's uid-set covers every message of a MULTIAPPEND.
+        self._ok(tag, b"[APPENDUID %d %s] APPEND completed" % (mailbox.uidValidity, _uidSet(uids)))
 
     def _storableFlags(self, flags: list[bytes]) -> set[str]:
         out = set()
