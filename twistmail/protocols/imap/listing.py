@@ -34,6 +34,7 @@ class ListRequest:
     status: list = field(default_factory=list)  # RETURN (STATUS (items)), RFC 5819
     matchers: list = field(default_factory=list)
     rootOnly: bool = False  # LIST "" "": the hierarchy delimiter (RFC 3501 §6.3.8)
+    patternCount: int = 0  # the server refuses more than MAX_LIST_PATTERNS
 
     @property
     def verb(self) -> bytes:
@@ -89,8 +90,7 @@ def parse(args: Arguments, lsub: bool) -> ListRequest:
         patterns = [_pattern(p) for p in args.parenthesized(args.listMailbox)]
     else:
         patterns = [_pattern(args.listMailbox())]
-    if len(patterns) > MAX_LIST_PATTERNS:
-        raise ParseError(f"too many LIST patterns: at most {MAX_LIST_PATTERNS}")
+    request.patternCount = len(patterns)
     if not lsub and args.accept(b" RETURN "):
         _returnOptions(args, request)
     args.end()

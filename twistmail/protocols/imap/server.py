@@ -595,6 +595,8 @@ class IMAPServer(imap4.IMAP4Server):
     async def cmd_LIST(self, tag, args, lsub: bool = False):
         """LIST and LSUB with RFC 5258 options and RFC 5819 STATUS: L{listing}."""
         request = listing.parse(args, lsub)
+        if request.patternCount > listing.MAX_LIST_PATTERNS:
+            raise _Bad(b"Too many LIST patterns: at most %d" % listing.MAX_LIST_PATTERNS)
         verb = request.verb
         if request.rootOnly:
             self._send(b"* " + verb + b' (\\Noselect) "/" ""')
