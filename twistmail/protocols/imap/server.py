@@ -34,6 +34,7 @@ import binascii
 import bisect
 import collections
 import time
+import zlib
 from collections.abc import Callable
 
 from twisted.cred import credentials
@@ -58,7 +59,7 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import fetch, listing, multiappend, names, response, search
+from twistmail.protocols.imap import compress, fetch, listing, multiappend, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -139,6 +140,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._continuation: defer.Deferred | None = None
         self._loginFailures = 0
         self._flow: Flow | None = None
+        self._inflater: compress.Inflater | None = None  # after COMPRESS DEFLATE
+        self._inflateLater = None
 
     # -- connection ------------------------------------------------------------
 
@@ -162,6 +165,8 @@ class IMAPServer(imap4.IMAP4Server):
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
+        if self._inflateLater is not None and self._inflateLater.active():
+            self._inflateLater.cancel()
         if self._flow is not None:
             self._flow.lost()
         self.reader.discard()
@@ -190,7 +195,7 @@ class IMAPServer(imap4.IMAP4Server):
                       b"IDLE": None, b"NAMESPACE": None, b"UNSELECT": None, b"UIDPLUS": None,
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
                       b"LIST-EXTENDED": None, b"LIST-STATUS": None, b"STATUS=SIZE": None,
-                      b"MULTIAPPEND": None,
+                      b"MULTIAPPEND": None, b"COMPRESS=DEFLATE": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -209,20 +214,31 @@ class IMAPServer(imap4.IMAP4Server):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
-        self._flow.received(data)
-        self.reader.feed(data)
+        if self._inflater is not None:
+            self._inflater.feed(data)  # inflated as the reader takes it: L{_inflate}
+        else:
+            self._flow.received(data)
+            self.reader.feed(data)
         self._process()
 
     def _process(self) -> None:
         if self._processing:
             return
         self._processing = True
+        inflated = 0
         try:
             while not self.transport.disconnecting and not self._flow.outputFull and (
                     not self._busy or self._continuation is not None):
                 event = self.reader.next()
                 if event is None:
-                    return
+                    if self._inflater is None or not self._inflater.pending:
+                        return
+                    if inflated >= compress.PER_TURN:
+                        if self._inflateLater is None:
+                            self._inflateLater = self.callLater(0, self._inflateNextTurn)
+                        return
+                    inflated += self._inflate()
+                    continue
                 if isinstance(event, Continue):
                     if self._continuation is None:
                         self.sendContinuationRequest(b"Ready for literal data")
@@ -238,7 +254,27 @@ class IMAPServer(imap4.IMAP4Server):
                 self._run(event).addBoth(self._finished)
         finally:
             self._processing = False
-            self._flow.backlog(self.reader.buffered > MAX_BACKLOG)
+            self._flow.backlog(self.reader.buffered + (
+                self._inflater.pending if self._inflater is not None else 0) > MAX_BACKLOG)
+
+    def _inflate(self) -> int:
+        """RFC 4978: the next inflated piece of the client's input to the reader."""
+        try:
+            data = self._inflater.take()
+        except zlib.error:
+            log.info("imap user={user} client={client} disconnected: input is not deflate",
+                     user=self.user or "-", client=self.peerHost)
+            self._send(b"* BYE Input is not DEFLATE-compressed")
+            self._inflater = compress.Inflater()  # nothing more is read
+            self.closeConnection()
+            return 0
+        self._flow.received(data)
+        self.reader.feed(data)
+        return max(len(data), 1)
+
+    def _inflateNextTurn(self) -> None:
+        self._inflateLater = None
+        self._process()
 
     def _refused(self, event: Refused) -> None:
         log.info("imap client={client} command refused: {why}", client=self.peerHost,
@@ -400,6 +436,21 @@ class IMAPServer(imap4.IMAP4Server):
             args.sp()
         self._send(b"* ENABLED")
         self._ok(tag, b"ENABLE completed")
+
+    def cmd_COMPRESS(self, tag, args):
+        """RFC 4978: raw deflate both ways from right after the tagged OK (§3)."""
+        args.sp()
+        mechanism = args.atom().upper()
+        args.end()
+        if mechanism != b"DEFLATE":
+            raise _Bad(b"Unknown compression mechanism")
+        if self._inflater is not None:
+            raise _No(b"[COMPRESSIONACTIVE] DEFLATE is active already")
+        self._ok(tag, b"DEFLATE active")
+        self.transport = compress.DeflatingTransport(self.transport)
+        self._inflater = compress.Inflater()
+        # Whatever followed the command line is the client's compressed stream.
+        self._inflater.feed(self.reader.takeBuffered())
 
     # -- not authenticated -------------------------------------------------------------
 
@@ -999,6 +1050,7 @@ _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
     b"STARTTLS": (IMAPServer.cmd_STARTTLS, ("unauth",)),
     b"AUTHENTICATE": (IMAPServer.cmd_AUTHENTICATE, ("unauth",)),
     b"ENABLE": (IMAPServer.cmd_ENABLE, _AUTH),
+    b"COMPRESS": (IMAPServer.cmd_COMPRESS, _AUTH),
     b"SELECT": (IMAPServer.cmd_SELECT, _AUTH),
     b"EXAMINE": (IMAPServer.cmd_EXAMINE, _AUTH),
     b"CREATE": (IMAPServer.cmd_CREATE, _AUTH),

@@ -219,6 +219,12 @@ class CommandReader:
         self._messages = 0
         self._messageOctets = 0
 
+    def takeBuffered(self) -> bytes:
+        """Octets received but not yet read as commands, which are no longer ours to
+        read (after COMPRESS: the client's compressed stream)."""
+        data, self._buf = self._buf, b""
+        return data
+
     def dropBuffered(self) -> None:
         """Forget bytes received but not yet read as commands (after STARTTLS)."""
         self._buf = b""
