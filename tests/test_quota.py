@@ -141,8 +141,8 @@ def test_default_quota_from_config(dataDir, backend):
 
 def test_quota_usage_counts_every_folder(quotaServer):
     with loggedIn(quotaServer.imapPort) as imap:
-        imap.ok("CREATE Archive")
-        imap.append(message(3000), folder="Archive")
+        imap.ok("CREATE Projects")
+        imap.append(message(3000), folder="Projects")
         imap.append(message(3000))
-        untagged = imap.ok("GETQUOTAROOT Archive")
+        untagged = imap.ok("GETQUOTAROOT Projects")
         assert re.search(rb"STORAGE 6 10 MESSAGE 2 5", untagged[1]), untagged

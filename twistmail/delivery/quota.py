@@ -31,7 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from twistmail.delivery.routing import LocalRoute
+
+log = Logger()
 
 #: Seconds a computed usage is trusted (what this process adds is counted at once).
 USAGE_TTL = 10.0
@@ -173,6 +178,24 @@ class QuotaTracker:
             if (quota.storage is not None and used.octets >= quota.storage) or (
                     quota.messages is not None and used.messages >= quota.messages):
                 raise OverQuota(452, "4.2.2 Mailbox full")
+
+
+def checkRcpt(quota: QuotaTracker | None, route, size: int | None) -> defer.Deferred:
+    """The SMTP RCPT path's quota step: fires with None, or fails with L{OverQuota}.
+
+    Only mail for local accounts counts; a usage that cannot be computed (a
+    storage error) lets the recipient through: delivery reports that error."""
+    if quota is None or not isinstance(route, LocalRoute):
+        return defer.succeed(None)
+
+    def unknown(failure: Failure) -> None:
+        if failure.check(OverQuota):
+            return failure
+        log.failure("quota usage of {accounts} unknown; recipient accepted", failure,
+                    accounts=",".join(route.accounts))
+        return None
+
+    return defer.Deferred.fromCoroutine(quota.checkRecipient(route.accounts, size)).addErrback(unknown)
 
 
 def kib(octets: int) -> int:

@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from twistmail import __version__
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
+from twistmail.delivery.quota import OverQuota, Quota, QuotaTracker
 from twistmail.errors import (
     FolderExists,
     InvalidFolderName,
@@ -59,7 +60,16 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import compress, fetch, listing, multiappend, names, response, search
+from twistmail.protocols.imap import (
+    compress,
+    fetch,
+    listing,
+    multiappend,
+    names,
+    quotaroot,
+    response,
+    search,
+)
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -196,6 +206,7 @@ class IMAPServer(imap4.IMAP4Server):
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
                       b"LIST-EXTENDED": None, b"LIST-STATUS": None, b"STATUS=SIZE": None,
                       b"MULTIAPPEND": None, b"COMPRESS=DEFLATE": None,
+                      **quotaroot.CAPABILITIES,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -613,6 +624,7 @@ class IMAPServer(imap4.IMAP4Server):
         if self.selected is not None and self.selected.mailbox.name == name:
             self._unselect()
         await self.account.deleteFolder(name)
+        self.factory.quota.forget(self.user)
         self._ok(tag, b"DELETE completed")
 
     async def cmd_RENAME(self, tag, args):
@@ -709,15 +721,56 @@ class IMAPServer(imap4.IMAP4Server):
             mailbox = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
+        octets = sum(m.literal.size for m in messages)
+        await self._checkQuota(octets, len(messages))
         # What is already in the folder is settled first: the appended message is
         # \\Recent whatever INTERNALDATE it was given.
         self.factory.settleRecent(self.user, mailbox)
         uids = await multiappend.appendAll(mailbox, batch)
+        self.factory.quota.added(self.user, octets, len(uids))
         log.info("imap append user={user} folder={folder} uids={uids} size={size}", user=self.user,
                  folder=loggable(name), uids=_uidSet(uids).decode(),
-                 size=sum(m.literal.size for m in messages))
+                 size=octets)
         # RFC 4315 §3: APPENDUID's uid-set covers every message of a MULTIAPPEND.
         self._ok(tag, b"[APPENDUID %d %s] APPEND completed" % (mailbox.uidValidity, _uidSet(uids)))
+
+    async def _checkQuota(self, octets: int, messages: int) -> None:
+        try:
+            await self.factory.quota.checkAdd(self.user, octets, messages)
+        except OverQuota:
+            log.info("imap user={user} client={client} result=over quota", user=self.user,
+                     client=self.peerHost)
+            raise _No(b"[OVERQUOTA] Quota exceeded: delete some mail first") from None
+
+    async def cmd_GETQUOTAROOT(self, tag, args):
+        """RFC 9208 §4.1.2: one quota root, "", for all of a user's folders (as Dovecot)."""
+        args.sp()
+        wire = args.astring()
+        args.end()
+        name = self._mailboxName(wire)
+        await self.account.openFolder(name)  # NO [NONEXISTENT] for a folder that is not there
+        quota = self.factory.quota
+        limits = quota.limits(self.user)
+        usage = None if limits.unlimited else await quota.usage(self.user)
+        for line in quotaroot.rootResponses(response.astring(wire), limits, usage):
+            self._send(line)
+        self._ok(tag, b"GETQUOTAROOT completed")
+
+    async def cmd_GETQUOTA(self, tag, args):
+        """RFC 9208 §4.1.1."""
+        args.sp()
+        root = args.astring()
+        args.end()
+        quota = self.factory.quota
+        limits = quota.limits(self.user)
+        if root != quotaroot.ROOT or limits.unlimited:
+            raise _No(b"[NONEXISTENT] No such quota root")
+        self._send(quotaroot.quotaResponse(limits, await quota.usage(self.user)))
+        self._ok(tag, b"GETQUOTA completed")
+
+    def cmd_SETQUOTA(self, tag, args):
+        """RFC 9208 §4.1.3: only with QUOTASET, which is not offered: the admin sets quotas."""
+        raise _No(b"[NOPERM] Quotas are set by the administrator (twistmail user quota)")
 
     def _storableFlags(self, flags: list[bytes]) -> set[str]:
         out = set()
@@ -746,6 +799,7 @@ class IMAPServer(imap4.IMAP4Server):
             deleted = [m.uid for m in view.mailbox.messages() if "\\Deleted" in m.flags]
             if deleted:
                 await view.mailbox.remove(deleted)
+                self.factory.quota.forget(self.user)
         self._unselect()
         self._tagged(tag, b"OK", b"CLOSE completed")
 
@@ -767,6 +821,7 @@ class IMAPServer(imap4.IMAP4Server):
                    and (allowed is None or m.uid in allowed)]
         if deleted:
             await view.mailbox.remove(deleted)
+            self.factory.quota.forget(self.user)
         self._ok(tag, b"EXPUNGE completed")
 
     def _targets(self, args: Arguments, uid: bool) -> list[tuple[int, int]]:
@@ -916,7 +971,11 @@ class IMAPServer(imap4.IMAP4Server):
         if not uids:
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
             return
+        octets = sum(view.mailbox.message(u).size for u in uids)
+        if not move:  # a MOVE within the account changes no usage
+            await self._checkQuota(octets, len(uids))
         pairs = await view.mailbox.copyMessages(uids, target)
+        self.factory.quota.added(self.user, octets, len(pairs))
         code = b"[COPYUID %d %s %s]" % (target.uidValidity, _uidSet([a for a, _ in pairs]),
                                         _uidSet([b for _, b in pairs]))
         if not move:
@@ -925,6 +984,7 @@ class IMAPServer(imap4.IMAP4Server):
         # RFC 6851 §4.3: COPYUID in an untagged OK, then the EXPUNGEs, then the tagged OK.
         self._send(b"* OK " + code + b" Moved")
         await view.mailbox.remove(uids)
+        self.factory.quota.forget(self.user)
         self._ok(tag, b"MOVE completed")
 
     def cmd_MOVE(self, tag, args, uid: bool = False):
@@ -1063,6 +1123,9 @@ _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
     b"NAMESPACE": (IMAPServer.cmd_NAMESPACE, _AUTH),
     b"STATUS": (IMAPServer.cmd_STATUS, _AUTH),
     b"APPEND": (IMAPServer.cmd_APPEND, _AUTH),
+    b"GETQUOTA": (IMAPServer.cmd_GETQUOTA, _AUTH),
+    b"GETQUOTAROOT": (IMAPServer.cmd_GETQUOTAROOT, _AUTH),
+    b"SETQUOTA": (IMAPServer.cmd_SETQUOTA, _AUTH),
     b"IDLE": (IMAPServer.cmd_IDLE, _AUTH),
     b"CHECK": (IMAPServer.cmd_CHECK, ("select",)),
     b"CLOSE": (IMAPServer.cmd_CLOSE, ("select",)),
@@ -1083,8 +1146,10 @@ class IMAPFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, config, portal, spoolDir: str, limiter: ConnectionLimiter | None = None,
-                 clock: Callable[[], float] = time.time, security: Security | None = None) -> None:
+                 clock: Callable[[], float] = time.time, security: Security | None = None,
+                 quota: QuotaTracker | None = None) -> None:
         self.config = config
+        self.quota = quota or QuotaTracker(None, _NoQuotas(), Quota())
         self.portal = portal
         self.security = security or Security()
         self.spoolDir = spoolDir
@@ -1159,3 +1224,10 @@ class IMAPFactory(protocol.ServerFactory):
         key, claimed = self._claimedUpTo(user, mailbox)
         uids = mailbox.uids()
         return len(uids) - bisect.bisect_right(uids, claimed)
+
+
+class _NoQuotas:
+    """Accounts for a factory built without a quota tracker: nobody has a quota."""
+
+    def quota(self, account: str) -> None:
+        return None
