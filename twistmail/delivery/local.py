@@ -22,12 +22,16 @@ class LocalDelivery:
         and those recipients may see the message twice: at-least-once, never lost).
         """
         return allStored([self._store.deliver(rcpt, "INBOX", source).addCallback(self._stored, rcpt,
-                                                                                  source.size)
+                                                                                  source)
                           for rcpt in envelope.recipients])
 
-    def _stored(self, result, rcpt: str, size: int):
+    def _stored(self, result, rcpt: str, source):
         if self._quota is not None:
-            self._quota.added(rcpt, size, 1)
+            size = getattr(source, "size", None)  # a queued message (a bounce) does not say
+            if size is None:
+                self._quota.forget(rcpt)
+            else:
+                self._quota.added(rcpt, size, 1)
         return result
 
 
