@@ -146,3 +146,18 @@ def test_quota_usage_counts_every_folder(quotaServer):
         imap.append(message(3000))
         untagged = imap.ok("GETQUOTAROOT Projects")
         assert re.search(rb"STORAGE 6 10 MESSAGE 2 5", untagged[1]), untagged
+
+
+def test_concurrent_appends_cannot_overshoot_the_quota(quotaServer):
+    """Four sessions append 4000 octets each at once into 10 KiB: two fit, two are refused."""
+    sessions = [loggedIn(quotaServer.imapPort) for _ in range(4)]
+    try:
+        for imap in sessions:
+            imap.send(b"q1 APPEND INBOX {4000+}\r\n" + message(4000) + b"\r\n")
+        answers = [imap.until(b"q1")[1] for imap in sessions]
+        assert sorted(a.split(b" ")[0] for a in answers) == [b"NO", b"NO", b"OK", b"OK"], answers
+        [status] = sessions[0].ok("STATUS INBOX (MESSAGES)")
+        assert status.endswith(b"(MESSAGES 2)")
+    finally:
+        for imap in sessions:
+            imap.close()

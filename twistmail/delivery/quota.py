@@ -18,7 +18,7 @@ The checks, as Dovecot's quota plugin and its quota-status service for Postfix:
   treat a 552 to RCPT as temporary too, so nothing is lost on one that does).
   A message accepted while under the quota may take the user past it, once
   (Dovecot's ``quota_grace`` does the same).
-* IMAP APPEND, COPY and MULTIAPPEND (L{checkAdd}): refused with ``NO
+* IMAP APPEND, COPY and MULTIAPPEND (L{reserve}): refused with ``NO
   [OVERQUOTA]`` (RFC 9208 §7.1) if the new messages would go past the quota.
 """
 
@@ -155,15 +155,22 @@ class QuotaTracker:
         """Messages went (expunge, delete): the next question recomputes."""
         self._cache.pop(account.lower(), None)
 
-    async def checkAdd(self, account: str, octets: int, messages: int) -> None:
-        """IMAP: raise L{OverQuota} unless C{messages} more, C{octets} in all, fit."""
+    async def reserve(self, account: str, octets: int, messages: int) -> None:
+        """IMAP: raise L{OverQuota} unless C{messages} more, C{octets} in all, fit; if
+        they do, count them now, so concurrent sessions cannot all take the last room.
+        (If storing them fails, the caller calls L{forget}.)"""
         quota = self.limits(account)
         if quota.unlimited:
             return
         used = await self.usage(account)
+        # Other sessions' reservations made while this one waited are in the cache.
+        cached = self._cache.get(account.lower())
+        if cached is not None:
+            used = cached.usage
         if (quota.storage is not None and used.octets + octets > quota.storage) or (
                 quota.messages is not None and used.messages + messages > quota.messages):
             raise OverQuota(452, "4.2.2 Mailbox full")
+        self.added(account, octets, messages)
 
     async def checkRecipient(self, accounts, size: int | None) -> None:
         """SMTP RCPT: raise L{OverQuota} if one of C{accounts} (where the recipient

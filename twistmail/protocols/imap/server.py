@@ -722,25 +722,33 @@ class IMAPServer(imap4.IMAP4Server):
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
         octets = sum(m.literal.size for m in messages)
-        await self._checkQuota(octets, len(messages))
+        await self._reserveQuota(octets, len(messages))
         # What is already in the folder is settled first: the appended message is
-        # \\Recent whatever INTERNALDATE it was given.
+        # \Recent whatever INTERNALDATE it was given.
         self.factory.settleRecent(self.user, mailbox)
-        uids = await multiappend.appendAll(mailbox, batch)
-        self.factory.quota.added(self.user, octets, len(uids))
+        uids = await self._forgetQuotaOnFailure(multiappend.appendAll(mailbox, batch))
         log.info("imap append user={user} folder={folder} uids={uids} size={size}", user=self.user,
                  folder=loggable(name), uids=_uidSet(uids).decode(),
                  size=octets)
         # RFC 4315 §3: APPENDUID's uid-set covers every message of a MULTIAPPEND.
         self._ok(tag, b"[APPENDUID %d %s] APPEND completed" % (mailbox.uidValidity, _uidSet(uids)))
 
-    async def _checkQuota(self, octets: int, messages: int) -> None:
+    async def _reserveQuota(self, octets: int, messages: int) -> None:
+        """RFC 9208 §7.1: NO [OVERQUOTA] unless the messages fit; counted at once if they do."""
         try:
-            await self.factory.quota.checkAdd(self.user, octets, messages)
+            await self.factory.quota.reserve(self.user, octets, messages)
         except OverQuota:
             log.info("imap user={user} client={client} result=over quota", user=self.user,
                      client=self.peerHost)
             raise _No(b"[OVERQUOTA] Quota exceeded: delete some mail first") from None
+
+    async def _forgetQuotaOnFailure(self, stored):
+        """Await C{stored}; if it fails, what L{_reserveQuota} counted is not stored."""
+        try:
+            return await stored
+        except BaseException:
+            self.factory.quota.forget(self.user)
+            raise
 
     async def cmd_GETQUOTAROOT(self, tag, args):
         """RFC 9208 §4.1.2: one quota root, "", for all of a user's folders (as Dovecot)."""
@@ -971,11 +979,9 @@ class IMAPServer(imap4.IMAP4Server):
         if not uids:
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
             return
-        octets = sum(view.mailbox.message(u).size for u in uids)
         if not move:  # a MOVE within the account changes no usage
-            await self._checkQuota(octets, len(uids))
-        pairs = await view.mailbox.copyMessages(uids, target)
-        self.factory.quota.added(self.user, octets, len(pairs))
+            await self._reserveQuota(sum(view.mailbox.message(u).size for u in uids), len(uids))
+        pairs = await self._forgetQuotaOnFailure(view.mailbox.copyMessages(uids, target))
         code = b"[COPYUID %d %s %s]" % (target.uidValidity, _uidSet([a for a, _ in pairs]),
                                         _uidSet([b for _, b in pairs]))
         if not move:
