@@ -172,3 +172,17 @@ def test_garbage_instead_of_deflate_closes_the_connection(compressed):
     proto, transport, _ = compressed
     proto.dataReceived(b"\xff" * 64)
     assert transport.disconnecting
+
+
+@pytest.mark.interop
+def test_mbsync_syncs_over_compression(server, tmp_path):
+    """isync (Debian's mbsync 1.4) turns COMPRESS on by itself when it is offered."""
+    from test_interop import run
+    from test_interop_imap import Mbsync, deliver, message
+
+    deliver(server, message(1), message(2))
+    mbsync = Mbsync(server, tmp_path)
+    result = run([mbsync.binary, "-c", str(mbsync.rc), "-D", "-a"])
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert ">>> 2 COMPRESS DEFLATE" in result.stdout
+    assert sorted(b"interop" in body for body in mbsync.files().values()) == [True, True]
