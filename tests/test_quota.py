@@ -31,6 +31,8 @@ def quotaServer(dataDir, backend):
     addUser(dataDir, ALICE)
     addUser(dataDir, BOB)
     setQuota(dataDir, ALICE, "10K", "--messages", "5")
+    cli("alias", "add", "solo@example.test", ALICE, dataDir=dataDir)
+    cli("alias", "add", "team@example.test", ALICE, BOB, dataDir=dataDir)
     srv = startServer(dataDir, storage={"backend": backend})
     yield srv
     srv.stop()
@@ -120,6 +122,10 @@ def test_smtp_rcpt_over_quota_is_452_and_a_too_big_message_552(quotaServer):
         assert code == 452 and text.startswith(b"4.2.2 Mailbox full"), text
         code, _ = s.rcpt(BOB)
         assert code == 250, "another recipient of the same transaction is unaffected"
+        code, _ = s.rcpt("solo@example.test")
+        assert code == 452, "an alias to alice alone"
+        code, _ = s.rcpt("team@example.test")
+        assert code == 250, "an alias to alice and bob: bob can take it"
 
 
 def test_default_quota_from_config(dataDir, backend):

@@ -173,18 +173,27 @@ class QuotaTracker:
         self.added(account, octets, messages)
 
     async def checkRecipient(self, accounts, size: int | None) -> None:
-        """SMTP RCPT: raise L{OverQuota} if one of C{accounts} (where the recipient
-        goes) is full, or C{size} (MAIL SIZE=, if given) is more than its whole quota."""
+        """SMTP RCPT: raise L{OverQuota} if C{accounts} (where the recipient goes: one
+        user, or an alias's users) are all full, or C{size} (MAIL SIZE=, if given) is
+        more than the whole quota of each.  An alias with one user who can take the
+        message is accepted: the others' mail is not held back by one full mailbox."""
+        refusal = None
         for account in accounts:
             quota = self.limits(account)
             if quota.unlimited:
-                continue
+                return
             if size is not None and quota.storage is not None and size > quota.storage:
-                raise OverQuota(552, "5.2.2 Message is larger than the recipient's whole quota")
+                refusal = refusal or OverQuota(
+                    552, "5.2.2 Message is larger than the recipient's whole quota")
+                continue
             used = await self.usage(account)
             if (quota.storage is not None and used.octets >= quota.storage) or (
                     quota.messages is not None and used.messages >= quota.messages):
-                raise OverQuota(452, "4.2.2 Mailbox full")
+                refusal = OverQuota(452, "4.2.2 Mailbox full")
+                continue
+            return
+        if refusal is not None:
+            raise refusal
 
 
 def checkRcpt(quota: QuotaTracker | None, route, size: int | None) -> defer.Deferred:
