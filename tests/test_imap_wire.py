@@ -94,11 +94,31 @@ def test_append_message_may_be_large_and_is_limited_by_message_size():
     assert refused.fatal
 
 
-def test_only_one_big_literal_per_append():
+def test_only_one_big_literal_per_append_by_default():
     r = reader()
-    assert events(r, b"a1 APPEND {500}\r\n") == [Continue(500)]
+    assert events(r, b"a1 APPEND INBOX {500}\r\n") == [Continue(500)]
     [refused] = events(r, b"x" * 500 + b" {500}\r\n")
-    assert refused.tag == b"a1" and b"too large" in refused.response
+    assert refused.tag == b"a1" and refused.response.startswith(b"NO [LIMIT]")
+
+
+def test_multiappend_messages_bounded_in_count_and_total_octets():
+    """RFC 3502: several messages in one APPEND, each may be big; the count and the
+    total are bounded before a byte of the one over the limit is buffered."""
+    r = reader(maxMessages=3, maxAppend=1500)
+    assert events(r, b"a1 APPEND INBOX {500}\r\n") == [Continue(500)]
+    assert events(r, b"x" * 500 + b" {500}\r\n") == [Continue(500)]
+    [refused] = events(r, b"x" * 500 + b" {501}\r\n")
+    assert refused == Refused(b"a1", b"NO [LIMIT] At most 3 messages and 1500 octets in one APPEND")
+    assert events(r, b"a2 APPEND INBOX {500}\r\n") == [Continue(500)]
+    for _ in range(2):
+        assert events(r, b"x" * 500 + b" {500}\r\n") == [Continue(500)]
+    [command] = events(r, b"x" * 500 + b"\r\n")
+    assert [p.size for p in command.parts if isinstance(p, Literal)] == [500, 500, 500]
+    r = reader(maxMessages=2, maxAppend=10_000)
+    events(r, b"a3 APPEND INBOX {500}\r\n")
+    events(r, b"x" * 500 + b" {500}\r\n")
+    [refused] = events(r, b"x" * 500 + b" {500}\r\n")
+    assert refused.response.startswith(b"NO [LIMIT]")
 
 
 def test_big_append_literal_spools_to_disk(tmp_path):

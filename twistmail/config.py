@@ -293,6 +293,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "accounts": {
         "reload_interval": Key(int, 1, "seconds between checks for CLI account changes", 1),
+        "default_quota": Key(int, 0, "octets of mail a user may keep (IMAP QUOTA; SMTP 452 4.2.2 "
+                             "when full); 0 = no limit; per user: twistmail user quota", 0),
+        "default_quota_messages": Key(int, 0, "messages a user may keep; 0 = no limit", 0),
     },
     "relay": {
         "trusted_networks": Key(list, [], "clients (CIDR) that may relay to other domains; [] = none",

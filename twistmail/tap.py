@@ -32,6 +32,7 @@ from twistmail.auth.realm import MailRealm
 from twistmail.auth.throttle import AuthThrottle
 from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
+from twistmail.delivery.quota import QuotaTracker
 from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.interfaces import IMailAccount, IMailStoreFactory
 from twistmail.metrics import Metrics
@@ -436,7 +437,8 @@ def makeService(options: Options) -> service.MultiService:
 
     router = Router(accounts, RelayPolicy(config["relay"]["trusted_networks"]),
                     config["smtp"]["recipient_delimiter"])
-    local = LocalDelivery(store)
+    quota = QuotaTracker.fromConfig(config, store, accounts)
+    local = LocalDelivery(store, quota)
     queue = RelayQueue(dataDir)
     makeRelay(config, reactor, queue, router, local, top, metrics)
     spool = os.path.join(dataDir, "spool")
@@ -454,10 +456,13 @@ def makeService(options: Options) -> service.MultiService:
                                   checkSender=submission["require_own_sender"],
                                   sendLimits=sendLimits, metrics=metrics),
     }
+    for name in ("smtp", "submission"):
+        factories[name].quota = quota  # RCPT answers 452 4.2.2 for a full mailbox
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter, security)
     realm.register(pop3.IMailbox, pop3Factory.avatar)
     factories["pop3"] = pop3Factory
-    imapFactory = IMAPFactory(config["imap"], portal, spool, limiter, security=security)
+    imapFactory = IMAPFactory(config["imap"], portal, spool, limiter, security=security,
+                              quota=quota)
     realm.register(IMailAccount, imapFactory.avatar)
     factories["imap"] = imapFactory
     webAdmin = None

@@ -243,6 +243,24 @@ class Accounts:
         self.users[address]["password"] = passwordHash
         return address
 
+    def quota(self, address: str) -> dict | None:
+        """The user's own quota (``{"storage": octets, "messages": count}``, a missing
+        or zero resource unlimited), or None when the user has none of their own."""
+        self.maybeReload()
+        user = self.users.get(address.lower())
+        return None if user is None else user.get("quota")
+
+    def setQuota(self, address: str, quota: dict | None) -> str:
+        """Give the user a quota of their own; None: the configured default applies."""
+        address = address.lower()
+        if address not in self.users:
+            raise AccountError(f"no user {address} (see: twistmail user list)")
+        if quota is None:
+            self.users[address].pop("quota", None)
+        else:
+            self.users[address]["quota"] = quota
+        return address
+
     def removeUser(self, address: str) -> str:
         address = address.lower()
         if address not in self.users:

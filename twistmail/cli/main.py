@@ -94,6 +94,8 @@ def cmdUser(args) -> str:
         with accounts.editing():
             done = accounts.removeUser(args.address)
         return f"user {done} removed (its mail stays in the data directory)"
+    if args.action == "quota":
+        return _setQuota(accounts, args)
     # Fail on a bad address before asking for a password.
     if args.action == "add":
         accounts.checkNewUser(args.address)
@@ -106,6 +108,37 @@ def cmdUser(args) -> str:
             return f"user {done} added"
         done = accounts.setPassword(args.address, hashed)
         return f"password of {done} changed"
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _setQuota(accounts: Accounts, args) -> str:
+    """``user quota ADDRESS SIZE [--messages N]``: SIZE in octets (K, M, G, T: binary
+    units), ``unlimited``, or ``default`` ([accounts] default_quota applies)."""
+    size = args.size.strip().upper()
+    if args.messages is not None and args.messages < 0:
+        raise CLIError("--messages takes a count, 0 for no limit")
+    quota: dict | None
+    if size == "DEFAULT":
+        quota = None
+    elif size == "UNLIMITED":
+        quota = {}
+    elif size[:-1].isdigit() and size[-1] in _UNITS or size.isdigit():
+        number, unit = (size, "") if size.isdigit() else (size[:-1], size[-1])
+        quota = {"storage": int(number) * _UNITS[unit]}
+    else:
+        raise CLIError(f"quota size {args.size!r}: write octets or a number with K, M, G or T "
+                       "(10M), 'unlimited' or 'default'")
+    if args.messages and quota is not None:
+        quota["messages"] = args.messages
+    with accounts.editing():
+        done = accounts.setQuota(args.address, quota)
+    if quota is None:
+        return f"quota of {done}: the default ([accounts] default_quota)"
+    storage = f"{quota['storage']} octets" if quota.get("storage") else "unlimited storage"
+    return f"quota of {done}: {storage}, " + (
+        f"{quota['messages']} messages" if quota.get("messages") else "any number of messages")
 
 
 def cmdAlias(args) -> str:
@@ -232,6 +265,10 @@ def parser() -> argparse.ArgumentParser:
                          ("passwd", "new password from prompt or stdin"), ("remove", "")):
         user.add_parser(action, help=text).add_argument("address")
     user.add_parser("list")
+    quota = user.add_parser("quota", help="mail a user may keep (IMAP QUOTA, SMTP 452 when full)")
+    quota.add_argument("address")
+    quota.add_argument("size", help="octets, or with K/M/G/T (10M); 'unlimited'; 'default'")
+    quota.add_argument("--messages", type=int, help="at most this many messages (0: no limit)")
 
     alias = sub.add_parser("alias", help="address aliases").add_subparsers(dest="action", required=True)
     add = alias.add_parser("add")

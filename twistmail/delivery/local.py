@@ -10,8 +10,10 @@ from twistmail.model import Envelope
 
 
 class LocalDelivery:
-    def __init__(self, store) -> None:
+    def __init__(self, store, quota=None) -> None:
+        """@param quota: a L{twistmail.delivery.quota.QuotaTracker} told of each copy stored."""
         self._store = store
+        self._quota = quota
 
     def deliver(self, envelope: Envelope, source: MessageSource) -> defer.Deferred:
         """Fire when every recipient's copy is durable; fail with StorageError otherwise.
@@ -19,8 +21,18 @@ class LocalDelivery:
         On a partial failure the copies already stored stay (the client retries
         and those recipients may see the message twice: at-least-once, never lost).
         """
-        return allStored([self._store.deliver(rcpt, "INBOX", source)
+        return allStored([self._store.deliver(rcpt, "INBOX", source).addCallback(self._stored, rcpt,
+                                                                                  source)
                           for rcpt in envelope.recipients])
+
+    def _stored(self, result, rcpt: str, source):
+        if self._quota is not None:
+            size = getattr(source, "size", None)  # a queued message (a bounce) does not say
+            if size is None:
+                self._quota.forget(rcpt)
+            else:
+                self._quota.added(rcpt, size, 1)
+        return result
 
 
 def allStored(ds: list[defer.Deferred]) -> defer.Deferred:

@@ -53,6 +53,7 @@ from twisted.mail.smtp import AUTH, COMMAND, DATA
 
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
+from twistmail.delivery import quota
 from twistmail.delivery.routing import (
     BadAddress,
     Client,
@@ -146,6 +147,8 @@ def _now() -> bytes:
 
 class SMTPServer(smtp.ESMTP):
     """One inbound SMTP connection; configuration comes from the factory."""
+
+    _declaredSize: int | None = None  # MAIL SIZE=, for RCPT's quota check
 
     def __init__(self) -> None:
         super().__init__()
@@ -421,6 +424,7 @@ class SMTPServer(smtp.ESMTP):
     # -- commands --------------------------------------------------------------
 
     def do_MAIL(self, rest: bytes) -> None:
+        self._declaredSize = None
         m = self.mail_re.match(rest)
         if m and _UNPRINTABLE.search(m.group("path")):
             self.sendCode(553, b"5.1.7 Bad sender address syntax" + _NO_UTF8)
@@ -433,6 +437,7 @@ class SMTPServer(smtp.ESMTP):
                     if not value.isdigit():
                         self.sendCode(501, b"5.5.4 SIZE needs a number")
                         return
+                    self._declaredSize = int(value)  # RCPT's quota check (RFC 1870)
                     if int(value) > self.factory.config["max_message_size"]:
                         self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
                         return
@@ -517,6 +522,15 @@ class SMTPServer(smtp.ESMTP):
         except BadAddress:
             self._logReject(address, "bad address")
             raise smtp.SMTPBadRcpt(user, 553, "5.1.3 Bad recipient address syntax") from None
+        return quota.checkRcpt(self.factory.quota, route, self._declaredSize).addCallbacks(
+            lambda _: self._accepted(user, route), self._overQuota, errbackArgs=(user, address))
+
+    def _overQuota(self, failure, user, address: str):
+        failure.trap(quota.OverQuota)
+        self._logReject(address, "over quota")
+        raise smtp.SMTPBadRcpt(user, failure.value.code, failure.value.text)
+
+    def _accepted(self, user, route):
         if self._reservation is not None:
             try:
                 self._reservation.addRecipient()  # only accepted recipients count
@@ -741,6 +755,8 @@ class SMTPFactory(smtp.SMTPFactory):
 
     protocol = SMTPServer
     noisy = False
+    #: L{twistmail.delivery.quota.QuotaTracker}: RCPT refuses a full mailbox (tap sets it).
+    quota = None
 
     def __init__(self, config, hostname: str, router: Router, delivery, spoolDir: str,
                  limiter: ConnectionLimiter | None = None, security: Security | None = None,

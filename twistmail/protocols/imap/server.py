@@ -34,6 +34,7 @@ import binascii
 import bisect
 import collections
 import time
+import zlib
 from collections.abc import Callable
 
 from twisted.cred import credentials
@@ -47,6 +48,7 @@ from twisted.python.failure import Failure
 from twistmail import __version__
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
+from twistmail.delivery.quota import OverQuota, Quota, QuotaTracker
 from twistmail.errors import (
     FolderExists,
     InvalidFolderName,
@@ -58,7 +60,19 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import esearch, fetch, names, response, search, sort, thread
+from twistmail.protocols.imap import (
+    compress,
+    esearch,
+    fetch,
+    listing,
+    multiappend,
+    names,
+    quotaroot,
+    response,
+    search,
+    sort,
+    thread,
+)
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -71,8 +85,6 @@ log = Logger()
 READ_BATCH = 1024 * 1024
 #: Messages whose index-only SEARCH keys are evaluated before other connections get a turn.
 SEARCH_SLICE = 5000
-#: RFC 5258 multiple patterns: each is matched against every folder name.
-MAX_LIST_PATTERNS = 64
 #: Folders whose \Recent claims are remembered (least recently used forgotten first).
 MAX_RECENT_FOLDERS = 10000
 #: Failed logins a connection may make before it is closed.
@@ -132,6 +144,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._continuation: defer.Deferred | None = None
         self._loginFailures = 0
         self._flow: Flow | None = None
+        self._inflater: compress.Inflater | None = None  # after COMPRESS DEFLATE
+        self._inflateLater = None
 
     # -- connection ------------------------------------------------------------
 
@@ -146,13 +160,17 @@ class IMAPServer(imap4.IMAP4Server):
                                     maxLiteral=config["max_literal_size"],
                                     maxMessage=config["max_message_size"],
                                     maxCommand=config["max_line_length"] + 4 * config["max_literal_size"],
-                                    spoolDir=self.factory.spoolDir)
+                                    spoolDir=self.factory.spoolDir,
+                                    maxMessages=multiappend.MAX_MESSAGES,
+                                    maxAppend=multiappend.TOTAL_FACTOR * config["max_message_size"])
         self._flow = Flow(self.transport, lambda: self.timeOut or self.POSTAUTH_TIMEOUT,
                           drained=self._process, activity=self.resetTimeout, clock=self,
                           expired=self.timeoutConnection, name="imap")
         super().connectionMade()
 
     def connectionLost(self, reason) -> None:
+        if self._inflateLater is not None and self._inflateLater.active():
+            self._inflateLater.cancel()
         if self._flow is not None:
             self._flow.lost()
         self.reader.discard()
@@ -182,6 +200,9 @@ class IMAPServer(imap4.IMAP4Server):
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
                       b"ESEARCH": None, b"SEARCHRES": None, b"SORT": None,
                       b"THREAD=ORDEREDSUBJECT": None, b"THREAD=REFERENCES": None,
+                      b"LIST-EXTENDED": None, b"LIST-STATUS": None, b"STATUS=SIZE": None,
+                      b"MULTIAPPEND": None, b"COMPRESS=DEFLATE": None,
+                      **quotaroot.CAPABILITIES,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -200,20 +221,31 @@ class IMAPServer(imap4.IMAP4Server):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
-        self._flow.received(data)
-        self.reader.feed(data)
+        if self._inflater is not None:
+            self._inflater.feed(data)  # inflated as the reader takes it: L{_inflate}
+        else:
+            self._flow.received(data)
+            self.reader.feed(data)
         self._process()
 
     def _process(self) -> None:
         if self._processing:
             return
         self._processing = True
+        inflated = 0
         try:
             while not self.transport.disconnecting and not self._flow.outputFull and (
                     not self._busy or self._continuation is not None):
                 event = self.reader.next()
                 if event is None:
-                    return
+                    if self._inflater is None or not self._inflater.pending:
+                        return
+                    if inflated >= compress.PER_TURN:
+                        if self._inflateLater is None:
+                            self._inflateLater = self.callLater(0, self._inflateNextTurn)
+                        return
+                    inflated += self._inflate()
+                    continue
                 if isinstance(event, Continue):
                     if self._continuation is None:
                         self.sendContinuationRequest(b"Ready for literal data")
@@ -229,7 +261,27 @@ class IMAPServer(imap4.IMAP4Server):
                 self._run(event).addBoth(self._finished)
         finally:
             self._processing = False
-            self._flow.backlog(self.reader.buffered > MAX_BACKLOG)
+            self._flow.backlog(self.reader.buffered + (
+                self._inflater.pending if self._inflater is not None else 0) > MAX_BACKLOG)
+
+    def _inflate(self) -> int:
+        """RFC 4978: the next inflated piece of the client's input to the reader."""
+        try:
+            data = self._inflater.take()
+        except zlib.error:
+            log.info("imap user={user} client={client} disconnected: input is not deflate",
+                     user=self.user or "-", client=self.peerHost)
+            self._send(b"* BYE Input is not DEFLATE-compressed")
+            self._inflater = compress.Inflater()  # nothing more is read
+            self.closeConnection()
+            return 0
+        self._flow.received(data)
+        self.reader.feed(data)
+        return max(len(data), 1)
+
+    def _inflateNextTurn(self) -> None:
+        self._inflateLater = None
+        self._process()
 
     def _refused(self, event: Refused) -> None:
         log.info("imap client={client} command refused: {why}", client=self.peerHost,
@@ -391,6 +443,21 @@ class IMAPServer(imap4.IMAP4Server):
             args.sp()
         self._send(b"* ENABLED")
         self._ok(tag, b"ENABLE completed")
+
+    def cmd_COMPRESS(self, tag, args):
+        """RFC 4978: raw deflate both ways from right after the tagged OK (§3)."""
+        args.sp()
+        mechanism = args.atom().upper()
+        args.end()
+        if mechanism != b"DEFLATE":
+            raise _Bad(b"Unknown compression mechanism")
+        if self._inflater is not None:
+            raise _No(b"[COMPRESSIONACTIVE] DEFLATE is active already")
+        self._ok(tag, b"DEFLATE active")
+        self.transport = compress.DeflatingTransport(self.transport)
+        self._inflater = compress.Inflater()
+        # Whatever followed the command line is the client's compressed stream.
+        self._inflater.feed(self.reader.takeBuffered())
 
     # -- not authenticated -------------------------------------------------------------
 
@@ -554,6 +621,7 @@ class IMAPServer(imap4.IMAP4Server):
         if self.selected is not None and self.selected.mailbox.name == name:
             self._unselect()
         await self.account.deleteFolder(name)
+        self.factory.quota.forget(self.user)
         self._ok(tag, b"DELETE completed")
 
     async def cmd_RENAME(self, tag, args):
@@ -585,72 +653,29 @@ class IMAPServer(imap4.IMAP4Server):
         self._ok(tag, b"NAMESPACE completed")
 
     async def cmd_LIST(self, tag, args, lsub: bool = False):
-        """LIST and LSUB, with RFC 5258 selection and return options for SPECIAL-USE and CHILDREN."""
-        args.sp()
-        select: set = set()
-        if not lsub and args.peek() == b"(":
-            select = {o.upper() for o in args.parenthesized(args.atom)}
-            args.sp()
-        reference = _listPattern(args.astring())
-        args.sp()
-        if not lsub and args.peek() == b"(":
-            patterns = [_listPattern(p) for p in args.parenthesized(args.listMailbox)]
-        else:
-            patterns = [_listPattern(args.listMailbox())]
-        if len(patterns) > MAX_LIST_PATTERNS:
-            raise _Bad(b"Too many LIST patterns: at most %d" % MAX_LIST_PATTERNS)
-        returns: set = set()
-        if not lsub and args.accept(b" RETURN "):
-            returns = {o.upper() for o in args.parenthesized(args.atom)}
-        args.end()
-        verb = b"LSUB" if lsub else b"LIST"
-        if reference is None:
-            patterns = []
-        if len(patterns) == 1 and patterns[0] == "":
+        """LIST and LSUB with RFC 5258 options and RFC 5819 STATUS: L{listing}."""
+        request = listing.parse(args, lsub)
+        if request.patternCount > listing.MAX_LIST_PATTERNS:
+            raise _Bad(b"Too many LIST patterns: at most %d" % listing.MAX_LIST_PATTERNS)
+        verb = request.verb
+        if request.rootOnly:
             self._send(b"* " + verb + b' (\\Noselect) "/" ""')
+            self._ok(tag, verb + b" completed")
+            return
+        if not request.matchers:
             self._ok(tag, verb + b" completed")
             return
         folderNames = await self.account.listFolders()
         subscribed = set(await self.account.subscriptions())
-        specialUse = self.factory.specialUse
-        existing = set(folderNames)
-        onlySubscribed = lsub or b"SUBSCRIBED" in select
-        matchers = [names.pattern(reference, p) for p in patterns if p is not None]
-        if not matchers:
-            self._ok(tag, verb + b" completed")
-            return
-        # Every name with a folder below it, in one pass (not a scan per folder listed).
-        parents = _parents(existing)
-        noselect: set = set()
-        if lsub:
-            # RFC 3501 §6.3.9: "%" matching a parent of a subscribed folder, but not that
-            # folder, lists the parent with \Noselect (unless it is subscribed itself).
-            for below in subscribed:  # each has at most folders.MAX_DEPTH parents
-                for parent in _parents([below]) - subscribed - noselect:
-                    if any(m.match(parent) and not m.match(below) for m in matchers):
-                        noselect.add(parent)
-        candidates = sorted(existing | subscribed | noselect) if onlySubscribed else folderNames
-        for name in candidates:
-            if not any(m.match(name) for m in matchers):
-                continue
-            if onlySubscribed and name not in subscribed and name not in noselect:
-                continue
-            use = specialUse.get(name) if name in existing else None
-            if b"SPECIAL-USE" in select and use is None:
-                continue
-            attributes = []
-            if name in noselect:
-                attributes.append("\\Noselect")
-            elif name not in existing:
-                attributes.append("\\NonExistent" if not lsub else "\\Noselect")
-            else:
-                attributes.append("\\HasChildren" if name in parents else "\\HasNoChildren")
-            if use is not None:
-                attributes.append(use)
-            if b"SUBSCRIBED" in select | returns and name in subscribed and not lsub:
-                attributes.append("\\Subscribed")
-            self._send(b"* " + verb + b" " + response.flagList(attributes) + b' "/" ' +
-                       response.astring(names.encode(name)))
+        for entry in listing.select(request, folderNames, subscribed, self.factory.specialUse):
+            self._send(entry.line(verb))
+            if request.status and entry.selectable:
+                # RFC 5819 §2: a folder that cannot be opened now gets no STATUS line.
+                try:
+                    mailbox = await self.account.openFolder(entry.name)
+                except StorageError:
+                    continue
+                self._send(self._statusLine(entry.name, mailbox, request.status))
         self._ok(tag, verb + b" completed")
 
     def cmd_LSUB(self, tag, args):
@@ -660,49 +685,97 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         name = self._mailbox(args)
         args.sp()
-        items = [i.upper() for i in args.parenthesized(args.atom)]
+        items = listing.statusItems(args)
         args.end()
-        unknown = set(items) - {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN"}
-        if unknown:
-            raise _Bad(b"Unknown STATUS item " + sorted(unknown)[0][:32])
         mailbox = await self.account.openFolder(name)
+        self._send(self._statusLine(name, mailbox, items))
+        self._ok(tag, b"STATUS completed")
+
+    def _statusLine(self, name: str, mailbox, items: list[bytes]) -> bytes:
         values = {
             b"MESSAGES": lambda: len(mailbox.uids()),
             b"RECENT": lambda: self.factory.countRecent(self.user, mailbox),
             b"UIDNEXT": lambda: mailbox.uidNext,
             b"UIDVALIDITY": lambda: mailbox.uidValidity,
             b"UNSEEN": lambda: sum("\\Seen" not in m.flags for m in mailbox.messages()),
+            # RFC 8438 §2: the octets of every message, as RFC822.SIZE counts them.
+            b"SIZE": lambda: sum(m.size for m in mailbox.messages()),
         }
         body = b" ".join(b"%s %d" % (item, values[item]()) for item in items)
-        self._send(b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")")
-        self._ok(tag, b"STATUS completed")
+        return b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")"
 
     async def cmd_APPEND(self, tag, args):
+        """APPEND, with MULTIAPPEND (RFC 3502): L{multiappend}."""
         args.sp()
         name = self._mailbox(args)
         args.sp()
-        flags: list[bytes] = []
-        when = None
-        if args.peek() == b"(":
-            flags = args.flagList()
-            args.sp()
-        if args.peek() == b'"':
-            when = args.dateTime()
-            args.sp()
-        literal = args.literal(allowSpooled=True)
+        messages = multiappend.parse(args)
         args.end()
-        flagSet = self._storableFlags(flags)
+        if len(messages) > multiappend.MAX_MESSAGES:
+            raise _No(b"[LIMIT] At most %d messages in one APPEND" % multiappend.MAX_MESSAGES)
+        batch = [(m.literal.source, self._storableFlags(m.flags), m.when) for m in messages]
         try:
             mailbox = await self.account.openFolder(name)
         except NoSuchFolder:
             raise _No(b"[TRYCREATE] No such mailbox") from None
+        octets = sum(m.literal.size for m in messages)
+        await self._reserveQuota(octets, len(messages))
         # What is already in the folder is settled first: the appended message is
         # \Recent whatever INTERNALDATE it was given.
         self.factory.settleRecent(self.user, mailbox)
-        uid = await mailbox.append(literal.source, flagSet, when)
-        log.info("imap append user={user} folder={folder} uid={uid} size={size}", user=self.user,
-                 folder=loggable(name), uid=uid, size=literal.size)
-        self._ok(tag, b"[APPENDUID %d %d] APPEND completed" % (mailbox.uidValidity, uid))
+        uids = await self._forgetQuotaOnFailure(multiappend.appendAll(mailbox, batch))
+        log.info("imap append user={user} folder={folder} uids={uids} size={size}", user=self.user,
+                 folder=loggable(name), uids=response.numberSet(uids).decode(),
+                 size=octets)
+        # RFC 4315 §3: APPENDUID's uid-set covers every message of a MULTIAPPEND.
+        self._ok(tag, b"[APPENDUID %d %s] APPEND completed" % (mailbox.uidValidity, response.numberSet(uids)))
+
+    async def _reserveQuota(self, octets: int, messages: int) -> None:
+        """RFC 9208 §7.1: NO [OVERQUOTA] unless the messages fit; counted at once if they do."""
+        try:
+            await self.factory.quota.reserve(self.user, octets, messages)
+        except OverQuota:
+            log.info("imap user={user} client={client} result=over quota", user=self.user,
+                     client=self.peerHost)
+            raise _No(b"[OVERQUOTA] Quota exceeded: delete some mail first") from None
+
+    async def _forgetQuotaOnFailure(self, stored):
+        """Await C{stored}; if it fails, what L{_reserveQuota} counted is not stored."""
+        try:
+            return await stored
+        except BaseException:
+            self.factory.quota.forget(self.user)
+            raise
+
+    async def cmd_GETQUOTAROOT(self, tag, args):
+        """RFC 9208 §4.1.2: one quota root, "", for all of a user's folders (as Dovecot)."""
+        args.sp()
+        wire = args.astring()
+        args.end()
+        name = self._mailboxName(wire)
+        await self.account.openFolder(name)  # NO [NONEXISTENT] for a folder that is not there
+        quota = self.factory.quota
+        limits = quota.limits(self.user)
+        usage = None if limits.unlimited else await quota.usage(self.user)
+        for line in quotaroot.rootResponses(response.astring(wire), limits, usage):
+            self._send(line)
+        self._ok(tag, b"GETQUOTAROOT completed")
+
+    async def cmd_GETQUOTA(self, tag, args):
+        """RFC 9208 §4.1.1."""
+        args.sp()
+        root = args.astring()
+        args.end()
+        quota = self.factory.quota
+        limits = quota.limits(self.user)
+        if root != quotaroot.ROOT or limits.unlimited:
+            raise _No(b"[NONEXISTENT] No such quota root")
+        self._send(quotaroot.quotaResponse(limits, await quota.usage(self.user)))
+        self._ok(tag, b"GETQUOTA completed")
+
+    def cmd_SETQUOTA(self, tag, args):
+        """RFC 9208 §4.1.3: only with QUOTASET, which is not offered: the admin sets quotas."""
+        raise _No(b"[NOPERM] Quotas are set by the administrator (twistmail user quota)")
 
     def _storableFlags(self, flags: list[bytes]) -> set[str]:
         out = set()
@@ -731,6 +804,7 @@ class IMAPServer(imap4.IMAP4Server):
             deleted = [m.uid for m in view.mailbox.messages() if "\\Deleted" in m.flags]
             if deleted:
                 await view.mailbox.remove(deleted)
+                self.factory.quota.forget(self.user)
         self._unselect()
         self._tagged(tag, b"OK", b"CLOSE completed")
 
@@ -752,6 +826,7 @@ class IMAPServer(imap4.IMAP4Server):
                    and (allowed is None or m.uid in allowed)]
         if deleted:
             await view.mailbox.remove(deleted)
+            self.factory.quota.forget(self.user)
         self._ok(tag, b"EXPUNGE completed")
 
     def _targets(self, args: Arguments, uid: bool) -> list[tuple[int, int]]:
@@ -905,7 +980,9 @@ class IMAPServer(imap4.IMAP4Server):
         if not uids:
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
             return
-        pairs = await view.mailbox.copyMessages(uids, target)
+        if not move:  # a MOVE within the account changes no usage
+            await self._reserveQuota(sum(view.mailbox.message(u).size for u in uids), len(uids))
+        pairs = await self._forgetQuotaOnFailure(view.mailbox.copyMessages(uids, target))
         code = b"[COPYUID %d %s %s]" % (target.uidValidity, response.numberSet([a for a, _ in pairs]),
                                         response.numberSet([b for _, b in pairs]))
         if not move:
@@ -914,6 +991,7 @@ class IMAPServer(imap4.IMAP4Server):
         # RFC 6851 §4.3: COPYUID in an untagged OK, then the EXPUNGEs, then the tagged OK.
         self._send(b"* OK " + code + b" Moved")
         await view.mailbox.remove(uids)
+        self.factory.quota.forget(self.user)
         self._ok(tag, b"MOVE completed")
 
     def cmd_MOVE(self, tag, args, uid: bool = False):
@@ -1035,20 +1113,6 @@ class IMAPServer(imap4.IMAP4Server):
             self._flushUpdates(expunge=True)
 
 
-def _listPattern(wire: bytes) -> str | None:
-    """A LIST pattern or reference, or None if it is not valid modified UTF-7: such a
-    pattern matches nothing, and the command still succeeds (as Dovecot answers)."""
-    try:
-        return names.decode(wire)
-    except names.BadName:
-        return None
-
-
-def _parents(folderNames) -> set:
-    """Every name with a folder below it: C{a} and C{a/b} for C{a/b/c}."""
-    return {name[:i] for name in folderNames for i, c in enumerate(name) if c == names.SEPARATOR}
-
-
 async def _readEach(mailbox, uids: list) -> list:
     """The messages' bytes, in order; None for each one that has gone (expunged by
     another session, which this session may not be told of yet: RFC 3501 §7.4.1)."""
@@ -1116,6 +1180,7 @@ _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
     b"STARTTLS": (IMAPServer.cmd_STARTTLS, ("unauth",)),
     b"AUTHENTICATE": (IMAPServer.cmd_AUTHENTICATE, ("unauth",)),
     b"ENABLE": (IMAPServer.cmd_ENABLE, _AUTH),
+    b"COMPRESS": (IMAPServer.cmd_COMPRESS, _AUTH),
     b"SELECT": (IMAPServer.cmd_SELECT, _AUTH),
     b"EXAMINE": (IMAPServer.cmd_EXAMINE, _AUTH),
     b"CREATE": (IMAPServer.cmd_CREATE, _AUTH),
@@ -1128,6 +1193,9 @@ _COMMANDS: dict[bytes, tuple[Callable, tuple]] = {
     b"NAMESPACE": (IMAPServer.cmd_NAMESPACE, _AUTH),
     b"STATUS": (IMAPServer.cmd_STATUS, _AUTH),
     b"APPEND": (IMAPServer.cmd_APPEND, _AUTH),
+    b"GETQUOTA": (IMAPServer.cmd_GETQUOTA, _AUTH),
+    b"GETQUOTAROOT": (IMAPServer.cmd_GETQUOTAROOT, _AUTH),
+    b"SETQUOTA": (IMAPServer.cmd_SETQUOTA, _AUTH),
     b"IDLE": (IMAPServer.cmd_IDLE, _AUTH),
     b"CHECK": (IMAPServer.cmd_CHECK, ("select",)),
     b"CLOSE": (IMAPServer.cmd_CLOSE, ("select",)),
@@ -1150,8 +1218,10 @@ class IMAPFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, config, portal, spoolDir: str, limiter: ConnectionLimiter | None = None,
-                 clock: Callable[[], float] = time.time, security: Security | None = None) -> None:
+                 clock: Callable[[], float] = time.time, security: Security | None = None,
+                 quota: QuotaTracker | None = None) -> None:
         self.config = config
+        self.quota = quota or QuotaTracker(None, _NoQuotas(), Quota())
         self.portal = portal
         self.security = security or Security()
         self.spoolDir = spoolDir
@@ -1226,3 +1296,10 @@ class IMAPFactory(protocol.ServerFactory):
         key, claimed = self._claimedUpTo(user, mailbox)
         uids = mailbox.uids()
         return len(uids) - bisect.bisect_right(uids, claimed)
+
+
+class _NoQuotas:
+    """Accounts for a factory built without a quota tracker: nobody has a quota."""
+
+    def quota(self, account: str) -> None:
+        return None

@@ -11,6 +11,8 @@ before it buffers a byte of it, which is what makes hostile input cheap:
 * a literal larger than C{maxLiteral} is refused, except the message of an
   APPEND, which may be as large as C{maxMessage} and goes to a spool file
   past 1 MiB instead of memory;
+* one APPEND (RFC 3502 MULTIAPPEND) carries at most C{maxMessages} such
+  messages, C{maxAppend} octets in all;
 * a command's lines and small literals together are bounded by C{maxCommand}.
 
 A refused synchronizing literal costs nothing: the client sends no octets
@@ -91,8 +93,11 @@ class CommandReader:
     """Turns received bytes into L{Command}, L{Continue} and L{Refused} events."""
 
     def __init__(self, maxLine: int, maxLiteral: int, maxMessage: int, maxCommand: int,
-                 spoolDir: str | None = None) -> None:
+                 spoolDir: str | None = None, maxMessages: int = 1,
+                 maxAppend: int | None = None) -> None:
         self.maxLine = maxLine
+        self.maxMessages = maxMessages
+        self.maxAppend = maxMessage if maxAppend is None else maxAppend
         self.maxLiteral = maxLiteral
         self.maxMessage = maxMessage
         self.maxCommand = maxCommand
@@ -164,15 +169,16 @@ class CommandReader:
                 return command
             self._parts.append(line[:m.start()])
             size, sync = int(m.group(1)), not m.group(2)
-            refusal = self._checkLiteral(size)
+            refusal, message = self._checkLiteral(size)
             if refusal is not None:
                 # A synchronizing literal never comes without our "+"; a
                 # non-synchronizing one is already on its way: we must close.
                 return self._refuse(refusal, fatal=not sync)
             self._need = size
             self._literal = MessageSource(spoolDir=self.spoolDir)
-            if size > self.maxLiteral:
-                self._bigLiteral = True  # an APPEND's message: at most one per command
+            if message:
+                self._messages += 1
+                self._messageOctets += size
             else:
                 self._size += size
             if not size:
@@ -181,16 +187,21 @@ class CommandReader:
             if sync:
                 return Continue(size)
 
-    def _checkLiteral(self, size: int) -> bytes | None:
+    def _checkLiteral(self, size: int) -> tuple[bytes | None, bool]:
+        """(refusal or None, whether the literal is an APPEND's message outside the command budget)."""
         if size <= self.maxLiteral and self._size + size <= self.maxCommand:
-            return None
+            return None, False
         first = self._parts[0] if self._parts else b""
-        if _APPEND.match(first) and not self._bigLiteral:
-            if size <= self.maxMessage:
-                return None
+        if not _APPEND.match(first):
+            return b"BAD Literal too large: at most %d octets here" % self.maxLiteral, False
+        if size > self.maxMessage:
             # RFC 7889 TOOBIG: the client should not retry the same message.
-            return b"NO [TOOBIG] Message too large: at most %d octets" % self.maxMessage
-        return b"BAD Literal too large: at most %d octets here" % self.maxLiteral
+            return b"NO [TOOBIG] Message too large: at most %d octets" % self.maxMessage, False
+        if self._messages >= self.maxMessages or self._messageOctets + size > self.maxAppend:
+            # RFC 3502 §6.3.11: the whole APPEND fails, nothing is stored.
+            return (b"NO [LIMIT] At most %d messages and %d octets in one APPEND"
+                    % (self.maxMessages, self.maxAppend)), False
+        return None, True
 
     def _refuse(self, response: bytes, fatal: bool = False, line: bytes = b"") -> Refused:
         tag = Command(self._parts or [line]).tag
@@ -205,7 +216,14 @@ class CommandReader:
         self._size = 0
         self._literal = None
         self._need = 0
-        self._bigLiteral = False
+        self._messages = 0
+        self._messageOctets = 0
+
+    def takeBuffered(self) -> bytes:
+        """Octets received but not yet read as commands, which are no longer ours to
+        read (after COMPRESS: the client's compressed stream)."""
+        data, self._buf = self._buf, b""
+        return data
 
     def dropBuffered(self) -> None:
         """Forget bytes received but not yet read as commands (after STARTTLS)."""
