@@ -14,12 +14,13 @@ class LocalDelivery:
         self._store = store
 
     def deliver(self, envelope: Envelope, source: MessageSource) -> defer.Deferred:
-        """Fire when every recipient's copy is durable; fail with StorageError otherwise.
+        """Fire when every recipient's copy is durable in C{envelope.folder} (created if
+        missing: "Junk" after a quarantine verdict); fail with StorageError otherwise.
 
         On a partial failure the copies already stored stay (the client retries
         and those recipients may see the message twice: at-least-once, never lost).
         """
-        return allStored([self._store.deliver(rcpt, "INBOX", source)
+        return allStored([self._store.deliver(rcpt, envelope.folder, source)
                           for rcpt in envelope.recipients])
 
 

@@ -91,7 +91,8 @@ class FilterChain:
     def _call(self, entry: ConfiguredFilter, hook: str, args, context: str) -> defer.Deferred:
         d = defer.maybeDeferred(getattr(entry.filter, hook), *args)
         d.addTimeout(entry.timeout, self._clock)
-        return d.addCallbacks(_verdict, self._failed, errbackArgs=(entry, hook, context))
+        d.addCallback(_verdict)
+        return d.addErrback(self._failed, entry, hook, context)
 
     def _failed(self, failure, entry: ConfiguredFilter, hook: str, context: str) -> Verdict:
         if failure.check(defer.TimeoutError):

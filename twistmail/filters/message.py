@@ -31,14 +31,15 @@ def headerSection(chunks) -> bytes:
     data = b""
     for chunk in chunks:
         data += chunk
-        end = _END.search(data)
-        if end is not None:
-            return data[:end.start() + (2 if data[end.start()] == 13 else 1)]
-        if len(data) > HEADER_LIMIT:
+        if len(data) > HEADER_LIMIT or _END.search(data):
             break
-    data = data[:HEADER_LIMIT]
-    cut = data.rfind(b"\n")
-    return data[:cut + 1] if cut >= 0 and len(data) == HEADER_LIMIT else data
+    if data[:1] in (b"\n", b"\r"):
+        return b""  # no header section at all
+    data = data[:HEADER_LIMIT + 1]
+    end = _END.search(data)
+    if end is not None:
+        return data[:end.start() + (2 if data[end.start()] == 13 else 1)]
+    return data[:data.rfind(b"\n") + 1]
 
 
 def parseHeaders(section: bytes):

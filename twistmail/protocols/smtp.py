@@ -75,7 +75,7 @@ _HAS_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 #: The status codes a rejection is counted under: RFC 3463 classes 4 and 5, subjects 0-7;
 #: at most 1,600 label values, whatever a reply says ("other" for the rest).
 _STATUS_LABEL = re.compile(rb"^([45]\.[0-7]\.\d{1,2})(?: |$)")
-_NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
+_NO_ENHANCED_FOR = {"EHLO", "HELO", "GREETING"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 #: RFC 5321 §4.1.2: a path is printable ASCII (qtextSMTP is %d32-126 but for " and \);
 #: 8-bit needs SMTPUTF8 (RFC 6531), which we do not offer.  Twisted's Address takes
 #: any byte inside quotes, and str() of such an address raises later.
@@ -128,6 +128,8 @@ class SMTPServer(smtp.ESMTP):
         #: A filter refused the session at connect with 554: only QUIT is served.
         self._refused = False
         self._lost = False
+        #: A filter refused the last HELO/EHLO: no MAIL until one is accepted.
+        self._heloRefused = False
         #: What relay permission depends on; SMTP AUTH sets ``authenticated``.
         self.client = Client()
 
@@ -155,6 +157,7 @@ class SMTPServer(smtp.ESMTP):
         """RFC 5321 §3.1: 220, or 554 and then only QUIT, or 421 and close."""
         if self._lost or self.transport.disconnecting:
             return
+        self._command = "GREETING"
         if verdict.action in (ACCEPT, QUARANTINE, DISCARD):
             super().connectionMade()
         elif verdict.code >= 500:
@@ -166,6 +169,7 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(421, self.host + b" " + verdict.text.encode("utf-8", "replace"))
             self.closeConnection()
             return
+        self._command = None
         self._waiting = False
         if self._buf and not self._processing:
             self._process()
@@ -418,6 +422,9 @@ class SMTPServer(smtp.ESMTP):
     # -- commands --------------------------------------------------------------
 
     def do_MAIL(self, rest: bytes) -> None:
+        if self._heloRefused:
+            self.sendCode(503, b"5.5.1 Send an accepted HELO/EHLO first")
+            return
         m = self.mail_re.match(rest)
         if m and _UNPRINTABLE.search(m.group("path")):
             self.sendCode(553, b"5.1.7 Bad sender address syntax" + _NO_UTF8)
@@ -469,7 +476,8 @@ class SMTPServer(smtp.ESMTP):
         self._from, self._to = None, []
 
         def answer(verdict: Verdict) -> None:
-            if verdict.action not in (ACCEPT, QUARANTINE, DISCARD):
+            self._heloRefused = verdict.action not in (ACCEPT, QUARANTINE, DISCARD)
+            if self._heloRefused:
                 self.sendCode(verdict.code, verdict.text.encode("utf-8", "replace"))
                 return
             self._usedEhlo = esmtp
@@ -604,7 +612,7 @@ class SMTPFactory(smtp.SMTPFactory):
                  portal=None, submission: bool = False, checkSender: bool = True,
                  sendLimits: SendLimits | None = None, metrics: Metrics | None = None,
                  filters: tuple[ConfiguredFilter, ...] = (), clock=None,
-                 showClient: bool = True) -> None:
+                 runInThread=None, showClient: bool = True) -> None:
         """@param delivery: has C{deliver(envelope, source) -> Deferred}, durable when it fires
             (L{twistmail.delivery.pipeline.DeliveryPipeline}).
         @param submission: the RFC 6409 role: AUTH required before MAIL, the sender
@@ -616,6 +624,7 @@ class SMTPFactory(smtp.SMTPFactory):
         @param filters: the configured filters of this listener's role, in order
             (L{twistmail.filters.load}); the built-in rules always run first.
         @param clock: times the filters (the reactor by default).
+        @param runInThread: C{f(*args) -> Deferred}, for reading a spool on disk.
         @param showClient: see L{SMTPPolicy}."""
         super().__init__(portal)
         self.submission = submission
@@ -633,7 +642,7 @@ class SMTPFactory(smtp.SMTPFactory):
         self.service = "submission" if submission else "smtp"
         self.policy = SMTPPolicy("submission" if submission else "inbound", self.hostname,
                                  router, delivery, filters, checkSender, sendLimits, clock,
-                                 showClient=showClient)
+                                 runInThread, showClient)
         self.metrics = metrics or Metrics()
         self.accepted = self.metrics.smtpAccepted.labels(self.service)
 
