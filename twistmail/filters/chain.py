@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistmail.config import FILTER_TIMEOUT
 from twistmail.model import ACCEPT, QUARANTINE, Verdict
 
 log = Logger()
 
-#: ``[filters.<name>] timeout`` when not given: seconds one hook of one filter may take.
-DEFAULT_TIMEOUT = 30.0
-ON_FAILURE = ("tempfail", "accept")
 #: What a client is told when a filter failed and its on_failure is tempfail.
 FAILED = Verdict.tempfail("4.7.1 Temporary problem checking the message, try again later")
 
@@ -33,8 +31,8 @@ class ConfiguredFilter:
 
     name: str
     filter: object  # an IMessageFilter provider
-    timeout: float = DEFAULT_TIMEOUT
-    onFailure: str = "tempfail"  # one of ON_FAILURE
+    timeout: float = FILTER_TIMEOUT
+    onFailure: str = "tempfail"  # or "accept" (twistmail.config.FILTER_ON_FAILURE)
 
 
 @dataclass(frozen=True)
