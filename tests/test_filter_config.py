@@ -85,3 +85,66 @@ def test_check_config_refuses_an_unknown_filter(tmp_path, capsys):
     path = write(tmp_path, '[filters]\ninbound = ["nope"]\n')
     assert main(["--config", path, "--data-dir", str(tmp_path / "data"), "check-config"]) == 1
     assert "unknown filter 'nope'" in capsys.readouterr().err
+
+
+CAPTURING = """from zope.interface import implementer
+from twistmail.filters.base import Filter
+from twistmail.interfaces import IMessageFilterFactory
+
+contexts = []
+
+@implementer(IMessageFilterFactory)
+class Capturing:
+    name = "capturing"
+    description = "keeps its context"
+
+    def makeFilter(self, options, context):
+        contexts.append(context)
+        return Filter()
+
+capturing = Capturing()
+"""
+
+
+def test_filters_get_the_one_resolver_the_relay_uses(tmp_path, monkeypatch):
+    """One DNS configuration: makeService builds one DnsPythonMXResolver, for both."""
+    import sys
+
+    from twistmail import tap
+    from twistmail.relay import mx
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "capturing.py").write_text(CAPTURING)
+    made = []
+
+    class Recorded(mx.DnsPythonMXResolver):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(tap, "DnsPythonMXResolver", Recorded)
+    relayResolvers = []
+    realRelay = tap.makeRelay
+    monkeypatch.setattr(tap, "makeRelay", lambda *args: (relayResolvers.append(args[-1]),
+                                                         realRelay(*args))[1])
+    for _ in addPluginDirectory(str(plugins)):
+        path = write(tmp_path, '[filters]\ninbound = ["capturing"]\nsubmission = ["capturing"]\n'
+                               '[relay]\nnameservers = ["127.0.0.1:5353"]\n')
+        options = tap.Options()
+        options.config = configmod.load(path, {"server": {"data_dir": str(tmp_path / "data")}})
+        tap.makeService(options)
+        [context] = sys.modules["twistmail.plugins.capturing"].contexts  # built once, shared
+    [resolver] = made
+    assert relayResolvers == [resolver] and context.resolver is resolver
+    assert resolver._nameservers == [("127.0.0.1", 5353)]
+    assert context.hostname == options.config.hostname and context.config is options.config
+
+
+def test_a_filter_cannot_end_the_header_section_with_a_line_break():
+    from twistmail.filters.message import headerLines
+
+    assert headerLines([("X-A", "one\r\n\r\nBcc: evil@example.test\nmore")]) == \
+        b"X-A: one\r\n\tBcc: evil@example.test\r\n\tmore\r\n"
+    with pytest.raises(ValueError):
+        headerLines([("Bad Name", "x")])

@@ -232,9 +232,11 @@ def test_quarantine_files_into_the_junk_folder_of_the_store():
     assert copy.endswith(MSG)
 
 
-def test_a_verdict_that_is_not_a_verdict_is_a_filter_failure(logged):
-    h = SMTPHarness([Fixed("rcptTo", "yes please")])
+@pytest.mark.parametrize("answer", ["yes please", Verdict.accept([("Not a name", "x")])])
+def test_a_bad_answer_is_a_filter_failure(answer, logged):
+    h = SMTPHarness([Fixed("rcptTo", answer, "sloppy")])
     assert conversation(h)[3].startswith(b"451 4.7.1 ")
+    assert [e["filter"] for e in logged if "log_failure" in e] == ["sloppy"]
 
 
 AR_OURS = b"Authentication-Results: mx.example.test; spf=pass smtp.mailfrom=x@remote.test\r\n"

@@ -29,7 +29,6 @@ end of DATA's, each filter seeing those added before it.
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,7 +44,12 @@ from twistmail.delivery.trace import receivedHeader, withProtocol
 from twistmail.errors import StorageError
 from twistmail.filters.chain import ConfiguredFilter, FilterChain
 from twistmail.filters.loop import HopLimit
-from twistmail.filters.message import headerSection, parseHeaders, withoutOurAuthResults
+from twistmail.filters.message import (
+    headerLines,
+    headerSection,
+    parseHeaders,
+    withoutOurAuthResults,
+)
 from twistmail.filters.submission import MessageIdAndDate, SenderOwnership
 from twistmail.model import (
     ACCEPT,
@@ -62,8 +66,6 @@ log = Logger()
 
 #: The folder a quarantine verdict files local copies into (RFC 6154 \Junk).
 JUNK = "Junk"
-#: RFC 5322 §3.6.8 field name.
-_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 _ids = itertools.count()
 
@@ -78,20 +80,6 @@ class Refused(smtp.SMTPServerError):
 
     def __init__(self, code: int, text: str) -> None:
         super().__init__(code, text)
-
-
-def headerLines(headers: Sequence[tuple[str, str]]) -> bytes:
-    """(name, value) pairs as header field lines; a line break in a value that is not a
-    fold becomes one (RFC 5322 §2.2.3), so a filter cannot end the header section."""
-    out = []
-    for name, value in headers:
-        if not _FIELD_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not a header field name")
-        lines = [line for line in re.split(r"\r\n|\r|\n", value)]
-        folded = lines[0] + "".join("\r\n" + (line if line[:1] in (" ", "\t") else "\t" + line)
-                                    for line in lines[1:] if line.strip())
-        out.append(f"{name}: {folded}\r\n".encode())
-    return b"".join(out)
 
 
 def builtinFilters(role: str, hostname: bytes, accounts, delimiter: str,

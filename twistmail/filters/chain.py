@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistmail.config import FILTER_TIMEOUT
+from twistmail.filters.message import headerLines
 from twistmail.model import ACCEPT, QUARANTINE, Verdict
 
 log = Logger()
@@ -109,4 +110,5 @@ def _verdict(result) -> Verdict:
         return Verdict.accept()
     if not isinstance(result, Verdict):
         raise TypeError(f"a filter hook returned {result!r}, not a Verdict or None")
+    headerLines(result.headers)  # ValueError for a bad field: the filter's failure
     return result

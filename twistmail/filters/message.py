@@ -11,6 +11,7 @@ the spool is on disk (L{twistmail.delivery.spool.MessageSource.inMemory}).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from email import policy
 from email.parser import BytesHeaderParser
 
@@ -23,6 +24,8 @@ _END = re.compile(rb"\r?\n\r?\n")
 _FIELD_START = re.compile(rb"^(?=[^ \t])", re.MULTILINE)
 _AUTH_RESULTS = re.compile(rb"authentication-results[ \t]*:", re.IGNORECASE)
 _COMMENT = re.compile(rb"\([^()]*\)")
+#: RFC 5322 §3.6.8 field name.
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 
 
 def headerSection(chunks) -> bytes:
@@ -85,3 +88,17 @@ def withoutOurAuthResults(source: MessageSource, hostname: str) -> MessageSource
         clean.write(chunk[skip:])
         skip = 0
     return clean
+
+
+def headerLines(headers: Sequence[tuple[str, str]]) -> bytes:
+    """(name, value) pairs as header field lines; a line break in a value that is not a
+    fold becomes one (RFC 5322 §2.2.3), so a filter cannot end the header section."""
+    out = []
+    for name, value in headers:
+        if not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a header field name")
+        lines = [line for line in re.split(r"\r\n|\r|\n", value)]
+        folded = lines[0] + "".join("\r\n" + (line if line[:1] in (" ", "\t") else "\t" + line)
+                                    for line in lines[1:] if line.strip())
+        out.append(f"{name}: {folded}\r\n".encode())
+    return b"".join(out)
