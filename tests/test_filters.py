@@ -309,4 +309,5 @@ def test_a_header_section_over_the_limit_is_cut_for_filters_not_for_delivery():
     h = SMTPHarness([Reader()], smtp={"max_message_size": 4 * 1024 * 1024})
     assert conversation(h, filler + MSG)[-1].startswith(b"250 ")
     assert 50_000 < seen["count"] < 80_000
+    assert h.threadCalls == 1  # parsed off the reactor thread
     assert h.delivered[0].data.endswith(filler + MSG)

@@ -66,6 +66,9 @@ log = Logger()
 
 #: The folder a quarantine verdict files local copies into (RFC 6154 \Junk).
 JUNK = "Junk"
+#: Header sections up to this size are parsed on the reactor thread; larger ones
+#: (up to HEADER_LIMIT) in a thread.
+PARSE_ON_REACTOR = 64 * 1024
 
 _ids = itertools.count()
 
@@ -120,7 +123,6 @@ class SMTPPolicy:
         self.sendLimits = sendLimits
         self.showClient = showClient
         self.runInThread = runInThread
-        self.configured = tuple(filters)
         self.chain = FilterChain(
             builtinFilters(role, hostname, router.accounts, router.delimiter, checkSender)
             + list(filters), clock)
@@ -310,16 +312,23 @@ class Session:
             return source, Verdict.discard(), marks.discard
         cache: dict = {}
 
-        def message(added: tuple) -> tuple:
+        def message(added: tuple):
             # Each filter sees the headers added before it (and our Received:).
-            prefix = source.prefix + headerLines(marks.headers + list(added))
-            if prefix not in cache:
-                cache.clear()
-                extra = prefix[len(source.prefix):]
-                cache[prefix] = FilterMessage(
-                    parseHeaders(prefix + section), source.size + len(extra),
-                    lambda: source.open(extra))
-            return info, cache[prefix]
+            extra = headerLines(marks.headers + list(added))
+            if extra in cache:
+                return info, cache[extra]
+            cache.clear()
+            whole = source.prefix + extra + section
+            # A large header section is parsed in a thread (at most HEADER_LIMIT).
+            d = self.policy.runInThread(parseHeaders, whole) if len(whole) > PARSE_ON_REACTOR \
+                else defer.succeed(parseHeaders(whole))
+
+            def built(headers):
+                cache[extra] = FilterMessage(headers, source.size + len(extra),
+                                             lambda: source.open(extra))
+                return info, cache[extra]
+
+            return d.addCallback(built)
 
         d = self.policy.chain.run("endOfData", before=message, context=_context(info))
 

@@ -64,14 +64,15 @@ class FilterChain:
         first reject, tempfail or discard does.
 
         @param before: called as C{before(headers)} ahead of each filter with the
-            headers added so far, returning the arguments to call it with (the
-            end of DATA rebuilds its L{FilterMessage} this way); else C{args}.
+            headers added so far, returning the arguments to call it with, or a
+            Deferred of them (the end of DATA rebuilds its L{FilterMessage} this
+            way); else C{args}.
         @param context: who and what, for the log line of a failed filter.
         """
         headers: list = []
         quarantined = None
         for entry in self.filters:
-            callArgs = before(tuple(headers)) if before is not None else args
+            callArgs = (yield defer.maybeDeferred(before, tuple(headers))) if before else args
             verdict = yield self._call(entry, hook, callArgs, context)
             headers.extend(verdict.headers)
             if verdict.action == ACCEPT:
@@ -89,7 +90,8 @@ class FilterChain:
 
     def _call(self, entry: ConfiguredFilter, hook: str, args, context: str) -> defer.Deferred:
         d = defer.maybeDeferred(getattr(entry.filter, hook), *args)
-        d.addTimeout(entry.timeout, self._clock)
+        if not d.called:
+            d.addTimeout(entry.timeout, self._clock)
         d.addCallback(_verdict)
         return d.addErrback(self._failed, entry, hook, context)
 
