@@ -4,20 +4,13 @@ address private; over loopback with smtplib, as mail clients submit."""
 from __future__ import annotations
 
 import smtplib
-import ssl
 
 import pytest
 from support import addUser, startServer, storedMessages
+from test_tls import insecure
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 MSG = b"Subject: hi\r\n\r\nhello\r\n"
-
-
-def insecure() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 @pytest.fixture

@@ -628,7 +628,6 @@ class SMTPFactory(smtp.SMTPFactory):
         @param showClient: see L{SMTPPolicy}."""
         super().__init__(portal)
         self.submission = submission
-        self.checkSender = checkSender
         self.security = security or Security()
         self.offersAuth = portal is not None and (submission or config["auth"])
         self.config = config
@@ -638,7 +637,6 @@ class SMTPFactory(smtp.SMTPFactory):
         self.delivery = delivery
         self.spoolDir = spoolDir
         self.limiter = limiter
-        self.sendLimits = sendLimits
         self.service = "submission" if submission else "smtp"
         self.policy = SMTPPolicy("submission" if submission else "inbound", self.hostname,
                                  router, delivery, filters, checkSender, sendLimits, clock,
