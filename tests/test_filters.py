@@ -12,6 +12,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from twistmail.delivery.local import LocalDelivery
+from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.filters.base import Filter
 from twistmail.filters.chain import ConfiguredFilter
 from twistmail.interfaces import IDeliveryTarget, IMailStore
@@ -58,8 +59,10 @@ def conversation(harness, message=MSG) -> list[bytes]:
     return replies
 
 
-def test_the_harness_fakes_provide_their_interfaces():
+def test_the_delivery_targets_and_fakes_provide_their_interfaces():
     assert verifyObject(IDeliveryTarget, RecordingDeliveryTarget())
+    assert verifyObject(IDeliveryTarget, LocalDelivery(MemoryStore()))
+    assert verifyObject(IDeliveryTarget, DeliveryPipeline(LocalDelivery(MemoryStore()), None))
     assert verifyObject(IMailStore, MemoryStore())
 
 
@@ -107,13 +110,15 @@ def test_tempfail_at_connect_answers_421_and_closes():
 
 
 @pytest.mark.parametrize("hook", HOOKS)
-def test_quarantine_at_any_hook_files_into_junk(hook):
+def test_quarantine_at_any_hook_files_into_junk(hook, logged):
     h = SMTPHarness([Fixed(hook, Verdict.quarantine([("X-Spam", "yes")]))])
     replies = conversation(h)
     assert replies[-1].startswith(b"250 2.0.0")
     [d] = h.delivered
     assert d.envelope.folder == "Junk"
     assert b"\r\nX-Spam: yes\r\n" in d.data
+    results = [e["result"] for e in logged if e.get("log_format", "").startswith("smtp id=")]
+    assert results == ["delivered to Junk (quarantined by fixed)"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -123,7 +128,7 @@ def test_discard_at_any_hook_answers_250_and_stores_nothing(hook, logged):
     assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")
     assert h.delivered == []
     results = [e["result"] for e in logged if e.get("log_format", "").startswith("smtp id=")]
-    assert len(results) == 1 and results[0].startswith("discarded")
+    assert results == ["discarded by fixed"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)

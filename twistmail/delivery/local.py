@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from twisted.internet import defer
+from zope.interface import implementer
 
 from twistmail.delivery.spool import MessageSource
 from twistmail.errors import StorageError
+from twistmail.interfaces import IDeliveryTarget
 from twistmail.model import Envelope
 
 
+@implementer(IDeliveryTarget)
 class LocalDelivery:
     def __init__(self, store) -> None:
         self._store = store

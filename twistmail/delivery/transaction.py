@@ -81,9 +81,6 @@ def transactionId() -> str:
 class Refused(smtp.SMTPServerError):
     """A MAIL or RCPT answered with C{code} and C{resp}; Twisted's ESMTP sends it as is."""
 
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(code, text)
-
 
 def builtinFilters(role: str, hostname: bytes, accounts, delimiter: str,
                    checkSender: bool) -> list[ConfiguredFilter]:
@@ -139,12 +136,12 @@ class _Marks:
     discard: str = ""
     headers: list = field(default_factory=list)
 
-    def note(self, name: str, outcome) -> None:
+    def note(self, outcome) -> None:
         self.headers.extend(outcome.headers)
         if outcome.verdict.action == QUARANTINE:
-            self.quarantine = self.quarantine or name
+            self.quarantine = self.quarantine or outcome.decidedBy
         elif outcome.verdict.action == DISCARD:
-            self.discard = self.discard or name
+            self.discard = self.discard or outcome.decidedBy
 
 
 class Session:
@@ -309,7 +306,7 @@ class Session:
     def _endFilters(self, prepared, envelope: Envelope, marks: _Marks, info: SessionInfo):
         source, section = prepared
         if marks.discard:
-            return source, Verdict.discard(), marks.discard
+            return source, Verdict.discard()
         cache: dict = {}
 
         def message(added: tuple):
@@ -333,16 +330,13 @@ class Session:
         d = self.policy.chain.run("endOfData", before=message, context=_context(info))
 
         def decided(outcome):
-            marks.headers.extend(outcome.headers)
-            verdict = outcome.verdict
-            if verdict.action == QUARANTINE:
-                marks.quarantine = marks.quarantine or "endOfData"
-            return source, verdict, ""
+            marks.note(outcome)
+            return source, outcome.verdict
 
         return d.addCallback(decided)
 
     def _deliver(self, decided, envelope: Envelope, marks: _Marks, reservation):
-        source, verdict, discardedBy = decided
+        source, verdict = decided
         if verdict.action not in (ACCEPT, QUARANTINE, DISCARD):
             if reservation is not None:
                 reservation.release()
@@ -351,8 +345,7 @@ class Session:
         if verdict.action == DISCARD:
             if reservation is not None:
                 reservation.commit()  # the client believes it sent it
-            self._logTransaction(envelope, f"discarded{' by ' + discardedBy if discardedBy else ''}",
-                                 source.size)
+            self._logTransaction(envelope, f"discarded by {marks.discard}", source.size)
             return 250, f"2.0.0 Ok: queued as {envelope.id}".encode()
         source.prefix += headerLines(marks.headers)
         if marks.quarantine:
@@ -362,8 +355,8 @@ class Session:
         def delivered(ignored):
             result = "+".join(what for what, todo in (("delivered", envelope.recipients),
                                                        ("queued", envelope.relay)) if todo)
-            if envelope.folder != "INBOX":
-                result += f" to {envelope.folder}"
+            if marks.quarantine:
+                result += f" to {envelope.folder} (quarantined by {marks.quarantine})"
             self._logTransaction(envelope, result, source.size)
             if reservation is not None:
                 reservation.commit()
@@ -388,7 +381,7 @@ class Session:
         d = self.policy.chain.run(hook, info, *args, context=_context(info))
 
         def noted(outcome):
-            marks.note(hook, outcome)
+            marks.note(outcome)
             return outcome.verdict
 
         return d.addCallback(noted)

@@ -43,6 +43,7 @@ class Outcome:
 
     verdict: Verdict
     headers: tuple = ()
+    decidedBy: str = ""  # the filter whose verdict this is ("" for accept)
 
 
 class FilterChain:
@@ -71,6 +72,7 @@ class FilterChain:
         """
         headers: list = []
         quarantined = None
+        quarantinedBy = ""
         for entry in self.filters:
             callArgs = (yield defer.maybeDeferred(before, tuple(headers))) if before else args
             verdict = yield self._call(entry, hook, callArgs, context)
@@ -78,15 +80,16 @@ class FilterChain:
             if verdict.action == ACCEPT:
                 continue
             if verdict.action == QUARANTINE:
-                quarantined = quarantined or verdict
+                if quarantined is None:
+                    quarantined, quarantinedBy = verdict, entry.name
                 log.info("filter {filter} {hook} {context} result=quarantine", filter=entry.name,
                          hook=hook, context=context)
                 continue
             log.info("filter {filter} {hook} {context} result={action} {code} {text}",
                      filter=entry.name, hook=hook, context=context, action=verdict.action,
                      code=verdict.code, text=verdict.text)
-            return Outcome(verdict, tuple(headers))
-        return Outcome(quarantined or Verdict.accept(), tuple(headers))
+            return Outcome(verdict, tuple(headers), entry.name)
+        return Outcome(quarantined or Verdict.accept(), tuple(headers), quarantinedBy)
 
     def _call(self, entry: ConfiguredFilter, hook: str, args, context: str) -> defer.Deferred:
         d = defer.maybeDeferred(getattr(entry.filter, hook), *args)
