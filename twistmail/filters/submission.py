@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_submission -*-
+# -*- test-case-name: tests.test_filters -*-
 """Built-in submission rules (RFC 6409), always first on the submission listeners."""
 
 from __future__ import annotations
