@@ -316,3 +316,38 @@ def test_a_header_section_over_the_limit_is_cut_for_filters_not_for_delivery():
     assert 50_000 < seen["count"] < 80_000
     assert h.threadCalls == 1  # parsed off the reactor thread
     assert h.delivered[0].data.endswith(filler + MSG)
+
+
+class Slow(Filter):
+    """Answers C{hook} when the test fires C{self.pending}."""
+
+    name = "slow"
+
+    def __init__(self, hook: str) -> None:
+        self.pending = defer.Deferred()
+        setattr(self, hook, lambda *args: self.pending)
+
+
+def test_commands_sent_before_a_slow_greeting_wait_for_it():
+    """Nothing is read as a command while the connect hook is pending; then in order."""
+    slow = Slow("connect")
+    h = SMTPHarness([slow])
+    c = h.connect()
+    assert c.greeting == b""
+    assert c.command(b"EHLO early.example") == b""
+    slow.pending.callback(None)
+    lines = c.output().split(b"\r\n")
+    assert lines[0].startswith(b"220 mx.example.test ESMTP") and lines[-1].startswith(b"250 ")
+
+
+def test_a_client_gone_while_a_filter_decides_is_no_error(logged):
+    slow = Slow("endOfData")
+    h = SMTPHarness([slow])
+    c = h.connect()
+    for line in (b"EHLO c", b"MAIL FROM:<x@remote.test>", b"RCPT TO:<alice@example.test>", b"DATA"):
+        c.command(line)
+    assert c.data(MSG) == b""
+    c.close()
+    slow.pending.callback(Verdict.accept())
+    assert len(h.delivered) == 1  # complete at its end: delivered (the sender may retry it)
+    assert [e for e in logged if "log_failure" in e] == []
