@@ -351,3 +351,29 @@ def test_a_client_gone_while_a_filter_decides_is_no_error(logged):
     slow.pending.callback(Verdict.accept())
     assert len(h.delivered) == 1  # complete at its end: delivered (the sender may retry it)
     assert [e for e in logged if "log_failure" in e] == []
+
+
+@pytest.mark.parametrize("backend", ["maildir", "mbox"])
+def test_quarantine_creates_the_junk_folder_on_the_real_backends(backend, tmp_path):
+    """LocalDelivery files into envelope.folder; a missing Junk is created (Maildir, mbox)."""
+    from support import onReactor
+
+    from twistmail import _pluginload
+    from twistmail.delivery.spool import MessageSource
+    from twistmail.interfaces import IMailStoreFactory
+    from twistmail.model import Envelope
+
+    store = _pluginload.find(IMailStoreFactory, backend, "[storage] backend").makeStore(
+        {}, str(tmp_path))
+    envelope = Envelope(sender="x@remote.test", recipients=(ALICE,), folder="Junk")
+    onReactor(LocalDelivery(store).deliver, envelope, MessageSource.fromBytes(MSG))
+
+    def junk():
+        account = store.account(ALICE)
+        return account.listFolders().addCallback(
+            lambda names: account.openFolder("Junk").addCallback(
+                lambda box: (names, box.readMessages(box.uids()))))
+
+    names, read = onReactor(junk)
+    assert "Junk" in names
+    assert onReactor(lambda: read) == [MSG]
