@@ -102,10 +102,12 @@ class RunningServer:
 
 
 def startServer(dataDir: str, backendOptions: dict | None = None, host: str = "127.0.0.1",
-                **sections) -> RunningServer:
+                configFile: str | None = None, **sections) -> RunningServer:
     """Build the real service tree (tap.makeService) on free loopback ports and start it.
 
     @param backendOptions: ``{backend: {option: value}}``, as ``[storage.<backend>]`` tables.
+    @param configFile: a TOML file read first, as ``--config`` reads it (the data
+        directory, host name and listeners still come from here).
     @param host: the loopback address to listen on.  Clients connect from 127.0.0.1,
         so on another address (127.0.0.2) they are not the listener's own host and
         count as remote (no passwords without TLS).
@@ -125,7 +127,7 @@ def startServer(dataDir: str, backendOptions: dict | None = None, host: str = "1
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
     options = tap.Options()
-    options.config = configmod.load(None, overrides)
+    options.config = configmod.load(configFile, overrides)
     if backendOptions:
         options.config = dataclasses.replace(options.config, backendOptions=MappingProxyType(
             {name: MappingProxyType(table) for name, table in backendOptions.items()}))

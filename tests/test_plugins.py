@@ -1,4 +1,4 @@
-"""Storage backends are Twisted plugins: discovery, validation, and a third-party backend.
+"""Storage backends and filters are Twisted plugins: discovery, validation, third-party ones.
 
 tests/plugins/ plays the part of a separately installed distribution's
 ``twistmail/plugins/`` directory: the fixture adds it to the plugin package's
@@ -13,7 +13,7 @@ import smtplib
 import sys
 
 import pytest
-from support import addUser, startServer
+from support import addUser, startServer, storedMessages
 from twisted.plugin import IPlugin
 from zope.interface.verify import verifyObject
 
@@ -145,5 +145,28 @@ def test_a_server_runs_on_the_example_backend(examplePlugin, dataDir):
         assert pop.stat()[0] == 1
         assert pop.retr(1)[1][-1] == b"hi"
         pop.quit()
+    finally:
+        server.stop()
+
+
+def test_a_server_runs_the_example_filter_its_config_names(examplePlugin, dataDir, tmp_path):
+    """[filters] inbound names the third-party filter; [filters.example-subject] configures it."""
+    addUser(dataDir, "alice@example.test")
+    config = tmp_path / "twistmail.toml"
+    config.write_text('[filters]\ninbound = ["example-subject"]\n\n'
+                      '[filters.example-subject]\nreject_subject = "lottery"\ntimeout = 5\n')
+    server = startServer(dataDir, configFile=str(config))
+    try:
+        with smtplib.SMTP("127.0.0.1", server.smtpPort) as s:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                s.sendmail("x@remote.test", ["alice@example.test"],
+                           b"Subject: You won the LOTTERY\r\n\r\nclaim it\r\n")
+            assert info.value.smtp_code == 550
+            assert info.value.smtp_error == b"5.7.1 Subject refused by mx.example.test"
+            s.sendmail("x@remote.test", ["alice@example.test"], b"Subject: lunch?\r\n\r\nhi\r\n")
+        [message] = storedMessages(dataDir, "alice@example.test")
+        header = message.split(b"\r\n\r\n")[0]
+        assert header.startswith(b"Received: ")
+        assert b"\r\nX-Example-Filter: checked by mx.example.test\r\nSubject: lunch?" in header
     finally:
         server.stop()

@@ -171,6 +171,20 @@ def _maxAge(value: int) -> None:
         raise ValueError(f"{value} is above {mtasts.MAX_AGE_LIMIT} (one year, RFC 8461 §3.2)")
 
 
+#: Sections whose ``[section.<name>]`` tables belong to the plugin called <name>.
+PLUGIN_SECTIONS = ("storage", "filters")
+#: ``[filters.<name>]`` keys the filter engine reads itself (not passed to the plugin):
+#: seconds one hook of the filter may take, and what a failure or timeout means
+#: (Postfix's milter_default_action; tempfail is its default too).
+FILTER_TIMEOUT = 30.0
+FILTER_ON_FAILURE = ("tempfail", "accept")
+
+
+def _filterNames(values: list[str]) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{values!r} names a filter twice")
+
+
 #: section -> key -> Key.  etc/twistmail.toml documents every key (a test checks it).
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
@@ -199,6 +213,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "allow_non_loopback": Key(bool, False, "let [listen] metrics bind addresses other "
                                   "than loopback (then firewall it)"),
     },
+    "filters": {
+        "inbound": Key(list, [], "message filters on the MX port, in order (names of filter "
+                       "plugins; options in [filters.<name>])", validate=_filterNames,
+                       example='["spf-dkim-dmarc"]'),
+        "submission": Key(list, [], "message filters for authenticated submission, in order",
+                          validate=_filterNames, example='["dkim-sign"]'),
+    },
     "smtp": {
         "max_message_size": Key(int, 25 * MiB, "SIZE limit in octets; larger -> 552 5.3.4", 1024),
         "max_recipients": Key(int, 100, "RCPT TO per transaction; more -> 452 4.5.3", 1),
@@ -216,6 +237,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                      "any hour; 0 = unlimited", 0),
         "max_recipients_per_hour": Key(int, 500, "recipients (accepted RCPT TO) one user may "
                                        "send to in any hour; 0 = unlimited", 0),
+        "received_client_address": Key(bool, True, "an authenticated user's HELO name and IP "
+                                       "address in the Received: header; false leaves them out "
+                                       "for privacy"),
         "domain_max_messages_per_hour": Key(int, 1000, "messages all users of one domain may "
                                             "send in any hour; 0 = unlimited", 0),
         "domain_max_recipients_per_hour": Key(int, 5000, "recipients all users of one domain "
@@ -385,6 +409,9 @@ class Config:
     sections: MappingProxyType
     #: ``[storage.<name>]`` tables, unvalidated: the backend plugin named <name> checks them.
     backendOptions: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    #: ``[filters.<name>]`` tables: ``timeout`` and ``on_failure`` checked here, the rest
+    #: by the filter plugin named <name>.
+    filterTables: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     def __getitem__(self, section: str) -> MappingProxyType:
         return self.sections[section]
@@ -403,6 +430,16 @@ class Config:
     def storageOptions(self) -> dict:
         """The ``[storage.<backend>]`` table of the configured backend (a copy)."""
         return dict(self.backendOptions.get(self.sections["storage"]["backend"], {}))
+
+    def filterOptions(self, name: str) -> dict:
+        """The ``[filters.<name>]`` table for the plugin: without timeout and on_failure."""
+        return {k: v for k, v in self.filterTables.get(name, {}).items()
+                if k not in ("timeout", "on_failure")}
+
+    def filterSettings(self, name: str) -> tuple[float, str]:
+        """(timeout, on_failure) of filter C{name}, the engine's part of its table."""
+        table = self.filterTables.get(name, {})
+        return float(table.get("timeout", FILTER_TIMEOUT)), table.get("on_failure", "tempfail")
 
 
 def _fail(path: str, where: str, problem: str, fix: str) -> ConfigError:
@@ -553,8 +590,8 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
         if not isinstance(value, dict):
             raise _fail(shown, section, "expected a [section] table", f"write [{section}] on its own line")
         for key in value:
-            if section == "storage" and isinstance(value[key], dict):
-                continue  # [storage.<backend>]: options for that backend plugin
+            if section in PLUGIN_SECTIONS and isinstance(value[key], dict):
+                continue  # [storage.<backend>], [filters.<name>]: options for that plugin
             if (section, key) in REMOVED:
                 raise _fail(shown, f"[{section}] {key}", "no longer exists", REMOVED[section, key])
             if key not in SCHEMA[section]:
@@ -617,7 +654,24 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
                     "fully qualified domain name a CA can certify ([tls] acme)",
                     'write e.g. hostname = "mail.example.org"')
     frozen = {name: MappingProxyType(values) for name, values in sections.items()}
-    backendOptions = {name: MappingProxyType(table) for name, table in raw.get("storage", {}).items()
-                      if isinstance(table, dict)}
+    tables = {section: {name: MappingProxyType(table)
+                        for name, table in raw.get(section, {}).items() if isinstance(table, dict)}
+              for section in PLUGIN_SECTIONS}
+    for name, table in tables["filters"].items():
+        _checkFilterTable(shown, name, table)
     return Config(path=shown, sections=MappingProxyType(frozen),
-                  backendOptions=MappingProxyType(backendOptions))
+                  backendOptions=MappingProxyType(tables["storage"]),
+                  filterTables=MappingProxyType(tables["filters"]))
+
+
+def _checkFilterTable(shown: str, name: str, table) -> None:
+    """The keys of ``[filters.<name>]`` the engine reads."""
+    timeout = table.get("timeout", FILTER_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise _fail(shown, f"[filters.{name}] timeout", f"{timeout!r} is not a positive number "
+                    "of seconds", f"write e.g. timeout = {FILTER_TIMEOUT:g}")
+    onFailure = table.get("on_failure", "tempfail")
+    if onFailure not in FILTER_ON_FAILURE:
+        raise _fail(shown, f"[filters.{name}] on_failure", f"{onFailure!r} is not one of "
+                    f"{', '.join(FILTER_ON_FAILURE)}", 'write on_failure = "tempfail" (the client '
+                    'retries later) or "accept" (the message goes on unfiltered)')

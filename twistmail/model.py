@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from zope.interface import classImplements
@@ -53,7 +53,8 @@ class Envelope:
     client: str = ""
     helo: str = ""
     id: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
+    #: The RCPT TO addresses as the client gave them (for the log), in order.
+    rcptTo: tuple = ()
     #: The folder local recipients get it in: "INBOX", or "Junk" for a quarantine verdict.
     folder: str = "INBOX"
 

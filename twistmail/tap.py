@@ -34,8 +34,10 @@ from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.quota import QuotaTracker
 from twistmail.delivery.routing import RelayPolicy, Router
+from twistmail.filters.load import makeFilters as loadFilters
 from twistmail.interfaces import IMailAccount, IMailStoreFactory
 from twistmail.metrics import Metrics
+from twistmail.model import FilterContext
 from twistmail.protocols import proxyheader
 from twistmail.protocols.imap.server import IMAPFactory
 from twistmail.protocols.limits import ConnectionLimiter
@@ -293,17 +295,47 @@ def _trustRoot(config: configmod.Config, key: str):
                            "certificates") from None
 
 
-def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Router,
-              local: LocalDelivery, parent: service.MultiService,
-              metrics: Metrics | None = None) -> QueueRunner:
-    """The outbound side: DNS, the SMTP client, the queue runner and the CLI's control channel."""
-    metrics = metrics or Metrics()
+def makeResolver(config: configmod.Config, run, metrics: Metrics | None = None
+                 ) -> DnsPythonMXResolver:
+    """The one DNS configuration (``[relay] nameservers``, ``dns_timeout``) that the relay
+    and the filters share; C{run(f, *args)} runs its lookups off the reactor thread."""
     relay = config["relay"]
+    return DnsPythonMXResolver([configmod.hostPort(ns, 53) for ns in relay["nameservers"]],
+                               relay["dns_timeout"], run, metrics)
+
+
+def makeDNS(config: configmod.Config, reactor, parent: service.MultiService,
+            metrics: Metrics | None = None) -> DnsPythonMXResolver:
+    """The shared resolver, with a thread pool of its own for its lookups."""
     pool = _ThreadPoolService("twistmail-dns", 10)
     pool.setServiceParent(parent)
-    resolver = DnsPythonMXResolver(
-        [configmod.hostPort(ns, 53) for ns in relay["nameservers"]], relay["dns_timeout"],
-        lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f, *args), metrics)
+    return makeResolver(config, lambda f, *args: threads.deferToThreadPool(reactor, pool.pool, f,
+                                                                           *args), metrics)
+
+
+def makeFilters(config: configmod.Config, reactor, resolver) -> dict:
+    """{role: configured filters} with the shared resolver in their context.
+
+    @raise configmod.ConfigError: see L{twistmail.filters.load.makeFilters}.
+    """
+    context = FilterContext(config.hostname, config.dataDir, resolver, reactor, config)
+    try:
+        return loadFilters(config, context)
+    except configmod.ConfigError as e:
+        raise configmod.ConfigError(f"{config.path}: {e}") from None
+
+
+def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Router,
+              local: LocalDelivery, parent: service.MultiService,
+              metrics: Metrics | None = None, resolver: DnsPythonMXResolver | None = None
+              ) -> QueueRunner:
+    """The outbound side: the SMTP client, the queue runner and the CLI's control channel.
+
+    @param resolver: the shared one (L{makeDNS}); made here if not given."""
+    metrics = metrics or Metrics()
+    relay = config["relay"]
+    if resolver is None:
+        resolver = makeDNS(config, reactor, parent, metrics)
     reports = TLSReports(config.hostname, reactor.seconds)  # RFC 8460, for MX deliveries
     common = {"heloName": config.hostname, "connectTimeout": relay["connect_timeout"],
               "commandTimeout": relay["command_timeout"],
@@ -440,7 +472,16 @@ def makeService(options: Options) -> service.MultiService:
     quota = QuotaTracker.fromConfig(config, store, accounts)
     local = LocalDelivery(store, quota)
     queue = RelayQueue(dataDir)
-    makeRelay(config, reactor, queue, router, local, top, metrics)
+    resolver = makeDNS(config, reactor, top, metrics)
+    makeRelay(config, reactor, queue, router, local, top, metrics, resolver)
+    try:
+        filters = makeFilters(config, reactor, resolver)
+    except configmod.ConfigError as e:
+        raise startupError(str(e)) from None
+    for role, enabled in filters.items():
+        if enabled:
+            log.info("twistmail {role} filters: {names}", role=role,
+                     names=", ".join(f.name for f in enabled))
     spool = os.path.join(dataDir, "spool")
     pipeline = DeliveryPipeline(local, queue)
     submission = config["submission"]
@@ -450,14 +491,16 @@ def makeService(options: Options) -> service.MultiService:
     RateLimitPublisher(sendLimits, dataDir, reactor, threads.deferToThread).setServiceParent(top)
     factories = {
         "smtp": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool, limiter,
-                            security, portal, sendLimits=sendLimits, metrics=metrics),
+                            security, portal, sendLimits=sendLimits, metrics=metrics,
+                            filters=filters["inbound"], clock=reactor,
+                            showClient=submission["received_client_address"], quota=quota),
         "submission": SMTPFactory(config["smtp"], config.hostname, router, pipeline, spool,
                                   limiter, security, portal, submission=True,
                                   checkSender=submission["require_own_sender"],
-                                  sendLimits=sendLimits, metrics=metrics),
+                                  sendLimits=sendLimits, metrics=metrics,
+                                  filters=filters["submission"], clock=reactor,
+                                  showClient=submission["received_client_address"], quota=quota),
     }
-    for name in ("smtp", "submission"):
-        factories[name].quota = quota  # RCPT answers 452 4.2.2 for a full mailbox
     pop3Factory = POP3ServerFactory(config["pop3"], portal, limiter, security)
     realm.register(pop3.IMailbox, pop3Factory.avatar)
     factories["pop3"] = pop3Factory

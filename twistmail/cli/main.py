@@ -153,15 +153,22 @@ def cmdAlias(args) -> str:
 
 
 def cmdCheckConfig(args) -> str:
-    """Validate the file and the backend's options; print every setting and the backends found."""
+    """Validate the file, the backend's and the filters' options; print every setting, the
+    backends found and the filters enabled."""
     config = _config(args)
+    from twisted.internet import defer
+
     from twistmail import _pluginload
     from twistmail.interfaces import IMailStoreFactory
-    from twistmail.tap import makeStore
+    from twistmail.tap import makeFilters, makeResolver, makeStore
+
+    def noLookups(f, *args):
+        return defer.fail(RuntimeError("check-config makes no DNS lookups"))
 
     try:
         makeStore(config)
         backends = _pluginload.available(IMailStoreFactory)
+        filters = makeFilters(config, None, makeResolver(config, noLookups))
     except configmod.ConfigError as e:
         raise CLIError(str(e)) from None
     if config["tls"]["certificate"]:
@@ -184,11 +191,27 @@ def cmdCheckConfig(args) -> str:
             rows.append((f"{section}.{key}", value))
     for key, value in sorted(config.storageOptions().items()):
         rows.append((f"storage.{config['storage']['backend']}.{key}", value))
+    for name in sorted(config.filterTables):
+        for key, value in sorted(config.filterTables[name].items()):
+            rows.append((f"filters.{name}.{key}", value))
     found = table(["BACKEND", "MODULE", "DESCRIPTION"],
                   [(name, type(plugin).__module__, plugin.description)
                    for name, plugin in backends.items()])
-    return table(["SETTING", "VALUE"], rows) + "\n\n" + found + _mtaStsRecords(config, args) + \
-        _clientRecords(config, args) + "\nconfiguration OK"
+    return table(["SETTING", "VALUE"], rows) + "\n\n" + found + "\n\n" + _filterTable(filters) + \
+        _mtaStsRecords(config, args) + _clientRecords(config, args) + "\nconfiguration OK"
+
+
+def _filterTable(filters: dict) -> str:
+    """The enabled filters, in the order each role runs them (after the built-in rules)."""
+    from twistmail import _pluginload
+    from twistmail.interfaces import IMessageFilterFactory
+
+    plugins = _pluginload.available(IMessageFilterFactory)
+    rows = [(f.name, role, f.timeout, f.onFailure, type(plugins[f.name]).__module__)
+            for role, enabled in filters.items() for f in enabled]
+    if not rows:
+        return "FILTERS  none enabled ([filters] inbound and submission are empty)\n"
+    return table(["FILTER", "ROLE", "TIMEOUT", "ON_FAILURE", "MODULE"], rows) + "\n"
 
 
 def _clientRecords(config: configmod.Config, args) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from twisted.internet import defer
+from zope.interface import implementer
 
 from twistmail.delivery.spool import MessageSource
 from twistmail.errors import StorageError
+from twistmail.interfaces import IDeliveryTarget
 from twistmail.model import Envelope
 
 
+@implementer(IDeliveryTarget)
 class LocalDelivery:
     def __init__(self, store, quota=None) -> None:
         """@param quota: a L{twistmail.delivery.quota.QuotaTracker} told of each copy stored."""
@@ -16,13 +19,14 @@ class LocalDelivery:
         self._quota = quota
 
     def deliver(self, envelope: Envelope, source: MessageSource) -> defer.Deferred:
-        """Fire when every recipient's copy is durable; fail with StorageError otherwise.
+        """Fire when every recipient's copy is durable in C{envelope.folder} (created if
+        missing: "Junk" after a quarantine verdict); fail with StorageError otherwise.
 
         On a partial failure the copies already stored stay (the client retries
         and those recipients may see the message twice: at-least-once, never lost).
         """
-        return allStored([self._store.deliver(rcpt, "INBOX", source).addCallback(self._stored, rcpt,
-                                                                                  source)
+        return allStored([self._store.deliver(rcpt, envelope.folder, source)
+                          .addCallback(self._stored, rcpt, source)
                           for rcpt in envelope.recipients])
 
     def _stored(self, result, rcpt: str, source):

@@ -10,11 +10,14 @@ the client then retries and some recipients get the message twice
 from __future__ import annotations
 
 from twisted.internet import defer
+from zope.interface import implementer
 
 from twistmail.delivery.local import allStored
+from twistmail.interfaces import IDeliveryTarget
 from twistmail.model import Envelope
 
 
+@implementer(IDeliveryTarget)
 class DeliveryPipeline:
     def __init__(self, local, queue) -> None:
         """@param local: L{twistmail.delivery.local.LocalDelivery}

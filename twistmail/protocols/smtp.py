@@ -21,11 +21,11 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   comes, so only commands count.  Closing aborts a client that does not read.
   A line must be complete within the timeout of its first octet (the
   per-record deadline of L{flow.Flow.received}), however often bytes come.
-* **Outbound rate limits** (L{twistmail.ratelimit}): an authenticated user's
-  MAIL reserves a message and each accepted RCPT a recipient against the
-  user's and the domain's hourly limits (451 4.7.1 past one); the end of DATA
-  commits them, and RSET, HELO/EHLO, STARTTLS, a failed DATA or a lost
-  connection releases them, so concurrent sessions cannot overshoot.
+* **Policy is not here**: routing, sender ownership, rate limits, loop
+  detection, the filters and delivery belong to the transaction
+  (L{twistmail.delivery.transaction.Session}), called at connect, HELO, MAIL,
+  RCPT and the end of DATA; RSET, HELO/EHLO, STARTTLS and a lost connection
+  tell it the transaction ended (releasing rate-limit reservations).
 * **Not SMTP** (L{_notSMTP}): an HTTP request line or a header-shaped line
   outside DATA ends the session before anything pipelined behind it is read,
   so a web page's form posted to port 25 cannot deliver the SMTP in its body.
@@ -39,38 +39,26 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import itertools
 import re
-import secrets
-import time
-from email.utils import formatdate
 
 from twisted.cred import error as credError
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.mail.smtp import AUTH, COMMAND, DATA
 
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
-from twistmail.delivery import quota
-from twistmail.delivery.routing import (
-    BadAddress,
-    Client,
-    LocalRoute,
-    RelayDenied,
-    Router,
-    UnknownUser,
-)
+from twistmail.delivery.routing import Client, Router
 from twistmail.delivery.spool import MessageSource
-from twistmail.errors import StorageError
+from twistmail.delivery.transaction import Session, SMTPPolicy
+from twistmail.filters.chain import ConfiguredFilter
 from twistmail.interfaces import IMailAccount
 from twistmail.metrics import Metrics
-from twistmail.model import Envelope
+from twistmail.model import ACCEPT, DISCARD, QUARANTINE, Envelope, Verdict
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
-from twistmail.ratelimit import LimitReached, Reservation, SendLimits
+from twistmail.ratelimit import SendLimits
 
 log = Logger()
 
@@ -87,8 +75,7 @@ _HAS_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 #: The status codes a rejection is counted under: RFC 3463 classes 4 and 5, subjects 0-7;
 #: at most 1,600 label values, whatever a reply says ("other" for the rest).
 _STATUS_LABEL = re.compile(rb"^([45]\.[0-7]\.\d{1,2})(?: |$)")
-_NO_ENHANCED_FOR = {"EHLO", "HELO"}  # RFC 2034 §3: not for greeting/EHLO/HELO
-_PRINTABLE = re.compile(rb"[^\x21-\x7e]")
+_NO_ENHANCED_FOR = {"EHLO", "HELO", "GREETING"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 #: RFC 5321 §4.1.2: a path is printable ASCII (qtextSMTP is %d32-126 but for " and \);
 #: 8-bit needs SMTPUTF8 (RFC 6531), which we do not offer.  Twisted's Address takes
 #: any byte inside quotes, and str() of such an address raises later.
@@ -96,8 +83,6 @@ _UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _NO_UTF8 = b" (printable ASCII only; SMTPUTF8 is not offered)"
 #: Like Postfix's smtpd_hard_error_limit: a client that keeps erring is cut off.
 MAX_ERRORS = 20
-#: RFC 5321 §6.3: more Received: fields than this means a mail loop.
-MAX_HOPS = 100
 #: Not SMTP but another protocol spoken to our port (a browser's form POST carries
 #: SMTP commands in its body): the session ends at once, as with Postfix's
 #: smtpd_forbidden_commands = CONNECT GET POST.  Every RFC 9110 §9 method and PATCH.
@@ -106,9 +91,6 @@ _FORBIDDEN_VERBS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CON
 #: A header field ("Host:", "User-Agent:"): an RFC 5322 §3.6.8 field name and its colon
 #: in the first word (Postfix's is_header check).  No SMTP verb has a colon.
 _HEADER_SHAPED = re.compile(rb"^[\x21-\x39\x3b-\x7e]+:")
-_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
-_MESSAGE_ID = re.compile(rb"^message-id:", re.IGNORECASE | re.MULTILINE)
-_DATE = re.compile(rb"^date:", re.IGNORECASE | re.MULTILINE)
 
 
 class _PLAIN(imap4.PLAINCredentials):
@@ -123,26 +105,6 @@ class _PLAIN(imap4.PLAINCredentials):
 
 #: SASL mechanisms offered where AUTH is (RFC 4954): PLAIN and the older LOGIN.
 CHALLENGERS = {b"PLAIN": _PLAIN, b"LOGIN": smtp.LOGINCredentials}
-
-
-_ids = itertools.count()
-
-
-def _transactionId() -> str:
-    """Unique per server and over restarts (microseconds + counter), like Postfix's long queue ids."""
-    return f"{time.time_ns() // 1000:X}{next(_ids) % 4096:03X}"
-
-
-_dateCache: tuple[int, bytes] = (0, b"")
-
-
-def _now() -> bytes:
-    """RFC 5322 date-time for Received:, formatted once per second."""
-    global _dateCache
-    second = int(time.time())
-    if _dateCache[0] != second:
-        _dateCache = (second, formatdate(second, localtime=True).encode())
-    return _dateCache[1]
 
 
 class SMTPServer(smtp.ESMTP):
@@ -164,8 +126,12 @@ class SMTPServer(smtp.ESMTP):
         self._usedEhlo = False
         self._errors = 0
         self._flow: Flow | None = None
-        #: The rate-limit reservation of the open transaction of an authenticated user.
-        self._reservation: Reservation | None = None
+        self._session: Session | None = None
+        #: A filter refused the session at connect with 554: only QUIT is served.
+        self._refused = False
+        self._lost = False
+        #: A filter refused the last HELO/EHLO: no MAIL until one is accepted.
+        self._heloRefused = False
         #: What relay permission depends on; SMTP AUTH sets ``authenticated``.
         self.client = Client()
 
@@ -183,7 +149,32 @@ class SMTPServer(smtp.ESMTP):
         self._flow = Flow(self.transport, lambda: self.timeout, drained=self._resume,
                           activity=self.resetTimeout, clock=self, expired=self.timeoutConnection,
                           name="smtp")
-        super().connectionMade()
+        self._session = self.factory.policy.session(self.peerHost)
+        if self.secure:
+            self._session.startedTLS()
+        self._waiting = True  # nothing is read as a command before the greeting
+        self._session.connect().addCallback(self._greet)
+
+    def _greet(self, verdict: Verdict) -> None:
+        """RFC 5321 §3.1: 220, or 554 and then only QUIT, or 421 and close."""
+        if self._lost or self.transport.disconnecting:
+            return
+        self._command = "GREETING"
+        if verdict.action in (ACCEPT, QUARANTINE, DISCARD):
+            super().connectionMade()
+        elif verdict.code >= 500:
+            self._refused = True
+            self._helo = (None, self.peerHost.encode("idna"))
+            self.sendCode(554, self.host + b" " + verdict.text.encode("utf-8", "replace"))
+            self.setTimeout(self.timeout)
+        else:
+            self.sendCode(421, self.host + b" " + verdict.text.encode("utf-8", "replace"))
+            self.closeConnection()
+            return
+        self._command = None
+        self._waiting = False
+        if self._buf and not self._processing:
+            self._process()
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP twistmail"
@@ -201,10 +192,12 @@ class SMTPServer(smtp.ESMTP):
         return ext
 
     def connectionLost(self, reason) -> None:
-        self._release()
+        self._lost = True
+        if self._session is not None:
+            self._session.reset()
         if self.mode is DATA and self._source is not None:
             self._source.discard()
-            self._logTransaction("aborted: client disconnected in DATA", size=self._source.size)
+            self._session.aborted(self._envelope, self._source.size)
             self._source = None
         if self._flow is not None:
             self._flow.lost()
@@ -290,7 +283,7 @@ class SMTPServer(smtp.ESMTP):
                         command=self._command if self.mode != AUTH else "AUTH")
             self.mode = COMMAND
             self._from, self._to = None, []
-            self._release()
+            self._session.reset()
             if self._source is not None:
                 self._source.discard()
                 self._source = None
@@ -310,10 +303,16 @@ class SMTPServer(smtp.ESMTP):
 
     def lookupMethod(self, command: bytes):
         """Only ASCII letters name a command: Twisted decodes the verb as ASCII and
-        raised UnicodeDecodeError on 8-bit bytes, dropping the connection."""
+        raised UnicodeDecodeError on 8-bit bytes, dropping the connection.  After a
+        554 greeting every command but QUIT gets 503 (RFC 5321 §3.1)."""
         if not command.isalpha():
             return None
+        if self._refused and command.upper() != b"QUIT":
+            return self._refusedSession
         return super().lookupMethod(command)
+
+    def _refusedSession(self, rest: bytes) -> None:
+        self.sendCode(503, b"5.5.1 Bad sequence of commands: the session was refused; QUIT")
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         if not isinstance(message, bytes):
@@ -360,7 +359,7 @@ class SMTPServer(smtp.ESMTP):
             self._helo = None
             self._from = None
             self._to = []
-            self._release()
+            self._session.startedTLS()
             self.client = Client(address=self.peerHost)
             self.authenticated = False
             self._flow.startTLS(self.ctx)
@@ -408,6 +407,7 @@ class SMTPServer(smtp.ESMTP):
             logout()
             self.authenticated = True
             self.client = dataclasses.replace(self.client, authenticated=account.name)
+            self._session.authenticated(account.name)
             log.info("smtp auth user={user} client={client} result=ok", user=account.name,
                      client=self.peerHost)
             self.sendCode(235, b"2.7.0 Authentication successful")
@@ -425,6 +425,9 @@ class SMTPServer(smtp.ESMTP):
 
     def do_MAIL(self, rest: bytes) -> None:
         self._declaredSize = None
+        if self._heloRefused:
+            self.sendCode(503, b"5.5.1 Send an accepted HELO/EHLO first")
+            return
         m = self.mail_re.match(rest)
         if m and _UNPRINTABLE.search(m.group("path")):
             self.sendCode(553, b"5.1.7 Bad sender address syntax" + _NO_UTF8)
@@ -456,107 +459,40 @@ class SMTPServer(smtp.ESMTP):
         super().do_RCPT(rest)
 
     def validateFrom(self, helo, origin):
-        """MX: any sender may deliver to our users (relay policy is in validateTo).
-        Submission: see L{_checkSubmitter}.  Either: an authenticated user's message
-        counts against the hourly limits."""
-        if self.factory.submission:
-            self._checkSubmitter(origin)
-        self._reserveMessage()
-        return origin
-
-    def _checkSubmitter(self, origin) -> None:
-        """RFC 6409 §4.2, §6.1: only after AUTH, and only as oneself."""
-        if not self.authenticated:
-            raise smtp.SMTPServerError(530, "5.7.0 Authentication required")
-        if self.factory.checkSender:
-            sender = str(origin).lower()
-            try:
-                owned = self.client.authenticated in self.factory.accounts.route(
-                    sender, self.factory.router.delimiter)
-            except Exception:
-                owned = False
-            if not owned:
-                log.info("smtp reject client={client} user={user} from=<{sender}> "
-                         "result=sender not owned", client=self.peerHost,
-                         user=self.client.authenticated, sender=loggable(sender))
-                raise smtp.SMTPServerError(
-                    553, "5.7.1 Sender address rejected: not owned by the authenticated user")
-
-    def _reserveMessage(self) -> None:
-        """An authenticated user's MAIL reserves one message of the hourly limits."""
-        limits = self.factory.sendLimits
-        if limits is None or not self.client.authenticated:
-            return
-        self._release()
-        try:
-            self._reservation = limits.begin(self.client.authenticated)
-        except LimitReached as e:
-            self._logLimit(e)
-            raise smtp.SMTPServerError(451, e.reply()) from None
-
-    def _release(self) -> None:
-        """The transaction ended without a message (RSET, EHLO, failure, disconnect)."""
-        if self._reservation is not None:
-            self._reservation.release()
-            self._reservation = None
-
-    def _logLimit(self, e: LimitReached) -> None:
-        log.info("ratelimit user={user} domain={domain} limit={limit} max={max} client={client} "
-                 "result={result}", user=loggable(self.client.authenticated),
-                 domain=loggable(self.client.authenticated.rpartition("@")[2]), limit=e.key,
-                 max=e.limit, client=self.peerHost, result="deferred")
+        """The transaction decides (sender ownership on submission, rate limits, filters)."""
+        return self._session.mailFrom(str(origin), self.client).addCallback(lambda _: origin)
 
     def validateTo(self, user):
-        """A L{LocalRoute} or L{RelayRoute}; the relay decision is the router's (RFC 5321 §3.6.2)."""
+        """A L{LocalRoute} or L{RelayRoute}, or L{Refused}: the transaction decides."""
         if len(self._to) >= self.factory.config["max_recipients"]:
             raise smtp.SMTPServerError(452, "4.5.3 Too many recipients")
-        address = str(user.dest)
-        try:
-            route = self.factory.router.route(address, self.client)
-        except RelayDenied:
-            self._logReject(address, "relay denied")
-            raise smtp.SMTPBadRcpt(user, 550, "5.7.1 Relaying denied") from None
-        except UnknownUser:
-            self._logReject(address, "user unknown")
-            raise smtp.SMTPBadRcpt(user, 550, "5.1.1 User unknown in local recipient table") from None
-        except BadAddress:
-            self._logReject(address, "bad address")
-            raise smtp.SMTPBadRcpt(user, 553, "5.1.3 Bad recipient address syntax") from None
-        return quota.checkRcpt(self.factory.quota, route, self._declaredSize).addCallbacks(
-            lambda _: self._accepted(user, route), self._overQuota, errbackArgs=(user, address))
-
-    def _overQuota(self, failure, user, address: str):
-        failure.trap(quota.OverQuota)
-        self._logReject(address, "over quota")
-        raise smtp.SMTPBadRcpt(user, failure.value.code, failure.value.text)
-
-    def _accepted(self, user, route):
-        if self._reservation is not None:
-            try:
-                self._reservation.addRecipient()  # only accepted recipients count
-            except LimitReached as e:
-                self._logLimit(e)
-                raise smtp.SMTPBadRcpt(user, 451, e.reply()) from None
-        return route
-
-    def _logReject(self, rcpt: str, why: str) -> None:
-        log.info("smtp reject client={client} from=<{sender}> rcpt=<{rcpt}> result={why}",
-                 client=self.peerHost, sender=loggable(str(self._from)), rcpt=loggable(rcpt), why=why)
+        return self._session.rcptTo(str(user.dest), self.client, self._declaredSize)
 
     def do_EHLO(self, rest: bytes) -> None:
-        self._release()  # Twisted's do_EHLO and do_HELO reset the transaction
-        self._usedEhlo = True
-        super().do_EHLO(rest)
+        self._greeted(rest, True)
 
     def do_HELO(self, rest: bytes) -> None:
-        self._release()
-        self._usedEhlo = False
-        super().do_HELO(rest)
+        self._greeted(rest, False)
+
+    def _greeted(self, rest: bytes, esmtp: bool) -> None:
+        """HELO/EHLO resets the transaction (Twisted's do_EHLO and do_HELO do too) and
+        asks the filters; a refusal is the reply, and the session is not greeted."""
+        self._from, self._to = None, []
+
+        def answer(verdict: Verdict) -> None:
+            self._heloRefused = verdict.action not in (ACCEPT, QUARANTINE, DISCARD)
+            if self._heloRefused:
+                self.sendCode(verdict.code, verdict.text.encode("utf-8", "replace"))
+                return
+            self._usedEhlo = esmtp
+            (super(SMTPServer, self).do_EHLO if esmtp else super(SMTPServer, self).do_HELO)(rest)
+
+        self._session.helo(rest.decode("ascii", "replace")).addCallback(answer)
 
     def do_RSET(self, rest: bytes) -> None:
         self._from = None
         self._to = []
-        self._release()
+        self._session.reset()
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_NOOP(self, rest: bytes) -> None:
@@ -577,43 +513,14 @@ class SMTPServer(smtp.ESMTP):
         if rest.strip():
             self.sendCode(501, b"5.5.4 DATA takes no arguments")
             return
-        routes = [route for _, route in self._to]
-        recipients = tuple(dict.fromkeys(
-            a for r in routes if isinstance(r, LocalRoute) for a in r.accounts))
-        relay = tuple(dict.fromkeys(r.address for r in routes if not isinstance(r, LocalRoute)))
-        txid = _transactionId()
-        self._envelope = Envelope(
-            sender=str(self._from),
-            recipients=recipients,
-            relay=relay,
-            client=self.peerHost,
-            helo=(self._helo[0] or b"").decode("ascii", "replace"),
-            id=txid,
-            extra={"rcpt": [str(u.dest) for u, _ in self._to]},
-        )
-        self._source = MessageSource(
-            prefix=self._receivedHeader(txid, [u for u, _ in self._to]),
-            spoolDir=self.factory.spoolDir,
-        )
+        self._envelope, received = self._session.data(self._usedEhlo)
+        self._source = MessageSource(prefix=received, spoolDir=self.factory.spoolDir)
         self._from = None
         self._to = []
         self._dataError = None
         self._midLine = False
-        self._inHeaders = True
-        self._hops = 0
-        self._hasMessageId = self._hasDate = False
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
-
-    def _receivedHeader(self, txid: str, rcpts: list) -> bytes:
-        """RFC 5321 §4.4 trace header; ``for`` only with a single recipient (as Postfix)."""
-        helo = _PRINTABLE.sub(b"?", (self._helo[0] or b"unknown")[:255])
-        proto = b"ESMTP" if self._usedEhlo else b"SMTP"
-        header = (b"Received: from " + helo + b" ([" + self.peerHost.encode("ascii", "replace") + b"])\r\n"
-                  b"\tby " + self.host + b" (twistmail) with " + proto + b" id " + txid.encode())
-        if len(rcpts) == 1:
-            header += b"\r\n\tfor <" + _PRINTABLE.sub(b"?", str(rcpts[0].dest).encode("utf-8", "replace")) + b">"
-        return header + b"; " + _now() + b"\r\n"
 
     # -- DATA ------------------------------------------------------------------
 
@@ -662,24 +569,7 @@ class SMTPServer(smtp.ESMTP):
         if self._source.size + len(chunk) > self.factory.config["max_message_size"]:
             self._fail(552, b"5.3.4 Message size exceeds fixed maximum message size")
             return
-        if self._inHeaders:
-            self._countHops(chunk)
-            if self._dataError is not None:
-                return
         self._source.write(chunk)
-
-    def _countHops(self, chunk: bytes) -> None:
-        """Count Received: fields in the header section (chunks are whole lines), and
-        note Message-ID: and Date: for submission."""
-        end = -2 if chunk.startswith(b"\r\n") else chunk.find(b"\r\n\r\n")
-        header = chunk if end == -1 else chunk[:end + 2]
-        self._hops += len(_RECEIVED.findall(header))
-        self._hasMessageId = self._hasMessageId or bool(_MESSAGE_ID.search(header))
-        self._hasDate = self._hasDate or bool(_DATE.search(header))
-        if end != -1:
-            self._inHeaders = False
-        if self._hops > MAX_HOPS:
-            self._fail(554, b"5.4.6 Too many hops: mail loop detected")
 
     def _fail(self, code: int, message: bytes) -> None:
         if self._dataError is None:
@@ -691,57 +581,22 @@ class SMTPServer(smtp.ESMTP):
         self._command = "."
         self._waiting = True
         source, envelope = self._source, self._envelope
-        size = source.size
         self._source = None
-        reservation, self._reservation = self._reservation, None
         if self._dataError is not None:
-            if reservation is not None:
-                reservation.release()
             code, message = self._dataError
-            self._logTransaction(f"rejected: {message.decode()}", size=size)
+            self._session.dataFailed(envelope, message, source.size)
             self.sendCode(code, message)
             return
-        if self.factory.submission:
-            # RFC 6409 §8.3, §8.4: a submission server may add what the client left out.
-            if not self._hasMessageId:
-                source.prefix += b"Message-ID: <" + envelope.id.encode() + b"." + \
-                    secrets.token_hex(4).encode() + b"@" + self.host + b">\r\n"
-            if not self._hasDate:
-                source.prefix += b"Date: " + _now() + b"\r\n"
-        d = defer.maybeDeferred(self.factory.delivery.deliver, envelope, source)
 
-        def delivered(ignored) -> None:
-            result = "+".join(what for what, todo in (("delivered", envelope.recipients),
-                                                       ("queued", envelope.relay)) if todo)
-            self._logTransaction(result, size=size)
-            if reservation is not None:
-                reservation.commit()
-            self.factory.accepted.inc()
-            self.sendCode(250, f"2.0.0 Ok: queued as {envelope.id}".encode())
+        def answer(reply: tuple[int, bytes]) -> None:
+            code, message = reply
+            if code == 250:
+                self.factory.accepted.inc()
+            self.sendCode(code, message)
 
-        def failed(failure) -> None:
-            if failure.check(StorageError):
-                self._logTransaction(f"deferred: {failure.getErrorMessage()}", size=size)
-            else:
-                log.failure("delivery of {id} failed", failure, id=envelope.id)
-                self._logTransaction("deferred: internal error", size=size)
-            if reservation is not None:
-                reservation.release()
-            self.sendCode(451, b"4.3.0 Local error in processing, try again later")
-
-        d.addCallbacks(delivered, failed)
+        d = self._session.endOfData(envelope, source)
+        d.addCallback(answer)
         d.addBoth(lambda ignored: source.discard())
-
-    def _logTransaction(self, result: str, size: int) -> None:
-        env = self._envelope
-        log.info(
-            "smtp id={id} client={client} from=<{sender}> to={rcpts} relay={relay} size={size} "
-            "result={result}",
-            id=env.id, client=env.client, sender=loggable(env.sender),
-            rcpts=",".join(loggable(r) for r in env.extra["rcpt"]),
-            relay=",".join(loggable(r) for r in env.relay) or "-", size=size,
-            result=result,
-        )
 
 
 def _notSMTP(line: bytes) -> bool:
@@ -755,13 +610,12 @@ class SMTPFactory(smtp.SMTPFactory):
 
     protocol = SMTPServer
     noisy = False
-    #: L{twistmail.delivery.quota.QuotaTracker}: RCPT refuses a full mailbox (tap sets it).
-    quota = None
-
     def __init__(self, config, hostname: str, router: Router, delivery, spoolDir: str,
                  limiter: ConnectionLimiter | None = None, security: Security | None = None,
                  portal=None, submission: bool = False, checkSender: bool = True,
-                 sendLimits: SendLimits | None = None, metrics: Metrics | None = None) -> None:
+                 sendLimits: SendLimits | None = None, metrics: Metrics | None = None,
+                 filters: tuple[ConfiguredFilter, ...] = (), clock=None,
+                 runInThread=None, showClient: bool = True, quota=None) -> None:
         """@param delivery: has C{deliver(envelope, source) -> Deferred}, durable when it fires
             (L{twistmail.delivery.pipeline.DeliveryPipeline}).
         @param submission: the RFC 6409 role: AUTH required before MAIL, the sender
@@ -769,10 +623,16 @@ class SMTPFactory(smtp.SMTPFactory):
             Otherwise the MX role, which offers AUTH only if C{config["auth"]}.
         @param sendLimits: the hourly limits of authenticated senders (shared by every
             listener); None = unlimited.
-        @param metrics: counts accepted messages and 4xx/5xx replies."""
+        @param metrics: counts accepted messages and 4xx/5xx replies.
+        @param filters: the configured filters of this listener's role, in order
+            (L{twistmail.filters.load}); the built-in rules always run first.
+        @param clock: times the filters (the reactor by default).
+        @param runInThread: C{f(*args) -> Deferred}, for reading a spool on disk.
+        @param showClient: see L{SMTPPolicy}.
+        @param quota: a L{twistmail.delivery.quota.QuotaTracker}: RCPT refuses a full
+            mailbox (452 4.2.2); None = no quotas."""
         super().__init__(portal)
         self.submission = submission
-        self.checkSender = checkSender
         self.security = security or Security()
         self.offersAuth = portal is not None and (submission or config["auth"])
         self.config = config
@@ -782,8 +642,10 @@ class SMTPFactory(smtp.SMTPFactory):
         self.delivery = delivery
         self.spoolDir = spoolDir
         self.limiter = limiter
-        self.sendLimits = sendLimits
         self.service = "submission" if submission else "smtp"
+        self.policy = SMTPPolicy("submission" if submission else "inbound", self.hostname,
+                                 router, delivery, filters, checkSender, sendLimits, clock,
+                                 runInThread, showClient, quota)
         self.metrics = metrics or Metrics()
         self.accepted = self.metrics.smtpAccepted.labels(self.service)
 

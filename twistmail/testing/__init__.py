@@ -10,6 +10,11 @@
           def makeStore(self, dataDir):
               return MyStore(dataDir)
 
+* L{SMTPHarness}: an SMTP server over StringTransport with the filters
+  given, a L{RecordingDeliveryTarget} and a task.Clock, so policy and filter
+  tests run in milliseconds without sockets (see README.rst, "Writing a
+  filter").  L{MemoryStore}: a complete in-memory IMailStore.
+
 * L{onReactor}: call Deferred-returning code from a blocking test; the
   reactor runs in a background thread.
 
@@ -17,8 +22,11 @@ Importing this package does not import pytest; L{StoreConformanceTests} does.
 """
 
 from twistmail.testing._reactor import onReactor, startReactor
+from twistmail.testing.memory import MemoryStore
+from twistmail.testing.smtp import RecordingDeliveryTarget, SMTPHarness
 
-__all__ = ["StoreConformanceTests", "onReactor", "startReactor"]
+__all__ = ["MemoryStore", "RecordingDeliveryTarget", "SMTPHarness", "StoreConformanceTests",
+           "onReactor", "startReactor"]
 
 
 def __getattr__(name: str):
