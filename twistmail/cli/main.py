@@ -19,6 +19,7 @@ from twistmail import __version__, ownership
 from twistmail import config as configmod
 from twistmail.auth.accounts import AccountError, Accounts
 from twistmail.auth.passwords import hashPassword
+from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
 from twistmail.cli import senders, sendmail
 from twistmail.cli.output import table
@@ -242,6 +243,7 @@ def parser() -> argparse.ArgumentParser:
 
     queuecli.register(sub)
     sendmail.register(sub)
+    dkimcli.register(sub)
     sub.add_parser("check-config", help="validate the configuration and show the effective settings")
 
     migrate = sub.add_parser("migrate", help="copy mailboxes to another storage backend (server "
@@ -261,6 +263,10 @@ def cmdQueue(args) -> str:
     return queuecli.run(args, config.dataDir, config["relay"]["pickup_interval"])
 
 
+def cmdDKIM(args) -> str:
+    return dkimcli.run(args, _config(args).dataDir)
+
+
 def cmdSendmail(args) -> str:
     try:
         config = _config(args)
@@ -270,7 +276,7 @@ def cmdSendmail(args) -> str:
 
 
 COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "queue": cmdQueue,
-            "sendmail": cmdSendmail, "check-config": cmdCheckConfig, "migrate": cmdMigrate}
+            "sendmail": cmdSendmail, "dkim": cmdDKIM, "check-config": cmdCheckConfig, "migrate": cmdMigrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sendmail.SendmailError as e:
         print(f"twistmail sendmail: error: {e}", file=sys.stderr)
         return e.status
-    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError, StateError) as e:
+    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError, StateError,
+            dkimcli.DKIMCLIError) as e:
         print(f"twistmail: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
