@@ -39,6 +39,14 @@ def TXT(*strings: str) -> dns.Record_TXT:
     return dns.Record_TXT(*(t.encode() for t in strings), ttl=60)
 
 
+def SRV(priority: int, weight: int, port: int, target: str) -> dns.Record_SRV:
+    return dns.Record_SRV(priority, weight, port, target.encode(), ttl=60)
+
+
+def CNAME(target: str) -> dns.Record_CNAME:
+    return dns.Record_CNAME(target.encode(), ttl=60)
+
+
 class ServerFailure(Exception):
     pass
 
