@@ -91,7 +91,7 @@ class DNSServer:
         onReactor(self.listening.stopListening)
 
 
-def startDNS(zone: dict, servfail=(), hang=()) -> DNSServer:
+def startDNS(zone: dict, servfail=(), hang=(), port: int = 0) -> DNSServer:
     resolver = ZoneResolver(zone, set(servfail), set(hang), [])
 
     def listen():
@@ -99,7 +99,7 @@ def startDNS(zone: dict, servfail=(), hang=()) -> DNSServer:
         factory.noisy = False
         protocol = dns.DNSDatagramProtocol(factory)
         protocol.noisy = False
-        return reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        return reactor.listenUDP(port, protocol, interface="127.0.0.1")
 
     port = onReactor(listen)
     return DNSServer(port.getHost().port, resolver, port)
