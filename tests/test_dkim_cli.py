@@ -9,8 +9,10 @@ import stat
 
 import dkim
 import pytest
-from relayenv import queueIds
-from support import cli
+from relayenv import Internet, queueIds
+from serverproc import waitUntil
+from support import addUser, cli, maildirFiles, startServer
+from test_relay_e2e import submit
 from test_relay_runner import ALICE, World, sync
 
 from twistmail import dkimkeys
@@ -117,4 +119,23 @@ def test_bounces_are_signed_for_the_host_name_domain(dataDir):
     with open(os.path.join(dataDir, "mail", "example.test", "alice", "new", name), "rb") as f:
         stored = f.read()
     d = dkim.DKIM(stored[stored.index(b"DKIM-Signature:"):])  # after our Received:
+    assert [d.verify(idx=i, dnsfunc=publishedBy(dataDir)) for i in (0, 1)] == [True, True]
+
+
+def test_a_running_server_signs_bounces_with_keys_made_after_it_started(dataDir):
+    """The composition tap.makeService builds: keys generated while the server runs are
+    used for its next bounce, without a restart."""
+    internet = Internet()
+    addUser(dataDir, ALICE)
+    server = startServer(dataDir, relay=internet.relayConfig(retry_min=3600, retry_max=3600))
+    try:
+        cli("dkim", "generate", "example.test", "--selector", "s1", dataDir=dataDir)
+        submit(server.smtpPort, ["someone@nomail.test"])  # null MX: bounced at once
+        [name] = waitUntil(lambda: maildirFiles(dataDir, ALICE), 20, "the bounce")
+    finally:
+        server.stop()
+        internet.stop()
+    with open(os.path.join(dataDir, "mail", "example.test", "alice", "new", name), "rb") as f:
+        stored = f.read()
+    d = dkim.DKIM(stored[stored.index(b"DKIM-Signature:"):])
     assert [d.verify(idx=i, dnsfunc=publishedBy(dataDir)) for i in (0, 1)] == [True, True]
