@@ -139,3 +139,22 @@ def test_a_running_server_signs_bounces_with_keys_made_after_it_started(dataDir)
         stored = f.read()
     d = dkim.DKIM(stored[stored.index(b"DKIM-Signature:"):])
     assert [d.verify(idx=i, dnsfunc=publishedBy(dataDir)) for i in (0, 1)] == [True, True]
+
+
+def test_tls_reports_are_signed(dataDir, tmp_path):
+    from test_tlsrpt import RECORD, FakeQueue, FakeResolver, _pastReports
+    from twisted.internet import task
+
+    from twistmail.relay.tlsrptservice import ReportMailer
+
+    dkimkeys.generate(dataDir, "relay.test", "s1")  # From: postmaster@relay.test
+    directory = str(tmp_path / "tlsrpt")
+    clock = task.Clock()
+    clock.advance(3 * 86400 + 5)
+    _pastReports(directory, ["example.test"], clock)
+    queue = FakeQueue()
+    ReportMailer(directory, "relay.test", FakeResolver(RECORD), queue, run=sync,
+                 now=clock.seconds, sign=Signer(KeyRing(dataDir), run=sync).signLater).mailDue()
+    [(_, _, data, _)] = queue.queued
+    d = dkim.DKIM(data)
+    assert [d.verify(idx=i, dnsfunc=publishedBy(dataDir)) for i in (0, 1)] == [True, True]
