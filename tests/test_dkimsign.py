@@ -185,7 +185,7 @@ def _message(data: bytes) -> FilterMessage:
 
 
 def _filter(data: str) -> DKIMSignFilter:
-    return DKIMSignFilter(Signer(KeyRing(data)), defer.maybeDeferred)
+    return DKIMSignFilter(Signer(KeyRing(data), run=defer.maybeDeferred))
 
 
 def test_filter_adds_both_signatures_on_submission(data, published):
@@ -218,3 +218,13 @@ def test_factory_is_the_registered_plugin_and_refuses_options():
     assert isinstance(factory, DKIMSignFilterFactory)
     with pytest.raises(ConfigError, match=r"\[filters.dkim-sign\] selector: unknown option"):
         factory.makeFilter({"selector": "x"}, FilterContext("mx.test", "/nonexistent", None, None))
+
+
+def test_at_most_two_messages_are_hashed_at_once(data):
+    """Each signing holds a whole message in memory: the others wait on disk."""
+    started = []
+    signer = Signer(KeyRing(data), run=lambda f, *a: started.append(defer.Deferred()) or started[-1])
+    results = [signer.signLater(MESSAGE) for _ in range(5)]
+    assert len(started) == 2
+    started[0].callback(b"signed")
+    assert results[0].result == b"signed" and len(started) == 3

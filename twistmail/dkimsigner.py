@@ -39,6 +39,8 @@ SIGNED = ("from", "reply-to", "subject", "date", "to", "cc", "resent-date", "res
 #: RFC 6376 §8.15: an added From (the DKIM replay / From-spoofing trick) breaks the
 #: signature when h= lists From once more than the message has it (over-signing).
 OVERSIGNED = ("from",)
+#: Messages hashed at once per signer (the rest wait, on disk, not in memory).
+CONCURRENCY = 2
 _NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
 
 
@@ -124,10 +126,19 @@ class _DKIM(dkim.DKIM):
 class Signer:
     """Signs with the keys a L{KeyRing} holds for the From domain."""
 
-    def __init__(self, keys: KeyRing, run: Callable | None = None) -> None:
-        """@param run: C{run(f, *args) -> Deferred}, the worker pool (default: the reactor's)."""
+    def __init__(self, keys: KeyRing, run: Callable | None = None,
+                 concurrency: int = CONCURRENCY) -> None:
+        """@param run: C{run(f, *args) -> Deferred}, the worker pool (default: the reactor's).
+        @param concurrency: messages signed at once (each is in memory meanwhile).
+        """
         self._keys = keys
         self._run = run or threads.deferToThread
+        self._limit = defer.DeferredSemaphore(concurrency)
+
+    def inThread(self, f: Callable, *args) -> defer.Deferred:
+        """C{f(*args)} in the worker pool, at most C{concurrency} at once: signing reads
+        the whole message into memory, so ten big ones at once would hold ten copies."""
+        return self._limit.run(self._run, f, *args)
 
     def headers(self, message: bytes) -> list[tuple[str, str]]:
         """The DKIM-Signature fields (name, folded value) to prepend; [] when not signing.
@@ -166,7 +177,7 @@ class Signer:
 
     def signLater(self, message: bytes) -> defer.Deferred:
         """L{sign} in the worker pool: for the server, which must not hash on the reactor."""
-        return self._run(self.sign, message)
+        return self.inThread(self.sign, message)
 
 
 def unsigned(message: bytes) -> defer.Deferred:

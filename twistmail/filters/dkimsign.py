@@ -31,9 +31,8 @@ def _read(message) -> bytes:
 class DKIMSignFilter(Filter):
     name = "dkim-sign"
 
-    def __init__(self, signer: Signer, run) -> None:
+    def __init__(self, signer: Signer) -> None:
         self._signer = signer
-        self._run = run
 
     def _sign(self, message) -> list:
         return self._signer.headers(_read(message))
@@ -55,7 +54,7 @@ class DKIMSignFilter(Filter):
                       error=loggable(str(f.value)))
             return Verdict.accept()
 
-        return self._run(self._sign, message).addCallbacks(signed, failed)
+        return self._signer.inThread(self._sign, message).addCallbacks(signed, failed)
 
 
 @implementer(IMessageFilterFactory)
@@ -76,4 +75,4 @@ class DKIMSignFilterFactory:
         def run(f, *args):
             return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
-        return DKIMSignFilter(Signer(KeyRing(context.dataDir)), run)
+        return DKIMSignFilter(Signer(KeyRing(context.dataDir), run))
