@@ -94,12 +94,19 @@ def zoneFor(keys, *, skip=(), change=()) -> dict:
     return zone
 
 
-def test_check_marks_everything_ok(setup):
-    server = startDNS(zoneFor(setup[2]))
+def checkAgainst(setup, zone: dict, **dnsOptions):
+    """``twistmail dns example.test --check`` against a loopback server serving C{zone}."""
+    server = startDNS(zone, **dnsOptions)
     try:
-        proc = dnsCLI(setup, "example.test", "--check", "--nameserver", server.nameserver)
+        return dnsCLI(setup, "example.test", "--check", "--nameserver", server.nameserver,
+                      check=False)
     finally:
         server.stop()
+
+
+def test_check_marks_everything_ok(setup):
+    proc = checkAgainst(setup, zoneFor(setup[2]))
+    assert proc.returncode == 0
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["NAME", "TYPE", "STATUS", "IN", "DNS"]
     assert [line.split()[2] for line in lines[1:-1]] == ["OK"] * len(expectedLines(setup[2]))
@@ -107,14 +114,9 @@ def test_check_marks_everything_ok(setup):
 
 
 def test_check_marks_missing_and_different_and_fails(setup):
-    server = startDNS(zoneFor(setup[2], skip={"_dmarc.example.test", "s1-rsa._domainkey.example.test",
-                                             "_imaps._tcp.example.test"},
-                              change={"example.test"}))
-    try:
-        proc = dnsCLI(setup, "example.test", "--check", "--nameserver", server.nameserver,
-                      check=False)
-    finally:
-        server.stop()
+    proc = checkAgainst(setup, zoneFor(setup[2], skip={
+        "_dmarc.example.test", "s1-rsa._domainkey.example.test", "_imaps._tcp.example.test"},
+        change={"example.test"}))
     assert proc.returncode == 1
     rows = {(r.split()[0], r.split()[1]): r.split(None, 3)[2:] for r in proc.stdout.splitlines()[1:]}
     assert rows[("example.test.", "TXT")] == ["different", "v=spf1 mx ~all"]
@@ -127,12 +129,7 @@ def test_check_marks_missing_and_different_and_fails(setup):
 
 
 def test_a_dns_server_failure_is_an_error_not_ok(setup):
-    server = startDNS({}, servfail={"example.test", "_dmarc.example.test"})
-    try:
-        proc = dnsCLI(setup, "example.test", "--check", "--nameserver", server.nameserver,
-                      check=False)
-    finally:
-        server.stop()
+    proc = checkAgainst(setup, {}, servfail={"example.test", "_dmarc.example.test"})
     assert proc.returncode == 1
     assert "SERVFAIL" in proc.stdout and " error " in proc.stdout
 
