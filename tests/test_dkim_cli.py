@@ -158,3 +158,15 @@ def test_tls_reports_are_signed(dataDir, tmp_path):
     [(_, _, data, _)] = queue.queued
     d = dkim.DKIM(data)
     assert [d.verify(idx=i, dnsfunc=publishedBy(dataDir)) for i in (0, 1)] == [True, True]
+
+
+def test_a_broken_key_file_is_named_with_the_fix(dataDir):
+    dkimkeys.generate(dataDir, "example.test", "s1")
+    path = os.path.join(dataDir, "dkim", "example.test", "s1", "rsa.pem")
+    with open(path, "w") as f:
+        f.write("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    for args in (("dkim", "list"), ("dns", "example.test")):
+        proc = cli(*args, dataDir=dataDir, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"{path} is not an unencrypted rsa private key in PEM; run twistmail dkim " \
+               "remove example.test s1, then generate a new set" in proc.stderr

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -122,12 +123,17 @@ def _pem(key) -> bytes:
 
 def _load(domain: str, name: str, path: str) -> KeySet:
     keys = {}
-    for algorithm in ALGORITHMS:
-        with open(os.path.join(path, f"{algorithm}.pem"), "rb") as f:
-            keys[algorithm] = serialization.load_pem_private_key(f.read(), None)
-    if not isinstance(keys["ed25519"], ed25519.Ed25519PrivateKey) or \
-            not isinstance(keys["rsa"], rsa.RSAPrivateKey):
-        raise ValueError(f"{path}: ed25519.pem or rsa.pem holds another kind of key")
+    for algorithm, kind in (("ed25519", ed25519.Ed25519PrivateKey), ("rsa", rsa.RSAPrivateKey)):
+        file = os.path.join(path, f"{algorithm}.pem")
+        with open(file, "rb") as f:
+            try:
+                keys[algorithm] = serialization.load_pem_private_key(f.read(), None)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                keys[algorithm] = None
+        if not isinstance(keys[algorithm], kind):
+            raise DKIMKeyError(f"{file} is not an unencrypted {algorithm} private key in PEM; "
+                               f"run twistmail dkim remove {domain} {name}, then generate a "
+                               "new set")
     created = os.stat(os.path.join(path, "ed25519.pem")).st_mtime
     return KeySet(domain, name, created, keys["ed25519"], keys["rsa"])
 

@@ -14,10 +14,6 @@ from twistmail import dkimkeys
 from twistmail.cli.output import table
 
 
-class DKIMCLIError(Exception):
-    """Printed as 'twistmail: error: ...' with exit status 1."""
-
-
 def register(sub) -> None:
     dkim = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(dest="action",
                                                                             required=True)
@@ -37,14 +33,12 @@ def records(keys: dkimkeys.KeySet) -> str:
 
 
 def run(args, dataDir: str) -> str:
-    try:
-        if args.action == "generate":
-            return _generate(args, dataDir)
-        if args.action == "list":
-            return _list(dataDir)
-        dkimkeys.remove(dataDir, args.domain, args.selector)
-    except dkimkeys.DKIMKeyError as e:
-        raise DKIMCLIError(str(e)) from None
+    """@raise dkimkeys.DKIMKeyError: printed by the caller as the error."""
+    if args.action == "generate":
+        return _generate(args, dataDir)
+    if args.action == "list":
+        return _list(dataDir)
+    dkimkeys.remove(dataDir, args.domain, args.selector)
     remaining = dkimkeys.listSets(dataDir, dkimkeys.checkDomain(args.domain))
     after = f"; {remaining[0].name} signs now" if remaining else \
         f"; {dkimkeys.checkDomain(args.domain)} has no keys: its mail goes out unsigned"

@@ -24,6 +24,7 @@ from twistmail.cli import queue as queuecli
 from twistmail.cli import records as recordscli
 from twistmail.cli import senders, sendmail
 from twistmail.cli.output import table
+from twistmail.dkimkeys import DKIMKeyError
 from twistmail.ratelimit import StateError
 from twistmail.relay.queue import QueueError
 
@@ -283,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twistmail sendmail: error: {e}", file=sys.stderr)
         return e.status
     except (CLIError, AccountError, QueueError, queuecli.QueueCLIError, StateError,
-            dkimcli.DKIMCLIError, recordscli.RecordsCLIError) as e:
+            DKIMKeyError, recordscli.RecordsCLIError) as e:
         if getattr(e, "output", ""):
             print(e.output)
         print(f"twistmail: error: {e}", file=sys.stderr)

@@ -29,10 +29,7 @@ def register(sub) -> None:
 
 
 def run(args, config: configmod.Config) -> str:
-    try:
-        domain = dkimkeys.checkDomain(args.domain)
-    except dkimkeys.DKIMKeyError as e:
-        raise RecordsCLIError(str(e)) from None
+    domain = dkimkeys.checkDomain(args.domain)  # DKIMKeyError: printed by the caller
     groups = dnsrecords.required(config, domain)
     if not args.check:
         lines = []
