@@ -189,7 +189,16 @@ def _filter(data: str) -> DKIMSignFilter:
 
 
 def test_filter_adds_both_signatures_on_submission(data, published):
-    verdict = _filter(data).endOfData(SUBMITTED, _message(MESSAGE)).result
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        verdict = _filter(data).endOfData(SUBMITTED, _message(MESSAGE)).result
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert "dkim-sign id=q1 user=alice@example.test result=signed d=example.test " \
+           "s=s1-ed25519,s1-rsa" in [formatEvent(e) for e in seen]
     assert verdict.action == ACCEPT
     assert [name for name, _ in verdict.headers] == ["DKIM-Signature", "DKIM-Signature"]
     signed = b"".join(f"{n}: {v}\r\n".encode() for n, v in verdict.headers) + MESSAGE

@@ -9,6 +9,8 @@ on the MX port that claims our From is exactly what must not get our signature.
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet import threads
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -43,9 +45,12 @@ class DKIMSignFilter(Filter):
 
         def signed(fields: list) -> Verdict:
             if fields:
-                log.info("dkim-sign id={id} signed {selectors}", id=session.id,
-                         selectors=" ".join(v.split(" s=", 1)[-1].split(";", 1)[0]
-                                            for _, v in fields))
+                # RFC 6376 §3.2 tag-list: "tag=value; ..." (whitespace is folding here).
+                tags = [dict(t.split("=", 1) for t in re.sub(r"\s", "", value).split(";"))
+                        for _, value in fields]
+                log.info("dkim-sign id={id} user={user} result=signed d={d} s={s}",
+                         id=session.id, user=loggable(session.authenticated), d=tags[0]["d"],
+                         s=",".join(t["s"] for t in tags))
             return Verdict.accept(headers=fields)
 
         def failed(f) -> Verdict:
