@@ -6,7 +6,8 @@ So, run as ``unshare --user --map-root-user --mount --net python3 resolvns.py
 ZONE.json -- PROGRAM ARGS...``: in its own network namespace the loopback
 interface is ours, tests/dnsserver.py serves the zone on 127.0.0.1 port 53,
 and a private mount of a resolv.conf naming it hides the real one.  Nothing
-outside the namespaces changes; no root needed (an unprivileged user namespace).
+outside the namespaces changes; no root needed (an unprivileged user namespace;
+root runs it without one).
 
 ZONE.json maps names to lists of TXT texts.  Exits with the program's status.
 """
