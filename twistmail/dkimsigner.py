@@ -46,7 +46,7 @@ _NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
 
 def _crlf(message: bytes) -> bytes:
     """The message with CRLF line ends, as it goes on the wire (RFC 5321 §2.3.8)."""
-    return re.sub(rb"\r?\n", b"\r\n", message)
+    return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _headerSection(message: bytes) -> bytes:
@@ -152,11 +152,12 @@ class Signer:
             return []
         include = headerList(message)
         fields = []
+        signer = _DKIM(message)  # parsed once for both signatures
+        signer.rsaKey = keys.rsa
         for algorithm, key in _privateKeys(keys):
             selector = keys.selector("ed25519" if algorithm.startswith(b"ed") else "rsa")
-            signer = _DKIM(message, signature_algorithm=algorithm)
-            signer.rsaKey = keys.rsa
             signed = signer.sign(selector.encode(), keys.domain.encode(), key,
+                                 signature_algorithm=algorithm,
                                  canonicalize=(b"relaxed", b"relaxed"),  # RFC 6376 §3.4
                                  include_headers=include)
             name, value = signed.decode("ascii").split(":", 1)
