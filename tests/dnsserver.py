@@ -43,6 +43,14 @@ def TXT(*strings: str) -> dns.Record_TXT:
     return dns.Record_TXT(*(t.encode() for t in strings), ttl=60)
 
 
+def SRV(priority: int, weight: int, port: int, target: str) -> dns.Record_SRV:
+    return dns.Record_SRV(priority, weight, port, target.encode(), ttl=60)
+
+
+def CNAME(target: str) -> dns.Record_CNAME:
+    return dns.Record_CNAME(target.encode(), ttl=60)
+
+
 class ServerFailure(Exception):
     pass
 
@@ -87,7 +95,7 @@ class DNSServer:
         onReactor(self.listening.stopListening)
 
 
-def startDNS(zone: dict, servfail=(), hang=()) -> DNSServer:
+def startDNS(zone: dict, servfail=(), hang=(), port: int = 0) -> DNSServer:
     resolver = ZoneResolver(zone, set(servfail), set(hang), [])
 
     def listen():
@@ -95,7 +103,7 @@ def startDNS(zone: dict, servfail=(), hang=()) -> DNSServer:
         factory.noisy = False
         protocol = dns.DNSDatagramProtocol(factory)
         protocol.noisy = False
-        return reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        return reactor.listenUDP(port, protocol, interface="127.0.0.1")
 
     port = onReactor(listen)
     return DNSServer(port.getHost().port, resolver, port)

@@ -94,6 +94,9 @@ def test_root_with_uid_serves_25_and_110_and_the_cli_keeps_ownership_right(hostD
         # The CLI, run as root while the server runs, writes as the directory's owner.
         added = admin(config, "user", "add", "bob@example.test", stdin="pw-bob\n")
         assert added.returncode == 0, added.stderr
+        # DKIM keys too (mode 0600): the server, as nobody, must be able to read them.
+        made = admin(config, "dkim", "generate", "example.test", "--selector", "s1")
+        assert made.returncode == 0, made.stderr
         assert owners(f"{hostDir}/data") == {(NOBODY.pw_uid, NOBODY.pw_gid)}
 
         with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:

@@ -34,6 +34,8 @@ from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.quota import QuotaTracker
 from twistmail.delivery.routing import RelayPolicy, Router
+from twistmail.dkimkeys import KeyRing
+from twistmail.dkimsigner import Signer
 from twistmail.filters.load import makeFilters as loadFilters
 from twistmail.interfaces import IMailAccount, IMailStoreFactory
 from twistmail.metrics import Metrics
@@ -373,15 +375,19 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             # RFC 8461 §5: only MX hosts the policy lists, each with the policy attached.
             return applyPolicy(hops, (yield policies.policyFor(domain)), domain)
 
+    # Bounces and TLS reports are DKIM-signed like submitted mail (twistmail dkim).
+    sign = Signer(KeyRing(config.dataDir)).signLater
     runner = QueueRunner(queue, router, local, destination, sender,
-                         RunnerSettings.fromConfig(config.hostname, relay), reactor, metrics)
+                         RunnerSettings.fromConfig(config.hostname, relay), reactor, metrics,
+                         sign=sign)
     metrics.watch(runner=runner)
     reactor.addSystemEventTrigger("before", "shutdown", sender.closeIdle)  # QUIT parked ones
     runner.setServiceParent(parent)
     ControlPoller(runner, queue.path, relay["pickup_interval"]).setServiceParent(parent)
     directory = os.path.join(config.dataDir, "tlsrpt")
     mailer = ReportMailer(directory, config.hostname, resolver, queue,
-                          maxPerDay=relay["tlsrpt_max_mails_per_day"]) if relay["tlsrpt_mail"] else None
+                          maxPerDay=relay["tlsrpt_max_mails_per_day"],
+                          sign=sign) if relay["tlsrpt_mail"] else None
     TLSReportService(reports, directory, clock=reactor, mailer=mailer).setServiceParent(parent)
     return runner
 

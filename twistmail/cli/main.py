@@ -15,13 +15,16 @@ import getpass
 import sys
 from collections.abc import Sequence
 
-from twistmail import __version__, ownership
+from twistmail import __version__, dnsrecords, ownership
 from twistmail import config as configmod
 from twistmail.auth.accounts import AccountError, Accounts
 from twistmail.auth.passwords import hashPassword
+from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
+from twistmail.cli import records as recordscli
 from twistmail.cli import senders, sendmail
 from twistmail.cli.output import table
+from twistmail.dkimkeys import DKIMKeyError
 from twistmail.ratelimit import StateError
 from twistmail.relay.queue import QueueError
 
@@ -216,29 +219,16 @@ def _filterTable(filters: dict) -> str:
 
 def _clientRecords(config: configmod.Config, args) -> str:
     """The SRV records (and, with a web listener, autoconfig names) for each hosted domain."""
-    from twistmail.web import autoconfig
-
-    clients = autoconfig.fromConfig(config)
-    if clients is None:
-        clients = autoconfig.ClientSettings(config.hostname, tuple(autoconfig.services(config)))
-        webPort = None
-    else:
-        ports = [autoconfig.listenerPort(d) for d in config.listeners("https")]
-        webPort = next((p for p in ports if p is not None), None)
-    records = autoconfig.dnsRecords(clients, _accounts(args).domains, webPort)
+    records = dnsrecords.clientRecords(config, _accounts(args).domains)
     return ("\nMail clients find the servers with these records (RFC 6186, RFC 8314):\n"
             + "".join(f"  {record}\n" for record in records))
 
 
 def _mtaStsRecords(config: configmod.Config, args) -> str:
     """With [mta_sts] on: the DNS records to publish for each hosted domain."""
-    mtaSts = config["mta_sts"]
-    if not mtaSts["mode"]:
+    records = dnsrecords.mtaStsRecords(config, _accounts(args).domains)
+    if not config["mta_sts"]["mode"]:
         return ""
-    from twistmail.web import mtasts
-
-    text = mtasts.policyText(mtaSts["mode"], mtaSts["mx"], mtaSts["max_age"])
-    records = mtasts.dnsRecords(text, _accounts(args).domains, config.hostname)
     served = " ".join(config.listeners("https") + config.listeners("http")) or \
         "no [listen] https or http listener: nothing serves it"
     return (f"\nMTA-STS policy (served on {served}); publish for each hosted domain:\n"
@@ -302,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
 
     queuecli.register(sub)
     sendmail.register(sub)
+    dkimcli.register(sub)
+    recordscli.register(sub)
     sub.add_parser("check-config", help="validate the configuration and show the effective settings")
 
     migrate = sub.add_parser("migrate", help="copy mailboxes to another storage backend (server "
@@ -321,6 +313,14 @@ def cmdQueue(args) -> str:
     return queuecli.run(args, config.dataDir, config["relay"]["pickup_interval"])
 
 
+def cmdDKIM(args) -> str:
+    return dkimcli.run(args, _config(args).dataDir)
+
+
+def cmdDNS(args) -> str:
+    return recordscli.run(args, _config(args))
+
+
 def cmdSendmail(args) -> str:
     try:
         config = _config(args)
@@ -330,7 +330,8 @@ def cmdSendmail(args) -> str:
 
 
 COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "queue": cmdQueue,
-            "sendmail": cmdSendmail, "check-config": cmdCheckConfig, "migrate": cmdMigrate}
+            "sendmail": cmdSendmail, "dkim": cmdDKIM, "dns": cmdDNS,
+            "check-config": cmdCheckConfig, "migrate": cmdMigrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -342,7 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sendmail.SendmailError as e:
         print(f"twistmail sendmail: error: {e}", file=sys.stderr)
         return e.status
-    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError, StateError) as e:
+    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError, StateError,
+            DKIMKeyError, recordscli.RecordsCLIError) as e:
+        if getattr(e, "output", ""):
+            print(e.output)
         print(f"twistmail: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

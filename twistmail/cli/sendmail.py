@@ -6,7 +6,8 @@ PHP use: ``-t`` (recipients from To/Cc/Bcc, added to those given as
 arguments, as Postfix does), ``-f``/``-r SENDER``, ``-i``/``-oi`` (a line
 with a single dot is data), ``-F NAME``; ``-o...``, ``-B...``, ``-N...``,
 ``-bm``, ``-v`` are accepted and ignored.  Like Postfix's cleanup, it removes
-Bcc: and adds Received:, and From:, Date: and Message-ID: when missing.
+Bcc: and adds Received:, and From:, Date: and Message-ID: when missing; then
+it DKIM-signs the message when the From domain has keys (``twistmail dkim``).
 
 The message goes into the queue even when the server is not running; a
 running server picks it up within ``[relay] pickup_interval`` (see
@@ -25,6 +26,8 @@ from email.utils import formataddr, formatdate, getaddresses
 
 from twistmail import config as configmod
 from twistmail.delivery.routing import BadAddress, checkRemoteAddress
+from twistmail.dkimkeys import KeyRing
+from twistmail.dkimsigner import Signer
 from twistmail.errors import StorageError
 from twistmail.relay import control
 from twistmail.relay.queue import QueueEntry, Recipient, commitLocked, newQueueId, stageNew
@@ -187,10 +190,12 @@ def run(args, config: configmod.Config, stdin=None) -> str:
     data = readMessage(stdin if stdin is not None else sys.stdin.buffer, dotEnds,
                        config["smtp"]["max_message_size"])
     now = time.time()
+    signer = Signer(KeyRing(config.dataDir))
 
     def build(queueId: str) -> bytes:
-        return prepare(data, sender=sender, fullname=args.fullname, hostname=config.hostname,
-                       queueId=queueId, now=now)
+        # Signed last, over the headers prepare added (From, Date, Message-ID).
+        return signer.sign(prepare(data, sender=sender, fullname=args.fullname,
+                                   hostname=config.hostname, queueId=queueId, now=now))
 
     if args.t:
         recipients = list(dict.fromkeys(recipients + headerRecipients(data)))

@@ -1,5 +1,6 @@
 """The built-in storage backends and filters, registered the way a third-party plugin registers its own."""
 
+from twistmail.filters.dkimsign import DKIMSignFilterFactory
 from twistmail.filters.dnsbl import DnsblFilterFactory
 from twistmail.filters.greylist import GreylistFilterFactory
 from twistmail.filters.rspamd import RspamdFilterFactory
@@ -10,6 +11,7 @@ from twistmail.storage.mbox import MboxStoreFactory
 maildir = MaildirStoreFactory()
 mbox = MboxStoreFactory()
 
+dkimSign = DKIMSignFilterFactory()
 dnsbl = DnsblFilterFactory()
 greylist = GreylistFilterFactory()
 rspamd = RspamdFilterFactory()

@@ -72,6 +72,7 @@ from twistmail.delivery.routing import (
     UnknownUser,
     remoteDomain,
 )
+from twistmail.dkimsigner import unsigned
 from twistmail.errors import StorageError
 from twistmail.metrics import Metrics
 from twistmail.model import Envelope
@@ -118,14 +119,17 @@ class QueueRunner(service.Service):
     name = "relay queue"
 
     def __init__(self, queue: RelayQueue, router: Router, local, destination: Callable,
-                 sender, settings: RunnerSettings, clock, metrics: Metrics | None = None) -> None:
+                 sender, settings: RunnerSettings, clock, metrics: Metrics | None = None,
+                 sign: Callable = unsigned) -> None:
         """@param local: L{twistmail.delivery.local.LocalDelivery}.
         @param destination: C{destination(domain) -> Deferred[list[Hop]]} (MX lookup or
             the smarthost); fails with L{DNSFailure}.
         @param sender: L{twistmail.relay.sender.RelaySender}.
         @param clock: IReactorTime; C{seconds()} is POSIX time.
         @param metrics: counts each recipient's outcome.
+        @param sign: C{sign(message) -> Deferred[bytes]}: DKIM-signs a bounce (off the reactor).
         """
+        self._sign = sign
         self._queue = queue
         self._router = router
         self._local = local
@@ -510,7 +514,8 @@ class QueueRunner(service.Service):
                      to=addresses)
             return
         headers = yield self._queue.headers(entry.id)
-        dsn = bounce.buildBounce(entry, failed, headers, self.settings.hostname, now, expired)
+        dsn = yield self._sign(
+            bounce.buildBounce(entry, failed, headers, self.settings.hostname, now, expired))
         queued = yield self._queue.enqueue("", [entry.sender], lambda: [dsn], origin="bounce")
         log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
                  id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,

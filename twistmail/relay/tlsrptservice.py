@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from twistmail._fsutil import atomicWrite
 from twistmail._logtext import loggable, loggableText
+from twistmail.dkimsigner import unsigned
 from twistmail.relay.mx import DNSFailure
 from twistmail.relay.tlsrpt import (
     MAX_RUA,
@@ -113,10 +114,11 @@ class ReportMailer:
 
     def __init__(self, directory: str, submitter: str, resolver, queue, *,
                  run: Callable = threads.deferToThread, now: Callable[[], float] = time.time,
-                 maxPerDay: int = 1000) -> None:
+                 maxPerDay: int = 1000, sign: Callable = unsigned) -> None:
         """@param resolver: an L{twistmail.interfaces.IMXResolver} (its C{lookupTXT}).
         @param queue: the L{twistmail.relay.queue.RelayQueue} the mails go into.
         @param run: C{run(f, *args) -> Deferred}, running f off the reactor thread.
+        @param sign: C{sign(message) -> Deferred[bytes]}: DKIM-signs it (off the reactor).
         """
         self._directory = directory
         self._submitter = submitter
@@ -125,6 +127,7 @@ class ReportMailer:
         self._run = run
         self._now = now
         self._maxPerDay = maxPerDay
+        self._sign = sign
         self.stopping = False
 
     @defer.inlineCallbacks
@@ -157,6 +160,7 @@ class ReportMailer:
                          note=loggableText(note))
                 continue
             mailed += 1
+            message = yield self._sign(message)
             try:
                 # RFC 8460 §5.3 leaves the envelope sender open; <> (RFC 5321 §4.5.5) means
                 # a dead rua address can never bounce back here.
