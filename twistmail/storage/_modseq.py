@@ -131,9 +131,9 @@ class ModSeqs:
             new += [u for u in sorted(changed) if u not in theirs]
             new += [-u for u in sorted(removed) if u not in theirs]
             mine = [(highest + i, uid) for i, uid in enumerate(new, 1)]
-            if mine:
-                # After a torn line (a crash mid-append), start on a line of our own.
-                torn = "\n" if text and not text.endswith("\n") else ""
+            # After a torn line (a crash mid-append), start on a line of our own.
+            torn = "\n" if text and not text.endswith("\n") else ""
+            if mine or torn:
                 data = (torn + "".join(f"{m} {u}\n" for m, u in mine)).encode()
                 os.write(fd, data)
                 offset += len(data)
