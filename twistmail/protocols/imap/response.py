@@ -22,6 +22,26 @@ def string(value: bytes | str) -> bytes:
     return b"{%d}\r\n" % len(value) + value
 
 
+def sequenceSet(numbers) -> bytes:
+    """1,2,3,5 -> ``1:3,5``, in the order given (COPYUID pairs two such sets by position)."""
+    return rangeSet(_runs(numbers))
+
+
+def rangeSet(ranges) -> bytes:
+    """[(1, 3), (5, 5)] -> ``1:3,5``."""
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in ranges)
+
+
+def _runs(numbers) -> list[list[int]]:
+    out: list[list[int]] = []
+    for n in numbers:
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return out
+
+
 def astring(value: bytes | str) -> bytes:
     """A mailbox name or similar: an atom when it is one, else a string."""
     if isinstance(value, str):

@@ -115,17 +115,6 @@ def _storageNo(failure_or_error) -> bytes:
     return b"[SERVERBUG] " + str(error).encode("utf-8", "replace")[:200]
 
 
-def _uidSet(uids: list[int]) -> bytes:
-    """1,2,3,5 -> 1:3,5 (for COPYUID)."""
-    out = []
-    for uid in uids:
-        if out and out[-1][1] == uid - 1:
-            out[-1][1] = uid
-        else:
-            out.append([uid, uid])
-    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in out)
-
-
 class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection; configuration and shared state come from the factory."""
 
@@ -908,8 +897,9 @@ class IMAPServer(imap4.IMAP4Server):
             self._ok(tag, (b"MOVE" if move else b"COPY") + b" completed: nothing to do")
             return
         pairs = await view.mailbox.copyMessages(uids, target)
-        code = b"[COPYUID %d %s %s]" % (target.uidValidity, _uidSet([a for a, _ in pairs]),
-                                        _uidSet([b for _, b in pairs]))
+        code = b"[COPYUID %d %s %s]" % (target.uidValidity,
+                                        response.sequenceSet([a for a, _ in pairs]),
+                                        response.sequenceSet([b for _, b in pairs]))
         if not move:
             self._ok(tag, code + b" COPY completed")
             return
