@@ -24,7 +24,7 @@ def string(value: bytes | str) -> bytes:
 
 def sequenceSet(numbers) -> bytes:
     """1,2,3,5 -> ``1:3,5``, in the order given (COPYUID pairs two such sets by position)."""
-    return rangeSet(_runs(numbers))
+    return rangeSet(runs(numbers))
 
 
 def rangeSet(ranges) -> bytes:
@@ -32,14 +32,15 @@ def rangeSet(ranges) -> bytes:
     return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in ranges)
 
 
-def _runs(numbers) -> list[list[int]]:
+def runs(numbers) -> list[tuple[int, int]]:
+    """1,2,3,5 -> [(1, 3), (5, 5)]: consecutive numbers as one range, in the order given."""
     out: list[list[int]] = []
     for n in numbers:
         if out and out[-1][1] == n - 1:
             out[-1][1] = n
         else:
             out.append([n, n])
-    return out
+    return [(a, b) for a, b in out]
 
 
 def astring(value: bytes | str) -> bytes:

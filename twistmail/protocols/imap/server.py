@@ -21,7 +21,8 @@ greeting.  What it replaces, and why:
   response codes clients act on (RFC 5530 NONEXISTENT, TRYCREATE,
   ALREADYEXISTS, AUTHENTICATIONFAILED; RFC 4315 APPENDUID and COPYUID).
 * **Extensions**: IDLE with push, UIDPLUS, MOVE, SPECIAL-USE, ENABLE,
-  LITERAL+, SASL-IR, ID, UNSELECT, CHILDREN, NAMESPACE, APPENDLIMIT.
+  LITERAL+, SASL-IR, ID, UNSELECT, CHILDREN, NAMESPACE, APPENDLIMIT,
+  CONDSTORE and QRESYNC (L{condstore}).
 
 Untagged updates (EXISTS, EXPUNGE, FLAGS) come from L{view.SelectedFolder}
 at the end of each command, and at once while the client is in IDLE.
@@ -58,7 +59,7 @@ from twistmail.errors import (
 from twistmail.interfaces import IMailAccount
 from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
-from twistmail.protocols.imap import fetch, names, response, search
+from twistmail.protocols.imap import condstore, fetch, names, response, search
 from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
@@ -130,6 +131,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._continuation: defer.Deferred | None = None
         self._loginFailures = 0
         self._flow: Flow | None = None
+        self.condstore = False  # RFC 7162 §3.1: enabled by the first command that uses it
+        self.qresync = False  # RFC 7162 §3.2.3: ENABLE QRESYNC only
 
     # -- connection ------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class IMAPServer(imap4.IMAP4Server):
         caps: dict = {b"LITERAL+": None, b"SASL-IR": None, b"ID": None, b"ENABLE": None,
                       b"IDLE": None, b"NAMESPACE": None, b"UNSELECT": None, b"UIDPLUS": None,
                       b"MOVE": None, b"CHILDREN": None, b"SPECIAL-USE": None,
+                      b"CONDSTORE": None, b"QRESYNC": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -378,15 +382,46 @@ class IMAPServer(imap4.IMAP4Server):
         self._ok(tag, b"ID completed")
 
     def cmd_ENABLE(self, tag, args):
-        """RFC 5161: none of the extensions that need enabling is offered, so nothing is."""
+        """RFC 5161: CONDSTORE and QRESYNC (RFC 7162 §3.2.3: QRESYNC implies CONDSTORE);
+        others are ignored, as the RFC asks."""
         args.sp()
+        wanted = []
         while True:
-            args.atom()
+            wanted.append(args.atom().upper())
             if args.atEnd():
                 break
             args.sp()
-        self._send(b"* ENABLED")
+        enabled = []
+        if b"QRESYNC" in wanted and not self.qresync:
+            self.qresync = True
+            if self.selected is not None:
+                self.selected.qresync = True
+            enabled.append(b"QRESYNC")
+        if (b"CONDSTORE" in wanted or b"QRESYNC" in wanted) and not self.condstore:
+            enabled.insert(0, b"CONDSTORE")
+            self._enableCondstore(announce=True)
+        self._send(b"* ENABLED" + b"".join(b" " + name for name in enabled))
         self._ok(tag, b"ENABLE completed")
+
+    def _enableCondstore(self, announce: bool = False) -> None:
+        """RFC 7162 §3.1: from now on this session's flag updates carry MODSEQ.
+
+        @param announce: tell the selected folder's HIGHESTMODSEQ now (§3.1.2.1, as
+            Dovecot does when ENABLE comes after SELECT)."""
+        first = not self.condstore
+        self.condstore = True
+        view = self.selected
+        if view is not None:
+            view.condstore = True
+            if first and announce and condstore.hasModSeqs(view.mailbox):
+                self._send(b"* OK [HIGHESTMODSEQ %d] Highest" % view.mailbox.highestModSeq)
+
+    def _modseqMailbox(self):
+        """The selected folder, which must keep modseqs: RFC 7162 §3.1.2.2, BAD otherwise."""
+        mailbox = self.selected.mailbox
+        if not condstore.hasModSeqs(mailbox):
+            raise _Bad(b"This mailbox has no mod-sequences (NOMODSEQ)")
+        return mailbox
 
     # -- not authenticated -------------------------------------------------------------
 
@@ -489,7 +524,12 @@ class IMAPServer(imap4.IMAP4Server):
     async def cmd_SELECT(self, tag, args, readOnly: bool = False):
         args.sp()
         name = self._mailbox(args)
+        params = condstore.parseSelectParams(args)
         args.end()
+        if params.qresync is not None and not self.qresync:
+            raise _Bad(b"QRESYNC must be enabled first (ENABLE QRESYNC)")  # RFC 7162 §3.2.5
+        if self.selected is not None and self.qresync:
+            self._send(b"* OK [CLOSED] Previous mailbox closed")  # RFC 7162 §3.2.11
         self._unselect()
         self.state = "auth"
         mailbox = await self.account.openFolder(name)
@@ -497,6 +537,10 @@ class IMAPServer(imap4.IMAP4Server):
         view = SelectedFolder(mailbox, readOnly, self._peekRecent if readOnly else self._claimRecent)
         self.selected = view
         self.state = "select"
+        view.qresync = self.qresync
+        if params.condstore or params.qresync is not None:
+            self.condstore = True
+        view.condstore = self.condstore
         for line in view.flagsResponses():
             self._send(line)
         self._send(b"* %d EXISTS" % len(view))
@@ -506,8 +550,29 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(b"* OK [UNSEEN %d] First unseen" % unseen)
         self._send(b"* OK [UIDVALIDITY %d] UIDs valid" % mailbox.uidValidity)
         self._send(b"* OK [UIDNEXT %d] Predicted next UID" % mailbox.uidNext)
+        if not condstore.hasModSeqs(mailbox):
+            self._send(b"* OK [NOMODSEQ] No mod-sequences in this mailbox")  # RFC 7162 §3.1.2.2
+        elif self.condstore:
+            self._send(b"* OK [HIGHESTMODSEQ %d] Highest" % mailbox.highestModSeq)
+            if params.qresync is not None:
+                self._resync(view, params.qresync)
         verb = b"EXAMINE" if readOnly else b"SELECT"
         self._ok(tag, (b"[READ-ONLY] " if readOnly else b"[READ-WRITE] ") + verb + b" completed")
+
+    def _resync(self, view: SelectedFolder, q: condstore.QResync) -> None:
+        """RFC 7162 §3.2.5: what the client missed since its modseq, if its UIDVALIDITY holds."""
+        mailbox = view.mailbox
+        if q.uidValidity != mailbox.uidValidity:
+            return  # the client must resync from scratch; it learns so from UIDVALIDITY
+        known = q.knownUids if q.knownUids is not None else [(1, max(mailbox.uidNext - 1, 1))]
+        for line in condstore.vanishedLines(condstore.vanished(mailbox, view.uids, q.modseq, known),
+                                            earlier=True):
+            self._send(line)
+        for seq, uid in condstore.changed(mailbox, q.modseq, None, view):
+            message = mailbox.message(uid)
+            if message is not None:
+                self._send(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))" % (
+                    seq, uid, view.flagList(message), message.modseq))
 
     def cmd_EXAMINE(self, tag, args):
         return self.cmd_SELECT(tag, args, readOnly=True)
@@ -657,16 +722,21 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         items = [i.upper() for i in args.parenthesized(args.atom)]
         args.end()
-        unknown = set(items) - {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN"}
+        unknown = set(items) - {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN",
+                                b"HIGHESTMODSEQ"}
         if unknown:
             raise _Bad(b"Unknown STATUS item " + sorted(unknown)[0][:32])
         mailbox = await self.account.openFolder(name)
+        if b"HIGHESTMODSEQ" in items:
+            self._enableCondstore()  # RFC 7162 §3.1: a CONDSTORE enabling command
         values = {
             b"MESSAGES": lambda: len(mailbox.uids()),
             b"RECENT": lambda: self.factory.countRecent(self.user, mailbox),
             b"UIDNEXT": lambda: mailbox.uidNext,
             b"UIDVALIDITY": lambda: mailbox.uidValidity,
             b"UNSEEN": lambda: sum("\\Seen" not in m.flags for m in mailbox.messages()),
+            # RFC 7162 §3.1.2.3: 0 for a mailbox without mod-sequences.
+            b"HIGHESTMODSEQ": lambda: mailbox.highestModSeq if condstore.hasModSeqs(mailbox) else 0,
         }
         body = b" ".join(b"%s %d" % (item, values[item]()) for item in items)
         self._send(b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")")
@@ -750,8 +820,10 @@ class IMAPServer(imap4.IMAP4Server):
         self._ok(tag, b"EXPUNGE completed")
 
     def _targets(self, args: Arguments, uid: bool) -> list[tuple[int, int]]:
+        return self._targetsOf(args.sequenceSet(), uid)
+
+    def _targetsOf(self, seqset, uid: bool) -> list[tuple[int, int]]:
         view = self.selected
-        seqset = args.sequenceSet()
         if uid:
             return view.byUid(seqset.resolve(view.largestUid()))
         if not len(view):
@@ -765,14 +837,30 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def cmd_FETCH(self, tag, args, uid: bool = False):
         args.sp()
-        targets = self._targets(args, uid)
+        seqset = args.sequenceSet()
+        targets = self._targetsOf(seqset, uid)
         args.sp()
         items = fetch.parseItems(args)
+        changedSince, vanished = condstore.parseFetchModifiers(args)
         args.end()
         view = self.selected
         mailbox = view.mailbox
+        if vanished and not (uid and self.qresync):
+            raise _Bad(b"VANISHED needs UID FETCH and QRESYNC enabled")  # RFC 7162 §3.2.6
         if uid and not any(i.name == b"UID" for i in items):
             items.insert(0, fetch.Item(b"UID"))
+        if changedSince is not None or any(i.name == b"MODSEQ" for i in items):
+            self._modseqMailbox()
+            self._enableCondstore()  # RFC 7162 §3.1: a CONDSTORE enabling command
+            if not any(i.name == b"MODSEQ" for i in items):
+                items.append(fetch.Item(b"MODSEQ"))  # RFC 7162 §3.1.4.1: CHANGEDSINCE implies it
+        if changedSince is not None:
+            if vanished:
+                largest = max(view.largestUid(), mailbox.uidNext - 1)
+                for line in condstore.vanishedLines(condstore.vanished(
+                        mailbox, view.uids, changedSince, seqset.resolve(largest)), earlier=True):
+                    self._send(line)
+            targets = condstore.changed(mailbox, changedSince, targets, view)
         if not view.readOnly and any(i.setsSeen for i in items):
             unseen = [u for _, u in targets
                       if (m := mailbox.message(u)) is not None and "\\Seen" not in m.flags]
@@ -780,6 +868,8 @@ class IMAPServer(imap4.IMAP4Server):
                 await mailbox.setFlags(unseen, {"\\Seen"}, "add")
                 if not any(i.name == b"FLAGS" for i in items):
                     items.append(fetch.Item(b"FLAGS"))
+                if self.condstore and not any(i.name == b"MODSEQ" for i in items):
+                    items.append(fetch.Item(b"MODSEQ"))  # the flag change's new modseq
         for line in view.newKeywords():
             self._send(line)
         if await self._respondFetch(view, targets, items):
@@ -850,6 +940,7 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         targets = self._targets(args, uid)
         args.sp()
+        unchangedSince = condstore.parseStoreModifier(args)
         item = args.atom().upper()
         args.sp()
         flags = self._storableFlags(args.flagList())
@@ -867,16 +958,31 @@ class IMAPServer(imap4.IMAP4Server):
         if limit is not None and len(set(view.mailbox.keywords()) | keywords) > limit:
             raise _No(b"[LIMIT] Too many keywords in this mailbox (at most %d)" % limit)
         seqOf = dict((u, s) for s, u in targets)
-        updated = await view.mailbox.setFlags(list(seqOf), flags, mode)
+        modified: list[int] = []
+        if unchangedSince is None:
+            updated = await view.mailbox.setFlags(list(seqOf), flags, mode)
+        else:
+            mailbox = self._modseqMailbox()
+            self._enableCondstore()
+            # RFC 7162 §3.1.3: checked and stored atomically; the others are MODIFIED.
+            updated, modified = await mailbox.setFlagsUnchangedSince(list(seqOf), flags, mode,
+                                                                     unchangedSince)
         for line in view.newKeywords():
             self._send(line)
         for message in updated:
             view.told(message.uid, message.flags)
+            what = [b"UID %d" % message.uid] if uid else []
             if not silent:
-                self._send(b"* %d FETCH (" % seqOf[message.uid] +
-                           (b"UID %d " % message.uid if uid else b"") +
-                           b"FLAGS " + view.flagList(message) + b")")
-        self._ok(tag, b"STORE completed", expunge=uid)
+                what.append(b"FLAGS " + view.flagList(message))
+            if self.condstore:
+                what.append(b"MODSEQ (%d)" % message.modseq)  # even when SILENT (§3.1.3)
+            if len(what) > (1 if uid else 0):
+                self._send(b"* %d FETCH (" % seqOf[message.uid] + b" ".join(what) + b")")
+        code = b""
+        if modified:
+            code = b"[MODIFIED %s] " % response.rangeSet(
+                response.runs(modified if uid else sorted(seqOf[u] for u in modified)))
+        self._ok(tag, code + b"STORE completed", expunge=uid)
 
     async def cmd_COPY(self, tag, args, uid: bool = False, move: bool = False):
         args.sp()
@@ -916,6 +1022,10 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         search.parseCharset(args)
         key = search.parseKeys(args, lambda byUid: view.largestUid() if byUid else len(view))
+        withModSeq = search.usesModSeq(key)
+        if withModSeq:
+            self._modseqMailbox()
+            self._enableCondstore()  # RFC 7162 §3.1: a CONDSTORE enabling command
         candidates = []
         for seq, u in enumerate(list(view.uids), 1):
             message = view.message(u)  # RFC 2180 §4.1: expunged elsewhere still counts
@@ -940,6 +1050,9 @@ class IMAPServer(imap4.IMAP4Server):
                             if d is not None]
                 found += await threads.deferToThread(_searchChunk, key, readable)
         numbers = b" ".join(b"%d" % (c.uid if uid else c.seq) for c in found)
+        if withModSeq and found:
+            # RFC 7162 §3.1.5: the highest modseq of the messages found.
+            numbers += b" (MODSEQ %d)" % max(c.message.modseq for c in found)
         self._send(b"* SEARCH" + (b" " + numbers if numbers else b""))
         self._ok(tag, b"SEARCH completed", expunge=uid)
 
