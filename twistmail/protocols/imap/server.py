@@ -391,14 +391,14 @@ class IMAPServer(imap4.IMAP4Server):
             if args.atEnd():
                 break
             args.sp()
-        enabled = []
-        if b"QRESYNC" in wanted and not self.qresync:
+        # RFC 5161 §3.2: ENABLED names what the client asked for and we enabled.
+        enabled = [name for name in (b"CONDSTORE", b"QRESYNC") if name in wanted and not
+                   (self.qresync if name == b"QRESYNC" else self.condstore)]
+        if b"QRESYNC" in wanted:
             self.qresync = True
             if self.selected is not None:
                 self.selected.qresync = True
-            enabled.append(b"QRESYNC")
-        if (b"CONDSTORE" in wanted or b"QRESYNC" in wanted) and not self.condstore:
-            enabled.insert(0, b"CONDSTORE")
+        if b"CONDSTORE" in wanted or b"QRESYNC" in wanted:
             self._enableCondstore(announce=True)
         self._send(b"* ENABLED" + b"".join(b" " + name for name in enabled))
         self._ok(tag, b"ENABLE completed")
