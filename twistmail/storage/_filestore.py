@@ -282,10 +282,14 @@ class FolderIndex:
         d = self._store._run(modseqs.record, self.uidValidity, changes.added,
                              changes.flagsChanged, changes.removed, self.uidNext)
         d.addCallback(modseqs.apply)
-        d.addErrback(lambda f: log.failure("recording the modseqs of {folder}", f,
-                                           folder=self.name))
+        d.addErrback(self._modseqsFailed)
         d.addCallback(lambda ignored: self._compactModSeqs())
         return d.addCallback(lambda ignored: self._notify(changes))
+
+    def _modseqsFailed(self, failure) -> None:
+        # Deleted or renamed by another session meanwhile: its journal went with it.
+        if not failure.check(FileNotFoundError, NotADirectoryError):
+            log.failure("recording the modseqs of {folder}", failure, folder=self.name)
 
     def _compactModSeqs(self) -> defer.Deferred | None:
         modseqs = self._modseqs
@@ -294,8 +298,7 @@ class FolderIndex:
         snapshot = [(m, u) for u, m in modseqs.byUid.items()]
         d = self._store._run(modseqs.compact, snapshot, list(modseqs.tombstones))
         d.addCallback(lambda delta: None if delta is None else modseqs.apply(delta))
-        return d.addErrback(lambda f: log.failure("compacting the modseqs of {folder}", f,
-                                                  folder=self.name))
+        return d.addErrback(self._modseqsFailed)
 
     def _notify(self, changes: FolderChanges) -> FolderChanges:
         if changes:
