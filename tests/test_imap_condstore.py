@@ -54,6 +54,16 @@ def withMessages(server, count: int) -> RawIMAP:
     return client
 
 
+def watchedAndChanged(server, count: int, enable: str) -> tuple[RawIMAP, RawIMAP]:
+    """A session with C{enable} on and INBOX selected, and another on INBOX to change it."""
+    mine = withMessages(server, count)
+    mine.ok(f"ENABLE {enable}")
+    mine.ok("SELECT INBOX")
+    other = loggedIn(server.imapPort)
+    other.ok("SELECT INBOX")
+    return mine, other
+
+
 def test_capabilities_and_enable(server):
     client = loggedIn(server.imapPort)
     (caps,) = [u for u in client.ok("CAPABILITY") if u.startswith(b"* CAPABILITY")]
@@ -113,11 +123,7 @@ def test_store_unchangedsince_reports_modified_and_changes_nothing_of_them(serve
 
 
 def test_flag_updates_from_other_sessions_carry_modseq_once_enabled(server):
-    mine = withMessages(server, 2)
-    mine.ok("ENABLE CONDSTORE")
-    mine.ok("SELECT INBOX")
-    other = loggedIn(server.imapPort)
-    other.ok("SELECT INBOX")
+    mine, other = watchedAndChanged(server, 2, "CONDSTORE")
     other.ok("STORE 1 +FLAGS (\\Answered)")
     update = [u for u in mine.ok("NOOP") if b"FETCH" in u]
     assert len(update) == 1 and re.fullmatch(
@@ -185,11 +191,7 @@ def test_qresync_with_imaplib(server):
 
 
 def test_vanished_replaces_expunge_once_qresync_is_enabled(server):
-    mine = withMessages(server, 4)
-    mine.ok("ENABLE QRESYNC")
-    mine.ok("SELECT INBOX")
-    other = loggedIn(server.imapPort)
-    other.ok("SELECT INBOX")
+    mine, other = watchedAndChanged(server, 4, "QRESYNC")
     other.ok("STORE 2:3 +FLAGS (\\Deleted)")
     other.ok("EXPUNGE")
     untagged = mine.ok("NOOP")

@@ -177,13 +177,17 @@ def vanishedLines(ranges: list[tuple[int, int]], earlier: bool) -> list[bytes]:
             for i in range(0, len(ranges), VANISHED_RANGES)]
 
 
-def changed(mailbox, since: int, targets: list[tuple[int, int]] | None, view) -> list:
-    """(seq, uid) of the messages changed after C{since}: among C{targets} if given, else
-    among the session's messages; in sequence order."""
+def changed(mailbox, since: int, view, targets: list | None = None,
+            uidRanges: list | None = None) -> list:
+    """(seq, uid) of the session's messages changed after C{since}, in sequence order:
+    among C{targets} ((seq, uid) pairs) or in C{uidRanges} if given.  Costs the number
+    of changes, not the folder's size, unless C{targets} were already listed."""
     uids = mailbox.changedSince(since)
     if targets is not None:
         wanted = set(uids)
         return [(s, u) for s, u in targets if u in wanted]
+    if uidRanges is not None:
+        uids = within(uids, uidRanges)
     out = []
     for uid in uids:
         seq = view.seq(uid)

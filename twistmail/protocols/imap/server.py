@@ -568,7 +568,7 @@ class IMAPServer(imap4.IMAP4Server):
         for line in condstore.vanishedLines(condstore.vanished(mailbox, view.uids, q.modseq, known),
                                             earlier=True):
             self._send(line)
-        for seq, uid in condstore.changed(mailbox, q.modseq, None, view):
+        for seq, uid in condstore.changed(mailbox, q.modseq, view):
             message = mailbox.message(uid)
             if message is not None:
                 self._send(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))" % (
@@ -838,13 +838,14 @@ class IMAPServer(imap4.IMAP4Server):
     async def cmd_FETCH(self, tag, args, uid: bool = False):
         args.sp()
         seqset = args.sequenceSet()
-        targets = self._targetsOf(seqset, uid)
         args.sp()
         items = fetch.parseItems(args)
         changedSince, vanished = condstore.parseFetchModifiers(args)
         args.end()
         view = self.selected
         mailbox = view.mailbox
+        # UID FETCH 1:* (FLAGS) (CHANGEDSINCE n) lists the changes, not the folder.
+        targets = None if changedSince is not None and uid else self._targetsOf(seqset, uid)
         if vanished and not (uid and self.qresync):
             raise _Bad(b"VANISHED needs UID FETCH and QRESYNC enabled")  # RFC 7162 §3.2.6
         if uid and not any(i.name == b"UID" for i in items):
@@ -860,7 +861,8 @@ class IMAPServer(imap4.IMAP4Server):
                 for line in condstore.vanishedLines(condstore.vanished(
                         mailbox, view.uids, changedSince, seqset.resolve(largest)), earlier=True):
                     self._send(line)
-            targets = condstore.changed(mailbox, changedSince, targets, view)
+            targets = condstore.changed(mailbox, changedSince, view, targets,
+                                        None if targets is not None else seqset.resolve(view.largestUid()))
         if not view.readOnly and any(i.setsSeen for i in items):
             unseen = [u for _, u in targets
                       if (m := mailbox.message(u)) is not None and "\\Seen" not in m.flags]
