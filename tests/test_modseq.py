@@ -8,8 +8,9 @@ from twistmail.storage import _modseq
 from twistmail.storage._modseq import ModSeqs
 
 
-def record(modseqs: ModSeqs, added=(), changed=(), removed=(), uidNext=1, uidValidity=7) -> None:
-    modseqs.apply(modseqs.record(uidValidity, added, changed, removed, uidNext))
+def record(modseqs: ModSeqs, added=(), changed=(), removed=(), uidNext=1, uidValidity=7,
+           own=()) -> None:
+    modseqs.apply(modseqs.record(uidValidity, added, changed, removed, uidNext, own))
 
 
 def test_tombstonesAreBoundedAndTheFloorSaysWhatWasForgotten(tmp_path, monkeypatch):
@@ -72,3 +73,27 @@ def test_newUidValidityRestartsTheJournal(tmp_path):
     again = ModSeqs(str(tmp_path / "j"))
     record(again, added=[1], uidNext=2, uidValidity=8)
     assert again.highest == 1 and again.byUid == {}
+
+
+def test_ownChangesAreRecordedAndObservedOnesAdopted(tmp_path, monkeypatch):
+    """Two processes on one journal.  What B's refresh finds that A recorded keeps A's
+    modseq; B's own change to a message A just changed gets a new one, above A's, also
+    when B rereads the whole journal after A compacted it."""
+    monkeypatch.setattr(_modseq, "COMPACT_AFTER", 2)
+    path = str(tmp_path / "j")
+    a, b = ModSeqs(path), ModSeqs(path)
+    record(a, uidNext=3)
+    record(b, uidNext=3)
+    record(a, changed=[1], own=[1], uidNext=3)
+    record(b, changed=[1], uidNext=3)  # B's refresh saw A's change
+    assert b.of(1) == a.of(1) == a.highest == b.highest
+    record(a, changed=[2], own=[2], uidNext=3)
+    record(b, changed=[2], own=[2], uidNext=3)  # B's STORE, before its refresh saw A's
+    assert b.of(2) == a.highest + 1
+    for _ in range(3):
+        record(a, changed=[1, 2], own=[1, 2], uidNext=3)
+    a.apply(a.compact([(m, u) for u, m in a.byUid.items()], list(a.tombstones)))
+    record(b, changed=[2], own=[2], uidNext=3)
+    assert b.of(2) == a.highest + 1 and b.highest == a.highest + 1
+    record(a, uidNext=3)
+    assert a.of(2) == b.of(2)

@@ -269,9 +269,11 @@ class FolderIndex:
     def _setFlags(self, uids: set, flags: frozenset, mode: str) -> defer.Deferred:
         raise NotImplementedError
 
-    def _changed(self, changes: FolderChanges) -> defer.Deferred:
+    def _changed(self, changes: FolderChanges, own=()) -> defer.Deferred:
         """Give C{changes} their modseqs (a worker trip to the journal), then tell the listeners.
 
+        @param own: the uids of C{changes.flagsChanged} this process changed itself
+            (setFlags), as opposed to found changed by a refresh.
         @return: Deferred firing with C{changes}: wait for it before releasing the lock.
         """
         if not changes and self._modseqs.inode:
@@ -280,7 +282,7 @@ class FolderIndex:
         self._uids = None
         modseqs = self._modseqs
         d = self._store._run(modseqs.record, self.uidValidity, changes.added,
-                             changes.flagsChanged, changes.removed, self.uidNext)
+                             changes.flagsChanged, changes.removed, self.uidNext, frozenset(own))
         d.addCallback(modseqs.apply)
         d.addErrback(self._modseqsFailed)
         d.addCallback(lambda ignored: self._compactModSeqs())

@@ -97,12 +97,15 @@ class ModSeqs:
 
     # -- worker thread ---------------------------------------------------------------------
 
-    def record(self, uidValidity: int, added, changed, removed, uidNext: int) -> Delta:
+    def record(self, uidValidity: int, added, changed, removed, uidNext: int,
+               own=()) -> Delta:
         """Give the changes modseqs and append them to the journal (worker thread, folder
         lock held: reads this object's counters, changes nothing in it).
 
-        Messages added with a UID the journal already knew keep their modseq: this is
-        a restart's first scan, or another process recorded them.
+        Changes another process already recorded (this process saw them in a refresh)
+        keep that process's modseq: a message added with a UID the journal knows, an
+        expunge it has, a flag change it recorded since our last read, unless the
+        flag change is in C{own} (this process's own STORE: always a new modseq).
         """
         fd, st = _lock(self.path)
         try:
@@ -124,12 +127,16 @@ class ModSeqs:
                 lines += self.lines
                 maxUid, floor, highest = self.maxUid, self.floor, self.highest
             offset = st.st_size
-            highest = max([highest] + [m for m, _ in records])
-            theirs = {abs(u) for _, u in records}
-            maxUid = max([maxUid] + list(theirs))
-            new = [u for u in sorted(added) if u > maxUid and u not in theirs]
-            new += [u for u in sorted(changed) if u not in theirs]
-            new += [-u for u in sorted(removed) if u not in theirs]
+            # What other processes recorded since we last read (after a compaction by
+            # one of them, the whole journal is reread: only modseqs above ours are new).
+            seen = self.highest if self.inode else 0
+            theirs = {u for m, u in records if m > seen}
+            listed = {abs(u) for _, u in records}
+            highest = max([highest, self.highest if self.inode else 1] + [m for m, _ in records])
+            maxUid = max([maxUid] + list(listed))
+            new = [u for u in sorted(added) if u > maxUid and u not in listed]
+            new += [u for u in sorted(changed) if u in own or u not in theirs]
+            new += [-u for u in sorted(removed) if -u not in theirs]
             mine = [(highest + i, uid) for i, uid in enumerate(new, 1)]
             # After a torn line (a crash mid-append), start on a line of our own.
             torn = "\n" if text and not text.endswith("\n") else ""

@@ -471,7 +471,8 @@ class MaildirFolder(FolderIndex):
         def apply(done: list) -> defer.Deferred:
             for uid, info in done:
                 self._entries[uid].info = info
-            d = self._changed(FolderChanges(flagsChanged=tuple(uid for uid, _ in done)))
+            changed = tuple(uid for uid, _ in done)
+            d = self._changed(FolderChanges(flagsChanged=changed), own=changed)
             return d.addCallback(lambda ignored: [self._message(u, self._entries[u]) for u in
                                                   sorted(uids.intersection(self._entries))])
 

@@ -82,6 +82,7 @@ class _Sync:
     journal: int = 0
     unchanged: bool = False
     result: object = None  # the operation's own result
+    own: set = field(default_factory=set)  # uids whose flags this trip changed itself
 
 
 @implementer(IImportableMailbox, IModSeqMailbox)
@@ -142,7 +143,7 @@ class MboxFolder(FolderIndex):
         self.uidValidity, self.uidNext = sync.uidValidity, sync.uidNext
         self._keywords, self._stamp, self._journal = sync.keywords, sync.stamp, sync.journal
         self._loaded = True
-        d = self._changed(changes)
+        d = self._changed(changes, own=sync.own)
         return d.addCallback(lambda ignored: changes if sync.result is None else sync.result)
 
     # -- worker side: reconciling with the file --------------------------------------
@@ -383,6 +384,7 @@ class MboxFolder(FolderIndex):
                 changed[uid] = frozenset(wanted)
         if not changed:
             return
+        sync.own = set(changed)
         keywords = set(sync.keywords)
         for wanted in changed.values():
             keywords.update(f for f in wanted if not f.startswith("\\"))

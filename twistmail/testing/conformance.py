@@ -949,6 +949,14 @@ class StoreConformanceTests:
         onReactor(second.refresh)
         assert second.message(3).modseq > first.message(2).modseq
         assert first.highestModSeq == second.highestModSeq
+        # The second changes a message the first just changed, before it refreshed: its
+        # own change still gets a new modseq, and the first sees it as one.
+        call(first, "setFlags", [1], ["\\Flagged"], "add")
+        [mine] = call(second, "setFlags", [1], ["\\Answered"], "add")
+        assert mine.modseq > first.message(1).modseq
+        onReactor(first.refresh)
+        assert first.message(1).modseq == first.highestModSeq == mine.modseq
+        assert {"\\Seen", "\\Flagged", "\\Answered"} <= first.message(1).flags
 
     def test_setFlagsUnchangedSince(self, store):
         for n in range(3):
