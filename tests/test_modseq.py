@@ -73,6 +73,12 @@ def test_newUidValidityRestartsTheJournal(tmp_path):
     again = ModSeqs(str(tmp_path / "j"))
     record(again, added=[1], uidNext=2, uidValidity=8)
     assert again.highest == 1 and again.byUid == {}
+    # One folder object that finds a new UIDVALIDITY (its uidlist was lost) starts over too.
+    same = ModSeqs(str(tmp_path / "k"))
+    record(same, added=[1], uidNext=2)
+    record(same, changed=[1], own=[1], uidNext=2)
+    record(same, added=[1], uidNext=2, uidValidity=9)
+    assert same.highest == 1 and same.byUid == {} and same.uidValidity == 9
 
 
 def test_ownChangesAreRecordedAndObservedOnesAdopted(tmp_path, monkeypatch):

@@ -109,7 +109,8 @@ class ModSeqs:
         """
         fd, st = _lock(self.path)
         try:
-            reset = not self.inode or st.st_ino != self.inode or st.st_size < self.offset
+            reset = (not self.inode or st.st_ino != self.inode or st.st_size < self.offset
+                     or uidValidity != self.uidValidity)
             if reset:
                 text = _readFrom(fd, 0)
                 header, records, lines = _parse(text)
