@@ -54,11 +54,13 @@ def withMessages(server, count: int) -> RawIMAP:
     return client
 
 
-def watchedAndChanged(server, count: int, enable: str) -> tuple[RawIMAP, RawIMAP]:
+def watchedAndChanged(server, count: int, enable: str | None = None,
+                      select: str = "SELECT INBOX") -> tuple[RawIMAP, RawIMAP]:
     """A session with C{enable} on and INBOX selected, and another on INBOX to change it."""
     mine = withMessages(server, count)
-    mine.ok(f"ENABLE {enable}")
-    mine.ok("SELECT INBOX")
+    if enable:
+        mine.ok(f"ENABLE {enable}")
+    mine.ok(select)
     other = loggedIn(server.imapPort)
     other.ok("SELECT INBOX")
     return mine, other
@@ -89,11 +91,8 @@ def test_select_condstore_fetch_modseq_and_status(server):
 
 
 def test_fetch_changedsince_answers_only_what_changed(server):
-    client = withMessages(server, 5)
-    client.ok("SELECT INBOX")
+    client, other = watchedAndChanged(server, 5)
     mark = modseqOf(client, 5)
-    other = loggedIn(server.imapPort)
-    other.ok("SELECT INBOX")
     other.ok("STORE 2,4 +FLAGS (\\Seen)")
     client.ok("NOOP")
     untagged = client.ok(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {mark})")
@@ -106,11 +105,8 @@ def test_fetch_changedsince_answers_only_what_changed(server):
 
 
 def test_store_unchangedsince_reports_modified_and_changes_nothing_of_them(server):
-    mine = withMessages(server, 3)
-    mine.ok("SELECT INBOX (CONDSTORE)")
+    mine, other = watchedAndChanged(server, 3, select="SELECT INBOX (CONDSTORE)")
     mark = modseqOf(mine, 3)
-    other = loggedIn(server.imapPort)
-    other.ok("SELECT INBOX")
     other.ok("STORE 2 +FLAGS ($Other)")  # meanwhile, in another session
     tagged = mine.command(f"STORE 1:3 (UNCHANGEDSINCE {mark}) +FLAGS.SILENT (\\Seen)")
     assert tagged[1].startswith(b"OK [MODIFIED 2] "), tagged
