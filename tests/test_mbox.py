@@ -124,10 +124,11 @@ def test_fileLayoutAndMessageFormat(store, dataDir):
     assert lines[3].startswith(b"X-Status: ") and lines[4].startswith(b"X-Keywords: ")
     assert body == b"\r\n>From the body\r\n>>From quoted\r\n\n"  # mboxrd, then the separator
     assert os.path.isfile(mboxPath(dataDir, "Work.sbd", "Clients"))
-    # Nothing but the folders' files, their indexes (once opened) and the .sbd directory.
+    # Nothing but the folders' files, their indexes and modseq journals (once opened) and
+    # the .sbd directory.
     openFolder(store)
-    assert sorted(os.listdir(accountDir(dataDir))) == [".INBOX.index", ".uidvalidity", "INBOX",
-                                                       "Work.sbd"]
+    assert sorted(os.listdir(accountDir(dataDir))) == [".INBOX.index", ".INBOX.modseq",
+                                                       ".uidvalidity", "INBOX", "Work.sbd"]
 
 
 def test_flagsAreWrittenInPlace(store, dataDir):

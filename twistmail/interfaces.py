@@ -33,6 +33,8 @@ class IStoredMessage(Interface):
     flags = Attribute("frozenset[str] of system flags and keywords")
     size = Attribute("int: exact size in octets of the bytes open() returns (RFC822.SIZE)")
     internalDate = Attribute("int: POSIX time (whole seconds) the message was received or appended")
+    modseq = Attribute(
+        "int: RFC 7162 mod-sequence of the message's last change (1 if the backend keeps none)")
 
 
 class IMailbox(Interface):
@@ -123,6 +125,36 @@ class IMailbox(Interface):
 
     def removeListener(listener) -> None:
         """Stop notifying C{listener}; unknown listeners are ignored."""
+
+
+class IModSeqMailbox(IMailbox):
+    """Optional: a folder that keeps RFC 7162 mod-sequences, for IMAP CONDSTORE and QRESYNC.
+
+    Every change (a message added, its flags changed, it expunged) gets a
+    mod-sequence above every one handed out before in this folder, by any
+    session or process, and they survive restarts (RFC 7162 §3.1.1).  A folder
+    without this interface is still served: SELECT answers ``OK [NOMODSEQ]``
+    (RFC 7162 §3.1.2.2) and CONDSTORE commands are refused for it.
+    """
+
+    highestModSeq = Attribute("int: the highest mod-sequence of the folder (at least 1)")
+
+    def changedSince(modseq: int) -> list:
+        """UIDs of the messages whose C{modseq} is above C{modseq}, in any order
+        (synchronous; cheap when few changed, whatever the folder's size)."""
+
+    def vanishedSince(modseq: int):
+        """UIDs expunged after C{modseq}, ascending, or None if the folder no longer
+        remembers that far back (synchronous; RFC 7162 §3.2.5.2: the caller falls back
+        to the UIDs the client knows)."""
+
+    def setFlagsUnchangedSince(uids, flags, mode: str, modseq: int):
+        """L{IMailbox.setFlags} for the messages whose modseq is at most C{modseq}, checked
+        and changed atomically (RFC 7162 §3.1.3 UNCHANGEDSINCE).
+
+        @return: Deferred firing with (the updated ``IStoredMessage`` list, the sorted
+            uids left alone because their modseq was above C{modseq}).
+        """
 
 
 class IImportableMailbox(IMailbox):

@@ -21,6 +21,7 @@ class StoredMessage(NamedTuple):
     flags: frozenset
     size: int
     internalDate: float
+    modseq: int = 1  # RFC 7162 mod-sequence: 1 where the backend keeps none
 
 
 classImplements(StoredMessage, IStoredMessage)

@@ -25,6 +25,7 @@ from twistmail.auth.accounts import AccountError, validAddress
 from twistmail.errors import InvalidFolderName, NoSuchFolder, StorageError
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import folders
+from twistmail.storage._modseq import ModSeqs
 
 log = Logger()
 
@@ -182,8 +183,14 @@ class FolderIndex:
     """The part of a folder every session sees: snapshot, UIDs, keywords, listeners.
 
     Subclasses keep C{_entries} (uid -> entry, ascending) and C{_keywords}, implement
-    C{_message(uid, entry)}, C{refresh()} and C{watchTargets()}, and call
-    C{_changed} after changing the index (on the reactor thread)."""
+    C{_message(uid, entry)}, C{refresh()}, C{watchTargets()} and C{_setFlags} (setFlags
+    without taking the folder lock), set C{modseqPath}, and call (and wait for)
+    C{_changed} after changing the index (on the reactor thread, folder lock held).
+
+    RFC 7162 mod-sequences are L{ModSeqs}, journaled beside the backend's index:
+    C{_changed} gives each change its modseq before the listeners hear of it."""
+
+    modseqPath: str
 
     def __init__(self, store: FileStore, account: str, name: str, path: str,
                  accountRoot: str) -> None:
@@ -201,6 +208,7 @@ class FolderIndex:
         self._listeners: list = []
         self._lock = defer.DeferredLock()
         self._watch: FolderWatch | None = None
+        self._modseqs = ModSeqs(self.modseqPath)
 
     def _message(self, uid: int, entry) -> StoredMessage:
         raise NotImplementedError
@@ -233,10 +241,70 @@ class FolderIndex:
         """The messages C{uids} of C{entries} as they were, for L{FolderChanges.expunged}."""
         return tuple(self._message(uid, entries[uid]) for uid in uids)
 
-    def _changed(self, changes: FolderChanges) -> FolderChanges:
+    # -- RFC 7162 mod-sequences (IModSeqMailbox) ---------------------------------------
+
+    @property
+    def highestModSeq(self) -> int:
+        return self._modseqs.highest
+
+    def changedSince(self, modseq: int) -> list[int]:
+        return self._modseqs.changedSince(modseq)
+
+    def vanishedSince(self, modseq: int) -> list[int] | None:
+        return self._modseqs.vanishedSince(modseq)
+
+    def setFlags(self, uids, flags, mode: str) -> defer.Deferred:
+        return self._lock.run(self._setFlags, set(uids), frozenset(flags), mode)
+
+    def setFlagsUnchangedSince(self, uids, flags, mode: str, modseq: int) -> defer.Deferred:
+        def conditional() -> defer.Deferred:
+            # Under the folder lock: no other change can come between check and store.
+            modified = sorted(u for u in set(uids) if self._modseqs.of(u) > modseq)
+            allowed = set(uids).difference(modified)
+            d = self._setFlags(allowed, frozenset(flags), mode) if allowed else defer.succeed([])
+            return d.addCallback(lambda updated: (updated, modified))
+
+        return self._lock.run(conditional)
+
+    def _setFlags(self, uids: set, flags: frozenset, mode: str) -> defer.Deferred:
+        raise NotImplementedError
+
+    def _changed(self, changes: FolderChanges, own=()) -> defer.Deferred:
+        """Give C{changes} their modseqs (a worker trip to the journal), then tell the listeners.
+
+        @param own: the uids of C{changes.flagsChanged} this process changed itself
+            (setFlags), as opposed to found changed by a refresh.
+        @return: Deferred firing with C{changes}: wait for it before releasing the lock.
+        """
+        if not changes and self._modseqs.inode:
+            return defer.succeed(changes)
+        self._snapshot = None
+        self._uids = None
+        modseqs = self._modseqs
+        d = self._store._run(modseqs.record, self.uidValidity, changes.added,
+                             changes.flagsChanged, changes.removed, self.uidNext, frozenset(own))
+        d.addCallback(modseqs.apply)
+        d.addErrback(self._modseqsFailed)
+        d.addCallback(lambda ignored: self._compactModSeqs())
+        return d.addCallback(lambda ignored: self._notify(changes))
+
+    def _modseqsFailed(self, failure) -> None:
+        # Deleted or renamed by another session meanwhile: its journal went with it.
+        if not failure.check(FileNotFoundError, NotADirectoryError):
+            log.failure("recording the modseqs of {folder}", failure, folder=self.name)
+
+    def _compactModSeqs(self) -> defer.Deferred | None:
+        modseqs = self._modseqs
+        if not modseqs.needsCompaction():
+            return None
+        snapshot = [(m, u) for u, m in modseqs.byUid.items()]
+        d = self._store._run(modseqs.compact, snapshot, list(modseqs.tombstones))
+        d.addCallback(lambda delta: None if delta is None else modseqs.apply(delta))
+        return d.addErrback(self._modseqsFailed)
+
+    def _notify(self, changes: FolderChanges) -> FolderChanges:
         if changes:
-            self._snapshot = None
-            self._uids = None
+            self._snapshot = None  # its messages carry the old modseqs
             for listener in list(self._listeners):
                 try:
                     listener(changes)

@@ -31,6 +31,7 @@ log = Logger()
 
 UIDLIST = "twistmail-uidlist"
 KEYWORDS = "twistmail-keywords"
+MODSEQ = "twistmail-modseq"  # RFC 7162 mod-sequences: twistmail.storage._modseq
 UIDVALIDITY = "twistmail-uidvalidity"  # per account: the last UIDVALIDITY handed out
 MAGIC = "twistmail-uidlist 1"
 

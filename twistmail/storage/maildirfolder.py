@@ -37,7 +37,7 @@ from zope.interface import implementer
 from twistmail import _fsutil
 from twistmail._groupcommit import NewFile, commitBatch, writeNewFile
 from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError, TooManyKeywords
-from twistmail.interfaces import IImportableMailbox
+from twistmail.interfaces import IImportableMailbox, IModSeqMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _uidlist
 from twistmail.storage._filestore import FolderIndex
@@ -143,7 +143,7 @@ class _Scan:
         self.full = False
 
 
-@implementer(IImportableMailbox)
+@implementer(IImportableMailbox, IModSeqMailbox)
 class MaildirFolder(FolderIndex):
     """One folder's shared index: every session on the folder sees this object."""
 
@@ -155,6 +155,10 @@ class MaildirFolder(FolderIndex):
         self._flagCache: dict[str, frozenset] = {}
         self._stamps: tuple | None = None  # (new/, cur/) as of our last scan or own change
         self._fullScanAt = float("-inf")
+
+    @property
+    def modseqPath(self) -> str:
+        return os.path.join(self.path, _uidlist.MODSEQ)
 
     def watchTargets(self) -> list[tuple[str, str | None]]:
         return [(os.path.join(self.path, "new"), None), (os.path.join(self.path, "cur"), None)]
@@ -177,7 +181,7 @@ class MaildirFolder(FolderIndex):
         # tuple.__new__ directly: NamedTuple's own __new__ is a Python function, and a
         # 100,000-message SELECT makes 100,000 of these.
         return _newTuple(StoredMessage, (uid, entry.uniqueId, self._flags(entry.info), entry.size,
-                                         entry.internalDate))
+                                         entry.internalDate, self._modseqs.byUid.get(uid, 1)))
 
     # -- refresh: reconcile the index with the directory ------------------------
 
@@ -308,7 +312,7 @@ class MaildirFolder(FolderIndex):
             uidNext += 1
         return appended
 
-    def _applyScan(self, scan: _Scan) -> FolderChanges:
+    def _applyScan(self, scan: _Scan) -> FolderChanges | defer.Deferred:
         if scan.unchanged:
             return FolderChanges()
         self._stamps = scan.stamps
@@ -321,7 +325,7 @@ class MaildirFolder(FolderIndex):
         self.uidNext = scan.uidNext
         return self._changed(FolderChanges(added=tuple(uid for uid, _ in scan.added)))
 
-    def _applyFull(self, scan: _Scan) -> FolderChanges:
+    def _applyFull(self, scan: _Scan) -> defer.Deferred:
         validityChanged = bool(self.uidValidity) and scan.uidValidity != self.uidValidity
         old, new = self._entries, scan.entries
         removed = tuple(u for u in old if u not in new)
@@ -432,9 +436,6 @@ class MaildirFolder(FolderIndex):
             letters.add(chr(97 + self._keywords.index(keyword)))
         return "".join(sorted(letters))
 
-    def setFlags(self, uids, flags, mode: str) -> defer.Deferred:
-        return self._lock.run(self._setFlags, set(uids), set(flags), mode)
-
     def _infosFor(self, flagSets) -> tuple[list[str], list[str] | None]:
         """Info letters for each flag set, giving new keywords letters; all or none.
 
@@ -452,7 +453,7 @@ class MaildirFolder(FolderIndex):
         self._flagCache = {}
         return infos, list(self._keywords)
 
-    def _setFlags(self, uids: set, flags: set, mode: str) -> defer.Deferred:
+    def _setFlags(self, uids: set, flags: frozenset, mode: str) -> defer.Deferred:
         targets = sorted(uids.intersection(self._entries))
         wanted = []
         for uid in targets:
@@ -467,11 +468,13 @@ class MaildirFolder(FolderIndex):
                    for uid, info in zip(targets, infos, strict=True)
                    if info != self._entries[uid].info]
 
-        def apply(done: list) -> list:
+        def apply(done: list) -> defer.Deferred:
             for uid, info in done:
                 self._entries[uid].info = info
-            self._changed(FolderChanges(flagsChanged=tuple(uid for uid, _ in done)))
-            return [self._message(u, self._entries[u]) for u in sorted(uids.intersection(self._entries))]
+            changed = tuple(uid for uid, _ in done)
+            d = self._changed(FolderChanges(flagsChanged=changed), own=changed)
+            return d.addCallback(lambda ignored: [self._message(u, self._entries[u]) for u in
+                                                  sorted(uids.intersection(self._entries))])
 
         return self._runOwn(self._renameSync, renames, keywords).addCallback(apply)
 
@@ -552,14 +555,14 @@ class MaildirFolder(FolderIndex):
         work = [(stage, info) for (stage, _), info in zip(stages, infos, strict=True)]
         d = self._runOwn(self._addSync, work, keywords)
 
-        def added(result: tuple) -> list[int]:
+        def added(result: tuple) -> defer.Deferred:
             entries, uidNext = result
             for uid, entry in entries:
                 self._entries[uid] = entry
                 self._byBase[entry.base] = uid
             self.uidNext = uidNext
-            self._changed(FolderChanges(added=tuple(uid for uid, _ in entries)))
-            return [uid for uid, _ in entries]
+            d = self._changed(FolderChanges(added=tuple(uid for uid, _ in entries)))
+            return d.addCallback(lambda ignored: [uid for uid, _ in entries])
 
         return d.addCallback(added)
 
@@ -599,12 +602,12 @@ class MaildirFolder(FolderIndex):
         keep = [(u, e.base, e.internalDate, e.size) for u, e in self._entries.items()
                 if u not in targets]
 
-        def removed(ignored) -> list:
+        def removed(ignored) -> defer.Deferred:
             expunged = self._expunged(self._entries, targets)
             for uid in targets:
                 del self._byBase[self._entries.pop(uid).base]
-            self._changed(FolderChanges(removed=tuple(targets), expunged=expunged))
-            return list(targets)
+            d = self._changed(FolderChanges(removed=tuple(targets), expunged=expunged))
+            return d.addCallback(lambda ignored: list(targets))
 
         return self._runOwn(self._removeSync, targets, keep).addCallback(removed)
 

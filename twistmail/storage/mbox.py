@@ -39,7 +39,7 @@ from twistmail.storage import _mboxindex, folders
 from twistmail.storage._filestore import FileAccount, FileStore
 from twistmail.storage._locking import MailboxLock
 from twistmail.storage._mboxio import Outgoing, uniqueId, writeMessages
-from twistmail.storage.mboxfolder import MboxFolder
+from twistmail.storage.mboxfolder import MboxFolder, modseqPath
 
 log = Logger()
 
@@ -156,6 +156,7 @@ class MboxAccount(FileAccount):
         with self._store._mailboxLock(path, exclusive=True):
             os.unlink(path)
             _unlinkQuietly(_indexPath(path))
+            _unlinkQuietly(modseqPath(path))
             _fsutil.fsyncDir(os.path.dirname(path))
 
     def renameFolder(self, old: str, new: str) -> defer.Deferred:
@@ -184,8 +185,9 @@ class MboxAccount(FileAccount):
             os.rename(src, dst)
             if os.path.isdir(src + ".sbd"):  # the children move along
                 os.rename(src + ".sbd", dst + ".sbd")
-            if os.path.exists(_indexPath(src)):
-                os.rename(_indexPath(src), _indexPath(dst))
+            for sidecar in (_indexPath, modseqPath):
+                if os.path.exists(sidecar(src)):
+                    os.rename(sidecar(src), sidecar(dst))
             for directory in {os.path.dirname(src), os.path.dirname(dst)}:
                 _fsutil.fsyncDir(directory)
 
@@ -199,6 +201,9 @@ class MboxAccount(FileAccount):
             sync = MboxFolder(self._store, self.name, "INBOX", src, self.root)._reconcile(lock.fd)
             os.rename(src, dst)
             os.rename(_indexPath(src), _indexPath(dst))
+            if os.path.exists(modseqPath(src)):
+                # A copy: INBOX keeps its UIDVALIDITY, so its modseqs must go on, not restart.
+                shutil.copyfile(modseqPath(src), modseqPath(dst))
             self._ensureFile(src)
             _mboxindex.write(_indexPath(src), sync.uidValidity, sync.uidNext, {}, [],
                              _mboxindex.stampOf(os.stat(src)))

@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from twistmail import _fsutil
 from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError
-from twistmail.interfaces import IImportableMailbox
+from twistmail.interfaces import IImportableMailbox, IModSeqMailbox
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import _mboxformat as fmt
 from twistmail.storage import _mboxindex as index
@@ -58,6 +58,12 @@ _REGION_FIXED = len(fmt.flagsRegion((), keywordWidth=0)) - fmt.KEYWORD_ROOM
 #: uidvalidity file of an mbox account (a dot name: never a folder's file name).
 UIDVALIDITY = ".uidvalidity"
 _newTuple = tuple.__new__
+
+def modseqPath(path: str) -> str:
+    """The RFC 7162 modseq journal (L{twistmail.storage._modseq}) of the mbox at C{path}."""
+    directory, base = os.path.split(path)
+    return os.path.join(directory, f".{base}.modseq")
+
 
 # -- the folder ------------------------------------------------------------------------------
 
@@ -76,9 +82,10 @@ class _Sync:
     journal: int = 0
     unchanged: bool = False
     result: object = None  # the operation's own result
+    own: set = field(default_factory=set)  # uids whose flags this trip changed itself
 
 
-@implementer(IImportableMailbox)
+@implementer(IImportableMailbox, IModSeqMailbox)
 class MboxFolder(FolderIndex):
     """One folder's shared index: every session on the folder sees this object."""
 
@@ -92,13 +99,18 @@ class MboxFolder(FolderIndex):
         self._journal = 0
         self._loaded = False
 
+    @property
+    def modseqPath(self) -> str:
+        return modseqPath(self.path)
+
     def watchTargets(self) -> list[tuple[str, str | None]]:
         return [os.path.split(self.path)]
 
     # -- reading ---------------------------------------------------------------
 
     def _message(self, uid: int, e: Entry) -> StoredMessage:
-        return _newTuple(StoredMessage, (uid, e.uniqueId, e.flags, e.size, e.internalDate))
+        return _newTuple(StoredMessage, (uid, e.uniqueId, e.flags, e.size, e.internalDate,
+                                         self._modseqs.byUid.get(uid, 1)))
 
     # -- applying a worker's findings (reactor thread) ----------------------------
 
@@ -131,8 +143,8 @@ class MboxFolder(FolderIndex):
         self.uidValidity, self.uidNext = sync.uidValidity, sync.uidNext
         self._keywords, self._stamp, self._journal = sync.keywords, sync.stamp, sync.journal
         self._loaded = True
-        self._changed(changes)
-        return changes if sync.result is None else sync.result
+        d = self._changed(changes, own=sync.own)
+        return d.addCallback(lambda ignored: changes if sync.result is None else sync.result)
 
     # -- worker side: reconciling with the file --------------------------------------
 
@@ -351,8 +363,7 @@ class MboxFolder(FolderIndex):
 
     # -- flags ---------------------------------------------------------------------------------
 
-    def setFlags(self, uids, flags, mode: str) -> defer.Deferred:
-        flags = frozenset(flags)
+    def _setFlags(self, uids: set, flags: frozenset, mode: str) -> defer.Deferred:
         bad = [f for f in flags if not f.startswith("\\") and not fmt.validKeyword(f)]
         if bad:
             return defer.fail(StorageError(f"invalid keyword {bad[0]!r}"))
@@ -361,8 +372,7 @@ class MboxFolder(FolderIndex):
         def done(result):
             return [self._message(u, self._entries[u]) for u in sorted(uids) if u in self._entries]
 
-        return self._lock.run(self._locked, self._exclusive, self._setFlagsSync, uids, flags,
-                              mode).addCallback(done)
+        return self._locked(self._exclusive, self._setFlagsSync, uids, flags, mode).addCallback(done)
 
     def _setFlagsSync(self, fd: int, sync: _Sync, uids: set, flags: frozenset, mode: str) -> None:
         entries = self._current(sync)
@@ -374,6 +384,7 @@ class MboxFolder(FolderIndex):
                 changed[uid] = frozenset(wanted)
         if not changed:
             return
+        sync.own = set(changed)
         keywords = set(sync.keywords)
         for wanted in changed.values():
             keywords.update(f for f in wanted if not f.startswith("\\"))

@@ -34,7 +34,7 @@ from twistmail.errors import (
     NoSuchMessage,
     StorageError,
 )
-from twistmail.interfaces import IMailAccount, IMailbox, IMailStore
+from twistmail.interfaces import IMailAccount, IMailbox, IMailStore, IModSeqMailbox
 from twistmail.testing._reactor import onReactor
 
 ALICE = "alice@example.test"
@@ -871,6 +871,105 @@ class StoreConformanceTests:
         fresh = self.restart(dataDir)
         assert openFolder(fresh).messages() == []
         assert uids(openFolder(fresh, account=BOB)) == [1]
+
+    # -- RFC 7162 mod-sequences (optional: IModSeqMailbox) --------------------------------------
+
+    def _modseqFolder(self, store):
+        folder = openFolder(store)
+        if not IModSeqMailbox.providedBy(folder):
+            pytest.skip("this backend keeps no mod-sequences (IMAP answers NOMODSEQ)")
+        assert verifyObject(IModSeqMailbox, folder)
+        return folder
+
+    def test_everyChangeGetsAHigherModSeq(self, store):
+        for n in range(3):
+            deliver(store, message(n))
+        folder = self._modseqFolder(store)
+        start = folder.highestModSeq
+        assert start >= 1 and all(1 <= m.modseq <= start for m in folder.messages())
+        [flagged] = call(folder, "setFlags", [2], ["\\Flagged"], "add")
+        assert flagged.modseq == folder.message(2).modseq == folder.highestModSeq > start
+        assert sorted(folder.changedSince(start)) == [2]
+        afterFlags = folder.highestModSeq
+        uid = call(folder, "append", message(9), ["\\Seen"])
+        assert folder.message(uid).modseq == folder.highestModSeq > afterFlags
+        afterAppend = folder.highestModSeq
+        call(folder, "setFlags", [1, 3], ["\\Deleted"], "add")
+        call(folder, "remove", [1, 3])
+        assert folder.highestModSeq > afterAppend
+        assert folder.vanishedSince(afterAppend) == [1, 3]
+        assert folder.vanishedSince(afterFlags) == [1, 3]
+        assert sorted(folder.changedSince(start)) == [2, uid]
+        assert folder.changedSince(folder.highestModSeq) == []
+        # An unchanged flag set is not a change (RFC 7162 §3.1.3 STORE of the same flags).
+        before = folder.highestModSeq
+        call(folder, "setFlags", [2], ["\\Flagged"], "add")
+        assert folder.highestModSeq == before
+
+    def test_deliveryGetsAHigherModSeq(self, store):
+        deliver(store, message(1))
+        folder = self._modseqFolder(store)
+        before = folder.highestModSeq
+        deliver(store, message(2))
+        onReactor(folder.refresh)
+        assert folder.message(2).modseq == folder.highestModSeq > before
+        assert folder.changedSince(before) == [2]
+
+    def test_modSeqsSurviveRestart(self, store, dataDir):
+        for n in range(4):
+            deliver(store, message(n))
+        folder = self._modseqFolder(store)
+        call(folder, "setFlags", [2], ["\\Seen"], "add")
+        call(folder, "remove", [3])
+        seen = {m.uid: m.modseq for m in folder.messages()}
+        highest = folder.highestModSeq
+        again = openFolder(self.restart(dataDir))
+        assert again.highestModSeq == highest
+        assert {m.uid: m.modseq for m in again.messages()} == seen
+        assert again.vanishedSince(highest - 1) == [3]
+        [changed] = call(again, "setFlags", [1], ["\\Seen"], "add")
+        assert changed.modseq == again.highestModSeq > highest
+
+    def test_modSeqsMonotonicAcrossProcesses(self, store, dataDir):
+        """Two stores on one data directory, as two server processes: neither hands out
+        a modseq the other did, and each sees the other's changes as new ones."""
+        for n in range(3):
+            deliver(store, message(n))
+        first = self._modseqFolder(store)
+        second = openFolder(self.restart(dataDir))
+        call(first, "setFlags", [1], ["\\Seen"], "add")
+        onReactor(second.refresh)
+        mark = second.highestModSeq
+        assert mark >= first.highestModSeq
+        call(second, "setFlags", [2], ["\\Seen"], "add")
+        onReactor(first.refresh)
+        assert first.message(2).modseq > mark
+        assert 2 in first.changedSince(mark) and 1 not in first.changedSince(mark)
+        call(first, "setFlags", [3], ["\\Seen"], "add")
+        onReactor(second.refresh)
+        assert second.message(3).modseq > first.message(2).modseq
+        assert first.highestModSeq == second.highestModSeq
+        # The second changes a message the first just changed, before it refreshed: its
+        # own change still gets a new modseq, and the first sees it as one.
+        call(first, "setFlags", [1], ["\\Flagged"], "add")
+        [mine] = call(second, "setFlags", [1], ["\\Answered"], "add")
+        assert mine.modseq > first.message(1).modseq
+        onReactor(first.refresh)
+        assert first.message(1).modseq == first.highestModSeq == mine.modseq
+        assert {"\\Seen", "\\Flagged", "\\Answered"} <= first.message(1).flags
+
+    def test_setFlagsUnchangedSince(self, store):
+        for n in range(3):
+            deliver(store, message(n))
+        folder = self._modseqFolder(store)
+        mark = folder.highestModSeq
+        call(folder, "setFlags", [2], ["\\Answered"], "add")  # another session's change
+        updated, modified = call(folder, "setFlagsUnchangedSince", [1, 2, 3], ["\\Seen"], "add",
+                                 mark)
+        assert modified == [2]
+        assert [m.uid for m in updated] == [1, 3]
+        assert "\\Seen" not in folder.message(2).flags
+        assert all("\\Seen" in folder.message(u).flags for u in (1, 3))
 
 
 def _outcome(f, *args) -> Exception | None:

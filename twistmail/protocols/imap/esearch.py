@@ -43,7 +43,7 @@ def answer(tag: bytes, options: frozenset, numbers: list[int], uid: bool) -> byt
     if numbers and b"MAX" in options:
         out += b" MAX %d" % numbers[-1]
     if numbers and b"ALL" in options:
-        out += b" ALL " + response.numberSet(numbers)
+        out += b" ALL " + response.sequenceSet(numbers)
     if b"COUNT" in options:
         out += b" COUNT %d" % len(numbers)
     return out
@@ -55,4 +55,4 @@ def saved(options: frozenset, uids: list[int]) -> list[tuple[int, int]]:
     if uids and not options & {b"ALL", b"COUNT"} and options & {b"MIN", b"MAX"}:
         uids = sorted({uids[0] if b"MIN" in options else uids[-1],
                        uids[-1] if b"MAX" in options else uids[0]})
-    return response.numberRanges(uids)
+    return response.runs(uids)

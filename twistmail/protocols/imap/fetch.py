@@ -20,7 +20,7 @@ _MACROS = {
     b"FULL": (b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", b"ENVELOPE", b"BODY"),
 }
 _SIMPLE = {b"ENVELOPE", b"FLAGS", b"INTERNALDATE", b"RFC822", b"RFC822.HEADER", b"RFC822.SIZE",
-           b"RFC822.TEXT", b"BODY", b"BODYSTRUCTURE", b"UID"}
+           b"RFC822.TEXT", b"BODY", b"BODYSTRUCTURE", b"UID", b"MODSEQ"}
 #: Distinct FETCH attributes in one command.
 MAX_ITEMS = 100
 _TEXTS = (b"HEADER.FIELDS.NOT", b"HEADER.FIELDS", b"HEADER", b"TEXT", b"MIME")
@@ -43,7 +43,7 @@ class Item:
 
     @property
     def needsMessage(self) -> bool:
-        return self.name not in (b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE")
+        return self.name not in (b"UID", b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE", b"MODSEQ")
 
     @property
     def setsSeen(self) -> bool:
@@ -149,6 +149,8 @@ def render(item: Item, message, parsed: Parsed | None, flags) -> bytes:
         return b"INTERNALDATE " + response.internalDate(message.internalDate)
     if name == b"RFC822.SIZE":
         return b"RFC822.SIZE %d" % message.size
+    if name == b"MODSEQ":
+        return b"MODSEQ (%d)" % message.modseq  # RFC 7162 §3.1.4.1
     data = parsed.data
     if name == b"RFC822":
         return b"RFC822 " + _literal(data)

@@ -146,6 +146,14 @@ class Arguments:
             raise ParseError(f"number out of range: {str(value)[:20]}")
         return value
 
+    def modseq(self, zero: bool = False) -> int:
+        """RFC 7162 §7 mod-sequence-value: 1 to 2**63-1 (mod-sequence-valzer: 0 too)."""
+        digits = self._match(_NUMBER, "a mod-sequence")
+        value = int(digits) if len(digits) <= 20 else 2**63
+        if value >= 2**63 or (value == 0 and not zero):
+            raise ParseError(f"mod-sequence out of range: {str(value)[:20]}")
+        return value
+
     def quoted(self) -> bytes:
         text = self._text
         if text is None or text[self.pos:self.pos + 1] != b'"':

@@ -22,6 +22,28 @@ def string(value: bytes | str) -> bytes:
     return b"{%d}\r\n" % len(value) + value
 
 
+def sequenceSet(numbers) -> bytes:
+    """1,2,3,5 -> ``1:3,5``, in the order given (COPYUID pairs two such sets by position;
+    APPENDUID, ESEARCH ALL)."""
+    return rangeSet(runs(numbers))
+
+
+def rangeSet(ranges) -> bytes:
+    """[(1, 3), (5, 5)] -> ``1:3,5``."""
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in ranges)
+
+
+def runs(numbers) -> list[tuple[int, int]]:
+    """1,2,3,5 -> [(1, 3), (5, 5)]: consecutive numbers as one range, in the order given."""
+    out: list[list[int]] = []
+    for n in numbers:
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return [(a, b) for a, b in out]
+
+
 def astring(value: bytes | str) -> bytes:
     """A mailbox name or similar: an atom when it is one, else a string."""
     if isinstance(value, str):
@@ -44,22 +66,6 @@ def encode(value) -> bytes:
     if isinstance(value, int):
         return b"%d" % value
     return b"(" + b" ".join(encode(v) for v in value) + b")"
-
-
-def numberRanges(numbers: list[int]) -> list[tuple[int, int]]:
-    """Ascending numbers as (low, high) runs: 1,2,3,5 -> (1, 3), (5, 5)."""
-    out: list[list[int]] = []
-    for n in numbers:
-        if out and out[-1][1] == n - 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return [(low, high) for low, high in out]
-
-
-def numberSet(numbers: list[int]) -> bytes:
-    """Ascending numbers as a sequence set: 1,2,3,5 -> ``1:3,5`` (COPYUID, ESEARCH ALL)."""
-    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in numberRanges(numbers))
 
 
 _flagLists: dict = {}

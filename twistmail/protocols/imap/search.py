@@ -250,6 +250,27 @@ class _Body(Key):
         return self.text in c._text
 
 
+class _ModSeq(Key):
+    """RFC 7162 §3.1.5: messages whose modseq is at least C{modseq}."""
+
+    def __init__(self, modseq: int) -> None:
+        self.modseq = modseq
+
+    def match(self, c):
+        return c.message.modseq >= self.modseq
+
+
+def usesModSeq(key: Key) -> bool:
+    """Whether C{key} has a MODSEQ criterion: then SEARCH answers with (MODSEQ n)."""
+    if isinstance(key, _ModSeq):
+        return True
+    if isinstance(key, _And):
+        return any(usesModSeq(k) for k in key.keys)
+    if isinstance(key, _Or):
+        return usesModSeq(key.a) or usesModSeq(key.b)
+    return isinstance(key, _Not) and usesModSeq(key.key)
+
+
 class _Keyword(Key):
     def __init__(self, keyword: str, present: bool) -> None:
         self.keyword, self.present = keyword, present
@@ -419,6 +440,15 @@ def _key(args: Arguments, largest, depth: int, count: list) -> Key:
         return _Size(args.number(), name == b"LARGER")
     if name == b"UID":
         return _sequenceKey(args, largest, byUid=True)
+    if name == b"MODSEQ":
+        if args.peek() == b'"':
+            # [entry-name SP entry-type-req SP]: flags share one modseq here (RFC 7162 §3.1.5)
+            args.quoted()
+            args.sp()
+            if args.atom().lower() not in (b"priv", b"shared", b"all"):
+                raise ParseError("MODSEQ entry type is priv, shared or all")
+            args.sp()
+        return _ModSeq(args.modseq(zero=True))
     if name in _DATE_KEYS:
         day = datetime.date(*args.date())
         return (_SentDate if name.startswith(b"SENT") else _InternalDate)(day, name)

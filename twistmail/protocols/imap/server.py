@@ -21,7 +21,8 @@ greeting.  What it replaces, and why:
   response codes clients act on (RFC 5530 NONEXISTENT, TRYCREATE,
   ALREADYEXISTS, AUTHENTICATIONFAILED; RFC 4315 APPENDUID and COPYUID).
 * **Extensions**: IDLE with push, UIDPLUS, MOVE, SPECIAL-USE, ENABLE,
-  LITERAL+, SASL-IR, ID, UNSELECT, CHILDREN, NAMESPACE, APPENDLIMIT.
+  LITERAL+, SASL-IR, ID, UNSELECT, CHILDREN, NAMESPACE, APPENDLIMIT,
+  CONDSTORE and QRESYNC (L{condstore}).
 
 Untagged updates (EXISTS, EXPUNGE, FLAGS) come from L{view.SelectedFolder}
 at the end of each command, and at once while the client is in IDLE.
@@ -62,6 +63,7 @@ from twistmail.model import StoredMessage
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.imap import (
     compress,
+    condstore,
     esearch,
     fetch,
     listing,
@@ -146,6 +148,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._flow: Flow | None = None
         self._inflater: compress.Inflater | None = None  # after COMPRESS DEFLATE
         self._inflateLater = None
+        self.condstore = False  # RFC 7162 §3.1: enabled by the first command that uses it
+        self.qresync = False  # RFC 7162 §3.2.3: ENABLE QRESYNC only
 
     # -- connection ------------------------------------------------------------
 
@@ -203,6 +207,7 @@ class IMAPServer(imap4.IMAP4Server):
                       b"LIST-EXTENDED": None, b"LIST-STATUS": None, b"STATUS=SIZE": None,
                       b"MULTIAPPEND": None, b"COMPRESS=DEFLATE": None,
                       **quotaroot.CAPABILITIES,
+                      b"CONDSTORE": None, b"QRESYNC": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -434,14 +439,25 @@ class IMAPServer(imap4.IMAP4Server):
         self._ok(tag, b"ID completed")
 
     def cmd_ENABLE(self, tag, args):
-        """RFC 5161: none of the extensions that need enabling is offered, so nothing is."""
+        """RFC 5161: CONDSTORE and QRESYNC (RFC 7162 §3.2.3: QRESYNC implies CONDSTORE);
+        others are ignored, as the RFC asks."""
         args.sp()
+        wanted = []
         while True:
-            args.atom()
+            wanted.append(args.atom().upper())
             if args.atEnd():
                 break
             args.sp()
-        self._send(b"* ENABLED")
+        # RFC 5161 §3.2: ENABLED names what the client asked for and we enabled.
+        enabled = [name for name in (b"CONDSTORE", b"QRESYNC") if name in wanted and not
+                   (self.qresync if name == b"QRESYNC" else self.condstore)]
+        if b"QRESYNC" in wanted:
+            self.qresync = True
+            if self.selected is not None:
+                self.selected.qresync = True
+        if b"CONDSTORE" in wanted or b"QRESYNC" in wanted:
+            self._enableCondstore(announce=True)
+        self._send(b"* ENABLED" + b"".join(b" " + name for name in enabled))
         self._ok(tag, b"ENABLE completed")
 
     def cmd_COMPRESS(self, tag, args):
@@ -458,6 +474,25 @@ class IMAPServer(imap4.IMAP4Server):
         self._inflater = compress.Inflater()
         # Whatever followed the command line is the client's compressed stream.
         self._inflater.feed(self.reader.takeBuffered())
+    def _enableCondstore(self, announce: bool = False) -> None:
+        """RFC 7162 §3.1: from now on this session's flag updates carry MODSEQ.
+
+        @param announce: tell the selected folder's HIGHESTMODSEQ now (§3.1.2.1, as
+            Dovecot does when ENABLE comes after SELECT)."""
+        first = not self.condstore
+        self.condstore = True
+        view = self.selected
+        if view is not None:
+            view.condstore = True
+            if first and announce and condstore.hasModSeqs(view.mailbox):
+                self._send(b"* OK [HIGHESTMODSEQ %d] Highest" % view.mailbox.highestModSeq)
+
+    def _modseqMailbox(self):
+        """The selected folder, which must keep modseqs: RFC 7162 §3.1.2.2, BAD otherwise."""
+        mailbox = self.selected.mailbox
+        if not condstore.hasModSeqs(mailbox):
+            raise _Bad(b"This mailbox has no mod-sequences (NOMODSEQ)")
+        return mailbox
 
     # -- not authenticated -------------------------------------------------------------
 
@@ -560,7 +595,12 @@ class IMAPServer(imap4.IMAP4Server):
     async def cmd_SELECT(self, tag, args, readOnly: bool = False):
         args.sp()
         name = self._mailbox(args)
+        params = condstore.parseSelectParams(args)
         args.end()
+        if params.qresync is not None and not self.qresync:
+            raise _Bad(b"QRESYNC must be enabled first (ENABLE QRESYNC)")  # RFC 7162 §3.2.5
+        if self.selected is not None and self.qresync:
+            self._send(b"* OK [CLOSED] Previous mailbox closed")  # RFC 7162 §3.2.11
         self._unselect()
         self.state = "auth"
         mailbox = await self.account.openFolder(name)
@@ -568,6 +608,10 @@ class IMAPServer(imap4.IMAP4Server):
         view = SelectedFolder(mailbox, readOnly, self._peekRecent if readOnly else self._claimRecent)
         self.selected = view
         self.state = "select"
+        view.qresync = self.qresync
+        if params.condstore or params.qresync is not None:
+            self.condstore = True
+        view.condstore = self.condstore
         for line in view.flagsResponses():
             self._send(line)
         self._send(b"* %d EXISTS" % len(view))
@@ -577,8 +621,29 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(b"* OK [UNSEEN %d] First unseen" % unseen)
         self._send(b"* OK [UIDVALIDITY %d] UIDs valid" % mailbox.uidValidity)
         self._send(b"* OK [UIDNEXT %d] Predicted next UID" % mailbox.uidNext)
+        if not condstore.hasModSeqs(mailbox):
+            self._send(b"* OK [NOMODSEQ] No mod-sequences in this mailbox")  # RFC 7162 §3.1.2.2
+        elif self.condstore:
+            self._send(b"* OK [HIGHESTMODSEQ %d] Highest" % mailbox.highestModSeq)
+            if params.qresync is not None:
+                self._resync(view, params.qresync)
         verb = b"EXAMINE" if readOnly else b"SELECT"
         self._ok(tag, (b"[READ-ONLY] " if readOnly else b"[READ-WRITE] ") + verb + b" completed")
+
+    def _resync(self, view: SelectedFolder, q: condstore.QResync) -> None:
+        """RFC 7162 §3.2.5: what the client missed since its modseq, if its UIDVALIDITY holds."""
+        mailbox = view.mailbox
+        if q.uidValidity != mailbox.uidValidity:
+            return  # the client must resync from scratch; it learns so from UIDVALIDITY
+        known = q.knownUids if q.knownUids is not None else [(1, max(mailbox.uidNext - 1, 1))]
+        for line in condstore.vanishedLines(condstore.vanished(mailbox, view.uids, q.modseq, known),
+                                            earlier=True):
+            self._send(line)
+        for seq, uid in condstore.changed(mailbox, q.modseq, view):
+            message = mailbox.message(uid)
+            if message is not None:
+                self._send(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))" % (
+                    seq, uid, view.flagList(message), message.modseq))
 
     def cmd_EXAMINE(self, tag, args):
         return self.cmd_SELECT(tag, args, readOnly=True)
@@ -688,6 +753,8 @@ class IMAPServer(imap4.IMAP4Server):
         items = listing.statusItems(args)
         args.end()
         mailbox = await self.account.openFolder(name)
+        if b"HIGHESTMODSEQ" in items:
+            self._enableCondstore()  # RFC 7162 §3.1: a CONDSTORE enabling command
         self._send(self._statusLine(name, mailbox, items))
         self._ok(tag, b"STATUS completed")
 
@@ -700,6 +767,8 @@ class IMAPServer(imap4.IMAP4Server):
             b"UNSEEN": lambda: sum("\\Seen" not in m.flags for m in mailbox.messages()),
             # RFC 8438 §2: the octets of every message, as RFC822.SIZE counts them.
             b"SIZE": lambda: sum(m.size for m in mailbox.messages()),
+            # RFC 7162 §3.1.2.3: 0 for a mailbox without mod-sequences.
+            b"HIGHESTMODSEQ": lambda: mailbox.highestModSeq if condstore.hasModSeqs(mailbox) else 0,
         }
         body = b" ".join(b"%s %d" % (item, values[item]()) for item in items)
         return b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")"
@@ -725,10 +794,10 @@ class IMAPServer(imap4.IMAP4Server):
         self.factory.settleRecent(self.user, mailbox)
         uids = await self._forgetQuotaOnFailure(multiappend.appendAll(mailbox, batch))
         log.info("imap append user={user} folder={folder} uids={uids} size={size}", user=self.user,
-                 folder=loggable(name), uids=response.numberSet(uids).decode(),
+                 folder=loggable(name), uids=response.sequenceSet(uids).decode(),
                  size=octets)
         # RFC 4315 §3: APPENDUID's uid-set covers every message of a MULTIAPPEND.
-        self._ok(tag, b"[APPENDUID %d %s] APPEND completed" % (mailbox.uidValidity, response.numberSet(uids)))
+        self._ok(tag, b"[APPENDUID %d %s] APPEND completed" % (mailbox.uidValidity, response.sequenceSet(uids)))
 
     async def _reserveQuota(self, octets: int, messages: int) -> None:
         """RFC 9208 §7.1: NO [OVERQUOTA] unless the messages fit; counted at once if they do."""
@@ -830,8 +899,10 @@ class IMAPServer(imap4.IMAP4Server):
         self._ok(tag, b"EXPUNGE completed")
 
     def _targets(self, args: Arguments, uid: bool) -> list[tuple[int, int]]:
+        return self._targetsOf(args.sequenceSet(), uid)
+
+    def _targetsOf(self, seqset, uid: bool) -> list[tuple[int, int]]:
         view = self.selected
-        seqset = args.sequenceSet()
         if uid or seqset.saved:
             return view.byUid(self._uidRanges(seqset))
         if not len(view):
@@ -849,14 +920,32 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def cmd_FETCH(self, tag, args, uid: bool = False):
         args.sp()
-        targets = self._targets(args, uid)
+        seqset = args.sequenceSet()
         args.sp()
         items = fetch.parseItems(args)
+        changedSince, vanished = condstore.parseFetchModifiers(args)
         args.end()
         view = self.selected
         mailbox = view.mailbox
+        # UID FETCH 1:* (FLAGS) (CHANGEDSINCE n) lists the changes, not the folder.
+        targets = None if changedSince is not None and uid else self._targetsOf(seqset, uid)
+        if vanished and not (uid and self.qresync):
+            raise _Bad(b"VANISHED needs UID FETCH and QRESYNC enabled")  # RFC 7162 §3.2.6
         if uid and not any(i.name == b"UID" for i in items):
             items.insert(0, fetch.Item(b"UID"))
+        if changedSince is not None or any(i.name == b"MODSEQ" for i in items):
+            self._modseqMailbox()
+            self._enableCondstore()  # RFC 7162 §3.1: a CONDSTORE enabling command
+            if not any(i.name == b"MODSEQ" for i in items):
+                items.append(fetch.Item(b"MODSEQ"))  # RFC 7162 §3.1.4.1: CHANGEDSINCE implies it
+        if changedSince is not None:
+            if vanished:
+                largest = max(view.largestUid(), mailbox.uidNext - 1)
+                for line in condstore.vanishedLines(condstore.vanished(
+                        mailbox, view.uids, changedSince, seqset.resolve(largest)), earlier=True):
+                    self._send(line)
+            targets = condstore.changed(mailbox, changedSince, view, targets,
+                                        None if targets is not None else seqset.resolve(view.largestUid()))
         if not view.readOnly and any(i.setsSeen for i in items):
             unseen = [u for _, u in targets
                       if (m := mailbox.message(u)) is not None and "\\Seen" not in m.flags]
@@ -864,6 +953,8 @@ class IMAPServer(imap4.IMAP4Server):
                 await mailbox.setFlags(unseen, {"\\Seen"}, "add")
                 if not any(i.name == b"FLAGS" for i in items):
                     items.append(fetch.Item(b"FLAGS"))
+                if self.condstore and not any(i.name == b"MODSEQ" for i in items):
+                    items.append(fetch.Item(b"MODSEQ"))  # the flag change's new modseq
         for line in view.newKeywords():
             self._send(line)
         if await self._respondFetch(view, targets, items):
@@ -934,6 +1025,7 @@ class IMAPServer(imap4.IMAP4Server):
         args.sp()
         targets = self._targets(args, uid)
         args.sp()
+        unchangedSince = condstore.parseStoreModifier(args)
         item = args.atom().upper()
         args.sp()
         flags = self._storableFlags(args.flagList())
@@ -951,16 +1043,31 @@ class IMAPServer(imap4.IMAP4Server):
         if limit is not None and len(set(view.mailbox.keywords()) | keywords) > limit:
             raise _No(b"[LIMIT] Too many keywords in this mailbox (at most %d)" % limit)
         seqOf = dict((u, s) for s, u in targets)
-        updated = await view.mailbox.setFlags(list(seqOf), flags, mode)
+        modified: list[int] = []
+        if unchangedSince is None:
+            updated = await view.mailbox.setFlags(list(seqOf), flags, mode)
+        else:
+            mailbox = self._modseqMailbox()
+            self._enableCondstore()
+            # RFC 7162 §3.1.3: checked and stored atomically; the others are MODIFIED.
+            updated, modified = await mailbox.setFlagsUnchangedSince(list(seqOf), flags, mode,
+                                                                     unchangedSince)
         for line in view.newKeywords():
             self._send(line)
         for message in updated:
             view.told(message.uid, message.flags)
+            what = [b"UID %d" % message.uid] if uid else []
             if not silent:
-                self._send(b"* %d FETCH (" % seqOf[message.uid] +
-                           (b"UID %d " % message.uid if uid else b"") +
-                           b"FLAGS " + view.flagList(message) + b")")
-        self._ok(tag, b"STORE completed", expunge=uid)
+                what.append(b"FLAGS " + view.flagList(message))
+            if self.condstore:
+                what.append(b"MODSEQ (%d)" % message.modseq)  # even when SILENT (§3.1.3)
+            if len(what) > (1 if uid else 0):
+                self._send(b"* %d FETCH (" % seqOf[message.uid] + b" ".join(what) + b")")
+        code = b""
+        if modified:
+            code = b"[MODIFIED %s] " % response.rangeSet(
+                response.runs(modified if uid else sorted(seqOf[u] for u in modified)))
+        self._ok(tag, code + b"STORE completed", expunge=uid)
 
     async def cmd_COPY(self, tag, args, uid: bool = False, move: bool = False):
         args.sp()
@@ -983,8 +1090,8 @@ class IMAPServer(imap4.IMAP4Server):
         if not move:  # a MOVE within the account changes no usage
             await self._reserveQuota(sum(view.mailbox.message(u).size for u in uids), len(uids))
         pairs = await self._forgetQuotaOnFailure(view.mailbox.copyMessages(uids, target))
-        code = b"[COPYUID %d %s %s]" % (target.uidValidity, response.numberSet([a for a, _ in pairs]),
-                                        response.numberSet([b for _, b in pairs]))
+        code = b"[COPYUID %d %s %s]" % (target.uidValidity, response.sequenceSet([a for a, _ in pairs]),
+                                        response.sequenceSet([b for _, b in pairs]))
         if not move:
             self._ok(tag, code + b" COPY completed")
             return
@@ -1010,12 +1117,20 @@ class IMAPServer(imap4.IMAP4Server):
             if save:
                 self.searchResult = []  # RFC 5182 §2.1: a SEARCH ... SAVE answered NO empties "$"
             raise
+        withModSeq = search.usesModSeq(key)
+        if withModSeq:
+            self._modseqMailbox()
+            self._enableCondstore()  # RFC 7162 §3.1: a CONDSTORE enabling command
         if save:
             self.searchResult = []  # (and so does one that fails from here on)
         found = await self._matching(view, key)
         numbers = [c.uid if uid else c.seq for c in found]
         if options is None:
-            self._send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+            line = b"* SEARCH" + b"".join(b" %d" % n for n in numbers)
+            if withModSeq and found:
+                # RFC 7162 §3.1.5: the highest modseq of the messages found.
+                line += b" (MODSEQ %d)" % max(c.message.modseq for c in found)
+            self._send(line)
         else:
             line = esearch.answer(tag, options, numbers, uid)
             if line is not None:

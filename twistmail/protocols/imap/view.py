@@ -26,7 +26,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
-from twistmail.protocols.imap import response
+from twistmail.protocols.imap import condstore, response
 
 #: The system flags in the order FLAGS lists them, and the one keyword always offered.
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
@@ -47,6 +47,10 @@ class SelectedFolder:
         self._announced: frozenset = frozenset()  # keywords this session was told of
         self.validityChanged = False
         self.onChange: Callable[[], None] | None = None  # set while in IDLE
+        # RFC 7162: once CONDSTORE is on, flag updates carry MODSEQ; once QRESYNC is,
+        # expunges are told as VANISHED (UIDs) instead of EXPUNGE (sequence numbers).
+        self.condstore = False
+        self.qresync = False
         mailbox.addListener(self._changed)
 
     def close(self) -> None:
@@ -140,9 +144,12 @@ class SelectedFolder:
         out: list[bytes] = self.newKeywords()
         if expunge and self._removed:
             gone = {uid for uid in self._removed if self.seq(uid) is not None}
-            # Highest first: each number is still valid when the client reads it.
-            for uid in sorted(gone, reverse=True):
-                out.append(b"* %d EXPUNGE" % self.seq(uid))
+            if self.qresync:
+                out += condstore.vanishedLines(response.runs(sorted(gone)), earlier=False)
+            else:
+                # Highest first: each number is still valid when the client reads it.
+                for uid in sorted(gone, reverse=True):
+                    out.append(b"* %d EXPUNGE" % self.seq(uid))
             if gone:
                 self.uids = [u for u in self.uids if u not in gone]
                 self.recent -= gone
@@ -160,12 +167,17 @@ class SelectedFolder:
             message = self.mailbox.message(uid)
             if seq is None or message is None or self._told.get(uid) == message.flags:
                 continue
-            out.append(b"* %d FETCH (UID %d FLAGS %s)" % (seq, uid, self.flagList(message)))
+            out.append(b"* %d FETCH (UID %d FLAGS %s%s)" % (seq, uid, self.flagList(message),
+                                                            self.modseqItem(message)))
         self._flagsChanged.clear()
         self._told.clear()
         if not self._removed and len(self.uids) == len(current):
             self.uids = current  # share the folder's tuple again
         return out
+
+    def modseqItem(self, message) -> bytes:
+        """`` MODSEQ (n)`` for a FETCH response once CONDSTORE is on (RFC 7162 §3.1.4), else b""."""
+        return b" MODSEQ (%d)" % message.modseq if self.condstore else b""
 
     def flagList(self, message) -> bytes:
         flags = message.flags | {"\\Recent"} if message.uid in self.recent else message.flags
