@@ -21,10 +21,15 @@ def context(config) -> FilterContext:
     return FilterContext(config.hostname, config.dataDir, None, None, config)
 
 
-def test_no_filters_are_enabled_by_default():
+def test_the_default_filters_are_verification_inbound_and_signing_on_submission():
+    """DNSBL and greylisting are listed but idle until [antispam] turns them on."""
     c = configmod.load(None)
-    assert c["filters"]["inbound"] == [] and c["filters"]["submission"] == []
-    assert makeFilters(c, context(c)) == {"inbound": (), "submission": ()}
+    assert c["filters"]["inbound"] == ["dnsbl", "greylist", "spf-dkim-dmarc"]
+    assert c["filters"]["submission"] == ["dkim-sign"]
+    assert c["antispam"]["dnsbl"] == [] and c["antispam"]["greylist"] is False
+    built = makeFilters(c, context(c))
+    assert [f.name for f in built["inbound"]] == ["dnsbl", "greylist", "spf-dkim-dmarc"]
+    assert [f.name for f in built["submission"]] == ["dkim-sign"]
 
 
 def test_filter_tables_reach_the_plugin_and_the_engine_reads_timeout_and_on_failure(

@@ -377,3 +377,15 @@ def test_quarantine_creates_the_junk_folder_on_the_real_backends(backend, tmp_pa
     names, read = onReactor(junk)
     assert "Junk" in names
     assert onReactor(lambda: read) == [MSG]
+
+
+def test_a_header_the_email_package_cannot_parse_is_still_given_to_filters():
+    """Python's parser raises on an RFC 2231 section number of 5,000 digits; the filters get
+    the raw fields instead, and the message is not refused because of our parser."""
+    from twistmail.filters.message import parseHeaders
+
+    section = (b"From: a@example.org\r\nContent-Type: text/plain; name*" + b"9" * 5000 +
+               b"*=x\r\n\r\n")
+    headers = parseHeaders(section)
+    assert headers.get_all("From") == ["a@example.org"]
+    assert headers["Content-Type"].startswith("text/plain")

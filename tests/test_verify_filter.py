@@ -229,6 +229,27 @@ def test_authenticated_sessions_are_skipped(dnsServer):
     assert len(dnsServer.queries) == before
 
 
+@pytest.mark.parametrize("client, trusted, checkLocal, checked", [
+    ("127.0.0.1", (), False, False),  # this host (OpenDMARC IgnoreHosts, Rspamd check_local)
+    ("::1", (), False, False),
+    ("198.51.100.7", ("198.51.100.0/24",), False, False),  # [relay] trusted_networks
+    ("198.51.100.7", (), False, True),
+    ("127.0.0.1", (), True, True),  # check_local = true verifies them too
+])
+def test_local_and_trusted_clients_are_not_verified(dnsServer, client, trusted, checkLocal,
+                                                    checked):
+    from twistmail import config as configmod
+    from twistmail.filters.spfdkimdmarc import SpfDkimDmarcFactory
+
+    config = configmod.load(None, {"relay": {"trusted_networks": list(trusted)}})
+    context = FilterContext(HOST, "/nonexistent", resolverFor(dnsServer), reactor, config)
+    verifier = SpfDkimDmarcFactory().makeFilter({"check_local": checkLocal}, context)
+    before = len(dnsServer.queries)
+    verdict = runHook(verifier, session(client=client), message())
+    assert (verdict is not None) is checked
+    assert (len(dnsServer.queries) > before) is checked
+
+
 def test_each_message_is_logged_with_who_what_and_result(dnsServer):
     from twisted.logger import globalLogPublisher
 

@@ -214,10 +214,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                   "than loopback (then firewall it)"),
     },
     "filters": {
-        "inbound": Key(list, [], "message filters on the MX port, in order (names of filter "
+        "inbound": Key(list, ["dnsbl", "greylist", "spf-dkim-dmarc"], "message filters on the MX "
+                       "port, in order (names of filter "
                        "plugins; options in [filters.<name>])", validate=_filterNames,
                        example='["spf-dkim-dmarc"]'),
-        "submission": Key(list, [], "message filters for authenticated submission, in order",
+        "submission": Key(list, ["dkim-sign"], "message filters for authenticated submission, "
+                          "in order",
                           validate=_filterNames, example='["dkim-sign"]'),
     },
     "smtp": {

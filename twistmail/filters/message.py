@@ -46,8 +46,17 @@ def headerSection(chunks) -> bytes:
 
 
 def parseHeaders(section: bytes):
-    """An C{email.message.EmailMessage} of the header section (``policy.default``)."""
-    return BytesHeaderParser(policy=policy.default).parsebytes(section)
+    """An C{email.message.EmailMessage} of the header section (``policy.default``).
+
+    The parser reads Content-Type as it goes, and on crafted values (an RFC 2231
+    section number of 5,000 digits) the email package raises; the section is then
+    parsed again with ``compat32``, which keeps every field as its raw text, so a
+    filter still sees the header and the message is not refused for our parser's sake.
+    """
+    try:
+        return BytesHeaderParser(policy=policy.default).parsebytes(section)
+    except Exception:
+        return BytesHeaderParser(policy=policy.compat32).parsebytes(section)
 
 
 def _fields(section: bytes) -> list[bytes]:

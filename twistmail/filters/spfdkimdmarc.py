@@ -15,7 +15,11 @@ message's ``time_limit`` is spent.  The reactor then combines them:
   (the DKIM replay / From-spoofing trick, RFC 7489 §6.6.1) is ``dmarc=permerror``
   and gets the strictest policy any of its domains publishes.
 
-Authenticated sessions are not checked (they are our own users submitting).
+Authenticated sessions are not checked (they are our own users submitting),
+nor, unless ``check_local`` is on, clients on loopback or in ``[relay]
+trusted_networks``: programs on this host and the networks allowed to relay
+through us are ours, as OpenDMARC's ``IgnoreHosts`` (127.0.0.1 by default) and
+Rspamd's ``check_local = false`` treat them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from zope.interface import implementer
 
 from twistmail._dnsname import isHostName
 from twistmail._logtext import loggable
+from twistmail._netaddr import Networks
 from twistmail.filters import authresults, dkimverify, dmarc, spfcheck
 from twistmail.filters.authresults import Result
 from twistmail.filters.base import Filter
@@ -56,7 +61,11 @@ OPTIONS = {
     "dkim_minimum_bits": Option(int, 1024, 1024),
     "reject_on_dmarc": Option(bool, True),
     "time_limit": Option(float, 20.0, 1),
+    "check_local": Option(bool, False),
 }
+
+#: Clients that are this host: never verified unless check_local is on.
+_LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 
 def settings(options: dict) -> dict:
@@ -117,15 +126,17 @@ class SpfDkimDmarc(Filter):
     name = NAME
 
     def __init__(self, options: dict, hostname: str, resolver,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, trusted: tuple[str, ...] = ()) -> None:
+        """@param trusted: [relay] trusted_networks: not verified, as loopback is not."""
         self._options = settings(options)
+        self._local = Networks(() if self._options["check_local"] else (*_LOOPBACK, *trusted))
         self._hostname = hostname
         self._resolver = resolver
         self._rng = rng or random.SystemRandom()  # pct= sampling (RFC 7489 §6.6.4)
         dmarc.organizationalDomain("example.org")  # load the suffix list now, not per message
 
     def endOfData(self, session, message):
-        if session.authenticated or session.role != "inbound":
+        if session.authenticated or session.role != "inbound" or session.client in self._local:
             return None
         lookups = Lookups(self._resolver.resolveSync, self._options["time_limit"])
         jobs = [self._resolver.run(self._spf, lookups, session),
@@ -217,4 +228,5 @@ class SpfDkimDmarcFactory:
     description = "inbound SPF, DKIM and DMARC verification; one Authentication-Results header"
 
     def makeFilter(self, options: dict, context: FilterContext) -> SpfDkimDmarc:
-        return SpfDkimDmarc(options, context.hostname, context.resolver)
+        trusted = context.config["relay"]["trusted_networks"] if context.config else ()
+        return SpfDkimDmarc(options, context.hostname, context.resolver, trusted=tuple(trusted))
