@@ -361,3 +361,52 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
     with pytest.raises(configmod.ConfigError) as caught:
         configmod.load(None, {"admin": {"admins": ["postmaster"]}, "listen": {"https": ["tcp:443"]}})
     assert "[admin] admins" in str(caught.value) and "user@domain" in str(caught.value)
+
+
+def test_admin_generates_lists_and_removes_dkim_keys_as_the_cli_does(web):
+    """The DKIM keys section: the same code and texts as ``twistmail dkim``; the records to
+    publish are shown; a bad domain is refused with the CLI's message."""
+    from twistmail import dkimkeys
+
+    browser, page = asAdmin(web)
+    status, _, page = browser.request("POST", "/admin/dkim/generate",
+                                      {"csrf": browser.token(page), "domain": "example.test",
+                                       "selector": "s1"})
+    assert status == 200, page
+    assert "key set s1 for example.test made" in page
+    [keys] = dkimkeys.listSets(web.dataDir, "example.test")
+    assert keys.name == "s1"
+    # Listed with its state and the TXT records to publish.
+    _, _, page = browser.request("GET", "/admin/")
+    assert 's1-ed25519._domainkey.example.test' in page and "s1-rsa._domainkey.example.test" in page
+    assert "v=DKIM1; k=ed25519; p=" in page and "signing" in page
+    status, _, page = browser.request("POST", "/admin/dkim/generate",
+                                      {"csrf": browser.token(page), "domain": "../etc",
+                                       "selector": ""})
+    assert status == 400 and 'id="error"' in page
+    assert not os.path.exists(os.path.join(web.dataDir, "etc"))
+    status, _, page = browser.request("POST", "/admin/dkim/remove",
+                                      {"csrf": browser.token(page), "domain": "example.test",
+                                       "selector": "s1"})
+    assert status == 200 and "key set s1 removed" in page
+    assert dkimkeys.listSets(web.dataDir, "example.test") == []
+
+
+def test_admin_sets_a_users_quota_as_the_cli_does(web):
+    browser, page = asAdmin(web)
+    status, _, page = browser.request("POST", "/admin/user/quota",
+                                      {"csrf": browser.token(page), "address": "alice@example.test",
+                                       "size": "10M"})
+    assert status == 200, page
+    assert "quota of alice@example.test: 10485760 octets, any number of messages" in page
+    assert users(web.dataDir)["alice@example.test"]["quota"] == {"storage": 10 * 1024 * 1024}
+    assert re.search(r"alice@example\.test</td><td>10 MiB", page)
+    status, _, page = browser.request("POST", "/admin/user/quota",
+                                      {"csrf": browser.token(page), "address": "alice@example.test",
+                                       "size": "lots"})
+    assert status == 400 and "write octets or a number with K, M, G or T" in page
+    status, _, page = browser.request("POST", "/admin/user/quota",
+                                      {"csrf": browser.token(page), "address": "alice@example.test",
+                                       "size": "default"})
+    assert "the default ([accounts] default_quota)" in page
+    assert "quota" not in users(web.dataDir)["alice@example.test"]

@@ -11,6 +11,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 from support import addUser, freePort, startServer
 
 ADMIN = "postmaster@example.test"
@@ -27,6 +29,7 @@ def chromium(tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(15)  # find_element waits for the page a click leads to
     yield driver
     driver.quit()
 
@@ -56,6 +59,14 @@ def test_admin_adds_a_user_who_then_changes_their_password(dataDir, chromium, tm
         assert chromium.find_element(By.ID, "done").text == "user bob@example.test added"
         listed = [cell.text for cell in chromium.find_elements(By.CSS_SELECTOR, "#users td")]
         assert "bob@example.test" in listed
+        # DKIM keys, made by the CLI's code: listed with the records to publish.
+        chromium.find_element(By.ID, "dkim-domain").send_keys("example.test")
+        chromium.find_element(By.ID, "dkim-generate").click()
+        WebDriverWait(chromium, 30).until(
+            expected_conditions.text_to_be_present_in_element((By.ID, "done"), "key set tm"))
+        cells = [cell.text for cell in chromium.find_elements(By.CSS_SELECTOR, "#dkim td")]
+        assert "example.test" in cells and "signing" in cells
+        assert "._domainkey.example.test" in chromium.find_element(By.ID, "dkim").text
         screenshot = tmp_path / "webadmin-user-added.png"
         assert chromium.save_screenshot(str(screenshot))
         print(f"screenshot: {screenshot}")
@@ -64,10 +75,12 @@ def test_admin_adds_a_user_who_then_changes_their_password(dataDir, chromium, tm
         chromium.find_element(By.ID, "address").send_keys("bob@example.test")
         chromium.find_element(By.ID, "password").send_keys("bobpw")
         chromium.find_element(By.ID, "login").click()
-        assert chromium.current_url.endswith("/admin/password")
+        # A click returns before the POST's answer has loaded: wait for the page it leads to.
+        WebDriverWait(chromium, 30).until(expected_conditions.url_contains("/admin/password"))
         chromium.find_element(By.ID, "own-password").send_keys("bobs new password")
         chromium.find_element(By.ID, "change").click()
-        assert chromium.find_element(By.ID, "done").text == "password of bob@example.test changed"
+        WebDriverWait(chromium, 30).until(expected_conditions.text_to_be_present_in_element(
+            (By.ID, "done"), "password of bob@example.test changed"))
         own = tmp_path / "webadmin-own-password.png"
         assert chromium.save_screenshot(str(own))
         print(f"screenshot: {own}")

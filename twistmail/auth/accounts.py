@@ -293,3 +293,41 @@ class Accounts:
             raise AccountError(f"no alias {source} (see: twistmail alias list)")
         del self.aliases[source]
         return source
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def parseQuota(size: str, messages: int | None = None) -> dict | None:
+    """A quota as ``twistmail user quota`` and the web admin take it: SIZE in octets or
+    with K, M, G, T (binary units), ``unlimited``, or ``default`` (None: [accounts]
+    default_quota applies); C{messages} 0 or None for no count limit.
+
+    @raise AccountError: naming what to write instead.
+    """
+    size = size.strip().upper()
+    if messages is not None and messages < 0:
+        raise AccountError("the message limit is a count, 0 for no limit")
+    quota: dict | None
+    if size == "DEFAULT":
+        quota = None
+    elif size == "UNLIMITED":
+        quota = {}
+    elif size[:-1].isdigit() and size[-1] in _UNITS or size.isdigit():
+        number, unit = (size, "") if size.isdigit() else (size[:-1], size[-1])
+        quota = {"storage": int(number) * _UNITS[unit]}
+    else:
+        raise AccountError(f"quota size {size!r}: write octets or a number with K, M, G or T "
+                           "(10M), 'unlimited' or 'default'")
+    if messages and quota is not None:
+        quota["messages"] = messages
+    return quota
+
+
+def describeQuota(address: str, quota: dict | None) -> str:
+    """What a quota change did, in the CLI's and the web admin's words."""
+    if quota is None:
+        return f"quota of {address}: the default ([accounts] default_quota)"
+    storage = f"{quota['storage']} octets" if quota.get("storage") else "unlimited storage"
+    return f"quota of {address}: {storage}, " + (
+        f"{quota['messages']} messages" if quota.get("messages") else "any number of messages")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from twistmail import __version__, dnsrecords, ownership
 from twistmail import config as configmod
-from twistmail.auth.accounts import AccountError, Accounts
+from twistmail.auth.accounts import AccountError, Accounts, describeQuota, parseQuota
 from twistmail.auth.passwords import hashPassword
 from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
@@ -113,35 +113,12 @@ def cmdUser(args) -> str:
         return f"password of {done} changed"
 
 
-_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
-
-
 def _setQuota(accounts: Accounts, args) -> str:
-    """``user quota ADDRESS SIZE [--messages N]``: SIZE in octets (K, M, G, T: binary
-    units), ``unlimited``, or ``default`` ([accounts] default_quota applies)."""
-    size = args.size.strip().upper()
-    if args.messages is not None and args.messages < 0:
-        raise CLIError("--messages takes a count, 0 for no limit")
-    quota: dict | None
-    if size == "DEFAULT":
-        quota = None
-    elif size == "UNLIMITED":
-        quota = {}
-    elif size[:-1].isdigit() and size[-1] in _UNITS or size.isdigit():
-        number, unit = (size, "") if size.isdigit() else (size[:-1], size[-1])
-        quota = {"storage": int(number) * _UNITS[unit]}
-    else:
-        raise CLIError(f"quota size {args.size!r}: write octets or a number with K, M, G or T "
-                       "(10M), 'unlimited' or 'default'")
-    if args.messages and quota is not None:
-        quota["messages"] = args.messages
+    """``user quota ADDRESS SIZE [--messages N]``: see L{twistmail.auth.accounts.parseQuota}."""
+    quota = parseQuota(args.size, args.messages)
     with accounts.editing():
         done = accounts.setQuota(args.address, quota)
-    if quota is None:
-        return f"quota of {done}: the default ([accounts] default_quota)"
-    storage = f"{quota['storage']} octets" if quota.get("storage") else "unlimited storage"
-    return f"quota of {done}: {storage}, " + (
-        f"{quota['messages']} messages" if quota.get("messages") else "any number of messages")
+    return describeQuota(done, quota)
 
 
 def cmdAlias(args) -> str:

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from markupsafe import Markup
 from twisted.cred import credentials, error
@@ -32,11 +33,13 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from twistmail import dkimkeys
 from twistmail._logtext import loggable
 from twistmail._netaddr import parseHost
-from twistmail.auth.accounts import AccountError, Accounts
+from twistmail.auth.accounts import AccountError, Accounts, describeQuota, parseQuota
 from twistmail.auth.checkers import fromClient
 from twistmail.auth.passwords import hashPassword
+from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
 from twistmail.relay.queue import QueueError
 from twistmail.traffic import TrafficHistory
@@ -58,6 +61,9 @@ MESSAGE_SERIES = (("accepted", "accepted by SMTP", "#1f77b4"),
                   ("rejected", "SMTP 4xx/5xx replies", "#d62728"),
                   ("bounced", "bounced (recipients)", "#9467bd"))
 QUEUE_SERIES = (("queue", "messages queued", "#ff7f0e"),)
+
+#: What a form may be refused for, with the message shown on the page.
+_REFUSALS = (AccountError, QueueError, dkimkeys.DKIMKeyError)
 
 _HEADERS = {
     b"Content-Type": b"text/html; charset=utf-8",
@@ -208,7 +214,8 @@ class AdminResource(resource.Resource):
         if not session.admin:
             return self._redirect(request, b"/admin/password")
         if path == "" and method == b"GET":
-            return self._page(request, "dashboard", session)
+            self._respond(request, session, "dashboard")
+            return server.NOT_DONE_YET
         if path == "queue" and method == b"GET":
             self._respond(request, session, "queue")
             return server.NOT_DONE_YET
@@ -221,8 +228,10 @@ class AdminResource(resource.Resource):
 
     def _page(self, request, name: str, session: Session | None, **values) -> bytes:
         if name == "dashboard":
+            values.setdefault("rows", [])
             values.update(domains=sorted(self._accounts.domains),
-                          users=sorted(self._accounts.users),
+                          users=[(u, quotaText(self._accounts.quota(u)))
+                                 for u in sorted(self._accounts.users)],
                           aliases=sorted(self._accounts.aliases.items()),
                           charts=self._charts())
         values.setdefault("error", "")
@@ -246,6 +255,8 @@ class AdminResource(resource.Resource):
         """Finish C{request} with C{page}; the queue page reads the queue in a thread first."""
         if page == "queue":
             d = self._deferToThread(queuecli.listing, self._queueDir)
+        elif page == "dashboard":
+            d = self._deferToThread(dkimRows, self._dataDir)
         else:
             d = defer.succeed(None)
 
@@ -329,14 +340,14 @@ class AdminResource(resource.Resource):
             return b"Too many requests: your previous change is still under way.\n"
         try:
             prepared = action(request, session)
-        except (AccountError, QueueError) as e:
+        except _REFUSALS as e:
             self._respond(request, session, page, 400, error=str(e))
             return server.NOT_DONE_YET
         session.busy = True
 
         def inThread() -> str:
             if "run" in prepared:
-                return prepared["run"](self._queueDir)
+                return prepared["run"](self._dataDir)
             hashed = hashPassword(prepared["password"]) if "password" in prepared else None
             accounts = Accounts(self._dataDir)
             with accounts.editing():
@@ -349,7 +360,7 @@ class AdminResource(resource.Resource):
             return self._respond(request, session, page, done=text)
 
         def refused(failure) -> defer.Deferred:
-            failure.trap(AccountError, QueueError)
+            failure.trap(*_REFUSALS)
             return self._respond(request, session, page, 400, error=str(failure.value))
 
         def idle(result):
@@ -390,9 +401,53 @@ def _accountAction(fields: tuple[str, ...], apply, password: bool = False):
 def _queueAction(verb: str):
     def action(request, session: Session) -> dict:
         id = _field(request, "id") or None
-        return {"run": lambda queueDir: queuecli.askServer(queueDir, id, verb)}
+        return {"run": lambda dataDir: queuecli.askServer(os.path.join(dataDir, "queue"), id,
+                                                          verb)}
 
     return action
+
+
+def _dkimAction(action: str, fields: tuple[str, ...]):
+    """``twistmail dkim generate|remove``, run by the CLI's own code in the thread."""
+
+    def prepare(request, session: Session) -> dict:
+        args = SimpleNamespace(action=action, **{f: _field(request, f) or None for f in fields})
+        return {"run": lambda dataDir: dkimcli.run(args, dataDir)}
+
+    return prepare
+
+
+def dkimRows(dataDir: str) -> list[tuple]:
+    """(domain, key set, created, state, [(owner, TXT value)]) for the dashboard (in a thread)."""
+    rows = []
+    for domain in dkimkeys.listDomains(dataDir):
+        for i, keys in enumerate(dkimkeys.listSets(dataDir, domain)):
+            rows.append((domain, keys.name, time.strftime("%Y-%m-%d %H:%M",
+                                                          time.gmtime(keys.created)),
+                         "signing" if i == 0 else "next", keys.records()))
+    return rows
+
+
+_SIZES = (("TiB", 1024 ** 4), ("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024))
+
+
+def quotaText(quota: dict | None) -> str:
+    """A user's own quota for the users table: "default", "unlimited" or "10 MiB, 500 messages"."""
+    if quota is None:
+        return "default"
+    parts = []
+    if quota.get("storage"):
+        size = quota["storage"]
+        unit, n = next(((u, n) for u, n in _SIZES if size % n == 0), ("octets", 1))
+        parts.append(f"{size // n} {unit}")
+    if quota.get("messages"):
+        parts.append(f"{quota['messages']} messages")
+    return ", ".join(parts) or "unlimited"
+
+
+def _quotaSet(a: Accounts, _, address: str, size: str) -> str:
+    quota = parseQuota(size)
+    return describeQuota(a.setQuota(address, quota), quota)
 
 
 def _aliasAdded(a: Accounts, _, source: str, targets: str) -> str:
@@ -414,6 +469,9 @@ AdminResource.ACTIONS = {
     "alias/add": _accountAction(("source", "targets"), _aliasAdded),
     "alias/remove": _accountAction(("source",),
                                    lambda a, _, s: f"alias {a.removeAlias(s)} removed"),
+    "user/quota": _accountAction(("address", "size"), _quotaSet),
+    "dkim/generate": _dkimAction("generate", ("domain", "selector")),
+    "dkim/remove": _dkimAction("remove", ("domain", "selector")),
     "queue/flush": _queueAction("flush"),
     "queue/delete": _queueAction("delete"),
 }

@@ -12,7 +12,7 @@ _LAYOUT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>twistmail admin{% if title %}: {{ title }}{% endif %}</title>
 <style>body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}form.inline{display:inline}
-.error{color:#a00}.done{color:#060}section{margin-bottom:2em}</style></head>
+code.txt{word-break:break-all;font-size:80%}.error{color:#a00}.done{color:#060;white-space:pre-wrap;word-break:break-all}section{margin-bottom:2em}</style></head>
 <body><header><h1>twistmail admin</h1>
 {% if session %}<p>Logged in as <b id="who">{{ session.address }}</b>
 <form class="inline" method="post" action="/admin/logout">{{ csrf() }}<button>Log out</button></form></p>{% endif %}
@@ -37,8 +37,9 @@ _DASHBOARD = """{% extends "layout" %}{% block body %}
 {% for d in domains %}<tr><td>{{ d }}</td><td><form class="inline" method="post" action="/admin/domain/remove">{{ csrf() }}<input type="hidden" name="domain" value="{{ d }}"><button>Remove</button></form></td></tr>{% endfor %}
 </table>
 <form method="post" action="/admin/domain/add">{{ csrf() }}<input name="domain" id="new-domain" placeholder="example.org"> <button>Add domain</button></form></section>
-<section><h2>Users</h2><table id="users"><tr><th>address</th><th>new password</th><th></th></tr>
-{% for u in users %}<tr><td>{{ u }}</td><td><form class="inline" method="post" action="/admin/user/password">{{ csrf() }}<input type="hidden" name="address" value="{{ u }}"><input type="password" name="password" autocomplete="new-password"> <button>Set</button></form></td>
+<section><h2>Users</h2><table id="users"><tr><th>address</th><th>quota</th><th>new quota</th><th>new password</th><th></th></tr>
+{% for u, quota in users %}<tr><td>{{ u }}</td><td>{{ quota }}</td><td><form class="inline" method="post" action="/admin/user/quota">{{ csrf() }}<input type="hidden" name="address" value="{{ u }}"><input name="size" size="8" placeholder="10M"> <button>Set</button></form></td>
+<td><form class="inline" method="post" action="/admin/user/password">{{ csrf() }}<input type="hidden" name="address" value="{{ u }}"><input type="password" name="password" autocomplete="new-password"> <button>Set</button></form></td>
 <td><form class="inline" method="post" action="/admin/user/remove">{{ csrf() }}<input type="hidden" name="address" value="{{ u }}"><button>Remove</button></form></td></tr>{% endfor %}
 </table>
 <form method="post" action="/admin/user/add">{{ csrf() }}<input name="address" id="new-user" placeholder="user@example.org">
@@ -48,6 +49,16 @@ _DASHBOARD = """{% extends "layout" %}{% block body %}
 </table>
 <form method="post" action="/admin/alias/add">{{ csrf() }}<input name="source" placeholder="alias@example.org">
 <input name="targets" placeholder="user@example.org, other@example.org"> <button>Add alias</button></form></section>
+<section><h2>DKIM keys</h2><p>The signing key set of a domain signs its outgoing mail; a second one
+waits until you remove the first (publish its records first). Quota sizes: octets or K, M, G, T; "unlimited";
+"default".</p>
+<table id="dkim"><tr><th>domain</th><th>key set</th><th>created (UTC)</th><th>state</th><th>DNS TXT records to publish</th><th></th></tr>
+{% for domain, name, created, state, records in rows %}<tr><td>{{ domain }}</td><td>{{ name }}</td><td>{{ created }}</td><td>{{ state }}</td>
+<td>{% for owner, text in records %}<code>{{ owner }}</code><br><code class="txt">{{ text }}</code><br>{% endfor %}</td>
+<td><form class="inline" method="post" action="/admin/dkim/remove">{{ csrf() }}<input type="hidden" name="domain" value="{{ domain }}"><input type="hidden" name="selector" value="{{ name }}"><button>Remove</button></form></td></tr>{% endfor %}
+</table>
+<form method="post" action="/admin/dkim/generate">{{ csrf() }}<input name="domain" id="dkim-domain" placeholder="example.org">
+<input name="selector" placeholder="key set name (optional)"> <button id="dkim-generate">Generate keys</button></form></section>
 <p><a href="/admin/queue">Queue</a> · <a href="/admin/password">Change my password</a></p>{% endblock %}
 """
 
