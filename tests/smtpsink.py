@@ -173,15 +173,18 @@ class SinkProtocol(basic.LineReceiver):
         d.addCallback(lambda _: self.finish(received))
         if hold is None:
             d.callback(None)
+        else:
+            self.pauseProducing()  # pipelined commands wait: replies go out in order (RFC 2920)
 
     def finish(self, received: Received):
         if self.lost:
             return  # nothing can be acknowledged on a dead connection
         answer = self.sink.script.data(received)
-        if answer:
-            return self.reply(answer)
-        self.sink.messages.append(received)
-        self.reply("250 2.0.0 Ok: queued")
+        if not answer:
+            self.sink.messages.append(received)
+        self.reply(answer or "250 2.0.0 Ok: queued")
+        if self.paused:
+            self.resumeProducing()  # then the commands that came after the data
 
     def do_RSET(self, rest):
         self.reset()
