@@ -33,6 +33,8 @@ from twistmail.metrics import Metrics
 
 #: At most this many addresses are tried per delivery attempt (Postfix: smtp_mx_address_limit).
 MAX_ADDRESSES = 5
+#: Parsed answers kept on the reactor thread, at most (dnspython's cache holds as many).
+MAX_MEMO = 10000
 
 
 class DNSFailure(Exception):
@@ -89,6 +91,8 @@ class DnsPythonMXResolver:
         self._run = run
         self._resolver: dns.resolver.Resolver | None = None
         self._latency = (metrics or Metrics()).dnsLookups
+        # (lookup, name) -> (result, expires): the cache's answers as the relay uses them.
+        self._memo: dict[tuple[str, str], tuple[list, float]] = {}
 
     def _get(self) -> dns.resolver.Resolver:
         # Built on first use, in a worker thread: reading /etc/resolv.conf is I/O,
@@ -105,7 +109,7 @@ class DnsPythonMXResolver:
                     raise DNSFailure(True, "4.4.3", "no DNS server configured "
                                      "(/etc/resolv.conf or [relay] nameservers)") from None
             resolver.timeout = resolver.lifetime = self._timeout
-            resolver.cache = dns.resolver.LRUCache(10000)  # honours TTLs; thread-safe
+            resolver.cache = dns.resolver.LRUCache(MAX_MEMO)  # honours TTLs; thread-safe
             self._resolver = resolver
         return self._resolver
 
@@ -152,6 +156,7 @@ class DnsPythonMXResolver:
             raise _NotCached() from None  # _resolve words the error
         answer = cache.get(key)
         if answer is not None:
+            _thread.expires = min(_thread.expires, answer.expiration)
             return list(answer.rrset or ())
         answer = cache.get((key[0], dns.rdatatype.ANY, key[2]))
         if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
@@ -164,14 +169,24 @@ class DnsPythonMXResolver:
         A relay sends to the same few domains again and again: each lookup in a
         thread costs two thread switches and a reactor wake-up per message.
         """
+        key = (f.__name__, arg)
+        memo = self._memo.get(key)
+        if memo is not None and memo[1] > time.time():  # as dnspython's cache decides
+            return defer.succeed(list(memo[0]))
         if self._resolver is not None:
-            _thread.cacheOnly = True
+            _thread.cacheOnly, _thread.expires = True, float("inf")
             try:
-                return defer.succeed(f(arg))
+                result = f(arg)
             except _NotCached:
                 pass
             except DNSFailure:
                 return defer.fail()
+            else:
+                # Kept, parsed, until the first answer it came from expires.
+                if len(self._memo) >= MAX_MEMO:
+                    self._memo.clear()
+                self._memo[key] = (result, _thread.expires)
+                return defer.succeed(list(result))
             finally:
                 _thread.cacheOnly = False
         return self._run(f, arg)
