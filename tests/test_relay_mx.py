@@ -235,4 +235,7 @@ def test_cached_answers_are_given_without_a_worker_thread_until_their_ttl_ends(d
         node.value.expiration = time.time() - 1
     r._memo = {key: (found, time.time() - 1) for key, (found, _) in r._memo.items()}
     assert onReactor(lambda: resolveHops(r, "example.net", random.Random(1))) == first
-    assert ran == [("example.net",), ("mx1.example.net",), ("mx2.example.net",)]
+    with pytest.raises(DNSFailure):
+        onReactor(lambda: resolveHops(r, "unknown.test", random.Random(1)))
+    assert ran == [("example.net",), ("mx1.example.net",), ("mx2.example.net",),
+                   ("unknown.test",)]

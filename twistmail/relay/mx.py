@@ -160,6 +160,7 @@ class DnsPythonMXResolver:
             return list(answer.rrset or ())
         answer = cache.get((key[0], dns.rdatatype.ANY, key[2]))
         if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
+            _thread.expires = min(_thread.expires, answer.expiration)
             raise _nxdomain(name, rdtype)
         raise _NotCached()
 
@@ -172,24 +173,27 @@ class DnsPythonMXResolver:
         key = (f.__name__, arg)
         memo = self._memo.get(key)
         if memo is not None and memo[1] > time.time():  # as dnspython's cache decides
-            return defer.succeed(list(memo[0]))
-        if self._resolver is not None:
-            _thread.cacheOnly, _thread.expires = True, float("inf")
-            try:
-                result = f(arg)
-            except _NotCached:
-                pass
-            except DNSFailure:
-                return defer.fail()
-            else:
-                # Kept, parsed, until the first answer it came from expires.
-                if len(self._memo) >= MAX_MEMO:
-                    self._memo.clear()
-                self._memo[key] = (result, _thread.expires)
-                return defer.succeed(list(result))
-            finally:
-                _thread.cacheOnly = False
-        return self._run(f, arg)
+            return defer.fail(memo[0]) if isinstance(memo[0], DNSFailure) else \
+                defer.succeed(list(memo[0]))
+        if self._resolver is None:
+            return self._run(f, arg)
+        _thread.cacheOnly, _thread.expires = True, float("inf")
+        try:
+            result = f(arg)
+        except _NotCached:
+            result = None
+        except DNSFailure as e:  # a cached NXDOMAIN
+            result = e
+        finally:
+            _thread.cacheOnly = False
+        if result is None:
+            return self._run(f, arg)
+        # Kept, parsed, until the first answer it came from expires.
+        if len(self._memo) >= MAX_MEMO:
+            self._memo.clear()
+        self._memo[key] = (result, _thread.expires)
+        return defer.fail(result) if isinstance(result, DNSFailure) else \
+            defer.succeed(list(result))
 
     def resolveSync(self, name: str, rdtype: str) -> list:
         """The dnspython rdata of C{name}/C{rdtype} ([] for NODATA); L{DNSFailure} otherwise.
