@@ -199,3 +199,27 @@ def test_a_refusal_after_the_pipelined_data_is_each_accepted_recipients_reply():
     assert {r.reply for r in got.values()} == {"452 4.3.1 insufficient storage"}
     assert {r.kind for r in got.values()} == {DEFERRED}
     assert len(peer.reactor.tcpClients) == 1
+
+
+def test_a_small_message_goes_out_with_its_end_and_rset_at_once():
+    peer = Peer()
+    peer.send(["r1@remote.test"])
+    protocol, transport, _ = greet(peer)
+    transport.clear()
+    for line in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+        protocol.dataReceived(line)
+    # Without waiting for the transport to pull it (FileSender): one turn of the reactor.
+    assert transport.producer is None
+    assert transport.value() == b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nRSET\r\n"
+
+
+def test_a_large_message_is_streamed_and_dot_stuffed_across_reads():
+    chunk = 16384  # FileSender's read size
+    message = b"Subject: big\r\n\r\n" + b"x" * (chunk - 18) + b"\r\n.at a boundary\r\n" * 3
+    peer = Peer()
+    results = peer.send(["r1@remote.test"], message)
+    protocol, transport, _ = greet(peer)
+    written = say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    assert written == message.replace(b"\r\n.", b"\r\n..") + b".\r\nRSET\r\n"
+    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    assert results[0]["r1@remote.test"].kind == SENT

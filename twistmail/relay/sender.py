@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from twisted.internet import defer, error, ssl
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols import basic
 
 from twistmail._logtext import loggableText
 from twistmail.metrics import Metrics
@@ -226,6 +227,19 @@ class _RelayClient(smtp.ESMTPSender):
             self._okresponse = self.smtpState_msgSent
             return
         self.smtpState_msgSent(code, resp)
+
+    def smtpState_data(self, code, resp):
+        """A message that fits in one of FileSender's reads goes out at once, with its end
+        (and a pipelined RSET): two reactor turns fewer per message than the producer."""
+        messageFile = self.getMailData()
+        data = messageFile.read(basic.FileSender.CHUNK_SIZE + 1)
+        if len(data) > basic.FileSender.CHUNK_SIZE:
+            messageFile.seek(0)
+            return super().smtpState_data(code, resp)
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_msgSent
+        self.transport.write(self.transformChunk(data))
+        self.finishedFileTransfer(data[-1:])
 
     def finishedFileTransfer(self, lastsent):
         self.factory.dataSent = True  # from here on the server may take the message
