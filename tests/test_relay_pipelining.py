@@ -65,6 +65,23 @@ def greet(peer: Peer, ehlo: bytes = EHLO_PIPELINING):
     return protocol, transport, say(protocol, transport, ehlo)
 
 
+def deliverOne(peer: Peer, recipient: str = "r1@remote.test"):
+    """A first message over a new connection, accepted; the connection is parked after it."""
+    results = peer.send([recipient])
+    protocol, transport, _ = greet(peer)
+    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    assert results[0][recipient].kind == SENT
+    return protocol, transport
+
+
+def lose(protocol) -> None:
+    """The connection breaks (as the reactor reports it to protocol and factory)."""
+    reason = failure.Failure(ConnectionError("reset by peer"))
+    protocol.connectionLost(reason)
+    protocol.factory.clientConnectionLost(None, reason)
+
+
 def test_mail_rcpt_and_data_go_in_one_write_and_replies_are_matched_in_order():
     peer = Peer()
     results = peer.send(["r1@remote.test", "bad@remote.test", "r3@remote.test"])
@@ -142,8 +159,7 @@ def test_connection_lost_mid_pipeline_defers_and_sends_nothing():
     results = peer.send(["r1@remote.test", "r2@remote.test"])
     protocol, transport, _ = greet(peer)
     say(protocol, transport, b"250 ok", b"250 ok")
-    protocol.connectionLost(failure.Failure(ConnectionError("reset by peer")))
-    protocol.factory.clientConnectionLost(None, failure.Failure(ConnectionError("reset by peer")))
+    lose(protocol)
     [got] = results
     assert {r.kind for r in got.values()} == {DEFERRED}
     assert len(peer.reactor.tcpClients) == 1  # a fresh connection could not tell: no retry now
@@ -151,17 +167,11 @@ def test_connection_lost_mid_pipeline_defers_and_sends_nothing():
 
 def test_a_reused_connection_lost_mid_pipeline_retries_on_a_fresh_one():
     peer = Peer()
-    first = peer.send(["r1@remote.test"])
-    protocol, transport, _ = greet(peer)
-    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
-    assert first[0]["r1@remote.test"].kind == SENT
+    protocol, transport = deliverOne(peer)
     second = peer.send(["r2@remote.test"])  # over the parked connection
     assert transport.value() == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
     say(protocol, transport, b"250 ok")
-    reason = failure.Failure(ConnectionError("reset by peer"))
-    protocol.connectionLost(reason)
-    protocol.factory.clientConnectionLost(None, reason)
+    lose(protocol)
     assert second == []  # not given up: retried at once on a new connection
     protocol, transport, written = greet(peer)
     assert written.startswith(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\n")
@@ -177,9 +187,7 @@ def test_after_the_final_250_a_lost_connection_does_not_resend():
     protocol, transport, _ = greet(peer)
     say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
     say(protocol, transport, b"250 2.0.0 queued")
-    reason = failure.Failure(ConnectionError("reset by peer"))
-    protocol.connectionLost(reason)
-    protocol.factory.clientConnectionLost(None, reason)
+    lose(protocol)
     assert results[0]["r1@remote.test"].kind == SENT
     assert len(peer.reactor.tcpClients) == 1
 
@@ -187,14 +195,10 @@ def test_after_the_final_250_a_lost_connection_does_not_resend():
 def test_a_refusal_after_the_pipelined_data_is_each_accepted_recipients_reply():
     """The reply to "." on a reused connection: 452 defers the message, RSET still follows."""
     peer = Peer()
-    first = peer.send(["r1@remote.test"])
-    protocol, transport, _ = greet(peer)
-    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    protocol, transport = deliverOne(peer)
     second = peer.send(["r2@remote.test", "r3@remote.test"])
     say(protocol, transport, b"250 ok", b"250 ok", b"250 ok", b"354 go")
     say(protocol, transport, b"452 4.3.1 insufficient storage", b"250 reset")
-    assert first[0]["r1@remote.test"].kind == SENT
     [got] = second
     assert {r.reply for r in got.values()} == {"452 4.3.1 insufficient storage"}
     assert {r.kind for r in got.values()} == {DEFERRED}
