@@ -183,7 +183,7 @@ class DnsPythonMXResolver:
         except _NotCached:
             result = None
         except DNSFailure as e:  # a cached NXDOMAIN
-            result = e
+            result = e.with_traceback(None)  # each Failure made of it would walk the frames
         finally:
             _thread.cacheOnly = False
         if result is None:
@@ -243,6 +243,8 @@ def orderMX(records: Sequence[tuple[int, str]], rng: random.Random) -> list[tupl
 
 
 def _isAddress(host: str) -> bool:
+    if not host[:1].isdigit() and ":" not in host:
+        return False  # a host name: no exception raised and caught for every message
     try:
         ipaddress.ip_address(host)
     except ValueError:
