@@ -14,6 +14,10 @@ per recipient.  What this module changes in ``twisted.mail.smtp``'s
 * **Data as stored**: the queue holds canonical CRLF lines, so only
   dot-stuffing is done (RFC 5321 §4.5.2); Twisted's own transform would turn
   CRLF into CRCRLF and misses dots at chunk boundaries.
+* **Pipelining** (RFC 2920), which Twisted's client lacks: when the server
+  offers it, MAIL, the RCPTs and DATA go in one write and each reply is
+  matched to its command in order; the final ``.`` and the RSET after it go
+  in another, with a message of up to one 16 KiB read written at once.
 * **Which failures move on to the next host**: anything before MAIL FROM
   (no connection, a 4xx/5xx greeting, a TLS or AUTH problem).  Once MAIL has
   been sent the outcome is final for this attempt, so a message is never sent
