@@ -227,3 +227,15 @@ def test_a_large_message_is_streamed_and_dot_stuffed_across_reads():
     assert written == message.replace(b"\r\n.", b"\r\n..") + b".\r\nRSET\r\n"
     say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
     assert results[0]["r1@remote.test"].kind == SENT
+
+
+def test_a_421_in_the_middle_of_the_group_is_every_recipients_reply():
+    """RFC 5321 §3.8: the server is closing; the replies still due will never come."""
+    peer = Peer()
+    results = peer.send(["r1@remote.test", "r2@remote.test"])
+    protocol, transport, _ = greet(peer)
+    say(protocol, transport, b"250 ok", b"421 4.3.2 shutting down")
+    lose(protocol)
+    [got] = results
+    assert {r.reply for r in got.values()} == {"421 4.3.2 shutting down"}
+    assert {r.kind for r in got.values()} == {DEFERRED}

@@ -208,6 +208,11 @@ class _RelayClient(smtp.ESMTPSender):
 
     def _pipelinedReply(self, code, resp):
         command, recipient = self._awaiting.popleft()
+        if code == 421:
+            # RFC 5321 §3.8: the server is closing; no further reply will come.
+            self._awaiting.clear()
+            self._mailReply = (code, resp)
+            return self._dataReply(code, resp)
         if command == b"MAIL":
             self._mailReply = (code, resp)
         elif command == b"RCPT":
