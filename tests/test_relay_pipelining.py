@@ -31,10 +31,10 @@ class Peer:
         self.sender = RelaySender(self.reactor, settings, clock=self.reactor)
         self.connected = 0
 
-    def send(self, recipients, message=MESSAGE) -> list:
+    def send(self, recipients, message=MESSAGE, opened=io.BytesIO) -> list:
         results = []
         self.sender.send([Hop("mx.remote.test", ("127.0.0.1",))], "a@example.test",
-                         list(recipients), lambda: defer.succeed(io.BytesIO(message)),
+                         list(recipients), lambda: defer.succeed(opened(message)),
                          {"id": "T1", "domain": "remote.test"}).addCallback(results.append)
         return results
 
@@ -239,3 +239,19 @@ def test_a_421_in_the_middle_of_the_group_is_every_recipients_reply():
     """RFC 5321 §3.8: the server is closing; the replies still due will never come."""
     _, got = brokenOff(b"250 ok", b"421 4.3.2 shutting down")
     assert {r.reply for r in got.values()} == {"421 4.3.2 shutting down"}
+
+
+class Unreadable(io.BytesIO):
+    def read(self, size=-1):
+        raise OSError(5, "Input/output error")
+
+
+def test_a_message_that_cannot_be_read_drops_the_connection_and_defers():
+    """Never a partial message the server could take for a whole one."""
+    peer = Peer()
+    results = peer.send(["r1@remote.test"], opened=Unreadable)
+    protocol, transport, _ = greet(peer)
+    assert say(protocol, transport, b"250 ok", b"250 ok", b"354 go") == b""
+    assert transport.disconnecting
+    lose(protocol)
+    assert results[0]["r1@remote.test"].kind == DEFERRED

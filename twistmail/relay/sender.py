@@ -241,7 +241,10 @@ class _RelayClient(smtp.ESMTPSender):
         """A message that fits in one of FileSender's reads goes out at once, with its end
         (and a pipelined RSET): two reactor turns fewer per message than the producer."""
         messageFile = self.getMailData()
-        data = messageFile.read(basic.FileSender.CHUNK_SIZE + 1)
+        try:
+            data = messageFile.read(basic.FileSender.CHUNK_SIZE + 1)
+        except OSError as e:
+            return self.sendError(e)  # as FileSender's failure would: the connection is dropped
         if len(data) > basic.FileSender.CHUNK_SIZE:
             messageFile.seek(0)
             return super().smtpState_data(code, resp)
