@@ -63,6 +63,7 @@ class SinkProtocol(basic.LineReceiver):
         self.user = None
         self.authPending = False
         self.lost = False
+        self.waiting = None  # lines received while a DATA reply is held
         self.reset()
         self.reply(self.sink.script.greeting)
 
@@ -86,6 +87,8 @@ class SinkProtocol(basic.LineReceiver):
             self.transport.loseConnection()
 
     def lineReceived(self, line: bytes):
+        if self.waiting is not None:
+            return self.waiting.append(line)
         if self.lines is not None:
             return self.dataLine(line)
         if self.authPending:
@@ -173,15 +176,19 @@ class SinkProtocol(basic.LineReceiver):
         d.addCallback(lambda _: self.finish(received))
         if hold is None:
             d.callback(None)
+        else:
+            self.waiting = []  # pipelined commands wait: replies go out in order (RFC 2920)
 
     def finish(self, received: Received):
         if self.lost:
             return  # nothing can be acknowledged on a dead connection
         answer = self.sink.script.data(received)
-        if answer:
-            return self.reply(answer)
-        self.sink.messages.append(received)
-        self.reply("250 2.0.0 Ok: queued")
+        if not answer:
+            self.sink.messages.append(received)
+        self.reply(answer or "250 2.0.0 Ok: queued")
+        waiting, self.waiting = self.waiting, None
+        for line in waiting or ():  # then the commands that came after the data
+            self.lineReceived(line)
 
     def do_RSET(self, rest):
         self.reset()

@@ -164,6 +164,8 @@ class NeverLoads:
     def load(self, id):
         return defer.Deferred()
 
+    loadWithMessage = load
+
 
 def test_memory_per_queued_message_is_a_few_hundred_octets(dataDir):
     """100,000 queued messages must cost a few tens of MB: what is kept per message

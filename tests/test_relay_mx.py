@@ -209,3 +209,33 @@ def test_mta_sts_enforce_keeps_only_listed_mx_hosts():
     assert [h.host for h in applyPolicy(hops, testing, "example.test")] == \
         ["mx1.example.test", "evil.attacker.test"]
     assert applyPolicy(hops, None, "example.test") == hops
+
+
+def test_cached_answers_are_given_without_a_worker_thread_until_their_ttl_ends(dnsServer):
+    """A delivery to a domain looked up a moment ago costs no thread hop (the relay's hot path)."""
+    ran = []
+
+    def run(f, *args):
+        ran.append(args)
+        return threads.deferToThread(f, *args)
+
+    r = DnsPythonMXResolver([("127.0.0.1", dnsServer.port)], 2, run)
+    first = onReactor(lambda: resolveHops(r, "example.net", random.Random(1)))
+    assert ran == [("example.net",), ("mx1.example.net",), ("mx2.example.net",)]
+    with pytest.raises(DNSFailure):
+        onReactor(lambda: resolveHops(r, "unknown.test", random.Random(1)))
+    ran.clear()
+    queries = len(dnsServer.queries)
+    assert onReactor(lambda: resolveHops(r, "example.net", random.Random(1))) == first
+    with pytest.raises(DNSFailure) as nx:  # a cached NXDOMAIN, too
+        onReactor(lambda: resolveHops(r, "unknown.test", random.Random(1)))
+    assert not nx.value.temporary
+    assert ran == [] and len(dnsServer.queries) == queries
+    for node in r._resolver.cache.data.values():  # every TTL has run out
+        node.value.expiration = time.time() - 1
+    r._memo = {key: (found, time.time() - 1) for key, (found, _) in r._memo.items()}
+    assert onReactor(lambda: resolveHops(r, "example.net", random.Random(1))) == first
+    with pytest.raises(DNSFailure):
+        onReactor(lambda: resolveHops(r, "unknown.test", random.Random(1)))
+    assert ran == [("example.net",), ("mx1.example.net",), ("mx2.example.net",),
+                   ("unknown.test",)]

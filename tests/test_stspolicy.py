@@ -165,6 +165,17 @@ def test_same_id_uses_the_cache_without_a_request(env):
     assert len(env.policy.requests) == 1
 
 
+def test_the_usual_outcomes_log_no_line_per_message(env, logged):  # noqa: F811
+    """The cached policy, or no record and none cached: what every delivery sees."""
+    source = env.source()
+    policyFor(source)
+    policyFor(source, "nosts.test")
+    logged.clear()
+    policyFor(source)
+    policyFor(source, "nosts.test")
+    assert [formatEvent(e) for e in logged if "mta-sts" in formatEvent(e)] == []
+
+
 def cachedThenNewId(env) -> PolicySource:
     """A source that has fetched and cached policy "one"; the TXT record now says "two"."""
     source = env.source()

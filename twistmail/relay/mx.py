@@ -13,12 +13,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import random
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dns.exception
 import dns.name
 import dns.nameserver
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer
 from zope.interface import implementer
@@ -28,6 +33,8 @@ from twistmail.metrics import Metrics
 
 #: At most this many addresses are tried per delivery attempt (Postfix: smtp_mx_address_limit).
 MAX_ADDRESSES = 5
+#: Parsed answers kept on the reactor thread, at most (dnspython's cache holds as many).
+MAX_MEMO = 10000
 
 
 class DNSFailure(Exception):
@@ -43,6 +50,19 @@ class DNSFailure(Exception):
     def reply(self) -> str:
         """As an SMTP-style reply, the form the queue and DSNs keep."""
         return f"{'451' if self.temporary else '550'} {self.status} {self.text}"
+
+
+class _NotCached(Exception):
+    """The answer is not in the cache: ask in a worker thread."""
+
+
+#: cacheOnly is set while a lookup runs on the reactor thread (L{DnsPythonMXResolver._cachedOrRun}).
+_thread = threading.local()
+
+
+def _nxdomain(name: str, rdtype: str) -> DNSFailure:
+    return DNSFailure(False, "5.1.2", f"Host or domain name not found: {name} type={rdtype}: "
+                      "NXDOMAIN")
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,8 @@ class DnsPythonMXResolver:
         self._run = run
         self._resolver: dns.resolver.Resolver | None = None
         self._latency = (metrics or Metrics()).dnsLookups
+        # (lookup, name) -> (result, expires): the cache's answers as the relay uses them.
+        self._memo: dict[tuple[str, str], tuple[list, float]] = {}
 
     def _get(self) -> dns.resolver.Resolver:
         # Built on first use, in a worker thread: reading /etc/resolv.conf is I/O,
@@ -87,21 +109,29 @@ class DnsPythonMXResolver:
                     raise DNSFailure(True, "4.4.3", "no DNS server configured "
                                      "(/etc/resolv.conf or [relay] nameservers)") from None
             resolver.timeout = resolver.lifetime = self._timeout
-            resolver.cache = dns.resolver.LRUCache(10000)  # honours TTLs; thread-safe
+            resolver.cache = dns.resolver.LRUCache(MAX_MEMO)  # honours TTLs; thread-safe
             self._resolver = resolver
         return self._resolver
 
     def _query(self, name: str, rdtype: str):
         """The answer's records, [] for NODATA; DNSFailure for what is not an answer."""
-        with self._latency.labels(rdtype).time():  # in a worker thread: the metric locks
+        started = time.perf_counter()
+        try:
             return self._resolve(name, rdtype)
+        except _NotCached:
+            started = None  # not a lookup: it is asked again in a worker thread
+            raise
+        finally:
+            if started is not None:  # the metric locks: safe in a worker thread
+                self._latency.labels(rdtype).observe(time.perf_counter() - started)
 
     def _resolve(self, name: str, rdtype: str):
+        if getattr(_thread, "cacheOnly", False):
+            return self._fromCache(name, rdtype)
         try:
             answer = self._get().resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
-            raise DNSFailure(False, "5.1.2", f"Host or domain name not found: {name} type={rdtype}: "
-                             "NXDOMAIN") from None
+            raise _nxdomain(name, rdtype) from None
         except dns.resolver.NoNameservers:  # every server said SERVFAIL/REFUSED
             raise DNSFailure(True, "4.4.3", f"Host or domain name not found: {name} type={rdtype}: "
                              "SERVFAIL, try again") from None
@@ -113,6 +143,57 @@ class DnsPythonMXResolver:
         except dns.exception.DNSException as e:
             raise DNSFailure(True, "4.4.3", f"DNS error for {name} type={rdtype}: {e}") from None
         return list(answer.rrset or ())
+
+    def _fromCache(self, name: str, rdtype: str) -> list:
+        """What L{_resolve} would return, from dnspython's cache alone (which drops expired
+        answers), without I/O; L{_NotCached} when it would have to ask."""
+        cache = getattr(self._resolver, "cache", None)
+        if not cache:
+            raise _NotCached()
+        try:
+            key = (dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
+        except dns.exception.DNSException:
+            raise _NotCached() from None  # _resolve words the error
+        answer = cache.get(key)
+        if answer is not None:
+            _thread.expires = min(_thread.expires, answer.expiration)
+            return list(answer.rrset or ())
+        answer = cache.get((key[0], dns.rdatatype.ANY, key[2]))
+        if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
+            _thread.expires = min(_thread.expires, answer.expiration)
+            raise _nxdomain(name, rdtype)
+        raise _NotCached()
+
+    def _cachedOrRun(self, f: Callable, arg: str) -> defer.Deferred:
+        """C{f(arg)} at once when the cache holds every answer it needs, else in the pool.
+
+        A relay sends to the same few domains again and again: each lookup in a
+        thread costs two thread switches and a reactor wake-up per message.
+        """
+        key = (f.__name__, arg)
+        memo = self._memo.get(key)
+        if memo is not None and memo[1] > time.time():  # as dnspython's cache decides
+            return defer.fail(memo[0]) if isinstance(memo[0], DNSFailure) else \
+                defer.succeed(list(memo[0]))
+        if self._resolver is None:
+            return self._run(f, arg)
+        _thread.cacheOnly, _thread.expires = True, float("inf")
+        try:
+            result = f(arg)
+        except _NotCached:
+            result = None
+        except DNSFailure as e:  # a cached NXDOMAIN
+            result = e.with_traceback(None)  # each Failure made of it would walk the frames
+        finally:
+            _thread.cacheOnly = False
+        if result is None:
+            return self._run(f, arg)
+        # Kept, parsed, until the first answer it came from expires.
+        if len(self._memo) >= MAX_MEMO:
+            self._memo.clear()
+        self._memo[key] = (result, _thread.expires)
+        return defer.fail(result) if isinstance(result, DNSFailure) else \
+            defer.succeed(list(result))
 
     def resolveSync(self, name: str, rdtype: str) -> list:
         """The dnspython rdata of C{name}/C{rdtype} ([] for NODATA); L{DNSFailure} otherwise.
@@ -145,13 +226,13 @@ class DnsPythonMXResolver:
         return [b"".join(r.strings).decode("utf-8", "replace") for r in self._query(name, "TXT")]
 
     def lookupMX(self, domain: str) -> defer.Deferred:
-        return self._run(self._mxSync, domain)
+        return self._cachedOrRun(self._mxSync, domain)
 
     def lookupTXT(self, name: str) -> defer.Deferred:
-        return self._run(self._txtSync, name)
+        return self._cachedOrRun(self._txtSync, name)
 
     def lookupAddresses(self, host: str) -> defer.Deferred:
-        return self._run(self._addressesSync, host)
+        return self._cachedOrRun(self._addressesSync, host)
 
 
 def orderMX(records: Sequence[tuple[int, str]], rng: random.Random) -> list[tuple[int, str]]:
@@ -162,6 +243,8 @@ def orderMX(records: Sequence[tuple[int, str]], rng: random.Random) -> list[tupl
 
 
 def _isAddress(host: str) -> bool:
+    if not host[:1].isdigit() and ":" not in host:
+        return False  # a host name: no exception raised and caught for every message
     try:
         ipaddress.ip_address(host)
     except ValueError:

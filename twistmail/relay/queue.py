@@ -231,6 +231,17 @@ def readEntry(queueDir: str, id: str) -> QueueEntry:
     return QueueEntry.fromJSON(data, final)
 
 
+def readForDelivery(queueDir: str, id: str) -> tuple[QueueEntry, object]:
+    """The entry and its message, opened for reading (the caller closes it)."""
+    entry = readEntry(queueDir, id)
+    try:
+        return entry, open(_paths(queueDir, id)[0], "rb")
+    except FileNotFoundError:
+        raise QueueError(f"{id}.json has no {id}.eml") from None
+    except OSError as e:
+        raise QueueError(f"cannot open {id}.eml: {e.strerror}") from e
+
+
 def readHeaders(queueDir: str, id: str, limit: int = 64 * 1024) -> bytes:
     """The header section of the message (up to C{limit} octets), for DSNs and ``queue show``."""
     eml, _ = _paths(queueDir, id)
@@ -372,6 +383,10 @@ class RelayQueue:
 
     def load(self, id: str) -> defer.Deferred:
         return self._run(readEntry, self.path, id)
+
+    def loadWithMessage(self, id: str) -> defer.Deferred:
+        """(entry, open message file) in one worker-thread call: what an attempt needs."""
+        return self._run(readForDelivery, self.path, id)
 
     def save(self, entry: QueueEntry) -> defer.Deferred:
         return self._commit.submit(lambda: stageSave(self.path, entry))

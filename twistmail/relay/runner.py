@@ -115,6 +115,24 @@ def retryDelay(attempts: int, retryMin: float, retryMax: float) -> float:
     return min(retryMax, retryMin * 2 ** min(attempts - 1, 32))
 
 
+class _Opener:
+    """The message file for each SMTP attempt: first the one opened with the entry (one
+    worker thread call for both, not two per message), then a new one each time."""
+
+    def __init__(self, queue: RelayQueue, id: str, message) -> None:
+        self._queue, self._id, self._first = queue, id, message
+
+    def __call__(self) -> defer.Deferred:
+        first, self._first = self._first, None
+        return defer.succeed(first) if first is not None else self._queue.openMessage(self._id)
+
+    def close(self) -> None:
+        """The first file, if no attempt took it."""
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+
+
 class QueueRunner(service.Service):
     name = "relay queue"
 
@@ -330,18 +348,22 @@ class QueueRunner(service.Service):
     @defer.inlineCallbacks
     def _process(self, id: str):
         """Returns when the message is next due, or None when it left the queue."""
-        entry: QueueEntry = yield self._queue.load(id)
-        if id in self._deleting:
-            yield self._queue.remove(id)
-            log.info("relay id={id} deleted by the admin", id=id)
-            return None
-        now = self._clock.seconds()
-        forced = id in self._forced
-        self._forced.discard(id)
-        due = [r for r in entry.pending() if forced or r.next_attempt <= now]
-        if due:
-            results = yield self._deliver(entry, due)
-            yield self._record(entry, due, results)
+        entry, message = yield self._queue.loadWithMessage(id)
+        opener = _Opener(self._queue, id, message)
+        try:
+            if id in self._deleting:
+                yield self._queue.remove(id)
+                log.info("relay id={id} deleted by the admin", id=id)
+                return None
+            now = self._clock.seconds()
+            forced = id in self._forced
+            self._forced.discard(id)
+            due = [r for r in entry.pending() if forced or r.next_attempt <= now]
+            if due:
+                results = yield self._deliver(entry, due, opener)
+                yield self._record(entry, due, results)
+        finally:
+            opener.close()
         if id in self._deleting:
             yield self._queue.remove(id)
             log.info("relay id={id} deleted by the admin", id=id)
@@ -353,7 +375,7 @@ class QueueRunner(service.Service):
             yield self._queue.save(entry)
         return entry.nextAttempt()
 
-    def _deliver(self, entry: QueueEntry, due: list) -> defer.Deferred:
+    def _deliver(self, entry: QueueEntry, due: list, opener: _Opener) -> defer.Deferred:
         results: dict[str, Result] = {}
         local: dict[str, tuple] = {}
         remote: dict[str, list[str]] = {}
@@ -377,7 +399,7 @@ class QueueRunner(service.Service):
         limit = self.settings.maxRecipients
         for domain, addresses in remote.items():
             for i in range(0, len(addresses), limit):
-                ds.append(self._deliverRemote(entry, domain, addresses[i:i + limit]))
+                ds.append(self._deliverRemote(entry, domain, addresses[i:i + limit], opener))
         d = defer.gatherResults(ds, consumeErrors=True)
 
         def merge(parts: list[dict]) -> dict:
@@ -419,7 +441,8 @@ class QueueRunner(service.Service):
             self._slots.pop(domain, None)
 
     @defer.inlineCallbacks
-    def _deliverRemote(self, entry: QueueEntry, domain: str, addresses: list[str]):
+    def _deliverRemote(self, entry: QueueEntry, domain: str, addresses: list[str],
+                       opener: _Opener):
         # A suspended domain costs no connection slot.  (Checked again once a slot is
         # ours: the attempts ahead of us may have suspended it meanwhile.)
         if self._isSuspended(domain):
@@ -430,7 +453,7 @@ class QueueRunner(service.Service):
         try:
             yield self._global.acquire(lane)
             try:
-                results = yield self._attemptDomain(entry, domain, addresses)
+                results = yield self._attemptDomain(entry, domain, addresses, opener)
             finally:
                 # Later, not now: the next waiter would run inside this call, and a
                 # suspended domain makes hundreds of them finish without waiting.
@@ -449,7 +472,8 @@ class QueueRunner(service.Service):
         return results
 
     @defer.inlineCallbacks
-    def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str]):
+    def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str],
+                       opener: _Opener):
         context = {"id": entry.id, "domain": domain, "origin": entry.origin}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
@@ -462,8 +486,7 @@ class QueueRunner(service.Service):
             results = {a: outcome for a in addresses}
             logAttempt(context, "-", results)
             return results
-        results = yield self._sender.send(hops, entry.sender, addresses,
-                                          lambda: self._queue.openMessage(entry.id), context)
+        results = yield self._sender.send(hops, entry.sender, addresses, opener, context)
         if all(r.kind == DEFERRED and not r.remote and r.reply.split()[1:2] == ["4.4.1"]
                for r in results.values()):
             self._suspend(domain, next(iter(results.values())))  # no host would talk to us

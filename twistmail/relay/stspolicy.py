@@ -287,13 +287,9 @@ class PolicySource:
         return policy
 
     def _use(self, domain: str, cached: Policy | None, why: str, detail: str) -> Policy | None:
-        """Log what is applied and why, and return it."""
-        if why == "cached":
-            log.debug("mta-sts domain={domain} result={result} id={id} source=cache",
-                      domain=domain, result=cached.mode, id=cached.id)
-        elif why == "no-record" and cached is None:
-            log.debug("mta-sts domain={domain} result=none", domain=domain)
-        else:
+        """Log what is applied and why, unless it is the usual (the cached policy, or none
+        and no record): that would be a line per message, and twistd logs debug too."""
+        if why != "cached" and (why != "no-record" or cached is not None):
             log.info("mta-sts domain={domain} result={why} detail={detail} using={using}",
                      domain=domain, why=why, detail=loggableText(detail, 200),
                      using=f"cached-{cached.mode}" if cached is not None else "none")
