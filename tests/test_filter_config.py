@@ -153,3 +153,24 @@ def test_a_filter_cannot_end_the_header_section_with_a_line_break():
         b"X-A: one\r\n\tBcc: evil@example.test\r\n\tmore\r\n"
     with pytest.raises(ValueError):
         headerLines([("Bad Name", "x")])
+
+
+def test_check_config_never_shows_the_rspamd_password(tmp_path, capsys):
+    path = write(tmp_path, '[filters]\ninbound = ["rspamd"]\n'
+                           '[filters.rspamd]\nurl = "http://127.0.0.1:11333"\n'
+                           'password = "hunter2-Secret"\n')
+    assert main(["--config", path, "--data-dir", str(tmp_path / "data"), "check-config"]) == 0
+    out, err = capsys.readouterr()
+    settings = dict(line.split(None, 1) for line in out.splitlines() if line.startswith("filters."))
+    assert settings["filters.rspamd.password"].strip() == "(set)"
+    assert settings["filters.rspamd.url"].strip() == "http://127.0.0.1:11333"
+    assert "hunter2" not in out + err
+
+
+def test_check_config_on_the_default_config_lists_the_default_filters(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path / "data"), "check-config"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[:2] for line in out.splitlines()
+            if line.split()[:1] in (["dnsbl"], ["greylist"], ["spf-dkim-dmarc"], ["dkim-sign"])]
+    assert rows == [["dnsbl", "inbound"], ["greylist", "inbound"], ["spf-dkim-dmarc", "inbound"],
+                    ["dkim-sign", "submission"]]

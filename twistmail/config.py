@@ -395,8 +395,9 @@ REMOVED: dict[tuple[str, str], str] = {
 _TCP_EXAMPLE = '["tcp:25"]'
 _HOST_EXAMPLE = '"mx.example.org:25"'
 
-#: Values check-config never prints.
-SECRETS = {("relay", "smarthost_password")}
+#: Values check-config never prints: (section, key); a plugin table's section is
+#: ``"filters.<name>"`` or ``"storage.<name>"``.
+SECRETS = {("relay", "smarthost_password"), ("filters.rspamd", "password")}
 
 
 class ConfigError(Exception):

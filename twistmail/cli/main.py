@@ -158,22 +158,23 @@ def cmdCheckConfig(args) -> str:
             loadOptions(config["tls"]["certificate"], config["tls"]["key"])
         except TLSConfigError as e:
             raise CLIError(f"{config.path}: [tls]: {e}") from None
-    rows = [("config", config.path)]
+    rows = []
     for section, keys in configmod.SCHEMA.items():
         for key in keys:
             value = config[section][key]
             if isinstance(value, list):
                 value = " ".join(value) or "-"
-            elif (section, key) in configmod.SECRETS:
-                value = "(set)" if value else "-"
             elif value == "":
                 value = "-"
-            rows.append((f"{section}.{key}", value))
+            rows.append((section, key, value))
     for key, value in sorted(config.storageOptions().items()):
-        rows.append((f"storage.{config['storage']['backend']}.{key}", value))
+        rows.append((f"storage.{config['storage']['backend']}", key, value))
     for name in sorted(config.filterTables):
         for key, value in sorted(config.filterTables[name].items()):
-            rows.append((f"filters.{name}.{key}", value))
+            rows.append((f"filters.{name}", key, value))
+    rows = [("config", config.path)] + [
+        (f"{section}.{key}", ("(set)" if value not in ("", "-") else "-")
+         if (section, key) in configmod.SECRETS else value) for section, key, value in rows]
     found = table(["BACKEND", "MODULE", "DESCRIPTION"],
                   [(name, type(plugin).__module__, plugin.description)
                    for name, plugin in backends.items()])
