@@ -137,3 +137,18 @@ def parseRcptParams(params: list[tuple[bytes, bytes]]) -> tuple[list[str] | None
                 raise DSNError("ORCPT has no address (RFC 3461 section 4.2)")
             orcpt = f"{kind};{text}"
     return notify, orcpt
+
+
+def queueExtra(envelope) -> dict:
+    """What a queue entry keeps of C{envelope}'s requests (L{QueueEntry.extra})."""
+    extra: dict = {}
+    if envelope.dsn is not None and envelope.dsn.asked():
+        extra["dsn"] = envelope.dsn.toJSON()
+    if envelope.body != "7BIT":
+        extra["body"] = envelope.body
+    return extra
+
+
+def ofEntry(entry) -> Request:
+    """The DSN request kept in a queue entry (none: the defaults)."""
+    return Request.fromJSON(entry.extra.get("dsn"))

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from twistmail.delivery.local import allStored
+from twistmail.dsn import queueExtra
 from twistmail.interfaces import IDeliveryTarget
 from twistmail.model import Envelope
 
@@ -33,5 +34,5 @@ class DeliveryPipeline:
         if envelope.relay:
             ds.append(self.queue.enqueue(envelope.sender, envelope.relay, source.chunks,
                                          id=envelope.id, origin="smtp", client=envelope.client,
-                                         helo=envelope.helo))
+                                         helo=envelope.helo, extra=queueExtra(envelope)))
         return allStored(ds)

@@ -340,16 +340,17 @@ class RelayQueue:
 
     def enqueue(self, sender: str, recipients: Iterable[str],
                 chunks: Callable[[], Iterable[bytes]], *, origin: str, id: str | None = None,
-                client: str = "", helo: str = "") -> defer.Deferred:
+                client: str = "", helo: str = "", extra: dict | None = None) -> defer.Deferred:
         """Store a message durably (fsynced before the Deferred fires).
 
         @param chunks: called in a worker thread; returns the message bytes.
+        @param extra: kept with the envelope (L{QueueEntry.extra}): the DSN request...
         @return: Deferred firing with the L{QueueEntry}; StorageError on failure.
         """
         now = self._clock()
         entry = QueueEntry(id=id or newQueueId(now), sender=sender,
                            recipients=[Recipient(r) for r in recipients], created=now,
-                           origin=origin, client=client, helo=helo)
+                           origin=origin, client=client, helo=helo, extra=dict(extra or {}))
 
         def stage() -> list:
             for _ in range(10):
