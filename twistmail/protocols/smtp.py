@@ -610,7 +610,7 @@ class SMTPServer(smtp.ESMTP):
                 self._skipChunk(size, 503, b"5.5.1 Need MAIL and a valid RCPT before BDAT")
                 return
             self._bdat = self._startMessage()
-        if self._bdat.bodySize + size > self.factory.config["max_message_size"]:
+        if self._bdat.size + size > self.factory.config["max_message_size"]:  # as DATA
             self._session.dataFailed(self._envelope, b"552 5.3.4 message too big (BDAT)",
                                      self._bdat.size + size)
             self._endChunking()

@@ -383,6 +383,13 @@ class RelayQueue:
     def headers(self, id: str) -> defer.Deferred:
         return self._run(readHeaders, self.path, id)
 
+    def message(self, id: str) -> defer.Deferred:
+        """The whole message (for RET=FULL reports: only small ones are read)."""
+        def read() -> bytes:
+            with open(self.messagePath(id), "rb") as f:
+                return f.read()
+        return self._run(read)
+
     def openMessage(self, id: str) -> defer.Deferred:
         return self._run(open, self.messagePath(id), "rb")
 
