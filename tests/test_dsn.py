@@ -179,3 +179,67 @@ def test_ret_hdrs_or_unset_returns_headers_only():
     report = buildBounce(entry, entry.recipients, b"Subject: x\r\n", "mx.example.test", 2.0)
     assert b"text/rfc822-headers" in report and b"message/rfc822" not in report
     assert b"Original-Envelope-Id: e1" in report
+
+
+def reportOf(message) -> tuple[dict, list[dict]]:
+    """(per-message fields, per-recipient blocks) of a DSN."""
+    [status] = [p for p in message.iter_parts() if p.get_content_type() == "message/delivery-status"]
+    return dict(status.get_payload()[0].items()), dsnRecipients(message)
+
+
+def test_success_asked_for_a_relayed_recipient_gets_a_relayed_report(net, relay, dataDir):
+    # RFC 3461 §4.1: the next hop was not asked to report, so we say "relayed".
+    server = relay(retry_min=3600, retry_max=3600)
+    send(server.smtpPort, ["bob@remote.test", "carol@remote.test"], ["ENVID=e-42"],
+         ["NOTIFY=SUCCESS"])
+    [report] = waitUntil(lambda: mailbox(dataDir, ALICE), 15, "the success report")
+    envelope, blocks = reportOf(report)
+    assert envelope["Original-Envelope-Id"] == "e-42"
+    assert sorted(b["Final-Recipient"] for b in blocks) == [
+        "rfc822; bob@remote.test", "rfc822; carol@remote.test"]
+    assert {b["Action"] for b in blocks} == {"relayed"} and {b["Status"][:2] for b in blocks} == {"2."}
+    assert report["Subject"] == "Successful Mail Delivery Report"
+    assert len(net.sink.messages) == 1
+
+
+def test_success_not_asked_sends_no_report(net, relay, dataDir):
+    server = relay(retry_min=3600, retry_max=3600)
+    send(server.smtpPort, ["bob@remote.test"], [], ["NOTIFY=FAILURE,DELAY"])
+    waitUntil(lambda: net.sink.messages, 15, "the delivery")
+    waitUntil(lambda: not queueIds(dataDir), 15, "the queue to empty")
+    assert mailbox(dataDir, ALICE) == []
+
+
+def test_success_asked_for_a_local_recipient_gets_a_delivered_report(net, relay, dataDir):
+    server = relay(retry_min=3600, retry_max=3600)
+    addUser(dataDir, "bob@example.test")
+    send(server.smtpPort, ["bob@example.test"], ["ENVID=local-1"],
+         ["NOTIFY=SUCCESS", "ORCPT=rfc822;Bob@Example.TEST"])
+    [report] = waitUntil(lambda: mailbox(dataDir, ALICE), 15, "the success report")
+    envelope, [block] = reportOf(report)
+    assert envelope["Original-Envelope-Id"] == "local-1"
+    assert block["Action"] == "delivered" and block["Status"] == "2.0.0"
+    assert block["Original-Recipient"] == "rfc822; Bob@Example.TEST"
+    assert len(mailbox(dataDir, "bob@example.test")) == 1
+
+
+def test_delay_report_once_after_delay_warning_time(net, relay, dataDir):
+    server = relay(retry_min=1, retry_max=1, delay_warning_time=1)
+    send(server.smtpPort, ["bob@dead.test"], ["ENVID=slow"], [])  # default NOTIFY includes DELAY
+    [report] = waitUntil(lambda: mailbox(dataDir, ALICE), 20, "the delay report")
+    envelope, [block] = reportOf(report)
+    assert block["Action"] == "delayed" and block["Status"].startswith("4.")
+    assert envelope["Original-Envelope-Id"] == "slow"
+    [id] = queueIds(dataDir)
+    waitUntil(lambda: json.load(open(os.path.join(dataDir, "queue", id + ".json")))
+              ["recipients"][0]["attempts"] >= 4, 20, "more attempts")
+    assert len(mailbox(dataDir, ALICE)) == 1  # once, not after every attempt
+
+
+def test_no_delay_report_when_notify_leaves_delay_out(net, relay, dataDir):
+    server = relay(retry_min=1, retry_max=1, delay_warning_time=1)
+    send(server.smtpPort, ["bob@dead.test"], [], ["NOTIFY=FAILURE"])
+    [id] = queueIds(dataDir)
+    waitUntil(lambda: json.load(open(os.path.join(dataDir, "queue", id + ".json")))
+              ["recipients"][0]["attempts"] >= 3, 20, "several attempts")
+    assert mailbox(dataDir, ALICE) == []

@@ -20,8 +20,14 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
 
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistmail._logtext import loggable
 from twistmail.dsn import encodeXtext, ofEntry
 from twistmail.relay.queue import QueueEntry, Recipient
+
+log = Logger()
 
 #: RFC 3463 X.4.7: delivery time expired.
 EXPIRED = "4.4.7"
@@ -124,3 +130,51 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
     original.set_payload(text.replace("\r\n", "\n"))
     report.attach(original)
     return report.as_bytes(policy=email.policy.SMTP)
+
+
+class Reports:
+    """Queues the DSNs of the relay runner and of local delivery, to the sender from <>."""
+
+    def __init__(self, queue, hostname: str, sign) -> None:
+        """@param queue: L{twistmail.relay.queue.RelayQueue}.
+        @param sign: C{sign(message) -> Deferred[bytes]} (DKIM, off the reactor)."""
+        self.queue = queue
+        self.hostname = hostname
+        self.sign = sign
+
+    @defer.inlineCallbacks
+    def report(self, entry: QueueEntry, listed: list[Recipient], now: float, action: str,
+               expired: set[str] = frozenset(), original=None):
+        """Queue a report about C{listed} recipients of C{entry}, unless the sender is <>
+        or (for failures) they said NOTIFY=NEVER or left FAILURE out (RFC 3461 §4.1).
+
+        @param original: C{f() -> (headers, whole message or None)}, blocking; by default
+            the queued message's files are read.
+        """
+        if action == FAILED:
+            request = ofEntry(entry)
+            silent = [r for r in listed if not request.notifies(r.address, "FAILURE")]
+            if silent:
+                log.info("relay id={id} failed to={to}; no bounce: NOTIFY without FAILURE",
+                         id=entry.id, to=",".join(loggable(r.address) for r in silent))
+            listed = [r for r in listed if r not in silent]
+            if not listed:
+                return
+        addresses = ",".join(loggable(r.address) for r in listed)
+        if not entry.sender:
+            # RFC 5321 §4.5.5: never a notification about a notification.
+            log.info("relay id={id} {action} to={to}; no report: null sender", id=entry.id,
+                     action=action, to=addresses)
+            return
+        if original is None:
+            headers = yield self.queue.headers(entry.id)
+            message = yield self.queue.message(entry.id) \
+                if ofEntry(entry).ret == "FULL" and entry.size <= FULL_LIMIT else None
+        else:
+            headers, message = yield self.queue.run(original)
+        report = yield self.sign(buildBounce(entry, listed, headers, self.hostname, now,
+                                             expired, action, message))
+        queued = yield self.queue.enqueue("", [entry.sender], lambda: [report], origin="bounce")
+        log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
+                 id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
+                 reason="expired" if expired else action)

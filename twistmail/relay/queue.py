@@ -383,6 +383,10 @@ class RelayQueue:
     def headers(self, id: str) -> defer.Deferred:
         return self._run(readHeaders, self.path, id)
 
+    def run(self, f: Callable, *args) -> defer.Deferred:
+        """C{f(*args)} off the reactor thread (for blocking reads of a message)."""
+        return self._run(f, *args)
+
     def message(self, id: str) -> defer.Deferred:
         """The whole message (for RET=FULL reports: only small ones are read)."""
         def read() -> bytes:

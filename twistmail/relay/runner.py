@@ -62,7 +62,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistmail._logtext import loggable
+from twistmail import dsn
 from twistmail.delivery.routing import (
     LOCAL,
     BadAddress,
@@ -72,7 +72,6 @@ from twistmail.delivery.routing import (
     UnknownUser,
     remoteDomain,
 )
-from twistmail import dsn
 from twistmail.dkimsigner import unsigned
 from twistmail.errors import StorageError
 from twistmail.metrics import Metrics
@@ -132,7 +131,7 @@ class QueueRunner(service.Service):
         @param metrics: counts each recipient's outcome.
         @param sign: C{sign(message) -> Deferred[bytes]}: DKIM-signs a bounce (off the reactor).
         """
-        self._sign = sign
+        self.reports = bounce.Reports(queue, settings.hostname, sign)
         self._queue = queue
         self._router = router
         self._local = local
@@ -525,32 +524,6 @@ class QueueRunner(service.Service):
             # One delay report per recipient, also across restarts (saved with the entry).
             entry.extra["dsn_delay_sent"] = warned + [r.address for r in late]
 
-    @defer.inlineCallbacks
-    def _bounce(self, entry: QueueEntry, listed: list, expired: set, now: float, action: str):
-        """Queue a DSN (RFC 3464) about C{listed} recipients to the sender, unless the sender
-        is <> or (for failures) every one of them said NOTIFY=NEVER or without FAILURE."""
-        if action == bounce.FAILED:
-            request = dsn.ofEntry(entry)
-            silent = [r for r in listed if not request.notifies(r.address, "FAILURE")]
-            if silent:
-                log.info("relay id={id} failed to={to}; no bounce: NOTIFY without FAILURE",
-                         id=entry.id, to=",".join(loggable(r.address) for r in silent))
-            listed = [r for r in listed if r not in silent]
-            if not listed:
-                return
-        addresses = ",".join(loggable(r.address) for r in listed)
-        if not entry.sender:
-            # RFC 5321 §4.5.5: never a notification about a notification.
-            log.info("relay id={id} {action} to={to}; no report: null sender", id=entry.id,
-                     action=action, to=addresses)
-            return
-        headers = yield self._queue.headers(entry.id)
-        message = None
-        if dsn.ofEntry(entry).ret == "FULL" and entry.size <= bounce.FULL_LIMIT:
-            message = yield self._queue.message(entry.id)
-        report = yield self._sign(bounce.buildBounce(
-            entry, listed, headers, self.settings.hostname, now, expired, action, message))
-        queued = yield self._queue.enqueue("", [entry.sender], lambda: [report], origin="bounce")
-        log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
-                 id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
-                 reason="expired" if expired else action)
+    def _bounce(self, entry: QueueEntry, listed: list, expired: set, now: float,
+                action: str) -> defer.Deferred:
+        return self.reports.report(entry, listed, now, action, expired)
