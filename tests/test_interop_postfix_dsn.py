@@ -1,0 +1,79 @@
+"""DSN (RFC 3461) and 8-bit mail with Debian's Postfix, started by the test.
+
+twistmail relays through Postfix (its smarthost) and Postfix relays everything
+that is not its own back to twistmail: so Postfix receives our NOTIFY, ORCPT,
+ENVID and RET, and its success report for them travels back as mail from
+Postfix into twistmail, where the sender's mailbox shows what arrived.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+
+import pytest
+from postfixproc import Postfix
+from relayenv import Internet, dsnRecipients, mailbox, queueIds
+from serverproc import waitUntil
+from support import addUser, freePort, startServer
+from test_relay_e2e import ALICE
+
+
+@pytest.fixture
+def net():
+    internet = Internet()
+    yield internet
+    internet.stop()
+
+
+@pytest.fixture
+def chain(net, dataDir):
+    """(twistmail, Postfix): each other's relay."""
+    addUser(dataDir, ALICE)
+    port = freePort()
+    server = startServer(dataDir, relay=net.relayConfig(
+        smarthost=f"smarthost.test:{port}", smarthost_tls="opportunistic"))
+    postfix = Postfix(port, domains=["remote.test"],
+                      relayhost=f"[127.0.0.1]:{server.smtpPort}").start()
+    yield server, postfix
+    postfix.stop()
+    server.stop()
+
+
+def test_dsn_parameters_reach_postfix_and_its_success_report_comes_back(chain, dataDir):
+    server, postfix = chain
+    with smtplib.SMTP("127.0.0.1", server.smtpPort, timeout=30) as client:
+        client.ehlo("client.example.test")
+        assert client.mail(ALICE, ["RET=HDRS", "ENVID=pf-env+2B1"])[0] == 250
+        assert client.rcpt("bob@remote.test", ["NOTIFY=SUCCESS",
+                                               "ORCPT=rfc822;Robert@remote.test"])[0] == 250
+        assert client.data(f"From: {ALICE}\r\nSubject: dsn interop\r\n\r\nhi\r\n".encode())[0] == 250
+    waitUntil(lambda: postfix.delivered() == 1, 30, "Postfix to store the message")
+    # Postfix's report, not ours ("relayed"): the hop was asked to report, so we did not.
+    [report] = waitUntil(lambda: mailbox(dataDir, ALICE), 30, "Postfix's success report")
+    assert "postfix.test" in report["From"]
+    text = report.as_string()
+    assert "Original-Envelope-Id: pf-env+2B1" in text
+    [block] = dsnRecipients(report)
+    assert block["Action"] == "delivered"
+    assert block["Original-Recipient"] == "rfc822; Robert@remote.test"
+    assert block["Final-Recipient"] == "rfc822; bob@remote.test"
+    waitUntil(lambda: not queueIds(dataDir), 15, "twistmail's queue to empty")
+    assert len(mailbox(dataDir, ALICE)) == 1
+
+
+def test_postfix_as_sender_passes_dsn_and_gets_our_delivered_report(chain, dataDir):
+    server, postfix = chain
+    # Postfix's smtp client sends NOTIFY and ENVID to a server that offers DSN.
+    postfix.run("/usr/sbin/sendmail", "-f", "bob@remote.test", "-N", "success",
+                "-V", "from-postfix-9", ALICE,
+                input=b"From: bob@remote.test\nSubject: to twistmail\n\nhello\n")
+    waitUntil(lambda: mailbox(dataDir, ALICE), 30, "the message from Postfix")
+    # Our "delivered" report goes to bob@remote.test, i.e. back through Postfix.
+    waitUntil(lambda: postfix.delivered() == 1, 30, "our report to reach Postfix's mailbox")
+    report = email.message_from_bytes(postfix.messages()[0], policy=email.policy.default)
+    assert "MAILER-DAEMON@mx.example.test" in report["From"]
+    assert "Original-Envelope-Id: from-postfix-9" in report.as_string()
+    [block] = dsnRecipients(report)
+    assert block["Action"] == "delivered" and block["Final-Recipient"] == f"rfc822; {ALICE}"
