@@ -79,7 +79,7 @@ def test_ten_thousand_bytes_of_dsn_parameter_is_a_line_too_long(server, command)
 
 @pytest.mark.parametrize("params", [
     b"NOTIFY=NEVER,SUCCESS", b"NOTIFY=MAYBE", b"ORCPT=alice@example.test",
-    b"ORCPT=rfc822;a+zz", b"ORCPT=rfc822;" + b"a" * 501,
+    b"ORCPT=rfc822;a+zz", b"ORCPT=rfc822;a+0D+0AX-Injected:+20y", b"ORCPT=rfc822;" + b"a" * 501,
 ])
 def test_bad_rcpt_dsn_parameters_are_501_and_the_recipient_not_added(server, params):
     sock = connect(server)

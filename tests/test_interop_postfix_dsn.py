@@ -54,10 +54,10 @@ def test_dsn_parameters_reach_postfix_and_its_success_report_comes_back(chain, d
     [report] = waitUntil(lambda: mailbox(dataDir, ALICE), 30, "Postfix's success report")
     assert "postfix.test" in report["From"]
     text = report.as_string()
-    assert "Original-Envelope-Id: pf-env+2B1" in text
+    assert "Original-Envelope-Id: pf-env+1" in text  # xtext decoded
     [block] = dsnRecipients(report)
     assert block["Action"] == "delivered"
-    assert block["Original-Recipient"] == "rfc822; Robert@remote.test"
+    assert block["Original-Recipient"].replace(" ", "") == "rfc822;Robert@remote.test"
     assert block["Final-Recipient"] == "rfc822; bob@remote.test"
     waitUntil(lambda: not queueIds(dataDir), 15, "twistmail's queue to empty")
     assert len(mailbox(dataDir, ALICE)) == 1

@@ -133,8 +133,9 @@ def parseRcptParams(params: list[tuple[bytes, bytes]]) -> tuple[list[str] | None
                 raise DSNError("ORCPT must be addr-type;xtext, e.g. rfc822;user@example.org "
                                "(RFC 3461 section 4.2)")
             text = decodeXtext(address, "ORCPT")
-            if not text:
-                raise DSNError("ORCPT has no address (RFC 3461 section 4.2)")
+            if not text or not text.isprintable():
+                raise DSNError("ORCPT needs an address without control characters "
+                               "(RFC 3461 section 4.2)")
             orcpt = f"{kind};{text}"
     return notify, orcpt
 
@@ -152,3 +153,28 @@ def queueExtra(envelope) -> dict:
 def ofEntry(entry) -> Request:
     """The DSN request kept in a queue entry (none: the defaults)."""
     return Request.fromJSON(entry.extra.get("dsn"))
+
+
+def mailParameters(request: Request, extensions: frozenset) -> bytes:
+    """RET= and ENVID= for our MAIL FROM to a server offering DSN (RFC 3461 §5.2)."""
+    if b"DSN" not in extensions:
+        return b""
+    out = b""
+    if request.ret:
+        out += b" RET=" + request.ret.encode()
+    if request.envid:
+        out += b" ENVID=" + encodeXtext(request.envid).encode()
+    return out
+
+
+def rcptParameters(request: Request, address: str, extensions: frozenset) -> bytes:
+    """NOTIFY= and ORCPT= for one RCPT TO to a server offering DSN (RFC 3461 §5.2): what
+    the sender asked, or our default, so the next hop reports what we would have."""
+    if b"DSN" not in extensions:
+        return b""
+    notify = request.notify.get(address, DEFAULT_NOTIFY)
+    out = b" NOTIFY=" + (",".join(notify) if notify else "NEVER").encode()
+    if address in request.orcpt:
+        kind, _, original = request.orcpt[address].partition(";")
+        out += f" ORCPT={kind};{encodeXtext(original)}".encode()
+    return out

@@ -59,6 +59,11 @@ def _status(recipient: Recipient, expired: bool) -> str:
     return EXPIRED if expired and status.startswith("4") else status
 
 
+def _shown(text: str) -> str:
+    """Decoded, as Postfix shows it, unless that is not printable US-ASCII: then xtext."""
+    return text if text.isascii() and text.isprintable() else encodeXtext(text)
+
+
 def _block(fields: list[tuple[str, str]]) -> Message:
     block = Message()
     for name, value in fields:
@@ -97,8 +102,8 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
     status = Message()
     status["Content-Type"] = "message/delivery-status"
     envelope = [("Reporting-MTA", f"dns; {hostname}")]
-    if request.envid:  # RFC 3464 §2.2.1, as the sender gave it (xtext, RFC 3461 §4.4)
-        envelope.append(("Original-Envelope-Id", encodeXtext(request.envid)))
+    if request.envid:  # RFC 3464 §2.2.1 (printable US-ASCII: checked at MAIL)
+        envelope.append(("Original-Envelope-Id", request.envid))
     envelope += [("X-Twistmail-Queue-ID", entry.id),
                  ("Arrival-Date", formatdate(entry.created, localtime=True))]
     blocks = [_block(envelope)]
@@ -106,7 +111,7 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
         fields = []
         if r.address in request.orcpt:  # RFC 3464 §2.3.1
             kind, _, address = request.orcpt[r.address].partition(";")
-            fields.append(("Original-Recipient", f"{kind}; {encodeXtext(address)}"))
+            fields.append(("Original-Recipient", f"{kind}; {_shown(address)}"))
         fields += [("Final-Recipient", f"rfc822; {r.address}"), ("Action", action),
                    ("Status", _status(r, r.address in expired))]
         if r.remote_host:

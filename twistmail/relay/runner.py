@@ -452,7 +452,8 @@ class QueueRunner(service.Service):
 
     @defer.inlineCallbacks
     def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str]):
-        context = {"id": entry.id, "domain": domain, "origin": entry.origin}
+        context = {"id": entry.id, "domain": domain, "origin": entry.origin,
+                   "dsn": dsn.ofEntry(entry)}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
         try:
@@ -509,10 +510,10 @@ class QueueRunner(service.Service):
         if failed:
             yield self._bounce(entry, failed, expired, now, bounce.FAILED)
         # RFC 3461 §4.1: success is reported when asked: "delivered" into a local mailbox,
-        # "relayed" to a server that was not asked to report (we do not pass NOTIFY on).
+        # "relayed" to a server without DSN (one with DSN was given NOTIFY: it reports).
         for action, local in ((bounce.DELIVERED, True), (bounce.RELAYED, False)):
             done = [r for r, result in succeeded if result.remote != local
-                    and request.notifies(r.address, "SUCCESS")]
+                    and not result.notifies and request.notifies(r.address, "SUCCESS")]
             if done:
                 yield self._bounce(entry, done, set(), now, action)
         delay = self.settings.delayWarning

@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet import defer, error, ssl
 from twisted.logger import Logger
 from twisted.mail import smtp
 
+from twistmail import dsn
 from twistmail._logtext import loggableText
 from twistmail.metrics import Metrics
 from twistmail.mtasts import ENFORCE, TESTING
@@ -83,6 +84,8 @@ class Result:
     reply: str  # "550 5.1.1 text": remote replies as received, our own errors in the same form
     host: str = ""  # the host that replied; "" when no host took part
     remote: bool = True  # the reply came from the remote SMTP server (DSN: "smtp;")
+    #: The server offers DSN and was given the sender's NOTIFY (RFC 3461 §5.2): it reports.
+    notifies: bool = False
 
     @property
     def status(self) -> str:
@@ -164,6 +167,20 @@ class _RelayClient(smtp.ESMTPSender):
         self._started = False
         self._tail = b"\r\n"  # the message starts at the beginning of a line
         self._idle = None  # the idle timer while parked
+        self.extensions = frozenset()  # of the last EHLO reply
+
+    def tryTLS(self, code, resp, items):
+        self.extensions = frozenset(name.upper() for name in items)
+        return super().tryTLS(code, resp, items)
+
+    def sendLine(self, line: bytes) -> None:
+        """The sender's DSN request goes on with MAIL and RCPT to a server that offers DSN."""
+        request = self.factory.dsn
+        if request is not None and line.startswith(b"MAIL FROM:"):
+            line += dsn.mailParameters(request, self.extensions)
+        elif request is not None and line.startswith(b"RCPT TO:"):
+            line += dsn.rcptParameters(request, self.lastAddress.text, self.extensions)
+        super().sendLine(line)
 
     def smtpState_msgSent(self, code, resp):
         super().smtpState_msgSent(code, resp)  # sends RSET (RFC 5321 §4.1.1.5)
@@ -249,6 +266,8 @@ class _RelayClient(smtp.ESMTPSender):
                 accepted = rcode in smtp.SUCCESS
                 results[address.text] = fromReply(code if accepted else rcode,
                                                   resp if accepted else rresp, host)
+        if self.factory.dsn is not None and b"DSN" in self.extensions:
+            results = {a: replace(r, notifies=True) for a, r in results.items()}
         # Reported once RSET is answered (or the connection is gone): by then the connection
         # is parked, ready for the message that waits for this one's slot.
         self.factory.pending = results
@@ -292,6 +311,7 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         self.hostname = hostname
         self.started = False
         self.tlsStarted = False
+        self.dsn: dsn.Request | None = None  # the message's DSN request, passed on
 
     def assign(self, sender: str, recipients: Sequence[str], messageFile) -> defer.Deferred:
         """The next message for this (parked) connection; returns its result Deferred."""
@@ -444,11 +464,12 @@ class RelaySender:
         return self._contexts[key]
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
-                 messageFile, level: str, reuse: bool) -> defer.Deferred:
+                 messageFile, level: str, reuse: bool, request=None) -> defer.Deferred:
         settings = self.settings
         key = (hostname, address, settings.port, level, settings.username)
         factory = self._cache.take(key) if reuse and self._cache is not None else None
         if factory is not None:
+            factory.dsn = request
             factory.assign(sender, recipients, messageFile)
         elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
             factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
@@ -462,6 +483,7 @@ class RelaySender:
                                           self._cache, key)
             self._reactor.connectTCP(address, settings.port, factory,
                                      timeout=settings.connectTimeout)
+        factory.dsn = request
 
         def failed(failure):
             exc = failure.value
@@ -510,7 +532,8 @@ class RelaySender:
                     messageFile = yield openMessage()
                     try:
                         results = yield self._attempt(hop.host, address, sender, recipients,
-                                                      messageFile, level, reuse)
+                                                      messageFile, level, reuse,
+                                                  logContext.get("dsn"))
                     except _SessionFailure as e:
                         failure = e
                     else:
