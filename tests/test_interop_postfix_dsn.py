@@ -77,3 +77,63 @@ def test_postfix_as_sender_passes_dsn_and_gets_our_delivered_report(chain, dataD
     assert "Original-Envelope-Id: from-postfix-9" in report.as_string()
     [block] = dsnRecipients(report)
     assert block["Action"] == "delivered" and block["Final-Recipient"] == f"rfc822; {ALICE}"
+
+
+EIGHT_BIT = ("From: alice@example.test\r\nSubject: 8-bit\r\nMIME-Version: 1.0\r\n"
+             "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+             "Gr\u00fc\u00dfe aus K\u00f6ln, caf\u00e9.\r\n").encode()
+
+
+def relayToPostfix(net, dataDir, extra: str):
+    addUser(dataDir, ALICE)
+    postfix = Postfix(freePort(), domains=["remote.test"], extra=extra).start()
+    server = startServer(dataDir, relay=net.relayConfig(
+        smarthost=f"smarthost.test:{postfix.port}", smarthost_tls="opportunistic"))
+    return server, postfix
+
+
+def send8bit(server, body: str) -> None:
+    with smtplib.SMTP("127.0.0.1", server.smtpPort, timeout=30) as client:
+        client.ehlo("c")
+        assert client.mail(ALICE, [f"BODY={body}"])[0] == 250
+        assert client.rcpt("bob@remote.test")[0] == 250
+        if body == "BINARYMIME":
+            client.putcmd("BDAT", f"{len(EIGHT_BIT)} LAST")  # RFC 3030: no reply before the octets
+            client.send(EIGHT_BIT)
+            assert client.getreply()[0] == 250
+        else:
+            assert client.data(EIGHT_BIT)[0] == 250
+
+
+@pytest.mark.parametrize("body", ["8BITMIME", "BINARYMIME"])
+def test_8bit_message_reaches_postfix_unchanged_when_it_offers_8bitmime(net, dataDir, body):
+    server, postfix = relayToPostfix(net, dataDir, "")
+    try:
+        send8bit(server, body)
+        waitUntil(lambda: postfix.delivered() == 1, 30, "Postfix to store the message")
+        [stored] = postfix.messages()
+        log = "\n".join(postfix.logLines())
+    finally:
+        server.stop()
+        postfix.stop()
+    assert "Gr\u00fc\u00dfe".encode() in stored and b"8bit" in stored
+    assert "Content-Transfer-Encoding: 8bit" in stored.decode("utf-8"), log
+
+
+@pytest.mark.parametrize("body", ["8BITMIME", "BINARYMIME"])
+def test_8bit_message_is_converted_for_postfix_without_8bitmime(net, dataDir, body):
+    # RFC 6152 §3: to a server that does not offer 8BITMIME, convert to 7 bit.
+    server, postfix = relayToPostfix(net, dataDir, "smtpd_discard_ehlo_keywords = 8bitmime\n")
+    try:
+        send8bit(server, body)
+        waitUntil(lambda: postfix.delivered() == 1, 30, "Postfix to store the message")
+        [stored] = postfix.messages()
+        assert postfix.logLines()
+    finally:
+        server.stop()
+        postfix.stop()
+    assert stored.isascii(), stored
+    message = email.message_from_bytes(stored, policy=email.policy.default)
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert message.get_content() == "Gr\u00fc\u00dfe aus K\u00f6ln, caf\u00e9.\n"
+    assert message["Subject"] == "8-bit"

@@ -453,7 +453,7 @@ class QueueRunner(service.Service):
     @defer.inlineCallbacks
     def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str]):
         context = {"id": entry.id, "domain": domain, "origin": entry.origin,
-                   "dsn": dsn.ofEntry(entry)}
+                   "dsn": dsn.ofEntry(entry), "body": entry.extra.get("body", "7BIT")}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
         try:

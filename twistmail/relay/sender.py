@@ -43,11 +43,12 @@ retried at once on a fresh connection.  After that it could have, so it is not.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from twisted.internet import defer, error, ssl
+from twisted.internet import defer, error, ssl, threads
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -55,6 +56,7 @@ from twistmail import dsn
 from twistmail._logtext import loggableText
 from twistmail.metrics import Metrics
 from twistmail.mtasts import ENFORCE, TESTING
+from twistmail.relay import sevenbit
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
 
@@ -176,6 +178,9 @@ class _RelayClient(smtp.ESMTPSender):
     def sendLine(self, line: bytes) -> None:
         """The sender's DSN request goes on with MAIL and RCPT to a server that offers DSN."""
         request = self.factory.dsn
+        if line.startswith(b"MAIL FROM:") and self.factory.body != "7BIT" \
+                and b"8BITMIME" in self.extensions:
+            line += b" BODY=8BITMIME"  # RFC 6152; BINARYMIME too: we send DATA, not BDAT
         if request is not None and line.startswith(b"MAIL FROM:"):
             line += dsn.mailParameters(request, self.extensions)
         elif request is not None and line.startswith(b"RCPT TO:"):
@@ -224,6 +229,26 @@ class _RelayClient(smtp.ESMTPSender):
             self._idle.cancel()
         self._idle = None
         super().connectionLost(reason)
+
+    def smtpState_data(self, code, resp):
+        """RFC 6152 §3: 8-bit mail to a server without 8BITMIME is converted to 7 bit
+        (in a thread), or returned (5.6.3) when its headers are 8-bit."""
+        if self.factory.body == "7BIT" or b"8BITMIME" in self.extensions:
+            return super().smtpState_data(code, resp)
+
+        def converted(data: bytes) -> None:
+            self.factory.file = io.BytesIO(data)
+            super(_RelayClient, self).smtpState_data(code, resp)
+
+        def refused(failure) -> None:
+            failure.trap(sevenbit.NotConvertible)
+            reply = f"554 5.6.3 {self.factory.hostname} does not offer 8BITMIME and the " \
+                    f"message cannot be converted to 7 bit: {failure.getErrorMessage()}"
+            self.factory.finish({r: Result(FAILED, reply, remote=False)
+                                 for r in self.factory.toEmail})
+            self.transport.abortConnection()  # in DATA: the server drops the message
+
+        threads.deferToThread(sevenbit.to7bit, self.factory.file).addCallbacks(converted, refused)
 
     def finishedFileTransfer(self, lastsent):
         self.factory.dataSent = True  # from here on the server may take the message
@@ -312,6 +337,7 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         self.started = False
         self.tlsStarted = False
         self.dsn: dsn.Request | None = None  # the message's DSN request, passed on
+        self.body = "7BIT"  # its MAIL BODY= (RFC 6152, RFC 3030)
 
     def assign(self, sender: str, recipients: Sequence[str], messageFile) -> defer.Deferred:
         """The next message for this (parked) connection; returns its result Deferred."""
@@ -464,12 +490,13 @@ class RelaySender:
         return self._contexts[key]
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
-                 messageFile, level: str, reuse: bool, request=None) -> defer.Deferred:
+                 messageFile, level: str, reuse: bool, request=None,
+                 body: str = "7BIT") -> defer.Deferred:
         settings = self.settings
         key = (hostname, address, settings.port, level, settings.username)
         factory = self._cache.take(key) if reuse and self._cache is not None else None
         if factory is not None:
-            factory.dsn = request
+            factory.dsn, factory.body = request, body
             factory.assign(sender, recipients, messageFile)
         elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
             factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
@@ -484,6 +511,7 @@ class RelaySender:
             self._reactor.connectTCP(address, settings.port, factory,
                                      timeout=settings.connectTimeout)
         factory.dsn = request
+        factory.body = body
 
         def failed(failure):
             exc = failure.value
@@ -533,7 +561,8 @@ class RelaySender:
                     try:
                         results = yield self._attempt(hop.host, address, sender, recipients,
                                                       messageFile, level, reuse,
-                                                  logContext.get("dsn"))
+                                                  logContext.get("dsn"),
+                                                  logContext.get("body", "7BIT"))
                     except _SessionFailure as e:
                         failure = e
                     else:
