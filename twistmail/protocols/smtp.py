@@ -198,10 +198,10 @@ class SMTPServer(smtp.ESMTP):
         ext[b"PIPELINING"] = None
         ext[b"8BITMIME"] = None
         ext[b"ENHANCEDSTATUSCODES"] = None
-        ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
         ext[b"DSN"] = None  # RFC 3461
         ext[b"CHUNKING"] = None  # RFC 3030
         ext[b"BINARYMIME"] = None
+        ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
         return ext
 
     def connectionLost(self, reason) -> None:

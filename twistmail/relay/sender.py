@@ -169,23 +169,6 @@ class _RelayClient(smtp.ESMTPSender):
         self._started = False
         self._tail = b"\r\n"  # the message starts at the beginning of a line
         self._idle = None  # the idle timer while parked
-        self.extensions = frozenset()  # of the last EHLO reply
-
-    def tryTLS(self, code, resp, items):
-        self.extensions = frozenset(name.upper() for name in items)
-        return super().tryTLS(code, resp, items)
-
-    def sendLine(self, line: bytes) -> None:
-        """The sender's DSN request goes on with MAIL and RCPT to a server that offers DSN."""
-        request = self.factory.dsn
-        if line.startswith(b"MAIL FROM:") and self.factory.body != "7BIT" \
-                and b"8BITMIME" in self.extensions:
-            line += b" BODY=8BITMIME"  # RFC 6152; BINARYMIME too: we send DATA, not BDAT
-        if request is not None and line.startswith(b"MAIL FROM:"):
-            line += dsn.mailParameters(request, self.extensions)
-        elif request is not None and line.startswith(b"RCPT TO:"):
-            line += dsn.rcptParameters(request, self.lastAddress.text, self.extensions)
-        super().sendLine(line)
 
     def smtpState_msgSent(self, code, resp):
         super().smtpState_msgSent(code, resp)  # sends RSET (RFC 5321 §4.1.1.5)
@@ -230,26 +213,6 @@ class _RelayClient(smtp.ESMTPSender):
         self._idle = None
         super().connectionLost(reason)
 
-    def smtpState_data(self, code, resp):
-        """RFC 6152 §3: 8-bit mail to a server without 8BITMIME is converted to 7 bit
-        (in a thread), or returned (5.6.3) when its headers are 8-bit."""
-        if self.factory.body == "7BIT" or b"8BITMIME" in self.extensions:
-            return super().smtpState_data(code, resp)
-
-        def converted(data: bytes) -> None:
-            self.factory.file = io.BytesIO(data)
-            super(_RelayClient, self).smtpState_data(code, resp)
-
-        def refused(failure) -> None:
-            failure.trap(sevenbit.NotConvertible)
-            reply = f"554 5.6.3 {self.factory.hostname} does not offer 8BITMIME and the " \
-                    f"message cannot be converted to 7 bit: {failure.getErrorMessage()}"
-            self.factory.finish({r: Result(FAILED, reply, remote=False)
-                                 for r in self.factory.toEmail})
-            self.transport.abortConnection()  # in DATA: the server drops the message
-
-        threads.deferToThread(sevenbit.to7bit, self.factory.file).addCallbacks(converted, refused)
-
     def finishedFileTransfer(self, lastsent):
         self.factory.dataSent = True  # from here on the server may take the message
         return super().finishedFileTransfer(lastsent)
@@ -291,8 +254,6 @@ class _RelayClient(smtp.ESMTPSender):
                 accepted = rcode in smtp.SUCCESS
                 results[address.text] = fromReply(code if accepted else rcode,
                                                   resp if accepted else rresp, host)
-        if self.factory.dsn is not None and b"DSN" in self.extensions:
-            results = {a: replace(r, notifies=True) for a, r in results.items()}
         # Reported once RSET is answered (or the connection is gone): by then the connection
         # is parked, ready for the message that waits for this one's slot.
         self.factory.pending = results
@@ -302,8 +263,62 @@ class _RelayClient(smtp.ESMTPSender):
         self.factory.fail(exc)
 
 
+class _ExtensionsClient(_RelayClient):
+    """What the message asked of the next hop, where it offers the extension: DSN
+    parameters (RFC 3461 §5.2) and BODY=8BITMIME (RFC 6152), or 7-bit conversion."""
+
+    extensions: frozenset = frozenset()  # of the last EHLO reply (again after STARTTLS)
+
+    def tryTLS(self, code, resp, items):
+        self.extensions = frozenset(name.upper() for name in items)
+        return super().tryTLS(code, resp, items)
+
+    def sendLine(self, line: bytes) -> None:
+        super().sendLine(self.withParameters(line))
+
+    def withParameters(self, line: bytes) -> bytes:
+        """MAIL FROM / RCPT TO (as Twisted's quoteaddr writes them) with our parameters."""
+        request = self.factory.dsn
+        if line.startswith(b"MAIL FROM:"):
+            if self.factory.body != "7BIT" and b"8BITMIME" in self.extensions:
+                line += b" BODY=8BITMIME"  # BINARYMIME too: the relay sends DATA, not BDAT
+            if request is not None:
+                line += dsn.mailParameters(request, self.extensions)
+        elif line.startswith(b"RCPT TO:<") and request is not None:
+            address = line[len(b"RCPT TO:<"):-1].decode("utf-8")
+            line += dsn.rcptParameters(request, address, self.extensions)
+        return line
+
+    def sentMail(self, code, resp, numOk, addresses, log):
+        super().sentMail(code, resp, numOk, addresses, log)
+        if self.factory.pending is not None and self.factory.dsn is not None \
+                and b"DSN" in self.extensions:  # the server was given NOTIFY: it reports
+            self.factory.pending = {a: replace(r, notifies=True)
+                                    for a, r in self.factory.pending.items()}
+
+    def smtpState_data(self, code, resp):
+        """RFC 6152 §3: 8-bit mail to a server without 8BITMIME is converted to 7 bit
+        (in a thread), or returned (5.6.3) when its headers are 8-bit."""
+        if self.factory.body == "7BIT" or b"8BITMIME" in self.extensions:
+            return super().smtpState_data(code, resp)
+
+        def converted(data: bytes) -> None:
+            self.factory.file = io.BytesIO(data)
+            super(_ExtensionsClient, self).smtpState_data(code, resp)
+
+        def refused(failure) -> None:
+            failure.trap(sevenbit.NotConvertible)
+            reply = f"554 5.6.3 {self.factory.hostname} does not offer 8BITMIME and the " \
+                    f"message cannot be converted to 7 bit: {failure.getErrorMessage()}"
+            self.factory.finish({r: Result(FAILED, reply, remote=False)
+                                 for r in self.factory.toEmail})
+            self.transport.abortConnection()  # in DATA: the server drops the message
+
+        threads.deferToThread(sevenbit.to7bit, self.factory.file).addCallbacks(converted, refused)
+
+
 class _RelayClientFactory(smtp.ESMTPSenderFactory):
-    protocol = _RelayClient
+    protocol = _ExtensionsClient
     noisy = False
 
     def __init__(self, settings: SenderSettings, hostname: str, sender: str,
@@ -561,8 +576,8 @@ class RelaySender:
                     try:
                         results = yield self._attempt(hop.host, address, sender, recipients,
                                                       messageFile, level, reuse,
-                                                  logContext.get("dsn"),
-                                                  logContext.get("body", "7BIT"))
+                                                      logContext.get("dsn"),
+                                                      logContext.get("body", "7BIT"))
                     except _SessionFailure as e:
                         failure = e
                     else:
