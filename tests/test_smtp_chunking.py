@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import smtplib
 
-from support import maildirFiles, readAll, startServer
+import pytest
+from support import addUser, maildirFiles, readAll, startServer
 from test_smtp import body, connect, stored
 
 MSG = b"From: x@remote.test\r\nTo: alice@example.test\r\nSubject: chunks\r\n\r\n"
@@ -49,48 +50,43 @@ def test_bdat_zero_last_ends_the_message(server):
     assert body(stored(server)[0]) == MSG
 
 
-def test_huge_chunk_is_refused_before_it_is_read_and_the_session_stays_in_sync(dataDir):
-    from support import addUser
-
+@pytest.fixture
+def small(dataDir):
+    """A server whose message size limit is 10,000 octets."""
     addUser(dataDir, "alice@example.test")
     srv = startServer(dataDir, smtp={"max_message_size": 10_000})
-    try:
-        sock = connect(srv)
-        transaction(sock)
-        sock.sendall(b"BDAT 50000 LAST\r\n")
-        # Refused at once, before one octet of the chunk was sent.
-        assert readAll(sock, b"\r\n").startswith(b"552 5.3.4")
-        sock.sendall(b"NOOP\r\n" * 5000 + b"x" * 20000)  # 50,000 octets of chunk, discarded
-        sock.sendall(b"NOOP\r\n")
-        reply = readAll(sock, b"250 ")
-        assert reply.startswith(b"250 2.0.0"), reply  # one reply: the NOOP after the chunk
-        sock.sendall(b"BDAT 5 LAST\r\nhello")  # the failed transaction is over
-        assert readAll(sock, b"\r\n").startswith(b"503 5.5.1")
-        sock.close()
-        assert stored(srv) == []
-        assert maildirFiles(dataDir, "alice@example.test", "tmp") == []
-    finally:
-        srv.stop()
+    yield srv
+    srv.stop()
 
 
-def test_chunks_adding_up_past_the_limit_are_refused(dataDir):
-    from support import addUser
+def test_huge_chunk_is_refused_before_it_is_read_and_the_session_stays_in_sync(small, dataDir):
+    sock = connect(small)
+    transaction(sock)
+    sock.sendall(b"BDAT 50000 LAST\r\n")
+    # Refused at once, before one octet of the chunk was sent.
+    assert readAll(sock, b"\r\n").startswith(b"552 5.3.4")
+    sock.sendall(b"NOOP\r\n" * 5000 + b"x" * 20000)  # 50,000 octets of chunk, discarded
+    sock.sendall(b"NOOP\r\n")
+    reply = readAll(sock, b"250 ")
+    assert reply.startswith(b"250 2.0.0"), reply  # one reply: the NOOP after the chunk
+    sock.sendall(b"BDAT 5 LAST\r\nhello")  # the failed transaction is over
+    assert readAll(sock, b"\r\n").startswith(b"503 5.5.1")
+    sock.close()
+    assert stored(small) == []
+    assert maildirFiles(dataDir, "alice@example.test", "tmp") == []
 
-    addUser(dataDir, "alice@example.test")
-    srv = startServer(dataDir, smtp={"max_message_size": 10_000})
-    try:
-        sock = connect(srv)
-        transaction(sock)
-        chunk = b"x" * 998 + b"\r\n"
-        for _ in range(9):
-            sock.sendall(b"BDAT 1000\r\n" + chunk)
-        sock.sendall(b"BDAT 1000 LAST\r\n" + chunk)
-        replies = readAll(sock, b"552 ")
-        assert replies.count(b"250 ") == 9 and b"552 5.3.4" in replies
-        sock.close()
-        assert stored(srv) == []
-    finally:
-        srv.stop()
+
+def test_chunks_adding_up_past_the_limit_are_refused(small):
+    sock = connect(small)
+    transaction(sock)
+    chunk = b"x" * 998 + b"\r\n"
+    for _ in range(9):
+        sock.sendall(b"BDAT 1000\r\n" + chunk)
+    sock.sendall(b"BDAT 1000 LAST\r\n" + chunk)
+    replies = readAll(sock, b"552 ")
+    assert replies.count(b"250 ") == 9 and b"552 5.3.4" in replies
+    sock.close()
+    assert stored(small) == []
 
 
 def test_bdat_without_mail_or_rcpt_is_503_and_its_octets_are_skipped(server):
