@@ -12,6 +12,12 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   around a dot can never end DATA (SMTP smuggling, CVE-2023-51764 class).
   The size limit is enforced while streaming; over-size data is discarded as
   it arrives, never buffered.
+* **BDAT** (RFC 3030 CHUNKING, L{twistmail.protocols.bdat}): counted chunks are
+  spooled as they arrive under the same size limit; a refused chunk is answered
+  when announced and its octets are dropped as they come.  ``LAST`` ends the
+  message through the same end-of-DATA path (filters, hop count, fsync before 250).
+* **DSN** (RFC 3461, L{twistmail.dsn}): RET/ENVID on MAIL and NOTIFY/ORCPT on
+  RCPT are checked (501 5.5.4) and travel with the envelope into the queue.
 * **One spool per transaction** shared by all recipients, with one
   ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
 * **Enhanced status codes** (RFC 2034/3463) on every final reply.
