@@ -344,6 +344,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "retry_min": Key(int, 300, "seconds before the first retry; doubles per attempt", 1),
         "retry_max": Key(int, 4000, "longest wait between retries, in seconds", 1),
         "max_queue_lifetime": Key(int, 5 * 86400, "seconds before undeliverable mail bounces", 1),
+        "delay_warning_time": Key(int, 0, "seconds a message waits before its sender gets a "
+                                  "'delayed' report (RFC 3464; NOTIFY=DELAY); 0 = never, as "
+                                  "Postfix ships delay_warning_time", 0),
         "pickup_interval": Key(int, 1, "seconds between checks for sendmail and queue commands", 1),
         "smarthost": Key(str, "", "host:port to send all outbound mail through; '' = MX lookup",
                          validate=_smarthost),

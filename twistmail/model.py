@@ -58,6 +58,10 @@ class Envelope:
     rcptTo: tuple = ()
     #: The folder local recipients get it in: "INBOX", or "Junk" for a quarantine verdict.
     folder: str = "INBOX"
+    #: What the client asked of delivery status notifications (L{twistmail.dsn.Request}).
+    dsn: object = None
+    #: MAIL's BODY= (RFC 6152, RFC 3030): "7BIT", "8BITMIME" or "BINARYMIME".
+    body: str = "7BIT"
 
 
 #: Verdict actions (L{Verdict.action}).

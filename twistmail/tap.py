@@ -479,7 +479,7 @@ def makeService(options: Options) -> service.MultiService:
     local = LocalDelivery(store, quota)
     queue = RelayQueue(dataDir)
     resolver = makeDNS(config, reactor, top, metrics)
-    makeRelay(config, reactor, queue, router, local, top, metrics, resolver)
+    runner = makeRelay(config, reactor, queue, router, local, top, metrics, resolver)
     try:
         filters = makeFilters(config, reactor, resolver)
     except configmod.ConfigError as e:
@@ -489,7 +489,7 @@ def makeService(options: Options) -> service.MultiService:
             log.info("twistmail {role} filters: {names}", role=role,
                      names=", ".join(f.name for f in enabled))
     spool = os.path.join(dataDir, "spool")
-    pipeline = DeliveryPipeline(local, queue)
+    pipeline = DeliveryPipeline(local, queue, runner.reports)
     submission = config["submission"]
     sendLimits = SendLimits(Limits.fromConfig(submission, "user"),
                             Limits.fromConfig(submission, "domain"))

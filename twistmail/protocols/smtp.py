@@ -12,6 +12,12 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   around a dot can never end DATA (SMTP smuggling, CVE-2023-51764 class).
   The size limit is enforced while streaming; over-size data is discarded as
   it arrives, never buffered.
+* **BDAT** (RFC 3030 CHUNKING, L{twistmail.protocols.bdat}): counted chunks are
+  spooled as they arrive under the same size limit; a refused chunk is answered
+  when announced and its octets are dropped as they come.  ``LAST`` ends the
+  message through the same end-of-DATA path (filters, hop count, fsync before 250).
+* **DSN** (RFC 3461, L{twistmail.dsn}): RET/ENVID on MAIL and NOTIFY/ORCPT on
+  RCPT are checked (501 5.5.4) and travel with the envelope into the queue.
 * **One spool per transaction** shared by all recipients, with one
   ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
 * **Enhanced status codes** (RFC 2034/3463) on every final reply.
@@ -46,6 +52,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.mail.smtp import AUTH, COMMAND, DATA
 
+from twistmail import dsn
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.delivery.routing import Client, Router
@@ -55,6 +62,7 @@ from twistmail.filters.chain import ConfiguredFilter
 from twistmail.interfaces import IMailAccount
 from twistmail.metrics import Metrics
 from twistmail.model import ACCEPT, DISCARD, QUARANTINE, Envelope, Verdict
+from twistmail.protocols.bdat import ChunkReader, parseArguments
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
@@ -132,6 +140,14 @@ class SMTPServer(smtp.ESMTP):
         self._lost = False
         #: A filter refused the last HELO/EHLO: no MAIL until one is accepted.
         self._heloRefused = False
+        #: The DSN request (RFC 3461) and BODY= type of the transaction; MAIL's until accepted.
+        self._dsn = dsn.Request()
+        self._body = "7BIT"
+        self._mailParams: tuple[dsn.Request, str] | None = None
+        self._rcptParams: tuple[list[str] | None, str | None] = (None, None)
+        #: The BDAT chunk being read (RFC 3030), and the message of a BDAT transaction.
+        self._chunk: ChunkReader | None = None
+        self._bdat: MessageSource | None = None
         #: What relay permission depends on; SMTP AUTH sets ``authenticated``.
         self.client = Client()
 
@@ -188,6 +204,9 @@ class SMTPServer(smtp.ESMTP):
         ext[b"PIPELINING"] = None
         ext[b"8BITMIME"] = None
         ext[b"ENHANCEDSTATUSCODES"] = None
+        ext[b"DSN"] = None  # RFC 3461
+        ext[b"CHUNKING"] = None  # RFC 3030
+        ext[b"BINARYMIME"] = None
         ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
         return ext
 
@@ -199,6 +218,10 @@ class SMTPServer(smtp.ESMTP):
             self._source.discard()
             self._session.aborted(self._envelope, self._source.size)
             self._source = None
+        if self._bdat is not None:
+            self._bdat.discard()
+            self._session.aborted(self._envelope, self._bdat.size)
+            self._bdat = None
         if self._flow is not None:
             self._flow.lost()
         super().connectionLost(reason)
@@ -230,8 +253,14 @@ class SMTPServer(smtp.ESMTP):
             # No new command while the client leaves our replies unread; message
             # data is still spooled (it is answered only at its end).
             while self._buf and not self._waiting and not self.transport.disconnecting \
-                    and (self.mode is DATA or not self._flow.outputFull):
-                if self.mode is DATA:
+                    and (self.mode is DATA or self._chunk is not None
+                         or not self._flow.outputFull):
+                if self._chunk is not None:
+                    self._buf = self._chunk.feed(self._buf)
+                    if not self._chunk.done:
+                        break
+                    self._chunkRead()
+                elif self.mode is DATA:
                     if not self._consumeData():
                         break
                 elif not self._consumeLine():
@@ -287,6 +316,8 @@ class SMTPServer(smtp.ESMTP):
             if self._source is not None:
                 self._source.discard()
                 self._source = None
+            self._endChunking()
+            self._chunk = None
             if self._waiting:
                 self.sendCode(451, b"4.3.0 Local error in processing, try again later")
         return True
@@ -356,6 +387,7 @@ class SMTPServer(smtp.ESMTP):
         else:
             self.sendCode(220, b"2.0.0 Ready to start TLS")
             self._buf = b""
+            self._endChunking()
             self._helo = None
             self._from = None
             self._to = []
@@ -428,11 +460,15 @@ class SMTPServer(smtp.ESMTP):
         if self._heloRefused:
             self.sendCode(503, b"5.5.1 Send an accepted HELO/EHLO first")
             return
+        if self._bdat is not None:
+            self.sendCode(503, b"5.5.1 BDAT transaction in progress; finish it or RSET")
+            return
         m = self.mail_re.match(rest)
         if m and _UNPRINTABLE.search(m.group("path")):
             self.sendCode(553, b"5.1.7 Bad sender address syntax" + _NO_UTF8)
             return
-        if m and m.group("opts"):
+        request, body = dsn.Request(), "7BIT"
+        if m and m.group("opts") and not self._from:
             for param in m.group("opts").split():
                 key, _, value = param.partition(b"=")
                 key = key.upper()
@@ -444,19 +480,49 @@ class SMTPServer(smtp.ESMTP):
                     if int(value) > self.factory.config["max_message_size"]:
                         self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
                         return
-                elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME"):
-                    pass
+                elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME", b"BINARYMIME"):
+                    body = value.upper().decode()  # RFC 6152, RFC 3030 §3
                 else:
-                    self.sendCode(555, b"5.5.4 Unsupported MAIL parameter " + key[:64])
-                    return
+                    try:
+                        known = dsn.parseMailParam(request, key, value)
+                    except dsn.DSNError as e:
+                        self.sendCode(501, b"5.5.4 " + str(e).encode())
+                        return
+                    if not known:
+                        self.sendCode(555, b"5.5.4 Unsupported MAIL parameter " + key[:64])
+                        return
+        self._mailParams = (request, body)
         super().do_MAIL(rest)
+
+    def _cbFromValidate(self, fromEmail, code=250, msg=b"Sender address accepted"):
+        self._dsn, self._body = self._mailParams or (dsn.Request(), "7BIT")
+        super()._cbFromValidate(fromEmail, code, msg)
 
     def do_RCPT(self, rest: bytes) -> None:
         m = self.rcpt_re.match(rest)
         if self._from and m and _UNPRINTABLE.search(m.group("path")):
             self.sendCode(553, b"5.1.3 Bad recipient address syntax" + _NO_UTF8)
             return
+        self._rcptParams = (None, None)
+        if self._from and m and m.group("opts"):
+            params = [p.partition(b"=")[::2] for p in m.group("opts").split()]
+            try:
+                self._rcptParams = dsn.parseRcptParams([(k.upper(), v) for k, v in params])
+            except dsn.DSNError as e:
+                self.sendCode(501, b"5.5.4 " + str(e).encode())
+                return
         super().do_RCPT(rest)
+
+    def _cbToValidate(self, to, user=None, code=250, msg=b"Recipient address accepted"):
+        """An accepted recipient: its NOTIFY and ORCPT are kept under the address the
+        queue will know it by (the relay address as given; a local one as given)."""
+        notify, orcpt = self._rcptParams
+        address = getattr(to, "address", None) or str(user.dest if user is not None else to)
+        if notify is not None:
+            self._dsn.notify[address] = notify
+        if orcpt is not None:
+            self._dsn.orcpt[address] = orcpt
+        super()._cbToValidate(to, user, code, msg)
 
     def validateFrom(self, helo, origin):
         """The transaction decides (sender ownership on submission, rate limits, filters)."""
@@ -477,6 +543,7 @@ class SMTPServer(smtp.ESMTP):
     def _greeted(self, rest: bytes, esmtp: bool) -> None:
         """HELO/EHLO resets the transaction (Twisted's do_EHLO and do_HELO do too) and
         asks the filters; a refusal is the reply, and the session is not greeted."""
+        self._endChunking()
         self._from, self._to = None, []
 
         def answer(verdict: Verdict) -> None:
@@ -490,6 +557,7 @@ class SMTPServer(smtp.ESMTP):
         self._session.helo(rest.decode("ascii", "replace")).addCallback(answer)
 
     def do_RSET(self, rest: bytes) -> None:
+        self._endChunking()
         self._from = None
         self._to = []
         self._session.reset()
@@ -507,20 +575,81 @@ class SMTPServer(smtp.ESMTP):
         self.sendCode(252, b"2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_DATA(self, rest: bytes) -> None:
+        if self._bdat is not None:
+            self.sendCode(503, b"5.5.1 DATA in a BDAT transaction (RFC 3030 section 2)")
+            return
         if self._from is None or not self._to:
             self.sendCode(503, b"5.5.1 Need MAIL and a valid RCPT before DATA")
+            return
+        if self._body == "BINARYMIME":
+            self.sendCode(503, b"5.5.1 BODY=BINARYMIME needs BDAT, not DATA (RFC 3030 section 3)")
             return
         if rest.strip():
             self.sendCode(501, b"5.5.4 DATA takes no arguments")
             return
-        self._envelope, received = self._session.data(self._usedEhlo)
-        self._source = MessageSource(prefix=received, spoolDir=self.factory.spoolDir)
-        self._from = None
-        self._to = []
+        self._source = self._startMessage()
         self._dataError = None
         self._midLine = False
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _startMessage(self) -> MessageSource:
+        """The transaction's envelope and spool, at DATA or the first BDAT."""
+        envelope, received = self._session.data(self._usedEhlo)
+        self._envelope = dataclasses.replace(envelope, dsn=self._dsn, body=self._body)
+        self._from = None
+        self._to = []
+        return MessageSource(prefix=received, spoolDir=self.factory.spoolDir)
+
+    # -- BDAT (RFC 3030) ---------------------------------------------------------
+
+    def do_BDAT(self, rest: bytes) -> None:
+        """RFC 3030 §2: every octet of a chunk is read, even of a refused one, so the
+        next command is found; a refusal is answered before the chunk is read."""
+        try:
+            size, last = parseArguments(rest)
+        except ValueError:
+            self.sendCode(501, b"5.5.4 Syntax: BDAT chunk-size [LAST]")
+            return
+        if self._bdat is None:
+            if self._from is None or not self._to:
+                self._skipChunk(size, 503, b"5.5.1 Need MAIL and a valid RCPT before BDAT")
+                return
+            self._bdat = self._startMessage()
+        if self._bdat.size + size > self.factory.config["max_message_size"]:  # as DATA
+            self._session.dataFailed(self._envelope, b"552 5.3.4 message too big (BDAT)",
+                                     self._bdat.size + size)
+            self._endChunking()
+            self._skipChunk(size, 552, b"5.3.4 Message size exceeds fixed maximum message size")
+            return
+        self._chunk = ChunkReader(size, last, self._bdat.write)
+        self._waiting = False  # answered once the chunk is read (_chunkRead)
+        if not size:
+            self._chunkRead()
+
+    def _skipChunk(self, size: int, code: int, message: bytes) -> None:
+        """Refuse now; the chunk's octets are dropped as they come."""
+        self._chunk = ChunkReader(size, False, None) if size else None
+        self.sendCode(code, message)
+
+    def _chunkRead(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        if chunk.sink is None:
+            return  # refused when announced
+        if not chunk.last:
+            self._command = "BDAT"
+            self._waiting = True
+            self.sendCode(250, b"2.0.0 %d octets received" % self._bdat.bodySize)
+            return
+        self._source, self._bdat = self._bdat, None
+        self._dataError = None
+        self._endData()  # the end of DATA: the same filters, hop count and durability
+
+    def _endChunking(self) -> None:
+        """The BDAT transaction ends without a message (refused, RSET, HELO, STARTTLS)."""
+        if self._bdat is not None:
+            self._bdat.discard()
+            self._bdat = None
 
     # -- DATA ------------------------------------------------------------------
 

@@ -1,10 +1,15 @@
 # -*- test-case-name: tests.test_relay_bounce -*-
-"""Delivery status notifications (bounces): RFC 3464 multipart/report.
+"""Delivery status notifications: RFC 3464 multipart/report.
 
-A bounce goes to the original sender from the null reverse-path ``<>``
-(RFC 5321 §4.5.5, so a bounce can never bounce back), lists the failed
-recipients with the remote server's reply and carries the original message's
-header section (``text/rfc822-headers``), not its body.
+A report goes to the original sender from the null reverse-path ``<>``
+(RFC 5321 §4.5.5, so a report can never bounce back), lists the recipients
+with the remote server's reply, and carries the original message's header
+section (``text/rfc822-headers``), or the whole message (``message/rfc822``)
+when the sender asked ``RET=FULL`` (RFC 3461 §4.3) and it is at most
+L{FULL_LIMIT} octets.  The sender's ENVID and each recipient's ORCPT are in it
+(RFC 3464 §2.2.1, §2.3.1).  Besides failures ("failed") it reports delays
+("delayed"), local delivery ("delivered") and a hand-over to a server without
+DSN ("relayed", RFC 3461 §4.1) when the sender's NOTIFY asked for them.
 """
 
 from __future__ import annotations
@@ -15,10 +20,36 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
 
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistmail._logtext import loggable
+from twistmail.dsn import encodeXtext, ofEntry
 from twistmail.relay.queue import QueueEntry, Recipient
+
+log = Logger()
 
 #: RFC 3463 X.4.7: delivery time expired.
 EXPIRED = "4.4.7"
+#: RET=FULL returns messages up to this size whole, larger ones as headers (Postfix's
+#: bounce_size_limit default: 50,000).
+FULL_LIMIT = 50_000
+
+FAILED, DELAYED, DELIVERED, RELAYED = "failed", "delayed", "delivered", "relayed"
+#: Subject and first paragraph per action.
+_WORDS = {
+    FAILED: ("Undelivered Mail Returned to Sender",
+             "Your message could not be delivered to one or more recipients.\n"
+             "The reasons the remote servers or this server gave are below."),
+    DELAYED: ("Delayed Mail (still being retried)",
+              "Your message could not be delivered yet to one or more recipients.\n"
+              "It will be retried until it expires; you need not send it again."),
+    DELIVERED: ("Successful Mail Delivery Report",
+                "Your message was delivered to the recipients below."),
+    RELAYED: ("Successful Mail Delivery Report",
+              "Your message was handed to a server that will not report further; it\n"
+              "may or may not notify you of its delivery."),
+}
 
 
 def _status(recipient: Recipient, expired: bool) -> str:
@@ -26,6 +57,11 @@ def _status(recipient: Recipient, expired: bool) -> str:
     status = parts[1] if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2 \
         else f"{recipient.last_reply[:1] or '5'}.0.0"
     return EXPIRED if expired and status.startswith("4") else status
+
+
+def _shown(text: str) -> str:
+    """Decoded, as Postfix shows it, unless that is not printable US-ASCII: then xtext."""
+    return text if text.isascii() and text.isprintable() else encodeXtext(text)
 
 
 def _block(fields: list[tuple[str, str]]) -> Message:
@@ -36,23 +72,26 @@ def _block(fields: list[tuple[str, str]]) -> Message:
 
 
 def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, hostname: str,
-                now: float, expired: set[str] = frozenset()) -> bytes:
+                now: float, expired: set[str] = frozenset(), action: str = FAILED,
+                message: bytes | None = None) -> bytes:
     """The DSN for C{failed} recipients of C{entry}, as the bytes to queue (CRLF lines).
 
     @param headers: the original message's header section.
     @param expired: addresses that failed because the queue lifetime ran out.
+    @param action: RFC 3464 §2.3.3 Action of every recipient listed.
+    @param message: the whole original message, returned when RET=FULL.
     """
+    request = ofEntry(entry)
+    subject, intro = _WORDS[action]
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = f"<{entry.sender}>"
-    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Subject"] = subject
     report["Date"] = formatdate(now, localtime=True)
     report["Message-ID"] = make_msgid("bounce", domain=hostname)
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834: no auto-replies to this
 
-    lines = [f"This is the mail system at host {hostname}.", "",
-             "Your message could not be delivered to one or more recipients.",
-             "The reasons the remote servers or this server gave are below.", ""]
+    lines = [f"This is the mail system at host {hostname}.", "", *intro.split("\n"), ""]
     for r in failed:
         why = "gave up after the maximum time in the queue; last error: " \
             if r.address in expired else ""
@@ -62,12 +101,19 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
 
     status = Message()
     status["Content-Type"] = "message/delivery-status"
-    blocks = [_block([("Reporting-MTA", f"dns; {hostname}"),
-                      ("X-Twistmail-Queue-ID", entry.id),
-                      ("Arrival-Date", formatdate(entry.created, localtime=True))])]
+    envelope = [("Reporting-MTA", f"dns; {hostname}")]
+    if request.envid:  # RFC 3464 §2.2.1 (printable US-ASCII: checked at MAIL)
+        envelope.append(("Original-Envelope-Id", request.envid))
+    envelope += [("X-Twistmail-Queue-ID", entry.id),
+                 ("Arrival-Date", formatdate(entry.created, localtime=True))]
+    blocks = [_block(envelope)]
     for r in failed:
-        fields = [("Final-Recipient", f"rfc822; {r.address}"), ("Action", "failed"),
-                  ("Status", _status(r, r.address in expired))]
+        fields = []
+        if r.address in request.orcpt:  # RFC 3464 §2.3.1
+            kind, _, address = request.orcpt[r.address].partition(";")
+            fields.append(("Original-Recipient", f"{kind}; {_shown(address)}"))
+        fields += [("Final-Recipient", f"rfc822; {r.address}"), ("Action", action),
+                   ("Status", _status(r, r.address in expired))]
         if r.remote_host:
             fields.append(("Remote-MTA", f"dns; {r.remote_host}"))
         kind = "smtp" if r.remote_host else "X-Twistmail"
@@ -78,12 +124,62 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
     status.set_payload(blocks)
     report.attach(status)
 
+    full = request.ret == "FULL" and message is not None and len(message) <= FULL_LIMIT
     original = Message()
-    original["Content-Type"] = "text/rfc822-headers"
+    original["Content-Type"] = "message/rfc822" if full else "text/rfc822-headers"
+    returned = message if full else headers
     # surrogateescape: the generator writes the original octets back unchanged.
-    text = headers.decode("ascii", "surrogateescape")
-    if not headers.isascii():
+    text = returned.decode("ascii", "surrogateescape")
+    if not returned.isascii():
         original["Content-Transfer-Encoding"] = "8bit"
     original.set_payload(text.replace("\r\n", "\n"))
     report.attach(original)
     return report.as_bytes(policy=email.policy.SMTP)
+
+
+class Reports:
+    """Queues the DSNs of the relay runner and of local delivery, to the sender from <>."""
+
+    def __init__(self, queue, hostname: str, sign) -> None:
+        """@param queue: L{twistmail.relay.queue.RelayQueue}.
+        @param sign: C{sign(message) -> Deferred[bytes]} (DKIM, off the reactor)."""
+        self.queue = queue
+        self.hostname = hostname
+        self.sign = sign
+
+    @defer.inlineCallbacks
+    def report(self, entry: QueueEntry, listed: list[Recipient], now: float, action: str,
+               expired: set[str] = frozenset(), original=None):
+        """Queue a report about C{listed} recipients of C{entry}, unless the sender is <>
+        or (for failures) they said NOTIFY=NEVER or left FAILURE out (RFC 3461 §4.1).
+
+        @param original: C{f() -> (headers, whole message or None)}, blocking; by default
+            the queued message's files are read.
+        """
+        if action == FAILED:
+            request = ofEntry(entry)
+            silent = [r for r in listed if not request.notifies(r.address, "FAILURE")]
+            if silent:
+                log.info("relay id={id} failed to={to}; no bounce: NOTIFY without FAILURE",
+                         id=entry.id, to=",".join(loggable(r.address) for r in silent))
+            listed = [r for r in listed if r not in silent]
+            if not listed:
+                return
+        addresses = ",".join(loggable(r.address) for r in listed)
+        if not entry.sender:
+            # RFC 5321 §4.5.5: never a notification about a notification.
+            log.info("relay id={id} {action} to={to}; no report: null sender", id=entry.id,
+                     action=action, to=addresses)
+            return
+        if original is None:
+            headers = yield self.queue.headers(entry.id)
+            message = yield self.queue.message(entry.id) \
+                if ofEntry(entry).ret == "FULL" and entry.size <= FULL_LIMIT else None
+        else:
+            headers, message = yield self.queue.run(original)
+        report = yield self.sign(buildBounce(entry, listed, headers, self.hostname, now,
+                                             expired, action, message))
+        queued = yield self.queue.enqueue("", [entry.sender], lambda: [report], origin="bounce")
+        log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
+                 id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
+                 reason="expired" if expired else action)

@@ -351,16 +351,17 @@ class RelayQueue:
 
     def enqueue(self, sender: str, recipients: Iterable[str],
                 chunks: Callable[[], Iterable[bytes]], *, origin: str, id: str | None = None,
-                client: str = "", helo: str = "") -> defer.Deferred:
+                client: str = "", helo: str = "", extra: dict | None = None) -> defer.Deferred:
         """Store a message durably (fsynced before the Deferred fires).
 
         @param chunks: called in a worker thread; returns the message bytes.
+        @param extra: kept with the envelope (L{QueueEntry.extra}): the DSN request...
         @return: Deferred firing with the L{QueueEntry}; StorageError on failure.
         """
         now = self._clock()
         entry = QueueEntry(id=id or newQueueId(now), sender=sender,
                            recipients=[Recipient(r) for r in recipients], created=now,
-                           origin=origin, client=client, helo=helo)
+                           origin=origin, client=client, helo=helo, extra=dict(extra or {}))
 
         def stage() -> list:
             for _ in range(10):
@@ -396,6 +397,17 @@ class RelayQueue:
 
     def headers(self, id: str) -> defer.Deferred:
         return self._run(readHeaders, self.path, id)
+
+    def run(self, f: Callable, *args) -> defer.Deferred:
+        """C{f(*args)} off the reactor thread (for blocking reads of a message)."""
+        return self._run(f, *args)
+
+    def message(self, id: str) -> defer.Deferred:
+        """The whole message (for RET=FULL reports: only small ones are read)."""
+        def read() -> bytes:
+            with open(self.messagePath(id), "rb") as f:
+                return f.read()
+        return self._run(read)
 
     def openMessage(self, id: str) -> defer.Deferred:
         return self._run(open, self.messagePath(id), "rb")

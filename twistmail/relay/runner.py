@@ -62,7 +62,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistmail._logtext import loggable
+from twistmail import dsn
 from twistmail.delivery.routing import (
     LOCAL,
     BadAddress,
@@ -81,6 +81,7 @@ from twistmail.relay.fairness import FairQueue, FairSemaphore
 from twistmail.relay.mx import DNSFailure
 from twistmail.relay.queue import (
     FAILED,
+    QUEUED,
     SENT,
     QueuedSource,
     QueueEntry,
@@ -102,12 +103,13 @@ class RunnerSettings:
     maxDeliveries: int = 100
     maxPerDomain: int = 20
     maxRecipients: int = 50
+    delayWarning: float = 0  # seconds before a "delayed" DSN; 0 = none
 
     @classmethod
     def fromConfig(cls, hostname: str, relay) -> RunnerSettings:
         return cls(hostname, relay["retry_min"], relay["retry_max"], relay["max_queue_lifetime"],
                    relay["max_deliveries"], relay["max_deliveries_per_domain"],
-                   relay["max_recipients_per_transaction"])
+                   relay["max_recipients_per_transaction"], relay["delay_warning_time"])
 
 
 def retryDelay(attempts: int, retryMin: float, retryMax: float) -> float:
@@ -147,7 +149,7 @@ class QueueRunner(service.Service):
         @param metrics: counts each recipient's outcome.
         @param sign: C{sign(message) -> Deferred[bytes]}: DKIM-signs a bounce (off the reactor).
         """
-        self._sign = sign
+        self.reports = bounce.Reports(queue, settings.hostname, sign)
         self._queue = queue
         self._router = router
         self._local = local
@@ -474,7 +476,8 @@ class QueueRunner(service.Service):
     @defer.inlineCallbacks
     def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str],
                        opener: _Opener):
-        context = {"id": entry.id, "domain": domain, "origin": entry.origin}
+        context = {"id": entry.id, "domain": domain, "origin": entry.origin,
+                   "dsn": dsn.ofEntry(entry), "body": entry.extra.get("body", "7BIT")}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
         try:
@@ -504,7 +507,7 @@ class QueueRunner(service.Service):
     def _record(self, entry: QueueEntry, due: list, results: dict[str, Result]):
         now = self._clock.seconds()
         end = entry.created + self.settings.lifetime
-        failed, expired = [], set()
+        failed, expired, succeeded = [], set(), []
         for r in due:
             result = results[r.address]
             r.attempts += 1
@@ -514,6 +517,7 @@ class QueueRunner(service.Service):
             if result.kind == SENT:
                 r.state = SENT
                 self._delivered.inc()
+                succeeded.append((r, result))
             elif result.kind == FAILED or now >= end:
                 r.state = FAILED
                 self._bounced.inc()
@@ -525,21 +529,25 @@ class QueueRunner(service.Service):
                 # The last retry happens when the lifetime ends, not a backoff later.
                 r.next_attempt = min(now + retryDelay(r.attempts, self.settings.retryMin,
                                                       self.settings.retryMax), end)
+        request = dsn.ofEntry(entry)
         if failed:
-            yield self._bounce(entry, failed, expired, now)
+            yield self._bounce(entry, failed, expired, now, bounce.FAILED)
+        # RFC 3461 §4.1: success is reported when asked: "delivered" into a local mailbox,
+        # "relayed" to a server without DSN (one with DSN was given NOTIFY: it reports).
+        for action, local in ((bounce.DELIVERED, True), (bounce.RELAYED, False)):
+            done = [r for r, result in succeeded if result.remote != local
+                    and not result.notifies and request.notifies(r.address, "SUCCESS")]
+            if done:
+                yield self._bounce(entry, done, set(), now, action)
+        delay = self.settings.delayWarning
+        warned = entry.extra.get("dsn_delay_sent", [])
+        late = [r for r in due if r.state == QUEUED and delay and now - entry.created >= delay
+                and r.address not in warned and request.notifies(r.address, "DELAY")]
+        if late:
+            yield self._bounce(entry, late, set(), now, bounce.DELAYED)
+            # One delay report per recipient, also across restarts (saved with the entry).
+            entry.extra["dsn_delay_sent"] = warned + [r.address for r in late]
 
-    @defer.inlineCallbacks
-    def _bounce(self, entry: QueueEntry, failed: list, expired: set, now: float):
-        addresses = ",".join(loggable(r.address) for r in failed)
-        if not entry.sender:
-            # RFC 5321 §4.5.5: never a notification about a notification.
-            log.info("relay id={id} failed to={to}; no bounce: null sender", id=entry.id,
-                     to=addresses)
-            return
-        headers = yield self._queue.headers(entry.id)
-        dsn = yield self._sign(
-            bounce.buildBounce(entry, failed, headers, self.settings.hostname, now, expired))
-        queued = yield self._queue.enqueue("", [entry.sender], lambda: [dsn], origin="bounce")
-        log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
-                 id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
-                 reason="expired" if expired else "failed")
+    def _bounce(self, entry: QueueEntry, listed: list, expired: set, now: float,
+                action: str) -> defer.Deferred:
+        return self.reports.report(entry, listed, now, action, expired)

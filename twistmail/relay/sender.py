@@ -47,19 +47,22 @@ retried at once on a fresh connection.  After that it could have, so it is not.
 
 from __future__ import annotations
 
+import io
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from twisted.internet import defer, error, ssl
+from twisted.internet import defer, error, ssl, threads
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols import basic
 
+from twistmail import dsn
 from twistmail._logtext import loggableText
 from twistmail.metrics import Metrics
 from twistmail.mtasts import ENFORCE, TESTING
+from twistmail.relay import sevenbit
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
 
@@ -89,6 +92,8 @@ class Result:
     reply: str  # "550 5.1.1 text": remote replies as received, our own errors in the same form
     host: str = ""  # the host that replied; "" when no host took part
     remote: bool = True  # the reply came from the remote SMTP server (DSN: "smtp;")
+    #: The server offers DSN and was given the sender's NOTIFY (RFC 3461 §5.2): it reports.
+    notifies: bool = False
 
     @property
     def status(self) -> str:
@@ -360,8 +365,66 @@ class _RelayClient(smtp.ESMTPSender):
         self.factory.fail(exc)
 
 
+class _ExtensionsClient(_RelayClient):
+    """What the message asked of the next hop, where it offers the extension: DSN
+    parameters (RFC 3461 §5.2) and BODY=8BITMIME (RFC 6152), or 7-bit conversion."""
+
+    extensions: frozenset = frozenset()  # of the last EHLO reply (again after STARTTLS)
+
+    def tryTLS(self, code, resp, items):
+        self.extensions = frozenset(name.upper() for name in items)
+        return super().tryTLS(code, resp, items)
+
+    def sendLine(self, line: bytes) -> None:
+        super().sendLine(self.withParameters(line))
+
+    def _send(self, commands: list[bytes]) -> None:
+        """Pipelined MAIL/RCPT (L{_RelayClient._send}) carry the parameters too."""
+        super()._send([self.withParameters(command) for command in commands])
+
+    def withParameters(self, line: bytes) -> bytes:
+        """MAIL FROM / RCPT TO (as Twisted's quoteaddr writes them) with our parameters."""
+        request = self.factory.dsn
+        if line.startswith(b"MAIL FROM:"):
+            if self.factory.body != "7BIT" and b"8BITMIME" in self.extensions:
+                line += b" BODY=8BITMIME"  # BINARYMIME too: the relay sends DATA, not BDAT
+            if request is not None:
+                line += dsn.mailParameters(request, self.extensions)
+        elif line.startswith(b"RCPT TO:<") and request is not None:
+            address = line[len(b"RCPT TO:<"):-1].decode("utf-8")
+            line += dsn.rcptParameters(request, address, self.extensions)
+        return line
+
+    def sentMail(self, code, resp, numOk, addresses, log):
+        super().sentMail(code, resp, numOk, addresses, log)
+        if self.factory.pending is not None and self.factory.dsn is not None \
+                and b"DSN" in self.extensions:  # the server was given NOTIFY: it reports
+            self.factory.pending = {a: replace(r, notifies=True)
+                                    for a, r in self.factory.pending.items()}
+
+    def smtpState_data(self, code, resp):
+        """RFC 6152 §3: 8-bit mail to a server without 8BITMIME is converted to 7 bit
+        (in a thread), or returned (5.6.3) when its headers are 8-bit."""
+        if self.factory.body == "7BIT" or b"8BITMIME" in self.extensions:
+            return super().smtpState_data(code, resp)
+
+        def converted(data: bytes) -> None:
+            self.factory.file = io.BytesIO(data)
+            super(_ExtensionsClient, self).smtpState_data(code, resp)
+
+        def refused(failure) -> None:
+            failure.trap(sevenbit.NotConvertible)
+            reply = f"554 5.6.3 {self.factory.hostname} does not offer 8BITMIME and the " \
+                    f"message cannot be converted to 7 bit: {failure.getErrorMessage()}"
+            self.factory.finish({r: Result(FAILED, reply, remote=False)
+                                 for r in self.factory.toEmail})
+            self.transport.abortConnection()  # in DATA: the server drops the message
+
+        threads.deferToThread(sevenbit.to7bit, self.factory.file).addCallbacks(converted, refused)
+
+
 class _RelayClientFactory(smtp.ESMTPSenderFactory):
-    protocol = _RelayClient
+    protocol = _ExtensionsClient
     noisy = False
 
     def __init__(self, settings: SenderSettings, hostname: str, sender: str,
@@ -394,6 +457,8 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         self.hostname = hostname
         self.started = False
         self.tlsStarted = False
+        self.dsn: dsn.Request | None = None  # the message's DSN request, passed on
+        self.body = "7BIT"  # its MAIL BODY= (RFC 6152, RFC 3030)
 
     def assign(self, sender: str, recipients: Sequence[str], messageFile) -> defer.Deferred:
         """The next message for this (parked) connection; returns its result Deferred."""
@@ -546,11 +611,13 @@ class RelaySender:
         return self._contexts[key]
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
-                 messageFile, level: str, reuse: bool) -> defer.Deferred:
+                 messageFile, level: str, reuse: bool, request=None,
+                 body: str = "7BIT") -> defer.Deferred:
         settings = self.settings
         key = (hostname, address, settings.port, level, settings.username)
         factory = self._cache.take(key) if reuse and self._cache is not None else None
         if factory is not None:
+            factory.dsn, factory.body = request, body
             factory.assign(sender, recipients, messageFile)
         elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
             factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
@@ -564,6 +631,8 @@ class RelaySender:
                                           self._cache, key)
             self._reactor.connectTCP(address, settings.port, factory,
                                      timeout=settings.connectTimeout)
+        factory.dsn = request
+        factory.body = body
 
         def failed(failure):
             exc = failure.value
@@ -612,7 +681,9 @@ class RelaySender:
                     messageFile = yield openMessage()
                     try:
                         results = yield self._attempt(hop.host, address, sender, recipients,
-                                                      messageFile, level, reuse)
+                                                      messageFile, level, reuse,
+                                                      logContext.get("dsn"),
+                                                      logContext.get("body", "7BIT"))
                     except _SessionFailure as e:
                         failure = e
                     else:
