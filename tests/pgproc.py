@@ -35,7 +35,7 @@ class PostgresProcess:
     def __init__(self) -> None:
         self.root = tempfile.mkdtemp(prefix="twistmail-pg-")
         self.dataDir = os.path.join(self.root, "data")
-        self.process: subprocess.Popen | None = None
+        self.started = False
 
     def _command(self, argv: list[str]) -> list[str]:
         if os.geteuid() == 0:
@@ -52,15 +52,15 @@ class PostgresProcess:
                                       "--locale=C.UTF-8"]),
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # No TCP at all: a unix socket in our directory.  fsync off: a test cluster
-        # lives minutes and is thrown away; commits are still commits.
-        self.process = subprocess.Popen(
-            self._command([os.path.join(bindir, "postgres"), "-D", self.dataDir,
-                           "-k", self.root, "-c", "listen_addresses=", "-c", "fsync=off",
-                           "-c", "full_page_writes=off", "-c", "max_connections=200"]),
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.root, "log"), "wb"))
-        # pg_isready polls the socket until the server accepts connections (no sleeps here).
-        subprocess.run([os.path.join(bindir, "pg_isready"), "-q", "-h", self.root, "-t", "60"],
-                       check=True)
+        # lives minutes and is thrown away; commits are still commits.  pg_ctl -w waits
+        # until the server accepts connections (no sleeps here).
+        options = (f"-k {self.root} -c listen_addresses= -c fsync=off "
+                   "-c full_page_writes=off -c max_connections=200")
+        subprocess.run(self._command([os.path.join(bindir, "pg_ctl"), "-D", self.dataDir,
+                                      "-l", os.path.join(self.root, "log"), "-o", options,
+                                      "-w", "-t", "120", "start"]),
+                       check=True, stdout=subprocess.DEVNULL)
+        self.started = True
         with psycopg.connect(self.adminDsn(), autocommit=True) as conn:  # ready for queries
             conn.execute("SELECT 1")
 
@@ -76,14 +76,9 @@ class PostgresProcess:
         return f"{self.adminDsn()} options='-csearch_path={schema}'"
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.started:
             # Fast shutdown: open connections (a test's pool) are closed, not waited for.
             subprocess.run(self._command([os.path.join(binDir(), "pg_ctl"), "-D", self.dataDir,
                                           "stop", "-m", "fast", "-w"]),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
