@@ -1,0 +1,73 @@
+"""The postgresql backend beyond the conformance suite: ``twistmail db upgrade``, the
+schema check at start, its options, and the server built on it (tests/pgproc.py)."""
+
+from __future__ import annotations
+
+import pytest
+from support import cli
+
+from twistmail.config import ConfigError
+from twistmail.errors import StorageError
+from twistmail.storage.postgresql import PostgresStoreFactory, schema
+from twistmail.testing import onReactor
+from twistmail.testing.conformance import ALICE, deliver, message, openFolder, readMessage
+
+
+def test_db_upgrade_creates_then_finds_nothing_to_do(postgres, tmp_path, dataDir):
+    dsn = postgres.dsn(str(tmp_path))
+    config = tmp_path / "twistmail.toml"
+    config.write_text('[storage]\nbackend = "postgresql"\n[storage.postgresql]\n'
+                      f'dsn = "{dsn}"\n')
+    first = cli("--config", str(config), "db", "upgrade", dataDir=dataDir)
+    assert f"version 0 -> {schema.LATEST}" in first.stdout
+    again = cli("--config", str(config), "db", "upgrade", dataDir=dataDir)
+    assert f"already at version {schema.LATEST}" in again.stdout
+    store = PostgresStoreFactory().makeStore({"dsn": dsn}, dataDir)
+    try:
+        deliver(store, message(1))
+        assert readMessage(openFolder(store), 1) == message(1)
+    finally:
+        store.close()
+
+
+def test_db_upgrade_needs_the_postgresql_backend(tmp_path, dataDir):
+    proc = cli("db", "upgrade", dataDir=dataDir, check=False)
+    assert proc.returncode != 0
+    assert "[storage] backend" in proc.stderr and "postgresql" in proc.stderr
+
+
+def test_store_on_a_database_not_upgraded_says_how_to_fix_it(postgres, tmp_path, dataDir):
+    store = PostgresStoreFactory().makeStore({"dsn": postgres.dsn(str(tmp_path))}, dataDir)
+    try:
+        error = onReactor(lambda: store.deliver(ALICE, "INBOX", _source()).addErrback(
+            lambda f: f.value))
+    finally:
+        store.close()
+    assert isinstance(error, StorageError)
+    assert "twistmail db upgrade" in str(error)
+
+
+def _source():
+    from twistmail.delivery.spool import MessageSource
+
+    return MessageSource.fromBytes(message(1))
+
+
+@pytest.mark.parametrize("options, key", [
+    ({}, "dsn"), ({"dsn": ""}, "dsn"), ({"dsn": 5}, "dsn"),
+    ({"dsn": "x", "pool_max": 0}, "pool_max"), ({"dsn": "x", "pool_min": -1}, "pool_min"),
+    ({"dsn": "x", "pool_min": True}, "pool_min"),
+    ({"dsn": "x", "pool_min": 5, "pool_max": 2}, "pool_min"),
+    ({"dsn": "x", "password": "secret"}, "password")])
+def test_bad_options_name_the_key_and_the_fix(options, key, dataDir):
+    with pytest.raises(ConfigError) as e:
+        PostgresStoreFactory().makeStore(options, dataDir)
+    assert f"[storage.postgresql] {key}" in str(e.value) and "Fix:" in str(e.value)
+    assert "secret" not in str(e.value)
+
+
+def test_makeStore_has_no_side_effects(dataDir):
+    """check-config builds the store: no connection, no thread until first use."""
+    store = PostgresStoreFactory().makeStore(
+        {"dsn": "host=/nonexistent dbname=x", "pool_min": 0, "pool_max": 3}, dataDir)
+    assert store._pool is None and not store._started
