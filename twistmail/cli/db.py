@@ -8,6 +8,7 @@ refuses to start on one that is behind.
 
 from __future__ import annotations
 
+
 def register(sub) -> None:
     db = sub.add_parser("db", help="the postgresql backend's database").add_subparsers(
         dest="action", required=True)
