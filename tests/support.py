@@ -65,14 +65,31 @@ def freePort() -> int:
 
 
 #: The storage backends the protocol and interop tests run on.
-BACKENDS = ("maildir", "mbox")
+BACKENDS = ("maildir", "mbox", "postgresql")
+#: The session's PostgreSQL (tests/pgproc.py), once a test on the postgresql backend asked.
+_postgres = None
 
 
 @pytest.fixture(params=BACKENDS, name="backend")
 def everyBackend(request) -> str:
     """Imported by a test module, this overrides conftest's ``backend``: every test
     there runs on each storage backend (conftest's ``server`` uses it)."""
+    global _postgres
+    if request.param == "postgresql":
+        _postgres = request.getfixturevalue("postgres")
     return request.param
+
+
+def postgresOptions(dataDir: str) -> dict:
+    """``[storage.postgresql]`` for a server on C{dataDir}: a schema of its own, upgraded
+    (a server restarted on the same data directory finds its mail again)."""
+    from twistmail.storage.postgresql import schema
+
+    if _postgres is None:
+        raise AssertionError("the postgresql backend needs the postgres fixture (everyBackend)")
+    dsn = _postgres.dsn(dataDir)
+    schema.upgrade(dsn)
+    return {"dsn": dsn}
 
 
 @dataclass
@@ -126,6 +143,8 @@ def startServer(dataDir: str, backendOptions: dict | None = None, host: str = "1
                  "auth": {"failure_delay": 0.01}}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
+    if sections.get("storage", {}).get("backend") == "postgresql":
+        backendOptions = {"postgresql": postgresOptions(dataDir), **(backendOptions or {})}
     options = tap.Options()
     options.config = configmod.load(configFile, overrides)
     if backendOptions:

@@ -23,6 +23,7 @@ import time
 import weakref
 from collections import deque
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -266,7 +267,7 @@ class PostgresAccount:
 
 
 @implementer(IMailStore)
-class PostgresStore:
+class PostgresStore(service.Service):
     """Every account's mail in one PostgreSQL database (the schema the DSN's search_path names).
 
     @param dsn: a libpq connection string.
@@ -330,6 +331,11 @@ class PostgresStore:
             self._threads.start()
             self._reactor.addSystemEventTrigger("during", "shutdown", self.close)
         return deferToThreadPool(self._reactor, self._threads, self._transaction, f, *args)
+
+    def stopService(self):
+        """The server stops: close the connections (the listeners stopped first)."""
+        self.close()
+        return super().stopService()
 
     def close(self) -> None:
         """Stop the workers and close the connections (at reactor shutdown, or by a test)."""
