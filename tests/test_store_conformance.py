@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 
+from twistmail.delivery.spool import MessageSource
 from twistmail.storage.maildir import MaildirStore
 from twistmail.storage.mbox import MboxStore
 from twistmail.testing import StoreConformanceTests, onReactor
@@ -136,9 +137,15 @@ class TestPostgresql(StoreConformanceTests):
     store, with its own pool and caches, on the same database, as another node or a
     restarted server sees it."""
 
+    hasExternalWriters = True  # another node on the same database
+
     @pytest.fixture(autouse=True)
     def _cluster(self, postgres):
         self.cluster = postgres
+
+    def externalDelivery(self, dataDir, account, folder, data):
+        other = self.makeStore(dataDir)
+        onReactor(other.deliver, account, folder, MessageSource.fromBytes(data))
 
     def makeStore(self, dataDir):
         from twistmail.storage.postgresql import PostgresStore, schema

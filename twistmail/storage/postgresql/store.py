@@ -24,7 +24,7 @@ import weakref
 from collections import deque
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from twistmail._logtext import loggable
 from twistmail.auth.accounts import AccountError, validAddress
-from twistmail.errors import FolderExists, InvalidFolderName, StorageError
+from twistmail.errors import FolderExists, InvalidFolderName, NoSuchFolder, StorageError
 from twistmail.interfaces import (
     IImportableMailbox,
     IMailAccount,
@@ -45,6 +45,10 @@ from twistmail.storage import folders
 from twistmail.storage.postgresql import _queries, schema
 
 log = Logger()
+
+#: Seconds between refreshes of a folder while sessions listen to it (IMAP IDLE): how
+#: soon they hear of another node's changes.  LISTEN/NOTIFY will make it a fallback.
+POLL_INTERVAL = 1.0
 
 
 def _chunksOf(source):
@@ -82,6 +86,7 @@ class PostgresMailbox:
         self._vanishedFrom = 0  # vanishedSince(m) is complete for m >= this
         self._listeners: list = []
         self._refreshing = defer.DeferredLock()
+        self._poll: task.LoopingCall | None = None
 
     # -- the snapshot (synchronous) -------------------------------------------------
 
@@ -114,10 +119,9 @@ class PostgresMailbox:
             .addCallback(self._apply))
 
     def _apply(self, state: dict | None) -> FolderChanges:
-        if state is None:  # deleted (or renamed away and re-created) by someone
-            gone, expunged = tuple(self._messages), tuple(self._messages.values())
+        if state is None:  # deleted by someone: sessions that have it selected say BYE
             self._messages, self._uids = {}, ()
-            return self._notify(FolderChanges(removed=gone, expunged=expunged))
+            raise NoSuchFolder(self.name)
         added, flagsChanged, removed, expunged = [], [], [], []
         for uid, uniqueId, flags, size, date, modseq in state["changed"]:
             stored = StoredMessage(uid, uniqueId, frozenset(flags), size, date, modseq)
@@ -210,10 +214,27 @@ class PostgresMailbox:
 
     def addListener(self, listener) -> None:
         self._listeners.append(listener)
+        if self._poll is None:
+            self._poll = task.LoopingCall(self._pollOnce)
+            self._poll.clock = self._store._reactor
+            self._poll.start(POLL_INTERVAL, now=False)
 
     def removeListener(self, listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+        if not self._listeners and self._poll is not None:
+            self._poll.stop()
+            self._poll = None
+
+    def _pollOnce(self) -> None:
+        """While listened to: pick up other nodes' changes (IDLE push across nodes)."""
+        if self._refreshing.locked:
+            return  # a refresh is under way: it will see them
+        self.refresh().addErrback(self._pollFailed)
+
+    def _pollFailed(self, failure) -> None:
+        if not failure.check(NoSuchFolder):  # the sessions learn that at their next command
+            log.failure("refreshing {folder} failed", failure, folder=loggable(self.name))
 
 
 @implementer(IMailAccount)
@@ -359,8 +380,9 @@ class PostgresStore(service.Service):
         """Refresh this process's open copies of the folders, which tells their listeners."""
         ids = folderIds if isinstance(folderIds, list) else [folderIds]
         open_ = [self._mailboxes.get(i) for i in ids]
-        return defer.gatherResults([m.refresh() for m in open_ if m is not None],
-                                   consumeErrors=True).addCallback(lambda _: None)
+        return defer.gatherResults(
+            [m.refresh().addErrback(lambda f: f.trap(NoSuchFolder)) for m in open_ if m],
+            consumeErrors=True).addCallback(lambda _: None)
 
     # -- IMailStore -------------------------------------------------------------------
 
