@@ -321,8 +321,12 @@ class PostgresStore(service.Service):
                 pool = ConnectionPool(self.dsn, min_size=self._minConnections,
                                       max_size=self._threads.max, open=False, timeout=30)
                 pool.open(wait=False)
-                with pool.connection() as conn:
-                    version = schema.currentVersion(conn)
+                try:
+                    with pool.connection() as conn:
+                        version = schema.currentVersion(conn)
+                except BaseException:
+                    pool.close()  # the next transaction tries again, with a new pool
+                    raise
                 if version != schema.LATEST:
                     pool.close()
                     raise StorageError(
