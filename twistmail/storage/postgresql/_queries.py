@@ -255,8 +255,9 @@ def append(conn, folder: int, chunks, flags, internalDate: int,
     body = _writeBody(conn, chunks)
     keywords = _lockFolders(conn, [folder])[folder][1] | keywordsOf(flags)
     modseq, uid = _bump(conn, folder, keywords, uids=1)
-    uniqueId = uniqueId or newUniqueId()
-    if conn.execute("SELECT 1 FROM messages m JOIN folders f ON f.id = m.folder_id WHERE "
+    if uniqueId is None:
+        uniqueId = newUniqueId()
+    elif conn.execute("SELECT 1 FROM messages m JOIN folders f ON f.id = m.folder_id WHERE "
                     "m.unique_id = %s AND f.account_id = (SELECT account_id FROM folders "
                     "WHERE id = %s)", (uniqueId, folder)).fetchone():
         uniqueId = newUniqueId()  # IImportableMailbox: one the account already has

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_pgstore -*-
 """The postgresql backend's tables, created and migrated by ``twistmail db upgrade``.
 
-Versioned: ``schema_version`` holds the number of the last step applied; each
-step in L{MIGRATIONS} runs once, in its own transaction, in order.  The store
+Versioned: ``schema_version`` has a row per step applied; the steps of
+L{MIGRATIONS} not applied yet run in order, all in one transaction (PostgreSQL's
+DDL is transactional: an upgrade that fails changes nothing).  The store
 refuses to start on a database that is behind (it names the command that fixes
 it) rather than creating tables itself: the operator decides when a shared
 database changes, not the first node that happens to start.
@@ -68,6 +69,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (folder_id, uid)
     );
     CREATE INDEX messages_body ON messages (body_id);
+    CREATE INDEX messages_unique_id ON messages (unique_id);
     CREATE INDEX messages_modseq ON messages (folder_id, modseq);
     CREATE TABLE expunged (
         folder_id bigint NOT NULL REFERENCES folders ON DELETE CASCADE,
