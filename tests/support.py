@@ -143,8 +143,8 @@ def startServer(dataDir: str, backendOptions: dict | None = None, host: str = "1
                  "auth": {"failure_delay": 0.01}}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
-    if sections.get("storage", {}).get("backend") == "postgresql":
-        backendOptions = {"postgresql": postgresOptions(dataDir), **(backendOptions or {})}
+    if sections.get("storage", {}).get("backend") == "postgresql" and not backendOptions:
+        backendOptions = {"postgresql": postgresOptions(dataDir)}
     options = tap.Options()
     options.config = configmod.load(configFile, overrides)
     if backendOptions:

@@ -56,7 +56,7 @@ def _source():
 @pytest.mark.parametrize("options, key", [
     ({}, "dsn"), ({"dsn": ""}, "dsn"), ({"dsn": 5}, "dsn"),
     ({"dsn": "x", "pool_max": 0}, "pool_max"), ({"dsn": "x", "pool_min": -1}, "pool_min"),
-    ({"dsn": "x", "pool_min": True}, "pool_min"),
+    ({"dsn": "x", "pool_min": True}, "pool_min"), ({"dsn": "x", "connect_timeout": 0}, "connect_timeout"),
     ({"dsn": "x", "pool_min": 5, "pool_max": 2}, "pool_min"),
     ({"dsn": "x", "password": "secret"}, "password")])
 def test_bad_options_name_the_key_and_the_fix(options, key, dataDir):
@@ -71,3 +71,25 @@ def test_makeStore_has_no_side_effects(dataDir):
     store = PostgresStoreFactory().makeStore(
         {"dsn": "host=/nonexistent dbname=x", "pool_min": 0, "pool_max": 3}, dataDir)
     assert store._pool is None and not store._started
+
+
+def test_database_down_answers_451_and_the_server_keeps_going(dataDir):
+    """SMTP DATA while PostgreSQL cannot be reached: a temporary 451 4.3.0 after
+    connect_timeout (the sender retries), not a hang or a 250 for mail not committed."""
+    import smtplib
+
+    from support import addUser, startServer
+
+    addUser(dataDir, ALICE)
+    srv = startServer(dataDir, storage={"backend": "postgresql"}, backendOptions={
+        "postgresql": {"dsn": f"host={dataDir}/nowhere dbname=twistmail", "pool_min": 0,
+                       "connect_timeout": 1}})
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.smtpPort, timeout=30) as s:
+            with pytest.raises(smtplib.SMTPDataError) as e:
+                s.sendmail("x@remote.test", [ALICE], message(1))
+            assert e.value.smtp_code == 451
+            assert e.value.smtp_error.startswith(b"4.3.0")
+            assert s.noop()[0] == 250
+    finally:
+        srv.stop()

@@ -294,15 +294,18 @@ class PostgresStore(service.Service):
     @param dsn: a libpq connection string.
     @param minConnections: connections the pool keeps open.
     @param maxConnections: connections (and worker threads) at most.
+    @param connectTimeout: seconds a transaction waits for a connection before it fails
+        with StorageError (SMTP 451, IMAP NO).
     """
 
     def __init__(self, dsn: str, minConnections: int = 1, maxConnections: int = 10,
-                 reactor=None) -> None:
+                 connectTimeout: float = 10.0, reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.dsn = dsn
         self._reactor = reactor
         self._minConnections = minConnections
+        self._connectTimeout = connectTimeout
         self._threads = ThreadPool(0, maxConnections, name="postgresql")
         self._pool = None
         self._opening = threading.Lock()
@@ -319,7 +322,8 @@ class PostgresStore(service.Service):
                 from psycopg_pool import ConnectionPool
 
                 pool = ConnectionPool(self.dsn, min_size=self._minConnections,
-                                      max_size=self._threads.max, open=False, timeout=30)
+                                      max_size=self._threads.max, open=False,
+                                      timeout=self._connectTimeout)
                 pool.open(wait=False)
                 try:
                     with pool.connection() as conn:
@@ -448,10 +452,12 @@ class PostgresStoreFactory:
                               "dsn = \"host=/run/postgresql dbname=twistmail user=twistmail\"")
         minimum = _positiveInt(options, "pool_min", 1, 0)
         maximum = _positiveInt(options, "pool_max", 10, 1)
+        timeout = _positiveInt(options, "connect_timeout", 10, 1)
         if options:
             raise ConfigError(f"[storage.postgresql] {', '.join(sorted(options))}: unknown "
-                              "option. Fix: use dsn, pool_min or pool_max")
+                              "option. Fix: use dsn, pool_min, pool_max or connect_timeout")
         if minimum > maximum:
             raise ConfigError(f"[storage.postgresql] pool_min: {minimum} is above pool_max "
                               f"({maximum}). Fix: make pool_min <= pool_max")
-        return PostgresStore(dsn, minConnections=minimum, maxConnections=maximum)
+        return PostgresStore(dsn, minConnections=minimum, maxConnections=maximum,
+                             connectTimeout=float(timeout))
