@@ -51,6 +51,11 @@ class PostgresProcess:
                                       "-U", "postgres", "--auth=trust", "-E", "UTF8",
                                       "--locale=C.UTF-8"]),
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on the cluster already made (after L{pause})."""
+        bindir = binDir()
         # No TCP at all: a unix socket in our directory.  fsync off: a test cluster
         # lives minutes and is thrown away; commits are still commits.  pg_ctl -w waits
         # until the server accepts connections (no sleeps here).
@@ -75,10 +80,15 @@ class PostgresProcess:
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         return f"{self.adminDsn()} options='-csearch_path={schema}'"
 
-    def stop(self) -> None:
+    def pause(self) -> None:
+        """Stop the server, keep the cluster: a PostgreSQL restart, as an operator's."""
         if self.started:
             # Fast shutdown: open connections (a test's pool) are closed, not waited for.
             subprocess.run(self._command([os.path.join(binDir(), "pg_ctl"), "-D", self.dataDir,
                                           "stop", "-m", "fast", "-w"]),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.started = False
+
+    def stop(self) -> None:
+        self.pause()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -93,3 +93,34 @@ def test_database_down_answers_451_and_the_server_keeps_going(dataDir):
             assert s.noop()[0] == 250
     finally:
         srv.stop()
+
+
+def test_store_recovers_by_itself_after_postgresql_restarts(dataDir):
+    """PostgreSQL restarted under a running store: meanwhile every operation fails with
+    StorageError (a temporary error for the client); afterwards the store works again
+    without being restarted, each pooled connection that broke failing at most once."""
+    from pgproc import PostgresProcess
+
+    from twistmail.storage.postgresql import PostgresStore
+
+    cluster = PostgresProcess()
+    store = None
+    try:
+        cluster.start()
+        dsn = cluster.dsn("restart")
+        schema.upgrade(dsn)
+        store = PostgresStore(dsn, maxConnections=2, connectTimeout=1)
+        deliver(store, message(1))
+        cluster.pause()
+        down = onReactor(lambda: store.deliver(ALICE, "INBOX", _source()).addErrback(
+            lambda f: f.value))
+        assert isinstance(down, StorageError)
+        cluster.resume()
+        outcomes = [onReactor(lambda: store.deliver(ALICE, "INBOX", _source()).addErrback(
+            lambda f: f.value)) for _ in range(3)]  # two pooled connections may have broken
+        assert isinstance(outcomes[-1], str), outcomes
+        assert len(openFolder(store).messages()) == 1 + sum(isinstance(o, str) for o in outcomes)
+    finally:
+        if store is not None:
+            store.close()
+        cluster.stop()
