@@ -124,3 +124,33 @@ def test_store_recovers_by_itself_after_postgresql_restarts(dataDir):
         if store is not None:
             store.close()
         cluster.stop()
+
+
+def test_vanished_is_bounded_and_never_leaves_ghosts(postgres, tmp_path, monkeypatch):
+    """QRESYNC memory per folder is bounded (the oldest expunges are forgotten: None, the
+    client's own list is used), yet a refresh after more expunges than that still
+    removes every one of them from the snapshot."""
+    from twistmail.storage.postgresql import PostgresStore, _queries
+
+    monkeypatch.setattr(_queries, "MAX_VANISHED", 3)
+    dsn = postgres.dsn(str(tmp_path))
+    schema.upgrade(dsn)
+    stores = [PostgresStore(dsn), PostgresStore(dsn)]
+    try:
+        for n in range(12):
+            deliver(stores[0], message(n))
+        mine, other = openFolder(stores[0]), openFolder(stores[1])
+        start = other.highestModSeq
+        for uid in range(1, 6):  # five expunges, each its own modseq, by another node
+            onReactor(mine.remove, [uid])
+        changes = onReactor(other.refresh)
+        assert changes.removed == (1, 2, 3, 4, 5) and other.uids() == tuple(range(6, 13))
+        assert other.vanishedSince(other.highestModSeq - 2) == [4, 5]
+        assert other.vanishedSince(start) is None  # forgotten: at most 3 kept
+        fresh = openFolder(PostgresStore(dsn))  # a first load keeps only the newest 3 too
+        assert fresh.vanishedSince(fresh.highestModSeq - 3) == [3, 4, 5]
+        assert fresh.vanishedSince(start) is None
+        fresh._store.close()
+    finally:
+        for store in stores:
+            store.close()

@@ -219,9 +219,10 @@ def snapshot(conn, folder: int, since: int) -> dict | None:
         "SELECT m.uid, m.unique_id, m.flags, b.size, m.internal_date, m.modseq FROM messages m "
         "JOIN bodies b ON b.id = m.body_id WHERE m.folder_id = %s AND m.modseq > %s "
         "ORDER BY m.uid", (folder, since)).fetchall()
+    # A first load takes only the newest expunges; a refresh needs every one since.
     vanished = conn.execute("SELECT modseq, uid FROM expunged WHERE folder_id = %s AND "
                             "modseq > %s ORDER BY modseq DESC, uid LIMIT %s",
-                            (folder, since, MAX_VANISHED + 1)).fetchall()
+                            (folder, since, MAX_VANISHED + 1 if since == 0 else None)).fetchall()
     return {"uidValidity": row[0], "uidNext": row[1], "highestModSeq": row[2],
             "keywords": row[3], "changed": changed, "vanished": vanished[::-1]}
 

@@ -132,12 +132,9 @@ class PostgresMailbox:
                 flagsChanged.append(uid)
             self._messages[uid] = stored
         vanished = state["vanished"]
-        if len(vanished) > _queries.MAX_VANISHED:  # more than we keep: the oldest goes
-            self._vanishedFrom = vanished[0][0]
-            self._vanished.clear()
+        if self.highestModSeq == 0 and len(vanished) > _queries.MAX_VANISHED:
+            self._vanishedFrom = vanished[0][0]  # first load: older ones were left out
             vanished = vanished[1:]
-        elif self.highestModSeq == 0:
-            self._vanishedFrom = 0
         for modseq, uid in vanished:
             self._vanished.append((modseq, uid))
             gone = self._messages.pop(uid, None)
