@@ -15,6 +15,19 @@ def dataDir(tmp_path):
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL cluster for this test session (under xdist: this worker)."""
+    from pgproc import PostgresProcess
+
+    cluster = PostgresProcess()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
 def backend():
     """The storage backend of the ``server`` fixture.  Protocol and interop test modules

@@ -65,14 +65,31 @@ def freePort() -> int:
 
 
 #: The storage backends the protocol and interop tests run on.
-BACKENDS = ("maildir", "mbox")
+BACKENDS = ("maildir", "mbox", "postgresql")
+#: The session's PostgreSQL (tests/pgproc.py), once a test on the postgresql backend asked.
+_postgres = None
 
 
 @pytest.fixture(params=BACKENDS, name="backend")
 def everyBackend(request) -> str:
     """Imported by a test module, this overrides conftest's ``backend``: every test
     there runs on each storage backend (conftest's ``server`` uses it)."""
+    global _postgres
+    if request.param == "postgresql":
+        _postgres = request.getfixturevalue("postgres")
     return request.param
+
+
+def postgresOptions(dataDir: str) -> dict:
+    """``[storage.postgresql]`` for a server on C{dataDir}: a schema of its own, upgraded
+    (a server restarted on the same data directory finds its mail again)."""
+    from twistmail.storage.postgresql import schema
+
+    if _postgres is None:
+        raise AssertionError("the postgresql backend needs the postgres fixture (everyBackend)")
+    dsn = _postgres.dsn(dataDir)
+    schema.upgrade(dsn)
+    return {"dsn": dsn}
 
 
 @dataclass
@@ -126,6 +143,8 @@ def startServer(dataDir: str, backendOptions: dict | None = None, host: str = "1
                  "auth": {"failure_delay": 0.01}}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
+    if sections.get("storage", {}).get("backend") == "postgresql" and not backendOptions:
+        backendOptions = {"postgresql": postgresOptions(dataDir)}
     options = tap.Options()
     options.config = configmod.load(configFile, overrides)
     if backendOptions:
@@ -187,7 +206,11 @@ def accountDir(dataDir: str, address: str, backend: str = "maildir") -> str:
 
 
 def storedMessages(dataDir: str, address: str, backend: str = "maildir") -> list[bytes]:
-    """The messages in the account's INBOX as another program reading the files sees them."""
+    """The messages in the account's INBOX as another program reading the files sees them
+    (for postgresql: another node reading the database)."""
+    if backend == "postgresql":
+        return _otherNode(dataDir, lambda store: store.account(address).openFolder("INBOX")
+                          .addCallback(lambda box: box.readMessages(box.uids())))
     root = accountDir(dataDir, address, backend)
     if backend == "maildir":
         out = []
@@ -208,9 +231,28 @@ def storedMessages(dataDir: str, address: str, backend: str = "maildir") -> list
             for m in _mboxformat.parse(data, 0, len(data), 0)]
 
 
+def _otherNode(dataDir: str, action):
+    """Run C{action(store)} on the reactor with a second PostgresStore on the server's
+    database, as another node would; close it after."""
+    from twistmail.storage.postgresql import PostgresStore
+
+    store = PostgresStore(postgresOptions(dataDir)["dsn"])
+    try:
+        return onReactor(action, store)
+    finally:
+        store.close()
+
+
 def externalDelivery(dataDir: str, address: str, data: bytes, backend: str = "maildir") -> None:
     """Put a message into INBOX as another program does: an MDA writing a Maildir
-    (tmp/, then new/), or one appending to an mbox with fcntl and dot-lock (Python's mailbox)."""
+    (tmp/, then new/), one appending to an mbox with fcntl and dot-lock (Python's mailbox),
+    or, for postgresql, another twistmail node on the same database."""
+    if backend == "postgresql":
+        from twistmail.delivery.spool import MessageSource
+
+        _otherNode(dataDir, lambda store: store.deliver(address, "INBOX",
+                                                        MessageSource.fromBytes(data)))
+        return
     root = accountDir(dataDir, address, backend)
     if backend == "maildir":
         name = f"{time.time():.6f}.P{os.getpid()}.otherprogram"

@@ -11,6 +11,7 @@ the next point where untagged responses are allowed.  ``NIL`` is an atom
 from __future__ import annotations
 
 import re
+import threading
 
 from imapwire import loggedIn
 from support import everyBackend  # noqa: F401 - the backend fixture: each test on every backend
@@ -82,8 +83,14 @@ def test_sessions_adding_keywords_at_once_each_see_them_announced_first(server):
     clients = [loggedIn(server.imapPort) for _ in range(6)]
     heard = [c.ok("SELECT INBOX") for c in clients]
 
+    stored = threading.Barrier(6)
+
     def work(i: int) -> list[bytes]:
-        return clients[i].ok(f"STORE 1 +FLAGS ($Label{i})") + clients[i].ok("NOOP")
+        lines = clients[i].ok(f"STORE 1 +FLAGS ($Label{i})")
+        # Every STORE done before any NOOP: else a fast session's NOOP could come before a
+        # slow one's STORE (the postgresql backend commits each STORE in the database).
+        stored.wait(timeout=30)
+        return lines + clients[i].ok("NOOP")
 
     results = together(6, work)
     assert not [r for r in results if isinstance(r, Exception)], results

@@ -139,3 +139,32 @@ def test_a_failed_account_leaves_nothing_half_done(tmp_path, dataDir):
     assert f"{ALICE}: folder INBOX: at most 26 keywords" in result.stderr
     assert not os.path.exists(os.path.join(dataDir, "mail", "example.test", "alice"))
     assert not os.path.exists(os.path.join(dataDir, "migrate.tmp"))
+
+
+def test_migrate_to_postgresql_and_back(tmp_path, dataDir, postgres):
+    """Maildir -> PostgreSQL -> mbox: folders, flags, keywords, dates, subscriptions and
+    POP3 unique ids survive (the postgresql backend's IImportableMailbox)."""
+    from twistmail.storage.postgresql import PostgresStore, schema
+
+    dsn = postgres.dsn(dataDir)
+    schema.upgrade(dsn)
+    addUser(dataDir, ALICE)
+    populate(MaildirStore(dataDir))
+    before = snapshot(MaildirStore(dataDir))
+    table = f'[storage.postgresql]\ndsn = "{dsn}"\n'
+    for backend in ("maildir", "postgresql"):
+        path = tmp_path / f"{backend}.toml"
+        path.write_text(f'[server]\ndata_dir = "{dataDir}"\n[storage]\nbackend = "{backend}"\n'
+                        + table)
+    result = cli("--config", str(tmp_path / "maildir.toml"), "migrate", "--to", "postgresql",
+                 ALICE, dataDir=dataDir)
+    assert f"{ALICE}: 4 folders, 4 messages (maildir -> postgresql)" in result.stdout
+    store = PostgresStore(dsn)
+    try:
+        assert snapshot(store) == before
+        assert [m.uid for m in openFolder(store, "Sent").messages()] == [1]  # renumbered
+    finally:
+        store.close()
+    cli("--config", str(tmp_path / "postgresql.toml"), "migrate", "--to", "mbox", ALICE,
+        dataDir=dataDir)
+    assert snapshot(MboxStore(dataDir)) == before

@@ -129,7 +129,7 @@ def test_ci_run_installs_the_tools_then_runs_exactly_the_test_command(tmp_path):
     assert "--no-install-recommends" in install
     assert {"swaks", "libnet-ssleay-perl", "fetchmail", "isync", "neomutt", "curl",
             "openssl", "systemd", "logrotate", "pebble", "chromium", "chromium-driver",
-            "postfix", "rspamd", "opendkim-tools"} <= set(install)
+            "postfix", "rspamd", "opendkim-tools", "postgresql"} <= set(install)
 
     # Versions first, then the test command, nothing else from the venv.
     assert "swaks version 0 (stub)" in result.stdout

@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 
+from twistmail.delivery.spool import MessageSource
 from twistmail.storage.maildir import MaildirStore
 from twistmail.storage.mbox import MboxStore
 from twistmail.testing import StoreConformanceTests, onReactor
@@ -129,3 +130,34 @@ def test_folder_cache_changed_only_on_the_reactor_thread(storeClass, tmp_path):
     assert uids(openFolder(store, "Archive")) == [1]
     # INBOX stayed (RFC 3501 §6.3.5): still the one index its sessions share.
     assert openFolder(store, "INBOX") is held[0] and held[0].messages() == []
+
+
+class TestPostgresql(StoreConformanceTests):
+    """The same contract on a real PostgreSQL (tests/pgproc.py): restart() is a second
+    store, with its own pool and caches, on the same database, as another node or a
+    restarted server sees it."""
+
+    hasExternalWriters = True  # another node on the same database
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, postgres):
+        self.cluster = postgres
+
+    def externalDelivery(self, dataDir, account, folder, data):
+        other = self.makeStore(dataDir)
+        onReactor(other.deliver, account, folder, MessageSource.fromBytes(data))
+
+    def makeStore(self, dataDir):
+        from twistmail.storage.postgresql import PostgresStore, schema
+
+        dsn = self.cluster.dsn(dataDir)
+        schema.upgrade(dsn)
+        store = PostgresStore(dsn)
+        self._stores = getattr(self, "_stores", []) + [store]
+        return store
+
+    @pytest.fixture(autouse=True)
+    def _closeStores(self):
+        yield
+        for store in getattr(self, "_stores", []):
+            store.close()

@@ -445,6 +445,8 @@ def makeService(options: Options) -> service.MultiService:
         store = makeStore(config)
     except configmod.ConfigError as e:
         raise startupError(str(e)) from None
+    if service.IService.providedBy(store):  # a backend with connections to close (postgresql)
+        store.setServiceParent(top)
     accounts = Accounts(dataDir, reloadInterval=config["accounts"]["reload_interval"])
     metrics = Metrics()  # counted whether or not [listen] metrics serves them
     limiter = ConnectionLimiter(config["server"]["max_connections"],

@@ -19,6 +19,7 @@ from twistmail import __version__, dnsrecords, ownership
 from twistmail import config as configmod
 from twistmail.auth.accounts import AccountError, Accounts, describeQuota, parseQuota
 from twistmail.auth.passwords import hashPassword
+from twistmail.cli import db as dbcli
 from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
 from twistmail.cli import records as recordscli
@@ -271,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     queuecli.register(sub)
     sendmail.register(sub)
     dkimcli.register(sub)
+    dbcli.register(sub)
     recordscli.register(sub)
     sub.add_parser("check-config", help="validate the configuration and show the effective settings")
 
@@ -295,6 +297,10 @@ def cmdDKIM(args) -> str:
     return dkimcli.run(args, _config(args).dataDir)
 
 
+def cmdDB(args) -> str:
+    return dbcli.run(args, _config(args))
+
+
 def cmdDNS(args) -> str:
     return recordscli.run(args, _config(args))
 
@@ -308,7 +314,7 @@ def cmdSendmail(args) -> str:
 
 
 COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "queue": cmdQueue,
-            "sendmail": cmdSendmail, "dkim": cmdDKIM, "dns": cmdDNS,
+            "sendmail": cmdSendmail, "dkim": cmdDKIM, "dns": cmdDNS, "db": cmdDB,
             "check-config": cmdCheckConfig, "migrate": cmdMigrate}
 
 

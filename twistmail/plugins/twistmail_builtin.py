@@ -7,9 +7,11 @@ from twistmail.filters.rspamd import RspamdFilterFactory
 from twistmail.filters.spfdkimdmarc import SpfDkimDmarcFactory
 from twistmail.storage.maildir import MaildirStoreFactory
 from twistmail.storage.mbox import MboxStoreFactory
+from twistmail.storage.postgresql import PostgresStoreFactory
 
 maildir = MaildirStoreFactory()
 mbox = MboxStoreFactory()
+postgresql = PostgresStoreFactory()
 
 dkimSign = DKIMSignFilterFactory()
 dnsbl = DnsblFilterFactory()

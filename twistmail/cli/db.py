@@ -1,0 +1,38 @@
+# -*- test-case-name: tests.test_pgstore -*-
+"""``twistmail db upgrade``: create or migrate the postgresql backend's tables.
+
+Run by the operator (once per database, from any node, before starting nodes of
+a new version): the server itself never changes a shared schema, it only
+refuses to start on one that is behind.
+"""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    db = sub.add_parser("db", help="the postgresql backend's database").add_subparsers(
+        dest="action", required=True)
+    db.add_parser("upgrade", help="create or migrate the tables ([storage.postgresql] dsn)")
+
+
+def run(args, config) -> str:
+    import psycopg
+
+    from twistmail.cli.main import CLIError
+    from twistmail.config import ConfigError
+    from twistmail.storage.postgresql import PostgresStoreFactory, schema
+
+    if config["storage"]["backend"] != "postgresql":
+        raise CLIError(f"[storage] backend is {config['storage']['backend']!r}: twistmail db "
+                       "works on the postgresql backend. Fix: set [storage] backend = "
+                       "\"postgresql\" and [storage.postgresql] dsn")
+    try:
+        dsn = PostgresStoreFactory().makeStore(config.storageOptions(), config.dataDir).dsn
+        before, after = schema.upgrade(dsn)
+    except ConfigError as e:
+        raise CLIError(str(e)) from None
+    except psycopg.Error as e:
+        raise CLIError(f"cannot upgrade the database: {type(e).__name__}: {e}") from None
+    if before == after:
+        return f"database schema already at version {after}"
+    return f"database schema upgraded: version {before} -> {after}"
