@@ -147,8 +147,8 @@ def test_rsa_is_verified_by_openssl_not_by_dkimpys_python_rsa(monkeypatch):
     monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", slow)
     raw = signWith(message(body=BODY), RSA, "rsa")
     assert [r.result for r in dkimverify.verifyAll(raw, FakeLookups(KEYS), 5)] == ["pass"]
-    assert [r.result for r in dkimverify.verifyAll(tamperBody(raw), FakeLookups(KEYS), 5)] \
-        == ["fail"]
+    forged = raw.replace(b"Subject: test", b"Subject: tost")  # the body hash still matches
+    assert [r.result for r in dkimverify.verifyAll(forged, FakeLookups(KEYS), 5)] == ["fail"]
 
 
 def test_a_key_record_is_parsed_once_and_the_cache_is_bounded(monkeypatch):
