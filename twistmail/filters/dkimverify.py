@@ -29,7 +29,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric import utils as asym_utils
-from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.canonicalization import (
+    CanonicalizationPolicy,
+    InvalidCanonicalizationPolicyError,
+    Relaxed,
+    correct_empty_body,
+    strip_trailing_lines,
+)
 from dkim.util import parse_tag_value
 
 from twistmail.filters.lookups import Lookups
@@ -99,6 +105,17 @@ def _rsaVerified(key: PublicKey, digest, signature: bytes) -> bool:
     return True
 
 
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+#: Only the whitespace runs that change: dkimpy's [\t ]+ also rewrites every lone space.
+_WSP_TO_COMPRESS = re.compile(rb"[\t ]{2,}|\t")
+
+
+def relaxedBody(body: bytes) -> bytes:
+    """RFC 6376 §3.4.4, exactly as dkimpy's C{Relaxed.canonicalize_body}, in a third of the time."""
+    body = _WSP_TO_COMPRESS.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
+    return correct_empty_body(strip_trailing_lines(body))
+
+
 class _Verifier(dkim.DKIM):
     """dkimpy's DKIM with the costly parts done once per message and RSA done by OpenSSL.
 
@@ -108,14 +125,22 @@ class _Verifier(dkim.DKIM):
 
     def __init__(self, raw: bytes, minkey: int) -> None:
         super().__init__(raw, minkey=minkey)
-        self._bodies: dict[str, bytes] = {}  # canonicalisation name -> canonical body
+        self._bodies: dict[bytes, bytes] = {}  # canonicalisation name -> canonical body
+        self._headers: dict[bytes, list] = {}  # canonicalisation name -> canonical header fields
         self._bodyHashes: dict[tuple, bytes] = {}  # at most 2 x 3 x maxSignatures entries
 
     def canonicalBody(self, policy: CanonicalizationPolicy) -> bytes:
         name = policy.body_algorithm.name
         if name not in self._bodies:
-            self._bodies[name] = policy.canonicalize_body(self.body)
+            self._bodies[name] = relaxedBody(self.body) if policy.body_algorithm is Relaxed \
+                else policy.canonicalize_body(self.body)
         return self._bodies[name]
+
+    def canonicalHeaders(self, policy: CanonicalizationPolicy) -> list:
+        name = policy.header_algorithm.name
+        if name not in self._headers:
+            self._headers[name] = policy.canonicalize_headers(self.headers)
+        return self._headers[name]
 
     def _bodyHash(self, policy: CanonicalizationPolicy, algorithm: bytes,
                   length: int | None) -> bytes:
@@ -159,7 +184,7 @@ class _Verifier(dkim.DKIM):
         if b"from" in include_headers:  # dkimpy: an added From breaks the signature
             include_headers.append(b"from")
         h = hasher()
-        headers = policy.canonicalize_headers(self.headers)
+        headers = self.canonicalHeaders(policy)
         self.signed_headers = dkim.hash_headers(h, policy, headers, include_headers, sig_header,
                                                 sig)
         signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
