@@ -105,15 +105,25 @@ def _rsaVerified(key: PublicKey, digest, signature: bytes) -> bool:
     return True
 
 
-_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 #: Only the whitespace runs that change: dkimpy's [\t ]+ also rewrites every lone space.
 _WSP_TO_COMPRESS = re.compile(rb"[\t ]{2,}|\t")
 
 
+def _compressed(line: bytes) -> bytes:
+    return _WSP_TO_COMPRESS.sub(b" ", line) if b"\t" in line or b"  " in line else line
+
+
 def relaxedBody(body: bytes) -> bytes:
-    """RFC 6376 §3.4.4, exactly as dkimpy's C{Relaxed.canonicalize_body}, in a third of the time."""
-    body = _WSP_TO_COMPRESS.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
-    return correct_empty_body(strip_trailing_lines(body))
+    """RFC 6376 §3.4.4, exactly as dkimpy's C{Relaxed.canonicalize_body}, several times faster.
+
+    dkimpy runs two regexes over the whole body; line by line, most lines need
+    only C{rstrip}.  Whitespace before CRLF goes, other runs become one space.
+    """
+    lines = body.split(b"\r\n")
+    last = lines.pop()  # not followed by CRLF: its trailing whitespace is compressed, not removed
+    lines = [_compressed(line.rstrip(b" \t")) for line in lines]
+    lines.append(_compressed(last))
+    return correct_empty_body(strip_trailing_lines(b"\r\n".join(lines)))
 
 
 class _Verifier(dkim.DKIM):
