@@ -137,7 +137,7 @@ class _Verifier(dkim.DKIM):
         super().__init__(raw, minkey=minkey)
         self._bodies: dict[bytes, bytes] = {}  # canonicalisation name -> canonical body
         self._headers: dict[bytes, list] = {}  # canonicalisation name -> canonical header fields
-        self._bodyHashes: dict[tuple, bytes] = {}  # at most 2 x 3 x maxSignatures entries
+        self._bodyHashes: dict[tuple, bytes] = {}  # one per verified signature at most
 
     def canonicalBody(self, policy: CanonicalizationPolicy) -> bytes:
         name = policy.body_algorithm.name
