@@ -1,10 +1,9 @@
 """DKIM verification made cheap without changing a result (issue 11's benchmark).
 
 The body is canonicalised and hashed once per (canonicalisation, hash, l=) and
-shared between signatures, RSA is verified by OpenSSL (cryptography), parsed
-public keys are cached by their record text, and the filter runs one job per
-message in the DNS pool.  Every result is compared with dkimpy's own verdict.
-No sockets: key records come from a dict.
+shared between signatures, RSA is verified by OpenSSL (cryptography), and
+parsed public keys are cached by their record text.  Every result is compared
+with dkimpy's own verdict.  No sockets: key records come from a dict.
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from dkim.canonicalization import Relaxed, Simple
-from mailauth import HOST, Ed25519Key, RSAKey, filterMessage, message, session
-from twisted.internet import defer
+from mailauth import Ed25519Key, RSAKey, message
 
 from twistmail.filters import dkimverify
-from twistmail.filters.spfdkimdmarc import SpfDkimDmarc
 from twistmail.relay.mx import DNSFailure
 
 RSA = RSAKey()
@@ -222,35 +219,3 @@ def test_a_temporary_dns_failure_is_temperror():
     zone = {"rsa._domainkey.good.example": DNSFailure(True, "4.4.3", "timed out")}
     raw = signWith(message(body=BODY), RSA, "rsa")
     assert [r.result for r in dkimverify.verifyAll(raw, FakeLookups(zone), 5)] == ["temperror"]
-
-
-class CountingResolver:
-    """The filter's resolver: C{run} counts the jobs and runs them at once (no threads)."""
-
-    def __init__(self, zone: dict) -> None:
-        self.lookups = FakeLookups(zone)
-        self.jobs = 0
-
-    def resolveSync(self, name: str, rdtype: str) -> list:
-        return self.lookups.records(name, rdtype)
-
-    def run(self, f, *args) -> defer.Deferred:
-        self.jobs += 1
-        return defer.maybeDeferred(f, *args)
-
-
-def test_the_filter_runs_one_job_per_message_in_the_dns_pool():
-    zone = dict(KEYS)
-    zone.update({"good.example": record("v=spf1 ip4:192.0.2.10 -all"),
-                 "mail.good.example": record("v=spf1 ip4:192.0.2.10 -all"),
-                 "_dmarc.good.example": record("v=DMARC1; p=reject")})
-    resolver = CountingResolver(zone)
-    verifier = SpfDkimDmarc({}, HOST, resolver)
-    raw = signWith(signWith(message(body=BODY), RSA, "rsa"), ED, "ed")
-    verdicts = []
-    verifier.endOfData(session(), filterMessage(raw)).addCallback(verdicts.append)
-    (verdict,) = verdicts
-    header = dict(verdict.headers)["Authentication-Results"]
-    assert "spf=pass" in header and "dmarc=pass" in header
-    assert header.count("dkim=pass") == 2
-    assert resolver.jobs == 1

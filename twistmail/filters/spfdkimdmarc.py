@@ -1,14 +1,11 @@
 # -*- test-case-name: tests.test_verify_filter -*-
 """The "spf-dkim-dmarc" filter: inbound SPF, DKIM and DMARC, one Authentication-Results header.
 
-At the end of DATA, one job runs in the shared resolver's DNS pool: SPF (the
-MAIL FROM identity, and the HELO identity too unless ``spf_helo`` is off),
-then the message (read the spooled file, verify DKIM signatures, find the
-DMARC record of the From domain, parse From).  One job, not two in parallel:
-each hand-off to a thread and back costs more CPU than the checks themselves
-once DNS answers come from the cache (bench/smtp_verify.py).  It stops making
-lookups once the message's ``time_limit`` is spent.  The reactor then
-combines the results:
+At the end of DATA, two jobs run in the shared resolver's DNS pool at once:
+SPF (the MAIL FROM identity, and the HELO identity too unless ``spf_helo`` is
+off), and the message job (read the spooled file, verify DKIM signatures,
+find the DMARC record of the From domain).  Both stop making lookups once the
+message's ``time_limit`` is spent.  The reactor then combines them:
 
 * DMARC fail under ``p=reject`` -> ``550 5.7.1`` naming the policy (or Junk
   with ``reject_on_dmarc = false``); under ``p=quarantine`` -> Junk;
@@ -31,6 +28,7 @@ import email.utils
 import random
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -141,14 +139,13 @@ class SpfDkimDmarc(Filter):
         if session.authenticated or session.role != "inbound" or session.client in self._local:
             return None
         lookups = Lookups(self._resolver.resolveSync, self._options["time_limit"])
-        d = self._resolver.run(self._check, lookups, session, message)
+        jobs = [self._resolver.run(self._spf, lookups, session),
+                self._resolver.run(self._message, lookups, message)]
+        d = defer.gatherResults(jobs, consumeErrors=True)
         d.addCallback(self._verdict, session)
         return d
 
     # -- in the DNS pool ----------------------------------------------------------
-
-    def _check(self, lookups: Lookups, session, message) -> tuple:
-        return self._spf(lookups, session), self._message(lookups, message)
 
     def _spf(self, lookups: Lookups, session) -> list:
         identities = ["mailfrom"]
