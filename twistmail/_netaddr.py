@@ -24,6 +24,12 @@ def parseHost(host: str) -> IPAddress | None:
     return address
 
 
+def isLoopback(host: str) -> bool:
+    """C{host} is an address of this machine's loopback (127/8, ::1, IPv4-mapped too)."""
+    address = parseHost(host)
+    return address is not None and address.is_loopback
+
+
 def sameHost(a: str, b: str) -> bool:
     """True if C{a} and C{b} are the same IP address (however each is written)."""
     first = parseHost(a)

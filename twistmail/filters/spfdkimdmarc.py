@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from twistmail._dnsname import isHostName
 from twistmail._logtext import loggable
-from twistmail._netaddr import Networks
+from twistmail._netaddr import Networks, isLoopback
 from twistmail.filters import authresults, dkimverify, dmarc, spfcheck
 from twistmail.filters.authresults import Result
 from twistmail.filters.base import Filter
@@ -63,9 +63,6 @@ OPTIONS = {
     "time_limit": Option(float, 20.0, 1),
     "check_local": Option(bool, False),
 }
-
-#: Clients that are this host: never verified unless check_local is on.
-_LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 
 def settings(options: dict) -> dict:
@@ -129,14 +126,18 @@ class SpfDkimDmarc(Filter):
                  rng: random.Random | None = None, trusted: tuple[str, ...] = ()) -> None:
         """@param trusted: [relay] trusted_networks: not verified, as loopback is not."""
         self._options = settings(options)
-        self._local = Networks(() if self._options["check_local"] else (*_LOOPBACK, *trusted))
+        self._trusted = None if self._options["check_local"] else Networks(trusted)
         self._hostname = hostname
         self._resolver = resolver
         self._rng = rng or random.SystemRandom()  # pct= sampling (RFC 7489 §6.6.4)
         dmarc.organizationalDomain("example.org")  # load the suffix list now, not per message
 
+    def _isLocal(self, client: str) -> bool:
+        """This host, or a trusted network: not verified unless check_local is on."""
+        return self._trusted is not None and (isLoopback(client) or client in self._trusted)
+
     def endOfData(self, session, message):
-        if session.authenticated or session.role != "inbound" or session.client in self._local:
+        if session.authenticated or session.role != "inbound" or self._isLocal(session.client):
             return None
         lookups = Lookups(self._resolver.resolveSync, self._options["time_limit"])
         jobs = [self._resolver.run(self._spf, lookups, session),

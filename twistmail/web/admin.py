@@ -35,7 +35,7 @@ from twisted.web import resource, server
 
 from twistmail import dkimkeys
 from twistmail._logtext import loggable
-from twistmail._netaddr import parseHost
+from twistmail._netaddr import isLoopback
 from twistmail.auth.accounts import AccountError, Accounts, describeQuota, parseQuota
 from twistmail.auth.checkers import fromClient
 from twistmail.auth.passwords import hashPassword
@@ -124,8 +124,7 @@ def _allowed(request) -> bool:
     """https, or http from loopback (a proxy on this host that terminates TLS)."""
     if request.isSecure():
         return True
-    address = parseHost(getattr(request.getClientAddress(), "host", "") or "")
-    return address is not None and address.is_loopback
+    return isLoopback(getattr(request.getClientAddress(), "host", "") or "")
 
 
 def _field(request, name: str, strip: bool = True) -> str:
