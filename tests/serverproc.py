@@ -16,12 +16,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import support
+
+from twistmail.config import ALL_PROTOCOLS
+
 #: twistd from the environment running the tests (``python -m twisted`` is ``twist``,
 #: a different launcher without -n/--pidfile).
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+
+
+def listenerArgs(smtpPort: int, pop3Port: int, imapPort: int | None = None) -> list[str]:
+    """Every listener on a free loopback port (never the embedded defaults, which a
+    developer's own server may be using)."""
+    ports = {p: support.freePort() for p in ALL_PROTOCOLS}
+    ports.update(smtp=smtpPort, pop3=pop3Port, imap=imapPort or ports["imap"])
+    return [arg for p, port in ports.items() for arg in (f"--{p}", f"tcp:{port}:interface=127.0.0.1")]
 
 
 def twistdCommand(*args: str, twistd: str = TWISTD) -> list[str]:

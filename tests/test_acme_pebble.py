@@ -224,8 +224,7 @@ def test_tls_alpn_01_on_the_https_listener_alone(dataDir, pebble, logged):
 @pytest.mark.e2e
 def test_twistd_obtains_the_certificate_reloads_it_on_sighup_and_stops(tmp_path, pebble):
     """The real ``twistd -n twistmail`` with [tls] acme in its config file."""
-    from serverproc import ServerProcess, twistdCommand
-    from test_e2e import listenerArgs
+    from serverproc import ServerProcess, listenerArgs, twistdCommand
 
     pebble.start()
     dataDir = tmp_path / "data"

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from serverproc import ServerProcess, greeting, runTwistd, twistdCommand, waitUntil
+from serverproc import ServerProcess, greeting, listenerArgs, runTwistd, twistdCommand, waitUntil
 from support import cli, freePort, maildirFiles
 
 pytestmark = pytest.mark.e2e
@@ -57,16 +57,6 @@ class E2EServer:
         client.user(address)
         client.pass_(password if password is not None else self.passwords[address])
         return client
-
-
-def listenerArgs(smtpPort: int, pop3Port: int, imapPort: int | None = None) -> list[str]:
-    """Every listener on a free loopback port (never the embedded defaults, which a
-    developer's own server may be using)."""
-    from twistmail.config import ALL_PROTOCOLS
-
-    ports = {p: freePort() for p in ALL_PROTOCOLS}
-    ports.update(smtp=smtpPort, pop3=pop3Port, imap=imapPort or ports["imap"])
-    return [arg for p, port in ports.items() for arg in (f"--{p}", f"tcp:{port}:interface=127.0.0.1")]
 
 
 def launch(tmp_path, dataDir: str, name: str = "server",

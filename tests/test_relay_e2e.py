@@ -15,7 +15,7 @@ import smtplib
 
 import pytest
 from relayenv import Internet, dsnRecipients, mailbox, queueIds
-from serverproc import ServerProcess, twistdCommand, waitUntil
+from serverproc import ServerProcess, listenerArgs, twistdCommand, waitUntil
 from support import addUser, freePort, onReactor, startServer
 from twisted.internet import defer
 
@@ -237,8 +237,7 @@ def launch(tmp_path, dataDir, config, name):
     smtpPort, pop3Port = freePort(), freePort()
     process = ServerProcess(
         twistdCommand("--config", config, "--data-dir", dataDir, "--hostname", "mx.example.test",
-                      "--smtp", f"tcp:{smtpPort}:interface=127.0.0.1",
-                      "--pop3", f"tcp:{pop3Port}:interface=127.0.0.1"),
+                      *listenerArgs(smtpPort, pop3Port)),
         logPath=str(tmp_path / f"{name}.log"), cwd=str(tmp_path)).start()
     process.waitReady(smtpPort, pop3Port)
     return process, smtpPort

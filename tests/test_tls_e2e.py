@@ -9,9 +9,8 @@ import socket
 import ssl
 
 import pytest
-from serverproc import ServerProcess, twistdCommand
+from serverproc import ServerProcess, listenerArgs, twistdCommand
 from support import freePort
-from test_e2e import listenerArgs
 
 from twistmail.tls import generateSelfSigned
 
