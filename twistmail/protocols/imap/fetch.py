@@ -5,12 +5,25 @@ Items that come from the folder index (UID, FLAGS, INTERNALDATE,
 RFC822.SIZE) cost no disk access, so ``UID FETCH 1:* (FLAGS)`` on a large
 folder is a loop over memory; the others read the message (in a worker
 thread) and parse its MIME structure once for all requested items.
+
+A message whose header holds raw UTF-8 (RFC 6532) is shown as it is to a
+session that enabled UTF8=ACCEPT, with UTF-8 in quoted strings (RFC 6855
+§3, §5); to any other session, ENVELOPE, BODYSTRUCTURE and the message's
+top-level header (BODY[], BODY[HEADER], BODY[HEADER.FIELDS ...], RFC822,
+RFC822.HEADER) are downgraded (L{twistmail.protocols.downgrade}).
+RFC822.SIZE stays the stored size: a downgraded copy is a little longer.
+
+Bodies are given as stored, 8-bit or binary: an IMAP literal may carry any
+octet but NUL (RFC 3501 §4.3), and a client that wants a part decoded asks
+for it with BINARY (RFC 3516), which is not offered; nothing is converted to
+7-bit here (nor does Dovecot, which offers BINARY instead).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twistmail.protocols import downgrade
 from twistmail.protocols.imap import response, structure
 from twistmail.protocols.imap.parser import Arguments, ParseError
 
@@ -138,8 +151,11 @@ class Parsed:
         return self._root
 
 
-def render(item: Item, message, parsed: Parsed | None, flags) -> bytes:
-    """One ``NAME value`` pair of a FETCH response."""
+def render(item: Item, message, parsed: Parsed | None, flags, utf8: bool = False) -> bytes:
+    """One ``NAME value`` pair of a FETCH response.
+
+    @param utf8: the session has enabled UTF8=ACCEPT: nothing is downgraded.
+    """
     name = item.name
     if name == b"UID":
         return b"UID %d" % message.uid
@@ -152,22 +168,30 @@ def render(item: Item, message, parsed: Parsed | None, flags) -> bytes:
     if name == b"MODSEQ":
         return b"MODSEQ (%d)" % message.modseq  # RFC 7162 §3.1.4.1
     data = parsed.data
+    root = parsed.root
+    legacy = not utf8 and downgrade.needed(root.header)
     if name == b"RFC822":
-        return b"RFC822 " + _literal(data)
+        return b"RFC822 " + _literal(downgrade.message(data, root.bodyStart) if legacy else data)
     if name == b"RFC822.HEADER":
-        return b"RFC822.HEADER " + _literal(parsed.root.header)
+        return b"RFC822.HEADER " + _literal(downgrade.header(root.header) if legacy else root.header)
     if name == b"RFC822.TEXT":
-        return b"RFC822.TEXT " + _literal(parsed.root.body)
+        return b"RFC822.TEXT " + _literal(root.body)
     if name == b"ENVELOPE":
-        return b"ENVELOPE " + response.encode(structure.envelope(parsed.root))
-    if name == b"BODYSTRUCTURE":
-        return b"BODYSTRUCTURE " + response.encode(structure.bodyStructure(parsed.root, True))
-    if name == b"BODY":
-        return b"BODY " + response.encode(structure.bodyStructure(parsed.root, False))
+        value = structure.envelope(root)
+        return b"ENVELOPE " + response.encode(downgrade.envelope(value) if legacy else value, utf8)
+    if name in (b"BODYSTRUCTURE", b"BODY"):
+        value = structure.bodyStructure(root, name == b"BODYSTRUCTURE")
+        if not utf8 and not data.isascii():  # a part's header may hold UTF-8 too
+            value = downgrade.data(value)
+        return name + b" " + response.encode(value, utf8)
     try:
-        content = structure.section(parsed.root, item.parts, item.text, item.fields)
+        content = structure.section(root, item.parts, item.text, item.fields)
     except structure.NoSuchPart:
         content = b""
+    if legacy and not item.parts and item.text != "TEXT":
+        # The whole message or its header: what a legacy client reads to show it.
+        content = (downgrade.message(content, root.bodyStart - root.headerStart)
+                   if item.text is None else downgrade.header(content))
     if item.partial is not None:
         origin, length = item.partial
         content = content[origin:origin + length]
