@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import imaplib
+import os
 import re
 from email import policy
 
@@ -93,6 +94,8 @@ def test_utf7_and_utf8_sessions_share_folders(server, legacy, utf8lib):
     typ, data = utf8lib.list('""', '"*"')
     assert typ == "OK"
     assert b'(\\HasNoChildren) "/" "\xc3\x84rger"' in data  # RFC 6855 §3: UTF-8 in a quoted string
+    typ, data = utf8lib.list('""', '"Caf%"')  # patterns are UTF-8 too
+    assert data == [b'(\\HasChildren) "/" "Caf\xc3\xa9"']
     # A message the legacy client appends under the UTF-7 name is seen under the UTF-8 one.
     legacy.append(b"Subject: hi\r\n\r\nhello\r\n", folder="Café/日本".encode("imap4-utf-7").decode())
     typ, data = utf8lib.status('"Café/日本"', "(MESSAGES)")
@@ -198,3 +201,41 @@ def test_search_finds_utf8_header_text(legacy, modern, utf8lib):
     assert utf8lib.search(None, "SUBJECT", '"Köln"') == ("OK", [b"1"])
     assert utf8lib.search(None, "TO", '"ann@bücher"') == ("OK", [b"1"])
     assert utf8lib.search(None, "SUBJECT", '"plain"') == ("OK", [b"2"])
+    # RFC 6855 §3: a charset other than UTF-8 conflicts with UTF8=ACCEPT (SHOULD be BAD);
+    # CHARSET UTF-8 (or US-ASCII, a subset) says nothing new and is accepted.
+    modern.ok("SELECT INBOX")
+    assert modern.command("SEARCH CHARSET ISO-8859-1 SUBJECT x")[1] == (
+        b"BAD CHARSET conflicts with UTF8=ACCEPT: strings are UTF-8")
+    assert modern.ok(b'SEARCH CHARSET UTF-8 SUBJECT "K\xc3\xb6ln"') == [b"* SEARCH 1"]
+    assert legacy.command("SEARCH CHARSET ISO-8859-1 SUBJECT x")[1].startswith(b"NO [BADCHARSET")
+
+
+@pytest.mark.interop
+def test_neomutt_enables_utf8_and_reads_a_utf8_folder(server, legacy, tmp_path):
+    """neomutt (a UTF-8 locale) sends ENABLE UTF8=ACCEPT, opens a folder a modified UTF-7
+    client created by its UTF-8 name, and copies the message out as stored, undowngraded."""
+    from test_interop import requireTool, run
+
+    binary = requireTool("neomutt", "neomutt")
+    script = requireTool("script", "bsdutils")  # gives neomutt the terminal it insists on
+    utf7 = "Café/日本".encode("imap4-utf-7")
+    legacy.ok(b"CREATE " + utf7)
+    legacy.append(MESSAGE, folder=utf7.decode())
+    out = tmp_path / "copied.mbox"
+    rc = tmp_path / "muttrc"
+    rc.write_text(
+        f'set imap_user="alice@example.test"\nset imap_pass="secret"\nset ssl_starttls=no\n'
+        f'set ssl_force_tls=no\nset folder="imap://127.0.0.1:{server.imapPort}/"\n'
+        f'set charset="utf-8"\nset mbox_type=mbox\nset confirmappend=no\n'
+        f"set confirmcreate=no\nset quit=yes\nset move=no\nset mail_check=0\n", encoding="utf-8")
+    keys = f"<tag-pattern>~A<enter><tag-prefix><copy-message>{out}<enter><quit>"
+    command = (f"{binary} -n -F {rc} -f 'imap://127.0.0.1:{server.imapPort}/Café/日本' "
+               f"-e 'push \"{keys}\"'")
+    result = run([script, "-qec", command, "/dev/null"],
+                 env=dict(os.environ, TERM="xterm", HOME=str(tmp_path), LANG="C.UTF-8",
+                          LC_ALL="C.UTF-8"))
+    assert result.returncode == 0, result.stdout[-2000:]
+    copied = out.read_bytes()
+    # Raw UTF-8, as stored: a session without UTF8=ACCEPT would have got encoded-words.
+    assert ("Subject: " + SUBJECT + "\n").encode() in copied, copied[:2000]
+    assert "From: \"Jörg Müller\" <jörg@bücher.example>\n".encode() in copied, copied[:2000]

@@ -92,13 +92,14 @@ def message(data: bytes, bodyStart: int) -> bytes:
 
 
 def addressField(value: str) -> str:
-    """An address-list field value (RFC 5322 §3.4) in ASCII, as the module says."""
-    out = []
-    for name, address in getaddresses([value]):
-        if not name and not address:
-            continue
-        out.append(_address(name, address))
-    return ", ".join(out)
+    """An address-list field value (RFC 5322 §3.4) in ASCII, as the module says; ""
+    when the stdlib's parser cannot read it without losing some of its non-ASCII text
+    (it drops what it does not understand): the caller encodes it as text then."""
+    pairs = [(name, address) for name, address in getaddresses([value]) if name or address]
+    kept = "".join(name + address for name, address in pairs)
+    if not {c for c in value if not c.isascii()} <= set(kept):
+        return ""
+    return ", ".join(_address(name, address) for name, address in pairs)
 
 
 def _address(name: str, address: str) -> str:

@@ -360,6 +360,9 @@ class IMAPServer(imap4.IMAP4Server):
             self._tagged(tag, b"BAD", b"Syntax error: " + str(error).encode("utf-8", "replace")[:200])
         elif isinstance(error, _Bad):
             self._tagged(tag, b"BAD", error.text)
+        elif isinstance(error, search.BadCharset) and self.utf8:
+            # RFC 6855 §3: after ENABLE UTF8=ACCEPT the strings are UTF-8, whatever CHARSET says.
+            self._tagged(tag, b"BAD", b"CHARSET conflicts with UTF8=ACCEPT: strings are UTF-8")
         elif isinstance(error, search.BadCharset):
             self._tagged(tag, b"NO", b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
         elif isinstance(error, _No):
