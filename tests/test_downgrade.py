@@ -70,3 +70,18 @@ def test_envelope():
 def test_data():
     assert downgrade.data(["TEXT", "PLAIN", ["NAME", raw("ä.txt")], None, 5]) == [
         "TEXT", "PLAIN", ["NAME", "=?utf-8?b?w6QudHh0?="], None, 5]
+
+
+def test_mime_parameters_become_rfc2231():
+    block = ('Content-Type: text/plain; charset=utf-8; name="ü.txt"\r\n'
+             'Content-Disposition: attachment;\r\n filename="日本 1.pdf"; size=3\r\n'
+             "Content-Type: ü/x\r\n\r\n").encode()
+    out = downgrade.header(block)
+    assert out.isascii()
+    assert b"Content-Disposition: attachment; filename*=utf-8''%E6%97%A5%E6%9C%AC%201.pdf; " \
+           b'size="3"\r\n' in out
+    parsed = message_from_bytes(out.split(b"Content-Type: =?")[0] + b"\r\n", policy=policy.default)
+    assert parsed.get_filename() == "日本 1.pdf"
+    assert parsed.get_param("name") == "ü.txt" and parsed.get_content_charset() == "utf-8"
+    # A type that is not ASCII has no RFC 2231 form: encoded as text.
+    assert b"\r\nContent-Type: =?utf-8?q?=C3=BC/x?=\r\n" in out

@@ -239,3 +239,29 @@ def test_neomutt_enables_utf8_and_reads_a_utf8_folder(server, legacy, tmp_path):
     # Raw UTF-8, as stored: a session without UTF8=ACCEPT would have got encoded-words.
     assert ("Subject: " + SUBJECT + "\n").encode() in copied, copied[:2000]
     assert "From: \"Jörg Müller\" <jörg@bücher.example>\n".encode() in copied, copied[:2000]
+
+
+def test_legacy_client_sees_downgraded_part_headers(legacy, modern):
+    """The header of an attached message and a part's MIME header, fetched on their own."""
+    attached = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n"
+                b"Subject: fwd\r\n\r\n--b\r\n"
+                + 'Content-Type: text/plain; name="Grüße.txt"\r\n\r\nhi\r\n'.encode()
+                + b"--b\r\nContent-Type: message/rfc822\r\n\r\n" + MESSAGE + b"\r\n--b--\r\n")
+    assert appendUtf8(modern, attached)[1].startswith(b"OK")
+    legacy.ok("SELECT INBOX")
+    line = legacy.ok("FETCH 1 (BODY.PEEK[1.MIME] BODY.PEEK[2.HEADER] BODY.PEEK[2.TEXT] "
+                     "BODYSTRUCTURE)")[0]
+    mime = re.search(rb"BODY\[1\.MIME\] \{(\d+)\}\r\n", line)
+    assert line[mime.end():mime.end() + int(mime.group(1))] == (
+        b"Content-Type: text/plain; name*=utf-8''Gr%C3%BC%C3%9Fe.txt\r\n\r\n")
+    header = re.search(rb"BODY\[2\.HEADER\] \{(\d+)\}\r\n", line)
+    block = line[header.end():header.end() + int(header.group(1))]
+    assert block.isascii()
+    assert email.message_from_bytes(block, policy=policy.default)["Subject"] == SUBJECT
+    text = re.search(rb"BODY\[2\.TEXT\] \{(\d+)\}\r\n", line)
+    assert line[text.end():text.end() + int(text.group(1))] == "Hallo, schöne Grüße.\r\n".encode()
+    structure = line[line.index(b"BODYSTRUCTURE"):]
+    assert structure.isascii() and b'"NAME" "=?utf-8?b?' in structure
+    # Fetched whole, the attached message is as stored (not downgraded: see downgrade.py).
+    modern.ok("SELECT INBOX")
+    assert b"BODY[2] {%d}\r\n" % len(MESSAGE) + MESSAGE in modern.ok("FETCH 1 BODY.PEEK[2]")[0]

@@ -10,6 +10,9 @@ that, so they are shown a downgraded copy, in the manner of RFC 6857
 * an unstructured field (Subject, Comments, X-...) and any other field that
   is not an address field becomes RFC 2047 encoded-words (the stdlib
   ``email.header``: nothing here writes an encoded-word by hand);
+* a non-ASCII parameter of Content-Type or Content-Disposition (a file name)
+  becomes an RFC 2231 ``name*=utf-8''...`` parameter (the stdlib's
+  ``Message.set_param``), so the field still parses;
 * in an address field (From, To, Cc, ...) a display name becomes an
   encoded-word; a domain becomes its IDNA A-label (``bücher.example`` ->
   ``xn--bcher-kva.example``); an address whose local part is not ASCII
@@ -18,9 +21,10 @@ that, so they are shown a downgraded copy, in the manner of RFC 6857
   who it was, and a reply cannot go to a wrong address;
 * a field whose *name* is not ASCII is dropped (no legal spelling exists).
 
-Not done (RFC 6857 goes further): MIME parameters are not re-encoded per
-RFC 2231, header fields of nested parts and attached messages are left
-as they are, and group names in address fields are not kept.  Only header
+Not done (RFC 6857 goes further): the header fields of a part or an attached
+message are downgraded only when fetched on their own (IMAP ``BODY[1.MIME]``,
+``BODY[2.HEADER]``), not inside ``BODY[]`` or ``BODY[TEXT]``, and group names
+in address fields are not kept.  Only header
 fields are ever changed: bodies are never touched.  8-bit octets that are
 not UTF-8 are read as U+FFFD.
 """
@@ -30,11 +34,14 @@ from __future__ import annotations
 import re
 from email.charset import Charset
 from email.header import Header
-from email.utils import formataddr, getaddresses
+from email.message import Message
+from email.utils import collapse_rfc2231_value, formataddr, getaddresses
 
 #: RFC 5322 §3.6 address fields (and their Resent- forms, §3.6.6).
 ADDRESS_FIELDS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "resent-from",
                             "resent-sender", "resent-to", "resent-cc", "resent-bcc"})
+#: MIME fields with parameters (RFC 2045 §5, RFC 2183 §2).
+PARAMETER_FIELDS = frozenset({"content-type", "content-disposition"})
 _UTF8 = Charset("utf-8")
 _FIELD_START = re.compile(rb"(?m)^(?![ \t])")
 
@@ -77,8 +84,13 @@ def header(block: bytes) -> bytes:
         newline = b"\r\n" if field.endswith(b"\r\n") else b"\n"
         unfolded = re.sub(rb"\r?\n", b"", value).strip().decode("utf-8", "replace")
         label = name.decode("ascii")
-        encoded = addressField(unfolded) if label.strip().lower() in ADDRESS_FIELDS else ""
-        if not encoded:  # not an address field, or no address could be read in it
+        kind = label.strip().lower()
+        encoded = ""
+        if kind in ADDRESS_FIELDS:
+            encoded = addressField(unfolded)
+        elif kind in PARAMETER_FIELDS:
+            encoded = parameterField(label, unfolded)
+        if not encoded:  # not a field with a structure kept, or it could not be read
             encoded = Header(unfolded, _UTF8, header_name=label).encode(
                 linesep=newline.decode("ascii"))
         out.append(name + b": " + encoded.encode("ascii") + newline)
@@ -100,6 +112,25 @@ def addressField(value: str) -> str:
     if not {c for c in value if not c.isascii()} <= set(kept):
         return ""
     return ", ".join(_address(name, address) for name, address in pairs)
+
+
+def parameterField(name: str, value: str) -> str:
+    """A Content-Type or Content-Disposition value with its non-ASCII parameters in
+    RFC 2231 form; "" if its first part (the type) is not ASCII."""
+    parsed = Message()
+    parsed[name] = value
+    params = parsed.get_params(header=name) or [("", "")]
+    if not params[0][0] or not params[0][0].isascii():
+        return ""
+    out = Message()
+    out[name] = params[0][0]
+    for key, param in params[1:]:
+        if isinstance(param, tuple):  # already RFC 2231 (and so ASCII)
+            param = collapse_rfc2231_value(param)
+        if not key.isascii():
+            continue
+        out.set_param(key, param, header=name, charset=None if param.isascii() else "utf-8")
+    return out[name]
 
 
 def _address(name: str, address: str) -> str:

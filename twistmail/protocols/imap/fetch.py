@@ -8,9 +8,10 @@ thread) and parse its MIME structure once for all requested items.
 
 A message whose header holds raw UTF-8 (RFC 6532) is shown as it is to a
 session that enabled UTF8=ACCEPT, with UTF-8 in quoted strings (RFC 6855
-§3, §5); to any other session, ENVELOPE, BODYSTRUCTURE and the message's
-top-level header (BODY[], BODY[HEADER], BODY[HEADER.FIELDS ...], RFC822,
-RFC822.HEADER) are downgraded (L{twistmail.protocols.downgrade}).
+§3, §5); to any other session, ENVELOPE, BODYSTRUCTURE, the header of
+BODY[] and RFC822, and every header section (BODY[HEADER], BODY[1.MIME],
+BODY[2.HEADER.FIELDS ...], RFC822.HEADER) are downgraded
+(L{twistmail.protocols.downgrade}).
 RFC822.SIZE stays the stored size: a downgraded copy is a little longer.
 
 Bodies are given as stored, 8-bit or binary: an IMAP literal may carry any
@@ -188,10 +189,10 @@ def render(item: Item, message, parsed: Parsed | None, flags, utf8: bool = False
         content = structure.section(root, item.parts, item.text, item.fields)
     except structure.NoSuchPart:
         content = b""
-    if legacy and not item.parts and item.text != "TEXT":
-        # The whole message or its header: what a legacy client reads to show it.
-        content = (downgrade.message(content, root.bodyStart - root.headerStart)
-                   if item.text is None else downgrade.header(content))
+    if legacy and not item.parts and item.text is None:
+        content = downgrade.message(content, root.bodyStart)  # what a legacy client shows
+    elif not utf8 and item.text not in (None, "TEXT"):
+        content = downgrade.header(content)  # HEADER, HEADER.FIELDS (.NOT), MIME: a header block
     if item.partial is not None:
         origin, length = item.partial
         content = content[origin:origin + length]
