@@ -265,3 +265,14 @@ def test_legacy_client_sees_downgraded_part_headers(legacy, modern):
     # Fetched whole, the attached message is as stored (not downgraded: see downgrade.py).
     modern.ok("SELECT INBOX")
     assert b"BODY[2] {%d}\r\n" % len(MESSAGE) + MESSAGE in modern.ok("FETCH 1 BODY.PEEK[2]")[0]
+
+
+def test_nul_octets_are_sent_as_0x80(modern):
+    """RFC 3501 §4.3: no NUL in a literal; a binary message (BINARYMIME, literal8) keeps its size."""
+    binary = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\x01\xff\x00\r\n"
+    assert appendUtf8(modern, binary)[1].startswith(b"OK")
+    modern.ok("SELECT INBOX")
+    line = modern.ok("FETCH 1 (RFC822.SIZE BODY.PEEK[] BODY.PEEK[TEXT])")[0]
+    assert b"RFC822.SIZE %d " % len(binary) in line
+    assert b"BODY[] {%d}\r\n" % len(binary) + binary.replace(b"\x00", b"\x80") in line
+    assert b"BODY[TEXT] {6}\r\n\x80\x01\xff\x80\r\n" in line

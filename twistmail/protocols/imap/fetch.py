@@ -14,10 +14,10 @@ BODY[2.HEADER.FIELDS ...], RFC822.HEADER) are downgraded
 (L{twistmail.protocols.downgrade}).
 RFC822.SIZE stays the stored size: a downgraded copy is a little longer.
 
-Bodies are given as stored, 8-bit or binary: an IMAP literal may carry any
-octet but NUL (RFC 3501 §4.3), and a client that wants a part decoded asks
-for it with BINARY (RFC 3516), which is not offered; nothing is converted to
-7-bit here (nor does Dovecot, which offers BINARY instead).
+Bodies are given as stored, 8-bit or binary (but for NUL: L{_literal}): an
+IMAP literal may carry 8-bit octets (RFC 3501 §4.3), and a client that wants a
+part decoded asks for it with BINARY (RFC 3516), which is not offered; nothing
+is converted to 7-bit here (nor does Dovecot, which offers BINARY instead).
 """
 
 from __future__ import annotations
@@ -219,5 +219,12 @@ def renderGone(item: Item, message, flags) -> bytes:
 
 
 def _literal(content: bytes) -> bytes:
-    """Message data always as a literal: it may hold anything (8-bit, CRLF, NUL)."""
+    """Message data always as a literal: it may hold 8-bit octets, CR and LF.
+
+    Not NUL (RFC 3501 §4.3, CHAR8): a binary body (BINARYMIME, RFC 3030, or an
+    APPEND literal8) has each NUL sent as 0x80, the length kept, as Dovecot does
+    (imap-msgpart.c); literal8 is for BINARY (RFC 3516), which is not offered.
+    """
+    if b"\0" in content:
+        content = content.replace(b"\0", b"\x80")
     return b"{%d}\r\n" % len(content) + content
