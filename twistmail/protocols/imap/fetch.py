@@ -144,6 +144,14 @@ class Parsed:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self._root = None
+        self._ascii: bool | None = None
+
+    @property
+    def ascii(self) -> bool:
+        """No 8-bit octet anywhere: nothing to downgrade (most mail; no parse needed to know)."""
+        if self._ascii is None:
+            self._ascii = self.data.isascii()
+        return self._ascii
 
     @property
     def root(self) -> structure.Entity:
@@ -169,10 +177,12 @@ def render(item: Item, message, parsed: Parsed | None, flags, utf8: bool = False
     if name == b"MODSEQ":
         return b"MODSEQ (%d)" % message.modseq  # RFC 7162 §3.1.4.1
     data = parsed.data
-    root = parsed.root
-    legacy = not utf8 and downgrade.needed(root.header)
+    eightBit = not utf8 and not parsed.ascii  # a legacy session, and maybe something to downgrade
     if name == b"RFC822":
-        return b"RFC822 " + _literal(downgrade.message(data, root.bodyStart) if legacy else data)
+        return b"RFC822 " + _literal(downgrade.message(data, parsed.root.bodyStart) if eightBit
+                                     else data)
+    root = parsed.root
+    legacy = eightBit and downgrade.needed(root.header)
     if name == b"RFC822.HEADER":
         return b"RFC822.HEADER " + _literal(downgrade.header(root.header) if legacy else root.header)
     if name == b"RFC822.TEXT":
@@ -182,7 +192,7 @@ def render(item: Item, message, parsed: Parsed | None, flags, utf8: bool = False
         return b"ENVELOPE " + response.encode(downgrade.envelope(value) if legacy else value, utf8)
     if name in (b"BODYSTRUCTURE", b"BODY"):
         value = structure.bodyStructure(root, name == b"BODYSTRUCTURE")
-        if not utf8 and not data.isascii():  # a part's header may hold UTF-8 too
+        if eightBit:  # a part's header may hold UTF-8 too
             value = downgrade.data(value)
         return name + b" " + response.encode(value, utf8)
     try:
@@ -191,7 +201,7 @@ def render(item: Item, message, parsed: Parsed | None, flags, utf8: bool = False
         content = b""
     if legacy and not item.parts and item.text is None:
         content = downgrade.message(content, root.bodyStart)  # what a legacy client shows
-    elif not utf8 and item.text not in (None, "TEXT"):
+    elif eightBit and item.text not in (None, "TEXT"):
         content = downgrade.header(content)  # HEADER, HEADER.FIELDS (.NOT), MIME: a header block
     if item.partial is not None:
         origin, length = item.partial
