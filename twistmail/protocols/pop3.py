@@ -11,6 +11,15 @@ Changes to ``twisted.mail.pop3.POP3`` and why:
   16 KiB chunk and rewrites every LF to CRLF, which corrupts CRLF-stored mail).
 * Malformed commands get ``-ERR`` with a reason instead of a logged traceback.
 * QUIT answers ``+OK`` only after the deletions are on disk (RFC 1939 §6).
+* UTF8 (RFC 6856 §2): before login the client may switch the session to
+  UTF-8; messages whose header fields hold raw UTF-8 (SMTPUTF8 mail) are sent
+  as stored then, and downgraded (L{twistmail.protocols.downgrade}) to a
+  client that has not asked, which RFC 6856 §2 leaves to the server.  (Dovecot
+  offers no UTF8 and sends such messages as they are.)  LIST, STAT and the RETR
+  status line give the stored size either way: a downgraded header is a
+  little longer, as RFC 1939 allows the count to be approximate.  Bodies are
+  sent as stored (8-bit or binary), never converted to 7-bit: POP3 has no
+  way to say what a client can take, and every client reads 8-bit.
 * **Flow control** (L{flow.Flow}): received lines wait in a queue and are
   handled one at a time, none while a command is outstanding or while the
   client leaves our answers unread; reading stops when more than
@@ -37,6 +46,7 @@ from zope.interface import implementer
 
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
+from twistmail.protocols import downgrade
 from twistmail.protocols.flow import Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
@@ -138,7 +148,9 @@ class POP3Mailbox:
 
 
 class POP3Server(pop3.POP3):
-    AUTH_CMDS = [*pop3.POP3.AUTH_CMDS, b"STLS"]
+    AUTH_CMDS = [*pop3.POP3.AUTH_CMDS, b"STLS", b"UTF8"]
+    #: Whether the client sent UTF8 (RFC 6856 §2): messages are then sent undowngraded.
+    utf8 = False
 
     _flow: Flow | None = None
     _processing = False
@@ -183,7 +195,7 @@ class POP3Server(pop3.POP3):
         return self._queued + len(self._buffer)
 
     def listCapabilities(self) -> list[bytes]:
-        caps = [b"TOP", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE"]
+        caps = [b"TOP", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE", b"UTF8"]
         if not self.mbox:
             if self._passwordsAllowed():
                 caps += [b"USER", b"SASL PLAIN"]  # RFC 2595 §4: not before STLS otherwise
@@ -194,6 +206,14 @@ class POP3Server(pop3.POP3):
     def _passwordsAllowed(self) -> bool:
         return self.factory.security.passwordsAllowed(
             self.peerHost, listenerHost(self.transport), self.secure)
+
+    def do_UTF8(self) -> None:
+        """RFC 6856 §2: UTF-8 mode, only in the AUTHORIZATION state."""
+        if self.mbox:
+            self.failResponse(b"UTF8 only before login (RFC 6856 section 2)")
+            return
+        self.utf8 = True
+        self.successResponse(b"UTF8 enabled")
 
     def do_STLS(self) -> None:
         """RFC 2595 §4.  Lines the client pipelined after STLS in plaintext are dropped,
@@ -326,7 +346,7 @@ class POP3Server(pop3.POP3):
 
     def state_COMMAND(self, line: bytes) -> None:
         command, *args = line.split(b" ") if line else [b""]
-        if not command.isalpha():
+        if not command.isalnum() or not command.isascii():
             self.failResponse(b"Unknown command")
             return
         try:
@@ -447,7 +467,7 @@ class POP3Server(pop3.POP3):
             return None
         self._highest = max(self._highest, int(i))
         status = b"%d octets" % message.size if topLines is None else b"Top of message follows"
-        body = _Body(topLines)
+        body = _Body(topLines, legacy=not self.utf8)
 
         def send(data: bytes) -> None:
             self.transport.write(pop3.successResponse(status) + body.feed(data) + body.end())
@@ -487,9 +507,17 @@ class _Body:
     bare LF), so no stored byte sequence can make a lenient client see an
     early end; the response ends with CRLF.CRLF.  For TOP, output stops after
     the header, the blank line and C{topLines} lines of the body.
+
+    For a C{legacy} client (no UTF8 command) the header is held back until
+    it is complete (at most L{MAX_HEADER} octets: a longer one is sent as it
+    is) and sent downgraded if it holds 8-bit octets.
     """
 
-    def __init__(self, topLines: int | None = None) -> None:
+    #: Octets of header held back for downgrading; Dovecot's limit for one header block.
+    MAX_HEADER = 1024 * 1024
+
+    def __init__(self, topLines: int | None = None, legacy: bool = False) -> None:
+        self.head: bytes | None = b"" if legacy else None  # the header held back
         self.atLineStart = True
         self.last = b""
         self.remaining = topLines
@@ -498,6 +526,8 @@ class _Body:
         self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.head is not None:
+            chunk = self._downgrade(chunk)
         if self.remaining is not None:
             chunk = self._top(chunk)
         if not chunk:
@@ -528,8 +558,28 @@ class _Body:
                 self.inBody = True
             pos = nl + 1
 
+    def _downgrade(self, chunk: bytes, final: bool = False) -> bytes:
+        head = self.head + chunk
+        end = _headerEnd(head)
+        if end < 0 and not final and len(head) <= self.MAX_HEADER:
+            self.head = head
+            return b""
+        self.head = None
+        if end < 0:
+            return downgrade.header(head) if final else head
+        return downgrade.header(head[:end]) + head[end:]
+
     def end(self) -> bytes:
-        return (b"\r\n" if self.last and self.last != b"\r\n" else b"") + b".\r\n"
+        rest = self.feed(self._downgrade(b"", final=True)) if self.head is not None else b""
+        return rest + (b"\r\n" if self.last and self.last != b"\r\n" else b"") + b".\r\n"
+
+
+def _headerEnd(data: bytes) -> int:
+    """Where the body starts (after the first empty line), or -1 if not yet seen."""
+    if data.startswith((b"\r\n", b"\n")):
+        return 2 if data.startswith(b"\r") else 1
+    ends = [i + len(blank) for blank in (b"\n\r\n", b"\n\n") if (i := data.find(blank)) >= 0]
+    return min(ends, default=-1)
 
 
 async def _stream(transport, flow: Flow, fp, status: bytes, body: _Body) -> None:

@@ -6,7 +6,8 @@
 * ``view``: one session's view of a selected folder (sequence numbers, pending updates).
 * ``fetch`` / ``structure``: FETCH items, BODY[section]<partial>, BODYSTRUCTURE, ENVELOPE.
 * ``search``: SEARCH keys.
-* ``names``: mailbox names (modified UTF-7), LIST patterns, special-use folders.
+* ``names``: mailbox names (modified UTF-7, or UTF-8 after ENABLE UTF8=ACCEPT), LIST patterns,
+  special-use folders.
 
 Everything here talks to ``twistmail.interfaces`` only, never to a backend.
 """

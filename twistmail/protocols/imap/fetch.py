@@ -5,12 +5,26 @@ Items that come from the folder index (UID, FLAGS, INTERNALDATE,
 RFC822.SIZE) cost no disk access, so ``UID FETCH 1:* (FLAGS)`` on a large
 folder is a loop over memory; the others read the message (in a worker
 thread) and parse its MIME structure once for all requested items.
+
+A message whose header holds raw UTF-8 (RFC 6532) is shown as it is to a
+session that enabled UTF8=ACCEPT, with UTF-8 in quoted strings (RFC 6855
+§3, §5); to any other session, ENVELOPE, BODYSTRUCTURE, the header of
+BODY[] and RFC822, and every header section (BODY[HEADER], BODY[1.MIME],
+BODY[2.HEADER.FIELDS ...], RFC822.HEADER) are downgraded
+(L{twistmail.protocols.downgrade}).
+RFC822.SIZE stays the stored size: a downgraded copy is a little longer.
+
+Bodies are given as stored, 8-bit or binary (but for NUL: L{_literal}): an
+IMAP literal may carry 8-bit octets (RFC 3501 §4.3), and a client that wants a
+part decoded asks for it with BINARY (RFC 3516), which is not offered; nothing
+is converted to 7-bit here (nor does Dovecot, which offers BINARY instead).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twistmail.protocols import downgrade
 from twistmail.protocols.imap import response, structure
 from twistmail.protocols.imap.parser import Arguments, ParseError
 
@@ -130,6 +144,14 @@ class Parsed:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self._root = None
+        self._ascii: bool | None = None
+
+    @property
+    def ascii(self) -> bool:
+        """No 8-bit octet anywhere: nothing to downgrade (most mail; no parse needed to know)."""
+        if self._ascii is None:
+            self._ascii = self.data.isascii()
+        return self._ascii
 
     @property
     def root(self) -> structure.Entity:
@@ -138,8 +160,11 @@ class Parsed:
         return self._root
 
 
-def render(item: Item, message, parsed: Parsed | None, flags) -> bytes:
-    """One ``NAME value`` pair of a FETCH response."""
+def render(item: Item, message, parsed: Parsed | None, flags, utf8: bool = False) -> bytes:
+    """One ``NAME value`` pair of a FETCH response.
+
+    @param utf8: the session has enabled UTF8=ACCEPT: nothing is downgraded.
+    """
     name = item.name
     if name == b"UID":
         return b"UID %d" % message.uid
@@ -152,22 +177,32 @@ def render(item: Item, message, parsed: Parsed | None, flags) -> bytes:
     if name == b"MODSEQ":
         return b"MODSEQ (%d)" % message.modseq  # RFC 7162 §3.1.4.1
     data = parsed.data
+    eightBit = not utf8 and not parsed.ascii  # a legacy session, and maybe something to downgrade
     if name == b"RFC822":
-        return b"RFC822 " + _literal(data)
+        return b"RFC822 " + _literal(downgrade.message(data, parsed.root.bodyStart) if eightBit
+                                     else data)
+    root = parsed.root
+    legacy = eightBit and downgrade.needed(root.header)
     if name == b"RFC822.HEADER":
-        return b"RFC822.HEADER " + _literal(parsed.root.header)
+        return b"RFC822.HEADER " + _literal(downgrade.header(root.header) if legacy else root.header)
     if name == b"RFC822.TEXT":
-        return b"RFC822.TEXT " + _literal(parsed.root.body)
+        return b"RFC822.TEXT " + _literal(root.body)
     if name == b"ENVELOPE":
-        return b"ENVELOPE " + response.encode(structure.envelope(parsed.root))
-    if name == b"BODYSTRUCTURE":
-        return b"BODYSTRUCTURE " + response.encode(structure.bodyStructure(parsed.root, True))
-    if name == b"BODY":
-        return b"BODY " + response.encode(structure.bodyStructure(parsed.root, False))
+        value = structure.envelope(root)
+        return b"ENVELOPE " + response.encode(downgrade.envelope(value) if legacy else value, utf8)
+    if name in (b"BODYSTRUCTURE", b"BODY"):
+        value = structure.bodyStructure(root, name == b"BODYSTRUCTURE")
+        if eightBit:  # a part's header may hold UTF-8 too
+            value = downgrade.data(value)
+        return name + b" " + response.encode(value, utf8)
     try:
-        content = structure.section(parsed.root, item.parts, item.text, item.fields)
+        content = structure.section(root, item.parts, item.text, item.fields)
     except structure.NoSuchPart:
         content = b""
+    if legacy and not item.parts and item.text is None:
+        content = downgrade.message(content, root.bodyStart)  # what a legacy client shows
+    elif eightBit and item.text not in (None, "TEXT"):
+        content = downgrade.header(content)  # HEADER, HEADER.FIELDS (.NOT), MIME: a header block
     if item.partial is not None:
         origin, length = item.partial
         content = content[origin:origin + length]
@@ -194,5 +229,12 @@ def renderGone(item: Item, message, flags) -> bytes:
 
 
 def _literal(content: bytes) -> bytes:
-    """Message data always as a literal: it may hold anything (8-bit, CRLF, NUL)."""
+    """Message data always as a literal: it may hold 8-bit octets, CR and LF.
+
+    Not NUL (RFC 3501 §4.3, CHAR8): a binary body (BINARYMIME, RFC 3030, or an
+    APPEND literal8) has each NUL sent as 0x80, the length kept, as Dovecot does
+    (imap-msgpart.c); literal8 is for BINARY (RFC 3516), which is not offered.
+    """
+    if b"\0" in content:
+        content = content.replace(b"\0", b"\x80")
     return b"{%d}\r\n" % len(content) + content

@@ -54,9 +54,10 @@ class Listed:
     def selectable(self) -> bool:
         return not {"\\Noselect", "\\NonExistent"} & set(self.attributes)
 
-    def line(self, verb: bytes) -> bytes:
+    def line(self, verb: bytes, utf8: bool = False) -> bytes:
+        """The response line; C{utf8}: the session enabled UTF8=ACCEPT (RFC 6855 §3)."""
         out = (b"* " + verb + b" " + response.flagList(self.attributes) + b' "/" ' +
-               response.astring(names.encode(self.name)))
+               response.astring(names.encode(self.name, utf8), utf8))
         if self.childInfo:
             out += b' ("CHILDINFO" ("SUBSCRIBED"))'
         return out
@@ -71,8 +72,9 @@ def statusItems(args: Arguments) -> list[bytes]:
     return items
 
 
-def parse(args: Arguments, lsub: bool) -> ListRequest:
-    """The arguments after C{LIST}/C{LSUB} (RFC 5258 §6 list grammar)."""
+def parse(args: Arguments, lsub: bool, utf8: bool = False) -> ListRequest:
+    """The arguments after C{LIST}/C{LSUB} (RFC 5258 §6 list grammar); C{utf8}: the
+    reference and patterns are UTF-8, not modified UTF-7 (RFC 6855 §3)."""
     request = ListRequest(lsub)
     args.sp()
     if not lsub and args.peek() == b"(":
@@ -85,12 +87,12 @@ def parse(args: Arguments, lsub: bool) -> ListRequest:
                                                                         b"SPECIAL-USE"}:
             raise ParseError("RECURSIVEMATCH needs another selection option")
         args.sp()
-    reference = _pattern(args.astring())
+    reference = _pattern(args.astring(), utf8)
     args.sp()
     if not lsub and args.peek() == b"(":
-        patterns = [_pattern(p) for p in args.parenthesized(args.listMailbox)]
+        patterns = [_pattern(p, utf8) for p in args.parenthesized(args.listMailbox)]
     else:
-        patterns = [_pattern(args.listMailbox())]
+        patterns = [_pattern(args.listMailbox(), utf8)]
     request.patternCount = len(patterns)
     if not lsub and args.accept(b" RETURN "):
         _returnOptions(args, request)
@@ -120,11 +122,11 @@ def _first(options: set) -> str:
     return sorted(options)[0][:32].decode("ascii", "replace")
 
 
-def _pattern(wire: bytes) -> str | None:
-    """A LIST pattern or reference, or None if it is not valid modified UTF-7: such a
-    pattern matches nothing, and the command still succeeds (as Dovecot answers)."""
+def _pattern(wire: bytes, utf8: bool) -> str | None:
+    """A LIST pattern or reference, or None if it is not valid modified UTF-7 (or UTF-8):
+    such a pattern matches nothing, and the command still succeeds (as Dovecot answers)."""
     try:
-        return names.decode(wire)
+        return names.decode(wire, utf8)
     except names.BadName:
         return None
 

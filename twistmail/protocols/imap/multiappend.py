@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twistmail.protocols.imap.parser import Arguments
+from twistmail.protocols.imap.parser import Arguments, ParseError
 from twistmail.protocols.imap.wire import Literal
 
 #: Messages in one APPEND (Dovecot has no such limit; 1000 moves a big folder in a few commands).
@@ -30,8 +30,13 @@ class Message:
     literal: Literal
 
 
-def parse(args: Arguments) -> list[Message]:
-    """``1*append-message`` (RFC 3502 §6.3.11): ``[SP flag-list] [SP date-time] SP literal``."""
+def parse(args: Arguments, utf8: bool = False) -> list[Message]:
+    """``1*append-message`` (RFC 3502 §6.3.11): ``[SP flag-list] [SP date-time] SP literal``.
+
+    The literal may be ``UTF8 (~{n} ...)`` (RFC 6855 §4: a message with UTF-8
+    header fields), but only once the session has enabled UTF8=ACCEPT (C{utf8}):
+    before that the whole command is BAD, as §4 requires.
+    """
     messages = []
     while True:
         flags: list[bytes] = []
@@ -42,7 +47,15 @@ def parse(args: Arguments) -> list[Message]:
         if args.peek() == b'"':
             when = args.dateTime()
             args.sp()
-        messages.append(Message(flags, when, args.literal(allowSpooled=True)))
+        if args.accept(b"UTF8 "):
+            if not utf8:
+                raise ParseError("APPEND with UTF8 data needs ENABLE UTF8=ACCEPT first (RFC 6855 section 4)")
+            args.expect(b"(~")
+            literal = args.literal(allowSpooled=True)
+            args.expect(b")")
+        else:
+            literal = args.literal(allowSpooled=True)
+        messages.append(Message(flags, when, literal))
         if args.atEnd():
             return messages
         args.sp()

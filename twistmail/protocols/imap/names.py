@@ -2,8 +2,11 @@
 """Mailbox names on the wire, LIST patterns, and special-use folders.
 
 IMAP4rev1 spells non-ASCII mailbox names in modified UTF-7 (RFC 3501
-§5.1.3; Twisted registers the ``imap4-utf-7`` codec); the store names them
-in Unicode with ``/`` as the separator.  What may appear in a name at all
+§5.1.3; Twisted registers the ``imap4-utf-7`` codec); a session that has
+sent ``ENABLE UTF8=ACCEPT`` spells them in UTF-8 instead (RFC 6855 §3).  The
+store names them in Unicode with ``/`` as the separator, whatever the
+client's spelling, so a folder created by a UTF-7 client and one created by a
+UTF-8 client under the same name are the same folder.  What may appear in a name at all
 is the store's business (L{twistmail.storage.folders}): a bad name comes
 back as InvalidFolderName and is answered with NO.
 """
@@ -19,27 +22,46 @@ from twistmail.storage import folders
 SEPARATOR = folders.SEPARATOR
 
 
+#: RFC 6855 §3: a UTF-8 mailbox name holds no C0 or C1 control, DEL, U+2028 or U+2029.
+_NOT_IN_UTF8_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 class BadName(Exception):
-    """Not valid modified UTF-7."""
+    """Not valid modified UTF-7 (or, after ENABLE UTF8=ACCEPT, not valid UTF-8)."""
 
 
-def decode(wire: bytes) -> str:
-    """A mailbox name from the wire; INBOX in any case is INBOX."""
-    try:
-        name = wire.decode("imap4-utf-7")
-    except (UnicodeError, ValueError) as e:
-        raise BadName(f"mailbox name is not valid modified UTF-7: {e}") from None
-    if name.encode("imap4-utf-7") != wire:
-        # Twisted's decoder is lenient (a stray '&', non-canonical shifts): only the
-        # one spelling of a name is accepted, so one folder cannot have two names.
-        raise BadName("mailbox name is not valid modified UTF-7")
+def decode(wire: bytes, utf8: bool = False) -> str:
+    """A mailbox name from the wire; INBOX in any case is INBOX.
+
+    @param utf8: the session has enabled UTF8=ACCEPT: the name is UTF-8 and an
+        ``&`` in it is an ampersand (RFC 6855 §3), not the start of a UTF-7 shift.
+    """
+    if utf8:
+        try:
+            name = wire.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadName(f"mailbox name is not valid UTF-8 (octet {e.start + 1})") from None
+        bad = _NOT_IN_UTF8_NAMES.search(name)
+        if bad is not None:
+            raise BadName(f"mailbox name holds U+{ord(bad.group()):04X}, a control or "
+                          "separator character (RFC 6855 section 3)")
+    else:
+        try:
+            name = wire.decode("imap4-utf-7")
+        except (UnicodeError, ValueError) as e:
+            raise BadName(f"mailbox name is not valid modified UTF-7: {e}") from None
+        if name.encode("imap4-utf-7") != wire:
+            # Twisted's decoder is lenient (a stray '&', non-canonical shifts): only the
+            # one spelling of a name is accepted, so one folder cannot have two names.
+            raise BadName("mailbox name is not valid modified UTF-7")
     if name.upper() == "INBOX" or name.upper().startswith("INBOX" + SEPARATOR):
         name = "INBOX" + name[5:]
     return name
 
 
-def encode(name: str) -> bytes:
-    return name.encode("imap4-utf-7")
+def encode(name: str, utf8: bool = False) -> bytes:
+    """C{name} as the session spells it: modified UTF-7, or UTF-8 after ENABLE UTF8=ACCEPT."""
+    return name.encode("utf-8", "surrogatepass") if utf8 else name.encode("imap4-utf-7")
 
 
 def pattern(reference: str, mailbox: str) -> Pattern:

@@ -7,19 +7,34 @@ import re
 import time
 
 _QUOTABLE = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\x7f]*")
+#: RFC 6855 §3 uQUOTED-CHAR: after ENABLE UTF8=ACCEPT a quoted string may hold UTF-8.
+_QUOTABLE_UTF8 = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\xff]*")
 
 
 class Atom(bytes):
     """Written as is: flags, keywords, NIL-free tokens like ``\\Seen`` or ``CHARSET``."""
 
 
-def string(value: bytes | str) -> bytes:
-    """A quoted string where possible, else a literal (8-bit, CR, LF, NUL, very long)."""
+def string(value: bytes | str, utf8: bool = False) -> bytes:
+    """A quoted string where possible, else a literal (8-bit, CR, LF, NUL, very long).
+
+    @param utf8: the session has enabled UTF8=ACCEPT, so valid UTF-8 may be quoted.
+    """
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    if len(value) < 1024 and _QUOTABLE.fullmatch(value):
+    if len(value) < 1024 and (_QUOTABLE.fullmatch(value) or utf8 and _isQuotableUtf8(value)):
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return b"{%d}\r\n" % len(value) + value
+
+
+def _isQuotableUtf8(value: bytes) -> bool:
+    if not _QUOTABLE_UTF8.fullmatch(value):
+        return False
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def sequenceSet(numbers) -> bytes:
@@ -44,28 +59,28 @@ def runs(numbers) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def astring(value: bytes | str) -> bytes:
+def astring(value: bytes | str, utf8: bool = False) -> bytes:
     """A mailbox name or similar: an atom when it is one, else a string."""
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    if value and re.fullmatch(rb"[^(){ \x00-\x1f\x7f%*\"\\]+", value):
+    if value and value.isascii() and re.fullmatch(rb"[^(){ \x00-\x1f\x7f%*\"\\]+", value):
         return value
-    return string(value)
+    return string(value, utf8)
 
 
-def encode(value) -> bytes:
-    """Nested lists of None, int, str, bytes and Atom -> IMAP syntax."""
+def encode(value, utf8: bool = False) -> bytes:
+    """Nested lists of None, int, str, bytes and Atom -> IMAP syntax (UTF-8 quoted if C{utf8})."""
     if value is None:
         return b"NIL"
     if isinstance(value, Atom):
         return bytes(value)
     if isinstance(value, (bytes, str)):
-        return string(value)
+        return string(value, utf8)
     if isinstance(value, bool):
         raise TypeError("no booleans in IMAP data")
     if isinstance(value, int):
         return b"%d" % value
-    return b"(" + b" ".join(encode(v) for v in value) + b")"
+    return b"(" + b" ".join(encode(v, utf8) for v in value) + b")"
 
 
 _flagLists: dict = {}

@@ -22,7 +22,8 @@ greeting.  What it replaces, and why:
   ALREADYEXISTS, AUTHENTICATIONFAILED; RFC 4315 APPENDUID and COPYUID).
 * **Extensions**: IDLE with push, UIDPLUS, MOVE, SPECIAL-USE, ENABLE,
   LITERAL+, SASL-IR, ID, UNSELECT, CHILDREN, NAMESPACE, APPENDLIMIT,
-  CONDSTORE and QRESYNC (L{condstore}).
+  CONDSTORE and QRESYNC (L{condstore}), UTF8=ACCEPT (RFC 6855: UTF-8 mailbox
+  names and headers once enabled, RFC 6857 downgrading before: L{downgrade}).
 
 Untagged updates (EXISTS, EXPUNGE, FLAGS) come from L{view.SelectedFolder}
 at the end of each command, and at once while the client is in IDLE.
@@ -150,6 +151,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._inflateLater = None
         self.condstore = False  # RFC 7162 §3.1: enabled by the first command that uses it
         self.qresync = False  # RFC 7162 §3.2.3: ENABLE QRESYNC only
+        self.utf8 = False  # RFC 6855 §3: ENABLE UTF8=ACCEPT only
 
     # -- connection ------------------------------------------------------------
 
@@ -207,7 +209,7 @@ class IMAPServer(imap4.IMAP4Server):
                       b"LIST-EXTENDED": None, b"LIST-STATUS": None, b"STATUS=SIZE": None,
                       b"MULTIAPPEND": None, b"COMPRESS=DEFLATE": None,
                       **quotaroot.CAPABILITIES,
-                      b"CONDSTORE": None, b"QRESYNC": None,
+                      b"CONDSTORE": None, b"QRESYNC": None, b"UTF8=ACCEPT": None,
                       b"APPENDLIMIT=%d" % self.factory.config["max_message_size"]: None}
         if self.account is None:
             if not self.secure and self.factory.security.tls is not None:
@@ -358,6 +360,9 @@ class IMAPServer(imap4.IMAP4Server):
             self._tagged(tag, b"BAD", b"Syntax error: " + str(error).encode("utf-8", "replace")[:200])
         elif isinstance(error, _Bad):
             self._tagged(tag, b"BAD", error.text)
+        elif isinstance(error, search.BadCharset) and self.utf8:
+            # RFC 6855 §3: after ENABLE UTF8=ACCEPT the strings are UTF-8, whatever CHARSET says.
+            self._tagged(tag, b"BAD", b"CHARSET conflicts with UTF8=ACCEPT: strings are UTF-8")
         elif isinstance(error, search.BadCharset):
             self._tagged(tag, b"NO", b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
         elif isinstance(error, _No):
@@ -439,8 +444,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._ok(tag, b"ID completed")
 
     def cmd_ENABLE(self, tag, args):
-        """RFC 5161: CONDSTORE and QRESYNC (RFC 7162 §3.2.3: QRESYNC implies CONDSTORE);
-        others are ignored, as the RFC asks."""
+        """RFC 5161: CONDSTORE and QRESYNC (RFC 7162 §3.2.3: QRESYNC implies CONDSTORE),
+        UTF8=ACCEPT (RFC 6855 §3); others are ignored, as the RFC asks."""
         args.sp()
         wanted = []
         while True:
@@ -448,9 +453,15 @@ class IMAPServer(imap4.IMAP4Server):
             if args.atEnd():
                 break
             args.sp()
+        if b"UTF8=ACCEPT" in wanted and self.selected is not None:
+            # RFC 6855 §3: only in the authenticated state; the names and strings
+            # of the selected folder's session were already sent the other way.
+            raise _Bad(b"ENABLE UTF8=ACCEPT only before SELECT or EXAMINE (RFC 6855 section 3)")
+        current = {b"CONDSTORE": self.condstore, b"QRESYNC": self.qresync, b"UTF8=ACCEPT": self.utf8}
         # RFC 5161 §3.2: ENABLED names what the client asked for and we enabled.
-        enabled = [name for name in (b"CONDSTORE", b"QRESYNC") if name in wanted and not
-                   (self.qresync if name == b"QRESYNC" else self.condstore)]
+        enabled = [name for name, on in current.items() if name in wanted and not on]
+        if b"UTF8=ACCEPT" in wanted:
+            self.utf8 = True
         if b"QRESYNC" in wanted:
             self.qresync = True
             if self.selected is not None:
@@ -588,7 +599,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _mailboxName(self, wire: bytes) -> str:
         try:
-            return names.decode(wire)
+            return names.decode(wire, self.utf8)
         except names.BadName as e:
             raise _No(b"[CANNOT] " + str(e).encode()) from None
 
@@ -719,7 +730,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     async def cmd_LIST(self, tag, args, lsub: bool = False):
         """LIST and LSUB with RFC 5258 options and RFC 5819 STATUS: L{listing}."""
-        request = listing.parse(args, lsub)
+        request = listing.parse(args, lsub, self.utf8)
         if request.patternCount > listing.MAX_LIST_PATTERNS:
             raise _Bad(b"Too many LIST patterns: at most %d" % listing.MAX_LIST_PATTERNS)
         verb = request.verb
@@ -733,7 +744,7 @@ class IMAPServer(imap4.IMAP4Server):
         folderNames = await self.account.listFolders()
         subscribed = set(await self.account.subscriptions())
         for entry in listing.select(request, folderNames, subscribed, self.factory.specialUse):
-            self._send(entry.line(verb))
+            self._send(entry.line(verb, self.utf8))
             if request.status and entry.selectable:
                 # RFC 5819 §2: a folder that cannot be opened now gets no STATUS line.
                 try:
@@ -771,14 +782,15 @@ class IMAPServer(imap4.IMAP4Server):
             b"HIGHESTMODSEQ": lambda: mailbox.highestModSeq if condstore.hasModSeqs(mailbox) else 0,
         }
         body = b" ".join(b"%s %d" % (item, values[item]()) for item in items)
-        return b"* STATUS " + response.astring(names.encode(name)) + b" (" + body + b")"
+        return (b"* STATUS " + response.astring(names.encode(name, self.utf8), self.utf8) +
+                b" (" + body + b")")
 
     async def cmd_APPEND(self, tag, args):
         """APPEND, with MULTIAPPEND (RFC 3502): L{multiappend}."""
         args.sp()
         name = self._mailbox(args)
         args.sp()
-        messages = multiappend.parse(args)
+        messages = multiappend.parse(args, self.utf8)
         args.end()
         if len(messages) > multiappend.MAX_MESSAGES:
             raise _No(b"[LIMIT] At most %d messages in one APPEND" % multiappend.MAX_MESSAGES)
@@ -826,7 +838,7 @@ class IMAPServer(imap4.IMAP4Server):
         quota = self.factory.quota
         limits = quota.limits(self.user)
         usage = None if limits.unlimited else await quota.usage(self.user)
-        for line in quotaroot.rootResponses(response.astring(wire), limits, usage):
+        for line in quotaroot.rootResponses(response.astring(wire, self.utf8), limits, usage):
             self._send(line)
         self._ok(tag, b"GETQUOTAROOT completed")
 
@@ -1014,7 +1026,7 @@ class IMAPServer(imap4.IMAP4Server):
         datas = await _readEach(view.mailbox, [u for _, u, _ in batch])
         flags = [self._flags(view, m) for _, _, m in batch]
         # Parsing MIME structure is CPU work: off the reactor thread, like the reads.
-        lines = await threads.deferToThread(_renderBatch, batch, datas, items, flags)
+        lines = await threads.deferToThread(_renderBatch, batch, datas, items, flags, self.utf8)
         for line in lines:
             self._send(line)
             if self._flow.outputFull:
@@ -1244,8 +1256,9 @@ async def _readEach(mailbox, uids: list) -> list:
     return [datas.get(u) for u in uids]
 
 
-def _renderBatch(batch: list, datas: list, items: list, flags: list) -> list:
-    """Worker thread: FETCH response lines (RFC 2180 §4.1.2: NIL text for one that has gone)."""
+def _renderBatch(batch: list, datas: list, items: list, flags: list, utf8: bool) -> list:
+    """Worker thread: FETCH response lines (RFC 2180 §4.1.2: NIL text for one that has gone;
+    C{utf8}: the session enabled UTF8=ACCEPT, RFC 6855)."""
     lines = []
     for (seq, _, message), data, messageFlags in zip(batch, datas, flags, strict=True):
         if data is None:
@@ -1259,7 +1272,7 @@ def _renderBatch(batch: list, datas: list, items: list, flags: list) -> list:
         budget = 2 * len(data) + 1024 * 1024
         rendered = []
         for i in items:
-            rendered.append(fetch.render(i, message, parsed, messageFlags))
+            rendered.append(fetch.render(i, message, parsed, messageFlags, utf8))
             budget -= len(rendered[-1])
             if budget < 0:
                 raise _No(b"[LIMIT] FETCH response too large: fetch fewer items at once")
