@@ -62,6 +62,8 @@ class Envelope:
     dsn: object = None
     #: MAIL's BODY= (RFC 6152, RFC 3030): "7BIT", "8BITMIME" or "BINARYMIME".
     body: str = "7BIT"
+    #: MAIL's SMTPUTF8 (RFC 6531 §3.4): addresses or headers may be UTF-8.
+    smtputf8: bool = False
 
 
 #: Verdict actions (L{Verdict.action}).
