@@ -49,6 +49,8 @@ class Script:
     authNeedsTLS: bool = True
     #: drop the connection right after accepting RSET (a server that times out idle clients)
     closeAfterRset: bool = False
+    #: more EHLO keywords to offer ("SMTPUTF8", ...)
+    extensions: list = field(default_factory=list)
 
 
 class SinkProtocol(basic.LineReceiver):
@@ -103,7 +105,8 @@ class SinkProtocol(basic.LineReceiver):
 
     def do_EHLO(self, rest):
         script = self.sink.script
-        caps = ["250-sink.test", "250-PIPELINING", "250-8BITMIME"]
+        caps = ["250-sink.test", "250-PIPELINING", "250-8BITMIME",
+                *(f"250-{keyword}" for keyword in script.extensions)]
         if script.tlsOptions is not None and not self.tls:
             caps.append("250-STARTTLS")
         if script.users and (self.tls or not script.authNeedsTLS):

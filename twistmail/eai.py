@@ -74,6 +74,20 @@ def canonicalAddress(address: str) -> str:
     return f"{canonicalLocal(local)}@{asciiDomain(domain)}"
 
 
+def asciiAddress(address: str) -> str | None:
+    """C{address} with its domain as an A-label when its local part is ASCII; None
+    when it has no ASCII form (a UTF-8 local part, or an unusable domain)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address if address.isascii() else None
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}@{asciiDomain(domain)}"
+    except AddressError:
+        return None
+
+
 def _script(c: str) -> str | None:
     """The script of a letter, from its Unicode name's first word; None for the
     characters every script shares (digits, punctuation, combining marks)."""
