@@ -35,7 +35,9 @@ def test_postfix_receives_our_utf8_message(net, dataDir):
         for line in MESSAGE.split(b"\r\n"):  # the UTF-8 header fields unchanged (raw UTF-8)
             assert line in stored.split(b"\n"), line
         assert "Delivered-To: josé@remote.test".encode() in stored  # the UTF-8 recipient
-        assert any("status=sent" in line for line in postfix.logLines())
+        # postlogd writes the log after the delivery: waited for, not assumed.
+        waitUntil(lambda: any("status=sent" in line for line in postfix.logLines()), 15,
+                  "Postfix to log the delivery")
         waitUntil(lambda: not queueIds(dataDir), 15, "our queue to empty")
     finally:
         server.stop()

@@ -5,6 +5,7 @@ The receiving server offers SMTPUTF8 or not; a message that needs it is bounced
 (5.6.7, ``message/global-delivery-status``) to a hop without it, and downgraded
 only when its addresses have ASCII local parts and its headers are ASCII."""
 
+# ruff: noqa: F811  (pytest fixtures imported from test_relay_e2e, used as arguments)
 from __future__ import annotations
 
 import email
@@ -14,13 +15,13 @@ import os
 import smtplib
 
 import pytest
-from relayenv import Internet, mailbox, queueIds
+from relayenv import mailbox, queueIds
 from serverproc import waitUntil
-from support import addUser, cli, maildirFiles, startServer
+from support import cli, maildirFiles
+from test_relay_e2e import ALICE, net, relay  # noqa: F401  (fixtures)
 
 from twistmail.cli.sendmail import needsSMTPUTF8
 
-ALICE = "alice@example.test"
 UTF8_MESSAGE = ("From: Alice <alice@example.test>\r\nTo: José <josé@bücher.test>\r\n"
                 "Subject: Grüße aus Köln\r\nMessage-ID: <utf8-1@example.test>\r\n\r\n"
                 "Hallo José\r\n").encode()
@@ -29,18 +30,8 @@ ASCII_MESSAGE = (b"From: alice@example.test\r\nTo: bob@xn--bcher-kva.test\r\nSub
 
 
 @pytest.fixture
-def net():
-    internet = Internet()
-    yield internet
-    internet.stop()
-
-
-@pytest.fixture
-def server(net, dataDir):
-    addUser(dataDir, ALICE)
-    srv = startServer(dataDir, relay=net.relayConfig(retry_min=3600, retry_max=3600))
-    yield srv
-    srv.stop()
+def server(relay):
+    return relay(retry_min=3600, retry_max=3600)
 
 
 def submit(port: int, recipients: list[str], message: bytes) -> None:

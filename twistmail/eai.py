@@ -42,6 +42,15 @@ def decodePath(raw: bytes) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def validUTF8(data: bytes) -> bool:
+    """Strict UTF-8 (RFC 3629: no overlong forms, no surrogates)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def asciiDomain(domain: str) -> str:
     """The A-label form of C{domain}, lower-cased, no trailing dot; an ASCII name is
     only lower-cased (its syntax is the caller's check)."""
