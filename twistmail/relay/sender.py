@@ -446,7 +446,8 @@ class _UTF8Client(_ExtensionsClient):
             self._downgraded = smtputf8.asciiEnvelope(self.factory.fromEmail,
                                                       self.factory.toEmail)
             if self._downgraded is None:
-                return self._refuseUTF8("an envelope address has a UTF-8 local part")
+                self._refuseUTF8("an envelope address has a UTF-8 local part")
+                return self._disconnectFromServer()
         super()._transaction(code, resp)
 
     def getMailFrom(self):
@@ -481,8 +482,6 @@ class _UTF8Client(_ExtensionsClient):
     def _refuseUTF8(self, why: str) -> None:
         reply = smtputf8.refusal(self.factory.hostname, why)
         self.factory.finish({r: Result(FAILED, reply, remote=False) for r in self.factory.toEmail})
-        if self.transport is not None and not self.transport.disconnecting:
-            self._disconnectFromServer()
 
 
 class _RelayClientFactory(smtp.ESMTPSenderFactory):
