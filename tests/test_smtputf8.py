@@ -174,3 +174,21 @@ def test_mbox_backend_stores_mail_for_a_utf8_account(dataDir):
     found = [os.path.join(root, f) for root, _, files in os.walk(dataDir) for f in files
              if "josé" in root]
     assert found and any("Grüße".encode() in open(p, "rb").read() for p in found), found
+
+
+def test_utf8_user_logs_in_under_either_spelling_and_sends_as_themself(utf8server):
+    """The login name is canonicalised like any address, so submission's sender check
+    (and the account the session acts for) is the same however the user typed it."""
+    import base64
+
+    from test_tls import insecure
+
+    login = base64.b64encode("\0JOSE\u0301@Bücher.Example\0pw-1234567".encode()).decode()
+    with smtplib.SMTP_SSL("127.0.0.1", utf8server.ports["submissions"], context=insecure(),
+                          timeout=10) as s:
+        s.ehlo("laptop.example")
+        assert s.docmd("AUTH", "PLAIN " + login)[0] == 235
+        s.sendmail("josé@xn--bcher-kva.example", ["ascii@bücher.example"],
+                   b"Subject: from jose\r\n\r\nx\r\n", mail_options=["SMTPUTF8"])
+    assert any(b"Subject: from jose" in m
+               for m in messages(utf8server.dataDir, "ascii", "xn--bcher-kva.example"))
