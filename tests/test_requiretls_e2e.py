@@ -17,14 +17,11 @@ from serverproc import waitUntil
 from support import addUser, startServer
 from test_mtasts_relay import lastReply, net  # noqa: F401 - net is a fixture
 from test_relay_e2e import ALICE, relay  # noqa: F401 - relay is a fixture
+from test_requiretls import mailLines
 from test_tls import insecure
 
 MESSAGE = (b"From: alice@example.test\r\nTo: bob@sts.test\r\nSubject: secret\r\n"
            b"Message-ID: <requiretls-1@example.test>\r\n\r\nThe body nobody may read.\r\n")
-
-
-def mailLines(sink) -> list[str]:
-    return [line for who, line in sink.transcript if who == "C" and line.startswith("MAIL")]
 
 
 def submitRequired(port: int, recipients, message=MESSAGE, options=("REQUIRETLS",)) -> None:
@@ -44,6 +41,7 @@ def test_offered_only_under_tls_and_refused_in_clear_text(net, relay):  # noqa: 
         client.ehlo("client.example.test")
         assert client.has_extn("requiretls")
         assert client.mail(ALICE, ["REQUIRETLS=YES"])[0] == 555  # it takes no value
+        assert client.mail(ALICE, ["REQUIRETLS", "REQUIRETLS"])[0] == 501
         assert client.mail(ALICE, ["REQUIRETLS"])[0] == 250
     assert net.sink.connections == 0
 

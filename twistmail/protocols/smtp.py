@@ -494,6 +494,9 @@ class SMTPServer(smtp.ESMTP):
                     if not self.secure:  # RFC 8689 §2 item 7: the session itself uses TLS
                         self.sendCode(530, b"5.7.10 REQUIRETLS needs TLS: STARTTLS first")
                         return
+                    if self._askedTLS:
+                        self.sendCode(501, b"5.5.4 REQUIRETLS given twice")
+                        return
                     self._askedTLS = True
                 else:
                     try:
