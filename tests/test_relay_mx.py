@@ -63,8 +63,8 @@ def test_resolver_provides_the_interface(dnsServer):
 
 def test_mx_records_in_preference_order_with_ipv6_and_ipv4_addresses(dnsServer):
     hops = resolve(dnsServer, "example.net")
-    assert hops == [Hop("mx1.example.net", ("127.0.0.2",), 10),
-                    Hop("mx2.example.net", ("::1", "127.0.0.3"), 20)]
+    assert hops == [Hop("mx1.example.net", ("127.0.0.2",), 10, viaMX=True),
+                    Hop("mx2.example.net", ("::1", "127.0.0.3"), 20, viaMX=True)]
 
 
 def test_txt_records_have_their_strings_joined(dnsServer):
@@ -174,17 +174,17 @@ def test_unresolvable_mx_host_is_skipped():
     fake = FakeResolver({"d.test": [(10, "bad.d.test"), (20, "good.d.test")]},
                         {"bad.d.test": DNSFailure(True, "4.4.3", "SERVFAIL"),
                          "good.d.test": ["192.0.2.1"]})
-    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("good.d.test", ("192.0.2.1",), 20)]
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("good.d.test", ("192.0.2.1",), 20, viaMX=True)]
 
 
 def test_null_mx_among_others_is_ignored():
     fake = FakeResolver({"d.test": [(0, ""), (10, "mx.d.test")]}, {"mx.d.test": ["192.0.2.1"]})
-    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("mx.d.test", ("192.0.2.1",), 10)]
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("mx.d.test", ("192.0.2.1",), 10, viaMX=True)]
 
 
 def test_mx_that_is_an_address_literal_is_used_as_is():
     fake = FakeResolver({"d.test": [(10, "192.0.2.7")]}, {})
-    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("192.0.2.7", ("192.0.2.7",), 10)]
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("192.0.2.7", ("192.0.2.7",), 10, viaMX=True)]
 
 
 def test_smarthost_skips_mx_lookup():

@@ -18,6 +18,9 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   message through the same end-of-DATA path (filters, hop count, fsync before 250).
 * **DSN** (RFC 3461, L{twistmail.dsn}): RET/ENVID on MAIL and NOTIFY/ORCPT on
   RCPT are checked (501 5.5.4) and travel with the envelope into the queue.
+* **REQUIRETLS** (RFC 8689): offered only once the session is under TLS, and
+  ``MAIL ... REQUIRETLS`` in clear text is refused (530 5.7.10); the flag travels
+  with the envelope and the relay enforces it (L{twistmail.relay.sender}).
 * **One spool per transaction** shared by all recipients, with one
   ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
 * **Enhanced status codes** (RFC 2034/3463) on every final reply.
@@ -144,6 +147,8 @@ class SMTPServer(smtp.ESMTP):
         self._dsn = dsn.Request()
         self._body = "7BIT"
         self._mailParams: tuple[dsn.Request, str] | None = None
+        #: MAIL's REQUIRETLS (RFC 8689): of the transaction, and of the MAIL being checked.
+        self._requireTLS = self._askedTLS = False
         self._rcptParams: tuple[list[str] | None, str | None] = (None, None)
         #: The BDAT chunk being read (RFC 3030), and the message of a BDAT transaction.
         self._chunk: ChunkReader | None = None
@@ -208,6 +213,8 @@ class SMTPServer(smtp.ESMTP):
         ext[b"CHUNKING"] = None  # RFC 3030
         ext[b"BINARYMIME"] = None
         ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
+        if self.secure:
+            ext[b"REQUIRETLS"] = None  # RFC 8689 §2: only usable in a TLS session
         return ext
 
     def connectionLost(self, reason) -> None:
@@ -468,6 +475,7 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(553, b"5.1.7 Bad sender address syntax" + _NO_UTF8)
             return
         request, body = dsn.Request(), "7BIT"
+        self._askedTLS = False
         if m and m.group("opts") and not self._from:
             for param in m.group("opts").split():
                 key, _, value = param.partition(b"=")
@@ -482,6 +490,14 @@ class SMTPServer(smtp.ESMTP):
                         return
                 elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME", b"BINARYMIME"):
                     body = value.upper().decode()  # RFC 6152, RFC 3030 §3
+                elif key == b"REQUIRETLS" and not value:
+                    if not self.secure:  # RFC 8689 §2 item 7: the session itself uses TLS
+                        self.sendCode(530, b"5.7.10 REQUIRETLS needs TLS: STARTTLS first")
+                        return
+                    if self._askedTLS:
+                        self.sendCode(501, b"5.5.4 REQUIRETLS given twice")
+                        return
+                    self._askedTLS = True
                 else:
                     try:
                         known = dsn.parseMailParam(request, key, value)
@@ -496,6 +512,7 @@ class SMTPServer(smtp.ESMTP):
 
     def _cbFromValidate(self, fromEmail, code=250, msg=b"Sender address accepted"):
         self._dsn, self._body = self._mailParams or (dsn.Request(), "7BIT")
+        self._requireTLS = self._askedTLS
         super()._cbFromValidate(fromEmail, code, msg)
 
     def do_RCPT(self, rest: bytes) -> None:
@@ -596,7 +613,8 @@ class SMTPServer(smtp.ESMTP):
     def _startMessage(self) -> MessageSource:
         """The transaction's envelope and spool, at DATA or the first BDAT."""
         envelope, received = self._session.data(self._usedEhlo)
-        self._envelope = dataclasses.replace(envelope, dsn=self._dsn, body=self._body)
+        self._envelope = dataclasses.replace(envelope, dsn=self._dsn, body=self._body,
+                                             requireTLS=self._requireTLS)
         self._from = None
         self._to = []
         return MessageSource(prefix=received, spoolDir=self.factory.spoolDir)

@@ -74,6 +74,9 @@ class Hop:
     preference: int = 0
     #: The destination domain's MTA-STS policy (twistmail.mtasts.Policy), None for none.
     policy: object = None
+    #: Named by the domain's MX records (not the domain itself, not a smarthost): without
+    #: DNSSEC only an MTA-STS policy vouches for the name (RFC 8689 §4.2.1).
+    viaMX: bool = False
 
 
 @implementer(IMXResolver)
@@ -278,7 +281,7 @@ def resolveHops(resolver: IMXResolver, domain: str, rng: random.Random):
         if not ok:
             errors.append(found.value)
         elif found:
-            hops.append(Hop(host, tuple(found), pref))
+            hops.append(Hop(host, tuple(found), pref, viaMX=not implicit))
     if hops:  # a host whose lookup failed is skipped, as if it were down
         return hops
     if errors:

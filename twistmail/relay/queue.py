@@ -110,6 +110,16 @@ class QueueEntry:
         """When the earliest pending recipient is due; None when nothing is pending."""
         return min((r.next_attempt for r in self.pending()), default=None)
 
+    def requiresTLS(self) -> bool:
+        """MAIL had REQUIRETLS (RFC 8689): kept in C{extra} with the DSN request, so it
+        survives a restart; the relay sends it only over verified TLS to a host that
+        offers REQUIRETLS (L{twistmail.relay.sender}), and its reports carry it too."""
+        return bool(self.extra.get("requiretls"))
+
+    def tlsOptional(self) -> bool:
+        """The message says "TLS-Required: No" (RFC 8689 §3): MTA-STS may be ignored."""
+        return bool(self.extra.get("tls_optional")) and not self.requiresTLS()
+
     def lane(self) -> str:
         """Whose turn this message takes in the runner (L{twistmail.relay.fairness})."""
         return laneKey(self.sender, [r.address for r in self.recipients])

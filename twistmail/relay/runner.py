@@ -477,7 +477,8 @@ class QueueRunner(service.Service):
     def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str],
                        opener: _Opener):
         context = {"id": entry.id, "domain": domain, "origin": entry.origin,
-                   "dsn": dsn.ofEntry(entry), "body": entry.extra.get("body", "7BIT")}
+                   "dsn": dsn.ofEntry(entry), "body": entry.extra.get("body", "7BIT"),
+                   "requiretls": entry.requiresTLS(), "tls_optional": entry.tlsOptional()}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
         try:
