@@ -85,3 +85,19 @@ def test_mime_parameters_become_rfc2231():
     assert parsed.get_param("name") == "ü.txt" and parsed.get_content_charset() == "utf-8"
     # A type that is not ASCII has no RFC 2231 form: encoded as text.
     assert b"\r\nContent-Type: =?utf-8?q?=C3=BC/x?=\r\n" in out
+
+
+@pytest.mark.parametrize("block", [
+    # the stdlib's address parser recurses once per comment level
+    b"From: " + b"(" * 3000 + "ü@x.example\r\n\r\n".encode(),
+    # Message.set_param and get_params are quadratic in the parameters (this took minutes)
+    b"Content-Type: text/plain; " + b"; ".join(b"a%d=\xc3\xbc" % i for i in range(4000)) + b"\r\n\r\n",
+    # seconds of address parsing
+    b"To: " + ", ".join(f"ü{i}@x.example" for i in range(20000)).encode() + b"\r\n\r\n",
+])
+def test_hostile_fields_are_encoded_as_text(block):
+    """Too deep or too long to parse: the field is kept as encoded-words, quickly."""
+    out = downgrade.header(block)
+    assert out.isascii()
+    name, value = out.split(b":", 1)
+    assert value.startswith(b" =?utf-8?") and block.startswith(name + b":")
