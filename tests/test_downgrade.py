@@ -50,6 +50,9 @@ def test_address_fields(value, expected):
 
 def test_a_field_with_a_non_ascii_name_is_dropped():
     assert downgrade.header("Subject: x\r\nX-Ü: y\r\n\r\n".encode()) == b"Subject: x\r\n\r\n"
+    # A continuation line with nothing to continue is no field: dropped if it is 8-bit.
+    assert downgrade.header(" ü\r\n ascii\r\nA: b\r\n\r\n".encode()) == b"A: b\r\n\r\n"
+    assert downgrade.header(b" ascii\r\nA: \xc3\xbc\r\n\r\n") == b" ascii\r\nA: =?utf-8?b?w7w=?=\r\n\r\n"
 
 
 def test_envelope():

@@ -12,21 +12,23 @@ that, so they are shown a downgraded copy, in the manner of RFC 6857
   ``email.header``: nothing here writes an encoded-word by hand);
 * a non-ASCII parameter of Content-Type or Content-Disposition (a file name)
   becomes an RFC 2231 ``name*=utf-8''...`` parameter (the stdlib's
-  ``Message.set_param``), so the field still parses;
+  ``encode_rfc2231``), so the field still parses;
 * in an address field (From, To, Cc, ...) a display name becomes an
   encoded-word; a domain becomes its IDNA A-label (``bücher.example`` ->
   ``xn--bcher-kva.example``); an address whose local part is not ASCII
   cannot be written in ASCII at all, so it becomes an empty group whose
   display name is the encoded original (as RFC 6857 does): the reader sees
   who it was, and a reply cannot go to a wrong address;
-* a field whose *name* is not ASCII is dropped (no legal spelling exists).
+* a field whose *name* is not ASCII, or a line that is no field, is dropped
+  (no legal spelling exists);
+* a field too long or too deeply nested for the stdlib's parsers to read in
+  bounded time is encoded as text.
 
 Not done (RFC 6857 goes further): the header fields of a part or an attached
 message are downgraded only when fetched on their own (IMAP ``BODY[1.MIME]``,
 ``BODY[2.HEADER]``), not inside ``BODY[]`` or ``BODY[TEXT]``, and group names
-in address fields are not kept.  Only header
-fields are ever changed: bodies are never touched.  8-bit octets that are
-not UTF-8 are read as U+FFFD.
+in address fields are not kept.  Only header fields are ever changed: bodies
+are never touched.  8-bit octets that are not UTF-8 are read as U+FFFD.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def header(block: bytes) -> bytes:
     if not needed(block):
         return block
     out = []
-    starts = [m.start() for m in _FIELD_START.finditer(block)] + [len(block)]
+    # Each field starts a line that does not start with white space (RFC 5322 §2.2.3).
+    starts = sorted({0, len(block), *(m.start() for m in _FIELD_START.finditer(block))})
     for start, end in zip(starts, starts[1:], strict=False):
         field = block[start:end]
         if field.isascii():
