@@ -22,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from twistmail import __version__, _pluginload, autocert, ownership
+from twistmail import __version__, _pluginload, autocert, ownership, reuseport
 from twistmail import config as configmod
 from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
 from twistmail.auth.accounts import Accounts
@@ -539,6 +539,8 @@ def makeService(options: Options) -> service.MultiService:
         for description in config.listeners(protocol):
             marked, bare = proxyheader.splitMarked(description)
             endpoint = endpoints.serverFromString(reactor, bare)  # checked by config
+            if config["server"]["reuse_port"]:
+                endpoint = reuseport.sharing(reactor, endpoint)
             if marked:
                 # Not Twisted's own haproxy: endpoint: it would build the protocol (limits,
                 # greeting) for the balancer's address before the header names the client.
