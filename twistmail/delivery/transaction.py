@@ -63,6 +63,7 @@ from twistmail.model import (
     Verdict,
 )
 from twistmail.ratelimit import LimitReached, Reservation
+from twistmail.requiretls import saysTLSOptional
 
 log = Logger()
 
@@ -266,10 +267,18 @@ class Session:
         self._routes, self._transaction = [], _Marks()
         self.info = replace(self.info, id="", sender=None, recipients=())
         spools = [source]
+        tagged = [envelope]
+
+        def prepared(result: tuple[MessageSource, bytes]) -> tuple[MessageSource, bytes]:
+            spools.append(result[0])
+            if not envelope.requireTLS and saysTLSOptional(result[1]):  # RFC 8689 §4.1
+                tagged.append(replace(envelope, tlsOptional=True))
+            return result
+
         d = self._prepare(source)
-        d.addCallback(lambda prepared: (spools.append(prepared[0]), prepared)[1])
+        d.addCallback(prepared)
         d.addCallback(self._endFilters, envelope, marks, info)
-        d.addCallback(self._deliver, envelope, marks, reservation)
+        d.addCallback(lambda decided: self._deliver(decided, tagged[-1], marks, reservation))
 
         def failed(failure) -> tuple[int, bytes]:
             log.failure("delivery of {id} failed", failure, id=envelope.id)

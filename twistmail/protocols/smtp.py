@@ -22,6 +22,9 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   be UTF-8 (strict, NFC, IDNA 2008 domains); without it an 8-bit path gets 553 5.6.7
   (RFC 6531 §3.5).  Twisted's Address and command patterns know only ASCII atoms,
   so the 8-bit case is parsed here (L{_UTF8Address}).
+* **REQUIRETLS** (RFC 8689): offered only once the session is under TLS, and
+  ``MAIL ... REQUIRETLS`` in clear text is refused (530 5.7.10); the flag travels
+  with the envelope and the relay enforces it (L{twistmail.relay.sender}).
 * **One spool per transaction** shared by all recipients, with one
   ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
 * **Enhanced status codes** (RFC 2034/3463) on every final reply.
@@ -186,6 +189,8 @@ class SMTPServer(smtp.ESMTP):
         self._body = "7BIT"
         self._smtputf8 = False  # MAIL's SMTPUTF8 (RFC 6531)
         self._mailParams: tuple[dsn.Request, str, bool] | None = None
+        #: MAIL's REQUIRETLS (RFC 8689): of the transaction, and of the MAIL being checked.
+        self._requireTLS = self._askedTLS = False
         self._rcptParams: tuple[list[str] | None, str | None] = (None, None)
         #: The BDAT chunk being read (RFC 3030), and the message of a BDAT transaction.
         self._chunk: ChunkReader | None = None
@@ -251,6 +256,8 @@ class SMTPServer(smtp.ESMTP):
         ext[b"BINARYMIME"] = None
         ext[b"SMTPUTF8"] = None  # RFC 6531
         ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
+        if self.secure:
+            ext[b"REQUIRETLS"] = None  # RFC 8689 §2: only usable in a TLS session
         return ext
 
     def connectionLost(self, reason) -> None:
@@ -515,6 +522,7 @@ class SMTPServer(smtp.ESMTP):
                           else b"5.1.7 Bad sender address syntax: " + problem)
             return
         request, body = dsn.Request(), "7BIT"
+        self._askedTLS = False
         if m and m.group("opts") and not self._from:
             for param in m.group("opts").split():
                 key, _, value = param.partition(b"=")
@@ -533,6 +541,14 @@ class SMTPServer(smtp.ESMTP):
                     if value or param.endswith(b"="):
                         self.sendCode(501, b"5.5.4 SMTPUTF8 takes no value (RFC 6531 section 3.4)")
                         return
+                elif key == b"REQUIRETLS" and not value:
+                    if not self.secure:  # RFC 8689 §2 item 7: the session itself uses TLS
+                        self.sendCode(530, b"5.7.10 REQUIRETLS needs TLS: STARTTLS first")
+                        return
+                    if self._askedTLS:
+                        self.sendCode(501, b"5.5.4 REQUIRETLS given twice")
+                        return
+                    self._askedTLS = True
                 else:
                     try:
                         known = dsn.parseMailParam(request, key, value)
@@ -554,6 +570,7 @@ class SMTPServer(smtp.ESMTP):
 
     def _cbFromValidate(self, fromEmail, code=250, msg=b"Sender address accepted"):
         self._dsn, self._body, self._smtputf8 = self._mailParams or (dsn.Request(), "7BIT", False)
+        self._requireTLS = self._askedTLS
         super()._cbFromValidate(fromEmail, code, msg)
 
     def do_RCPT(self, rest: bytes) -> None:
@@ -665,7 +682,7 @@ class SMTPServer(smtp.ESMTP):
         """The transaction's envelope and spool, at DATA or the first BDAT."""
         envelope, received = self._session.data(self._usedEhlo, self._smtputf8)
         self._envelope = dataclasses.replace(envelope, dsn=self._dsn, body=self._body,
-                                             smtputf8=self._smtputf8)
+                                             requireTLS=self._requireTLS, smtputf8=self._smtputf8)
         self._from = None
         self._to = []
         return MessageSource(prefix=received, spoolDir=self.factory.spoolDir)

@@ -11,6 +11,11 @@ L{FULL_LIMIT} octets.  The sender's ENVID and each recipient's ORCPT are in it
 ("delayed"), local delivery ("delivered") and a hand-over to a server without
 DSN ("relayed", RFC 3461 §4.1) when the sender's NOTIFY asked for them.
 
+A report about a message sent with REQUIRETLS (RFC 8689 §5) carries its header
+section only, whatever RET says, and is itself queued with REQUIRETLS: the
+relay passes it on where the next hop offers it (and, the report being from
+``<>``, sends it where it is not offered rather than lose it).
+
 The report about a message that came with SMTPUTF8 is an RFC 6533 one:
 ``message/global-delivery-status`` (a UTF-8 address as ``utf-8; address``),
 with ``message/global-headers`` or ``message/global``, its own header fields
@@ -140,7 +145,8 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
         status.set_payload(blocks)
     report.attach(status)
 
-    full = request.ret == "FULL" and message is not None and len(message) <= FULL_LIMIT
+    full = request.ret == "FULL" and message is not None and len(message) <= FULL_LIMIT \
+        and not entry.requiresTLS()  # RFC 8689 §5: as if RET=HDRS
     original = Message()
     original["Content-Type"] = ("message/global" if full else "message/global-headers") \
         if utf8 else "message/rfc822" if full else "text/rfc822-headers"
@@ -156,6 +162,16 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
     out = io.BytesIO()
     _EightBitGenerator(out, policy=email.policy.SMTPUTF8).flatten(report)
     return out.getvalue()
+
+
+def _bounceExtra(entry: QueueEntry) -> dict:
+    """What the report's own queue entry keeps of C{entry}'s: REQUIRETLS and SMTPUTF8."""
+    extra: dict = {}
+    if entry.requiresTLS():
+        extra["requiretls"] = True
+    if isUTF8(entry):
+        extra["smtputf8"] = True
+    return extra
 
 
 def isUTF8(entry: QueueEntry) -> bool:
@@ -212,14 +228,14 @@ class Reports:
             return
         if original is None:
             headers = yield self.queue.headers(entry.id)
-            message = yield self.queue.message(entry.id) \
-                if ofEntry(entry).ret == "FULL" and entry.size <= FULL_LIMIT else None
+            message = yield self.queue.message(entry.id) if ofEntry(entry).ret == "FULL" \
+                and entry.size <= FULL_LIMIT and not entry.requiresTLS() else None
         else:
             headers, message = yield self.queue.run(original)
         report = yield self.sign(buildBounce(entry, listed, headers, self.hostname, now,
                                              expired, action, message))
         queued = yield self.queue.enqueue("", [entry.sender], lambda: [report], origin="bounce",
-                                          extra={"smtputf8": True} if isUTF8(entry) else None)
+                                          extra=_bounceExtra(entry))
         log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
                  id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
                  reason="expired" if expired else action)
