@@ -358,6 +358,11 @@ class PostgresStore(service.Service):
             self._reactor.addSystemEventTrigger("during", "shutdown", self.close)
         return deferToThreadPool(self._reactor, self._threads, self._transaction, f, *args)
 
+    def transaction(self, f, *args) -> defer.Deferred:
+        """C{f(conn, *args)} in one transaction in this store's workers (StorageError when the
+        database fails): for L{twistmail.relay.pgqueue}, which shares the pool."""
+        return self._run(f, *args)
+
     def stopService(self):
         """The server stops: close the connections (the listeners stopped first)."""
         self.close()
