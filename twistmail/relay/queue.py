@@ -33,10 +33,12 @@ from dataclasses import asdict, dataclass, field
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twistmail import _fsutil
 from twistmail._groupcommit import GroupCommit, NewFile, Removed, commitBatch, writeNewFile
 from twistmail.errors import StorageError
+from twistmail.interfaces import IRelayQueue
 from twistmail.relay.fairness import laneKey
 
 log = Logger()
@@ -261,6 +263,17 @@ def readHeaders(queueDir: str, id: str, limit: int = 64 * 1024) -> bytes:
     return head[:end + 2] if end >= 0 else head
 
 
+def readEntries(queueDir: str) -> list[QueueEntry]:
+    """Every readable entry, oldest first (one removed meanwhile is left out)."""
+    found = []
+    for id in listIds(queueDir):
+        try:
+            found.append(readEntry(queueDir, id))
+        except QueueError:
+            continue  # removed meanwhile, or for the server to quarantine
+    return sorted(found, key=lambda e: (e.created, e.id))
+
+
 def listIds(queueDir: str) -> list[str]:
     try:
         names = os.listdir(queueDir)
@@ -340,6 +353,7 @@ def _quarantine(queueDir: str, id: str, why: str) -> None:
 # -- the reactor-side API -----------------------------------------------------------
 
 
+@implementer(IRelayQueue)
 class RelayQueue:
     """The queue as the server uses it: every method returns a Deferred and blocks no one."""
 
@@ -355,6 +369,19 @@ class RelayQueue:
     def addListener(self, listener: Callable[[QueueEntry], None]) -> None:
         """Call C{listener(entry)} after each message this object enqueued is durable."""
         self._listeners.append(listener)
+
+    def watch(self, found: Callable) -> None:
+        """One node's queue: only this process and ``twistmail sendmail`` (which tells the
+        server through L{twistmail.relay.control}) add to it."""
+
+    def release(self, id: str) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def source(self, id: str) -> QueuedSource:
+        return QueuedSource(self.messagePath(id))
+
+    def entries(self) -> defer.Deferred:
+        return self._run(readEntries, self.path)
 
     def messagePath(self, id: str) -> str:
         return _paths(self.path, id)[0]
