@@ -67,6 +67,8 @@ class Envelope:
     #: The message says "TLS-Required: No" (RFC 8689 §3) without REQUIRETLS: the relay
     #: may ignore the recipient domain's MTA-STS policy.
     tlsOptional: bool = False
+    #: MAIL's SMTPUTF8 (RFC 6531 §3.4): addresses or headers may be UTF-8.
+    smtputf8: bool = False
 
 
 #: Verdict actions (L{Verdict.action}).

@@ -236,8 +236,9 @@ class Session:
 
         return d.addCallback(accepted)
 
-    def data(self, esmtp: bool) -> tuple[Envelope, bytes]:
-        """DATA: the envelope of the transaction and our Received: field for it."""
+    def data(self, esmtp: bool, utf8: bool = False) -> tuple[Envelope, bytes]:
+        """DATA: the envelope of the transaction and our Received: field for it
+        (C{utf8}: MAIL had SMTPUTF8)."""
         routes = [route for _, route in self._routes]
         given = tuple(address for address, _ in self._routes)
         envelope = Envelope(
@@ -248,9 +249,10 @@ class Session:
             client=self.info.client, helo=self.info.helo, id=self.info.id, rcptTo=given)
         info = self.info
         received = receivedHeader(
-            self.policy.hostname, info.id, withProtocol(esmtp, info.tls, bool(info.authenticated)),
+            self.policy.hostname, info.id,
+            withProtocol(esmtp, info.tls, bool(info.authenticated), utf8),
             info.helo.encode("ascii", "replace") if info.helo else None, info.client, list(given),
-            showClient=self.policy.showClient or not info.authenticated)
+            showClient=self.policy.showClient or not info.authenticated, utf8=utf8)
         return envelope, received
 
     def endOfData(self, envelope: Envelope, source: MessageSource) -> defer.Deferred:
