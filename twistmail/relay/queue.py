@@ -16,13 +16,16 @@ rename, the cleanup an exclusive one, so it never takes a message that
 
 Updates replace the json atomically; removal unlinks the json first (the
 message is gone) and then the eml.  Syncs are shared between concurrent
-operations (``twistmail._groupcommit``).  Message bodies are never read into
-memory here; the runner streams them from ``<id>.eml``.
+operations (``twistmail._groupcommit``).  Message bodies are not read into
+memory here, except small ones for delivery (``readForDelivery``, at most
+16 KiB each, one per message being worked on); the runner streams the rest
+from ``<id>.eml``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import itertools
 import json
 import os
@@ -231,15 +234,35 @@ def readEntry(queueDir: str, id: str) -> QueueEntry:
     return QueueEntry.fromJSON(data, final)
 
 
+#: Messages up to this size are read whole with their entry (L{readForDelivery}).
+IN_MEMORY = 16 * 1024
+
+
 def readForDelivery(queueDir: str, id: str) -> tuple[QueueEntry, object]:
-    """The entry and its message, opened for reading (the caller closes it)."""
+    """The entry and its message as a file object (the caller closes it).
+
+    A message of at most L{IN_MEMORY} octets is read here, in the worker
+    thread, and given as a BytesIO: reading and closing the file in the
+    sender, on the reactor thread, cost ~0.1 ms per message there (cProfile,
+    bench/README.rst "Relay queue").  Larger ones are given open, to stream.
+    """
     entry = readEntry(queueDir, id)
     try:
-        return entry, open(_paths(queueDir, id)[0], "rb")
+        f = open(_paths(queueDir, id)[0], "rb")
     except FileNotFoundError:
         raise QueueError(f"{id}.json has no {id}.eml") from None
     except OSError as e:
         raise QueueError(f"cannot open {id}.eml: {e.strerror}") from e
+    try:
+        data = f.read(IN_MEMORY + 1)
+        if len(data) > IN_MEMORY:
+            f.seek(0)
+            return entry, f
+    except OSError as e:
+        f.close()
+        raise QueueError(f"cannot read {id}.eml: {e.strerror}") from e
+    f.close()
+    return entry, io.BytesIO(data)
 
 
 def readHeaders(queueDir: str, id: str, limit: int = 64 * 1024) -> bytes:
