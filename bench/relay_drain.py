@@ -186,10 +186,13 @@ def startServer(workdir: Path, config: Path, profile: Path | None = None
     stats twistd writes there when it stops."""
     log = workdir / "server.log"
     profiling = ["--profiler=cprofile", f"--profile={profile}", "--savestats"] if profile else []
+    # A session of its own, as Postfix's master makes itself: with the kernel's
+    # autogroup scheduling (on by default) CPU is shared out per session first, and
+    # twistmail would share one with this process (the sink) while Postfix does not.
     proc = subprocess.Popen([*TWISTD, "-n", "--pidfile=", *profiling, "twistmail", "--config",
                              str(config)],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=workdir)
+                            stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
     return proc, log
 
 
