@@ -38,6 +38,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from twistmail import _fsutil
+from twistmail._batchcalls import BatchedCalls
 from twistmail._groupcommit import GroupCommit, NewFile, Removed, commitBatch, writeNewFile
 from twistmail.errors import StorageError
 from twistmail.relay.fairness import laneKey
@@ -363,6 +364,10 @@ class RelayQueue:
         self._run = run
         self._clock = clock
         self._commit = GroupCommit(lambda f, stages: run(commitLocked, self.path, stages))
+        # One worker thread call per message costs the reactor thread as much as the
+        # read; under load these share them (twistmail._batchcalls).
+        self._readForDelivery = BatchedCalls(run, lambda id: readForDelivery(self.path, id))
+        self._unlink = BatchedCalls(run, lambda id: stageRemove(self.path, id))
         self._listeners: list[Callable[[QueueEntry], None]] = []
 
     def addListener(self, listener: Callable[[QueueEntry], None]) -> None:
@@ -409,8 +414,9 @@ class RelayQueue:
         return self._run(readEntry, self.path, id)
 
     def loadWithMessage(self, id: str) -> defer.Deferred:
-        """(entry, open message file) in one worker-thread call: what an attempt needs."""
-        return self._run(readForDelivery, self.path, id)
+        """(entry, message file) in one worker-thread call (L{readForDelivery}): what an
+        attempt needs; messages due together share the call."""
+        return self._readForDelivery(id)
 
     def save(self, entry: QueueEntry) -> defer.Deferred:
         return self._commit.submit(lambda: stageSave(self.path, entry))
@@ -423,10 +429,9 @@ class RelayQueue:
         interval (5 ms) to get the GIL back after each system call: 128 removals,
         256 unlinks, took 0.1-0.9 s there and held up the runner (bench/README.rst,
         "Relay queue").  Threads of the pool waiting together hand the GIL on to
-        each other instead.
+        each other instead; removals that wait share a thread call.
         """
-        d = self._run(stageRemove, self.path, id)
-        return d.addCallback(lambda removed: self._commit.submit(lambda: removed))
+        return self._unlink(id).addCallback(lambda removed: self._commit.submit(lambda: removed))
 
     def headers(self, id: str) -> defer.Deferred:
         return self._run(readHeaders, self.path, id)
