@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from twistmail.interfaces import IMXResolver
 from twistmail.relay.mx import (
+    AnswerCache,
     DestinationCache,
     DNSFailure,
     DnsPythonMXResolver,
@@ -310,3 +311,46 @@ def test_destination_cache_shuffles_equal_preferences_on_every_use():
                              random.Random(1))
     orders = {tuple(h.host for h in hopsOf(cache("d.test"))) for _ in range(30)}
     assert orders == {("a1", "a2", "b"), ("a2", "a1", "b")}
+
+
+def test_filter_lookups_are_answered_from_the_answer_cache_until_the_ttl_ends(dnsServer):
+    """resolveSync (SPF, DKIM, DMARC, DNSBL) asks the server once per name and type per TTL."""
+    r = resolver(dnsServer)
+    queries = len(dnsServer.queries)
+    first = r.resolveSync("_mta-sts.example.net", "TXT")
+    assert r.resolveSync("_MTA-STS.example.net", "TXT") == first  # names are case-insensitive
+    assert r.resolveSync("nothing.test", "MX") == []  # NODATA is an answer too
+    assert r.resolveSync("nothing.test", "MX") == []
+    assert len(dnsServer.queries) == queries + 2
+    with pytest.raises(DNSFailure):
+        r.resolveSync("broken.test", "TXT")
+    with pytest.raises(DNSFailure):  # a failure is never kept
+        r.resolveSync("broken.test", "TXT")
+    assert len(dnsServer.queries) >= queries + 4
+    queries = len(dnsServer.queries)
+    for node in r._resolver.cache.data.values():  # every TTL has run out
+        node.value.expiration = time.time() - 1
+    r._answers._entries = {key: (found, time.time() - 1)
+                           for key, (found, _) in r._answers._entries.items()}
+    assert r.resolveSync("_mta-sts.example.net", "TXT") == first
+    assert len(dnsServer.queries) == queries + 1
+
+
+def test_answer_cache_honours_the_ttl_and_its_size():
+    now = [1000.0]
+    cache = AnswerCache(size=3, clock=lambda: now[0])
+    cache.put("a.test", "TXT", ["a"], 1060)
+    assert cache.get("a.test", "TXT") == ["a"]
+    assert cache.get("a.test", "MX") is None
+    now[0] = 1060
+    assert cache.get("a.test", "TXT") is None  # the TTL has run out
+    cache.put("b.test", "TXT", ["b"], 2000)
+    cache.put("c.test", "TXT", ["c"], 2000)
+    cache.put("d.test", "TXT", ["d"], 2000)  # full: the expired a.test goes first
+    assert len(cache) == 3 and cache.get("b.test", "TXT") == ["b"]
+    cache.put("e.test", "TXT", ["e"], 2000)  # full, nothing expired: the oldest goes
+    assert len(cache) == 3
+    assert cache.get("b.test", "TXT") is None
+    assert [cache.get(n, "TXT") for n in ("c.test", "d.test", "e.test")] == [["c"], ["d"], ["e"]]
+    cache.put("e.test", "TXT", ["e2"], 2000)  # a new answer replaces the old one
+    assert len(cache) == 3 and cache.get("e.test", "TXT") == ["e2"]

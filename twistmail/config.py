@@ -350,6 +350,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                   "'delayed' report (RFC 3464; NOTIFY=DELAY); 0 = never, as "
                                   "Postfix ships delay_warning_time", 0),
         "pickup_interval": Key(int, 1, "seconds between checks for sendmail and queue commands", 1),
+        "queue": Key(str, "disk", "where the relay queue lives: disk (<data_dir>/queue) or "
+                     "postgresql (the [storage.postgresql] database, shared by every node)",
+                     choices=("disk", "postgresql")),
+        "queue_lease_time": Key(int, 300, "seconds a node holds a message of the postgresql "
+                                "queue without renewing; then another node may deliver it", 5),
         "smarthost": Key(str, "", "host:port to send all outbound mail through; '' = MX lookup",
                          validate=_smarthost),
         "smarthost_username": Key(str, "", "AUTH user name for the smarthost; '' = no AUTH"),

@@ -37,7 +37,7 @@ from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.dkimkeys import KeyRing
 from twistmail.dkimsigner import Signer
 from twistmail.filters.load import makeFilters as loadFilters
-from twistmail.interfaces import IMailAccount, IMailStoreFactory
+from twistmail.interfaces import IMailAccount, IMailStoreFactory, IRelayQueue
 from twistmail.metrics import Metrics
 from twistmail.model import FilterContext
 from twistmail.protocols import proxyheader
@@ -424,6 +424,30 @@ def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accoun
     return tokens
 
 
+def makeQueue(config: configmod.Config, store, parent: service.MultiService) -> IRelayQueue:
+    """The relay queue ``[relay] queue`` names; a postgresql one shares the store's
+    database pool when the store is in PostgreSQL too, else opens its own from
+    ``[storage.postgresql]``."""
+    relay = config["relay"]
+    if relay["queue"] == "disk":
+        return RelayQueue(config.dataDir)
+    from twistmail.relay.pgqueue import PostgresRelayQueue
+    from twistmail.storage.postgresql import PostgresStore, PostgresStoreFactory
+
+    if not isinstance(store, PostgresStore):
+        try:
+            store = PostgresStoreFactory().makeStore(
+                config.backendOptions.get("postgresql", {}), config.dataDir)
+        except configmod.ConfigError as e:
+            raise configmod.ConfigError(f"{config.path}: [relay] queue = \"postgresql\" "
+                                        f"needs the database: {e}") from None
+        store.setServiceParent(parent)
+    queue = PostgresRelayQueue(store, config.dataDir, relay["queue_lease_time"],
+                               relay["pickup_interval"])
+    queue.setServiceParent(parent)
+    return queue
+
+
 def makeStore(config: configmod.Config):
     """The store of the backend plugin named by ``[storage] backend``, with its options.
 
@@ -486,7 +510,10 @@ def makeService(options: Options) -> service.MultiService:
                     config["smtp"]["recipient_delimiter"])
     quota = QuotaTracker.fromConfig(config, store, accounts)
     local = LocalDelivery(store, quota)
-    queue = RelayQueue(dataDir)
+    try:
+        queue = makeQueue(config, store, top)
+    except configmod.ConfigError as e:
+        raise startupError(str(e)) from None
     resolver = makeDNS(config, reactor, top, metrics)
     runner = makeRelay(config, reactor, queue, router, local, top, metrics, resolver)
     try:

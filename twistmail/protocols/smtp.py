@@ -18,13 +18,13 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   message through the same end-of-DATA path (filters, hop count, fsync before 250).
 * **DSN** (RFC 3461, L{twistmail.dsn}): RET/ENVID on MAIL and NOTIFY/ORCPT on
   RCPT are checked (501 5.5.4) and travel with the envelope into the queue.
+* **REQUIRETLS** (RFC 8689): offered only once the session is under TLS, and
+  ``MAIL ... REQUIRETLS`` in clear text is refused (530 5.7.10); the flag travels
+  with the envelope and the relay enforces it (L{twistmail.relay.sender}).
 * **SMTPUTF8** (RFC 6531, L{twistmail.eai}): with MAIL's SMTPUTF8 parameter a path may
   be UTF-8 (strict, NFC, IDNA 2008 domains); without it an 8-bit path gets 553 5.6.7
   (RFC 6531 §3.5).  Twisted's Address and command patterns know only ASCII atoms,
   so the 8-bit case is parsed here (L{_UTF8Address}).
-* **REQUIRETLS** (RFC 8689): offered only once the session is under TLS, and
-  ``MAIL ... REQUIRETLS`` in clear text is refused (530 5.7.10); the flag travels
-  with the envelope and the relay enforces it (L{twistmail.relay.sender}).
 * **One spool per transaction** shared by all recipients, with one
   ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
 * **Enhanced status codes** (RFC 2034/3463) on every final reply.
@@ -187,8 +187,8 @@ class SMTPServer(smtp.ESMTP):
         #: The DSN request (RFC 3461) and BODY= type of the transaction; MAIL's until accepted.
         self._dsn = dsn.Request()
         self._body = "7BIT"
-        self._smtputf8 = False  # MAIL's SMTPUTF8 (RFC 6531)
         self._mailParams: tuple[dsn.Request, str, bool] | None = None
+        self._smtputf8 = False  # MAIL's SMTPUTF8 (RFC 6531)
         #: MAIL's REQUIRETLS (RFC 8689): of the transaction, and of the MAIL being checked.
         self._requireTLS = self._askedTLS = False
         self._rcptParams: tuple[list[str] | None, str | None] = (None, None)
@@ -255,9 +255,10 @@ class SMTPServer(smtp.ESMTP):
         ext[b"CHUNKING"] = None  # RFC 3030
         ext[b"BINARYMIME"] = None
         ext[b"SMTPUTF8"] = None  # RFC 6531
-        ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
         if self.secure:
             ext[b"REQUIRETLS"] = None  # RFC 8689 §2: only usable in a TLS session
+        ext.pop(b"SIZE", None)  # last, as before: tests and scripts look for "250 SIZE"
+        ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
         return ext
 
     def connectionLost(self, reason) -> None:
@@ -537,10 +538,6 @@ class SMTPServer(smtp.ESMTP):
                         return
                 elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME", b"BINARYMIME"):
                     body = value.upper().decode()  # RFC 6152, RFC 3030 §3
-                elif key == b"SMTPUTF8":
-                    if value or param.endswith(b"="):
-                        self.sendCode(501, b"5.5.4 SMTPUTF8 takes no value (RFC 6531 section 3.4)")
-                        return
                 elif key == b"REQUIRETLS" and not value:
                     if not self.secure:  # RFC 8689 §2 item 7: the session itself uses TLS
                         self.sendCode(530, b"5.7.10 REQUIRETLS needs TLS: STARTTLS first")
@@ -549,6 +546,10 @@ class SMTPServer(smtp.ESMTP):
                         self.sendCode(501, b"5.5.4 REQUIRETLS given twice")
                         return
                     self._askedTLS = True
+                elif key == b"SMTPUTF8":
+                    if value or param.endswith(b"="):
+                        self.sendCode(501, b"5.5.4 SMTPUTF8 takes no value (RFC 6531 section 3.4)")
+                        return
                 else:
                     try:
                         known = dsn.parseMailParam(request, key, value)
@@ -682,7 +683,7 @@ class SMTPServer(smtp.ESMTP):
         """The transaction's envelope and spool, at DATA or the first BDAT."""
         envelope, received = self._session.data(self._usedEhlo, self._smtputf8)
         self._envelope = dataclasses.replace(envelope, dsn=self._dsn, body=self._body,
-                                             requireTLS=self._requireTLS, smtputf8=self._smtputf8)
+                                             smtputf8=self._smtputf8, requireTLS=self._requireTLS)
         self._from = None
         self._to = []
         return MessageSource(prefix=received, spoolDir=self.factory.spoolDir)

@@ -36,6 +36,8 @@ from twistmail.metrics import Metrics
 MAX_ADDRESSES = 5
 #: Parsed answers kept on the reactor thread, at most (dnspython's cache holds as many).
 MAX_MEMO = 10000
+#: Answers kept for the filters' lookups (L{AnswerCache}): a busy inbound server's senders.
+MAX_ANSWERS = 10000
 
 
 class DNSFailure(Exception):
@@ -64,6 +66,47 @@ _thread = threading.local()
 def _nxdomain(name: str, rdtype: str) -> DNSFailure:
     return DNSFailure(False, "5.1.2", f"Host or domain name not found: {name} type={rdtype}: "
                       "NXDOMAIN")
+
+
+class AnswerCache:
+    """The records of (name, type) answers, each until its TTL ends, at most C{size} of them.
+
+    dnspython's own cache is keyed by parsed names: a hit still builds a
+    Name, a Resolution and a copy of the answer, about 0.1 ms of Python per
+    lookup, several lookups a message (SPF, two DKIM keys, DMARC).  Verifiers
+    keep answers by name and type for their TTL as resolvers do (RFC 1035
+    §7.4); this is that, for the filters' worker threads.  Only answers (and
+    NODATA) are kept, never a failure.  When full, expired entries go first,
+    then the oldest.
+    """
+
+    def __init__(self, size: int = MAX_ANSWERS, clock: Callable[[], float] = time.time) -> None:
+        self._size = size
+        self._clock = clock  # dnspython's expirations are wall-clock times
+        self._entries: dict[tuple[str, str], tuple[tuple, float]] = {}
+        self._lock = threading.Lock()  # for eviction; a lookup is one dict read
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str, rdtype: str) -> list | None:
+        """The records, or None when not kept or expired."""
+        entry = self._entries.get((name, rdtype))
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return list(entry[0])
+
+    def put(self, name: str, rdtype: str, records: Sequence, expires: float) -> None:
+        with self._lock:
+            entries = self._entries
+            if len(entries) >= self._size and (name, rdtype) not in entries:
+                now = self._clock()
+                for key in [k for k, (_, e) in entries.items() if e <= now]:
+                    del entries[key]
+                while len(entries) >= self._size:
+                    del entries[next(iter(entries))]  # the oldest: dicts keep insertion order
+            entries.pop((name, rdtype), None)
+            entries[(name, rdtype)] = (tuple(records), expires)
 
 
 @dataclass(frozen=True)
@@ -97,6 +140,7 @@ class DnsPythonMXResolver:
         self._latency = (metrics or Metrics()).dnsLookups
         # (lookup, name) -> (result, expires): the cache's answers as the relay uses them.
         self._memo: dict[tuple[str, str], tuple[list, float]] = {}
+        self._answers = AnswerCache()  # the filters' lookups (resolveSync)
 
     def _get(self) -> dns.resolver.Resolver:
         # Built on first use, in a worker thread: reading /etc/resolv.conf is I/O,
@@ -117,11 +161,11 @@ class DnsPythonMXResolver:
             self._resolver = resolver
         return self._resolver
 
-    def _query(self, name: str, rdtype: str):
+    def _query(self, name: str, rdtype: str, answers: AnswerCache | None = None):
         """The answer's records, [] for NODATA; DNSFailure for what is not an answer."""
         started = time.perf_counter()
         try:
-            return self._resolve(name, rdtype)
+            return self._resolve(name, rdtype, answers)
         except _NotCached:
             started = None  # not a lookup: it is asked again in a worker thread
             raise
@@ -129,9 +173,14 @@ class DnsPythonMXResolver:
             if started is not None:  # the metric locks: safe in a worker thread
                 self._latency.labels(rdtype).observe(time.perf_counter() - started)
 
-    def _resolve(self, name: str, rdtype: str):
+    def _resolve(self, name: str, rdtype: str, answers: AnswerCache | None = None):
         if getattr(_thread, "cacheOnly", False):
             return self._fromCache(name, rdtype)
+        if answers is not None:
+            name = name.lower()
+            records = answers.get(name, rdtype)
+            if records is not None:
+                return records
         try:
             answer = self._get().resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
@@ -146,7 +195,10 @@ class DnsPythonMXResolver:
             raise DNSFailure(False, "5.1.2", f"{name!r} is not a valid domain name") from None
         except dns.exception.DNSException as e:
             raise DNSFailure(True, "4.4.3", f"DNS error for {name} type={rdtype}: {e}") from None
-        return list(answer.rrset or ())
+        records = list(answer.rrset or ())
+        if answers is not None:
+            answers.put(name, rdtype, records, answer.expiration)
+        return records
 
     def _fromCache(self, name: str, rdtype: str) -> list:
         """What L{_resolve} would return, from dnspython's cache alone (which drops expired
@@ -204,8 +256,9 @@ class DnsPythonMXResolver:
 
         Blocking: call it only in a worker thread (L{run}).  For filters (SPF,
         DKIM, DMARC, DNSBL) that share this resolver's servers, timeout and cache.
+        Answers are kept by name and type until their TTL ends (L{AnswerCache}).
         """
-        return self._query(name, rdtype)
+        return self._query(name, rdtype, self._answers)
 
     def run(self, f: Callable, *args) -> defer.Deferred:
         """Call C{f(*args)} in the DNS worker pool; for blocking code built on L{resolveSync}."""

@@ -29,17 +29,20 @@ import os
 import re
 import socket
 import time
+from functools import partial
+from itertools import repeat
+from operator import itemgetter
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistmail import _fsutil
+from twistmail import _fsutil, _gcpause
 from twistmail._groupcommit import NewFile, commitBatch, writeNewFile
 from twistmail.errors import NoSuchFolder, NoSuchMessage, StorageError, TooManyKeywords
 from twistmail.interfaces import IImportableMailbox, IModSeqMailbox
 from twistmail.model import FolderChanges, StoredMessage
-from twistmail.storage import _uidlist
+from twistmail.storage import _maildirindex, _uidlist
 from twistmail.storage._filestore import FolderIndex
 
 log = Logger()
@@ -58,6 +61,8 @@ _counter = itertools.count()
 #: What another store's unique id must look like to become a Maildir base name.
 _USABLE_BASE = re.compile(r"[A-Za-z0-9_\\-][A-Za-z0-9._\\-]{0,69}")
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+#: Files whose changes make twistmail-index stale, beside new/ and cur/.
+_SIDECARS = (_uidlist.UIDLIST, _uidlist.KEYWORDS)
 _ORDER = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
 
 
@@ -82,13 +87,13 @@ def splitName(filename: str) -> tuple[str, str]:
 
 
 def _sizeFromBase(base: str) -> int | None:
-    for part in base.split(",")[1:]:
-        if part.startswith("S="):
-            try:
-                return int(part[2:])
-            except ValueError:
-                return None
-    return None
+    """The ``,S=<size>`` part of a base name (Maildir++), without a per-part loop."""
+    at = base.find(",S=")
+    if at < 0:
+        return None
+    end = base.find(",", at + 3)
+    digits = base[at + 3:] if end < 0 else base[at + 3:end]
+    return int(digits) if digits.isdigit() else None
 
 
 def makeMaildir(path: str) -> None:
@@ -106,6 +111,9 @@ def stageMessage(folderPath: str, chunks, subdir: str, suffix: str = "",
 
 
 _newTuple = tuple.__new__
+_newStored = partial(tuple.__new__, StoredMessage)
+_BASE, _INFO, _SIZE, _DATE = (itemgetter(i) for i in range(4))  # of an _Entry
+_FIRST = itemgetter(0)
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -118,15 +126,24 @@ def _chunks(source):
     return [source] if isinstance(source, (bytes, bytearray, memoryview)) else source.chunks()
 
 
-class _Entry:
-    __slots__ = ("base", "info", "size", "internalDate", "uniqueId")
+class _Entry(list):
+    """[base, info, size, internal date] of one message.
 
-    def __init__(self, base: str, info: str, size: int, internalDate: int) -> None:
-        self.base = base
-        self.info = info  # flag letters after ':2,' (system letters upper case, keywords a-z)
-        self.size = size
-        self.internalDate = internalDate
-        self.uniqueId = base.split(",", 1)[0]  # POP3 UIDL: the name without its ,S= size
+    A list, not an object with C{__init__}: a 100,000-message folder builds its
+    entries with C{map(_Entry, zip(...))}, all in C, and the attributes are
+    C-level item getters.  C{info} holds the flag letters after ':2,' (system
+    letters upper case, keywords a-z).
+    """
+
+    __slots__ = ()
+    base = property(itemgetter(0))
+    info = property(itemgetter(1), lambda self, value: self.__setitem__(1, value))
+    size = property(itemgetter(2))
+    internalDate = property(itemgetter(3))
+
+    @property
+    def uniqueId(self) -> str:
+        return self[0].split(",", 1)[0]  # POP3 UIDL: the name without its ,S= size
 
 
 class _Scan:
@@ -141,6 +158,7 @@ class _Scan:
         self.keywords: list[str] | None = None
         self.stamps = None
         self.full = False
+        self.indexStamps: tuple[str, int] | None = None  # worth saving: (stamps, taken at)
 
 
 @implementer(IImportableMailbox, IModSeqMailbox)
@@ -182,6 +200,23 @@ class MaildirFolder(FolderIndex):
         # 100,000-message SELECT makes 100,000 of these.
         return _newTuple(StoredMessage, (uid, entry.uniqueId, self._flags(entry.info), entry.size,
                                          entry.internalDate, self._modseqs.byUid.get(uid, 1)))
+
+    def messages(self) -> list:
+        """The snapshot built with C-level maps over the entry columns: no Python call
+        per message (100,000 of them at the first FETCH after a SELECT)."""
+        if self._snapshot is None:
+            entries = self._entries
+            values = list(entries.values())
+            infos = list(map(_INFO, values))
+            for info in set(infos):
+                self._flags(info)
+            uniqueIds = map(_FIRST, map(str.partition, map(_BASE, values), repeat(",")))
+            with _gcpause.paused():
+                self._snapshot = list(map(_newStored, zip(
+                    entries, uniqueIds, map(self._flagCache.__getitem__, infos),
+                    map(_SIZE, values), map(_DATE, values),
+                    map(self._modseqs.byUid.get, entries, repeat(1)), strict=True)))
+        return self._snapshot
 
     # -- refresh: reconcile the index with the directory ------------------------
 
@@ -226,6 +261,9 @@ class MaildirFolder(FolderIndex):
         if not forceFull and known is not None and before == known:
             scan.unchanged = True
             return scan
+        if known is None and self._fromIndex(scan):
+            scan.stamps = before
+            return scan
         moved = []
         for name in os.listdir(newDir):
             if name.startswith("."):
@@ -236,19 +274,37 @@ class MaildirFolder(FolderIndex):
                 continue  # another process took it
             moved.append(name)
         if forceFull or known is None or before[1] != known[1]:
-            self._fullScan(scan, curDir)
+            with _gcpause.paused():
+                self._fullScan(scan, curDir)
         else:
             self._adopt(scan, curDir, moved)
+        taken = _maildirindex.now()
         scan.stamps = (_stamp(newDir), _stamp(curDir))
+        if (scan.full and scan.stamps == before
+                and len(scan.entries) >= _maildirindex.MIN_MESSAGES):
+            # Nothing changed while we listed: what we found can be saved as the index.
+            scan.indexStamps = (_maildirindex.stamps(self.path, _SIDECARS), taken)
         return scan
+
+    def _fromIndex(self, scan: _Scan) -> bool:
+        """The first look at the folder in this process: from twistmail-index if it holds."""
+        with _gcpause.paused():
+            loaded = _maildirindex.load(self.path, _maildirindex.stamps(self.path, _SIDECARS))
+            if loaded is None:
+                return False
+            uidValidity, uidNext, uids, bases, infos, sizes, dates = loaded
+            scan.entries = dict(zip(uids, map(_Entry, zip(bases, infos, sizes, dates,
+                                                          strict=True)), strict=True))
+        scan.full = True
+        scan.uidValidity, scan.uidNext = uidValidity, uidNext
+        scan.keywords = _uidlist.readKeywords(self.path)
+        return True
 
     def _fullScan(self, scan: _Scan, curDir: str) -> None:
         scan.full = True
-        onDisk: dict[str, str] = {}
-        for name in os.listdir(curDir):
-            if name[0] == ".":
-                continue
-            base, sep, info = name.partition(":2,")
+        names = [name for name in os.listdir(curDir) if name[0] != "."]
+        parts = [name.partition(":2,") for name in names]
+        for name, (_, sep, _) in zip(names, parts, strict=True):
             if not sep:
                 # Put there without the info part by another program: give it one,
                 # so the file has the name the index expects.
@@ -256,7 +312,7 @@ class MaildirFolder(FolderIndex):
                     os.rename(os.path.join(curDir, name), os.path.join(curDir, name + ":2,"))
                 except FileNotFoundError:
                     continue
-            onDisk[base] = info
+        onDisk: dict[str, str] = {base: info for base, _, info in parts}
         uidlistPath = os.path.join(self.path, _uidlist.UIDLIST)
         header, listed = _uidlist.read(uidlistPath)
         if header is None:
@@ -267,11 +323,12 @@ class MaildirFolder(FolderIndex):
         else:
             (uidValidity, uidNext), rewrite = header, False
         entries: dict[int, _Entry] = {}
+        pop = onDisk.pop
         for uid in sorted(listed):
             base, date, size = listed[uid]
-            info = onDisk.pop(base, None)
+            info = pop(base, None)
             if info is not None:
-                entries[uid] = _Entry(base, info, size, date)
+                entries[uid] = _Entry((base, info, size, date))
         if len(entries) != len(listed):
             rewrite = True
         newcomers = sorted(onDisk, key=_deliveryOrder)  # what is left: not in the uidlist
@@ -279,7 +336,7 @@ class MaildirFolder(FolderIndex):
         uidNext += len(appended)
         if rewrite:
             _uidlist.write(uidlistPath, uidValidity, uidNext,
-                           ((u, e.base, e.internalDate, e.size) for u, e in entries.items()))
+                           ((u, e[0], e[3], e[2]) for u, e in entries.items()))
         elif appended:
             _uidlist.append(uidlistPath, appended)
         scan.entries = entries
@@ -297,18 +354,26 @@ class MaildirFolder(FolderIndex):
         scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(appended)
 
     def _assign(self, curDir: str, newcomers: list[tuple[str, str]], uidNext: int,
-                into: dict) -> list[tuple[int, str, float, int]]:
+                into: dict) -> list[tuple[int, str, int, int]]:
+        """UIDs for C{newcomers} (base, info), in order.  INTERNALDATE is the delivery
+        time in the name (``<seconds>.…``) when the name has one and a ``,S=`` size, so
+        100,000 newcomers cost no stat() each; only other names are stat()ed (mtime)."""
         appended = []
         for base, info in newcomers:
-            try:
-                st = os.stat(os.path.join(curDir, f"{base}:2,{info}"))
-            except FileNotFoundError:
-                continue
             size = _sizeFromBase(base)
-            if size is None:
-                size = st.st_size
-            into[uidNext] = _Entry(base, info, size, int(st.st_mtime))
-            appended.append((uidNext, base, int(st.st_mtime), size))
+            head = base.partition(".")[0]
+            if size is not None and head.isdigit():
+                date = int(head)
+            else:
+                try:
+                    st = os.stat(f"{curDir}/{base}:2,{info}")
+                except FileNotFoundError:
+                    continue
+                date = int(st.st_mtime)
+                if size is None:
+                    size = st.st_size
+            into[uidNext] = _Entry((base, info, size, date))
+            appended.append((uidNext, base, date, size))
             uidNext += 1
         return appended
 
@@ -318,12 +383,22 @@ class MaildirFolder(FolderIndex):
         self._stamps = scan.stamps
         if scan.full:
             self._fullScanAt = time.monotonic()
+            if scan.indexStamps is not None:
+                self._saveIndex(scan, *scan.indexStamps)
             return self._applyFull(scan)
         for uid, entry in scan.added:
             self._entries[uid] = entry
             self._byBase[entry.base] = uid
         self.uidNext = scan.uidNext
         return self._changed(FolderChanges(added=tuple(uid for uid, _ in scan.added)))
+
+    def _saveIndex(self, scan: _Scan, stamps: str, taken: int) -> None:
+        """Write twistmail-index in a worker, not waited for: the SELECT that listed the
+        folder answers meanwhile.  Our own later changes (a flag rename changes an
+        entry in place) change cur/ too, so an index that caught one is never trusted."""
+        d = self._store._run(_maildirindex.save, self.path, stamps, taken, scan.uidValidity,
+                             scan.uidNext, list(scan.entries.items()))
+        d.addErrback(lambda f: log.failure("writing the index of {folder}", f, folder=self.name))
 
     def _applyFull(self, scan: _Scan) -> defer.Deferred:
         validityChanged = bool(self.uidValidity) and scan.uidValidity != self.uidValidity
@@ -336,11 +411,12 @@ class MaildirFolder(FolderIndex):
         self.uidValidity = scan.uidValidity
         self.uidNext = scan.uidNext
         self._entries = new
-        self._byBase = {e.base: uid for uid, e in new.items()}
+        self._byBase = dict(zip(map(_BASE, new.values()), new, strict=True))
         changes = FolderChanges(
-            added=tuple(u for u in new if u not in old),
+            added=tuple(u for u in new if u not in old) if old else tuple(new),
             removed=removed,
-            flagsChanged=tuple(u for u, e in new.items() if u in old and old[u].info != e.info),
+            flagsChanged=tuple(u for u, e in new.items() if u in old and old[u].info != e.info)
+            if old else (),
             uidValidityChanged=validityChanged,
             expunged=expunged,
         )
@@ -581,7 +657,7 @@ class MaildirFolder(FolderIndex):
             base, info = splitName(os.path.basename(result[0]))
             st = os.stat(result[0])
             size = _sizeFromBase(base) or st.st_size
-            entries.append((uid, _Entry(base, info, size, int(st.st_mtime))))
+            entries.append((uid, _Entry((base, info, size, int(st.st_mtime)))))
             appended.append((uid, base, int(st.st_mtime), size))
             uid += 1
         if failed:

@@ -463,6 +463,11 @@ class PostgresStore(service.Service):
     def _lost(self) -> None:
         self._pushing = False  # the polls take over until we listen again
 
+    def transaction(self, f, *args) -> defer.Deferred:
+        """C{f(conn, *args)} in one transaction in this store's workers (StorageError when the
+        database fails): for L{twistmail.relay.pgqueue}, which shares the pool."""
+        return self._run(f, *args)
+
     def stopService(self):
         """The server stops: close the connections (the listeners stopped first)."""
         self.close()

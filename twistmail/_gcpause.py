@@ -1,0 +1,39 @@
+"""Pause the cyclic garbage collector while building many objects at once.
+
+Loading a 100,000-message folder index makes some 100,000 lists and strings,
+none of them in a reference cycle; every 700 allocations CPython runs a
+generation-0 collection and every tenth of those a generation-1 one that
+walks the young objects again: about a third of the load time.  Inside
+L{paused} the collector is off (for every thread: it is process-wide); the
+next collection after it walks what was built once.  Nested and concurrent
+uses are counted: the collector comes back on when the last one ends, if it
+was on before the first began.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+from collections.abc import Iterator
+
+_lock = threading.Lock()
+_depth = 0
+_wasEnabled = False
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    global _depth, _wasEnabled
+    with _lock:
+        if _depth == 0:
+            _wasEnabled = gc.isenabled()
+            gc.disable()
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _wasEnabled:
+                gc.enable()
