@@ -125,3 +125,19 @@ def test_needs_smtputf8():
     assert needsSMTPUTF8("Subject: ü\n\nx\n".encode(), ALICE, ["b@x.test"])
     assert needsSMTPUTF8(b"Subject: x\n\nx\n", ALICE, ["jos\u00e9@x.test"])
     assert needsSMTPUTF8(b"Subject: x\n\nx\n", "j\u00fcrgen@x.test", ["b@x.test"])
+
+
+def test_bounce_to_a_utf8_sender_is_relayed_with_smtputf8(net, server, dataDir):
+    """The report is queued with SMTPUTF8 itself and found by the sender's A-label domain."""
+    net.sink.script.extensions = ["SMTPUTF8"]
+    net.sink.script.rcpt = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("nobody") \
+        else None
+    with smtplib.SMTP("127.0.0.1", server.smtpPort, timeout=30) as client:
+        client.ehlo("client.example.test")
+        assert client.sendmail("jürgen@bücher.test", ["nobody@remote.test"], UTF8_MESSAGE,
+                               mail_options=["SMTPUTF8"]) == {}
+    [report] = waitUntil(lambda: net.sink.messages, 15, "the bounce to jürgen")
+    assert report.sender == "" and report.recipients == ["jürgen@bücher.test"]  # as given
+    assert mailCommands(net)[-1] == "MAIL FROM:<> SMTPUTF8"
+    assert b"Content-Type: message/global-delivery-status" in report.data
+    assert "To: <jürgen@bücher.test>".encode() in report.data  # RFC 6532: UTF-8 as it is
