@@ -8,7 +8,12 @@ import smtplib
 
 import pytest
 from hostile import smtpDialog
-from support import cli, startServer
+from support import (
+    cli,
+    everyBackend,  # noqa: F401 - the backend fixture: each test on every backend
+    startServer,
+    storedMessages,
+)
 
 from twistmail.auth.accounts import AccountError, validAddress
 
@@ -160,10 +165,10 @@ def test_utf8_alias_reaches_its_target(utf8server):
     assert len(messages(utf8server.dataDir, "josé", "xn--bcher-kva.example")) == before + 1
 
 
-def test_mbox_backend_stores_mail_for_a_utf8_account(dataDir):
+def test_every_backend_stores_mail_for_a_utf8_account(dataDir, backend):
     cli("domain", "add", "bücher.example", dataDir=dataDir)
     cli("user", "add", "josé@bücher.example", dataDir=dataDir, stdin="pw-1234567\n")
-    srv = startServer(dataDir, storage={"backend": "mbox"})
+    srv = startServer(dataDir, storage={"backend": backend})
     try:
         with smtplib.SMTP("127.0.0.1", srv.smtpPort) as s:
             s.ehlo("client.example")
@@ -171,9 +176,8 @@ def test_mbox_backend_stores_mail_for_a_utf8_account(dataDir):
                        mail_options=["SMTPUTF8"])
     finally:
         srv.stop()
-    found = [os.path.join(root, f) for root, _, files in os.walk(dataDir) for f in files
-             if "josé" in root]
-    assert found and any("Grüße".encode() in open(p, "rb").read() for p in found), found
+    [stored] = storedMessages(dataDir, "josé@xn--bcher-kva.example", backend)
+    assert "Subject: Grüße".encode() in stored
 
 
 def test_utf8_user_logs_in_under_either_spelling_and_sends_as_themself(utf8server):
