@@ -81,6 +81,14 @@ def test_single_recipient_received_names_it_in_utf8(utf8server):
     assert "for <δοκιμή@παράδειγμα.δοκιμή>".encode() in copy.split(b"\r\n\r\n")[0]
 
 
+def test_smtputf8_after_helo_is_refused(utf8server):
+    replies = smtpDialog(utf8server.smtpPort, [
+        b"HELO client.example", "MAIL FROM:<jürgen@example.test> SMTPUTF8".encode(),
+        b"MAIL FROM:<x@remote.test>"])
+    assert replies[1].startswith(b"555 5.5.4 "), replies
+    assert replies[2].startswith(b"250 "), replies
+
+
 def test_utf8_address_without_smtputf8_gets_553_5_6_7(utf8server):
     replies = smtpDialog(utf8server.smtpPort, [
         EHLO, "MAIL FROM:<jürgen@example.test>".encode(), b"MAIL FROM:<x@remote.test>",
