@@ -36,6 +36,7 @@ ZONE = {
     "mx.dead.test": [A("127.0.0.2")],
     "nomail.test": [MX(0, "")],
     "smarthost.test": [A("127.0.0.1")],
+    "xn--bcher-kva.test": [MX(10, "mx.remote.test")],  # bücher.test (IDNA A-label)
 }
 
 

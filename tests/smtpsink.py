@@ -51,6 +51,8 @@ class Script:
     closeAfterRset: bool = False
     #: EHLO keywords offered once under TLS ("REQUIRETLS", RFC 8689 §2)
     tlsExtensions: tuple = ()
+    #: more EHLO keywords to offer ("SMTPUTF8", ...)
+    extensions: list = field(default_factory=list)
 
 
 class SinkProtocol(basic.LineReceiver):
@@ -105,7 +107,8 @@ class SinkProtocol(basic.LineReceiver):
 
     def do_EHLO(self, rest):
         script = self.sink.script
-        caps = ["250-sink.test", "250-PIPELINING", "250-8BITMIME"]
+        caps = ["250-sink.test", "250-PIPELINING", "250-8BITMIME",
+                *(f"250-{keyword}" for keyword in script.extensions)]
         if script.tlsOptions is not None and not self.tls:
             caps.append("250-STARTTLS")
         if script.users and (self.tls or not script.authNeedsTLS):

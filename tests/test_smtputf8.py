@@ -8,7 +8,12 @@ import smtplib
 
 import pytest
 from hostile import smtpDialog
-from support import cli, startServer
+from support import (
+    cli,
+    everyBackend,  # noqa: F401 - the backend fixture: each test on every backend
+    startServer,
+    storedMessages,
+)
 
 from twistmail.auth.accounts import AccountError, validAddress
 
@@ -57,7 +62,8 @@ def test_utf8_message_is_delivered_to_utf8_accounts_unchanged(utf8server):
                              message, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
     assert refused == {}
     dataDir = utf8server.dataDir
-    copy = messages(dataDir, "josé", "xn--bcher-kva.example")[-1]  # the directory is UTF-8 NFC
+    # The account's directory is its UTF-8 (NFC) local part.
+    [copy] = [m for m in messages(dataDir, "josé", "xn--bcher-kva.example") if m.endswith(message)]
     assert copy.endswith(message)  # headers stored as sent
     received = copy[:-len(message)]
     assert b" with UTF8SMTP id " in received  # RFC 6531 §3.7.3
@@ -68,10 +74,19 @@ def test_utf8_message_is_delivered_to_utf8_accounts_unchanged(utf8server):
 def test_single_recipient_received_names_it_in_utf8(utf8server):
     with smtplib.SMTP("127.0.0.1", utf8server.smtpPort) as s:
         s.ehlo("client.example")
-        s.sendmail("x@remote.test", ["δοκιμή@παράδειγμα.δοκιμή"], b"Subject: x\r\n\r\nx\r\n",
-                   mail_options=["SMTPUTF8"])
-    copy = messages(utf8server.dataDir, *GREEK.split("@"))[-1]
+        s.sendmail("x@remote.test", ["δοκιμή@παράδειγμα.δοκιμή"],
+                   b"Subject: single\r\n\r\nx\r\n", mail_options=["SMTPUTF8"])
+    [copy] = [m for m in messages(utf8server.dataDir, *GREEK.split("@"))
+              if b"Subject: single\r\n" in m]
     assert "for <δοκιμή@παράδειγμα.δοκιμή>".encode() in copy.split(b"\r\n\r\n")[0]
+
+
+def test_smtputf8_after_helo_is_refused(utf8server):
+    replies = smtpDialog(utf8server.smtpPort, [
+        b"HELO client.example", "MAIL FROM:<jürgen@example.test> SMTPUTF8".encode(),
+        b"MAIL FROM:<x@remote.test>"])
+    assert replies[1].startswith(b"555 5.5.4 "), replies
+    assert replies[2].startswith(b"250 "), replies
 
 
 def test_utf8_address_without_smtputf8_gets_553_5_6_7(utf8server):
@@ -129,3 +144,63 @@ def test_account_names_stay_safe_directory_names(address):
 def test_account_names_are_canonical():
     assert validAddress("JOSE\u0301@Bücher.Example.") == "josé@xn--bcher-kva.example"
     assert validAddress("josé@xn--bcher-kva.example") == "josé@xn--bcher-kva.example"
+
+
+def test_malformed_utf8_header_is_refused_and_nothing_stored(utf8server):
+    """RFC 6532 §3.2: the header fields of an SMTPUTF8 message are UTF-8."""
+    before = messages(utf8server.dataDir, "ascii", "xn--bcher-kva.example")
+    replies = smtpDialog(utf8server.smtpPort, [
+        EHLO, b"MAIL FROM:<x@remote.test> SMTPUTF8", b"RCPT TO:<ascii@xn--bcher-kva.example>",
+        b"DATA", b"Subject: caf\xc3\r\n\r\nbody\r\n.", b"NOOP"])
+    assert replies[4].startswith(b"554 5.6.0 "), replies
+    assert replies[5].startswith(b"250 "), replies  # the session goes on
+    assert messages(utf8server.dataDir, "ascii", "xn--bcher-kva.example") == before
+
+
+def test_utf8_alias_reaches_its_target(utf8server):
+    from twistmail.auth.accounts import Accounts
+
+    accounts = Accounts(utf8server.dataDir)
+    with accounts.editing():
+        assert accounts.addAlias("Büro@Bücher.Example", ["JOSÉ@bücher.example"]) == \
+            "büro@xn--bcher-kva.example"
+    before = len(messages(utf8server.dataDir, "josé", "xn--bcher-kva.example"))
+    utf8server.accounts.reload()
+    with smtplib.SMTP("127.0.0.1", utf8server.smtpPort) as s:
+        s.ehlo("client.example")
+        s.sendmail("x@remote.test", ["büro@bücher.example"], b"Subject: alias\r\n\r\nx\r\n",
+                   mail_options=["SMTPUTF8"])
+    assert len(messages(utf8server.dataDir, "josé", "xn--bcher-kva.example")) == before + 1
+
+
+def test_every_backend_stores_mail_for_a_utf8_account(dataDir, backend):
+    cli("domain", "add", "bücher.example", dataDir=dataDir)
+    cli("user", "add", "josé@bücher.example", dataDir=dataDir, stdin="pw-1234567\n")
+    srv = startServer(dataDir, storage={"backend": backend})
+    try:
+        with smtplib.SMTP("127.0.0.1", srv.smtpPort) as s:
+            s.ehlo("client.example")
+            s.sendmail("x@remote.test", ["josé@bücher.example"], "Subject: Grüße\r\n\r\nx\r\n".encode(),
+                       mail_options=["SMTPUTF8"])
+    finally:
+        srv.stop()
+    [stored] = storedMessages(dataDir, "josé@xn--bcher-kva.example", backend)
+    assert "Subject: Grüße".encode() in stored
+
+
+def test_utf8_user_logs_in_under_either_spelling_and_sends_as_themself(utf8server):
+    """The login name is canonicalised like any address, so submission's sender check
+    (and the account the session acts for) is the same however the user typed it."""
+    import base64
+
+    from test_tls import insecure
+
+    login = base64.b64encode("\0JOSE\u0301@Bücher.Example\0pw-1234567".encode()).decode()
+    with smtplib.SMTP_SSL("127.0.0.1", utf8server.ports["submissions"], context=insecure(),
+                          timeout=10) as s:
+        s.ehlo("laptop.example")
+        assert s.docmd("AUTH", "PLAIN " + login)[0] == 235
+        s.sendmail("josé@xn--bcher-kva.example", ["ascii@bücher.example"],
+                   b"Subject: from jose\r\n\r\nx\r\n", mail_options=["SMTPUTF8"])
+    assert any(b"Subject: from jose" in m
+               for m in messages(utf8server.dataDir, "ascii", "xn--bcher-kva.example"))

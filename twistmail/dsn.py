@@ -151,6 +151,8 @@ def queueExtra(envelope) -> dict:
         extra["requiretls"] = True  # RFC 8689 (L{QueueEntry.requiresTLS})
     elif envelope.tlsOptional:
         extra["tls_optional"] = True
+    if envelope.smtputf8:
+        extra["smtputf8"] = True  # RFC 6531: the relay needs a hop with SMTPUTF8
     return extra
 
 

@@ -42,6 +42,15 @@ def decodePath(raw: bytes) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def validUTF8(data: bytes) -> bool:
+    """Strict UTF-8 (RFC 3629: no overlong forms, no surrogates)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def asciiDomain(domain: str) -> str:
     """The A-label form of C{domain}, lower-cased, no trailing dot; an ASCII name is
     only lower-cased (its syntax is the caller's check)."""
@@ -72,6 +81,20 @@ def canonicalAddress(address: str) -> str:
     if not at or not local or not domain:
         raise AddressError("not local@domain")
     return f"{canonicalLocal(local)}@{asciiDomain(domain)}"
+
+
+def asciiAddress(address: str) -> str | None:
+    """C{address} with its domain as an A-label when its local part is ASCII; None
+    when it has no ASCII form (a UTF-8 local part, or an unusable domain)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address if address.isascii() else None
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}@{asciiDomain(domain)}"
+    except AddressError:
+        return None
 
 
 def _script(c: str) -> str | None:

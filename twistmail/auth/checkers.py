@@ -8,7 +8,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, task, threads
 from zope.interface import implementer
 
-from twistmail.auth.accounts import Accounts
+from twistmail.auth.accounts import Accounts, accountKey
 from twistmail.auth.passwords import verifyPassword
 from twistmail.auth.throttle import AuthThrottle
 from twistmail.metrics import LOGIN_PROTOCOLS, Metrics
@@ -77,7 +77,8 @@ class PasswordChecker:
             self._count(creds, "ok")
             if self._throttle is not None:
                 self._throttle.succeeded(_client(creds))
-            return username
+            # One account name however it was typed (NFC, IDNA A-label: L{accountKey}).
+            return accountKey(username)
 
         return d.addCallback(checked)
 

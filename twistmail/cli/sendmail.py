@@ -135,8 +135,16 @@ def prepare(message: bytes, *, sender: str, fullname: str | None, hostname: str,
     return head + b"\n" + body
 
 
+def needsSMTPUTF8(message: bytes, sender: str, recipients: list[str]) -> bool:
+    """Whether an address or a header field is UTF-8: the message is queued flagged
+    SMTPUTF8 (RFC 6531), as Postfix's sendmail flags it (``-XU`` or autodetection)."""
+    headers, _ = splitHeaders(message)
+    return not (sender.isascii() and all(r.isascii() for r in recipients)
+                and all(b"".join(h).isascii() for h in headers))
+
+
 def queueMessage(config: configmod.Config, build: Callable[[str], bytes], sender: str,
-                 recipients: list[str], now: float) -> str:
+                 recipients: list[str], now: float, extra: dict | None = None) -> str:
     """Commit the message C{build(queueId)} returns to the queue and tell the server.
 
     Durable when this returns.  @return: the queue id.
@@ -145,7 +153,8 @@ def queueMessage(config: configmod.Config, build: Callable[[str], bytes], sender
     for _ in range(10):
         queueId = newQueueId(now)
         entry = QueueEntry(id=queueId, sender=sender, recipients=[Recipient(r) for r in recipients],
-                           created=now, origin="sendmail", client=getpass.getuser())
+                           created=now, origin="sendmail", client=getpass.getuser(),
+                           extra=dict(extra or {}))
         data = build(queueId)
         try:
             os.makedirs(control.controlDir(queueDir), mode=0o700, exist_ok=True)
@@ -216,7 +225,8 @@ def run(args, config: configmod.Config, stdin=None) -> str:
             raise SendmailError(f"sender {sender!r} is not a mail address (use -f)",
                                 EX_DATAERR) from None
     try:
-        queueId = queueMessage(config, build, sender, list(dict.fromkeys(canonical)), now)
+        queueId = queueMessage(config, build, sender, list(dict.fromkeys(canonical)), now,
+                               {"smtputf8": True} if needsSMTPUTF8(data, sender, canonical) else None)
     except StorageError as e:
         raise SendmailError(f"cannot queue the message: {e}", EX_TEMPFAIL) from None
     return f"queued as {queueId}" if args.v else ""

@@ -77,8 +77,13 @@ class RelayRoute:
 
 
 def remoteDomain(address: str) -> str:
-    """The domain of a remote address, lower-cased (the unit of MX lookup and concurrency)."""
-    return address.rpartition("@")[2].lower().rstrip(".")
+    """The domain of a remote address, lower-cased (the unit of MX lookup and concurrency);
+    an internationalised one as its A-label (a UTF-8 sender's bounce goes there)."""
+    domain = address.rpartition("@")[2]
+    try:
+        return asciiDomain(domain)
+    except AddressError:
+        return domain.lower().rstrip(".")
 
 
 def checkRemoteAddress(address: str) -> str:

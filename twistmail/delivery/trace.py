@@ -7,6 +7,8 @@ import re
 import time
 from email.utils import formatdate
 
+from twistmail.eai import asciiAddress
+
 _PRINTABLE = re.compile(rb"[^\x21-\x7e]")
 _UNPRINTABLE_UTF8 = re.compile(rb"[\x00-\x20\x7f]")
 
@@ -36,7 +38,9 @@ def receivedHeader(host: bytes, txid: str, protocol: bytes, helo: bytes | None, 
                    recipients: list[str], showClient: bool = True, utf8: bool = False) -> bytes:
     """RFC 5321 §4.4 trace field; ``for`` only with a single recipient (as Postfix).
 
-    @param utf8: an SMTPUTF8 transaction: the ``for`` address stays UTF-8 (RFC 6531 §3.7.3).
+    @param utf8: an SMTPUTF8 transaction: a ``for`` address with a UTF-8 local part stays
+        UTF-8 (RFC 6531 §3.7.3); with an ASCII one its domain is written as an A-label,
+        so a message that needs SMTPUTF8 for nothing else can still be relayed without it.
     @param showClient: False leaves out the ``from`` clause (the client's HELO name
         and address): ``[submission] received_client_address = false`` for an
         authenticated user's privacy.
@@ -47,7 +51,9 @@ def receivedHeader(host: bytes, txid: str, protocol: bytes, helo: bytes | None, 
         header += b"from " + name + b" ([" + address.encode("ascii", "replace") + b"])\r\n\t"
     header += b"by " + host + b" (twistmail) with " + protocol + b" id " + txid.encode()
     if len(recipients) == 1:
-        recipient = recipients[0].encode("utf-8", "replace")
+        recipient = recipients[0]
+        if utf8:  # an ASCII local part: the domain as its A-label, so the header stays ASCII
+            recipient = asciiAddress(recipient) or recipient
         header += b"\r\n\tfor <" + (_UNPRINTABLE_UTF8 if utf8 else _PRINTABLE).sub(
-            b"?", recipient) + b">"
+            b"?", recipient.encode("utf-8", "replace")) + b">"
     return header + b"; " + now() + b"\r\n"

@@ -42,6 +42,7 @@ from twistmail.delivery import quota
 from twistmail.delivery.routing import BadAddress, Client, LocalRoute, RelayDenied, UnknownUser
 from twistmail.delivery.spool import MessageSource
 from twistmail.delivery.trace import receivedHeader, withProtocol
+from twistmail.eai import validUTF8
 from twistmail.errors import StorageError
 from twistmail.filters.chain import ConfiguredFilter, FilterChain
 from twistmail.filters.loop import HopLimit
@@ -326,6 +327,10 @@ class Session:
 
     def _endFilters(self, prepared, envelope: Envelope, marks: _Marks, info: SessionInfo):
         source, section = prepared
+        if envelope.smtputf8 and not validUTF8(section):
+            # RFC 6532 §3.2: a header field of an SMTPUTF8 message is UTF-8 (RFC 3629).
+            return source, Verdict.reject("5.6.0 Header fields are not valid UTF-8 "
+                                          "(RFC 6532 section 3.2)", 554)
         if marks.discard:
             return source, Verdict.discard()
         cache: dict = {}

@@ -550,6 +550,9 @@ class SMTPServer(smtp.ESMTP):
                     if value or param.endswith(b"="):
                         self.sendCode(501, b"5.5.4 SMTPUTF8 takes no value (RFC 6531 section 3.4)")
                         return
+                    if not self._usedEhlo:  # RFC 6531 §3.4: only where EHLO offered it
+                        self.sendCode(555, b"5.5.4 SMTPUTF8 needs EHLO, not HELO")
+                        return
                 else:
                     try:
                         known = dsn.parseMailParam(request, key, value)

@@ -15,11 +15,19 @@ A report about a message sent with REQUIRETLS (RFC 8689 §5) carries its header
 section only, whatever RET says, and is itself queued with REQUIRETLS: the
 relay passes it on where the next hop offers it (and, the report being from
 ``<>``, sends it where it is not offered rather than lose it).
+
+The report about a message that came with SMTPUTF8 is an RFC 6533 one:
+``message/global-delivery-status`` (a UTF-8 address as ``utf-8; address``),
+with ``message/global-headers`` or ``message/global``, its own header fields
+UTF-8 where the sender's address is (RFC 6532), and it is queued with SMTPUTF8
+itself, so it reaches a UTF-8 sender and is relayed as L{twistmail.relay.smtputf8} says.
 """
 
 from __future__ import annotations
 
+import email.generator
 import email.policy
+import io
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -87,8 +95,10 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
     @param message: the whole original message, returned when RET=FULL.
     """
     request = ofEntry(entry)
+    utf8 = isUTF8(entry)
     subject, intro = _WORDS[action]
-    report = MIMEMultipart("report", report_type="delivery-status")
+    report = MIMEMultipart("report", report_type="global-delivery-status" if utf8
+                           else "delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = f"<{entry.sender}>"
     report["Subject"] = subject
@@ -105,7 +115,7 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
                            if all(line.isascii() for line in lines) else "utf-8"))
 
     status = Message()
-    status["Content-Type"] = "message/delivery-status"
+    status["Content-Type"] = "message/global-delivery-status" if utf8 else "message/delivery-status"
     envelope = [("Reporting-MTA", f"dns; {hostname}")]
     if request.envid:  # RFC 3464 §2.2.1 (printable US-ASCII: checked at MAIL)
         envelope.append(("Original-Envelope-Id", request.envid))
@@ -117,7 +127,8 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
         if r.address in request.orcpt:  # RFC 3464 §2.3.1
             kind, _, address = request.orcpt[r.address].partition(";")
             fields.append(("Original-Recipient", f"{kind}; {_shown(address)}"))
-        fields += [("Final-Recipient", f"rfc822; {r.address}"), ("Action", action),
+        kind = "rfc822" if r.address.isascii() else "utf-8"  # RFC 6533 §3
+        fields += [("Final-Recipient", f"{kind}; {r.address}"), ("Action", action),
                    ("Status", _status(r, r.address in expired))]
         if r.remote_host:
             fields.append(("Remote-MTA", f"dns; {r.remote_host}"))
@@ -126,21 +137,59 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
         if r.last_attempt is not None:
             fields.append(("Last-Attempt-Date", formatdate(r.last_attempt, localtime=True)))
         blocks.append(_block(fields))
-    status.set_payload(blocks)
+    if utf8:  # the generator knows only message/delivery-status: written out here
+        status["Content-Transfer-Encoding"] = "8bit"
+        status.set_payload(_eightBit("\r\n".join(
+            "".join(f"{name}: {value}\r\n" for name, value in block.items()) for block in blocks)))
+    else:
+        status.set_payload(blocks)
     report.attach(status)
 
     full = request.ret == "FULL" and message is not None and len(message) <= FULL_LIMIT \
         and not entry.requiresTLS()  # RFC 8689 §5: as if RET=HDRS
     original = Message()
-    original["Content-Type"] = "message/rfc822" if full else "text/rfc822-headers"
+    original["Content-Type"] = ("message/global" if full else "message/global-headers") \
+        if utf8 else "message/rfc822" if full else "text/rfc822-headers"
     returned = message if full else headers
     # surrogateescape: the generator writes the original octets back unchanged.
     text = returned.decode("ascii", "surrogateescape")
     if not returned.isascii():
         original["Content-Transfer-Encoding"] = "8bit"
-    original.set_payload(text.replace("\r\n", "\n"))
+    original.set_payload(text if utf8 else text.replace("\r\n", "\n"))
     report.attach(original)
-    return report.as_bytes(policy=email.policy.SMTP)
+    if not utf8:
+        return report.as_bytes(policy=email.policy.SMTP)
+    out = io.BytesIO()
+    _EightBitGenerator(out, policy=email.policy.SMTPUTF8).flatten(report)
+    return out.getvalue()
+
+
+def _bounceExtra(entry: QueueEntry) -> dict:
+    """What the report's own queue entry keeps of C{entry}'s: REQUIRETLS and SMTPUTF8."""
+    extra: dict = {}
+    if entry.requiresTLS():
+        extra["requiretls"] = True
+    if isUTF8(entry):
+        extra["smtputf8"] = True
+    return extra
+
+
+def isUTF8(entry: QueueEntry) -> bool:
+    """The message came with SMTPUTF8 (RFC 6531): its reports are RFC 6533 ones."""
+    return bool(entry.extra.get("smtputf8"))
+
+
+class _EightBitGenerator(email.generator.BytesGenerator):
+    """Writes a message/* part given as text with its 8-bit octets (the stock
+    generator allows only ASCII there); such text has CRLF lines already."""
+
+    def _encode(self, s: str) -> bytes:
+        return s.encode("ascii", "surrogateescape")
+
+
+def _eightBit(text: str) -> str:
+    """UTF-8 text as the generator writes back unchanged (surrogateescape, as below)."""
+    return text.encode("utf-8").decode("ascii", "surrogateescape")
 
 
 class Reports:
@@ -186,8 +235,7 @@ class Reports:
         report = yield self.sign(buildBounce(entry, listed, headers, self.hostname, now,
                                              expired, action, message))
         queued = yield self.queue.enqueue("", [entry.sender], lambda: [report], origin="bounce",
-                                          extra={"requiretls": True} if entry.requiresTLS()
-                                          else None)
+                                          extra=_bounceExtra(entry))
         log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
                  id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
                  reason="expired" if expired else action)

@@ -484,7 +484,8 @@ class QueueRunner(service.Service):
                        opener: _Opener):
         context = {"id": entry.id, "domain": domain, "origin": entry.origin,
                    "dsn": dsn.ofEntry(entry), "body": entry.extra.get("body", "7BIT"),
-                   "requiretls": entry.requiresTLS(), "tls_optional": entry.tlsOptional()}
+                   "requiretls": entry.requiresTLS(), "tls_optional": entry.tlsOptional(),
+                   "smtputf8": entry.extra.get("smtputf8", False)}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
         try:

@@ -75,7 +75,7 @@ from twistmail import dsn
 from twistmail._logtext import loggableText
 from twistmail.metrics import Metrics
 from twistmail.mtasts import ENFORCE, TESTING
-from twistmail.relay import sevenbit
+from twistmail.relay import sevenbit, smtputf8
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
 
@@ -170,9 +170,10 @@ class _Path(smtp.Address):
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self.wire = text  # what is sent: an A-label domain when downgraded (RFC 6531 §3.2)
 
     def __bytes__(self) -> bytes:
-        return self.text.encode("utf-8")
+        return self.wire.encode("utf-8")
 
 
 class _NoRequireTLS(smtp.SMTPClientError):
@@ -457,8 +458,68 @@ class _ExtensionsClient(_RelayClient):
         threads.deferToThread(sevenbit.to7bit, self.factory.file).addCallbacks(converted, refused)
 
 
+class _UTF8Client(_ExtensionsClient):
+    """A message that came with SMTPUTF8 (L{twistmail.relay.smtputf8}): MAIL carries the
+    parameter to a hop that offers it; to one that does not it is downgraded when
+    nothing needs SMTPUTF8, and refused with 5.6.7 otherwise, before MAIL (its
+    envelope) or before the data (its headers)."""
+
+    def _utf8Offered(self) -> bool:
+        return not self.factory.smtputf8 or b"SMTPUTF8" in self.extensions
+
+    def withParameters(self, line: bytes) -> bytes:
+        line = super().withParameters(line)
+        if line.startswith(b"MAIL FROM:") and self.factory.smtputf8 \
+                and b"SMTPUTF8" in self.extensions:
+            line += b" SMTPUTF8"
+        return line
+
+    def _transaction(self, code, resp) -> None:
+        self._downgraded = None
+        if not self._utf8Offered() and not self._started:
+            self._downgraded = smtputf8.asciiEnvelope(self.factory.fromEmail,
+                                                      self.factory.toEmail)
+            if self._downgraded is None:
+                self._refuseUTF8("an envelope address has a UTF-8 local part")
+                return self._disconnectFromServer()
+        super()._transaction(code, resp)
+
+    def getMailFrom(self):
+        path = super().getMailFrom()
+        if path is not None and self._downgraded is not None:
+            path.wire = self._downgraded[0]
+        return path
+
+    def getMailTo(self):
+        """Downgraded, the A-label forms go on the wire; results stay under the queued
+        addresses (L{_Path.text})."""
+        paths = super().getMailTo()
+        if self._downgraded is not None:
+            for path, wire in zip(paths, self._downgraded[1], strict=True):
+                path.wire = wire
+        return paths
+
+    def smtpState_data(self, code, resp):
+        if self._utf8Offered():
+            return super().smtpState_data(code, resp)
+
+        def checked(ascii: bool) -> None:
+            if ascii:
+                super(_UTF8Client, self).smtpState_data(code, resp)
+            else:
+                self._refuseUTF8("the message has UTF-8 header fields")
+                self.transport.abortConnection()  # in DATA: the server drops the message
+
+        threads.deferToThread(smtputf8.headersASCII, self.factory.file).addCallbacks(
+            checked, self.sendError)
+
+    def _refuseUTF8(self, why: str) -> None:
+        reply = smtputf8.refusal(self.factory.hostname, why)
+        self.factory.finish({r: Result(FAILED, reply, remote=False) for r in self.factory.toEmail})
+
+
 class _RelayClientFactory(smtp.ESMTPSenderFactory):
-    protocol = _ExtensionsClient
+    protocol = _UTF8Client
     noisy = False
 
     def __init__(self, settings: SenderSettings, hostname: str, sender: str,
@@ -494,6 +555,7 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         self.dsn: dsn.Request | None = None  # the message's DSN request, passed on
         self.body = "7BIT"  # its MAIL BODY= (RFC 6152, RFC 3030)
         self.requireTLS = False  # its MAIL REQUIRETLS (RFC 8689)
+        self.smtputf8 = False  # it came with SMTPUTF8 (RFC 6531)
 
     def assign(self, sender: str, recipients: Sequence[str], messageFile) -> defer.Deferred:
         """The next message for this (parked) connection; returns its result Deferred."""
@@ -649,12 +711,14 @@ class RelaySender:
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
                  messageFile, level: str, reuse: bool, request=None,
-                 body: str = "7BIT", requireTLS: bool = False) -> defer.Deferred:
+                 body: str = "7BIT", requireTLS: bool = False,
+                 utf8: bool = False) -> defer.Deferred:
         settings = self.settings
         key = (hostname, address, settings.port, level, settings.username)
         factory = self._cache.take(key) if reuse and self._cache is not None else None
         if factory is not None:
             factory.dsn, factory.body, factory.requireTLS = request, body, requireTLS
+            factory.smtputf8 = utf8
             factory.assign(sender, recipients, messageFile)
         elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
             factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
@@ -671,6 +735,7 @@ class RelaySender:
         factory.dsn = request
         factory.body = body
         factory.requireTLS = requireTLS
+        factory.smtputf8 = utf8
 
         def failed(failure):
             exc = failure.value
@@ -731,7 +796,8 @@ class RelaySender:
                                                       messageFile, level, reuse,
                                                       logContext.get("dsn"),
                                                       logContext.get("body", "7BIT"),
-                                                      requireTLS)
+                                                      requireTLS,
+                                                      logContext.get("smtputf8", False))
                     except _SessionFailure as e:
                         failure = e
                     else:
