@@ -25,7 +25,8 @@ from twisted.python.threadpool import ThreadPool
 from twistmail import __version__, _pluginload, autocert, ownership
 from twistmail import config as configmod
 from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
-from twistmail.auth.accounts import Accounts
+from twistmail.auth.accounts import AccountError
+from twistmail.auth.backends import openAccounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
 from twistmail.auth.realm import MailRealm
@@ -37,7 +38,7 @@ from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.dkimkeys import KeyRing
 from twistmail.dkimsigner import Signer
 from twistmail.filters.load import makeFilters as loadFilters
-from twistmail.interfaces import IMailAccount, IMailStoreFactory
+from twistmail.interfaces import IAccountStore, IMailAccount, IMailStoreFactory
 from twistmail.metrics import Metrics
 from twistmail.model import FilterContext
 from twistmail.protocols import proxyheader
@@ -392,7 +393,7 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
     return runner
 
 
-def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accounts,
+def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: IAccountStore,
              parent: service.MultiService) -> ChallengeTokens | None:
     """``[tls] acme``: the certificate kept current from the CA; returns the HTTP-01
     tokens the web listeners answer (None with TLS-ALPN-01, which ServerTLS answers)."""
@@ -447,7 +448,12 @@ def makeService(options: Options) -> service.MultiService:
         raise startupError(str(e)) from None
     if service.IService.providedBy(store):  # a backend with connections to close (postgresql)
         store.setServiceParent(top)
-    accounts = Accounts(dataDir, reloadInterval=config["accounts"]["reload_interval"])
+    try:
+        accounts = openAccounts(config, follow=True)
+    except AccountError as e:
+        raise startupError(str(e)) from None
+    if service.IService.providedBy(accounts):  # postgresql: follows the tables in a thread
+        accounts.setServiceParent(top)
     metrics = Metrics()  # counted whether or not [listen] metrics serves them
     limiter = ConnectionLimiter(config["server"]["max_connections"],
                                 config["server"]["max_connections_per_ip"], metrics)

@@ -20,6 +20,10 @@ Layout (every name unqualified: the DSN's ``search_path`` chooses the schema):
   octets, written and read one chunk at a time (never the whole message in
   memory); a COPY shares the body, the last message to go deletes it.
 * ``subscriptions``: per account, the subscribed folder names.
+* ``account_domains``, ``account_users`` (argon2id hash, quota as JSON, NULL for
+  the default), ``account_aliases`` (targets as a text array): the postgresql
+  accounts backend (L{twistmail.auth.pgaccounts}), separate from ``accounts``,
+  which is the mail store's.
 """
 
 from __future__ import annotations
@@ -82,6 +86,21 @@ MIGRATIONS: list[str] = [
         account_id bigint NOT NULL REFERENCES accounts ON DELETE CASCADE,
         name text NOT NULL,
         PRIMARY KEY (account_id, name)
+    );
+    """,
+    # The postgresql accounts backend ([accounts] backend = "postgresql").
+    """
+    CREATE TABLE account_domains (
+        name text PRIMARY KEY
+    );
+    CREATE TABLE account_users (
+        address text PRIMARY KEY,
+        password text NOT NULL,
+        quota jsonb
+    );
+    CREATE TABLE account_aliases (
+        address text PRIMARY KEY,
+        targets text[] NOT NULL
     );
     """,
 ]
