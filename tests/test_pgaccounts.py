@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import os
 import poplib
 import smtplib
 import time
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from serverproc import ServerProcess, listenerArgs, twistdCommand, waitUntil
-from support import cli, freePort
+from support import cli, freePort, startServer
 
 from twistmail.auth.accounts import Accounts
 from twistmail.auth.checkers import PasswordChecker, fromClient
@@ -290,3 +291,38 @@ def test_postgresql_backend_needs_a_dsn(tmp_path, dataDir):
     proc = cli("--config", str(path), "domain", "list", dataDir=dataDir, check=False)
     assert proc.returncode != 0
     assert "[accounts] dsn" in proc.stderr and "Fix:" in proc.stderr
+
+
+def test_web_admin_edits_the_tables_and_shows_the_change_at_once(dsn, dataDir, postgres):
+    from test_webadmin import Browser
+
+    admin = "postmaster@example.test"
+    accounts = PostgresAccounts(dsn)
+    with accounts.editing():
+        accounts.addDomain("example.test")
+        accounts.addUser(admin, hashPassword("adminpw"))
+    port = freePort()
+    srv = startServer(dataDir, listen={"http": [f"tcp:{port}:interface=127.0.0.1"]},
+                      admin={"enabled": True, "admins": [admin]},
+                      accounts={"backend": "postgresql", "dsn": dsn})
+    try:
+        browser = Browser(port)
+        waitUntil(lambda: browser.login(admin, "adminpw")[0] == 303, 10, "the admin login")
+        _, _, page = browser.request("GET", "/admin/")
+        status, _, page = browser.request("POST", "/admin/user/add", {
+            "csrf": browser.token(page), "address": "bob@example.test", "password": "bobpw"})
+        assert status == 200 and "user bob@example.test added" in page
+        assert "bob@example.test</" in page  # the dashboard after the change lists bob
+        assert "bob@example.test" in PostgresAccounts(dsn).users
+        assert not os.path.exists(os.path.join(dataDir, "accounts.json"))
+
+        postgres.pause()
+        try:
+            waitUntil(lambda: browser.request("GET", "/admin/")[0] == 503, 10,
+                      "the admin pages to answer 503")
+            assert Browser(port).login(admin, "adminpw")[0] == 503
+        finally:
+            postgres.resume()
+        waitUntil(lambda: browser.request("GET", "/admin/")[0] == 200, 15, "the admin pages back")
+    finally:
+        srv.stop()

@@ -207,8 +207,9 @@ class IAccountStore(Interface):
     def editor():
         """A fresh store of the same backend, for L{editing} in a worker thread."""
 
-    def edited() -> None:
-        """The accounts were changed through an L{editor}: show the change soon."""
+    def edited(editor) -> None:
+        """C{editor} (from L{editor}) has just saved a change: show it from now on (the
+        web admin's next page must not show the accounts as they were)."""
 
 
 class IMailAccount(Interface):

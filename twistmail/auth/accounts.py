@@ -106,8 +106,8 @@ class AccountBook:
         """A fresh instance of this backend for L{editing} in a worker thread."""
         raise NotImplementedError
 
-    def edited(self) -> None:
-        """Another instance (L{editor}) changed the accounts: see it soon."""
+    def edited(self, editor: AccountBook) -> None:
+        """C{editor} (from L{editor}) has just saved its change: show it from now on."""
 
     # -- queries used by the protocols ----------------------------------------
 
@@ -334,7 +334,7 @@ class Accounts(AccountBook):
     def editor(self) -> Accounts:
         return Accounts(os.path.dirname(self.path))
 
-    def edited(self) -> None:
+    def edited(self, editor: AccountBook) -> None:
         self.reload()
 
 

@@ -41,6 +41,7 @@ from twistmail.auth.checkers import fromClient
 from twistmail.auth.passwords import hashPassword
 from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
+from twistmail.errors import AccountsUnavailable
 from twistmail.relay.queue import QueueError
 from twistmail.traffic import TrafficHistory
 from twistmail.web.admintemplates import ENVIRONMENT
@@ -177,6 +178,12 @@ class AdminResource(resource.Resource):
     # -- plumbing -------------------------------------------------------------
 
     def render(self, request) -> bytes | int:
+        try:
+            return self._render(request)
+        except AccountsUnavailable:
+            return _unavailable(request)
+
+    def _render(self, request) -> bytes | int:
         for name, value in _HEADERS.items():
             request.setHeader(name, value)
         if not _allowed(request):
@@ -313,6 +320,9 @@ class AdminResource(resource.Resource):
                 request, b"/admin/" if session.admin else b"/admin/password"))
 
         def refused(failure) -> None:
+            if failure.check(AccountsUnavailable):
+                self._finish(request, _unavailable(request))
+                return
             failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
             log.info("web admin login user={user} client={client} result=refused",
                      user=loggable(address), client=loggable(client))
@@ -325,6 +335,9 @@ class AdminResource(resource.Resource):
         return server.NOT_DONE_YET
 
     def _failed(self, failure, request) -> None:
+        if failure.check(AccountsUnavailable):
+            self._finish(request, _unavailable(request))
+            return
         log.failure("web admin request failed", failure)
         request.setResponseCode(500)
         self._finish(request, b"Internal error; see the server log.\n")
@@ -344,16 +357,21 @@ class AdminResource(resource.Resource):
             return server.NOT_DONE_YET
         session.busy = True
 
+        editors = []
+
         def inThread() -> str:
             if "run" in prepared:
                 return prepared["run"](self._dataDir)
             hashed = hashPassword(prepared["password"]) if "password" in prepared else None
             accounts = self._accounts.editor()
             with accounts.editing():
-                return prepared["apply"](accounts, hashed)
+                text = prepared["apply"](accounts, hashed)
+            editors.append(accounts)
+            return text
 
         def done(text: str) -> defer.Deferred:
-            self._accounts.edited()
+            if editors:
+                self._accounts.edited(editors[0])
             log.info("web admin user={user} result={done}", user=loggable(session.address),
                      done=loggable(text))
             return self._respond(request, session, page, done=text)
@@ -474,3 +492,10 @@ AdminResource.ACTIONS = {
     "queue/flush": _queueAction("flush"),
     "queue/delete": _queueAction("delete"),
 }
+
+
+def _unavailable(request) -> bytes:
+    """The accounts database is away (postgresql backend): a temporary error, not a crash."""
+    request.setResponseCode(503)
+    request.setHeader(b"retry-after", b"5")
+    return b"The accounts database is unreachable; try again in a moment.\n"
