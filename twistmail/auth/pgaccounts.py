@@ -39,6 +39,13 @@ RETRY_INTERVAL = 1.0
 #: pg_advisory_xact_lock key serializing account edits ('twistmail accounts').
 _EDIT_LOCK = 7254
 
+#: libpq settings used unless the DSN has its own: give up connecting after 10 s, and
+#: (over TCP) notice a database host gone silent within about 20 s rather than the
+#: kernel's 15 minutes, so the listening connection's loss is seen and reported.
+_CONNECTION_DEFAULTS = {"connect_timeout": "10", "keepalives_idle": "5",
+                        "keepalives_interval": "2", "keepalives_count": "3",
+                        "tcp_user_timeout": "20000"}
+
 
 def _load(conn) -> tuple[set, dict, dict]:
     """The accounts in the tables C{conn} sees."""
@@ -83,9 +90,12 @@ class PostgresAccounts(AccountBook, service.Service):
 
     def _connect(self, **kwargs):
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict
 
         try:
-            return psycopg.connect(self.dsn, connect_timeout=10, **kwargs)
+            own = conninfo_to_dict(self.dsn)
+            defaults = {k: v for k, v in _CONNECTION_DEFAULTS.items() if k not in own}
+            return psycopg.connect(self.dsn, **defaults, **kwargs)
         except psycopg.Error as e:
             raise AccountError(f"cannot reach the accounts database ([accounts] dsn): "
                                f"{type(e).__name__}: {e}".strip()) from None
