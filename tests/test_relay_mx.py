@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from twistmail.interfaces import IMXResolver
 from twistmail.relay.mx import (
+    DestinationCache,
     DNSFailure,
     DnsPythonMXResolver,
     Hop,
@@ -239,3 +240,73 @@ def test_cached_answers_are_given_without_a_worker_thread_until_their_ttl_ends(d
         onReactor(lambda: resolveHops(r, "unknown.test", random.Random(1)))
     assert ran == [("example.net",), ("mx1.example.net",), ("mx2.example.net",),
                    ("unknown.test",)]
+
+
+class CountingDestination:
+    """destination(domain) answering from C{answers} (a list of hops or an exception),
+    counting the calls; with C{hold}, each answer waits until released."""
+
+    def __init__(self, answers: dict, hold: bool = False) -> None:
+        self.answers, self.hold, self.calls, self.held = answers, hold, [], []
+
+    def __call__(self, domain):
+        self.calls.append(domain)
+        value = self.answers[domain]
+        d = defer.fail(value) if isinstance(value, Exception) else defer.succeed(list(value))
+        if self.hold:
+            held = defer.Deferred()
+            self.held.append(lambda: d.chainDeferred(held))
+            return held
+        return d
+
+
+def test_destination_cache_reuses_an_answer_until_it_expires():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    hops = [Hop("mx.d.test", ("192.0.2.1",), 10)]
+    fake = CountingDestination({"d.test": hops, "e.test": [Hop("mx.e.test", ("192.0.2.2",), 10)]})
+    cache = DestinationCache(fake, clock.seconds, random.Random(1), cacheTime=5)
+    assert hopsOf(cache("d.test")) == hops
+    clock.advance(4.9)
+    assert hopsOf(cache("d.test")) == hops
+    assert hopsOf(cache("e.test"))[0].host == "mx.e.test"
+    assert fake.calls == ["d.test", "e.test"]
+    clock.advance(0.2)  # d.test's answer is 5.1 seconds old: asked again
+    fake.answers["d.test"] = [Hop("mx2.d.test", ("192.0.2.3",), 10)]
+    assert hopsOf(cache("d.test"))[0].host == "mx2.d.test"
+    assert fake.calls == ["d.test", "e.test", "d.test"]
+
+
+def test_destination_cache_keeps_no_failure():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    fake = CountingDestination({"d.test": DNSFailure(True, "4.4.3", "SERVFAIL")})
+    cache = DestinationCache(fake, clock.seconds, random.Random(1))
+    assert hopsOf(cache("d.test")).check(DNSFailure)
+    fake.answers["d.test"] = [Hop("mx.d.test", ("192.0.2.1",), 10)]
+    assert hopsOf(cache("d.test"))[0].host == "mx.d.test"
+    assert fake.calls == ["d.test", "d.test"]
+
+
+def test_destination_cache_asks_once_for_overlapping_lookups():
+    from twisted.internet.task import Clock
+
+    fake = CountingDestination({"d.test": [Hop("mx.d.test", ("192.0.2.1",), 10)]}, hold=True)
+    cache = DestinationCache(fake, Clock().seconds, random.Random(1))
+    waiting = [cache("d.test") for _ in range(3)]
+    assert fake.calls == ["d.test"]
+    fake.held[0]()
+    assert [hopsOf(d)[0].host for d in waiting] == ["mx.d.test"] * 3
+
+
+def test_destination_cache_shuffles_equal_preferences_on_every_use():
+    from twisted.internet.task import Clock
+
+    hops = [Hop("a1", ("192.0.2.1",), 10), Hop("a2", ("192.0.2.2",), 10),
+            Hop("b", ("192.0.2.3",), 20)]
+    cache = DestinationCache(CountingDestination({"d.test": hops}), Clock().seconds,
+                             random.Random(1))
+    orders = {tuple(h.host for h in hopsOf(cache("d.test"))) for _ in range(30)}
+    assert orders == {("a1", "a2", "b"), ("a2", "a1", "b")}

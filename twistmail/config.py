@@ -196,6 +196,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "load balancers (CIDR) whose PROXY header a haproxy: listener "
                               "accepts; others are closed", validate=_networks,
                               example='["10.0.0.5/32"]'),
+        "reuse_port": Key(bool, False, "tcp: listeners set SO_REUSEPORT, so several twistmail "
+                          "processes on this host share their ports"),
     },
     "listen": {
         **{name: Key(list, [f"tcp:{port}:interface=127.0.0.1"],

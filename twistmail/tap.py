@@ -22,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from twistmail import __version__, _pluginload, autocert, ownership
+from twistmail import __version__, _pluginload, autocert, ownership, reuseport
 from twistmail import config as configmod
 from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
 from twistmail.auth.accounts import AccountError
@@ -48,7 +48,13 @@ from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.security import Security
 from twistmail.protocols.smtp import SMTPFactory
 from twistmail.ratelimit import Limits, RateLimitPublisher, SendLimits
-from twistmail.relay.mx import DnsPythonMXResolver, applyPolicy, resolveHops, resolveSmarthost
+from twistmail.relay.mx import (
+    DestinationCache,
+    DnsPythonMXResolver,
+    applyPolicy,
+    resolveHops,
+    resolveSmarthost,
+)
 from twistmail.relay.pickup import ControlPoller
 from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
@@ -376,6 +382,7 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             # RFC 8461 §5: only MX hosts the policy lists, each with the policy attached.
             return applyPolicy(hops, (yield policies.policyFor(domain)), domain)
 
+    destination = DestinationCache(destination, reactor.seconds, random.SystemRandom())
     # Bounces and TLS reports are DKIM-signed like submitted mail (twistmail dkim).
     sign = Signer(KeyRing(config.dataDir)).signLater
     runner = QueueRunner(queue, router, local, destination, sender,
@@ -545,6 +552,8 @@ def makeService(options: Options) -> service.MultiService:
         for description in config.listeners(protocol):
             marked, bare = proxyheader.splitMarked(description)
             endpoint = endpoints.serverFromString(reactor, bare)  # checked by config
+            if config["server"]["reuse_port"]:
+                endpoint = reuseport.sharing(reactor, endpoint)
             if marked:
                 # Not Twisted's own haproxy: endpoint: it would build the protocol (limits,
                 # greeting) for the balancer's address before the header names the client.

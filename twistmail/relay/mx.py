@@ -26,6 +26,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail.interfaces import IMXResolver
@@ -318,3 +319,73 @@ def applyPolicy(hops: Sequence[Hop], policy, domain: str) -> list[Hop]:
         raise DNSFailure(True, "4.7.5", f"MTA-STS policy (enforce) of {domain} lists none of its "
                          f"MX hosts ({', '.join(h.host for h in hops)})")
     return allowed
+
+
+#: Seconds a domain's hops are reused (L{DestinationCache}).
+DESTINATION_CACHE_TIME = 5.0
+#: Domains whose hops are kept at most.
+MAX_DESTINATIONS = 10000
+
+
+class DestinationCache:
+    """C{destination(domain)} with each domain's answer reused for a few seconds.
+
+    Resolving a domain takes an MX lookup, an address lookup per host and the
+    MTA-STS policy, each an inlineCallbacks chain even when the answers are
+    cached: for a queue of thousands of messages to a few domains that is a
+    good part of the relay's CPU per message.  Postfix's connection cache
+    skips the lookup the same way: a cached connection is found by destination
+    name, not by address.  Only answers are kept; a failure is asked again
+    (the runner suspends a domain that keeps failing), and the lookups of one
+    domain that overlap are one.  Hosts of equal preference are shuffled again
+    on every use, so the load still spreads over them (RFC 5321 §5.1).
+    """
+
+    def __init__(self, destination: Callable[[str], defer.Deferred],
+                 seconds: Callable[[], float], rng: random.Random,
+                 cacheTime: float = DESTINATION_CACHE_TIME) -> None:
+        """@param destination: C{destination(domain) -> Deferred[list[Hop]]}, e.g. MX
+            resolution with the MTA-STS policy applied.
+        @param seconds: the clock (C{reactor.seconds})."""
+        self._destination = destination
+        self._seconds = seconds
+        self._rng = rng
+        self._cacheTime = cacheTime
+        self._cached: dict[str, tuple[list[Hop], float]] = {}  # domain -> (hops, expires)
+        self._pending: dict[str, list[defer.Deferred]] = {}
+
+    def __call__(self, domain: str) -> defer.Deferred:
+        cached = self._cached.get(domain)
+        if cached is not None:
+            if cached[1] > self._seconds():
+                return defer.succeed(self._reordered(cached[0]))
+            del self._cached[domain]
+        waiter: defer.Deferred = defer.Deferred()
+        waiting = self._pending.get(domain)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._pending[domain] = [waiter]
+        defer.maybeDeferred(self._destination, domain).addBoth(self._answered, domain)
+        return waiter
+
+    def _answered(self, result, domain: str) -> None:
+        if not isinstance(result, Failure):
+            if len(self._cached) >= MAX_DESTINATIONS:
+                now = self._seconds()
+                self._cached = {d: c for d, c in self._cached.items() if c[1] > now}
+                if len(self._cached) >= MAX_DESTINATIONS:
+                    self._cached.clear()
+            self._cached[domain] = (list(result), self._seconds() + self._cacheTime)
+        for waiter in self._pending.pop(domain):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(self._reordered(result))
+
+    def _reordered(self, hops: list[Hop]) -> list[Hop]:
+        if len(hops) < 2:
+            return list(hops)
+        shuffled = list(hops)
+        self._rng.shuffle(shuffled)
+        return sorted(shuffled, key=lambda h: h.preference)
