@@ -201,6 +201,10 @@ class IAccountStore(Interface):
     def reload() -> None:
         """Read the accounts again now (blocking: the CLI, a worker thread)."""
 
+    def maybeReload() -> None:
+        """Bring the copy up to date if the backend says it changed (cheap, non-blocking);
+        raise AccountsUnavailable when it cannot be vouched for."""
+
     def editing():
         """Context manager: lock, reload, let the caller edit, save; for the CLI."""
 

@@ -400,6 +400,13 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
     return runner
 
 
+def knownDomains(accounts: IAccountStore) -> set[str]:
+    """The local domains; L{AccountsUnavailable} while a postgresql store has not read
+    them yet (at start), rather than an empty set a certificate would be ordered for."""
+    accounts.maybeReload()
+    return accounts.domains
+
+
 def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: IAccountStore,
              parent: service.MultiService) -> ChallengeTokens | None:
     """``[tls] acme``: the certificate kept current from the CA; returns the HTTP-01
@@ -420,7 +427,7 @@ def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: IAccou
                         directory, responder, userAgent=f"twistmail/{__version__}")
     autocert.CertificateKeeper(
         tls, lambda names: autocert.inDaemonThread(reactor, issuer.issue, names),
-        lambda: autocert.namesFromConfig(config, accounts.domains), directory,
+        lambda: autocert.namesFromConfig(config, knownDomains(accounts)), directory,
         autocert.Schedule.fromConfig(section), reactor).setServiceParent(parent)
     return tokens
 
