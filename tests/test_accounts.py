@@ -1,4 +1,7 @@
-"""Accounts: routing (users, aliases, user+tag), validation, and pick-up of CLI edits."""
+"""Accounts: routing (users, aliases, user+tag), validation, and pick-up of CLI edits.
+
+The lookups and edits run on both backends (the file and postgresql); what is about
+the file itself runs on the file (tests/test_pgaccounts.py has postgresql's own)."""
 
 from __future__ import annotations
 
@@ -45,9 +48,26 @@ def deadline(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.fixture(params=["file", "postgresql"])
+def reopen(request, dataDir, tmp_path):
+    """Makes a fresh account store of the backend under test, as the CLI does."""
+    if request.param == "file":
+        return lambda: Accounts(dataDir)
+    from twistmail.auth.pgaccounts import PostgresAccounts
+    from twistmail.storage.postgresql import schema
+
+    dsn = request.getfixturevalue("postgres").dsn(str(tmp_path))
+    schema.upgrade(dsn)
+    return lambda: PostgresAccounts(dsn)
+
+
+#: For the tests about accounts.json itself.
+fileOnly = pytest.mark.parametrize("reopen", ["file"], indirect=True)
+
+
 @pytest.fixture
-def accounts(dataDir):
-    a = Accounts(dataDir)
+def accounts(reopen):
+    a = reopen()
     with a.editing():
         a.addDomain("example.test")
         a.addDomain("example.org")
@@ -240,10 +260,15 @@ def test_removeAndPasswd(accounts):
 # -- the file --------------------------------------------------------------------
 
 
-def test_changesPersist(accounts, dataDir):
+def test_changesPersist(accounts, reopen):
     with accounts.editing():
         accounts.addAlias("team@example.test", ["alice@example.test", "bob@example.test"])
-    again = Accounts(dataDir)
+        accounts.setQuota("carol@example.org", {"storage": 1024, "messages": 3})
+        accounts.setPassword("bob@example.test", "new-hash")
+    again = reopen()
+    assert again.quota("carol@example.org") == {"storage": 1024, "messages": 3}
+    assert again.quota("alice@example.test") is None
+    assert again.passwordHash("bob@example.test") == "new-hash"
     assert again.domains == {"example.test", "example.org"}
     assert sorted(again.users) == ["alice@example.test", "bob@example.test", "carol@example.org"]
     assert sorted(again.route("team@example.test")) == ["alice@example.test", "bob@example.test"]
@@ -286,18 +311,29 @@ def test_fileWrittenAtomicallyWithoutPlaintext(dataDir):
     assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
 
 
-def test_failedEditWritesNothing(accounts, dataDir):
-    path = os.path.join(dataDir, "accounts.json")
-    with open(path, "rb") as f:
-        before = f.read()
+def test_failedEditWritesNothing(accounts, reopen):
     with pytest.raises(AccountError), accounts.editing():
         accounts.addDomain("new.example")
         accounts.addUser("../evil@new.example", HASH)
-    with open(path, "rb") as f:
-        assert f.read() == before
-    assert "new.example" not in Accounts(dataDir).domains
+    assert "new.example" not in reopen().domains
 
 
+def test_removalsPersist(accounts, reopen):
+    with accounts.editing():
+        accounts.addAlias("team@example.test", ["alice@example.test"])
+    with accounts.editing():
+        accounts.removeUser("carol@example.org")
+        accounts.removeDomain("example.org")
+        accounts.removeAlias("team@example.test")
+        accounts.setQuota("alice@example.test", {})
+    again = reopen()
+    assert again.domains == {"example.test"}
+    assert sorted(again.users) == ["alice@example.test", "bob@example.test"]
+    assert again.aliases == {}
+    assert again.quota("alice@example.test") == {}
+
+
+@fileOnly
 def test_runningServerPicksUpChangesAfterReloadInterval(accounts, dataDir):
     clock = FakeClock()
     server = Accounts(dataDir, reloadInterval=5, clock=clock)
@@ -324,6 +360,7 @@ def test_runningServerPicksUpChangesAfterReloadInterval(accounts, dataDir):
     assert server.passwordHash("alice@example.test") == "changed"
 
 
+@fileOnly
 def test_sameSizeChangeIsPickedUp(accounts, dataDir):
     """A password change keeps the file size; it must still be noticed."""
     clock = FakeClock()

@@ -432,3 +432,25 @@ def test_tls_alpn_01_presents_the_challenge_certificate_only_to_the_validation(t
     assert handshake(tls, "mail.example.org", [b"acme-tls/1"])[1] == b"acme-tls/1"
     alpn.remove("mail.example.org")
     assert handshake(tls, "mail.example.org", [b"acme-tls/1"])[1] is None
+
+
+def test_no_order_until_the_accounts_give_the_domains(keeperAt):
+    """A postgresql accounts store has not read the domains at start: the keeper waits
+    for them rather than ordering a certificate without their names."""
+    from twistmail.errors import AccountsUnavailable
+
+    k = keeperAt(names=("mail.example.org",), optional=("mta-sts.example.org",))
+    ready = autocert.Names(("mail.example.org",), ("mta-sts.example.org",))
+
+    def names():
+        if k.names is None:
+            raise AccountsUnavailable("not read yet")
+        return ready
+
+    k.names = None
+    k.keeper.names = names
+    k.clock.advance(0)
+    assert k.issuer.orders == []
+    k.names = ready
+    k.clock.advance(autocert.NAMES_RETRY)
+    assert [names for names, _ in k.issuer.orders] == [["mail.example.org", "mta-sts.example.org"]]

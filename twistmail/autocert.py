@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import failure
 
 from twistmail._logtext import loggableText
+from twistmail.errors import AccountsUnavailable
 from twistmail.tls import TLSConfigError, loadOptions
 
 log = Logger()
@@ -30,6 +31,10 @@ log = Logger()
 #: Seconds between checks that the certificate still covers every name (a domain added
 #: with the CLI is ordered at the next one).
 RECHECK = 12 * 3600
+
+#: Seconds before asking again for the names while the accounts are unavailable
+#: (a postgresql accounts store at start, before it has read the domains).
+NAMES_RETRY = 5
 CERTIFICATE, KEY = "cert.pem", "key.pem"
 
 
@@ -206,7 +211,12 @@ class CertificateKeeper(service.Service):
         if self._excludedUntil is not None and now >= self._excludedUntil:
             self._excluded.clear()  # a renewal gives every name another chance
             self._excludedUntil = None
-        wanted = [n for n in self.names().all() if n not in self._excluded]
+        try:
+            names = self.names()
+        except AccountsUnavailable:
+            self._later(NAMES_RETRY)  # ordering without the domains' names would be wasted
+            return
+        wanted = [n for n in names.all() if n not in self._excluded]
         if current is not None and now < renewAt and set(wanted) <= current[0]:
             self._later(min(renewAt - now, RECHECK))
             return

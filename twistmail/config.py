@@ -320,6 +320,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "backend": Key(str, "maildir", "mailbox backend plugin name"),
     },
     "accounts": {
+        "backend": Key(str, "file", "where accounts live: file (<data_dir>/accounts.json) or "
+                       "postgresql (shared by every node)", choices=("file", "postgresql")),
+        "dsn": Key(str, "", "libpq connection string of the accounts database "
+                   "(backend = \"postgresql\"); its password is never shown"),
         "reload_interval": Key(int, 1, "seconds between checks for CLI account changes", 1),
         "default_quota": Key(int, 0, "octets of mail a user may keep (IMAP QUOTA; SMTP 452 4.2.2 "
                              "when full); 0 = no limit; per user: twistmail user quota", 0),
@@ -637,6 +641,9 @@ def load(path: str | None = None, overrides: dict | None = None) -> Config:
                     "certificate", "set both [tls] certificate and [tls] key, or neither")
 
     _checkRelay(shown, path, sections["relay"])
+    if sections["accounts"]["backend"] == "postgresql" and not sections["accounts"]["dsn"]:
+        raise _fail(shown, "[accounts] dsn", 'backend = "postgresql" needs the database',
+                    'write e.g. dsn = "host=/run/postgresql dbname=twistmail user=twistmail"')
     _checkAcme(shown, path, sections)
     if not sections["metrics"]["allow_non_loopback"]:
         for endpoint in sections["listen"]["metrics"]:

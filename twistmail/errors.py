@@ -27,3 +27,9 @@ class NoSuchMessage(StorageError):
 
 class TooManyKeywords(StorageError):
     """The folder has no room for another keyword (Maildir's 26 letters); nothing changed."""
+
+
+class AccountsUnavailable(StorageError):
+    """The accounts cannot be looked up now (their database is unreachable): answered with
+    a temporary error (SMTP 451 4.3.0 / 454 4.7.0, IMAP NO [UNAVAILABLE], POP3 -ERR
+    [SYS/TEMP]), never as an unknown user or a wrong password."""

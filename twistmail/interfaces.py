@@ -174,6 +174,48 @@ class IImportableMailbox(IMailbox):
         """
 
 
+class IAccountStore(Interface):
+    """Domains, users (argon2id hashes, quotas) and aliases (file or postgresql backend).
+
+    Lookups are synchronous and read memory (they run on the reactor thread for every
+    RCPT and AUTH); a backend that cannot vouch for its copy (its database unreachable)
+    raises L{twistmail.errors.AccountsUnavailable}, which clients see as a temporary error.
+    """
+
+    domains = Attribute("set[str]: the local domains")
+    users = Attribute("dict[str, dict]: address -> {'password': hash, 'quota': dict (optional)}")
+    aliases = Attribute("dict[str, list[str]]: alias -> target addresses")
+
+    def isLocalDomain(domain: str) -> bool:
+        """Whether mail for C{domain} is ours."""
+
+    def passwordHash(address: str):
+        """The user's password hash, or None when there is no such user."""
+
+    def route(address: str, delimiter: str = "+") -> list:
+        """The accounts mail for C{address} goes to; NotLocal or UnknownUser otherwise."""
+
+    def quota(address: str):
+        """The user's own quota dict, or None (the configured default applies)."""
+
+    def reload() -> None:
+        """Read the accounts again now (blocking: the CLI, a worker thread)."""
+
+    def maybeReload() -> None:
+        """Bring the copy up to date if the backend says it changed (cheap, non-blocking);
+        raise AccountsUnavailable when it cannot be vouched for."""
+
+    def editing():
+        """Context manager: lock, reload, let the caller edit, save; for the CLI."""
+
+    def editor():
+        """A fresh store of the same backend, for L{editing} in a worker thread."""
+
+    def edited(editor) -> None:
+        """C{editor} (from L{editor}) has just saved a change: show it from now on (the
+        web admin's next page must not show the accounts as they were)."""
+
+
 class IMailAccount(Interface):
     """One user's folders."""
 

@@ -25,7 +25,8 @@ from twisted.python.threadpool import ThreadPool
 from twistmail import __version__, _pluginload, autocert, ownership, reuseport
 from twistmail import config as configmod
 from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
-from twistmail.auth.accounts import Accounts
+from twistmail.auth.accounts import AccountError
+from twistmail.auth.backends import openAccounts
 from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
 from twistmail.auth.realm import MailRealm
@@ -37,7 +38,7 @@ from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.dkimkeys import KeyRing
 from twistmail.dkimsigner import Signer
 from twistmail.filters.load import makeFilters as loadFilters
-from twistmail.interfaces import IMailAccount, IMailStoreFactory, IRelayQueue
+from twistmail.interfaces import IAccountStore, IMailAccount, IMailStoreFactory, IRelayQueue
 from twistmail.metrics import Metrics
 from twistmail.model import FilterContext
 from twistmail.protocols import proxyheader
@@ -399,7 +400,14 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
     return runner
 
 
-def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accounts,
+def knownDomains(accounts: IAccountStore) -> set[str]:
+    """The local domains; L{AccountsUnavailable} while a postgresql store has not read
+    them yet (at start), rather than an empty set a certificate would be ordered for."""
+    accounts.maybeReload()
+    return accounts.domains
+
+
+def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: IAccountStore,
              parent: service.MultiService) -> ChallengeTokens | None:
     """``[tls] acme``: the certificate kept current from the CA; returns the HTTP-01
     tokens the web listeners answer (None with TLS-ALPN-01, which ServerTLS answers)."""
@@ -419,7 +427,7 @@ def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accoun
                         directory, responder, userAgent=f"twistmail/{__version__}")
     autocert.CertificateKeeper(
         tls, lambda names: autocert.inDaemonThread(reactor, issuer.issue, names),
-        lambda: autocert.namesFromConfig(config, accounts.domains), directory,
+        lambda: autocert.namesFromConfig(config, knownDomains(accounts)), directory,
         autocert.Schedule.fromConfig(section), reactor).setServiceParent(parent)
     return tokens
 
@@ -478,7 +486,12 @@ def makeService(options: Options) -> service.MultiService:
         raise startupError(str(e)) from None
     if service.IService.providedBy(store):  # a backend with connections to close (postgresql)
         store.setServiceParent(top)
-    accounts = Accounts(dataDir, reloadInterval=config["accounts"]["reload_interval"])
+    try:
+        accounts = openAccounts(config, follow=True)
+    except AccountError as e:
+        raise startupError(str(e)) from None
+    if service.IService.providedBy(accounts):  # postgresql: follows the tables in a thread
+        accounts.setServiceParent(top)
     metrics = Metrics()  # counted whether or not [listen] metrics serves them
     limiter = ConnectionLimiter(config["server"]["max_connections"],
                                 config["server"]["max_connections_per_ip"], metrics)

@@ -1,9 +1,13 @@
 # -*- test-case-name: tests.test_accounts -*-
-"""Domains, users and aliases, kept in ``<data_dir>/accounts.json``.
+"""Domains, users and aliases: the lookups and edits every backend shares, and the
+file backend, ``<data_dir>/accounts.json``.
 
-The admin CLI edits the file (under an fcntl lock, written atomically); the
-running server notices the change by stat()ing the file at most once per
-``[accounts] reload_interval`` and re-reading it, so no restart is needed.
+L{AccountBook} holds the accounts in memory (the protocols look them up without
+I/O) and validates every edit; a backend only loads and saves them.  The admin
+CLI edits the file (under an fcntl lock, written atomically); the running server
+notices the change by stat()ing the file at most once per ``[accounts]
+reload_interval`` and re-reading it, so no restart is needed.  (The postgresql
+backend, L{twistmail.auth.pgaccounts}, keeps them in tables instead.)
 Passwords are stored only as argon2id hashes.
 """
 
@@ -16,11 +20,14 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+
+from zope.interface import implementer
 
 from twistmail._dnsname import isHostName
 from twistmail._fsutil import atomicWrite
 from twistmail.eai import AddressError, asciiDomain, canonicalAddress, canonicalLocal
+from twistmail.interfaces import IAccountStore
 
 FORMAT = "twistmail-accounts"
 VERSION = 1
@@ -102,55 +109,38 @@ def validAddress(address: str, delimiter: str = "+") -> str:
     return f"{local}@{domain}"
 
 
-class Accounts:
-    """In-memory view of accounts.json with change detection."""
+@implementer(IAccountStore)
+class AccountBook:
+    """Domains, users and aliases in memory: lookups (alias expansion, canonical names,
+    quotas) and validated edits.  A backend subclass loads them (L{reload}), says when
+    they may be stale (L{maybeReload}) and saves them (L{editing})."""
 
-    def __init__(self, dataDir: str, reloadInterval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = os.path.join(dataDir, "accounts.json")
-        self._reloadInterval = reloadInterval
-        self._clock = clock
-        self._nextCheck = 0.0
-        self._stamp: tuple | None = None
+    def __init__(self) -> None:
         self.domains: set[str] = set()
         self.users: dict[str, dict] = {}
         self.aliases: dict[str, list[str]] = {}
-        self.reload()
 
-    # -- reading ---------------------------------------------------------------
-
-    def _statStamp(self) -> tuple | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    def _replace(self, domains, users: dict, aliases: dict) -> None:
+        """Swap in a complete new set of accounts (never a half-loaded one)."""
+        self.domains = set(domains)
+        self.users = dict(users)
+        self.aliases = {k: list(v) for k, v in aliases.items()}
 
     def reload(self) -> None:
-        """Re-read the file (a missing file is an empty account set)."""
-        stamp = self._statStamp()
-        data = {"domains": [], "users": {}, "aliases": {}}
-        if stamp is not None:
-            with open(self.path, "rb") as f:
-                loaded = json.load(f)
-            if loaded.get("format") != FORMAT or loaded.get("version") != VERSION:
-                raise AccountError(
-                    f"{self.path}: not a version {VERSION} twistmail accounts file; "
-                    "restore it from backup or move it away")
-            data = loaded
-        self.domains = set(data["domains"])
-        self.users = dict(data["users"])
-        self.aliases = {k: list(v) for k, v in data["aliases"].items()}
-        self._stamp = stamp
+        raise NotImplementedError
 
     def maybeReload(self) -> None:
-        """Reload if the file changed; stat()s at most once per reload interval."""
-        now = self._clock()
-        if now < self._nextCheck:
-            return
-        self._nextCheck = now + self._reloadInterval
-        if self._statStamp() != self._stamp:
-            self.reload()
+        """Bring the accounts up to date if the backend says they may have changed."""
+
+    def editing(self) -> AbstractContextManager[AccountBook]:
+        raise NotImplementedError
+
+    def editor(self) -> AccountBook:
+        """A fresh instance of this backend for L{editing} in a worker thread."""
+        raise NotImplementedError
+
+    def edited(self, editor: AccountBook) -> None:
+        """C{editor} (from L{editor}) has just saved its change: show it from now on."""
 
     # -- queries used by the protocols ----------------------------------------
 
@@ -220,27 +210,6 @@ class Accounts:
         return found
 
     # -- editing (admin CLI) ---------------------------------------------------
-
-    @contextmanager
-    def editing(self) -> Iterator[Accounts]:
-        """Lock, re-read, let the caller change, write atomically."""
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        with open(self.path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.reload()
-            yield self
-            self.save()
-
-    def save(self) -> None:
-        document = {
-            "format": FORMAT,
-            "version": VERSION,
-            "domains": sorted(self.domains),
-            "users": dict(sorted(self.users.items())),
-            "aliases": dict(sorted(self.aliases.items())),
-        }
-        atomicWrite(self.path, json.dumps(document, indent=2).encode() + b"\n")
-        self._stamp = self._statStamp()
 
     def addDomain(self, domain: str) -> str:
         domain = validDomain(domain)
@@ -333,6 +302,80 @@ class Accounts:
             raise AccountError(f"no alias {source} (see: twistmail alias list)")
         del self.aliases[source]
         return source
+
+
+class Accounts(AccountBook):
+    """The file backend: accounts.json, re-read when it changes."""
+
+    def __init__(self, dataDir: str, reloadInterval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = os.path.join(dataDir, "accounts.json")
+        self._reloadInterval = reloadInterval
+        self._clock = clock
+        self._nextCheck = 0.0
+        self._stamp: tuple | None = None
+        super().__init__()
+        self.reload()
+
+    # -- reading ---------------------------------------------------------------
+
+    def _statStamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload(self) -> None:
+        """Re-read the file (a missing file is an empty account set)."""
+        stamp = self._statStamp()
+        data = {"domains": [], "users": {}, "aliases": {}}
+        if stamp is not None:
+            with open(self.path, "rb") as f:
+                loaded = json.load(f)
+            if loaded.get("format") != FORMAT or loaded.get("version") != VERSION:
+                raise AccountError(
+                    f"{self.path}: not a version {VERSION} twistmail accounts file; "
+                    "restore it from backup or move it away")
+            data = loaded
+        self._replace(data["domains"], data["users"], data["aliases"])
+        self._stamp = stamp
+
+    def maybeReload(self) -> None:
+        """Reload if the file changed; stat()s at most once per reload interval."""
+        now = self._clock()
+        if now < self._nextCheck:
+            return
+        self._nextCheck = now + self._reloadInterval
+        if self._statStamp() != self._stamp:
+            self.reload()
+
+    @contextmanager
+    def editing(self) -> Iterator[Accounts]:
+        """Lock, re-read, let the caller change, write atomically."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.reload()
+            yield self
+            self.save()
+
+    def save(self) -> None:
+        document = {
+            "format": FORMAT,
+            "version": VERSION,
+            "domains": sorted(self.domains),
+            "users": dict(sorted(self.users.items())),
+            "aliases": dict(sorted(self.aliases.items())),
+        }
+        atomicWrite(self.path, json.dumps(document, indent=2).encode() + b"\n")
+        self._stamp = self._statStamp()
+
+    def editor(self) -> Accounts:
+        return Accounts(os.path.dirname(self.path))
+
+    def edited(self, editor: AccountBook) -> None:
+        self.reload()
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}

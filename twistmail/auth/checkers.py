@@ -8,9 +8,11 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, task, threads
 from zope.interface import implementer
 
-from twistmail.auth.accounts import Accounts, accountKey
+from twistmail.auth.accounts import accountKey
 from twistmail.auth.passwords import verifyPassword
 from twistmail.auth.throttle import AuthThrottle
+from twistmail.errors import AccountsUnavailable
+from twistmail.interfaces import IAccountStore
 from twistmail.metrics import LOGIN_PROTOCOLS, Metrics
 
 
@@ -39,7 +41,7 @@ class PasswordChecker:
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
-    def __init__(self, accounts: Accounts, deferToThread=threads.deferToThread,
+    def __init__(self, accounts: IAccountStore, deferToThread=threads.deferToThread,
                  throttle: AuthThrottle | None = None, clock=None,
                  metrics: Metrics | None = None) -> None:
         self._accounts = accounts
@@ -68,7 +70,12 @@ class PasswordChecker:
         return task.deferLater(self._clock, delay, self._check, creds, username, password)
 
     def _check(self, creds, username: str, password: str) -> defer.Deferred:
-        hashed = self._accounts.passwordHash(username)
+        try:
+            hashed = self._accounts.passwordHash(username)
+        except AccountsUnavailable:
+            # Not the client's mistake: answered as a temporary error by the protocol,
+            # and not counted by the throttle (an outage must not block anybody).
+            return defer.fail()
         d = self._deferToThread(verifyPassword, hashed, password)
 
         def checked(ok: bool):

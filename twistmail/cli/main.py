@@ -17,13 +17,14 @@ from collections.abc import Sequence
 
 from twistmail import __version__, dnsrecords, ownership
 from twistmail import config as configmod
-from twistmail.auth.accounts import AccountError, Accounts, describeQuota, parseQuota
+from twistmail.auth.accounts import AccountBook, AccountError, describeQuota, parseQuota
+from twistmail.auth.backends import openAccounts, redactDsn
 from twistmail.auth.passwords import hashPassword
+from twistmail.cli import accountsmigrate, senders, sendmail
 from twistmail.cli import db as dbcli
 from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
 from twistmail.cli import records as recordscli
-from twistmail.cli import senders, sendmail
 from twistmail.cli.output import table
 from twistmail.dkimkeys import DKIMKeyError
 from twistmail.ratelimit import StateError
@@ -62,9 +63,9 @@ def _config(args) -> configmod.Config:
     return config
 
 
-def _accounts(args) -> Accounts:
+def _accounts(args) -> AccountBook:
     try:
-        return Accounts(_config(args).dataDir)
+        return openAccounts(_config(args))
     except (AccountError, ValueError) as e:
         raise CLIError(str(e)) from None
 
@@ -114,7 +115,7 @@ def cmdUser(args) -> str:
         return f"password of {done} changed"
 
 
-def _setQuota(accounts: Accounts, args) -> str:
+def _setQuota(accounts: AccountBook, args) -> str:
     """``user quota ADDRESS SIZE [--messages N]``: see L{twistmail.auth.accounts.parseQuota}."""
     quota = parseQuota(args.size, args.messages)
     with accounts.editing():
@@ -173,6 +174,8 @@ def cmdCheckConfig(args) -> str:
     for name in sorted(config.filterTables):
         for key, value in sorted(config.filterTables[name].items()):
             rows.append((f"filters.{name}", key, value))
+    rows = [(section, key, redactDsn(value) if key == "dsn" and value != "-" else value)
+            for section, key, value in rows]
     rows = [("config", config.path)] + [
         (f"{section}.{key}", ("(set)" if value not in ("", "-") else "-")
          if (section, key) in configmod.SECRETS else value) for section, key, value in rows]
@@ -273,6 +276,7 @@ def parser() -> argparse.ArgumentParser:
     sendmail.register(sub)
     dkimcli.register(sub)
     dbcli.register(sub)
+    accountsmigrate.register(sub)
     recordscli.register(sub)
     sub.add_parser("check-config", help="validate the configuration and show the effective settings")
 
@@ -315,7 +319,8 @@ def cmdSendmail(args) -> str:
 
 COMMANDS = {"domain": cmdDomain, "user": cmdUser, "alias": cmdAlias, "queue": cmdQueue,
             "sendmail": cmdSendmail, "dkim": cmdDKIM, "dns": cmdDNS, "db": cmdDB,
-            "check-config": cmdCheckConfig, "migrate": cmdMigrate}
+            "check-config": cmdCheckConfig, "migrate": cmdMigrate,
+            "migrate-accounts": lambda args: accountsmigrate.run(args, _config(args))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

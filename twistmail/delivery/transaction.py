@@ -43,7 +43,7 @@ from twistmail.delivery.routing import BadAddress, Client, LocalRoute, RelayDeni
 from twistmail.delivery.spool import MessageSource
 from twistmail.delivery.trace import receivedHeader, withProtocol
 from twistmail.eai import validUTF8
-from twistmail.errors import StorageError
+from twistmail.errors import AccountsUnavailable, StorageError
 from twistmail.filters.chain import ConfiguredFilter, FilterChain
 from twistmail.filters.loop import HopLimit
 from twistmail.filters.message import (
@@ -215,6 +215,9 @@ class Session:
                                 "5.1.1 User unknown in local recipient table")
         except BadAddress:
             return self._refuse(address, "bad address", 553, "5.1.3 Bad recipient address syntax")
+        except AccountsUnavailable:
+            return self._refuse(address, "accounts unavailable", 451,
+                                "4.3.0 Recipient lookup failed temporarily, try again later")
 
         def overQuota(failure):
             failure.trap(quota.OverQuota)

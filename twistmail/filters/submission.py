@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 from twistmail._logtext import loggable
 from twistmail.delivery.trace import now
+from twistmail.errors import AccountsUnavailable
 from twistmail.filters.base import Filter
 from twistmail.model import Verdict
 
@@ -35,6 +36,8 @@ class SenderOwnership(Filter):
         sender = session.sender.lower()
         try:
             owned = session.authenticated in self._accounts.route(sender, self._delimiter)
+        except AccountsUnavailable:
+            return Verdict.tempfail("4.3.0 Sender check failed temporarily, try again later")
         except Exception:
             owned = False
         if owned:

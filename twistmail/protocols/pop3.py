@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
+from twistmail.errors import AccountsUnavailable
 from twistmail.protocols import downgrade
 from twistmail.protocols.flow import Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
@@ -419,6 +420,11 @@ class POP3Server(pop3.POP3):
             log.info("pop3 login user={user} client={client} result=refused: mailbox in use",
                      user=user, client=self.peerHost)
             self.failResponse(b"[IN-USE] Mailbox is locked by another POP3 session")
+            return
+        if failure.check(AccountsUnavailable):
+            log.info("pop3 login user={user} client={client} result=tempfail: accounts "
+                     "unavailable", user=user, client=self.peerHost)
+            self.failResponse(b"[SYS/TEMP] Temporary authentication failure, try again later")
             return
         failure.trap(credError.LoginDenied, credError.LoginFailed)
         log.info("pop3 login user={user} client={client} result=failed",

@@ -67,6 +67,7 @@ from twistmail.delivery.routing import Client, Router
 from twistmail.delivery.spool import MessageSource
 from twistmail.delivery.transaction import Session, SMTPPolicy
 from twistmail.eai import AddressError, canonicalAddress, decodePath
+from twistmail.errors import AccountsUnavailable
 from twistmail.filters.chain import ConfiguredFilter
 from twistmail.interfaces import IMailAccount
 from twistmail.metrics import Metrics
@@ -496,6 +497,11 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(235, b"2.7.0 Authentication successful")
 
         def failed(failure) -> None:
+            if failure.check(AccountsUnavailable):
+                log.info("smtp auth user={user} client={client} result=tempfail: accounts "
+                         "unavailable", user=name, client=self.peerHost)
+                self.sendCode(454, b"4.7.0 Temporary authentication failure")
+                return
             if not failure.check(credError.UnauthorizedLogin, credError.LoginDenied):
                 log.failure("smtp auth failed unexpectedly", failure)
             log.info("smtp auth user={user} client={client} result=failed", user=name,

@@ -73,7 +73,7 @@ from twistmail.delivery.routing import (
     remoteDomain,
 )
 from twistmail.dkimsigner import unsigned
-from twistmail.errors import StorageError
+from twistmail.errors import AccountsUnavailable, StorageError
 from twistmail.metrics import Metrics
 from twistmail.model import Envelope
 from twistmail.relay import bounce
@@ -396,6 +396,9 @@ class QueueRunner(service.Service):
             except (BadAddress, RelayDenied):
                 results[r.address] = Result(FAILED, f"553 5.1.3 <{r.address}>: bad address "
                                             "syntax", remote=False)
+            except AccountsUnavailable:
+                results[r.address] = Result(DEFERRED, f"451 4.3.0 <{r.address}>: accounts "
+                                            "unavailable", remote=False)
             else:
                 if isinstance(route, LocalRoute):
                     local[r.address] = route.accounts

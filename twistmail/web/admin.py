@@ -1,11 +1,11 @@
 # -*- test-case-name: tests.test_webadmin -*-
 """The web admin under /admin/: log in, manage domains, users and aliases, change one's password.
 
-Every change goes through the CLI's own code (L{Accounts.editing} and its
+Every change goes through the CLI's own code (L{IAccountStore.editing} and its
 methods, L{hashPassword}), so the web gets the same validation and the same
-error texts as ``twistmail domain|user|alias``; a fresh L{Accounts} edits the
-file in a thread (lock, fsync, rename), and the server's own copy notices the
-change as it notices the CLI's.
+error texts as ``twistmail domain|user|alias``; a fresh store of the same backend
+(L{IAccountStore.editor}) edits the file or the tables in a thread, and the
+server's own copy notices the change as it notices the CLI's.
 
 Hostile clients: pages need a server-side session (256-bit random id in an
 ``HttpOnly; SameSite=Strict`` cookie, ``Secure`` over https, forgotten after
@@ -36,11 +36,12 @@ from twisted.web import resource, server
 from twistmail import dkimkeys
 from twistmail._logtext import loggable
 from twistmail._netaddr import isLoopback
-from twistmail.auth.accounts import AccountError, Accounts, describeQuota, parseQuota
+from twistmail.auth.accounts import AccountBook, AccountError, describeQuota, parseQuota
 from twistmail.auth.checkers import fromClient
 from twistmail.auth.passwords import hashPassword
 from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
+from twistmail.errors import AccountsUnavailable
 from twistmail.relay.queue import QueueError
 from twistmail.traffic import TrafficHistory
 from twistmail.web.admintemplates import ENVIRONMENT
@@ -160,7 +161,7 @@ class AdminResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, dataDir: str, accounts: Accounts, checker, admins: list[str],
+    def __init__(self, dataDir: str, accounts: AccountBook, checker, admins: list[str],
                  sessions: Sessions, deferToThread=threads.deferToThread,
                  traffic: TrafficHistory | None = None) -> None:
         """@param traffic: the last day's samples the dashboard charts; None draws none."""
@@ -177,6 +178,12 @@ class AdminResource(resource.Resource):
     # -- plumbing -------------------------------------------------------------
 
     def render(self, request) -> bytes | int:
+        try:
+            return self._render(request)
+        except AccountsUnavailable:
+            return _unavailable(request)
+
+    def _render(self, request) -> bytes | int:
         for name, value in _HEADERS.items():
             request.setHeader(name, value)
         if not _allowed(request):
@@ -313,6 +320,9 @@ class AdminResource(resource.Resource):
                 request, b"/admin/" if session.admin else b"/admin/password"))
 
         def refused(failure) -> None:
+            if failure.check(AccountsUnavailable):
+                self._finish(request, _unavailable(request))
+                return
             failure.trap(error.UnauthorizedLogin, error.UnhandledCredentials)
             log.info("web admin login user={user} client={client} result=refused",
                      user=loggable(address), client=loggable(client))
@@ -325,6 +335,9 @@ class AdminResource(resource.Resource):
         return server.NOT_DONE_YET
 
     def _failed(self, failure, request) -> None:
+        if failure.check(AccountsUnavailable):
+            self._finish(request, _unavailable(request))
+            return
         log.failure("web admin request failed", failure)
         request.setResponseCode(500)
         self._finish(request, b"Internal error; see the server log.\n")
@@ -344,16 +357,21 @@ class AdminResource(resource.Resource):
             return server.NOT_DONE_YET
         session.busy = True
 
+        editors = []
+
         def inThread() -> str:
             if "run" in prepared:
                 return prepared["run"](self._dataDir)
             hashed = hashPassword(prepared["password"]) if "password" in prepared else None
-            accounts = Accounts(self._dataDir)
+            accounts = self._accounts.editor()
             with accounts.editing():
-                return prepared["apply"](accounts, hashed)
+                text = prepared["apply"](accounts, hashed)
+            editors.append(accounts)
+            return text
 
         def done(text: str) -> defer.Deferred:
-            self._accounts.reload()
+            if editors:
+                self._accounts.edited(editors[0])
             log.info("web admin user={user} result={done}", user=loggable(session.address),
                      done=loggable(text))
             return self._respond(request, session, page, done=text)
@@ -444,12 +462,12 @@ def quotaText(quota: dict | None) -> str:
     return ", ".join(parts) or "unlimited"
 
 
-def _quotaSet(a: Accounts, _, address: str, size: str) -> str:
+def _quotaSet(a: AccountBook, _, address: str, size: str) -> str:
     quota = parseQuota(size)
     return describeQuota(a.setQuota(address, quota), quota)
 
 
-def _aliasAdded(a: Accounts, _, source: str, targets: str) -> str:
+def _aliasAdded(a: AccountBook, _, source: str, targets: str) -> str:
     done = a.addAlias(source, [t.strip() for t in targets.split(",") if t.strip()])
     return f"alias {done} -> {', '.join(a.aliases[done])}"
 
@@ -474,3 +492,10 @@ AdminResource.ACTIONS = {
     "queue/flush": _queueAction("flush"),
     "queue/delete": _queueAction("delete"),
 }
+
+
+def _unavailable(request) -> bytes:
+    """The accounts database is away (postgresql backend): a temporary error, not a crash."""
+    request.setResponseCode(503)
+    request.setHeader(b"retry-after", b"5")
+    return b"The accounts database is unreachable; try again in a moment.\n"

@@ -52,6 +52,7 @@ from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.delivery.quota import OverQuota, Quota, QuotaTracker
 from twistmail.errors import (
+    AccountsUnavailable,
     FolderExists,
     InvalidFolderName,
     NoSuchFolder,
@@ -569,6 +570,12 @@ class IMAPServer(imap4.IMAP4Server):
             _, account, logout = await self.portal.login(
                 fromClient(credentials.UsernamePassword(user, password), self.peerHost, "imap"),
                 None, IMailAccount)
+        except AccountsUnavailable:
+            log.info("imap login user={user} client={client} result=tempfail: accounts "
+                     "unavailable", user=name, client=self.peerHost)
+            self._tagged(tag, b"NO", b"[UNAVAILABLE] Temporary authentication failure, "
+                         b"try again later")
+            return
         except (credError.UnauthorizedLogin, credError.LoginDenied):
             self._loginFailures += 1
             log.info("imap login user={user} client={client} result=failed", user=name,

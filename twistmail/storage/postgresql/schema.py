@@ -25,6 +25,10 @@ Layout (every name unqualified: the DSN's ``search_path`` chooses the schema):
   as the disk queue's versioned JSON, when it is next due, its fairness lane, which
   node holds it (``claimed_by``) until when (``lease_until``, the database's clock),
   and the message in chunks of L{CHUNK} octets.
+* ``account_domains``, ``account_users`` (argon2id hash, quota as JSON, NULL for
+  the default), ``account_aliases`` (targets as a text array): the postgresql
+  accounts backend (L{twistmail.auth.pgaccounts}), separate from ``accounts``,
+  which is the mail store's.
 """
 
 from __future__ import annotations
@@ -106,6 +110,21 @@ MIGRATIONS: list[str] = [
         seq integer NOT NULL,
         data bytea NOT NULL,
         PRIMARY KEY (queue_id, seq)
+    );
+    """,
+    # The postgresql accounts backend ([accounts] backend = "postgresql").
+    """
+    CREATE TABLE account_domains (
+        name text PRIMARY KEY
+    );
+    CREATE TABLE account_users (
+        address text PRIMARY KEY,
+        password text NOT NULL,
+        quota jsonb
+    );
+    CREATE TABLE account_aliases (
+        address text PRIMARY KEY,
+        targets text[] NOT NULL
     );
     """,
 ]
