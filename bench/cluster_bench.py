@@ -8,8 +8,11 @@ Three set-ups, each started fresh, in alternating order for every repetition:
   ``[server] reuse_port = true`` (the kernel spreads the connections).
 
 For each: **SMTP acceptance** (bench/loadgen.py, ``--messages`` of 4 KiB over
-``--concurrency`` connections), then the **IMAP mixed workload** on the INBOX
-those messages filled: ``--clients`` connections for ``--seconds``, each
+``--concurrency`` connections, connection i sending to account i of
+``--accounts``: 20 by default, so each connection has its INBOX, as mail for
+many users; ``--accounts 1`` puts every message into one INBOX, the worst case
+for the postgresql backend, whose writes to one folder take turns), then the
+**IMAP mixed workload** on the first account's INBOX: ``--clients`` connections for ``--seconds``, each
 repeating a random mix of ``UID FETCH`` of a whole message (50 %), ``UID
 STORE`` of ``\\Seen`` (20 %), ``NOOP`` (15 %), ``APPEND`` of 4 KiB (10 %) and
 ``UID SEARCH UNSEEN`` (5 %); on ``pg2`` the sessions on one node are told of the
@@ -24,7 +27,7 @@ repetition, the reactor thread's top functions (twistd's cProfile) and the
 statements PostgreSQL spent its time in (pg_stat_statements).
 
     python bench/cluster_bench.py [--repeat 3] [--messages 2000] [--concurrency 20]
-                                  [--clients 8] [--seconds 10] [--profile] [--json out.json]
+                                  [--accounts 20] [--clients 8] [--seconds 10] [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ from servers import (
     TWISTD,
     USER,
     Server,
-    _twistmail_cli,
     count_delivered,
     cpu_seconds,
     free_port,
@@ -59,6 +61,7 @@ from servers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pgproc import PostgresProcess  # noqa: E402
+from support import addUser  # noqa: E402
 
 ADDRESS = f"{USER}@{DOMAIN}"
 SETUPS = ("maildir", "pg1", "pg2")
@@ -104,9 +107,11 @@ class DurablePostgres(PostgresProcess):
 class Setup:
     """One set-up's nodes (one or two twistd processes), on fresh data directories."""
 
-    def __init__(self, work: Path, name: str, pg: DurablePostgres, profile: bool) -> None:
+    def __init__(self, work: Path, name: str, pg: DurablePostgres, profile: bool,
+                 accounts: list[str]) -> None:
         self.name = name
         self.work = work
+        self.accounts = accounts
         self.ports = {"smtp": free_port(), "imap": free_port()}
         count = 2 if name == "pg2" else 1
         storage = '[storage]\nbackend = "maildir"\n'
@@ -123,8 +128,8 @@ class Setup:
         for n in range(count):
             data = work / f"node{n}"
             data.mkdir(parents=True)
-            _twistmail_cli(data, "domain", "add", DOMAIN)
-            _twistmail_cli(data, "user", "add", ADDRESS, stdin=f"{PASSWORD}\n".encode())
+            for account in accounts:  # cheap argon2 parameters: logins cost no CPU here
+                addUser(str(data), account, PASSWORD)
             config = work / f"node{n}.toml"
             config.write_text(f'[server]\ndata_dir = "{data}"\nhostname = "node{n}.test"\n'
                               f"reuse_port = {'true' if count > 1 else 'false'}\n"
@@ -158,9 +163,10 @@ class Setup:
         return [sum(node.cpu()) for node in self.nodes]
 
     def stored(self) -> int:
-        """Messages in INBOX now (Maildir files, or rows)."""
+        """Messages stored now, in every account (Maildir files, or rows)."""
         if self.name == "maildir":
-            return count_delivered(self.work / "node0" / "mail" / DOMAIN / USER)
+            mail = self.work / "node0" / "mail" / DOMAIN
+            return sum(count_delivered(mail / a.split("@")[0]) for a in self.accounts)
         import psycopg
 
         with psycopg.connect(self.dsn) as conn:
@@ -181,12 +187,14 @@ class _Session:
     def __init__(self, reader, writer) -> None:
         self.reader, self.writer, self.tag = reader, writer, 0
 
-    async def command(self, text: bytes) -> bytes:
-        """Send one command; read to its tagged reply (literals skipped); return that line."""
+    async def command(self, text: bytes) -> list[bytes]:
+        """Send one command; read to its tagged reply (literals skipped); return the
+        untagged lines."""
         self.tag += 1
         tag = b"c%d" % self.tag
         self.writer.write(tag + b" " + text + b"\r\n")
         await self.writer.drain()
+        untagged = []
         while True:
             line = await self.reader.readline()
             if not line:
@@ -198,15 +206,17 @@ class _Session:
             if line.startswith(tag + b" "):
                 if not line.startswith(tag + b" OK"):
                     raise RuntimeError(f"{text[:60]!r}: {line!r}")
-                return line
+                return untagged
+            untagged.append(line)
 
 
-async def _client(port: int, uids: int, until: float, rng: random.Random, counts: dict) -> None:
+async def _client(port: int, until: float, rng: random.Random, counts: dict) -> None:
     reader, writer = await asyncio.open_connection(HOST, port, limit=1 << 20)
     await reader.readline()
     session = _Session(reader, writer)
     await session.command(f'LOGIN "{ADDRESS}" "{PASSWORD}"'.encode())
-    await session.command(b"SELECT INBOX")
+    uids = next(int(line.split()[1]) for line in await session.command(b"SELECT INBOX")
+                if line.endswith(b" EXISTS\r\n"))  # 1..uids: nothing was expunged yet
     ops, weights = zip(*MIX, strict=True)
     n = 0
     while time.monotonic() < until:
@@ -230,12 +240,12 @@ async def _client(port: int, uids: int, until: float, rng: random.Random, counts
     writer.close()
 
 
-def imapLoad(port: int, uids: int, clients: int, seconds: float, seed: int) -> dict:
+def imapLoad(port: int, clients: int, seconds: float, seed: int) -> dict:
     counts: dict = {}
 
     async def run():
         until = time.monotonic() + seconds
-        await asyncio.gather(*(_client(port, uids, until, random.Random(seed * 100 + c), counts)
+        await asyncio.gather(*(_client(port, until, random.Random(seed * 100 + c), counts)
                                for c in range(clients)))
 
     started = time.monotonic()
@@ -249,16 +259,19 @@ def imapLoad(port: int, uids: int, clients: int, seconds: float, seed: int) -> d
 
 
 def measure(top: Path, name: str, run: int, pg: DurablePostgres, args) -> dict:
-    setup = Setup(top / f"{name}-{run}", name, pg, args.profile and run == args.repeat - 1)
+    profiling = args.profile and run == args.repeat - 1
+    accounts = [ADDRESS] + [f"user{i}@{DOMAIN}" for i in range(1, args.accounts)]
+    setup = Setup(top / f"{name}-{run}", name, pg, profiling, accounts)
     setup.start()
     row: dict = {"setup": name, "run": run}
     try:
-        if name != "maildir" and args.profile:
+        if name != "maildir" and profiling:
             pg.sql("SELECT pg_stat_statements_reset()")
         cpu0, pg0 = setup.cpu(), pg.cpu()
-        smtp = smtp_load(setup.ports["smtp"], args.messages, 4096, args.concurrency)
+        smtp = smtp_load(setup.ports["smtp"], args.messages, 4096, args.concurrency,
+                         *(f"--rcpt={a}" for a in accounts))
         cpu1, pg1 = setup.cpu(), pg.cpu()
-        imap = imapLoad(setup.ports["imap"], args.messages, args.clients, args.seconds, run)
+        imap = imapLoad(setup.ports["imap"], args.clients, args.seconds, run)
         cpu2, pg2 = setup.cpu(), pg.cpu()
         row.update(msgs_per_sec=smtp["msgs_per_sec"], ops_per_sec=imap["ops_per_sec"],
                    smtp_cpu_ms=1000 * (cpu1 - cpu0) / args.messages,
@@ -267,7 +280,7 @@ def measure(top: Path, name: str, run: int, pg: DurablePostgres, args) -> dict:
         if name != "maildir":
             row.update(smtp_pg_ms=1000 * (pg1 - pg0) / args.messages,
                        imap_pg_ms=1000 * (pg2 - pg1) / imap["ops"])
-            if args.profile:
+            if profiling:
                 row["statements"] = pg.sql(
                     "SELECT round(total_exec_time)::int, calls, left(regexp_replace(query, "
                     "'\\s+', ' ', 'g'), 90) FROM pg_stat_statements "
@@ -331,6 +344,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--accounts", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--setups", default=",".join(SETUPS))
