@@ -162,6 +162,12 @@ class Setup:
     def cpuSplit(self) -> list[float]:
         return [sum(node.cpu()) for node in self.nodes]
 
+    def reactorCpu(self) -> float:
+        """CPU seconds of the nodes' main threads (the reactor); the rest of cpu() is
+        their worker threads' (disk, SQL through psycopg, password hashing)."""
+        return sum(sum(cpu_seconds(f"{node.proc.pid}/task/{node.proc.pid}"))
+                   for node in self.nodes)
+
     def stored(self) -> int:
         """Messages stored now, in every account (Maildir files, or rows)."""
         if self.name == "maildir":
@@ -262,20 +268,22 @@ def measure(top: Path, name: str, run: int, pg: DurablePostgres, args) -> dict:
     profiling = args.profile and run == args.repeat - 1
     accounts = [ADDRESS] + [f"user{i}@{DOMAIN}" for i in range(1, args.accounts)]
     setup = Setup(top / f"{name}-{run}", name, pg, profiling, accounts)
-    setup.start()
     row: dict = {"setup": name, "run": run}
     try:
+        setup.start()
         if name != "maildir" and profiling:
             pg.sql("SELECT pg_stat_statements_reset()")
-        cpu0, pg0 = setup.cpu(), pg.cpu()
+        cpu0, pg0, reactor0 = setup.cpu(), pg.cpu(), setup.reactorCpu()
         smtp = smtp_load(setup.ports["smtp"], args.messages, 4096, args.concurrency,
                          *(f"--rcpt={a}" for a in accounts))
-        cpu1, pg1 = setup.cpu(), pg.cpu()
+        cpu1, pg1, reactor1 = setup.cpu(), pg.cpu(), setup.reactorCpu()
         imap = imapLoad(setup.ports["imap"], args.clients, args.seconds, run)
-        cpu2, pg2 = setup.cpu(), pg.cpu()
+        cpu2, pg2, reactor2 = setup.cpu(), pg.cpu(), setup.reactorCpu()
         row.update(msgs_per_sec=smtp["msgs_per_sec"], ops_per_sec=imap["ops_per_sec"],
                    smtp_cpu_ms=1000 * (cpu1 - cpu0) / args.messages,
                    imap_cpu_ms=1000 * (cpu2 - cpu1) / imap["ops"],
+                   smtp_reactor_ms=1000 * (reactor1 - reactor0) / args.messages,
+                   imap_reactor_ms=1000 * (reactor2 - reactor1) / imap["ops"],
                    node_cpu_split=setup.cpuSplit())
         if name != "maildir":
             row.update(smtp_pg_ms=1000 * (pg1 - pg0) / args.messages,
@@ -318,16 +326,15 @@ def report(rows: list[dict], args) -> None:
                 line += (f"   ratio {statistics.median(ratios):.2f} "
                          f"[{min(ratios):.2f}-{max(ratios):.2f}]")
             print(line)
-    print("  CPU ms per SMTP message / per IMAP op: twistmail processes + PostgreSQL")
+    print("  CPU ms per SMTP message | per IMAP op: twistmail nodes (of which their reactor "
+          "threads) + PostgreSQL")
     for setup in setups:
-        pgPart = ""
-        if setup != "maildir":
-            pgPart = (f" + {median(rows, 'smtp_pg_ms', setup):.2f}  /  "
-                      f"{median(rows, 'imap_cpu_ms', setup):.2f} + "
-                      f"{median(rows, 'imap_pg_ms', setup):.2f}")
-        else:
-            pgPart = f"  /  {median(rows, 'imap_cpu_ms', setup):.2f}"
-        print(f"    {setup:7} {median(rows, 'smtp_cpu_ms', setup):.2f}{pgPart}")
+        parts = []
+        for phase in ("smtp", "imap"):
+            pgMs = median(rows, f"{phase}_pg_ms", setup) if setup != "maildir" else 0.0
+            parts.append(f"{median(rows, f'{phase}_cpu_ms', setup):5.2f} "
+                         f"({median(rows, f'{phase}_reactor_ms', setup):4.2f}) + {pgMs:4.2f}")
+        print(f"    {setup:7} {parts[0]}  |  {parts[1]}")
     for row in rows:
         if row.get("profiles"):
             for path in row["profiles"][:1]:
