@@ -70,11 +70,14 @@ def parsePayload(node: str, payload: str) -> list[int]:
 
 
 def notify(conn, channel: str, node: str, folderIds: Iterable[int]) -> None:
-    """Announce C{folderIds} on C{conn}, which must be outside a transaction (autocommit
-    off but idle: each statement below is then its own short transaction)."""
-    for payload in payloads(node, folderIds):
-        conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-    conn.commit()
+    """Announce C{folderIds} on C{conn}, idle after its commit.  In autocommit each
+    C{pg_notify} is a transaction of its own in one round trip (no BEGIN, no COMMIT)."""
+    conn.autocommit = True
+    try:
+        for payload in payloads(node, folderIds):
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+    finally:
+        conn.autocommit = False
 
 
 def newNodeToken() -> str:
