@@ -39,8 +39,9 @@ RETRY_FIRST, RETRY_MOST = 0.2, 5.0
 
 
 def channelQuery() -> str:
-    """The SQL that names this connection's channel (one per schema)."""
-    return "SELECT 'twistmail.' || current_schema()"
+    """The SQL that names this connection's channel (one per schema), cut to the 63
+    characters a channel name may have (pg_notify refuses longer ones)."""
+    return "SELECT left('twistmail.' || current_schema(), 63)"
 
 
 def payloads(node: str, folderIds: Iterable[int]) -> list[str]:
