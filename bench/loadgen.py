@@ -85,6 +85,7 @@ class _Worker:
         result: LoadResult,
         latencies: list[float],
         starttls: bool = False,
+        recipient: str = RECIPIENT,
     ) -> None:
         self.host, self.port = host, port
         self.starttls = starttls
@@ -93,7 +94,7 @@ class _Worker:
         self.result, self.latencies = result, latencies
         self.envelope = (
             f"MAIL FROM:<{SENDER}> SIZE={factory.size}\r\n".encode(),
-            f"RCPT TO:<{RECIPIENT}>\r\n".encode(),
+            f"RCPT TO:<{recipient}>\r\n".encode(),
             b"DATA\r\n",
         )
 
@@ -182,15 +183,18 @@ async def run_asyncio(
     pipelining: str = "auto",
     starttls: bool = False,
     prefix: bytes = b"",
+    recipients: tuple[str, ...] = (RECIPIENT,),
 ) -> LoadResult:
-    """Send ``messages`` over ``concurrency`` connections and time them."""
+    """Send ``messages`` over ``concurrency`` connections and time them; connection i
+    sends to ``recipients[i % len(recipients)]``."""
     result = LoadResult("asyncio", messages, size, concurrency)
     factory = MessageFactory(size, prefix)
     counter = itertools.count()
     latencies: list[float] = []
     workers = [
-        _Worker(host, port, factory, counter, messages, pipelining, result, latencies, starttls)
-        for _ in range(concurrency)
+        _Worker(host, port, factory, counter, messages, pipelining, result, latencies, starttls,
+                recipients[i % len(recipients)])
+        for i in range(concurrency)
     ]
     await asyncio.gather(*(w.connect() for w in workers))
     start = asyncio.Event()
@@ -256,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-file", type=argparse.FileType("rb"), default=None,
                         help="header lines (CRLF) put first in every message, e.g. a "
                              "DKIM-Signature (asyncio engine)")
+    parser.add_argument("--rcpt", action="append", default=None,
+                        help="recipient (repeatable: connection i sends to the i-th, "
+                             f"round robin; asyncio engine); default {RECIPIENT}")
     args = parser.parse_args(argv)
     prefix = args.prefix_file.read() if args.prefix_file else b""
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -264,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             run_asyncio(
                 args.host, args.port, args.messages, args.size,
                 args.concurrency, args.pipelining, args.starttls, prefix,
+                tuple(args.rcpt or (RECIPIENT,)),
             )
         )  # fmt: skip
         after = resource.getrusage(resource.RUSAGE_SELF)

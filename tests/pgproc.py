@@ -32,6 +32,10 @@ def binDir() -> str:
 class PostgresProcess:
     """initdb, start, dsn(), stop: one throwaway cluster."""
 
+    #: Server settings beyond the socket.  fsync off: a test cluster lives minutes and is
+    #: thrown away; commits are still commits.  A benchmark sets durable ones.
+    settings = "-c fsync=off -c full_page_writes=off -c max_connections=200"
+
     def __init__(self) -> None:
         self.root = tempfile.mkdtemp(prefix="twistmail-pg-")
         self.dataDir = os.path.join(self.root, "data")
@@ -56,11 +60,9 @@ class PostgresProcess:
     def resume(self) -> None:
         """Start the server on the cluster already made (after L{pause})."""
         bindir = binDir()
-        # No TCP at all: a unix socket in our directory.  fsync off: a test cluster
-        # lives minutes and is thrown away; commits are still commits.  pg_ctl -w waits
-        # until the server accepts connections (no sleeps here).
-        options = (f"-k {self.root} -c listen_addresses= -c fsync=off "
-                   "-c full_page_writes=off -c max_connections=200")
+        # No TCP at all: a unix socket in our directory.  pg_ctl -w waits until the
+        # server accepts connections (no sleeps here).
+        options = f"-k {self.root} -c listen_addresses= {self.settings}"
         subprocess.run(self._command([os.path.join(bindir, "pg_ctl"), "-D", self.dataDir,
                                       "-l", os.path.join(self.root, "log"), "-o", options,
                                       "-w", "-t", "120", "start"]),

@@ -178,3 +178,29 @@ def test_payloads_fit_postgresql_and_name_every_folder_once():
     assert heard == sorted(set(ids))
     assert push.parsePayload("node1", sent[0]) == []
     assert push.parsePayload("node2", "node1:1,x") == []
+
+
+def test_a_lost_notification_is_caught_up_by_the_fallback_poll(postgres, tmp_path, monkeypatch):
+    """A node that dies between its commit and its notification: the others still see
+    the change, at their fallback poll (shortened here from 30 s to 2 s)."""
+    from twistmail.storage.postgresql import PostgresStore
+    from twistmail.testing import onReactor
+    from twistmail.testing.conformance import deliver, openFolder
+
+    monkeypatch.setattr(store, "FALLBACK_INTERVAL", 2.0)
+    dsn = postgres.dsn(str(tmp_path))
+    schema.upgrade(dsn)
+    writer, watcher = PostgresStore(dsn), PostgresStore(dsn)
+    try:
+        inbox = openFolder(watcher)
+        heard: list = []
+        onReactor(inbox.addListener, heard.append)
+        waitUntil(lambda: watcher._pushing, 10, "the watcher listening")
+        monkeypatch.setattr(writer, "_announce", lambda conn, folderIds: None)  # the crash
+        deliver(writer, message(1))
+        waitUntil(lambda: [c for c in heard if c.added], 10, "the fallback poll's refresh")
+        assert [c.added for c in heard if c.added] == [(1,)]
+        onReactor(inbox.removeListener, heard.append)  # stops the poll, as a session does
+    finally:
+        writer.close()
+        watcher.close()

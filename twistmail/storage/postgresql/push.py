@@ -39,8 +39,9 @@ RETRY_FIRST, RETRY_MOST = 0.2, 5.0
 
 
 def channelQuery() -> str:
-    """The SQL that names this connection's channel (one per schema)."""
-    return "SELECT 'twistmail.' || current_schema()"
+    """The SQL that names this connection's channel (one per schema), cut to the 63
+    characters a channel name may have (pg_notify refuses longer ones)."""
+    return "SELECT left('twistmail.' || current_schema(), 63)"
 
 
 def payloads(node: str, folderIds: Iterable[int]) -> list[str]:
@@ -70,11 +71,14 @@ def parsePayload(node: str, payload: str) -> list[int]:
 
 
 def notify(conn, channel: str, node: str, folderIds: Iterable[int]) -> None:
-    """Announce C{folderIds} on C{conn}, which must be outside a transaction (autocommit
-    off but idle: each statement below is then its own short transaction)."""
-    for payload in payloads(node, folderIds):
-        conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-    conn.commit()
+    """Announce C{folderIds} on C{conn}, idle after its commit.  In autocommit each
+    C{pg_notify} is a transaction of its own in one round trip (no BEGIN, no COMMIT)."""
+    conn.autocommit = True
+    try:
+        for payload in payloads(node, folderIds):
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+    finally:
+        conn.autocommit = False
 
 
 def newNodeToken() -> str:
