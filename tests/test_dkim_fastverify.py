@@ -150,6 +150,16 @@ def test_the_fast_relaxed_body_is_dkimpys():
         assert dkimverify.relaxedBody(body) == Relaxed.canonicalize_body(body), body
 
 
+def test_the_fast_relaxed_header_fields_are_dkimpys():
+    rng = random.Random(12)
+    pieces = [b"a", b"B", b" ", b"  ", b"\t", b" \t ", b"\r\n ", b"\n\t", b"\r", b"\x0b", b"\x0c"]
+    names = [b"From", b"SUBJECT ", b"x-a\t", b"To"]
+    values = [b"", b" ", b"\r\n", b" a  b\t\r\n"]
+    values += [b"".join(rng.choice(pieces) for _ in range(rng.randrange(30))) for _ in range(3000)]
+    headers = [(rng.choice(names), value) for value in values]
+    assert dkimverify.relaxedHeaders(headers) == Relaxed.canonicalize_headers(headers)
+
+
 def test_rsa_is_verified_by_openssl_not_by_dkimpys_python_rsa(monkeypatch):
     def slow(*args):
         raise AssertionError("dkimpy's pure-Python RSA was used")

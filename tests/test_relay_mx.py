@@ -354,3 +354,8 @@ def test_answer_cache_honours_the_ttl_and_its_size():
     assert [cache.get(n, "TXT") for n in ("c.test", "d.test", "e.test")] == [["c"], ["d"], ["e"]]
     cache.put("e.test", "TXT", ["e2"], 2000)  # a new answer replaces the old one
     assert len(cache) == 3 and cache.get("e.test", "TXT") == ["e2"]
+    big = AnswerCache(size=20, clock=lambda: now[0])
+    for n in range(21):  # full of live answers: the oldest tenth goes, then no sweep for a while
+        big.put(f"{n}.test", "A", [n], 2000)
+    assert len(big) == 18 and [big.get(f"{n}.test", "A") for n in range(4)] == [None] * 3 + [[3]]
+    assert big.get("20.test", "A") == [20]

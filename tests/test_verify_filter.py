@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 
 from twistmail import _pluginload
 from twistmail.config import ConfigError
+from twistmail.filters import dmarc
 from twistmail.filters.spfdkimdmarc import fromDomains, fromValues
 from twistmail.interfaces import IMessageFilter, IMessageFilterFactory
 from twistmail.model import ACCEPT, QUARANTINE, REJECT, FilterContext
@@ -279,3 +280,9 @@ def test_from_fields_are_read_from_the_header_section_only():
     assert fromDomains(fromValues(b"To: x@y.example\r\n\r\n")) == ([], "0 From header fields")
     assert fromDomains(fromValues(b"From: =?utf-8?q?J=2C_D?= <j@a.example>\r\n\r\n")) \
         == (["a.example"], "")
+
+
+def test_organizational_domains_are_kept_in_a_bounded_cache():
+    for n in range(dmarc.ORG_DOMAIN_CACHE + 10):
+        assert dmarc.organizationalDomain(f"a.b{n}.example.co.uk") == "example.co.uk"
+    assert dmarc.organizationalDomain.cache_info().currsize == dmarc.ORG_DOMAIN_CACHE

@@ -126,6 +126,18 @@ def relaxedBody(body: bytes) -> bytes:
     return correct_empty_body(strip_trailing_lines(b"\r\n".join(lines)))
 
 
+_FOLD = re.compile(rb"\r?\n")
+
+
+def relaxedHeaders(headers: list) -> list:
+    """RFC 6376 §3.4.2, exactly as dkimpy's C{Relaxed.canonicalize_headers}, without
+    its two whole-value regex substitutions for every field: most fields are not
+    folded and have no run of whitespace to compress."""
+    return [(name.lower().rstrip(),
+             _compressed(_FOLD.sub(b"", value) if b"\n" in value else value).strip() + b"\r\n")
+            for name, value in headers]
+
+
 class _Verifier(dkim.DKIM):
     """dkimpy's DKIM with the costly parts done once per message and RSA done by OpenSSL.
 
@@ -149,7 +161,8 @@ class _Verifier(dkim.DKIM):
     def canonicalHeaders(self, policy: CanonicalizationPolicy) -> list:
         name = policy.header_algorithm.name
         if name not in self._headers:
-            self._headers[name] = policy.canonicalize_headers(self.headers)
+            self._headers[name] = relaxedHeaders(self.headers) \
+                if policy.header_algorithm is Relaxed else policy.canonicalize_headers(self.headers)
         return self._headers[name]
 
     def _bodyHash(self, policy: CanonicalizationPolicy, algorithm: bytes,

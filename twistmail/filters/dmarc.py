@@ -50,6 +50,11 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()  # the bundled list: parsed once, a few ms
 
 
+#: Organizational domains kept (L{organizationalDomain}): each alignment check asks twice.
+ORG_DOMAIN_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=ORG_DOMAIN_CACHE)
 def organizationalDomain(domain: str) -> str:
     """RFC 7489 §3.2: the public suffix plus one label (the domain itself if shorter)."""
     domain = domain.lower().rstrip(".")

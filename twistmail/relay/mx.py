@@ -77,7 +77,7 @@ class AnswerCache:
     keep answers by name and type for their TTL as resolvers do (RFC 1035
     §7.4); this is that, for the filters' worker threads.  Only answers (and
     NODATA) are kept, never a failure.  When full, expired entries go first,
-    then the oldest.
+    then the oldest tenth.
     """
 
     def __init__(self, size: int = MAX_ANSWERS, clock: Callable[[], float] = time.time) -> None:
@@ -103,8 +103,10 @@ class AnswerCache:
                 now = self._clock()
                 for key in [k for k, (_, e) in entries.items() if e <= now]:
                     del entries[key]
-                while len(entries) >= self._size:
-                    del entries[next(iter(entries))]  # the oldest: dicts keep insertion order
+                # The oldest (dicts keep insertion order), a tenth at once: a full cache
+                # of live answers is not swept again at every put.
+                while len(entries) >= self._size - self._size // 10:
+                    del entries[next(iter(entries))]
             entries.pop((name, rdtype), None)
             entries[(name, rdtype)] = (tuple(records), expires)
 
