@@ -80,10 +80,10 @@ class SelectedFolder:
 
     def bySeq(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(seq, uid) for sequence-number ranges (already resolved against ``*``)."""
-        out = []
+        out: list[tuple[int, int]] = []
         for low, high in ranges:
-            for seq in range(max(low, 1), min(high, len(self.uids)) + 1):
-                out.append((seq, self.uids[seq - 1]))
+            low, high = max(low, 1), min(high, len(self.uids))
+            out.extend(zip(range(low, high + 1), self.uids[low - 1:high], strict=True))
         return out
 
     def byUid(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -91,7 +91,7 @@ class SelectedFolder:
         out = []
         for low, high in ranges:
             start, stop = bisect_left(self.uids, low), bisect_right(self.uids, high)
-            out.extend((i + 1, self.uids[i]) for i in range(start, stop))
+            out.extend(zip(range(start + 1, stop + 1), self.uids[start:stop], strict=True))
         return out
 
     def message(self, uid: int):
@@ -106,6 +106,10 @@ class SelectedFolder:
     def told(self, uid: int, flags: frozenset) -> None:
         """This session reported C{flags} for C{uid} itself (STORE, FETCH): no repeat needed."""
         self._told[uid] = flags
+
+    def toldMany(self, uids, flagSets) -> None:
+        """L{told} for many messages at once (a FETCH of the whole folder's flags)."""
+        self._told.update(zip(uids, flagSets, strict=True))
 
     def pending(self) -> bool:
         current = self.mailbox.uids()
