@@ -377,6 +377,8 @@ def main() -> int:
     parser.add_argument("--dovecot", choices=("auto", "off"), default="auto")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--sources", type=Path, default=None,
+                        help="keep the generated Maildirs here and reuse them in later runs")
     args = parser.parse_args()
     raiseFileLimit()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -390,10 +392,12 @@ def main() -> int:
     results: dict = {"sizes": [], "idle": []}
     try:
         for count in sizes:
-            source = top / f"source-{count}"
-            started = time.perf_counter()
-            populate(source, count)
-            print(f"[{count} messages written in {time.perf_counter() - started:.1f}s]", flush=True)
+            source = (args.sources or top) / f"source-{count}"
+            if not (source / "cur").is_dir():
+                started = time.perf_counter()
+                populate(source, count)
+                print(f"[{count} messages written in {time.perf_counter() - started:.1f}s]",
+                      flush=True)
             kinds = [Twistmail] + ([Dovecot] if useDovecot else [])
             for kind in kinds:
                 server = kind(top / f"{kind.name}-{count}")

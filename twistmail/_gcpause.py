@@ -21,13 +21,21 @@ import gc
 import threading
 from collections.abc import Iterator
 
+#: Fewer objects than this are not worth a pause (see L{paused}).
+BULK = 10000
 _lock = threading.Lock()
 _depth = 0
 _wasEnabled = False
 
 
 @contextlib.contextmanager
-def paused() -> Iterator[None]:
+def paused(objects: int = BULK) -> Iterator[None]:
+    """Collector off while about C{objects} objects are made; a no-op below L{BULK}:
+    each pause moves every young object to the oldest generation, and doing that
+    for every small request would leave garbage cycles to the rare full collections."""
+    if objects < BULK:
+        yield
+        return
     global _depth, _wasEnabled
     with _lock:
         if _depth == 0:

@@ -246,7 +246,7 @@ class MaildirFolder(FolderIndex):
             for info in set(infos):
                 self._flags(info)
             uniqueIds = map(_FIRST, map(str.partition, map(_BASE, values), repeat(",")))
-            with _gcpause.paused():
+            with _gcpause.paused(len(values)):
                 self._snapshot = list(map(_newStored, zip(
                     entries, uniqueIds, map(self._flagCache.__getitem__, infos),
                     map(_SIZE, values), map(_DATE, values),
@@ -309,8 +309,7 @@ class MaildirFolder(FolderIndex):
                 continue  # another process took it
             moved.append(name)
         if forceFull or known is None or before[1] != known[1]:
-            with _gcpause.paused():
-                self._fullScan(scan, curDir)
+            self._fullScan(scan, curDir)
         else:
             self._adopt(scan, curDir, moved)
         taken = _maildirindex.now()
@@ -323,7 +322,7 @@ class MaildirFolder(FolderIndex):
 
     def _fromIndex(self, scan: _Scan) -> bool:
         """The first look at the folder in this process: from twistmail-index if it holds."""
-        with _gcpause.paused():
+        with _gcpause.paused():  # an index is there for 1,000 messages or more
             loaded = _maildirindex.load(self.path, _maildirindex.stamps(self.path, _SIDECARS))
             if loaded is None:
                 return False
@@ -338,6 +337,11 @@ class MaildirFolder(FolderIndex):
     def _fullScan(self, scan: _Scan, curDir: str) -> None:
         scan.full = True
         names = [name for name in os.listdir(curDir) if name[0] != "."]
+        with _gcpause.paused(len(names)):
+            self._reconcile(scan, curDir, names)
+
+    def _reconcile(self, scan: _Scan, curDir: str, names: list[str]) -> None:
+        """Match the names in cur/ with the uidlist; number the newcomers."""
         parts = [name.partition(":2,") for name in names]
         for name, (_, sep, _) in zip(names, parts, strict=True):
             if not sep:

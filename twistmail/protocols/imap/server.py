@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
-from twistmail import __version__
+from twistmail import __version__, _gcpause
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.delivery.quota import OverQuota, Quota, QuotaTracker
@@ -1035,25 +1035,26 @@ class IMAPServer(imap4.IMAP4Server):
         """FETCH of UID and FLAGS only, the view in step with the folder (so sequence
         number n is the snapshot's n-th message): one C{bytes %} per message through
         C-level maps, no per-message Python call (``UID FETCH 1:* (FLAGS)`` on 100,000)."""
-        seqs, uids = zip(*targets, strict=True)
-        flagSets = list(map(_FLAGS_OF, map(snapshot.__getitem__, map(_MINUS_ONE, seqs))))
-        view.toldMany(uids, flagSets)
-        if view.recent:
-            recent = view.recent
-            flagSets = [f | _RECENT if u in recent else f
-                        for u, f in zip(uids, flagSets, strict=True)]
-        wire = {f: response.flagList(f) for f in set(flagSets)}
-        columns: list = [seqs]
-        parts = []
-        for item in items:
-            if item.name == b"UID":
-                parts.append(b"UID %d")
-                columns.append(uids)
-            else:
-                parts.append(b"FLAGS %s")
-                columns.append(map(wire.__getitem__, flagSets))
-        lines = list(map((b"* %d FETCH (" + b" ".join(parts) + b")\r\n").__mod__,
-                         zip(*columns, strict=True)))
+        with _gcpause.paused(len(targets)):
+            seqs, uids = zip(*targets, strict=True)
+            flagSets = list(map(_FLAGS_OF, map(snapshot.__getitem__, map(_MINUS_ONE, seqs))))
+            view.toldMany(uids, flagSets)
+            if view.recent:
+                recent = view.recent
+                flagSets = [f | _RECENT if u in recent else f
+                            for u, f in zip(uids, flagSets, strict=True)]
+            wire = {f: response.flagList(f) for f in set(flagSets)}
+            columns: list = [seqs]
+            parts = []
+            for item in items:
+                if item.name == b"UID":
+                    parts.append(b"UID %d")
+                    columns.append(uids)
+                else:
+                    parts.append(b"FLAGS %s")
+                    columns.append(map(wire.__getitem__, flagSets))
+            lines = list(map((b"* %d FETCH (" + b" ".join(parts) + b")\r\n").__mod__,
+                             zip(*columns, strict=True)))
         for start in range(0, len(lines), _COLUMN_CHUNK):
             self.transport.write(b"".join(lines[start:start + _COLUMN_CHUNK]))
             if self._flow.outputFull:  # a client that does not read holds us up
