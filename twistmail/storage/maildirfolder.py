@@ -66,6 +66,7 @@ _SIDECARS = (_uidlist.UIDLIST, _uidlist.KEYWORDS)
 _ORDER = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
 _partitionDot, _partitionComma = methodcaller("partition", "."), methodcaller("partition", ",")
 _partitionSize = methodcaller("partition", ",S=")
+_partitionInfo = methodcaller("partition", ":2,")
 _LAST = float("inf")  # sort key of a name without a delivery time
 
 
@@ -84,20 +85,23 @@ def _inDeliveryOrder(bases) -> tuple[list[str], list[int | None], list[int | Non
     maps of str.partition, the sort key is an int, and only names that share a
     second are parsed for their microseconds and counter.
     """
-    bases = sorted(bases)
+    bases = sorted(bases)  # names from one program sort nearly in time order: a cheap sort
     seconds = [int(h) if h.isdigit() and h.isascii() else None
                for h in map(_FIRST, map(_partitionDot, bases))]
     sizes = [int(t) if t.isdigit() and t.isascii() else None
              for t in map(_FIRST, map(_partitionComma, map(_THIRD, map(_partitionSize, bases))))]
     keys = [_LAST if sec is None else sec for sec in seconds]
     order = sorted(range(len(bases)), key=keys.__getitem__)  # stable: ties stay by name
-    start = 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or keys[order[end]] != keys[order[start]]:
-            if end - start > 1 and keys[order[start]] != _LAST:
-                order[start:end] = sorted(order[start:end], key=lambda i: _subSecond(bases[i]))
-            start = end
-    return ([bases[i] for i in order], [seconds[i] for i in order], [sizes[i] for i in order])
+    if len(set(keys)) < len(keys):  # some share a second: their microseconds decide
+        start = 0
+        for end in range(1, len(order) + 1):
+            if end == len(order) or keys[order[end]] != keys[order[start]]:
+                if end - start > 1 and keys[order[start]] != _LAST:
+                    order[start:end] = sorted(order[start:end],
+                                              key=lambda i: _subSecond(bases[i]))
+                start = end
+    return (list(map(bases.__getitem__, order)), list(map(seconds.__getitem__, order)),
+            list(map(sizes.__getitem__, order)))
 
 
 def _subSecond(base: str) -> tuple[int, int]:
@@ -139,7 +143,7 @@ def stageMessage(folderPath: str, chunks, subdir: str, suffix: str = "",
 _newTuple = tuple.__new__
 _newStored = partial(tuple.__new__, StoredMessage)
 _BASE, _INFO, _SIZE, _DATE = (itemgetter(i) for i in range(4))  # of an _Entry
-_FIRST, _THIRD = itemgetter(0), itemgetter(2)
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -342,16 +346,17 @@ class MaildirFolder(FolderIndex):
 
     def _reconcile(self, scan: _Scan, curDir: str, names: list[str]) -> None:
         """Match the names in cur/ with the uidlist; number the newcomers."""
-        parts = [name.partition(":2,") for name in names]
-        for name, (_, sep, _) in zip(names, parts, strict=True):
-            if not sep:
-                # Put there without the info part by another program: give it one,
-                # so the file has the name the index expects.
-                try:
-                    os.rename(os.path.join(curDir, name), os.path.join(curDir, name + ":2,"))
-                except FileNotFoundError:
-                    continue
-        onDisk: dict[str, str] = {base: info for base, _, info in parts}
+        parts = list(map(_partitionInfo, names))
+        if "" in set(map(_SECOND, parts)):
+            for name, (_, sep, _) in zip(names, parts, strict=True):
+                if not sep:
+                    # Put there without the info part by another program: give it one,
+                    # so the file has the name the index expects.
+                    try:
+                        os.rename(os.path.join(curDir, name), os.path.join(curDir, name + ":2,"))
+                    except FileNotFoundError:
+                        continue
+        onDisk: dict[str, str] = dict(zip(map(_FIRST, parts), map(_THIRD, parts), strict=True))
         uidlistPath = os.path.join(self.path, _uidlist.UIDLIST)
         header, listed = _uidlist.read(uidlistPath)
         if header is None:
