@@ -184,7 +184,9 @@ class Twistmail:
 class Dovecot:
     name = "dovecot"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, passwordHash: str | None = None) -> None:
+        """@param passwordHash: a stored password in Dovecot's C{{SCHEME}value} form
+        (PLAIN by default)."""
         self.work = work
         self.port = free_port()
         self.home = work / "home" / USER
@@ -193,7 +195,7 @@ class Dovecot:
         (work / "state").mkdir()
         self.home.mkdir(parents=True)
         passwd = work / "passwd"
-        passwd.write_text(f"{ADDRESS}:{{PLAIN}}{PASSWORD}::::::\n")
+        passwd.write_text(f"{ADDRESS}:{passwordHash or '{PLAIN}' + PASSWORD}::::::\n")
         self.config = work / "dovecot.conf"
         self.config.write_text(f"""
 protocols = imap
