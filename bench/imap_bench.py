@@ -372,6 +372,19 @@ def measureIdle(server, connections: int) -> dict:
             "mb_idle": after}
 
 
+def prepare(dovecot: str, prefix: str, workdir: Path | None) -> tuple[bool, Path]:
+    """Raise the file limit; whether Dovecot runs (C{dovecot}: auto or off, and
+    installed); a scratch directory other users (Dovecot's processes) can enter."""
+    raiseFileLimit()
+    useDovecot = dovecot == "auto" and shutil.which("dovecot") is not None
+    if dovecot == "auto" and not useDovecot:
+        print("dovecot not installed (apt-get install dovecot-imapd): twistmail only",
+              file=sys.stderr)
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+    top.chmod(0o755)
+    return useDovecot, top
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
@@ -382,14 +395,8 @@ def main() -> int:
     parser.add_argument("--sources", type=Path, default=None,
                         help="keep the generated Maildirs here and reuse them in later runs")
     args = parser.parse_args()
-    raiseFileLimit()
     sizes = [int(s) for s in args.sizes.split(",")]
-    useDovecot = args.dovecot == "auto" and shutil.which("dovecot") is not None
-    if args.dovecot == "auto" and not useDovecot:
-        print("dovecot not installed (apt-get install dovecot-imapd): twistmail only",
-              file=sys.stderr)
-    top = Path(tempfile.mkdtemp(prefix="imap-bench-", dir=args.workdir))
-    top.chmod(0o755)  # Dovecot's auth and mail processes run as other users
+    useDovecot, top = prepare(args.dovecot, "imap-bench-", args.workdir)
     rng = random.Random(7)
     results: dict = {"sizes": [], "idle": []}
     try:

@@ -34,11 +34,10 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from imap_bench import ADDRESS, PASSWORD, Dovecot, Twistmail, linkCopy, populate, raiseFileLimit
+from imap_bench import ADDRESS, PASSWORD, Dovecot, Twistmail, linkCopy, populate, prepare
 
 TARGET_RATIO = 0.6
 _APPENDUID = re.compile(rb"\[APPENDUID \d+ (\d+)\]")
@@ -144,13 +143,7 @@ def main() -> int:
     parser.add_argument("--dovecot-password", choices=("argon2id", "plain"), default="argon2id")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    raiseFileLimit()
-    useDovecot = args.dovecot == "auto" and shutil.which("dovecot") is not None
-    if args.dovecot == "auto" and not useDovecot:
-        print("dovecot not installed (apt-get install dovecot-imapd): twistmail only",
-              file=sys.stderr)
-    top = Path(tempfile.mkdtemp(prefix="imap-concurrency-", dir=args.workdir))
-    top.chmod(0o755)  # Dovecot's auth and mail processes run as other users
+    useDovecot, top = prepare(args.dovecot, "imap-concurrency-", args.workdir)
     source = top / "source"
     populate(source, args.messages)
     failed = 0
