@@ -234,3 +234,16 @@ def test_deferToThreadIsUsedForTheSave(dataDir):
     backdate(folderDir(dataDir))
     openFolder(MaildirStore(dataDir, deferToThread=run))
     assert _maildirindex.save in calls
+
+
+def test_unchangedFolderIsNotIndexedAgain(dataDir, monkeypatch):
+    """The periodic full scan of an unchanged folder does not rewrite its index."""
+    path, before, _, _ = indexedFolder(dataDir)
+    store = MaildirStore(dataDir)
+    folder = openFolder(store)
+    saves = []
+    monkeypatch.setattr(_maildirindex, "save", lambda *args: saves.append(args))
+    monkeypatch.setattr(maildirfolder, "FULL_SCAN_INTERVAL", -1.0)
+    assert not call(folder, "refresh")
+    assert saves == []
+    assert view(folder) == before

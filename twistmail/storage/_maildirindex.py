@@ -99,6 +99,12 @@ def load(folderPath: str, current: str) -> tuple[int, int, list, list, list, lis
     return uidValidity, uidNext, uids, bases, infos, sizes, dates
 
 
+def holds(folderPath: str, current: str) -> bool:
+    """Whether a good index for these stamps is on disk already: a periodic full scan
+    of an unchanged folder need not write 100,000 entries again (a load is cheaper)."""
+    return load(folderPath, current) is not None
+
+
 def save(folderPath: str, current: str, takenNs: int, uidValidity: int, uidNext: int,
          columns: tuple[list, list, list, list, list]) -> bool:
     """Write the index (worker thread) unless the stamps are racy.  True if written.

@@ -321,7 +321,9 @@ class MaildirFolder(FolderIndex):
         if (scan.full and scan.stamps == before
                 and len(scan.entries) >= _maildirindex.MIN_MESSAGES):
             # Nothing changed while we listed: what we found can be saved as the index.
-            scan.indexStamps = (_maildirindex.stamps(self.path, _SIDECARS), taken)
+            stamps = _maildirindex.stamps(self.path, _SIDECARS)
+            if not _maildirindex.holds(self.path, stamps):
+                scan.indexStamps = (stamps, taken)
         return scan
 
     def _fromIndex(self, scan: _Scan) -> bool:
