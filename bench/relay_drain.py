@@ -8,6 +8,7 @@ whose queue this script fills before starting it.
     python bench/relay_drain.py                         # 2000 x 4 KiB at 1 and 10 domains, 100,000 queued
     python bench/relay_drain.py --messages 5000 --queued 0 --domains 1,10,50
     python bench/relay_drain.py --queued 0 --postfix    # also Postfix draining the same queue (root)
+    python bench/relay_drain.py --queued 0 --postfix --repeat 3 --profile
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pstats
 import shutil
 import smtplib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,9 +108,17 @@ class SinkFactory(protocol.ServerFactory):
         self.count, self.first, self.last, self.connections = 0, None, None, 0
 
 
+def sinkAddress(index: int) -> str:
+    """The sink's address for domain C{index}: 127.0.1.1, 127.0.1.2, ... one per domain, so
+    each domain is its own MX host to twistmail and its own destination to Postfix."""
+    return f"127.0.{1 + index // 250}.{1 + index % 250}"
+
+
 def startPeers(domains: list[str]) -> tuple[int, int, SinkFactory]:
-    records = {d: [dns.Record_MX(10, b"mx.bench.test")] for d in domains}
-    records["mx.bench.test"] = [dns.Record_A("127.0.0.1")]
+    records = {}
+    for i, d in enumerate(domains):
+        records[d] = [dns.Record_MX(10, f"mx.{d}".encode())]
+        records[f"mx.{d}"] = [dns.Record_A(sinkAddress(i))]
     records["dead.bench.test"] = [dns.Record_MX(10, b"mx.dead.bench.test")]
     records["mx.dead.bench.test"] = [dns.Record_A("127.0.0.2")]  # nothing listens there
     sink = SinkFactory()
@@ -120,7 +131,8 @@ def startPeers(domains: list[str]) -> tuple[int, int, SinkFactory]:
         factory = server.DNSServerFactory(authorities=[zoneResolver(records)])
         factory.noisy = False
         ports["dns"] = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-        reactor.listenTCP(smtpPort, sink, interface="127.0.0.1", backlog=200)
+        for i in range(len(domains)):  # one sink, one listening socket per domain's address
+            reactor.listenTCP(smtpPort, sink, interface=sinkAddress(i), backlog=200)
         ready.set()
 
     reactor.callWhenRunning(listen)
@@ -168,11 +180,19 @@ def writeConfig(workdir: Path, dataDir: Path, dnsPort: int, smtpPort: int, **rel
     return path
 
 
-def startServer(workdir: Path, config: Path) -> tuple[subprocess.Popen, Path]:
+def startServer(workdir: Path, config: Path, profile: Path | None = None
+                ) -> tuple[subprocess.Popen, Path]:
+    """twistd with the config; with C{profile}, its reactor runs under cProfile, whose
+    stats twistd writes there when it stops."""
     log = workdir / "server.log"
-    proc = subprocess.Popen([*TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(config)],
+    profiling = ["--profiler=cprofile", f"--profile={profile}", "--savestats"] if profile else []
+    # A session of its own, as Postfix's master makes itself: with the kernel's
+    # autogroup scheduling (on by default) CPU is shared out per session first, and
+    # twistmail would share one with this process (the sink) while Postfix does not.
+    proc = subprocess.Popen([*TWISTD, "-n", "--pidfile=", *profiling, "twistmail", "--config",
+                             str(config)],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=workdir)
+                            stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
     return proc, log
 
 
@@ -215,9 +235,10 @@ def queueFiles(dataDir: Path) -> int:
 # -- the measurements ---------------------------------------------------------------------
 
 
-def drain(workdir: Path, peers, domains: int, messages: int, size: int) -> dict:
+def drain(workdir: Path, peers, domains: int, messages: int, size: int, run: int = 0,
+          profile: bool = False) -> dict:
     dnsPort, smtpPort, sink = peers
-    run = workdir / f"drain-{domains}"
+    run = workdir / f"drain-{domains}-{run}"
     dataDir = run / "data"
     dataDir.mkdir(parents=True)
     rcpts = [f"user{i}@d{i % domains}.bench.test" for i in range(messages)]
@@ -226,7 +247,8 @@ def drain(workdir: Path, peers, domains: int, messages: int, size: int) -> dict:
     reactor.callFromThread(sink.reset)
     time.sleep(0.1)
     started = time.monotonic()
-    proc, log = startServer(run, config)
+    stats = run / "server.pstats" if profile else None
+    proc, log = startServer(run, config, stats)
     try:
         waitFor(lambda: sink.first is not None, 60, "the first delivery", proc)
         cpu0 = sum(cpu_seconds(proc.pid))
@@ -237,6 +259,9 @@ def drain(workdir: Path, peers, domains: int, messages: int, size: int) -> dict:
     finally:
         stop(proc)
     seconds = sink.last - sink.first
+    if stats is not None:
+        printProfile(stats, f"twistmail's reactor thread, {domains} domain(s) (cProfile, "
+                     "start to stop, by own time)")
     return {"domains": domains, "messages": messages, "size": size, "fill_s": round(fill, 1),
             "start_to_first_s": round(sink.first - started, 2), "drain_s": round(seconds, 2),
             "msg_per_s": round((messages - 1) / seconds, 1) if seconds else None,
@@ -245,26 +270,54 @@ def drain(workdir: Path, peers, domains: int, messages: int, size: int) -> dict:
             "connections": sink.connections}
 
 
+def treeCpu(pid: int) -> float:
+    """CPU seconds of C{pid} and every process under it, with their reaped children's.
+
+    Postfix works in many processes (qmgr, one smtp per connection, postlogd) under its
+    master: their sum is what Postfix spent, as twistmail's is its process's."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        times[int(entry)] = sum(int(f) for f in fields[11:15]) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        one = todo.pop()
+        total += times.get(one, 0.0)
+        todo += children.get(one, [])
+    return total
+
+
 def postfixDrain(peers, domains: int, messages: int, size: int) -> dict:
     """The same messages through a private Postfix to the same sink: held, released, timed.
 
-    Every domain's next hop is the sink (transport_maps), which Postfix counts as one
-    destination; its concurrency limit is raised to what twistmail gets (20 per domain,
-    100 in all), so both open as many connections.
+    Each domain's next hop is its own sink address (transport_maps, the address its MX
+    has for twistmail), so Postfix sees as many destinations as twistmail sees MX hosts,
+    each with Postfix's default limit of 20 connections
+    (``default_destination_concurrency_limit``, twistmail's ``max_deliveries_per_domain``)
+    and 100 in all (``default_process_limit``, twistmail's ``max_deliveries``).  Its slow
+    start is skipped (``initial_destination_concurrency`` 20): twistmail has none.  Both
+    cache connections (Postfix: ``smtp_connection_cache_on_demand``, on by default).
     """
     from postfixproc import Postfix
 
     dnsPort, smtpPort, sink = peers
     names = [f"d{i}.bench.test" for i in range(domains)]
-    concurrency = min(20 * domains, 100)
-    transport = ", ".join(f"{d}=smtp:[127.0.0.1]:{smtpPort}" for d in names)
+    transport = ", ".join(f"{d}=smtp:[{sinkAddress(i)}]:{smtpPort}" for i, d in enumerate(names))
     extra = f"""\
 smtpd_client_restrictions = check_client_access static:HOLD
 transport_maps = inline:{{ {transport} }}
 relay_domains = {" ".join(names)}
-default_destination_concurrency_limit = {concurrency}
-initial_destination_concurrency = {concurrency}
-default_process_limit = 200
+default_destination_concurrency_limit = 20
+initial_destination_concurrency = 20
+default_process_limit = 100
 """
     factory = MessageFactory(size)
     with Postfix(free_port(), extra=extra) as pf:
@@ -281,17 +334,21 @@ default_process_limit = 200
         fill = time.monotonic() - started
         reactor.callFromThread(sink.reset)
         time.sleep(0.1)
+        master = int(Path(pf.dir, "queue", "pid", "master.pid").read_text())
         pf.run("/usr/sbin/postsuper", "-c", pf.config, "-H", "ALL")  # to the deferred queue
+        cpu0 = treeCpu(master)
         pf.run("/usr/sbin/postqueue", "-c", pf.config, "-f")  # ... and deliver it now
         deadline = time.monotonic() + 600
         while sink.count < messages:
             if time.monotonic() > deadline:
                 raise SystemExit(f"Postfix delivered {sink.count} of {messages}")
             time.sleep(0.05)
+        cpu1 = treeCpu(master)
     seconds = sink.last - sink.first
     return {"domains": domains, "messages": messages, "size": size, "fill_s": round(fill, 1),
             "drain_s": round(seconds, 2),
             "msg_per_s": round((messages - 1) / seconds, 1) if seconds else None,
+            "cpu_ms_per_msg": round((cpu1 - cpu0) * 1000 / messages, 2),
             "delivered": sink.count, "connections": sink.connections}
 
 
@@ -356,6 +413,18 @@ def idleMemory(workdir: Path, peers) -> dict:
         stop(proc)
 
 
+def printProfile(path: Path, title: str, top: int = 25) -> None:
+    """The functions that took the most time of their own, and the total."""
+    stats = pstats.Stats(str(path))
+    print(f"  -- {title}: {stats.total_tt:.2f} s in all", flush=True)
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def spread(values: list[float]) -> str:
+    """Median and range, as the README reports repeated figures."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000, help="messages per drain run")
@@ -368,6 +437,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--postfix", action="store_true",
                         help="also drain the same messages with Postfix (needs root and postfix)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="drain runs per domain count; the median and range are reported")
+    parser.add_argument("--profile", action="store_true",
+                        help="run twistmail's reactor under cProfile; print where its time went")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="twistmail-relay-bench-", dir=args.workdir))
@@ -378,22 +451,33 @@ def main(argv=None) -> int:
         results["idle"] = idleMemory(workdir, peers)
         print(f"idle server: {results['idle']['rss_empty_queue_mib']} MiB RSS", flush=True)
         for domains in counts:
-            r = drain(workdir, peers, domains, args.messages, args.size)
-            results["drain"].append(r)
-            print(f"drain {r['messages']} x {r['size']} B to {domains} domain(s): "
-                  f"{r['msg_per_s']} msg/s ({r['drain_s']} s, server {r['server_cpu_ms_per_msg']} "
-                  f"ms CPU/msg, {r['connections']} connections, delivered {r['delivered']}, "
-                  f"left {r['left_in_queue']})", flush=True)
-            if r["delivered"] != args.messages or r["left_in_queue"]:
-                print("  INTEGRITY FAILURE", flush=True)
-                return 1
-            if args.postfix:
-                p = postfixDrain(peers, domains, args.messages, args.size)
-                results.setdefault("postfix", []).append(p)
-                print(f"  Postfix, same queue and sink: {p['msg_per_s']} msg/s ({p['drain_s']} s, "
-                      f"{p['connections']} connections, delivered {p['delivered']}); "
-                      "twistmail/Postfix = "
-                      f"{r['msg_per_s'] / p['msg_per_s']:.2f}", flush=True)
+            ratios, rates = [], []
+            for run in range(args.repeat):
+                r = drain(workdir, peers, domains, args.messages, args.size, run, args.profile)
+                results["drain"].append(r)
+                rates.append(r["msg_per_s"])
+                print(f"drain {r['messages']} x {r['size']} B to {domains} domain(s): "
+                      f"{r['msg_per_s']} msg/s ({r['drain_s']} s, server "
+                      f"{r['server_cpu_ms_per_msg']} ms CPU/msg, {r['connections']} connections, "
+                      f"delivered {r['delivered']}, left {r['left_in_queue']})", flush=True)
+                if r["delivered"] != args.messages or r["left_in_queue"]:
+                    print("  INTEGRITY FAILURE", flush=True)
+                    return 1
+                if args.postfix:
+                    p = postfixDrain(peers, domains, args.messages, args.size)
+                    results.setdefault("postfix", []).append(p)
+                    ratios.append(r["msg_per_s"] / p["msg_per_s"])
+                    print(f"  Postfix, same queue and sink: {p['msg_per_s']} msg/s "
+                          f"({p['drain_s']} s, {p['cpu_ms_per_msg']} ms CPU/msg, {p['connections']} "
+                          f"connections, delivered "
+                          f"{p['delivered']}); twistmail/Postfix = {ratios[-1]:.2f}", flush=True)
+            if args.repeat > 1:
+                summary = f"{domains} domain(s), {args.repeat} runs: twistmail {spread(rates)} msg/s"
+                if ratios:
+                    summary += f", twistmail/Postfix {spread(ratios)}"
+                results.setdefault("summary", []).append(
+                    {"domains": domains, "msg_per_s": rates, "ratios": ratios})
+                print(summary + " (median (range))", flush=True)
         if args.queued:
             m = queuedMemory(workdir, peers, args.queued, args.size)
             results["memory"] = m

@@ -49,6 +49,8 @@ class Script:
     authNeedsTLS: bool = True
     #: drop the connection right after accepting RSET (a server that times out idle clients)
     closeAfterRset: bool = False
+    #: EHLO keywords offered once under TLS ("REQUIRETLS", RFC 8689 §2)
+    tlsExtensions: tuple = ()
 
 
 class SinkProtocol(basic.LineReceiver):
@@ -108,6 +110,8 @@ class SinkProtocol(basic.LineReceiver):
             caps.append("250-STARTTLS")
         if script.users and (self.tls or not script.authNeedsTLS):
             caps.append("250-AUTH PLAIN")
+        if self.tls:
+            caps += [f"250-{keyword}" for keyword in script.tlsExtensions]
         caps.append("250 ENHANCEDSTATUSCODES")
         self.reply("\r\n".join(caps))
 

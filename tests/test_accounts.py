@@ -167,7 +167,7 @@ def test_passwordHash(accounts):
 
 
 @pytest.mark.parametrize("local", ["../x", "a/b", ".x", "x.", "a..b", "", "-x", "a b", "a@b",
-                                   "a\\b", "a\x00b", "x" * 65, "über", "a%b", "a:b"])
+                                   "a\\b", "a\x00b", "x" * 65, "ü/b", "a%b", "a:b"])
 def test_addUserRejectsBadLocalParts(accounts, local):
     with pytest.raises(AccountError):
         accounts.addUser(f"{local}@example.test", HASH)

@@ -50,6 +50,9 @@ def test_address_fields(value, expected):
 
 def test_a_field_with_a_non_ascii_name_is_dropped():
     assert downgrade.header("Subject: x\r\nX-Ü: y\r\n\r\n".encode()) == b"Subject: x\r\n\r\n"
+    # A continuation line with nothing to continue is no field: dropped if it is 8-bit.
+    assert downgrade.header(" ü\r\n ascii\r\nA: b\r\n\r\n".encode()) == b"A: b\r\n\r\n"
+    assert downgrade.header(b" ascii\r\nA: \xc3\xbc\r\n\r\n") == b" ascii\r\nA: =?utf-8?b?w7w=?=\r\n\r\n"
 
 
 def test_envelope():
@@ -85,3 +88,19 @@ def test_mime_parameters_become_rfc2231():
     assert parsed.get_param("name") == "ü.txt" and parsed.get_content_charset() == "utf-8"
     # A type that is not ASCII has no RFC 2231 form: encoded as text.
     assert b"\r\nContent-Type: =?utf-8?q?=C3=BC/x?=\r\n" in out
+
+
+@pytest.mark.parametrize("block", [
+    # the stdlib's address parser recurses once per comment level
+    b"From: " + b"(" * 3000 + "ü@x.example\r\n\r\n".encode(),
+    # Message.set_param and get_params are quadratic in the parameters (this took minutes)
+    b"Content-Type: text/plain; " + b"; ".join(b"a%d=\xc3\xbc" % i for i in range(4000)) + b"\r\n\r\n",
+    # seconds of address parsing
+    b"To: " + ", ".join(f"ü{i}@x.example" for i in range(20000)).encode() + b"\r\n\r\n",
+])
+def test_hostile_fields_are_encoded_as_text(block):
+    """Too deep or too long to parse: the field is kept as encoded-words, quickly."""
+    out = downgrade.header(block)
+    assert out.isascii()
+    name, value = out.split(b":", 1)
+    assert value.startswith(b" =?utf-8?") and block.startswith(name + b":")

@@ -96,6 +96,11 @@ def test_utf7_and_utf8_sessions_share_folders(server, legacy, utf8lib):
     assert b'(\\HasNoChildren) "/" "\xc3\x84rger"' in data  # RFC 6855 §3: UTF-8 in a quoted string
     typ, data = utf8lib.list('""', '"Caf%"')  # patterns are UTF-8 too
     assert data == [b'(\\HasChildren) "/" "Caf\xc3\xa9"']
+    typ, data = utf8lib.list('""', '"Caf*" RETURN (STATUS (MESSAGES))')  # RFC 5819, in UTF-8
+    assert data == [b'(\\HasChildren) "/" "Caf\xc3\xa9"',
+                    '(\\HasNoChildren) "/" "Café/日本"'.encode()]
+    assert utf8lib.untagged_responses.pop("STATUS") == [
+        b'"Caf\xc3\xa9" (MESSAGES 0)', '"Café/日本" (MESSAGES 0)'.encode()]
     # A message the legacy client appends under the UTF-7 name is seen under the UTF-8 one.
     legacy.append(b"Subject: hi\r\n\r\nhello\r\n", folder="Café/日本".encode("imap4-utf-7").decode())
     typ, data = utf8lib.status('"Café/日本"', "(MESSAGES)")

@@ -153,7 +153,8 @@ def fetchmail(server, tmp_path, keep: bool) -> tuple[subprocess.CompletedProcess
         f'  mda "cat >> {out}"\n')
     rcfile.chmod(0o600)
     env = dict(os.environ, FETCHMAILHOME=str(home))
-    result = run([binary, "--nosyslog", "--invisible", "--verbose", "-f", str(rcfile)], env=env)
+    result = run([binary, "--nosyslog", "--invisible", "--verbose", "-f", str(rcfile),
+                  "--pidfile", str(home / "fetchmail.pid")], env=env)
     return result, out.read_bytes() if out.exists() else b""
 
 

@@ -150,7 +150,8 @@ def test_fetchmail_over_imap_byte_exact(server, tmp_path):
         f"  options fetchall keep no stripcr sslproto ''\n"
         f'  mda "cat >> {out}"\n')
     rcfile.chmod(0o600)
-    result = run([binary, "--nosyslog", "--invisible", "--verbose", "-f", str(rcfile)],
+    result = run([binary, "--nosyslog", "--invisible", "--verbose", "-f", str(rcfile),
+                   "--pidfile", str(home / "fetchmail.pid")],
                  env=dict(os.environ, FETCHMAILHOME=str(home)))
     assert result.returncode == 0, result.stdout
     assert "1 message for alice@example.test" in result.stdout

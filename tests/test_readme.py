@@ -79,7 +79,9 @@ STUBS = {
     # The rest only so the scratch run never touches the real system: a real
     # debconf-set-selections locks debconf's database, and parallel runs of these
     # tests (xdist) then failed on each other's lock.
-    "debconf-set-selections": LOG_STUB.format(name="debconf-set-selections"),
+    # It reads its stdin, as the real one does: exiting first would kill the
+    # piped echo with SIGPIPE (status 141 under pipefail) whenever it lost the race.
+    "debconf-set-selections": LOG_STUB.format(name="debconf-set-selections") + "cat >/dev/null\n",
     **{name: LOG_STUB.format(name=name) + f'echo "{name} 0 (stub)"\n'
        for name in ("systemd-analyze", "logrotate", "dpkg-query", "chromium", "chromedriver",
                     "postconf", "rspamd")},

@@ -37,9 +37,12 @@ def received(srv, address=BOB) -> bytes:
 @pytest.mark.parametrize("tls, auth, protocol", [
     (False, False, b"ESMTP"), (True, False, b"ESMTPS"),
     (False, True, b"ESMTPA"), (True, True, b"ESMTPSA"),
+    (False, False, b"UTF8SMTP"), (True, False, b"UTF8SMTPS"),
+    (False, True, b"UTF8SMTPA"), (True, True, b"UTF8SMTPSA"),
 ])
 def test_with_clause_names_tls_and_authentication(users, tls, auth, protocol):
-    """RFC 3848 §2, on the MX port (AUTH offered there with [smtp] auth = true)."""
+    """RFC 3848 §2, on the MX port (AUTH offered there with [smtp] auth = true);
+    RFC 6531 §3.7.3 for a transaction with SMTPUTF8."""
     srv = users()
     with smtplib.SMTP("127.0.0.1", srv.smtpPort, timeout=10) as s:
         s.ehlo("laptop.example")
@@ -48,7 +51,8 @@ def test_with_clause_names_tls_and_authentication(users, tls, auth, protocol):
             s.ehlo("laptop.example")
         if auth:
             s.login(ALICE, "secret")
-        s.sendmail(ALICE if auth else "x@remote.test", [BOB], MSG)
+        s.sendmail(ALICE if auth else "x@remote.test", [BOB], MSG,
+                   mail_options=["SMTPUTF8"] if protocol.startswith(b"UTF8") else [])
     header = received(srv)
     assert b" with " + protocol + b" id " in header, header
     assert header.startswith(b"Received: from laptop.example ([127.0.0.1])")
@@ -62,6 +66,20 @@ def test_submission_over_implicit_tls_says_esmtpsa(users):
         s.login(ALICE, "secret")
         s.sendmail(ALICE, [BOB], MSG)
     assert b" with ESMTPSA id " in received(srv)
+
+
+def test_submission_accepts_a_utf8_message_from_its_user(users):
+    """SMTPUTF8 is offered on the submission ports too; sender ownership compares
+    canonical addresses."""
+    srv = users()
+    message = "From: alice@example.test\r\nTo: bob@example.test\r\nSubject: Grüße\r\n\r\nü\r\n"
+    with smtplib.SMTP_SSL("127.0.0.1", srv.ports["submissions"], context=insecure(),
+                          timeout=10) as s:
+        s.ehlo("laptop.example")
+        assert s.has_extn("smtputf8")
+        s.login(ALICE, "secret")
+        s.sendmail("ALICE@EXAMPLE.TEST", [BOB], message.encode(), mail_options=["SMTPUTF8"])
+    assert b" with UTF8SMTPSA id " in received(srv)
 
 
 def test_helo_says_smtp(users):

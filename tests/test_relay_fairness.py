@@ -158,6 +158,9 @@ class NeverLoads:
     def addListener(self, listener):
         pass
 
+    def watch(self, found):
+        pass
+
     def scan(self):
         return defer.Deferred()
 

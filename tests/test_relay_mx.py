@@ -15,6 +15,8 @@ from zope.interface.verify import verifyObject
 
 from twistmail.interfaces import IMXResolver
 from twistmail.relay.mx import (
+    AnswerCache,
+    DestinationCache,
     DNSFailure,
     DnsPythonMXResolver,
     Hop,
@@ -63,8 +65,8 @@ def test_resolver_provides_the_interface(dnsServer):
 
 def test_mx_records_in_preference_order_with_ipv6_and_ipv4_addresses(dnsServer):
     hops = resolve(dnsServer, "example.net")
-    assert hops == [Hop("mx1.example.net", ("127.0.0.2",), 10),
-                    Hop("mx2.example.net", ("::1", "127.0.0.3"), 20)]
+    assert hops == [Hop("mx1.example.net", ("127.0.0.2",), 10, viaMX=True),
+                    Hop("mx2.example.net", ("::1", "127.0.0.3"), 20, viaMX=True)]
 
 
 def test_txt_records_have_their_strings_joined(dnsServer):
@@ -174,17 +176,17 @@ def test_unresolvable_mx_host_is_skipped():
     fake = FakeResolver({"d.test": [(10, "bad.d.test"), (20, "good.d.test")]},
                         {"bad.d.test": DNSFailure(True, "4.4.3", "SERVFAIL"),
                          "good.d.test": ["192.0.2.1"]})
-    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("good.d.test", ("192.0.2.1",), 20)]
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("good.d.test", ("192.0.2.1",), 20, viaMX=True)]
 
 
 def test_null_mx_among_others_is_ignored():
     fake = FakeResolver({"d.test": [(0, ""), (10, "mx.d.test")]}, {"mx.d.test": ["192.0.2.1"]})
-    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("mx.d.test", ("192.0.2.1",), 10)]
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("mx.d.test", ("192.0.2.1",), 10, viaMX=True)]
 
 
 def test_mx_that_is_an_address_literal_is_used_as_is():
     fake = FakeResolver({"d.test": [(10, "192.0.2.7")]}, {})
-    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("192.0.2.7", ("192.0.2.7",), 10)]
+    assert hopsOf(resolveHops(fake, "d.test", random.Random())) == [Hop("192.0.2.7", ("192.0.2.7",), 10, viaMX=True)]
 
 
 def test_smarthost_skips_mx_lookup():
@@ -239,3 +241,116 @@ def test_cached_answers_are_given_without_a_worker_thread_until_their_ttl_ends(d
         onReactor(lambda: resolveHops(r, "unknown.test", random.Random(1)))
     assert ran == [("example.net",), ("mx1.example.net",), ("mx2.example.net",),
                    ("unknown.test",)]
+
+
+class CountingDestination:
+    """destination(domain) answering from C{answers} (a list of hops or an exception),
+    counting the calls; with C{hold}, each answer waits until released."""
+
+    def __init__(self, answers: dict, hold: bool = False) -> None:
+        self.answers, self.hold, self.calls, self.held = answers, hold, [], []
+
+    def __call__(self, domain):
+        self.calls.append(domain)
+        value = self.answers[domain]
+        d = defer.fail(value) if isinstance(value, Exception) else defer.succeed(list(value))
+        if self.hold:
+            held = defer.Deferred()
+            self.held.append(lambda: d.chainDeferred(held))
+            return held
+        return d
+
+
+def test_destination_cache_reuses_an_answer_until_it_expires():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    hops = [Hop("mx.d.test", ("192.0.2.1",), 10)]
+    fake = CountingDestination({"d.test": hops, "e.test": [Hop("mx.e.test", ("192.0.2.2",), 10)]})
+    cache = DestinationCache(fake, clock.seconds, random.Random(1), cacheTime=5)
+    assert hopsOf(cache("d.test")) == hops
+    clock.advance(4.9)
+    assert hopsOf(cache("d.test")) == hops
+    assert hopsOf(cache("e.test"))[0].host == "mx.e.test"
+    assert fake.calls == ["d.test", "e.test"]
+    clock.advance(0.2)  # d.test's answer is 5.1 seconds old: asked again
+    fake.answers["d.test"] = [Hop("mx2.d.test", ("192.0.2.3",), 10)]
+    assert hopsOf(cache("d.test"))[0].host == "mx2.d.test"
+    assert fake.calls == ["d.test", "e.test", "d.test"]
+
+
+def test_destination_cache_keeps_no_failure():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    fake = CountingDestination({"d.test": DNSFailure(True, "4.4.3", "SERVFAIL")})
+    cache = DestinationCache(fake, clock.seconds, random.Random(1))
+    assert hopsOf(cache("d.test")).check(DNSFailure)
+    fake.answers["d.test"] = [Hop("mx.d.test", ("192.0.2.1",), 10)]
+    assert hopsOf(cache("d.test"))[0].host == "mx.d.test"
+    assert fake.calls == ["d.test", "d.test"]
+
+
+def test_destination_cache_asks_once_for_overlapping_lookups():
+    from twisted.internet.task import Clock
+
+    fake = CountingDestination({"d.test": [Hop("mx.d.test", ("192.0.2.1",), 10)]}, hold=True)
+    cache = DestinationCache(fake, Clock().seconds, random.Random(1))
+    waiting = [cache("d.test") for _ in range(3)]
+    assert fake.calls == ["d.test"]
+    fake.held[0]()
+    assert [hopsOf(d)[0].host for d in waiting] == ["mx.d.test"] * 3
+
+
+def test_destination_cache_shuffles_equal_preferences_on_every_use():
+    from twisted.internet.task import Clock
+
+    hops = [Hop("a1", ("192.0.2.1",), 10), Hop("a2", ("192.0.2.2",), 10),
+            Hop("b", ("192.0.2.3",), 20)]
+    cache = DestinationCache(CountingDestination({"d.test": hops}), Clock().seconds,
+                             random.Random(1))
+    orders = {tuple(h.host for h in hopsOf(cache("d.test"))) for _ in range(30)}
+    assert orders == {("a1", "a2", "b"), ("a2", "a1", "b")}
+
+
+def test_filter_lookups_are_answered_from_the_answer_cache_until_the_ttl_ends(dnsServer):
+    """resolveSync (SPF, DKIM, DMARC, DNSBL) asks the server once per name and type per TTL."""
+    r = resolver(dnsServer)
+    queries = len(dnsServer.queries)
+    first = r.resolveSync("_mta-sts.example.net", "TXT")
+    assert r.resolveSync("_MTA-STS.example.net", "TXT") == first  # names are case-insensitive
+    assert r.resolveSync("nothing.test", "MX") == []  # NODATA is an answer too
+    assert r.resolveSync("nothing.test", "MX") == []
+    assert len(dnsServer.queries) == queries + 2
+    with pytest.raises(DNSFailure):
+        r.resolveSync("broken.test", "TXT")
+    with pytest.raises(DNSFailure):  # a failure is never kept
+        r.resolveSync("broken.test", "TXT")
+    assert len(dnsServer.queries) >= queries + 4
+    queries = len(dnsServer.queries)
+    for node in r._resolver.cache.data.values():  # every TTL has run out
+        node.value.expiration = time.time() - 1
+    r._answers._entries = {key: (found, time.time() - 1)
+                           for key, (found, _) in r._answers._entries.items()}
+    assert r.resolveSync("_mta-sts.example.net", "TXT") == first
+    assert len(dnsServer.queries) == queries + 1
+
+
+def test_answer_cache_honours_the_ttl_and_its_size():
+    now = [1000.0]
+    cache = AnswerCache(size=3, clock=lambda: now[0])
+    cache.put("a.test", "TXT", ["a"], 1060)
+    assert cache.get("a.test", "TXT") == ["a"]
+    assert cache.get("a.test", "MX") is None
+    now[0] = 1060
+    assert cache.get("a.test", "TXT") is None  # the TTL has run out
+    cache.put("b.test", "TXT", ["b"], 2000)
+    cache.put("c.test", "TXT", ["c"], 2000)
+    cache.put("d.test", "TXT", ["d"], 2000)  # full: the expired a.test goes first
+    assert len(cache) == 3 and cache.get("b.test", "TXT") == ["b"]
+    cache.put("e.test", "TXT", ["e"], 2000)  # full, nothing expired: the oldest goes
+    assert len(cache) == 3
+    assert cache.get("b.test", "TXT") is None
+    assert [cache.get(n, "TXT") for n in ("c.test", "d.test", "e.test")] == [["c"], ["d"], ["e"]]
+    cache.put("e.test", "TXT", ["e2"], 2000)  # a new answer replaces the old one
+    assert len(cache) == 3 and cache.get("e.test", "TXT") == ["e2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -130,6 +131,62 @@ def test_save_replaces_state_and_remove_deletes_both_files(queue):
     assert [n for n in os.listdir(queue.path) if not n.startswith(".")] == []
     with pytest.raises(QueueError):
         result(queue.save(entry))  # a removed entry is not resurrected
+
+
+def test_removals_unlink_in_the_pool_and_share_one_directory_sync(dataDir, monkeypatch):
+    """The unlinks run as pool calls of their own (in parallel, not one by one in the
+    commit's thread); each removal is reported only once a directory sync followed it."""
+    from twistmail import _fsutil
+
+    calls = []
+
+    def held(f, *args):  # a pool whose calls run when the test says so
+        d = defer.Deferred()
+        calls.append((f, args, d))
+        return d
+
+    def runAll():
+        while calls:
+            f, args, d = calls.pop(0)
+            defer.maybeDeferred(f, *args).chainDeferred(d)
+
+    queue = RelayQueue(dataDir, run=held, clock=lambda: 1700000000.5)
+    for id in ("R1", "R2", "R3"):
+        d = queue.enqueue("alice@example.test", ["bob@remote.test"], lambda: [b"x\r\n"],
+                          origin="smtp", id=id)
+        runAll()
+        result(d)
+    synced = []
+    realDir = _fsutil.fsyncDir
+    monkeypatch.setattr(_fsutil, "fsyncDir", lambda p: (synced.append(p), realDir(p))[1])
+    removals = [queue.remove(id) for id in ("R1", "R2", "R3")]
+    # Each its own thread call (twistmail._batchcalls: they would share one beyond four).
+    assert [args[1] for _, args, _ in calls] == [["R1"], ["R2"], ["R3"]]
+    for f, args, d in calls[:]:  # the unlinks, each its own call
+        calls.remove((f, args, d))
+        defer.maybeDeferred(f, *args).chainDeferred(d)
+    assert sorted(os.listdir(queue.path)) == [".lock"]
+    done = []
+    for d in removals:
+        d.addCallback(done.append)
+    assert done == [] and synced == []  # unlinked, but not yet durable: not reported
+    runAll()  # the group commits: the first removal's, then the other two together
+    assert len(done) == 3 and synced == [queue.path, queue.path]
+
+
+def test_small_messages_are_read_with_their_entry_large_ones_streamed(queue):
+    small = b"Subject: s\r\n\r\n" + b"x" * (queuemod.IN_MEMORY - 16) + b"\r\n"
+    large = b"Subject: l\r\n\r\n" + b"y" * queuemod.IN_MEMORY + b"\r\n"
+    assert len(small) == queuemod.IN_MEMORY
+    enqueue(queue, small, id="SMALL")
+    enqueue(queue, large, id="LARGE")
+    entry, message = result(queue.loadWithMessage("SMALL"))
+    assert entry.id == "SMALL" and isinstance(message, io.BytesIO)
+    os.unlink(queue.messagePath("SMALL"))  # read already: nothing is left open
+    assert message.read() == small
+    entry, message = result(queue.loadWithMessage("LARGE"))
+    with message:
+        assert not isinstance(message, io.BytesIO) and message.read() == large
 
 
 def test_scan_cleans_up_after_a_crash_and_lists_due_times(queue):

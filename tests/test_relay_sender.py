@@ -31,7 +31,8 @@ def settings(port, **kw) -> SenderSettings:
 
 
 def send(sender, hops, recipients=("bob@remote.test",), message=MESSAGE, mailFrom="a@example.test",
-         origin="smtp"):
+         origin="smtp", **context):
+    """C{context}: more of what the runner tells the sender ("requiretls", ...)."""
     opened = []
 
     def openMessage():
@@ -41,7 +42,7 @@ def send(sender, hops, recipients=("bob@remote.test",), message=MESSAGE, mailFro
 
     results = onReactor(lambda: sender.send(hops, mailFrom, list(recipients), openMessage,
                                             {"id": "T1", "domain": "remote.test",
-                                             "origin": origin}))
+                                             "origin": origin, **context}))
     assert all(f.closed for f in opened)
     return results
 

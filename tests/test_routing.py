@@ -57,7 +57,14 @@ def test_remote_recipients_need_relay_permission(router):
 
 
 @pytest.mark.parametrize("address", ["bob@[192.0.2.1]", "bob@remote..test", "bob@-bad-.test",
-                                     "b\u00f6b@remote.test", "bob@re mote.test", "bo b@remote.test"])
+                                     "b\u00f6\u0085b@remote.test", "bob@re mote.test", "bo b@remote.test",
+                                     "b\u00f6b@b\u00fc\u200dcher.test", "p\u0430ypal@remote.test"])
 def test_unusable_remote_addresses_are_refused(router, address):
     with pytest.raises(BadAddress):
         router.route(address, LOCAL)
+
+
+def test_utf8_remote_address_is_relayed_with_its_domain_as_an_a_label(router):
+    """RFC 6531: the local part goes on as UTF-8 (NFC); MX lookup needs the A-label."""
+    assert router.route("Jose\u0301@B\u00fccher.test", LOCAL) == \
+        RelayRoute("Jos\u00e9@xn--bcher-kva.test")

@@ -134,7 +134,7 @@ def test_declared_size_over_limit_is_refused_at_mail(server):
         code, msg = s.mail("x@remote.test", ["SIZE=100", "BODY=8BITMIME"])
         assert code == 250
         s.rset()
-        code, msg = s.docmd("MAIL", "FROM:<x@remote.test> SMTPUTF8")
+        code, msg = s.docmd("MAIL", "FROM:<x@remote.test> SMTPUTF8 X-UNKNOWN")
         assert code == 555
 
 

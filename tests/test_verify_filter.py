@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 
 from twistmail import _pluginload
 from twistmail.config import ConfigError
+from twistmail.filters.spfdkimdmarc import fromDomains, fromValues
 from twistmail.interfaces import IMessageFilter, IMessageFilterFactory
 from twistmail.model import ACCEPT, QUARANTINE, REJECT, FilterContext
 
@@ -265,3 +266,16 @@ def test_each_message_is_logged_with_who_what_and_result(dnsServer):
     event = logged[0]
     assert (event["client"], event["domain"], event["spf"], event["dkim"], event["dmarc"],
             event["action"]) == ("192.0.2.66", "good.example", "pass", "none", "fail", "reject")
+
+
+def test_from_fields_are_read_from_the_header_section_only():
+    raw = (b"Received: from x\r\n\tby y\r\nfROM : \"Doe, J\" <j@a.example>,\r\n\t k@b.example\r\n"
+           b"Subject: from: not@this.example\r\n\r\nFrom: body@c.example\r\n")
+    values = fromValues(raw)
+    assert values == [' "Doe, J" <j@a.example>,\t k@b.example']
+    assert fromDomains(values) == (["a.example", "b.example"], "several addresses in From")
+    assert fromDomains(fromValues(b"From: a@a.example\nFrom: b@b.example\n\n")) \
+        == (["a.example", "b.example"], "2 From header fields")
+    assert fromDomains(fromValues(b"To: x@y.example\r\n\r\n")) == ([], "0 From header fields")
+    assert fromDomains(fromValues(b"From: =?utf-8?q?J=2C_D?= <j@a.example>\r\n\r\n")) \
+        == (["a.example"], "")

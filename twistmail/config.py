@@ -196,6 +196,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "load balancers (CIDR) whose PROXY header a haproxy: listener "
                               "accepts; others are closed", validate=_networks,
                               example='["10.0.0.5/32"]'),
+        "reuse_port": Key(bool, False, "tcp: listeners set SO_REUSEPORT, so several twistmail "
+                          "processes on this host share their ports"),
     },
     "listen": {
         **{name: Key(list, [f"tcp:{port}:interface=127.0.0.1"],
@@ -348,6 +350,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                   "'delayed' report (RFC 3464; NOTIFY=DELAY); 0 = never, as "
                                   "Postfix ships delay_warning_time", 0),
         "pickup_interval": Key(int, 1, "seconds between checks for sendmail and queue commands", 1),
+        "queue": Key(str, "disk", "where the relay queue lives: disk (<data_dir>/queue) or "
+                     "postgresql (the [storage.postgresql] database, shared by every node)",
+                     choices=("disk", "postgresql")),
+        "queue_lease_time": Key(int, 300, "seconds a node holds a message of the postgresql "
+                                "queue without renewing; then another node may deliver it", 5),
         "smarthost": Key(str, "", "host:port to send all outbound mail through; '' = MX lookup",
                          validate=_smarthost),
         "smarthost_username": Key(str, "", "AUTH user name for the smarthost; '' = no AUTH"),

@@ -147,6 +147,10 @@ def queueExtra(envelope) -> dict:
         extra["dsn"] = envelope.dsn.toJSON()
     if envelope.body != "7BIT":
         extra["body"] = envelope.body
+    if envelope.requireTLS:
+        extra["requiretls"] = True  # RFC 8689 (L{QueueEntry.requiresTLS})
+    elif envelope.tlsOptional:
+        extra["tls_optional"] = True
     return extra
 
 

@@ -342,3 +342,64 @@ class IMessageFilterFactory(IPlugin):
         @return: an L{IMessageFilter} provider.
         @raise twistmail.config.ConfigError: bad options, naming the key and the fix.
         """
+
+
+class IRelayQueue(Interface):
+    """Mail waiting for relay delivery (L{twistmail.relay.queue.RelayQueue} on disk,
+    L{twistmail.relay.pgqueue.PostgresRelayQueue} shared by several nodes).
+
+    Entries are L{twistmail.relay.queue.QueueEntry}.  Every method returns a
+    Deferred and does its work off the reactor thread; a missing entry fails with
+    L{twistmail.relay.queue.QueueError}, anything else with StorageError (SMTP 451).
+    """
+
+    path = Attribute("str: <data_dir>/queue, where this node's control requests live")
+
+    def addListener(listener) -> None:
+        """Call C{listener(entry)} after each message this object enqueued is durable."""
+
+    def watch(found) -> None:
+        """Call C{found([(id, next attempt, lane)])} for messages other nodes queued or
+        gave up (a shared queue polls); a queue of one node never calls it."""
+
+    def enqueue(sender: str, recipients, chunks, *, origin: str, id=None, client: str = "",
+                helo: str = "", extra=None):
+        """Store a message durably; fires with its QueueEntry (C{chunks()} runs in a worker)."""
+
+    def load(id: str):
+        """The QueueEntry of C{id}."""
+
+    def loadWithMessage(id: str):
+        """(entry, open message file) for a delivery attempt: in a shared queue this claims
+        the message for this node (QueueError if another node holds it) until L{save},
+        L{remove} or L{release}."""
+
+    def save(entry):
+        """Record the entry's new state (and end this node's claim)."""
+
+    def release(id: str):
+        """End this node's claim without a change (nothing was due)."""
+
+    def remove(id: str):
+        """Remove the message: delivered, bounced or deleted by the admin."""
+
+    def headers(id: str):
+        """The message's header section (bytes, at most 64 KiB)."""
+
+    def message(id: str):
+        """The whole message as bytes (only for small ones: RET=FULL reports)."""
+
+    def openMessage(id: str):
+        """A new binary file object of the message, positioned at its start."""
+
+    def source(id: str):
+        """The message as a MessageSource (C{chunks()}, read in a worker thread)."""
+
+    def run(f, *args):
+        """C{f(*args)} off the reactor thread."""
+
+    def scan():
+        """Fires with [(id, next attempt, lane)] of every message with work left."""
+
+    def entries():
+        """Fires with every QueueEntry, oldest first (``queue list``, the web admin)."""

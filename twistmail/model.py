@@ -62,6 +62,13 @@ class Envelope:
     dsn: object = None
     #: MAIL's BODY= (RFC 6152, RFC 3030): "7BIT", "8BITMIME" or "BINARYMIME".
     body: str = "7BIT"
+    #: MAIL's REQUIRETLS (RFC 8689 §4.1): relayed only over verified TLS, or returned.
+    requireTLS: bool = False
+    #: The message says "TLS-Required: No" (RFC 8689 §3) without REQUIRETLS: the relay
+    #: may ignore the recipient domain's MTA-STS policy.
+    tlsOptional: bool = False
+    #: MAIL's SMTPUTF8 (RFC 6531 §3.4): addresses or headers may be UTF-8.
+    smtputf8: bool = False
 
 
 #: Verdict actions (L{Verdict.action}).

@@ -22,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from twistmail import __version__, _pluginload, autocert, ownership
+from twistmail import __version__, _pluginload, autocert, ownership, reuseport
 from twistmail import config as configmod
 from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
 from twistmail.auth.accounts import Accounts
@@ -37,7 +37,7 @@ from twistmail.delivery.routing import RelayPolicy, Router
 from twistmail.dkimkeys import KeyRing
 from twistmail.dkimsigner import Signer
 from twistmail.filters.load import makeFilters as loadFilters
-from twistmail.interfaces import IMailAccount, IMailStoreFactory
+from twistmail.interfaces import IMailAccount, IMailStoreFactory, IRelayQueue
 from twistmail.metrics import Metrics
 from twistmail.model import FilterContext
 from twistmail.protocols import proxyheader
@@ -47,7 +47,13 @@ from twistmail.protocols.pop3 import POP3ServerFactory
 from twistmail.protocols.security import Security
 from twistmail.protocols.smtp import SMTPFactory
 from twistmail.ratelimit import Limits, RateLimitPublisher, SendLimits
-from twistmail.relay.mx import DnsPythonMXResolver, applyPolicy, resolveHops, resolveSmarthost
+from twistmail.relay.mx import (
+    DestinationCache,
+    DnsPythonMXResolver,
+    applyPolicy,
+    resolveHops,
+    resolveSmarthost,
+)
 from twistmail.relay.pickup import ControlPoller
 from twistmail.relay.queue import RelayQueue
 from twistmail.relay.runner import QueueRunner, RunnerSettings
@@ -375,6 +381,7 @@ def makeRelay(config: configmod.Config, reactor, queue: RelayQueue, router: Rout
             # RFC 8461 §5: only MX hosts the policy lists, each with the policy attached.
             return applyPolicy(hops, (yield policies.policyFor(domain)), domain)
 
+    destination = DestinationCache(destination, reactor.seconds, random.SystemRandom())
     # Bounces and TLS reports are DKIM-signed like submitted mail (twistmail dkim).
     sign = Signer(KeyRing(config.dataDir)).signLater
     runner = QueueRunner(queue, router, local, destination, sender,
@@ -415,6 +422,30 @@ def makeAcme(config: configmod.Config, reactor, tls: ServerTLS, accounts: Accoun
         lambda: autocert.namesFromConfig(config, accounts.domains), directory,
         autocert.Schedule.fromConfig(section), reactor).setServiceParent(parent)
     return tokens
+
+
+def makeQueue(config: configmod.Config, store, parent: service.MultiService) -> IRelayQueue:
+    """The relay queue ``[relay] queue`` names; a postgresql one shares the store's
+    database pool when the store is in PostgreSQL too, else opens its own from
+    ``[storage.postgresql]``."""
+    relay = config["relay"]
+    if relay["queue"] == "disk":
+        return RelayQueue(config.dataDir)
+    from twistmail.relay.pgqueue import PostgresRelayQueue
+    from twistmail.storage.postgresql import PostgresStore, PostgresStoreFactory
+
+    if not isinstance(store, PostgresStore):
+        try:
+            store = PostgresStoreFactory().makeStore(
+                config.backendOptions.get("postgresql", {}), config.dataDir)
+        except configmod.ConfigError as e:
+            raise configmod.ConfigError(f"{config.path}: [relay] queue = \"postgresql\" "
+                                        f"needs the database: {e}") from None
+        store.setServiceParent(parent)
+    queue = PostgresRelayQueue(store, config.dataDir, relay["queue_lease_time"],
+                               relay["pickup_interval"])
+    queue.setServiceParent(parent)
+    return queue
 
 
 def makeStore(config: configmod.Config):
@@ -479,7 +510,10 @@ def makeService(options: Options) -> service.MultiService:
                     config["smtp"]["recipient_delimiter"])
     quota = QuotaTracker.fromConfig(config, store, accounts)
     local = LocalDelivery(store, quota)
-    queue = RelayQueue(dataDir)
+    try:
+        queue = makeQueue(config, store, top)
+    except configmod.ConfigError as e:
+        raise startupError(str(e)) from None
     resolver = makeDNS(config, reactor, top, metrics)
     runner = makeRelay(config, reactor, queue, router, local, top, metrics, resolver)
     try:
@@ -539,6 +573,8 @@ def makeService(options: Options) -> service.MultiService:
         for description in config.listeners(protocol):
             marked, bare = proxyheader.splitMarked(description)
             endpoint = endpoints.serverFromString(reactor, bare)  # checked by config
+            if config["server"]["reuse_port"]:
+                endpoint = reuseport.sharing(reactor, endpoint)
             if marked:
                 # Not Twisted's own haproxy: endpoint: it would build the protocol (limits,
                 # greeting) for the balancer's address before the header names the client.

@@ -14,11 +14,13 @@ import json
 import os
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from twistmail._dnsname import isHostName
 from twistmail._fsutil import atomicWrite
+from twistmail.eai import AddressError, asciiDomain, canonicalAddress, canonicalLocal
 
 FORMAT = "twistmail-accounts"
 VERSION = 1
@@ -27,6 +29,13 @@ MAX_ALIAS_DEPTH = 10
 # Local parts become directory names: keep them to a conservative, case-folded
 # set so no name can escape the data directory or clash after case folding.
 _LOCALPART = re.compile(r"^[a-z0-9_](?:[a-z0-9_.-]{0,62}[a-z0-9_-])?$")
+#: A UTF-8 local part (RFC 6531) is the same shape with letters, digits and combining
+#: marks of any script added; it is stored as its canonical UTF-8 (L{twistmail.eai}),
+#: readable to the admin as Dovecot and Postfix virtual(8) do.  Without '/', NUL,
+#: controls, a leading dot or '..' it cannot leave the domain's directory, and the
+#: canonical form (NFC, lower case) gives each account exactly one name.
+_UTF8_CATEGORIES = ("Ll", "Lo", "Lm", "Mn", "Mc", "Nd")
+_ASCII_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
 class AccountError(Exception):
@@ -42,15 +51,39 @@ class UnknownUser(Exception):
 
 
 def splitAddress(address: str) -> tuple[str, str]:
-    """Split at the last @ and case-fold (local parts are case-insensitive here, as in Postfix)."""
+    """Split at the last @ and case-fold (local parts are case-insensitive here, as in
+    Postfix); a UTF-8 local part NFC-normalised, a domain as its IDNA A-label (L{canonicalAddress})."""
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         raise AccountError(f"{address!r} is not an address: write it as user@domain")
-    return local.lower(), domain.lower().rstrip(".")
+    try:
+        return canonicalLocal(local), asciiDomain(domain)
+    except AddressError as e:
+        raise AccountError(f"{address!r}: {e}") from None
+
+
+def accountKey(address: str) -> str:
+    """How an account or alias is looked up: its canonical address, or the address
+    lower-cased when it has none (a lookup then simply finds nothing)."""
+    try:
+        return canonicalAddress(address)
+    except AddressError:
+        return address.lower()
+
+
+def _validLocal(local: str) -> bool:
+    if local.isascii():
+        return bool(_LOCALPART.match(local))
+    return local[0] not in ".-" and local[-1] != "." and all(
+        c in _ASCII_LOCAL_CHARS if c.isascii() else unicodedata.category(c) in _UTF8_CATEGORIES
+        for c in local)
 
 
 def validDomain(domain: str) -> str:
-    domain = domain.lower().rstrip(".")
+    try:
+        domain = asciiDomain(domain)
+    except AddressError as e:
+        raise AccountError(f"{domain!r}: {e}") from None
     if not isHostName(domain):  # lower-cased above
         raise AccountError(f"{domain!r} is not a valid domain name (letters, digits, '-' and '.')")
     return domain
@@ -60,9 +93,9 @@ def validAddress(address: str, delimiter: str = "+") -> str:
     """Canonical form of an address that may name an account; raise AccountError otherwise."""
     local, domain = splitAddress(address)
     validDomain(domain)
-    if not _LOCALPART.match(local) or ".." in local:
+    if not _validLocal(local) or ".." in local:
         raise AccountError(
-            f"{address!r}: the local part may hold only a-z, 0-9, '.', '_' and '-' "
+            f"{address!r}: the local part may hold only letters, digits, '.', '_' and '-' "
             "(not at either end)")
     if delimiter and delimiter in local:
         raise AccountError(f"{address!r}: '{delimiter}' is the recipient delimiter (user+tag)")
@@ -123,11 +156,14 @@ class Accounts:
 
     def isLocalDomain(self, domain: str) -> bool:
         self.maybeReload()
-        return domain.lower().rstrip(".") in self.domains
+        try:
+            return asciiDomain(domain) in self.domains
+        except AddressError:
+            return False
 
     def passwordHash(self, address: str) -> str | None:
         self.maybeReload()
-        user = self.users.get(address.lower())
+        user = self.users.get(accountKey(address))
         return user["password"] if user else None
 
     def route(self, address: str, delimiter: str = "+") -> list[str]:
@@ -144,7 +180,11 @@ class Accounts:
         try:
             local, domain = splitAddress(address)
         except AccountError:
-            raise UnknownUser(address) from None
+            try:  # an unusable domain is not ours; an unusable local part in ours is nobody
+                ours = asciiDomain(address.rpartition("@")[2]) in self.domains
+            except AddressError:
+                ours = False
+            raise (UnknownUser if ours or "@" not in address else NotLocal)(address) from None
         if domain not in self.domains:
             raise NotLocal(address)
         found = self._expand(f"{local}@{domain}")
@@ -210,7 +250,7 @@ class Accounts:
         return domain
 
     def removeDomain(self, domain: str) -> str:
-        domain = domain.lower().rstrip(".")
+        domain = validDomain(domain)
         if domain not in self.domains:
             raise AccountError(f"domain {domain} does not exist (see: twistmail domain list)")
         inUse = [a for a in [*self.users, *self.aliases] if a.endswith("@" + domain)]
@@ -237,7 +277,7 @@ class Accounts:
         return address
 
     def setPassword(self, address: str, passwordHash: str) -> str:
-        address = address.lower()
+        address = accountKey(address)
         if address not in self.users:
             raise AccountError(f"no user {address} (see: twistmail user list)")
         self.users[address]["password"] = passwordHash
@@ -247,12 +287,12 @@ class Accounts:
         """The user's own quota (``{"storage": octets, "messages": count}``, a missing
         or zero resource unlimited), or None when the user has none of their own."""
         self.maybeReload()
-        user = self.users.get(address.lower())
+        user = self.users.get(accountKey(address))
         return None if user is None else user.get("quota")
 
     def setQuota(self, address: str, quota: dict | None) -> str:
         """Give the user a quota of their own; None: the configured default applies."""
-        address = address.lower()
+        address = accountKey(address)
         if address not in self.users:
             raise AccountError(f"no user {address} (see: twistmail user list)")
         if quota is None:
@@ -262,7 +302,7 @@ class Accounts:
         return address
 
     def removeUser(self, address: str) -> str:
-        address = address.lower()
+        address = accountKey(address)
         if address not in self.users:
             raise AccountError(f"no user {address} (see: twistmail user list)")
         del self.users[address]
@@ -288,7 +328,7 @@ class Accounts:
         return source
 
     def removeAlias(self, source: str) -> str:
-        source = source.lower()
+        source = accountKey(source)
         if source not in self.aliases:
             raise AccountError(f"no alias {source} (see: twistmail alias list)")
         del self.aliases[source]

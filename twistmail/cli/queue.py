@@ -18,10 +18,8 @@ from twistmail.cli.output import table
 from twistmail.relay import control
 from twistmail.relay.queue import (
     QUEUED,
-    QueueEntry,
-    QueueError,
     commitLocked,
-    listIds,
+    readEntries,
     readEntry,
     readHeaders,
     stageRemove,
@@ -65,21 +63,11 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def _entries(queueDir: str) -> list[QueueEntry]:
-    found = []
-    for id in listIds(queueDir):
-        try:
-            found.append(readEntry(queueDir, id))
-        except QueueError:
-            continue  # removed meanwhile, or for the server to quarantine
-    return sorted(found, key=lambda e: (e.created, e.id))
-
-
 def listing(queueDir: str) -> list[tuple]:
     """One row per queued message: id, sender, recipients, attempts, next attempt, last error
     (what ``queue list`` prints and the web admin's queue page shows)."""
     rows = []
-    for e in _entries(queueDir):
+    for e in readEntries(queueDir):
         pending = e.pending()
         shown = ",".join(r.address for r in pending[:2]) + \
             (f",+{len(pending) - 2}" if len(pending) > 2 else "")
@@ -133,7 +121,7 @@ def cmdFlush(dataDir: str, queueDir: str, id: str | None, timeout: float) -> str
     with control.serverStopped(dataDir) as stopped:
         if stopped:
             now = time.time()
-            for entry in [readEntry(queueDir, id)] if id else _entries(queueDir):
+            for entry in [readEntry(queueDir, id)] if id else readEntries(queueDir):
                 for r in entry.pending():
                     r.next_attempt = now
                 _commit(queueDir, lambda entry=entry: stageSave(queueDir, entry))

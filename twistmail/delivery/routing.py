@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from twistmail._dnsname import isHostName
 from twistmail._netaddr import Networks
 from twistmail.auth.accounts import NotLocal, UnknownUser
+from twistmail.eai import AddressError, asciiDomain, canonicalLocal, decodePath
 
 __all__ = ["BadAddress", "Client", "LocalRoute", "RelayDenied", "RelayPolicy", "RelayRoute",
            "Router", "UnknownUser"]
@@ -81,9 +82,21 @@ def remoteDomain(address: str) -> str:
 
 
 def checkRemoteAddress(address: str) -> str:
-    """C{address} if another MTA can be given it as is; BadAddress otherwise."""
+    """C{address} if another MTA can be given it; BadAddress otherwise.  A UTF-8
+    local part (RFC 6531, L{twistmail.eai}) is passed on NFC-normalised, an
+    internationalised domain as its A-label (what MX lookup needs; RFC 6531 §3.2
+    lets either form go to the next hop)."""
     local, at, domain = address.rpartition("@")
-    if not at or not _LOCALPART_CHARS.match(local) or not isHostName(domain.rstrip(".")):
+    if not domain.isascii() or not local.isascii():
+        try:
+            domain = asciiDomain(domain)
+            local = decodePath(local.encode("utf-8"))
+            canonicalLocal(local)  # its length and script; the case is the next hop's
+        except (AddressError, UnicodeError):
+            raise BadAddress(address) from None
+        address = f"{local}@{domain}"
+    ascii = local.encode("ascii", "replace").decode()
+    if not at or not _LOCALPART_CHARS.match(ascii) or not isHostName(domain.rstrip(".")):
         raise BadAddress(address)
     return address
 

@@ -62,6 +62,7 @@ from twistmail.model import (
     Verdict,
 )
 from twistmail.ratelimit import LimitReached, Reservation
+from twistmail.requiretls import saysTLSOptional
 
 log = Logger()
 
@@ -235,8 +236,9 @@ class Session:
 
         return d.addCallback(accepted)
 
-    def data(self, esmtp: bool) -> tuple[Envelope, bytes]:
-        """DATA: the envelope of the transaction and our Received: field for it."""
+    def data(self, esmtp: bool, utf8: bool = False) -> tuple[Envelope, bytes]:
+        """DATA: the envelope of the transaction and our Received: field for it
+        (C{utf8}: MAIL had SMTPUTF8)."""
         routes = [route for _, route in self._routes]
         given = tuple(address for address, _ in self._routes)
         envelope = Envelope(
@@ -247,9 +249,10 @@ class Session:
             client=self.info.client, helo=self.info.helo, id=self.info.id, rcptTo=given)
         info = self.info
         received = receivedHeader(
-            self.policy.hostname, info.id, withProtocol(esmtp, info.tls, bool(info.authenticated)),
+            self.policy.hostname, info.id,
+            withProtocol(esmtp, info.tls, bool(info.authenticated), utf8),
             info.helo.encode("ascii", "replace") if info.helo else None, info.client, list(given),
-            showClient=self.policy.showClient or not info.authenticated)
+            showClient=self.policy.showClient or not info.authenticated, utf8=utf8)
         return envelope, received
 
     def endOfData(self, envelope: Envelope, source: MessageSource) -> defer.Deferred:
@@ -263,10 +266,18 @@ class Session:
         self._routes, self._transaction = [], _Marks()
         self.info = replace(self.info, id="", sender=None, recipients=())
         spools = [source]
+        tagged = [envelope]
+
+        def prepared(result: tuple[MessageSource, bytes]) -> tuple[MessageSource, bytes]:
+            spools.append(result[0])
+            if not envelope.requireTLS and saysTLSOptional(result[1]):  # RFC 8689 §4.1
+                tagged.append(replace(envelope, tlsOptional=True))
+            return result
+
         d = self._prepare(source)
-        d.addCallback(lambda prepared: (spools.append(prepared[0]), prepared)[1])
+        d.addCallback(prepared)
         d.addCallback(self._endFilters, envelope, marks, info)
-        d.addCallback(self._deliver, envelope, marks, reservation)
+        d.addCallback(lambda decided: self._deliver(decided, tagged[-1], marks, reservation))
 
         def failed(failure) -> tuple[int, bytes]:
             log.failure("delivery of {id} failed", failure, id=envelope.id)

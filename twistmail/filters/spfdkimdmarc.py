@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -93,13 +94,29 @@ def settings(options: dict) -> dict:
     return checked
 
 
-def fromDomains(headers) -> tuple[list[str], str]:
-    """(the From domains, the problem with the From field or "") of a header section.
+#: A From field of a header section, with its folded continuation lines (RFC 5322 §2.2.3).
+_FROM_FIELD = re.compile(rb"^from[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+def fromValues(raw: bytes) -> list[str]:
+    """The values of the From fields in the header section of C{raw}, unfolded.
+
+    Read from the octets: the email package's header registry costs a third
+    of a millisecond for one address, and its decoding of encoded words
+    (RFC 2047) is nothing DMARC looks at.
+    """
+    end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0),
+              default=len(raw))
+    return [re.sub(rb"\r?\n", b"", m.group(1)).decode("utf-8", "surrogateescape")
+            for m in _FROM_FIELD.finditer(raw, 0, end + 1)]
+
+
+def fromDomains(values: list[str]) -> tuple[list[str], str]:
+    """(the From domains, the problem with the From field or "") of the From field values.
 
     RFC 7489 §6.6.1: DMARC evaluates exactly one From address.
     """
     try:
-        values = [str(v) for v in headers.get_all("From") or ()]
         addresses = email.utils.getaddresses(values)
     except Exception:  # the email package on a header nobody anticipated
         return [], "unparseable From header field"
@@ -166,7 +183,7 @@ class SpfDkimDmarc(Filter):
             raw = f.read()  # bounded by [smtp] max_message_size; dkimpy wants bytes
         dkims = dkimverify.verifyAll(raw, lookups, self._options["max_signatures"],
                                      self._options["dkim_minimum_bits"])
-        domains, problem = fromDomains(message.headers)
+        domains, problem = fromDomains(fromValues(raw))
         policies = {}
         for domain in domains[:dmarc.MAX_FROM_DOMAINS]:
             try:

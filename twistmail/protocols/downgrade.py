@@ -12,21 +12,23 @@ that, so they are shown a downgraded copy, in the manner of RFC 6857
   ``email.header``: nothing here writes an encoded-word by hand);
 * a non-ASCII parameter of Content-Type or Content-Disposition (a file name)
   becomes an RFC 2231 ``name*=utf-8''...`` parameter (the stdlib's
-  ``Message.set_param``), so the field still parses;
+  ``encode_rfc2231``), so the field still parses;
 * in an address field (From, To, Cc, ...) a display name becomes an
   encoded-word; a domain becomes its IDNA A-label (``bücher.example`` ->
   ``xn--bcher-kva.example``); an address whose local part is not ASCII
   cannot be written in ASCII at all, so it becomes an empty group whose
   display name is the encoded original (as RFC 6857 does): the reader sees
   who it was, and a reply cannot go to a wrong address;
-* a field whose *name* is not ASCII is dropped (no legal spelling exists).
+* a field whose *name* is not ASCII, or a line that is no field, is dropped
+  (no legal spelling exists);
+* a field too long or too deeply nested for the stdlib's parsers to read in
+  bounded time is encoded as text.
 
 Not done (RFC 6857 goes further): the header fields of a part or an attached
 message are downgraded only when fetched on their own (IMAP ``BODY[1.MIME]``,
 ``BODY[2.HEADER]``), not inside ``BODY[]`` or ``BODY[TEXT]``, and group names
-in address fields are not kept.  Only header
-fields are ever changed: bodies are never touched.  8-bit octets that are
-not UTF-8 are read as U+FFFD.
+in address fields are not kept.  Only header fields are ever changed: bodies
+are never touched.  8-bit octets that are not UTF-8 are read as U+FFFD.
 """
 
 from __future__ import annotations
@@ -35,13 +37,18 @@ import re
 from email.charset import Charset
 from email.header import Header
 from email.message import Message
-from email.utils import collapse_rfc2231_value, formataddr, getaddresses
+from email.utils import collapse_rfc2231_value, encode_rfc2231, formataddr, getaddresses, quote
 
 #: RFC 5322 §3.6 address fields (and their Resent- forms, §3.6.6).
 ADDRESS_FIELDS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc", "resent-from",
                             "resent-sender", "resent-to", "resent-cc", "resent-bcc"})
 #: MIME fields with parameters (RFC 2045 §5, RFC 2183 §2).
 PARAMETER_FIELDS = frozenset({"content-type", "content-disposition"})
+#: Longer parameter fields are encoded as text: the stdlib's parameter parser takes
+#: time quadratic in their number (a crafted field of 4,000 cost minutes).
+MAX_PARAMETER_FIELD = 8192
+#: Longer address fields are encoded as text too (1 MB of addresses: seconds of parsing).
+MAX_ADDRESS_FIELD = 64 * 1024
 _UTF8 = Charset("utf-8")
 _FIELD_START = re.compile(rb"(?m)^(?![ \t])")
 
@@ -72,7 +79,8 @@ def header(block: bytes) -> bytes:
     if not needed(block):
         return block
     out = []
-    starts = [m.start() for m in _FIELD_START.finditer(block)] + [len(block)]
+    # Each field starts a line that does not start with white space (RFC 5322 §2.2.3).
+    starts = sorted({0, len(block), *(m.start() for m in _FIELD_START.finditer(block))})
     for start, end in zip(starts, starts[1:], strict=False):
         field = block[start:end]
         if field.isascii():
@@ -106,8 +114,14 @@ def message(data: bytes, bodyStart: int) -> bytes:
 def addressField(value: str) -> str:
     """An address-list field value (RFC 5322 §3.4) in ASCII, as the module says; ""
     when the stdlib's parser cannot read it without losing some of its non-ASCII text
-    (it drops what it does not understand): the caller encodes it as text then."""
-    pairs = [(name, address) for name, address in getaddresses([value]) if name or address]
+    (it drops what it does not understand), or when it is too long to parse: the
+    caller encodes it as text then."""
+    if len(value) > MAX_ADDRESS_FIELD:
+        return ""
+    try:
+        pairs = [(name, address) for name, address in getaddresses([value]) if name or address]
+    except RecursionError:  # "((((...": the stdlib parses nested comments recursively
+        return ""
     kept = "".join(name + address for name, address in pairs)
     if not {c for c in value if not c.isascii()} <= set(kept):
         return ""
@@ -117,20 +131,24 @@ def addressField(value: str) -> str:
 def parameterField(name: str, value: str) -> str:
     """A Content-Type or Content-Disposition value with its non-ASCII parameters in
     RFC 2231 form; "" if its first part (the type) is not ASCII."""
+    if len(value) > MAX_PARAMETER_FIELD:
+        return ""
     parsed = Message()
     parsed[name] = value
     params = parsed.get_params(header=name) or [("", "")]
     if not params[0][0] or not params[0][0].isascii():
         return ""
-    out = Message()
-    out[name] = params[0][0]
+    out = [params[0][0]]
     for key, param in params[1:]:
         if isinstance(param, tuple):  # already RFC 2231 (and so ASCII)
             param = collapse_rfc2231_value(param)
         if not key.isascii():
             continue
-        out.set_param(key, param, header=name, charset=None if param.isascii() else "utf-8")
-    return out[name]
+        if param.isascii():
+            out.append(f'{key}="{quote(param)}"')
+        else:
+            out.append(f"{key}*={encode_rfc2231(param, 'utf-8')}")  # RFC 2231 §4
+    return "; ".join(out)
 
 
 def _address(name: str, address: str) -> str:

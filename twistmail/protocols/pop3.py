@@ -14,7 +14,8 @@ Changes to ``twisted.mail.pop3.POP3`` and why:
 * UTF8 (RFC 6856 §2): before login the client may switch the session to
   UTF-8; messages whose header fields hold raw UTF-8 (SMTPUTF8 mail) are sent
   as stored then, and downgraded (L{twistmail.protocols.downgrade}) to a
-  client that has not asked, which RFC 6856 §2 leaves to the server.  (Dovecot
+  client that has not asked, which RFC 6856 §2 leaves to the server, in a
+  worker thread (a crafted header can take a while).  (Dovecot
   offers no UTF8 and sends such messages as they are.)  LIST, STAT and the RETR
   status line give the stored size either way: a downgraded header is a
   little longer, as RFC 1939 allows the count to be approximate.  Bodies are
@@ -469,14 +470,24 @@ class POP3Server(pop3.POP3):
         status = b"%d octets" % message.size if topLines is None else b"Top of message follows"
         body = _Body(topLines, legacy=not self.utf8)
 
-        def send(data: bytes) -> None:
-            self.transport.write(pop3.successResponse(status) + body.feed(data) + body.end())
+        def render(data: bytes) -> bytes:
+            return pop3.successResponse(status) + body.feed(data) + body.end()
+
+        def send(data: bytes) -> defer.Deferred | None:
+            if self.utf8 or not _eightBitHeader(data):
+                self.transport.write(render(data))
+                return None
+            # Downgrading is CPU work (a crafted header can take seconds): in a thread.
+            return threads.deferToThread(render, data).addCallback(self.transport.write)
 
         if message.size <= WHOLE_MESSAGE:
             data = self.mbox.read(message)
             if isinstance(data, bytes):
-                return send(data)  # read ahead: no trip to a thread, nothing to wait for
-            d = data.addCallback(send)
+                d = send(data)  # read ahead: no trip to read it
+                if d is None:
+                    return None
+            else:
+                d = data.addCallback(send)
         else:
             d = self.mbox.folder.openMessage(message.uid).addCallback(
                 lambda fp: defer.Deferred.fromCoroutine(_stream(
@@ -574,6 +585,12 @@ class _Body:
         return rest + (b"\r\n" if self.last and self.last != b"\r\n" else b"") + b".\r\n"
 
 
+def _eightBitHeader(data: bytes) -> bool:
+    """Whether the header of the message C{data} holds 8-bit octets (to downgrade)."""
+    end = _headerEnd(data)
+    return not (data if end < 0 else data[:end]).isascii()
+
+
 def _headerEnd(data: bytes) -> int:
     """Where the body starts (after the first empty line), or -1 if not yet seen."""
     if data.startswith((b"\r\n", b"\n")):
@@ -595,10 +612,14 @@ async def _stream(transport, flow: Flow, fp, status: bytes, body: _Body) -> None
                 if first:
                     raise
                 raise _MidMessage(e) from e
-            data = first + body.feed(chunk)
+            if body.head is not None:  # downgrading the header (CPU work) is still to come
+                data = first + await threads.deferToThread(body.feed, chunk)
+            else:
+                data = first + body.feed(chunk)
             first = b""
             if not chunk or body.done:
-                transport.write(data + body.end())
+                end = body.end() if body.head is None else await threads.deferToThread(body.end)
+                transport.write(data + end)
                 return
             transport.write(data)
     finally:

@@ -18,6 +18,13 @@ What this subclass changes in ``twisted.mail.smtp.ESMTP`` and why:
   message through the same end-of-DATA path (filters, hop count, fsync before 250).
 * **DSN** (RFC 3461, L{twistmail.dsn}): RET/ENVID on MAIL and NOTIFY/ORCPT on
   RCPT are checked (501 5.5.4) and travel with the envelope into the queue.
+* **REQUIRETLS** (RFC 8689): offered only once the session is under TLS, and
+  ``MAIL ... REQUIRETLS`` in clear text is refused (530 5.7.10); the flag travels
+  with the envelope and the relay enforces it (L{twistmail.relay.sender}).
+* **SMTPUTF8** (RFC 6531, L{twistmail.eai}): with MAIL's SMTPUTF8 parameter a path may
+  be UTF-8 (strict, NFC, IDNA 2008 domains); without it an 8-bit path gets 553 5.6.7
+  (RFC 6531 §3.5).  Twisted's Address and command patterns know only ASCII atoms,
+  so the 8-bit case is parsed here (L{_UTF8Address}).
 * **One spool per transaction** shared by all recipients, with one
   ``Received:`` header (RFC 5321 §4.4), instead of one IMessage per recipient.
 * **Enhanced status codes** (RFC 2034/3463) on every final reply.
@@ -48,6 +55,7 @@ import dataclasses
 import re
 
 from twisted.cred import error as credError
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.mail.smtp import AUTH, COMMAND, DATA
@@ -58,6 +66,7 @@ from twistmail.auth.checkers import fromClient
 from twistmail.delivery.routing import Client, Router
 from twistmail.delivery.spool import MessageSource
 from twistmail.delivery.transaction import Session, SMTPPolicy
+from twistmail.eai import AddressError, canonicalAddress, decodePath
 from twistmail.filters.chain import ConfiguredFilter
 from twistmail.interfaces import IMailAccount
 from twistmail.metrics import Metrics
@@ -85,10 +94,13 @@ _HAS_ENHANCED = re.compile(rb"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 _STATUS_LABEL = re.compile(rb"^([45]\.[0-7]\.\d{1,2})(?: |$)")
 _NO_ENHANCED_FOR = {"EHLO", "HELO", "GREETING"}  # RFC 2034 §3: not for greeting/EHLO/HELO
 #: RFC 5321 §4.1.2: a path is printable ASCII (qtextSMTP is %d32-126 but for " and \);
-#: 8-bit needs SMTPUTF8 (RFC 6531), which we do not offer.  Twisted's Address takes
-#: any byte inside quotes, and str() of such an address raises later.
+#: 8-bit needs SMTPUTF8 (RFC 6531).  Twisted's Address takes any byte inside quotes,
+#: and str() of such an address raises later.
 _UNPRINTABLE = re.compile(rb"[^\x20-\x7e]")
-_NO_UTF8 = b" (printable ASCII only; SMTPUTF8 is not offered)"
+_NO_UTF8 = b"5.6.7 Non-ASCII address needs MAIL's SMTPUTF8 parameter (RFC 6531 section 3.4)"
+#: Twisted's path pattern with UTF-8 octets allowed in atoms (RFC 6531 §3.3 atext).
+_ATOM8 = rb"[-A-Za-z0-9!\#$%&'*+/=?^_`{|}~\x80-\xff]"
+_QSTRING8 = rb'("[^"]*"|\\.|' + _ATOM8 + rb"|[@.,:])+"
 #: Like Postfix's smtpd_hard_error_limit: a client that keeps erring is cut off.
 MAX_ERRORS = 20
 #: Not SMTP but another protocol spoken to our port (a browser's form POST carries
@@ -115,10 +127,42 @@ class _PLAIN(imap4.PLAINCredentials):
 CHALLENGERS = {b"PLAIN": _PLAIN, b"LOGIN": smtp.LOGINCredentials}
 
 
+class _UTF8Address(smtp.Address):
+    """An RFC 6531 path: UTF-8 atoms, and text as UTF-8 (Twisted's is ASCII)."""
+
+    tstring = re.compile(rb"""((?:"[^"]*"|\\.|""" + _ATOM8 + rb""")+|.)""")
+    atomre = re.compile(_ATOM8)
+
+    def __str__(self) -> str:
+        return bytes(self).decode("utf-8")
+
+
+def _pathProblem(path: bytes, utf8: bool) -> bytes | None:
+    """Why an 8-bit C{path} is refused (enhanced code and text), or None if it is
+    printable ASCII or, in an SMTPUTF8 transaction, a usable UTF-8 address."""
+    if not _UNPRINTABLE.search(path):
+        return None
+    try:
+        address = decodePath(path).strip("<>")
+    except AddressError as e:
+        return str(e).encode()
+    if not utf8:
+        return _NO_UTF8
+    try:
+        canonicalAddress(address.rpartition(":")[2])  # after a source route
+    except AddressError as e:
+        return str(e).encode("utf-8")
+    return None
+
+
 class SMTPServer(smtp.ESMTP):
     """One inbound SMTP connection; configuration comes from the factory."""
 
     _declaredSize: int | None = None  # MAIL SIZE=, for RCPT's quota check
+    mail_re = re.compile(rb"\s*FROM:\s*(?P<path><>|<" + _QSTRING8 + rb">|" + _QSTRING8
+                         + rb")\s*(\s(?P<opts>.*))?$", re.I)
+    rcpt_re = re.compile(rb"\s*TO:\s*(?P<path><" + _QSTRING8 + rb">|" + _QSTRING8
+                         + rb")\s*(\s(?P<opts>.*))?$", re.I)
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,7 +187,10 @@ class SMTPServer(smtp.ESMTP):
         #: The DSN request (RFC 3461) and BODY= type of the transaction; MAIL's until accepted.
         self._dsn = dsn.Request()
         self._body = "7BIT"
-        self._mailParams: tuple[dsn.Request, str] | None = None
+        self._mailParams: tuple[dsn.Request, str, bool] | None = None
+        self._smtputf8 = False  # MAIL's SMTPUTF8 (RFC 6531)
+        #: MAIL's REQUIRETLS (RFC 8689): of the transaction, and of the MAIL being checked.
+        self._requireTLS = self._askedTLS = False
         self._rcptParams: tuple[list[str] | None, str | None] = (None, None)
         #: The BDAT chunk being read (RFC 3030), and the message of a BDAT transaction.
         self._chunk: ChunkReader | None = None
@@ -207,6 +254,10 @@ class SMTPServer(smtp.ESMTP):
         ext[b"DSN"] = None  # RFC 3461
         ext[b"CHUNKING"] = None  # RFC 3030
         ext[b"BINARYMIME"] = None
+        ext[b"SMTPUTF8"] = None  # RFC 6531
+        if self.secure:
+            ext[b"REQUIRETLS"] = None  # RFC 8689 §2: only usable in a TLS session
+        ext.pop(b"SIZE", None)  # last, as before: tests and scripts look for "250 SIZE"
         ext[b"SIZE"] = [str(self.factory.config["max_message_size"]).encode()]
         return ext
 
@@ -464,10 +515,15 @@ class SMTPServer(smtp.ESMTP):
             self.sendCode(503, b"5.5.1 BDAT transaction in progress; finish it or RSET")
             return
         m = self.mail_re.match(rest)
-        if m and _UNPRINTABLE.search(m.group("path")):
-            self.sendCode(553, b"5.1.7 Bad sender address syntax" + _NO_UTF8)
+        utf8 = bool(m and m.group("opts")
+                    and any(p.upper() == b"SMTPUTF8" for p in m.group("opts").split()))
+        problem = m and not self._from and _pathProblem(m.group("path"), utf8)
+        if problem:
+            self.sendCode(553, problem if problem == _NO_UTF8
+                          else b"5.1.7 Bad sender address syntax: " + problem)
             return
         request, body = dsn.Request(), "7BIT"
+        self._askedTLS = False
         if m and m.group("opts") and not self._from:
             for param in m.group("opts").split():
                 key, _, value = param.partition(b"=")
@@ -482,6 +538,18 @@ class SMTPServer(smtp.ESMTP):
                         return
                 elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME", b"BINARYMIME"):
                     body = value.upper().decode()  # RFC 6152, RFC 3030 §3
+                elif key == b"REQUIRETLS" and not value:
+                    if not self.secure:  # RFC 8689 §2 item 7: the session itself uses TLS
+                        self.sendCode(530, b"5.7.10 REQUIRETLS needs TLS: STARTTLS first")
+                        return
+                    if self._askedTLS:
+                        self.sendCode(501, b"5.5.4 REQUIRETLS given twice")
+                        return
+                    self._askedTLS = True
+                elif key == b"SMTPUTF8":
+                    if value or param.endswith(b"="):
+                        self.sendCode(501, b"5.5.4 SMTPUTF8 takes no value (RFC 6531 section 3.4)")
+                        return
                 else:
                     try:
                         known = dsn.parseMailParam(request, key, value)
@@ -491,17 +559,27 @@ class SMTPServer(smtp.ESMTP):
                     if not known:
                         self.sendCode(555, b"5.5.4 Unsupported MAIL parameter " + key[:64])
                         return
-        self._mailParams = (request, body)
-        super().do_MAIL(rest)
+        self._mailParams = (request, body, utf8)
+        if not m or self._from or not _UNPRINTABLE.search(m.group("path")):
+            super().do_MAIL(rest)
+            return
+        # Twisted's do_MAIL, with a UTF-8 path (checked above).
+        self._to = []
+        path = decodePath(m.group("path")).encode("utf-8")
+        d = defer.maybeDeferred(self.validateFrom, self._helo, _UTF8Address(path, self.host))
+        d.addCallbacks(self._cbFromValidate, self._ebFromValidate)
 
     def _cbFromValidate(self, fromEmail, code=250, msg=b"Sender address accepted"):
-        self._dsn, self._body = self._mailParams or (dsn.Request(), "7BIT")
+        self._dsn, self._body, self._smtputf8 = self._mailParams or (dsn.Request(), "7BIT", False)
+        self._requireTLS = self._askedTLS
         super()._cbFromValidate(fromEmail, code, msg)
 
     def do_RCPT(self, rest: bytes) -> None:
         m = self.rcpt_re.match(rest)
-        if self._from and m and _UNPRINTABLE.search(m.group("path")):
-            self.sendCode(553, b"5.1.3 Bad recipient address syntax" + _NO_UTF8)
+        problem = self._from and m and _pathProblem(m.group("path"), self._smtputf8)
+        if problem:
+            self.sendCode(553, problem if problem == _NO_UTF8
+                          else b"5.1.3 Bad recipient address syntax: " + problem)
             return
         self._rcptParams = (None, None)
         if self._from and m and m.group("opts"):
@@ -511,7 +589,15 @@ class SMTPServer(smtp.ESMTP):
             except dsn.DSNError as e:
                 self.sendCode(501, b"5.5.4 " + str(e).encode())
                 return
-        super().do_RCPT(rest)
+        if not self._from or not m or not _UNPRINTABLE.search(m.group("path")):
+            super().do_RCPT(rest)
+            return
+        # Twisted's do_RCPT, with a UTF-8 path (checked above).
+        dest = _UTF8Address(decodePath(m.group("path")).encode("utf-8"), self.host)
+        user = smtp.User(dest, self._helo, self, self._from)
+        user.dest = dest  # User copies it into an ASCII-only Address
+        d = defer.maybeDeferred(self.validateTo, user)
+        d.addCallbacks(self._cbToValidate, self._ebToValidate, callbackArgs=(user,))
 
     def _cbToValidate(self, to, user=None, code=250, msg=b"Recipient address accepted"):
         """An accepted recipient: its NOTIFY and ORCPT are kept under the address the
@@ -595,8 +681,9 @@ class SMTPServer(smtp.ESMTP):
 
     def _startMessage(self) -> MessageSource:
         """The transaction's envelope and spool, at DATA or the first BDAT."""
-        envelope, received = self._session.data(self._usedEhlo)
-        self._envelope = dataclasses.replace(envelope, dsn=self._dsn, body=self._body)
+        envelope, received = self._session.data(self._usedEhlo, self._smtputf8)
+        self._envelope = dataclasses.replace(envelope, dsn=self._dsn, body=self._body,
+                                             smtputf8=self._smtputf8, requireTLS=self._requireTLS)
         self._from = None
         self._to = []
         return MessageSource(prefix=received, spoolDir=self.factory.spoolDir)

@@ -10,6 +10,11 @@ L{FULL_LIMIT} octets.  The sender's ENVID and each recipient's ORCPT are in it
 (RFC 3464 §2.2.1, §2.3.1).  Besides failures ("failed") it reports delays
 ("delayed"), local delivery ("delivered") and a hand-over to a server without
 DSN ("relayed", RFC 3461 §4.1) when the sender's NOTIFY asked for them.
+
+A report about a message sent with REQUIRETLS (RFC 8689 §5) carries its header
+section only, whatever RET says, and is itself queued with REQUIRETLS: the
+relay passes it on where the next hop offers it (and, the report being from
+``<>``, sends it where it is not offered rather than lose it).
 """
 
 from __future__ import annotations
@@ -124,7 +129,8 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
     status.set_payload(blocks)
     report.attach(status)
 
-    full = request.ret == "FULL" and message is not None and len(message) <= FULL_LIMIT
+    full = request.ret == "FULL" and message is not None and len(message) <= FULL_LIMIT \
+        and not entry.requiresTLS()  # RFC 8689 §5: as if RET=HDRS
     original = Message()
     original["Content-Type"] = "message/rfc822" if full else "text/rfc822-headers"
     returned = message if full else headers
@@ -173,13 +179,15 @@ class Reports:
             return
         if original is None:
             headers = yield self.queue.headers(entry.id)
-            message = yield self.queue.message(entry.id) \
-                if ofEntry(entry).ret == "FULL" and entry.size <= FULL_LIMIT else None
+            message = yield self.queue.message(entry.id) if ofEntry(entry).ret == "FULL" \
+                and entry.size <= FULL_LIMIT and not entry.requiresTLS() else None
         else:
             headers, message = yield self.queue.run(original)
         report = yield self.sign(buildBounce(entry, listed, headers, self.hostname, now,
                                              expired, action, message))
-        queued = yield self.queue.enqueue("", [entry.sender], lambda: [report], origin="bounce")
+        queued = yield self.queue.enqueue("", [entry.sender], lambda: [report], origin="bounce",
+                                          extra={"requiretls": True} if entry.requiresTLS()
+                                          else None)
         log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
                  id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
                  reason="expired" if expired else action)

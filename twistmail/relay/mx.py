@@ -26,6 +26,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail.interfaces import IMXResolver
@@ -35,6 +36,8 @@ from twistmail.metrics import Metrics
 MAX_ADDRESSES = 5
 #: Parsed answers kept on the reactor thread, at most (dnspython's cache holds as many).
 MAX_MEMO = 10000
+#: Answers kept for the filters' lookups (L{AnswerCache}): a busy inbound server's senders.
+MAX_ANSWERS = 10000
 
 
 class DNSFailure(Exception):
@@ -65,6 +68,47 @@ def _nxdomain(name: str, rdtype: str) -> DNSFailure:
                       "NXDOMAIN")
 
 
+class AnswerCache:
+    """The records of (name, type) answers, each until its TTL ends, at most C{size} of them.
+
+    dnspython's own cache is keyed by parsed names: a hit still builds a
+    Name, a Resolution and a copy of the answer, about 0.1 ms of Python per
+    lookup, several lookups a message (SPF, two DKIM keys, DMARC).  Verifiers
+    keep answers by name and type for their TTL as resolvers do (RFC 1035
+    §7.4); this is that, for the filters' worker threads.  Only answers (and
+    NODATA) are kept, never a failure.  When full, expired entries go first,
+    then the oldest.
+    """
+
+    def __init__(self, size: int = MAX_ANSWERS, clock: Callable[[], float] = time.time) -> None:
+        self._size = size
+        self._clock = clock  # dnspython's expirations are wall-clock times
+        self._entries: dict[tuple[str, str], tuple[tuple, float]] = {}
+        self._lock = threading.Lock()  # for eviction; a lookup is one dict read
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str, rdtype: str) -> list | None:
+        """The records, or None when not kept or expired."""
+        entry = self._entries.get((name, rdtype))
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return list(entry[0])
+
+    def put(self, name: str, rdtype: str, records: Sequence, expires: float) -> None:
+        with self._lock:
+            entries = self._entries
+            if len(entries) >= self._size and (name, rdtype) not in entries:
+                now = self._clock()
+                for key in [k for k, (_, e) in entries.items() if e <= now]:
+                    del entries[key]
+                while len(entries) >= self._size:
+                    del entries[next(iter(entries))]  # the oldest: dicts keep insertion order
+            entries.pop((name, rdtype), None)
+            entries[(name, rdtype)] = (tuple(records), expires)
+
+
 @dataclass(frozen=True)
 class Hop:
     """One host to try, with its addresses in the order to try them."""
@@ -74,6 +118,9 @@ class Hop:
     preference: int = 0
     #: The destination domain's MTA-STS policy (twistmail.mtasts.Policy), None for none.
     policy: object = None
+    #: Named by the domain's MX records (not the domain itself, not a smarthost): without
+    #: DNSSEC only an MTA-STS policy vouches for the name (RFC 8689 §4.2.1).
+    viaMX: bool = False
 
 
 @implementer(IMXResolver)
@@ -93,6 +140,7 @@ class DnsPythonMXResolver:
         self._latency = (metrics or Metrics()).dnsLookups
         # (lookup, name) -> (result, expires): the cache's answers as the relay uses them.
         self._memo: dict[tuple[str, str], tuple[list, float]] = {}
+        self._answers = AnswerCache()  # the filters' lookups (resolveSync)
 
     def _get(self) -> dns.resolver.Resolver:
         # Built on first use, in a worker thread: reading /etc/resolv.conf is I/O,
@@ -113,11 +161,11 @@ class DnsPythonMXResolver:
             self._resolver = resolver
         return self._resolver
 
-    def _query(self, name: str, rdtype: str):
+    def _query(self, name: str, rdtype: str, answers: AnswerCache | None = None):
         """The answer's records, [] for NODATA; DNSFailure for what is not an answer."""
         started = time.perf_counter()
         try:
-            return self._resolve(name, rdtype)
+            return self._resolve(name, rdtype, answers)
         except _NotCached:
             started = None  # not a lookup: it is asked again in a worker thread
             raise
@@ -125,9 +173,14 @@ class DnsPythonMXResolver:
             if started is not None:  # the metric locks: safe in a worker thread
                 self._latency.labels(rdtype).observe(time.perf_counter() - started)
 
-    def _resolve(self, name: str, rdtype: str):
+    def _resolve(self, name: str, rdtype: str, answers: AnswerCache | None = None):
         if getattr(_thread, "cacheOnly", False):
             return self._fromCache(name, rdtype)
+        if answers is not None:
+            name = name.lower()
+            records = answers.get(name, rdtype)
+            if records is not None:
+                return records
         try:
             answer = self._get().resolve(name, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
@@ -142,7 +195,10 @@ class DnsPythonMXResolver:
             raise DNSFailure(False, "5.1.2", f"{name!r} is not a valid domain name") from None
         except dns.exception.DNSException as e:
             raise DNSFailure(True, "4.4.3", f"DNS error for {name} type={rdtype}: {e}") from None
-        return list(answer.rrset or ())
+        records = list(answer.rrset or ())
+        if answers is not None:
+            answers.put(name, rdtype, records, answer.expiration)
+        return records
 
     def _fromCache(self, name: str, rdtype: str) -> list:
         """What L{_resolve} would return, from dnspython's cache alone (which drops expired
@@ -200,8 +256,9 @@ class DnsPythonMXResolver:
 
         Blocking: call it only in a worker thread (L{run}).  For filters (SPF,
         DKIM, DMARC, DNSBL) that share this resolver's servers, timeout and cache.
+        Answers are kept by name and type until their TTL ends (L{AnswerCache}).
         """
-        return self._query(name, rdtype)
+        return self._query(name, rdtype, self._answers)
 
     def run(self, f: Callable, *args) -> defer.Deferred:
         """Call C{f(*args)} in the DNS worker pool; for blocking code built on L{resolveSync}."""
@@ -278,7 +335,7 @@ def resolveHops(resolver: IMXResolver, domain: str, rng: random.Random):
         if not ok:
             errors.append(found.value)
         elif found:
-            hops.append(Hop(host, tuple(found), pref))
+            hops.append(Hop(host, tuple(found), pref, viaMX=not implicit))
     if hops:  # a host whose lookup failed is skipped, as if it were down
         return hops
     if errors:
@@ -315,3 +372,73 @@ def applyPolicy(hops: Sequence[Hop], policy, domain: str) -> list[Hop]:
         raise DNSFailure(True, "4.7.5", f"MTA-STS policy (enforce) of {domain} lists none of its "
                          f"MX hosts ({', '.join(h.host for h in hops)})")
     return allowed
+
+
+#: Seconds a domain's hops are reused (L{DestinationCache}).
+DESTINATION_CACHE_TIME = 5.0
+#: Domains whose hops are kept at most.
+MAX_DESTINATIONS = 10000
+
+
+class DestinationCache:
+    """C{destination(domain)} with each domain's answer reused for a few seconds.
+
+    Resolving a domain takes an MX lookup, an address lookup per host and the
+    MTA-STS policy, each an inlineCallbacks chain even when the answers are
+    cached: for a queue of thousands of messages to a few domains that is a
+    good part of the relay's CPU per message.  Postfix's connection cache
+    skips the lookup the same way: a cached connection is found by destination
+    name, not by address.  Only answers are kept; a failure is asked again
+    (the runner suspends a domain that keeps failing), and the lookups of one
+    domain that overlap are one.  Hosts of equal preference are shuffled again
+    on every use, so the load still spreads over them (RFC 5321 §5.1).
+    """
+
+    def __init__(self, destination: Callable[[str], defer.Deferred],
+                 seconds: Callable[[], float], rng: random.Random,
+                 cacheTime: float = DESTINATION_CACHE_TIME) -> None:
+        """@param destination: C{destination(domain) -> Deferred[list[Hop]]}, e.g. MX
+            resolution with the MTA-STS policy applied.
+        @param seconds: the clock (C{reactor.seconds})."""
+        self._destination = destination
+        self._seconds = seconds
+        self._rng = rng
+        self._cacheTime = cacheTime
+        self._cached: dict[str, tuple[list[Hop], float]] = {}  # domain -> (hops, expires)
+        self._pending: dict[str, list[defer.Deferred]] = {}
+
+    def __call__(self, domain: str) -> defer.Deferred:
+        cached = self._cached.get(domain)
+        if cached is not None:
+            if cached[1] > self._seconds():
+                return defer.succeed(self._reordered(cached[0]))
+            del self._cached[domain]
+        waiter: defer.Deferred = defer.Deferred()
+        waiting = self._pending.get(domain)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._pending[domain] = [waiter]
+        defer.maybeDeferred(self._destination, domain).addBoth(self._answered, domain)
+        return waiter
+
+    def _answered(self, result, domain: str) -> None:
+        if not isinstance(result, Failure):
+            if len(self._cached) >= MAX_DESTINATIONS:
+                now = self._seconds()
+                self._cached = {d: c for d, c in self._cached.items() if c[1] > now}
+                if len(self._cached) >= MAX_DESTINATIONS:
+                    self._cached.clear()
+            self._cached[domain] = (list(result), self._seconds() + self._cacheTime)
+        for waiter in self._pending.pop(domain):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(self._reordered(result))
+
+    def _reordered(self, hops: list[Hop]) -> list[Hop]:
+        if len(hops) < 2:
+            return list(hops)
+        shuffled = list(hops)
+        self._rng.shuffle(shuffled)
+        return sorted(shuffled, key=lambda h: h.preference)

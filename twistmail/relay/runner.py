@@ -83,7 +83,6 @@ from twistmail.relay.queue import (
     FAILED,
     QUEUED,
     SENT,
-    QueuedSource,
     QueueEntry,
     QueueError,
     RelayQueue,
@@ -179,13 +178,18 @@ class QueueRunner(service.Service):
     def startService(self) -> None:
         super().startService()
         self._queue.addListener(lambda entry: self.add(entry.id, entry.lane()))
+        self._queue.watch(self._found)
         self._queue.scan().addCallbacks(self._scanned, lambda f: log.failure("queue scan", f))
 
     def _scanned(self, found: list[tuple[str, float, str]]) -> None:
+        self._found(found)
+        log.info("relay queue: {n} messages", n=len(found))
+
+    def _found(self, found: list[tuple[str, float, str]]) -> None:
+        """Messages with work left (the start's scan, or a shared queue's poll)."""
         for id, when, lane in found:
             if id not in self._busy and id not in self._due:
                 self._schedule(id, when, lane)
-        log.info("relay queue: {n} messages", n=len(found))
         self._arm()
 
     def stopService(self):
@@ -375,6 +379,8 @@ class QueueRunner(service.Service):
             return None
         if due:
             yield self._queue.save(entry)
+        else:
+            yield self._queue.release(id)
         return entry.nextAttempt()
 
     def _deliver(self, entry: QueueEntry, due: list, opener: _Opener) -> defer.Deferred:
@@ -415,7 +421,7 @@ class QueueRunner(service.Service):
         accounts = tuple(dict.fromkeys(a for targets in local.values() for a in targets))
         envelope = Envelope(sender=entry.sender, recipients=accounts, id=entry.id)
         d = defer.maybeDeferred(self._local.deliver, envelope,
-                                QueuedSource(self._queue.messagePath(entry.id)))
+                                self._queue.source(entry.id))
 
         def done(result) -> dict:
             if isinstance(result, Failure):
@@ -477,7 +483,8 @@ class QueueRunner(service.Service):
     def _attemptDomain(self, entry: QueueEntry, domain: str, addresses: list[str],
                        opener: _Opener):
         context = {"id": entry.id, "domain": domain, "origin": entry.origin,
-                   "dsn": dsn.ofEntry(entry), "body": entry.extra.get("body", "7BIT")}
+                   "dsn": dsn.ofEntry(entry), "body": entry.extra.get("body", "7BIT"),
+                   "requiretls": entry.requiresTLS(), "tls_optional": entry.tlsOptional()}
         if self._isSuspended(domain):
             return self._whileSuspended(entry, domain, addresses)
         try:

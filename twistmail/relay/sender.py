@@ -34,6 +34,19 @@ outcome goes to ``tlsReport`` (RFC 8460) when one is given.  A smarthost may
 also be reached over implicit TLS (SMTPS, RFC 8314 §3), verified, from the
 first byte.
 
+REQUIRETLS (RFC 8689 §4.2.1): a message whose sender asked for it (and whose
+reverse-path is not ``<>``) goes only over TLS verified for the host's name, to
+a host that offers REQUIRETLS after STARTTLS, with the parameter passed on.  A
+host named by MX records must be vouched for by an MTA-STS policy in enforce
+mode: we do not validate DNSSEC, so an MX answer alone never is.  A host that
+falls short is QUIT and the next one tried; when none will do, the recipients
+fail (5.7.10, or 5.7.30 when REQUIRETLS was not offered) and the sender gets a
+report; nothing is ever sent in clear text.  A report about such a message
+(``<>``) passes REQUIRETLS on where it is offered, and is sent anyway where it
+is not (RFC 8689 §5).  A message that says ``TLS-Required: No`` (RFC 8689 §3),
+like a TLS report, is delivered without its domain's MTA-STS policy; a
+smarthost's configured TLS still applies.
+
 Connection reuse (Postfix's connection cache): after a transaction the client
 sends RSET and, once that is accepted, parks the connection in a
 ``ConnectionCache`` keyed by (host, address, port, TLS level, SASL user), so a
@@ -81,6 +94,8 @@ MAX_PARKED = 1000
 IMPLICIT = "implicit"
 
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+#: RFC 8689 §7: "REQUIRETLS support required"; RFC 5248's "Encryption Needed".
+NO_REQUIRETLS, ENCRYPTION_NEEDED = "5.7.30", "5.7.10"
 MAX_REPLY = 500
 
 
@@ -115,6 +130,11 @@ def fromReply(code: int, text, host: str) -> Result:
 def ourError(text: str, status: str = "4.4.1", host: str = "") -> Result:
     """A temporary failure we observed ourselves (no connection, timeout, TLS...)."""
     return Result(DEFERRED, f"451 {status} {text}"[:MAX_REPLY], host, remote=False)
+
+
+def requireTLSFailed(text: str, status: str, host: str = "") -> Result:
+    """RFC 8689 §4.2.1: no host could take a REQUIRETLS message securely: it is returned."""
+    return Result(FAILED, f"550 {status} REQUIRETLS: {text}"[:MAX_REPLY], host, remote=False)
 
 
 @dataclass(frozen=True)
@@ -153,6 +173,10 @@ class _Path(smtp.Address):
 
     def __bytes__(self) -> bytes:
         return self.text.encode("utf-8")
+
+
+class _NoRequireTLS(smtp.SMTPClientError):
+    """The server did not offer REQUIRETLS after STARTTLS (RFC 8689 §4.2.1): QUIT."""
 
 
 class _SessionFailure(Exception):
@@ -378,6 +402,14 @@ class _ExtensionsClient(_RelayClient):
     def sendLine(self, line: bytes) -> None:
         super().sendLine(self.withParameters(line))
 
+    def _transaction(self, code, resp) -> None:
+        """RFC 8689 §4.2.1: a REQUIRETLS message goes only to a server that offers it
+        (after STARTTLS: this is the last EHLO reply); a report from <> goes anyway."""
+        if self.factory.requireTLS and self.factory.fromEmail \
+                and b"REQUIRETLS" not in self.extensions:
+            return self.sendError(_NoRequireTLS(-1, b"the server does not offer REQUIRETLS"))
+        return super()._transaction(code, resp)
+
     def _send(self, commands: list[bytes]) -> None:
         """Pipelined MAIL/RCPT (L{_RelayClient._send}) carry the parameters too."""
         super()._send([self.withParameters(command) for command in commands])
@@ -390,6 +422,8 @@ class _ExtensionsClient(_RelayClient):
                 line += b" BODY=8BITMIME"  # BINARYMIME too: the relay sends DATA, not BDAT
             if request is not None:
                 line += dsn.mailParameters(request, self.extensions)
+            if self.factory.requireTLS and b"REQUIRETLS" in self.extensions:
+                line += b" REQUIRETLS"  # RFC 8689 §2
         elif line.startswith(b"RCPT TO:<") and request is not None:
             address = line[len(b"RCPT TO:<"):-1].decode("utf-8")
             line += dsn.rcptParameters(request, address, self.extensions)
@@ -459,6 +493,7 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         self.tlsStarted = False
         self.dsn: dsn.Request | None = None  # the message's DSN request, passed on
         self.body = "7BIT"  # its MAIL BODY= (RFC 6152, RFC 3030)
+        self.requireTLS = False  # its MAIL REQUIRETLS (RFC 8689)
 
     def assign(self, sender: str, recipients: Sequence[str], messageFile) -> defer.Deferred:
         """The next message for this (parked) connection; returns its result Deferred."""
@@ -557,6 +592,8 @@ def _describe(exc: BaseException) -> tuple[str, str]:
         return exc.osError or str(exc), "4.4.1"
     if isinstance(exc, smtp.SMTPTimeoutError):
         return "timeout waiting for the server's reply", "4.4.2"
+    if isinstance(exc, _NoRequireTLS):
+        return "the server does not offer REQUIRETLS", NO_REQUIRETLS
     if isinstance(exc, smtp.TLSRequiredError):
         return "the server does not offer STARTTLS, and TLS is required", "4.7.5"
     if isinstance(exc, (smtp.AUTHDeclinedError, smtp.AUTHRequiredError,
@@ -612,12 +649,12 @@ class RelaySender:
 
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
                  messageFile, level: str, reuse: bool, request=None,
-                 body: str = "7BIT") -> defer.Deferred:
+                 body: str = "7BIT", requireTLS: bool = False) -> defer.Deferred:
         settings = self.settings
         key = (hostname, address, settings.port, level, settings.username)
         factory = self._cache.take(key) if reuse and self._cache is not None else None
         if factory is not None:
-            factory.dsn, factory.body = request, body
+            factory.dsn, factory.body, factory.requireTLS = request, body, requireTLS
             factory.assign(sender, recipients, messageFile)
         elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
             factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
@@ -633,6 +670,7 @@ class RelaySender:
                                      timeout=settings.connectTimeout)
         factory.dsn = request
         factory.body = body
+        factory.requireTLS = requireTLS
 
         def failed(failure):
             exc = failure.value
@@ -664,16 +702,25 @@ class RelaySender:
               openMessage: Callable[[], defer.Deferred], logContext: dict):
         last = ourError("no host to try")
         tried = 0
+        requireTLS = bool(logContext.get("requiretls"))
+        enforce = requireTLS and sender != ""  # RFC 8689 §4.2.1; §5: <> is not held back
         for hop in hops:
+            # RFC 8460 §5.3: a TLS report must get through the failures it reports
+            # (sent as RFC 8689 "TLS-Required: No"): no policy for it, nothing counted.
+            # RFC 8689 §4.2.2: so does any message that says "TLS-Required: No".
+            mode = None if logContext.get("origin") == "tlsrpt" or \
+                logContext.get("tls_optional") else getattr(hop.policy, "mode", None)
+            if enforce and hop.viaMX and mode != ENFORCE:
+                last = requireTLSFailed(f"MX host {hop.host} is not vouched for by an MTA-STS "
+                                        "policy in enforce mode (DNSSEC is not validated)",
+                                        ENCRYPTION_NEEDED)
+                logAttempt(logContext, hop.host, {r: last for r in recipients})
+                continue
             for address in hop.addresses:
                 if tried == MAX_ADDRESSES:
                     break
                 tried += 1
-                # RFC 8460 §5.3: a TLS report must get through the failures it reports
-                # (sent as RFC 8689 "TLS-Required: No"): no policy for it, nothing counted.
-                mode = None if logContext.get("origin") == "tlsrpt" else \
-                    getattr(hop.policy, "mode", None)
-                level = _VERIFY if self.settings.tls in ("required", IMPLICIT) or \
+                level = _VERIFY if enforce or self.settings.tls in ("required", IMPLICIT) or \
                     mode in (ENFORCE, TESTING) else _MAY
                 reuse = True
                 while True:
@@ -683,7 +730,8 @@ class RelaySender:
                         results = yield self._attempt(hop.host, address, sender, recipients,
                                                       messageFile, level, reuse,
                                                       logContext.get("dsn"),
-                                                      logContext.get("body", "7BIT"))
+                                                      logContext.get("body", "7BIT"),
+                                                      requireTLS)
                     except _SessionFailure as e:
                         failure = e
                     else:
@@ -700,21 +748,31 @@ class RelaySender:
                                  why=loggableText(failure.reason))
                         reuse = False
                         continue
-                    tlsFailed = failure.afterTLS or failure.status == "4.7.5"
+                    tlsFailed = (failure.afterTLS or failure.status == "4.7.5") \
+                        and failure.status != NO_REQUIRETLS  # that was verified TLS
                     reason = failure.reason
                     if mode == ENFORCE and tlsFailed:
                         # RFC 8461 §5.1: no delivery without a valid TLS session to a listed MX.
                         reason = f"MTA-STS policy (enforce) needs verified TLS: {reason}"
                         failure.status = "4.7.5"
-                    last = ourError(f"connect to {where}: {reason}"
-                                    if failure.status == "4.4.1" else f"{where}: {reason}",
-                                    failure.status, hop.host if failure.status != "4.4.1" else "")
+                    if enforce and failure.status != "4.4.1" and \
+                            (tlsFailed or failure.status == NO_REQUIRETLS):
+                        last = requireTLSFailed(f"{where}: {reason}", NO_REQUIRETLS if
+                                                failure.status == NO_REQUIRETLS else
+                                                ENCRYPTION_NEEDED, hop.host)
+                    else:
+                        last = ourError(f"connect to {where}: {reason}"
+                                        if failure.status == "4.4.1" else f"{where}: {reason}",
+                                        failure.status,
+                                        hop.host if failure.status != "4.4.1" else "")
                     logAttempt(logContext, where, {r: last for r in recipients})
                     if mode in (ENFORCE, TESTING) and level == _VERIFY and tlsFailed:
                         self._report(logContext, hop, address, failure)
                     if failure.inTransaction:
                         # The host may have the message: never offer it to another now.
                         return {r: last for r in recipients}
+                    if last.kind == FAILED:
+                        break  # RFC 8689 §4.2.1: QUIT, the next MX; never a weaker session
                     if tlsFailed and level == _VERIFY and mode == TESTING:
                         level = _MAY  # RFC 8461 §5: testing mode reports, then delivers as before
                         continue

@@ -20,6 +20,11 @@ Layout (every name unqualified: the DSN's ``search_path`` chooses the schema):
   octets, written and read one chunk at a time (never the whole message in
   memory); a COPY shares the body, the last message to go deletes it.
 * ``subscriptions``: per account, the subscribed folder names.
+* ``relay_queue`` / ``relay_chunks``: the relay queue when ``[relay] queue =
+  "postgresql"`` (L{twistmail.relay.pgqueue}): the envelope and per-recipient state
+  as the disk queue's versioned JSON, when it is next due, its fairness lane, which
+  node holds it (``claimed_by``) until when (``lease_until``, the database's clock),
+  and the message in chunks of L{CHUNK} octets.
 """
 
 from __future__ import annotations
@@ -82,6 +87,25 @@ MIGRATIONS: list[str] = [
         account_id bigint NOT NULL REFERENCES accounts ON DELETE CASCADE,
         name text NOT NULL,
         PRIMARY KEY (account_id, name)
+    );
+    """,
+    # The relay queue, shared by every node (twistmail.relay.pgqueue).
+    """
+    CREATE TABLE relay_queue (
+        id text PRIMARY KEY,
+        entry jsonb NOT NULL,
+        created double precision NOT NULL,
+        lane text NOT NULL,
+        next_due double precision,
+        claimed_by text,
+        lease_until double precision
+    );
+    CREATE INDEX relay_queue_due ON relay_queue (next_due) WHERE next_due IS NOT NULL;
+    CREATE TABLE relay_chunks (
+        queue_id text NOT NULL REFERENCES relay_queue ON DELETE CASCADE,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (queue_id, seq)
     );
     """,
 ]

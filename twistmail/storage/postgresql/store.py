@@ -12,8 +12,8 @@ Each open folder is one L{PostgresMailbox} per process (shared by every session
 that opens it): a snapshot of UIDs, flags and modseqs, brought up to date by
 L{PostgresMailbox.refresh}, which reads only what changed since the snapshot's
 highest modseq.  Changes this process makes refresh the snapshot and call its
-listeners; changes another node makes are seen at the next refresh (IMAP NOOP,
-IDLE's poll).  LISTEN/NOTIFY can later call the same refresh on a signal.
+listeners; changes another node makes arrive by LISTEN/NOTIFY (L{push}), which
+refreshes the folders named, or at the latest at the slow fallback poll.
 """
 
 from __future__ import annotations
@@ -42,13 +42,16 @@ from twistmail.interfaces import (
 )
 from twistmail.model import FolderChanges, StoredMessage
 from twistmail.storage import folders
-from twistmail.storage.postgresql import _queries, schema
+from twistmail.storage.postgresql import _queries, push, schema
 
 log = Logger()
 
-#: Seconds between refreshes of a folder while sessions listen to it (IMAP IDLE): how
-#: soon they hear of another node's changes.  LISTEN/NOTIFY will make it a fallback.
+#: Seconds between refreshes of a folder while sessions listen to it (IMAP IDLE) and
+#: this node is not listening for notifications (PostgreSQL down, LISTEN refused).
 POLL_INTERVAL = 1.0
+#: Seconds between refreshes of a listened-to folder while notifications arrive: a
+#: fallback for the notification of a node that crashed between its commit and its notify.
+FALLBACK_INTERVAL = 30.0
 
 
 def _chunksOf(source):
@@ -86,6 +89,8 @@ class PostgresMailbox:
         self._vanishedFrom = 0  # vanishedSince(m) is complete for m >= this
         self._listeners: list = []
         self._refreshing = defer.DeferredLock()
+        self._refreshQueued = False
+        self._lastRefresh = 0.0
         self._poll: task.LoopingCall | None = None
 
     # -- the snapshot (synchronous) -------------------------------------------------
@@ -114,9 +119,24 @@ class PostgresMailbox:
 
     def refresh(self) -> defer.Deferred:
         """One refresh at a time: each applies what changed after the one before."""
-        return self._refreshing.run(
-            lambda: self._store._run(_queries.snapshot, self._id, self.highestModSeq)
-            .addCallback(self._apply))
+        return self._refreshing.run(self._refreshNow)
+
+    def _refreshNow(self) -> defer.Deferred:
+        self._lastRefresh = self._store._reactor.seconds()
+        return self._store._run(_queries.snapshot, self._id, self.highestModSeq).addCallback(
+            self._apply)
+
+    def refreshSoon(self) -> None:
+        """Refresh after the refresh under way, if any (it may have read before the change
+        we were told of); one waiting refresh covers every signal that came meanwhile."""
+        if self._refreshQueued:
+            return
+        self._refreshQueued = True
+
+        def refresh():
+            self._refreshQueued = False
+            return self._refreshNow()
+        self._refreshing.run(refresh).addErrback(self._pollFailed)
 
     def _apply(self, state: dict | None) -> FolderChanges:
         if state is None:  # deleted by someone: sessions that have it selected say BYE
@@ -165,7 +185,7 @@ class PostgresMailbox:
 
     def _write(self, f, *args) -> defer.Deferred:
         """Run a transaction on this folder, then refresh (which tells the listeners)."""
-        d = self._store._run(f, self._id, *args)
+        d = self._store._run(f, self._id, *args, changed=lambda _: [self._id])
         return d.addCallback(lambda result: self.refresh().addCallback(lambda _: result))
 
     # -- reading --------------------------------------------------------------------
@@ -203,7 +223,8 @@ class PostgresMailbox:
         return self._write(importAll)
 
     def copyMessages(self, uids, target: PostgresMailbox) -> defer.Deferred:
-        d = self._store._run(_queries.copyMessages, self._id, list(uids), target._id)
+        d = self._store._run(_queries.copyMessages, self._id, list(uids), target._id,
+                             changed=lambda _: [target._id])
         return d.addCallback(lambda pairs: target.refresh().addCallback(lambda _: pairs))
 
     def remove(self, uids) -> defer.Deferred:
@@ -211,6 +232,7 @@ class PostgresMailbox:
 
     def addListener(self, listener) -> None:
         self._listeners.append(listener)
+        self._store._listen()
         if self._poll is None:
             self._poll = task.LoopingCall(self._pollOnce)
             self._poll.clock = self._store._reactor
@@ -227,10 +249,17 @@ class PostgresMailbox:
         """While listened to: pick up other nodes' changes (IDLE push across nodes)."""
         if self._refreshing.locked:
             return  # a refresh is under way: it will see them
+        if (self._store._pushing and self._store._reactor.seconds() - self._lastRefresh
+                < FALLBACK_INTERVAL):
+            return  # notifications bring other nodes' changes
         self.refresh().addErrback(self._pollFailed)
 
     def _pollFailed(self, failure) -> None:
-        if not failure.check(NoSuchFolder):  # the sessions learn that at their next command
+        self._lastRefresh = float("-inf")  # the next poll tries again, pushed to or not
+        if failure.check(StorageError):  # the database is down: said once per poll, briefly
+            log.warn("refreshing {folder} failed: {error}", folder=loggable(self.name),
+                     error=failure.getErrorMessage())
+        elif not failure.check(NoSuchFolder):  # the sessions learn that at their next command
             log.failure("refreshing {folder} failed", failure, folder=loggable(self.name))
 
 
@@ -253,7 +282,8 @@ class PostgresAccount:
         def delete(name):
             if name == "INBOX":
                 return defer.fail(StorageError("INBOX cannot be deleted"))
-            return self._store._run(_queries.deleteFolder, self.name, name).addCallback(
+            return self._store._run(_queries.deleteFolder, self.name, name,
+                                    changed=lambda folderId: [folderId]).addCallback(
                 self._store._changed)
         return _normalized(delete, name)
 
@@ -265,7 +295,8 @@ class PostgresAccount:
                 return defer.fail(InvalidFolderName("a folder cannot move into its own child"))
             d = self._store._run(_queries.renameFolder, self.name, old, new)
             if old == "INBOX":
-                d.addCallback(lambda _: self._store._run(_queries.openFolder, self.name, "INBOX"))
+                d.addCallback(lambda _: self._store._run(_queries.openFolder, self.name, "INBOX",
+                                                         changed=lambda inbox: [inbox]))
                 d.addCallback(self._store._changed)
             return d.addCallback(lambda _: None)
         return _normalized(rename, old, new)
@@ -309,6 +340,12 @@ class PostgresStore(service.Service):
         self._started = False
         #: folder id -> its one open PostgresMailbox; weak: bounded by what sessions hold.
         self._mailboxes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        #: Other nodes' changes: our notifications' name, their channel (known once the
+        #: pool is open), the listening thread, and whether it is listening now.
+        self._node = push.newNodeToken()
+        self._channel: str | None = None
+        self._listener: push.Listener | None = None
+        self._pushing = False
 
     # -- the thread pool and the connection pool ------------------------------------
 
@@ -325,6 +362,7 @@ class PostgresStore(service.Service):
                 try:
                     with pool.connection() as conn:
                         version = schema.currentVersion(conn)
+                        self._channel = conn.execute(push.channelQuery()).fetchone()[0]
                 except BaseException:
                     pool.close()  # the next transaction tries again, with a new pool
                     raise
@@ -336,13 +374,16 @@ class PostgresStore(service.Service):
                 self._pool = pool
         return self._pool
 
-    def _transaction(self, f, *args):
+    def _transaction(self, f, *args, changed=None):
         import psycopg
 
         try:
             with self._connectionPool().connection() as conn:
                 with conn.transaction():
-                    return f(conn, *args)
+                    result = f(conn, *args)
+                if changed is not None:
+                    self._announce(conn, changed(result))
+                return result
         except psycopg.Error as e:
             # The database is down or refused: a temporary failure (SMTP 451, IMAP NO).
             raise StorageError(f"database error: {type(e).__name__}: {e}".strip()) from e
@@ -351,12 +392,81 @@ class PostgresStore(service.Service):
         except Exception as e:  # psycopg_pool.PoolTimeout and the like
             raise StorageError(f"database unavailable: {type(e).__name__}: {e}") from e
 
-    def _run(self, f, *args) -> defer.Deferred:
+    def _announce(self, conn, folderIds) -> None:
+        """Tell the other nodes, after the commit (see L{push}).  The change is committed
+        whatever happens here: a failure is only logged, the fallback poll covers it."""
+        folderIds = [i for i in folderIds if i is not None]
+        if not folderIds:
+            return
+        try:
+            push.notify(conn, self._channel, self._node, folderIds)
+        except Exception as e:
+            log.warn("could not tell other nodes of a change ({error}); they see it at "
+                     "their next poll", error=f"{type(e).__name__}: {e}")
+
+    def _run(self, f, *args, changed=None) -> defer.Deferred:
+        """Run transaction C{f} in a worker; C{changed(result)}: the folder ids it changed,
+        announced to the other nodes after the commit."""
+        self._start()
+        return deferToThreadPool(self._reactor, self._threads, self._transaction, f, *args,
+                                 changed=changed)
+
+    # -- other nodes' changes -----------------------------------------------------------
+
+    def _listen(self) -> None:
+        """Start listening for other nodes' changes (once: when a session first listens)."""
+        if self._listener is not None:
+            return
+        import psycopg
+
+        call = self._reactor.callFromThread
+        self._listener = push.Listener(
+            lambda: psycopg.connect(self.dsn, connect_timeout=int(self._connectTimeout)),
+            self._node,
+            onChanged=lambda ids: call(self._pushed, ids),
+            onListening=lambda channel: call(self._listening, channel),
+            onLost=lambda: call(self._lost))
+        self._listener.start()
+        self._start()  # close() at shutdown stops the listener too
+
+    def _start(self) -> None:
         if not self._started:
             self._started = True
             self._threads.start()
             self._reactor.addSystemEventTrigger("during", "shutdown", self.close)
-        return deferToThreadPool(self._reactor, self._threads, self._transaction, f, *args)
+
+    def _watched(self, ids=None) -> list[PostgresMailbox]:
+        """The open folders sessions listen to (of C{ids}, if given)."""
+        mailboxes = list(self._mailboxes.values()) if ids is None else \
+            [self._mailboxes.get(i) for i in ids]
+        return [m for m in mailboxes if m is not None and m._listeners]
+
+    def _pushed(self, folderIds: list[int]) -> None:
+        for mailbox in self._watched(folderIds):
+            mailbox.refreshSoon()
+
+    def _listening(self, channel: str) -> None:
+        """Listening (again): notifications sent while we were not are lost, so refresh
+        every watched folder once."""
+        self._pushing = True
+        log.info("postgresql: listening for other nodes' changes on channel {channel}",
+                 channel=channel)
+        # After a PostgreSQL restart the pooled connections are broken: replace them
+        # first, so the refreshes (and this node's next writes) do not fail on them.
+        deferToThreadPool(self._reactor, self._threads, self._checkPool).addBoth(
+            lambda _: [mailbox.refreshSoon() for mailbox in self._watched()])
+
+    def _checkPool(self) -> None:
+        if self._pool is not None:
+            self._pool.check()
+
+    def _lost(self) -> None:
+        self._pushing = False  # the polls take over until we listen again
+
+    def transaction(self, f, *args) -> defer.Deferred:
+        """C{f(conn, *args)} in one transaction in this store's workers (StorageError when the
+        database fails): for L{twistmail.relay.pgqueue}, which shares the pool."""
+        return self._run(f, *args)
 
     def stopService(self):
         """The server stops: close the connections (the listeners stopped first)."""
@@ -365,6 +475,10 @@ class PostgresStore(service.Service):
 
     def close(self) -> None:
         """Stop the workers and close the connections (at reactor shutdown, or by a test)."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+            self._pushing = False
         if self._started:
             self._threads.stop()
             self._started = False
@@ -404,7 +518,7 @@ class PostgresStore(service.Service):
         except StorageError:
             return defer.fail()
         d = self._run(_queries.deliver, name, folder, source.chunks(), frozenset(flags),
-                      int(time.time()))
+                      int(time.time()), changed=lambda result: [result[0]])
 
         def delivered(result):
             folderId, uniqueId = result
@@ -421,7 +535,8 @@ class PostgresStore(service.Service):
             name = self.account(name).name
         except StorageError:
             return defer.fail()
-        return self._run(_queries.removeAccount, name).addCallback(self._changed)
+        return self._run(_queries.removeAccount, name, changed=lambda ids: ids).addCallback(
+            self._changed)
 
 
 def _positiveInt(options: dict, key: str, default: int, minimum: int) -> int:
