@@ -184,7 +184,9 @@ class Twistmail:
 class Dovecot:
     name = "dovecot"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, passwordHash: str | None = None) -> None:
+        """@param passwordHash: a stored password in Dovecot's C{{SCHEME}value} form
+        (PLAIN by default)."""
         self.work = work
         self.port = free_port()
         self.home = work / "home" / USER
@@ -193,7 +195,7 @@ class Dovecot:
         (work / "state").mkdir()
         self.home.mkdir(parents=True)
         passwd = work / "passwd"
-        passwd.write_text(f"{ADDRESS}:{{PLAIN}}{PASSWORD}::::::\n")
+        passwd.write_text(f"{ADDRESS}:{passwordHash or '{PLAIN}' + PASSWORD}::::::\n")
         self.config = work / "dovecot.conf"
         self.config.write_text(f"""
 protocols = imap
@@ -370,6 +372,19 @@ def measureIdle(server, connections: int) -> dict:
             "mb_idle": after}
 
 
+def prepare(dovecot: str, prefix: str, workdir: Path | None) -> tuple[bool, Path]:
+    """Raise the file limit; whether Dovecot runs (C{dovecot}: auto or off, and
+    installed); a scratch directory other users (Dovecot's processes) can enter."""
+    raiseFileLimit()
+    useDovecot = dovecot == "auto" and shutil.which("dovecot") is not None
+    if dovecot == "auto" and not useDovecot:
+        print("dovecot not installed (apt-get install dovecot-imapd): twistmail only",
+              file=sys.stderr)
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+    top.chmod(0o755)
+    return useDovecot, top
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
@@ -377,23 +392,21 @@ def main() -> int:
     parser.add_argument("--dovecot", choices=("auto", "off"), default="auto")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--sources", type=Path, default=None,
+                        help="keep the generated Maildirs here and reuse them in later runs")
     args = parser.parse_args()
-    raiseFileLimit()
     sizes = [int(s) for s in args.sizes.split(",")]
-    useDovecot = args.dovecot == "auto" and shutil.which("dovecot") is not None
-    if args.dovecot == "auto" and not useDovecot:
-        print("dovecot not installed (apt-get install dovecot-imapd): twistmail only",
-              file=sys.stderr)
-    top = Path(tempfile.mkdtemp(prefix="imap-bench-", dir=args.workdir))
-    top.chmod(0o755)  # Dovecot's auth and mail processes run as other users
+    useDovecot, top = prepare(args.dovecot, "imap-bench-", args.workdir)
     rng = random.Random(7)
     results: dict = {"sizes": [], "idle": []}
     try:
         for count in sizes:
-            source = top / f"source-{count}"
-            started = time.perf_counter()
-            populate(source, count)
-            print(f"[{count} messages written in {time.perf_counter() - started:.1f}s]", flush=True)
+            source = (args.sources or top) / f"source-{count}"
+            if not (source / "cur").is_dir():
+                started = time.perf_counter()
+                populate(source, count)
+                print(f"[{count} messages written in {time.perf_counter() - started:.1f}s]",
+                      flush=True)
             kinds = [Twistmail] + ([Dovecot] if useDovecot else [])
             for kind in kinds:
                 server = kind(top / f"{kind.name}-{count}")

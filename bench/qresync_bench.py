@@ -29,14 +29,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imap_bench import Client, Twistmail, populate
+from imap_bench import Client, Twistmail, linkCopy, populate
 
 TARGET = 0.1  # seconds: issue 12 §4, "a QRESYNC resync after 1,000 flag changes"
 
 
-def run(work: Path, size: int, changes: int, expunges: int, repeat: int) -> dict:
+def run(work: Path, size: int, changes: int, expunges: int, repeat: int,
+        sources: Path | None = None) -> dict:
     server = Twistmail(work)
-    populate(server.maildir, size)
+    if sources is None:
+        populate(server.maildir, size)
+    else:  # generated once, as imap_bench.py --sources does, and hard-linked
+        source = sources / f"source-{size}"
+        if not (source / "cur").is_dir():
+            populate(source, size)
+        server.maildir.parent.mkdir(parents=True, exist_ok=True)
+        linkCopy(source, server.maildir)
     server.start()
     try:
         first = Client(server.port)
@@ -87,10 +95,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--workdir")
     parser.add_argument("--json")
+    parser.add_argument("--sources", type=Path, default=None,
+                        help="keep the generated Maildir here and reuse it in later runs")
     options = parser.parse_args()
     work = Path(options.workdir or tempfile.mkdtemp(prefix="qresync-bench-"))
     try:
-        result = run(work, options.size, options.changes, options.expunges, options.repeat)
+        result = run(work, options.size, options.changes, options.expunges, options.repeat,
+                     options.sources)
     finally:
         if not options.workdir:
             shutil.rmtree(work, ignore_errors=True)

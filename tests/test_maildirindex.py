@@ -7,8 +7,10 @@ the index rebuilt).
 
 from __future__ import annotations
 
+import marshal
 import os
 import time
+import zlib
 
 import pytest
 from twisted.internet import defer
@@ -37,12 +39,12 @@ def backdate(path: str, seconds: float = 60) -> None:
         os.utime(os.path.join(path, sub), (then, then))
 
 
-def waitForIndex(path: str, timeout: float = 10) -> str:
-    """The index text once the worker has written it (polled, with a deadline)."""
+def waitForIndex(path: str, timeout: float = 10) -> bytes:
+    """The index once the worker has written it (polled, with a deadline)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with open(os.path.join(path, INDEX), encoding="utf-8") as f:
+            with open(os.path.join(path, INDEX), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             time.sleep(0.01)
@@ -114,36 +116,48 @@ def test_indexIsStaleAfterAnotherProcessChangedTheUidlist(dataDir, monkeypatch):
     assert "cur" in listed
 
 
+def reblob(data: bytes, columns) -> bytes:
+    """The index with another blob under a header that is right for it (CRC, count)."""
+    head = data.partition(b"\n")[0].decode().split(" ")
+    blob = columns if isinstance(columns, bytes) else marshal.dumps(columns)
+    head[4], head[6] = f"K{3 if isinstance(columns, bytes) else len(columns[0])}", \
+        f"C{zlib.crc32(blob)}"
+    return " ".join(head).encode() + b"\n" + blob
+
+
 @pytest.mark.parametrize("damage", [
-    lambda text: text[:-10],  # torn: a crash while writing in place (atomicWrite prevents it)
-    lambda text: text.replace(" :", " ", 1),  # a field missing
-    lambda text: text.replace("\n1 ", "\nx ", 1),  # not a number
-    lambda text: text.replace("\n2 ", "\n1 ", 1),  # UIDs not ascending
-    lambda text: text.replace(" K3 ", " K4 ", 1),  # wrong count
-    lambda text: text.replace("twistmail-index 1", "twistmail-index 9", 1),
-    lambda text: "\udcff".join(text.split("\n", 1)).encode("utf-8", "surrogateescape"),
-], ids=["torn", "field", "number", "order", "count", "version", "encoding"])
+    lambda data: data[:-10],  # torn: a crash while writing in place (atomicWrite prevents it)
+    lambda data: data[:-1] + bytes([data[-1] ^ 1]),  # a flipped bit: the CRC tells
+    lambda data: data.replace(b" K3 ", b" K4 ", 1),
+    lambda data: data.replace(b"twistmail-index 2", b"twistmail-index 9", 1),
+    lambda data: data.replace(b" V", b" Vx", 1),
+    lambda data: b"\xff" + data,
+    lambda data: reblob(data, b"not marshal"),
+    lambda data: reblob(data, ([1, 2, 3],)),
+    lambda data: reblob(data, ([3, 2, 1], ["a", "b", "c"], ["", "", ""], [1, 1, 1], [1, 1, 1])),
+    lambda data: reblob(data, ([1, 2, 99], ["a", "b", "c"], ["", "", ""], [1, 1, 1], [1, 1, 1])),
+], ids=["torn", "bit", "count", "version", "header", "garbage", "notmarshal", "shape", "order",
+        "beyonduidnext"])
 def test_corruptIndexIsRebuilt(dataDir, monkeypatch, damage):
     path, before, _, _ = indexedFolder(dataDir)
     indexPath = os.path.join(path, INDEX)
-    with open(indexPath, encoding="utf-8") as f:
+    with open(indexPath, "rb") as f:
         damaged = damage(f.read())
     with open(indexPath, "wb") as f:
-        f.write(damaged if isinstance(damaged, bytes) else damaged.encode())
+        f.write(damaged)
     listed = listing(monkeypatch)
     assert view(openFolder(MaildirStore(dataDir))) == before
     assert "cur" in listed
     assert waitForFresh(indexPath, damaged)
 
 
-def waitForFresh(indexPath: str, damaged, timeout: float = 10) -> bool:
+def waitForFresh(indexPath: str, damaged: bytes, timeout: float = 10) -> bool:
     """The damaged index is replaced by a good one (written by a worker: polled)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(indexPath, "rb") as f:
-            data = f.read()
-        if data != (damaged if isinstance(damaged, bytes) else damaged.encode()):
-            return True
+            if f.read() != damaged:
+                return True
         time.sleep(0.01)
     return False
 
@@ -151,21 +165,27 @@ def waitForFresh(indexPath: str, damaged, timeout: float = 10) -> bool:
 def test_racyStampsAreNeitherWrittenNorTrusted(dataDir):
     store = MaildirStore(dataDir)
     deliver(store, message(1))
-    openFolder(store)
+    folder = openFolder(store)
     path = folderDir(dataDir)
     now = _maildirindex.now()
     stamps = _maildirindex.stamps(path, maildirfolder._SIDECARS)  # cur/ changed just now
-    entry = maildirfolder._Entry(("1.M1P1Q1.host,S=3", "", 3, 1))
-    assert not _maildirindex.save(path, stamps, now, 1, 2, [(1, entry)])
+    [m] = folder.messages()
+    args = (folder.uidValidity, folder.uidNext,
+            ([1], [m.uniqueId + f",S={m.size}"], ["S"], [m.size], [m.internalDate]))
+    assert not _maildirindex.save(path, stamps, now, *args)
     assert not os.path.exists(os.path.join(path, INDEX))
-    # Written anyway (an older version, a clock step): still not trusted on load.
-    with open(os.path.join(path, INDEX), "w", encoding="utf-8") as f:
-        f.write(f"{_maildirindex.MAGIC} V1 N2 K1 T{now} {stamps}\n1 1 3 1.M1P1Q1.host,S=3 :\n")
-    assert _maildirindex.load(path, stamps) is None
     backdate(path)
     stamps = _maildirindex.stamps(path, maildirfolder._SIDECARS)
-    assert _maildirindex.save(path, stamps, now, 1, 2, [(1, entry)])
-    assert _maildirindex.load(path, stamps)[:3] == (1, 2, [1])
+    assert _maildirindex.save(path, stamps, now, *args)
+    assert _maildirindex.load(path, stamps)[:5] == (folder.uidValidity, folder.uidNext, [1],
+                                                     [m.uniqueId + f",S={m.size}"], ["S"])
+    # Written with racy stamps anyway (an older version, a clock step): not trusted.
+    curMtime = os.stat(os.path.join(path, "cur")).st_mtime_ns
+    with open(os.path.join(path, INDEX), "rb") as f:
+        data = f.read()
+    with open(os.path.join(path, INDEX), "wb") as f:
+        f.write(data.replace(b" T%d " % now, b" T%d " % (curMtime + 1000), 1))
+    assert _maildirindex.load(path, stamps) is None
 
 
 def test_smallFoldersHaveNoIndex(dataDir, monkeypatch):
@@ -214,3 +234,16 @@ def test_deferToThreadIsUsedForTheSave(dataDir):
     backdate(folderDir(dataDir))
     openFolder(MaildirStore(dataDir, deferToThread=run))
     assert _maildirindex.save in calls
+
+
+def test_unchangedFolderIsNotIndexedAgain(dataDir, monkeypatch):
+    """The periodic full scan of an unchanged folder does not rewrite its index."""
+    path, before, _, _ = indexedFolder(dataDir)
+    store = MaildirStore(dataDir)
+    folder = openFolder(store)
+    saves = []
+    monkeypatch.setattr(_maildirindex, "save", lambda *args: saves.append(args))
+    monkeypatch.setattr(maildirfolder, "FULL_SCAN_INTERVAL", -1.0)
+    assert not call(folder, "refresh")
+    assert saves == []
+    assert view(folder) == before

@@ -1,22 +1,23 @@
 # -*- test-case-name: tests.test_maildirindex -*-
-"""``twistmail-index``: a Maildir folder's whole index on disk, so that the first
-SELECT after a restart need not list ``cur/`` (100,000 names) nor read the uidlist.
+"""``twistmail-index``: a Maildir folder's index on disk, so that the first SELECT
+after a restart neither lists ``cur/`` (100,000 names) nor parses the uidlist.
 
-Dovecot's ``dovecot.index`` plays the same part.  The file::
+Dovecot's ``dovecot.index`` plays the same part.  One text line, then the
+columns (UIDs, base names, info letters, sizes, dates) as one C{marshal}
+blob, which loads at C speed::
 
-    twistmail-index 1 V<uidvalidity> N<uidnext> K<count> T<taken> <stamps>
-    <uid> <internal date> <size> <base name> :<info letters>
-    ...
+    twistmail-index 2 V<uidvalidity> N<uidnext> K<count> T<taken> C<crc32> <stamps>\n<blob>
 
 It is a cache, never the truth: the truth is ``cur/`` and ``new/`` (file names,
 flags) and ``twistmail-uidlist`` (UIDs).  So it is trusted only if
 
-* it parses completely (``K`` lines of five fields, UIDs ascending, below N);
-* the inode and modification time of ``new/`` and ``cur/`` and the size and
-  modification time of the uidlist and keyword files are what they were when
-  the index was made (``<stamps>``): any delivery, rename, link or unlink in
-  those directories, by us or by another program, changes the directory's
-  mtime;
+* the blob's CRC-32 is the header's, and it holds K entries, UIDs ascending
+  and below N;
+* the inode and modification time of ``new/`` and ``cur/``, and the inode,
+  size and modification time of the uidlist and keyword files, are what they
+  were when the index was made (``<stamps>``): a delivery, rename, link or
+  unlink in those directories, by us or by another program, changes the
+  directory's mtime, and the uidlist is only ever replaced or appended to;
 * those mtimes were at least L{RACY_NS} older than the moment they were read
   (``T``): a change within the same clock tick right after the read would
   leave the mtime as it was (the "racy" case Git and Dovecot guard against
@@ -31,22 +32,19 @@ in the folder changed, and only for folders of L{MIN_MESSAGES} or more
 
 from __future__ import annotations
 
+import marshal
 import os
 import time
-from operator import itemgetter
+import zlib
 
 from twistmail import _fsutil
 
 INDEX = "twistmail-index"
-MAGIC = "twistmail-index 1"
+MAGIC = "twistmail-index 2"
 #: A directory mtime this close to the moment it was read may hide a later change.
 RACY_NS = 1_000_000_000
 #: Smaller folders are listed at every start instead.
 MIN_MESSAGES = 1000
-
-_infoOf = itemgetter(slice(1, None))
-_firstChar = itemgetter(0)
-
 
 def stamps(folderPath: str, sidecars: tuple[str, ...]) -> str:
     """What must not have changed for an index to hold, as one header token:
@@ -77,44 +75,48 @@ def load(folderPath: str, current: str) -> tuple[int, int, list, list, list, lis
     """(uidvalidity, uidnext, uids, bases, infos, sizes, dates) if the index holds for
     the folder as it is now (C{current}: L{stamps}), else None."""
     try:
-        with open(os.path.join(folderPath, INDEX), encoding="utf-8") as f:
-            text = f.read()
-    except (FileNotFoundError, UnicodeDecodeError):
+        with open(os.path.join(folderPath, INDEX), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
         return None
-    head, _, body = text.partition("\n")
-    fields = head.split(" ")
+    head, _, blob = data.partition(b"\n")
+    fields = head.decode("ascii", "replace").split(" ")
     try:
-        if len(fields) != 7 or " ".join(fields[:2]) != MAGIC or fields[6] != current:
+        if len(fields) != 8 or " ".join(fields[:2]) != MAGIC or fields[7] != current:
             return None
-        uidValidity, uidNext = int(fields[2][1:]), int(fields[3][1:])
-        count, taken = int(fields[4][1:]), int(fields[5][1:])
-        if _racy(current, taken):
+        uidValidity, uidNext, count, taken, crc = (int(f[1:]) for f in fields[2:7])
+        if _racy(current, taken) or zlib.crc32(blob) != crc:
             return None
-        tokens = body.split()
-        if len(tokens) != 5 * count or body.count("\n") != count or (count and body[-1] != "\n"):
-            return None
-        uids = list(map(int, tokens[0::5]))
-        dates = list(map(int, tokens[1::5]))
-        sizes = list(map(int, tokens[2::5]))
-    except ValueError:
+        columns = marshal.loads(blob)
+    except (ValueError, EOFError, TypeError):
         return None
-    infoTokens = tokens[4::5]
-    if "".join(map(_firstChar, infoTokens)) != ":" * count:
+    if (type(columns) is not tuple or len(columns) != 5
+            or any(type(c) is not list or len(c) != count for c in columns)):
         return None
+    uids, bases, infos, sizes, dates = columns
     if uids != sorted(set(uids)) or (uids and (uids[0] < 1 or uids[-1] >= uidNext)):
         return None
-    return uidValidity, uidNext, uids, tokens[3::5], list(map(_infoOf, infoTokens)), sizes, dates
+    return uidValidity, uidNext, uids, bases, infos, sizes, dates
+
+
+def holds(folderPath: str, current: str) -> bool:
+    """Whether a good index for these stamps is on disk already: a periodic full scan
+    of an unchanged folder need not write 100,000 entries again (a load is cheaper)."""
+    return load(folderPath, current) is not None
 
 
 def save(folderPath: str, current: str, takenNs: int, uidValidity: int, uidNext: int,
-         rows: list) -> bool:
-    """Write the index (worker thread) unless the stamps are racy; C{rows} are
-    (uid, entry) with entry [base, info, size, date], ascending uid.  True if written."""
+         columns: tuple[list, list, list, list, list]) -> bool:
+    """Write the index (worker thread) unless the stamps are racy.  True if written.
+
+    @param columns: (uids ascending, bases, infos, sizes, dates), equally long lists.
+    """
     if _racy(current, takenNs):
         return False
-    lines = [f"{MAGIC} V{uidValidity} N{uidNext} K{len(rows)} T{takenNs} {current}\n"]
-    lines += [f"{u} {int(e[3])} {e[2]} {e[0]} :{e[1]}\n" for u, e in rows]
-    _fsutil.atomicWrite(os.path.join(folderPath, INDEX), "".join(lines).encode("utf-8"))
+    blob = marshal.dumps(columns)
+    head = (f"{MAGIC} V{uidValidity} N{uidNext} K{len(columns[0])} T{takenNs} "
+            f"C{zlib.crc32(blob)} {current}\n")
+    _fsutil.atomicWrite(os.path.join(folderPath, INDEX), head.encode("ascii") + blob)
     return True
 
 

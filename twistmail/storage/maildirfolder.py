@@ -31,7 +31,7 @@ import socket
 import time
 from functools import partial
 from itertools import repeat
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -64,6 +64,10 @@ _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace
 #: Files whose changes make twistmail-index stale, beside new/ and cur/.
 _SIDECARS = (_uidlist.UIDLIST, _uidlist.KEYWORDS)
 _ORDER = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
+_partitionDot, _partitionComma = methodcaller("partition", "."), methodcaller("partition", ",")
+_partitionSize = methodcaller("partition", ",S=")
+_partitionInfo = methodcaller("partition", ":2,")
+_LAST = float("inf")  # sort key of a name without a delivery time
 
 
 def uniqueName() -> str:
@@ -72,12 +76,38 @@ def uniqueName() -> str:
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{_HOST}"
 
 
-def _deliveryOrder(base: str) -> tuple:
-    """Sort key: seconds, then microseconds and counter compared as numbers (M99 < M100)."""
+def _inDeliveryOrder(bases) -> tuple[list[str], list[int | None], list[int | None]]:
+    """C{bases} sorted by the delivery time in their names, seconds then microseconds
+    and counter compared as numbers (M99 < M100), other names last, ties by name;
+    with the seconds (None if the name has none) and the ``,S=`` size (None if none).
+
+    For the 100,000 names of a first SELECT: seconds and sizes come from C-level
+    maps of str.partition, the sort key is an int, and only names that share a
+    second are parsed for their microseconds and counter.
+    """
+    bases = sorted(bases)  # names from one program sort nearly in time order: a cheap sort
+    seconds = [int(h) if h.isdigit() and h.isascii() else None
+               for h in map(_FIRST, map(_partitionDot, bases))]
+    sizes = [int(t) if t.isdigit() and t.isascii() else None
+             for t in map(_FIRST, map(_partitionComma, map(_THIRD, map(_partitionSize, bases))))]
+    keys = [_LAST if sec is None else sec for sec in seconds]
+    order = sorted(range(len(bases)), key=keys.__getitem__)  # stable: ties stay by name
+    if len(set(keys)) < len(keys):  # some share a second: their microseconds decide
+        start = 0
+        for end in range(1, len(order) + 1):
+            if end == len(order) or keys[order[end]] != keys[order[start]]:
+                if end - start > 1 and keys[order[start]] != _LAST:
+                    order[start:end] = sorted(order[start:end],
+                                              key=lambda i: _subSecond(bases[i]))
+                start = end
+    return (list(map(bases.__getitem__, order)), list(map(seconds.__getitem__, order)),
+            list(map(sizes.__getitem__, order)))
+
+
+def _subSecond(base: str) -> tuple[int, int]:
+    """Microseconds and counter of a name, for deliveries within one second."""
     m = _ORDER.match(base)
-    if m is None:
-        return (float("inf"), 0, 0, base)
-    return (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0), base)
+    return (int(m.group(2) or 0), int(m.group(3) or 0)) if m else (0, 0)
 
 
 def splitName(filename: str) -> tuple[str, str]:
@@ -113,7 +143,7 @@ def stageMessage(folderPath: str, chunks, subdir: str, suffix: str = "",
 _newTuple = tuple.__new__
 _newStored = partial(tuple.__new__, StoredMessage)
 _BASE, _INFO, _SIZE, _DATE = (itemgetter(i) for i in range(4))  # of an _Entry
-_FIRST = itemgetter(0)
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -169,10 +199,19 @@ class MaildirFolder(FolderIndex):
 
     def __init__(self, store, account: str, name: str, path: str, accountRoot: str) -> None:
         super().__init__(store, account, name, path, accountRoot)
-        self._byBase: dict[str, int] = {}
+        self._byBaseMap: dict[str, int] | None = {}
         self._flagCache: dict[str, frozenset] = {}
         self._stamps: tuple | None = None  # (new/, cur/) as of our last scan or own change
         self._fullScanAt = float("-inf")
+
+    @property
+    def _byBase(self) -> dict[str, int]:
+        """uid of each base name; built when first needed (a delivery, an import), not at
+        every full scan: a SELECT of 100,000 messages need not pay for it."""
+        if self._byBaseMap is None:
+            entries = self._entries
+            self._byBaseMap = dict(zip(map(_BASE, entries.values()), entries, strict=True))
+        return self._byBaseMap
 
     @property
     def modseqPath(self) -> str:
@@ -211,7 +250,7 @@ class MaildirFolder(FolderIndex):
             for info in set(infos):
                 self._flags(info)
             uniqueIds = map(_FIRST, map(str.partition, map(_BASE, values), repeat(",")))
-            with _gcpause.paused():
+            with _gcpause.paused(len(values)):
                 self._snapshot = list(map(_newStored, zip(
                     entries, uniqueIds, map(self._flagCache.__getitem__, infos),
                     map(_SIZE, values), map(_DATE, values),
@@ -274,8 +313,7 @@ class MaildirFolder(FolderIndex):
                 continue  # another process took it
             moved.append(name)
         if forceFull or known is None or before[1] != known[1]:
-            with _gcpause.paused():
-                self._fullScan(scan, curDir)
+            self._fullScan(scan, curDir)
         else:
             self._adopt(scan, curDir, moved)
         taken = _maildirindex.now()
@@ -283,12 +321,14 @@ class MaildirFolder(FolderIndex):
         if (scan.full and scan.stamps == before
                 and len(scan.entries) >= _maildirindex.MIN_MESSAGES):
             # Nothing changed while we listed: what we found can be saved as the index.
-            scan.indexStamps = (_maildirindex.stamps(self.path, _SIDECARS), taken)
+            stamps = _maildirindex.stamps(self.path, _SIDECARS)
+            if not _maildirindex.holds(self.path, stamps):
+                scan.indexStamps = (stamps, taken)
         return scan
 
     def _fromIndex(self, scan: _Scan) -> bool:
         """The first look at the folder in this process: from twistmail-index if it holds."""
-        with _gcpause.paused():
+        with _gcpause.paused():  # an index is there for 1,000 messages or more
             loaded = _maildirindex.load(self.path, _maildirindex.stamps(self.path, _SIDECARS))
             if loaded is None:
                 return False
@@ -303,16 +343,22 @@ class MaildirFolder(FolderIndex):
     def _fullScan(self, scan: _Scan, curDir: str) -> None:
         scan.full = True
         names = [name for name in os.listdir(curDir) if name[0] != "."]
-        parts = [name.partition(":2,") for name in names]
-        for name, (_, sep, _) in zip(names, parts, strict=True):
-            if not sep:
-                # Put there without the info part by another program: give it one,
-                # so the file has the name the index expects.
-                try:
-                    os.rename(os.path.join(curDir, name), os.path.join(curDir, name + ":2,"))
-                except FileNotFoundError:
-                    continue
-        onDisk: dict[str, str] = {base: info for base, _, info in parts}
+        with _gcpause.paused(len(names)):
+            self._reconcile(scan, curDir, names)
+
+    def _reconcile(self, scan: _Scan, curDir: str, names: list[str]) -> None:
+        """Match the names in cur/ with the uidlist; number the newcomers."""
+        parts = list(map(_partitionInfo, names))
+        if "" in set(map(_SECOND, parts)):
+            for name, (_, sep, _) in zip(names, parts, strict=True):
+                if not sep:
+                    # Put there without the info part by another program: give it one,
+                    # so the file has the name the index expects.
+                    try:
+                        os.rename(os.path.join(curDir, name), os.path.join(curDir, name + ":2,"))
+                    except FileNotFoundError:
+                        continue
+        onDisk: dict[str, str] = dict(zip(map(_FIRST, parts), map(_THIRD, parts), strict=True))
         uidlistPath = os.path.join(self.path, _uidlist.UIDLIST)
         header, listed = _uidlist.read(uidlistPath)
         if header is None:
@@ -331,8 +377,8 @@ class MaildirFolder(FolderIndex):
                 entries[uid] = _Entry((base, info, size, date))
         if len(entries) != len(listed):
             rewrite = True
-        newcomers = sorted(onDisk, key=_deliveryOrder)  # what is left: not in the uidlist
-        appended = self._assign(curDir, [(b, onDisk[b]) for b in newcomers], uidNext, entries)
+        # What is left is not in the uidlist.
+        appended = self._assign(curDir, onDisk, uidNext, entries)
         uidNext += len(appended)
         if rewrite:
             _uidlist.write(uidlistPath, uidValidity, uidNext,
@@ -345,26 +391,30 @@ class MaildirFolder(FolderIndex):
 
     def _adopt(self, scan: _Scan, curDir: str, moved: list[str]) -> None:
         """Only new/ changed: give the newcomers UIDs without listing cur/."""
-        newcomers = sorted((n for n in moved if n not in self._byBase), key=_deliveryOrder)
+        newcomers = {n: "" for n in moved if n not in self._byBase}
         added: dict[int, _Entry] = {}
-        appended = self._assign(curDir, [(n, "") for n in newcomers], self.uidNext, added)
+        appended = self._assign(curDir, newcomers, self.uidNext, added)
         if appended:
             _uidlist.append(os.path.join(self.path, _uidlist.UIDLIST), appended)
         scan.added = list(added.items())
         scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(appended)
 
-    def _assign(self, curDir: str, newcomers: list[tuple[str, str]], uidNext: int,
+    def _assign(self, curDir: str, newcomers: dict[str, str], uidNext: int,
                 into: dict) -> list[tuple[int, str, int, int]]:
-        """UIDs for C{newcomers} (base, info), in order.  INTERNALDATE is the delivery
-        time in the name (``<seconds>.…``) when the name has one and a ``,S=`` size, so
-        100,000 newcomers cost no stat() each; only other names are stat()ed (mtime)."""
+        """UIDs for C{newcomers} ({base: info}), in delivery order.  INTERNALDATE is the
+        delivery time in the name (``<seconds>.…``) when the name has one and a ``,S=``
+        size, so 100,000 newcomers cost no stat() each; only other names are stat()ed
+        (mtime; Dovecot too takes it from the name's time where it can)."""
+        bases, dates, sizes = _inDeliveryOrder(newcomers)
+        if None not in dates and None not in sizes:  # the usual case, without a Python loop
+            uids = range(uidNext, uidNext + len(bases))
+            into.update(zip(uids, map(_Entry, zip(bases, map(newcomers.__getitem__, bases),
+                                                  sizes, dates, strict=True)), strict=True))
+            return list(zip(uids, bases, dates, sizes, strict=True))
         appended = []
-        for base, info in newcomers:
-            size = _sizeFromBase(base)
-            head = base.partition(".")[0]
-            if size is not None and head.isdigit():
-                date = int(head)
-            else:
+        for base, date, size in zip(bases, dates, sizes, strict=True):
+            info = newcomers[base]
+            if date is None or size is None:
                 try:
                     st = os.stat(f"{curDir}/{base}:2,{info}")
                 except FileNotFoundError:
@@ -396,8 +446,12 @@ class MaildirFolder(FolderIndex):
         """Write twistmail-index in a worker, not waited for: the SELECT that listed the
         folder answers meanwhile.  Our own later changes (a flag rename changes an
         entry in place) change cur/ too, so an index that caught one is never trusted."""
+        entries = scan.entries
+        values = list(entries.values())
+        columns = (list(entries), list(map(_BASE, values)), list(map(_INFO, values)),
+                   list(map(_SIZE, values)), list(map(_DATE, values)))
         d = self._store._run(_maildirindex.save, self.path, stamps, taken, scan.uidValidity,
-                             scan.uidNext, list(scan.entries.items()))
+                             scan.uidNext, columns)
         d.addErrback(lambda f: log.failure("writing the index of {folder}", f, folder=self.name))
 
     def _applyFull(self, scan: _Scan) -> defer.Deferred:
@@ -411,7 +465,7 @@ class MaildirFolder(FolderIndex):
         self.uidValidity = scan.uidValidity
         self.uidNext = scan.uidNext
         self._entries = new
-        self._byBase = dict(zip(map(_BASE, new.values()), new, strict=True))
+        self._byBaseMap = None
         changes = FolderChanges(
             added=tuple(u for u in new if u not in old) if old else tuple(new),
             removed=removed,

@@ -26,6 +26,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
+from twistmail import _gcpause
 from twistmail.protocols.imap import condstore, response
 
 #: The system flags in the order FLAGS lists them, and the one keyword always offered.
@@ -80,18 +81,20 @@ class SelectedFolder:
 
     def bySeq(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(seq, uid) for sequence-number ranges (already resolved against ``*``)."""
-        out = []
-        for low, high in ranges:
-            for seq in range(max(low, 1), min(high, len(self.uids)) + 1):
-                out.append((seq, self.uids[seq - 1]))
+        out: list[tuple[int, int]] = []
+        spans = [(max(low, 1), min(high, len(self.uids))) for low, high in ranges]
+        with _gcpause.paused(sum(high - low for low, high in spans)):  # 1:* of 100,000
+            for low, high in spans:
+                out.extend(zip(range(low, high + 1), self.uids[low - 1:high], strict=True))
         return out
 
     def byUid(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(seq, uid) for UID ranges; UIDs that are not in the folder are skipped."""
-        out = []
-        for low, high in ranges:
-            start, stop = bisect_left(self.uids, low), bisect_right(self.uids, high)
-            out.extend((i + 1, self.uids[i]) for i in range(start, stop))
+        out: list[tuple[int, int]] = []
+        spans = [(bisect_left(self.uids, low), bisect_right(self.uids, high)) for low, high in ranges]
+        with _gcpause.paused(sum(stop - start for start, stop in spans)):  # 1:* of 100,000
+            for start, stop in spans:
+                out.extend(zip(range(start + 1, stop + 1), self.uids[start:stop], strict=True))
         return out
 
     def message(self, uid: int):
@@ -106,6 +109,10 @@ class SelectedFolder:
     def told(self, uid: int, flags: frozenset) -> None:
         """This session reported C{flags} for C{uid} itself (STORE, FETCH): no repeat needed."""
         self._told[uid] = flags
+
+    def toldMany(self, uids, flagSets) -> None:
+        """L{told} for many messages at once (a FETCH of the whole folder's flags)."""
+        self._told.update(zip(uids, flagSets, strict=True))
 
     def pending(self) -> bool:
         current = self.mailbox.uids()
