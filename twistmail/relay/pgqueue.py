@@ -16,7 +16,8 @@ held by another node's live lease gets L{QueueClaimed} and leaves it), writes
 ``<data_dir>/queue/spool/`` for the sender, which reads it on the reactor
 thread as it does a disk queue file.  While the attempt runs, a timer renews
 the node's leases every third of the lease time; L{save}, L{remove} and
-L{release} end the claim.  A node that dies stops renewing: after
+L{release} end the claim (one that fails while the database is down is written
+before the message is next attempted, so it is not sent again).  A node that dies stops renewing: after
 ``queue_lease_time`` any node may take the message, with the per-recipient
 state of the last save (recipients that were delivered are not sent again).
 
@@ -248,6 +249,7 @@ class PostgresRelayQueue(service.Service):
         self._listeners: list[Callable[[QueueEntry], None]] = []
         self._watchers: list[Callable] = []
         self._spools: dict[str, str] = {}  # id -> spool file, while this node holds it
+        self._unwritten: dict[str, tuple] = {}  # id -> (f, args): a save or removal that failed
         self._polling = False
         self._loops = [task.LoopingCall(self._poll), task.LoopingCall(self._renew)]
         self._intervals = [pollInterval, lease / 3]
@@ -326,8 +328,36 @@ class PostgresRelayQueue(service.Service):
             self._spools[id] = path
             return entry, open(path, "rb")
 
-        return self._db.transaction(claim, id, self.node, self._lease,
-                                    self._spoolDir).addCallback(claimed)
+        def claim_(ignored):
+            return self._db.transaction(claim, id, self.node, self._lease, self._spoolDir)
+
+        return self._replay(id).addCallback(claim_).addCallback(claimed)
+
+    def _replay(self, id: str) -> defer.Deferred:
+        """Write first what an outage kept us from writing after the last attempt (its
+        save or removal): else the attempt would send again to recipients it reached."""
+        unwritten = self._unwritten.pop(id, None)
+        if unwritten is None:
+            return defer.succeed(None)
+        f, args = unwritten
+
+        def failed(failure):
+            if failure.check(StorageError) and not failure.check(QueueError):
+                self._unwritten.setdefault(id, unwritten)
+            return failure
+
+        return self._db.transaction(f, *args).addErrback(failed)
+
+    def _write(self, id: str, f, *args) -> defer.Deferred:
+        """C{f(conn, *args)}, kept for L{_replay} if the database fails meanwhile."""
+        self._unwritten.pop(id, None)
+
+        def failed(failure):
+            if failure.check(StorageError) and not failure.check(QueueError):
+                self._unwritten[id] = (f, args)
+            return failure
+
+        return self._db.transaction(f, *args).addErrback(failed).addBoth(self._ended, id)
 
     def _dropSpool(self, id: str) -> None:
         path = self._spools.pop(id, None)
@@ -343,8 +373,7 @@ class PostgresRelayQueue(service.Service):
 
     def save(self, entry: QueueEntry) -> defer.Deferred:
         held = entry.id in self._spools
-        return self._db.transaction(store, entry, self.node if held else None).addBoth(
-            self._ended, entry.id)
+        return self._write(entry.id, store, entry, self.node if held else None)
 
     def release(self, id: str) -> defer.Deferred:
         if id not in self._spools:
@@ -352,7 +381,7 @@ class PostgresRelayQueue(service.Service):
         return self._db.transaction(release, id, self.node).addBoth(self._ended, id)
 
     def remove(self, id: str) -> defer.Deferred:
-        return self._db.transaction(delete, id).addBoth(self._ended, id)
+        return self._write(id, delete, id)
 
     def headers(self, id: str) -> defer.Deferred:
         return self._db.transaction(headers, id)

@@ -340,7 +340,11 @@ class QueueRunner(service.Service):
             if result.check(QueueError):
                 log.warn("relay id={id}: {why}", id=id, why=result.getErrorMessage())
             else:
-                log.failure("relay id={id}: internal error; retrying later", result, id=id)
+                if result.check(StorageError):  # the queue's database is down: no bug
+                    log.warn("relay id={id}: {why}; retrying later", id=id,
+                             why=result.getErrorMessage())
+                else:
+                    log.failure("relay id={id}: internal error; retrying later", result, id=id)
                 self._schedule(id, self._clock.seconds() + self.settings.retryMin)
         elif result is not None:
             if id in self._forced:
