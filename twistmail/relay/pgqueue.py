@@ -60,6 +60,10 @@ _NOW = "extract(epoch from clock_timestamp())"
 HEADER_LIMIT = 64 * 1024
 
 
+class QueueIdTaken(StorageError):
+    """L{PostgresRelayQueue.enqueue} was given an id another message has."""
+
+
 class QueueClaimed(QueueError):
     """Another node holds the message (its lease has not run out)."""
 
@@ -94,7 +98,7 @@ def insert(conn, entry: QueueEntry, chunks: Callable[[], Iterable[bytes]], fixed
                         (entry.id, *_row(entry))).fetchone():
             break
         if fixedId:
-            raise StorageError(f"queue id {entry.id} is taken")
+            raise QueueIdTaken(f"queue id {entry.id} is taken")
         entry.id = newQueueId(entry.created)
     else:
         raise StorageError("cannot find a free queue id")
@@ -151,11 +155,12 @@ def claim(conn, id: str, node: str, lease: float, spoolDir: str) -> tuple[QueueE
 
 def store(conn, entry: QueueEntry, node: str | None) -> None:
     """Write the entry's state; with C{node}, only if that node still holds it, and end
-    its claim."""
+    its claim; without (the admin CLI), only if no node holds it."""
     data, _, lane, due = _row(entry)
     if node is None:
-        done = conn.execute("UPDATE relay_queue SET entry = %s, lane = %s, next_due = %s "
-                            "WHERE id = %s RETURNING id", (data, lane, due, entry.id)).fetchone()
+        done = conn.execute(f"UPDATE relay_queue SET entry = %s, lane = %s, next_due = %s "
+                            f"WHERE id = %s AND (claimed_by IS NULL OR lease_until < {_NOW}) "
+                            "RETURNING id", (data, lane, due, entry.id)).fetchone()
     else:
         done = conn.execute("UPDATE relay_queue SET entry = %s, lane = %s, next_due = %s, "
                             "claimed_by = NULL, lease_until = NULL WHERE id = %s AND "
@@ -220,6 +225,41 @@ def allEntries(conn) -> list[QueueEntry]:
     return [_entry(data, id) for id, data in rows]
 
 
+def configuredStore(config):
+    """The L{PostgresStore} of ``[storage.postgresql]``, for the queue alone (the mail
+    may be in another backend).  @raise ConfigError: naming the file, key and fix."""
+    from twistmail.config import ConfigError
+    from twistmail.storage.postgresql import PostgresStoreFactory
+
+    try:
+        return PostgresStoreFactory().makeStore(config.backendOptions.get("postgresql", {}),
+                                                config.dataDir)
+    except ConfigError as e:
+        raise ConfigError(f'{config.path}: [relay] queue = "postgresql" needs the database: '
+                          f"{e}") from None
+
+
+class Database:
+    """C{transaction} on a connection of its own, in the calling thread, firing at once:
+    the admin CLI's access to the shared queue (its Deferreds have fired on return)."""
+
+    def __init__(self, dsn: str, connectTimeout: float = 10) -> None:
+        self.dsn = dsn
+        self._timeout = connectTimeout
+
+    def transaction(self, f, *args) -> defer.Deferred:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=max(1, int(self._timeout))) as conn:
+                with conn.transaction():
+                    return defer.succeed(f(conn, *args))
+        except psycopg.Error as e:
+            return defer.fail(StorageError(f"database error: {type(e).__name__}: {e}".strip()))
+        except Exception:
+            return defer.fail()
+
+
 # -- the reactor-side API ---------------------------------------------------------
 
 
@@ -240,8 +280,6 @@ class PostgresRelayQueue(service.Service):
             from twisted.internet import reactor as clock
         self.path = os.path.join(dataDir, "queue")
         self._spoolDir = os.path.join(self.path, "spool")
-        # Left by a crash: this process is the data directory's only server (its pid lock).
-        shutil.rmtree(self._spoolDir, ignore_errors=True)
         self._db = db
         self._lease = lease
         self._clock = clock
@@ -258,6 +296,8 @@ class PostgresRelayQueue(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        # Left by a crash (once, at start: this process is the data directory's only server).
+        shutil.rmtree(self._spoolDir, ignore_errors=True)
         for loop, interval in zip(self._loops, self._intervals, strict=True):
             loop.start(interval, now=False)
 
