@@ -19,7 +19,9 @@ the node's leases every third of the lease time; L{save}, L{remove} and
 L{release} end the claim (one that fails while the database is down is written
 before the message is next attempted, so it is not sent again).  A node that dies stops renewing: after
 ``queue_lease_time`` any node may take the message, with the per-recipient
-state of the last save (recipients that were delivered are not sent again).
+state written last: the runner reports each part of an attempt as it succeeds
+(L{PostgresRelayQueue.recordSent}), so recipients that got a 250 are not sent
+again.
 
 Each node polls every ``pickup_interval`` seconds for due messages nobody
 holds (those other nodes queued, or whose holder died) and hands them to its
@@ -44,6 +46,8 @@ from zope.interface import implementer
 from twistmail.errors import StorageError
 from twistmail.interfaces import IRelayQueue
 from twistmail.relay.queue import (
+    QUEUED,
+    SENT,
     QueuedSource,
     QueueEntry,
     QueueError,
@@ -169,6 +173,23 @@ def store(conn, entry: QueueEntry, node: str | None) -> None:
     if done is None:
         raise QueueError(f"queue entry {entry.id} was removed or taken over by another node "
                          "(its lease ran out)")
+
+
+def markSent(conn, id: str, node: str, sent: list, when: float) -> None:
+    """Recipients of a message C{node} holds were delivered (the attempt goes on)."""
+    row = conn.execute("SELECT entry::text FROM relay_queue WHERE id = %s AND claimed_by = %s "
+                       "FOR UPDATE", (id, node)).fetchone()
+    if row is None:
+        raise QueueError(f"queue entry {id} was removed or taken over by another node")
+    entry = _entry(row[0], id)
+    replies = {address: (reply, host) for address, reply, host in sent}
+    for r in entry.recipients:
+        if r.address in replies and r.state == QUEUED:
+            r.state, r.attempts, r.last_attempt = SENT, r.attempts + 1, when
+            r.last_reply, r.remote_host = replies[r.address]
+    data, _, lane, due = _row(entry)
+    conn.execute("UPDATE relay_queue SET entry = %s, next_due = %s WHERE id = %s",
+                 (data, due, id))
 
 
 def release(conn, id: str, node: str) -> None:
@@ -414,6 +435,9 @@ class PostgresRelayQueue(service.Service):
     def save(self, entry: QueueEntry) -> defer.Deferred:
         held = entry.id in self._spools
         return self._write(entry.id, store, entry, self.node if held else None)
+
+    def recordSent(self, id: str, sent: list) -> defer.Deferred:
+        return self._db.transaction(markSent, id, self.node, sent, self._clock.seconds())
 
     def release(self, id: str) -> defer.Deferred:
         if id not in self._spools:
