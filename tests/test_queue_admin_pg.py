@@ -8,7 +8,8 @@ import smtplib
 
 import psycopg
 import pytest
-from relayenv import Internet, queueIds
+import test_queue_cli
+from relayenv import queueIds
 from serverproc import waitUntil
 from support import addUser, cli, freePort, startServer
 from test_webadmin import ADMIN, Browser
@@ -18,11 +19,7 @@ from twistmail.storage.postgresql import schema
 ALICE = "alice@example.test"
 
 
-@pytest.fixture
-def net():
-    internet = Internet()
-    yield internet
-    internet.stop()
+net = test_queue_cli.net  # the fixture: a loopback Internet with DNS and an SMTP sink
 
 
 @pytest.fixture

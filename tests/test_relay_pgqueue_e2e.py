@@ -21,7 +21,7 @@ from collections import Counter
 
 import psycopg
 import pytest
-from relayenv import Internet
+import test_queue_cli
 from serverproc import ServerProcess, listenerArgs, twistdCommand, waitUntil
 from support import addUser, freePort, onReactor
 from twisted.internet import defer
@@ -35,11 +35,7 @@ LEASE = 5  # [relay] queue_lease_time of the nodes: how long a dead node's claim
 MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
 
-@pytest.fixture
-def net():
-    internet = Internet()
-    yield internet
-    internet.stop()
+net = test_queue_cli.net  # the fixture: a loopback Internet with DNS and an SMTP sink
 
 
 class Node:
