@@ -208,3 +208,25 @@ def _due(conn, until):
     from twistmail.relay.pgqueue import due
 
     return due(conn, until)
+
+
+def test_a_recipient_recorded_as_sent_is_never_sent_again_by_the_node_taking_over(twoNodes):
+    """Node a reached one of two recipients, wrote it at once (recordSent), and died
+    before the other's outcome: node b, after the lease, has only the other left."""
+    import psycopg
+
+    a, b = twoNodes
+    entry = enqueue(a, rcpts=("x@one.test", "y@two.test"))
+    _, f = onReactor(a.loadWithMessage, entry.id)
+    f.close()
+    onReactor(a.recordSent, entry.id, [("x@one.test", "250 2.0.0 ok", "mx.one.test")])
+    with psycopg.connect(a._db.dsn, autocommit=True) as conn:  # a died: its lease runs out
+        conn.execute("UPDATE relay_queue SET lease_until = lease_until - 10")
+    taken, f = onReactor(b.loadWithMessage, entry.id)
+    f.close()
+    assert [r.address for r in taken.pending()] == ["y@two.test"]
+    [done] = [r for r in taken.recipients if r.state == SENT]
+    assert (done.address, done.attempts, done.last_reply, done.remote_host) == \
+        ("x@one.test", 1, "250 2.0.0 ok", "mx.one.test")
+    with pytest.raises(QueueError):  # a's late records are refused
+        onReactor(a.recordSent, entry.id, [("y@two.test", "250 ok", "mx.two.test")])

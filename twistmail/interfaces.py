@@ -419,6 +419,11 @@ class IRelayQueue(Interface):
     def save(entry):
         """Record the entry's new state (and end this node's claim)."""
 
+    def recordSent(id: str, sent):
+        """Recipients of the message this node holds were delivered, [(address, reply,
+        remote host)], before the attempt ends: a shared queue writes it at once (a node
+        that takes over never sends to them again); the disk queue waits for L{save}."""
+
     def release(id: str):
         """End this node's claim without a change (nothing was due)."""
 

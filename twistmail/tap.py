@@ -31,6 +31,7 @@ from twistmail.auth.checkers import PasswordChecker
 from twistmail.auth.passwords import releaseHashMemory
 from twistmail.auth.realm import MailRealm
 from twistmail.auth.throttle import AuthThrottle
+from twistmail.cli import queue as queuecli
 from twistmail.delivery.local import LocalDelivery
 from twistmail.delivery.pipeline import DeliveryPipeline
 from twistmail.delivery.quota import QuotaTracker
@@ -439,16 +440,11 @@ def makeQueue(config: configmod.Config, store, parent: service.MultiService) -> 
     relay = config["relay"]
     if relay["queue"] == "disk":
         return RelayQueue(config.dataDir)
-    from twistmail.relay.pgqueue import PostgresRelayQueue
-    from twistmail.storage.postgresql import PostgresStore, PostgresStoreFactory
+    from twistmail.relay.pgqueue import PostgresRelayQueue, configuredStore
+    from twistmail.storage.postgresql import PostgresStore
 
     if not isinstance(store, PostgresStore):
-        try:
-            store = PostgresStoreFactory().makeStore(
-                config.backendOptions.get("postgresql", {}), config.dataDir)
-        except configmod.ConfigError as e:
-            raise configmod.ConfigError(f"{config.path}: [relay] queue = \"postgresql\" "
-                                        f"needs the database: {e}") from None
+        store = configuredStore(config)
         store.setServiceParent(parent)
     queue = PostgresRelayQueue(store, config.dataDir, relay["queue_lease_time"],
                                relay["pickup_interval"])
@@ -570,7 +566,7 @@ def makeService(options: Options) -> service.MultiService:
         webAdmin = admin.AdminResource(
             dataDir, accounts, checker,
             config["admin"]["admins"], admin.Sessions(config["admin"]["session_idle"]),
-            onKdfPool, traffic)
+            onKdfPool, traffic, queuecli.openQueue(config))
     factories["http"] = WebFactory(Site(buildRoot(config["mta_sts"], accounts.isLocalDomain,
                                                   autoconfig.fromConfig(config), challenges,
                                                   webAdmin)),

@@ -27,8 +27,8 @@ from twistmail.cli import queue as queuecli
 from twistmail.cli import records as recordscli
 from twistmail.cli.output import table
 from twistmail.dkimkeys import DKIMKeyError
+from twistmail.errors import StorageError
 from twistmail.ratelimit import StateError
-from twistmail.relay.queue import QueueError
 
 
 class CLIError(Exception):
@@ -294,7 +294,7 @@ def cmdQueue(args) -> str:
     config = _config(args)
     if args.action == "senders":
         return senders.cmdSenders(config, args.top)
-    return queuecli.run(args, config.dataDir, config["relay"]["pickup_interval"])
+    return queuecli.run(args, config)
 
 
 def cmdDKIM(args) -> str:
@@ -332,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sendmail.SendmailError as e:
         print(f"twistmail sendmail: error: {e}", file=sys.stderr)
         return e.status
-    except (CLIError, AccountError, QueueError, queuecli.QueueCLIError, StateError,
-            DKIMKeyError, recordscli.RecordsCLIError) as e:
+    except (CLIError, AccountError, StorageError, queuecli.QueueCLIError, StateError,
+            DKIMKeyError, recordscli.RecordsCLIError, configmod.ConfigError) as e:
         if getattr(e, "output", ""):
             print(e.output)
         print(f"twistmail: error: {e}", file=sys.stderr)

@@ -25,11 +25,13 @@ from collections.abc import Callable
 from email.utils import formataddr, formatdate, getaddresses
 
 from twistmail import config as configmod
+from twistmail.cli import queue as queuecli
 from twistmail.delivery.routing import BadAddress, checkRemoteAddress
 from twistmail.dkimkeys import KeyRing
 from twistmail.dkimsigner import Signer
 from twistmail.errors import StorageError
 from twistmail.relay import control
+from twistmail.relay.pgqueue import QueueIdTaken
 from twistmail.relay.queue import QueueEntry, Recipient, commitLocked, newQueueId, stageNew
 
 EX_USAGE, EX_DATAERR, EX_TEMPFAIL, EX_CONFIG = 64, 65, 75, 78
@@ -149,6 +151,8 @@ def queueMessage(config: configmod.Config, build: Callable[[str], bytes], sender
 
     Durable when this returns.  @return: the queue id.
     """
+    if config["relay"]["queue"] == "postgresql":
+        return _queueShared(config, build, sender, recipients, now)
     queueDir = os.path.join(config.dataDir, "queue")
     for _ in range(10):
         queueId = newQueueId(now)
@@ -176,6 +180,27 @@ def queueMessage(config: configmod.Config, build: Callable[[str], bytes], sender
         os.unlink(request)
         if not isinstance(result.__cause__, FileExistsError):
             raise SendmailError(f"cannot queue the message: {result}", EX_TEMPFAIL)
+    raise SendmailError("cannot find a free queue id", EX_TEMPFAIL)
+
+
+def _queueShared(config: configmod.Config, build: Callable[[str], bytes], sender: str,
+                 recipients: list[str], now: float) -> str:
+    """Into the queue in PostgreSQL: every node polls it, so no server needs telling."""
+    try:
+        queue = queuecli.openQueue(config)
+    except configmod.ConfigError as e:
+        raise SendmailError(str(e), EX_TEMPFAIL) from None
+    for _ in range(10):
+        queueId = newQueueId(now)
+        data = build(queueId)
+        try:
+            queuecli.now(queue.enqueue(sender, recipients, lambda data=data: [data], origin="sendmail",
+                                 id=queueId, client=getpass.getuser()))
+            return queueId
+        except QueueIdTaken:
+            continue
+        except StorageError as e:
+            raise SendmailError(f"cannot queue the message: {e}", EX_TEMPFAIL) from None
     raise SendmailError("cannot find a free queue id", EX_TEMPFAIL)
 
 

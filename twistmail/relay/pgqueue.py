@@ -16,9 +16,12 @@ held by another node's live lease gets L{QueueClaimed} and leaves it), writes
 ``<data_dir>/queue/spool/`` for the sender, which reads it on the reactor
 thread as it does a disk queue file.  While the attempt runs, a timer renews
 the node's leases every third of the lease time; L{save}, L{remove} and
-L{release} end the claim.  A node that dies stops renewing: after
+L{release} end the claim (one that fails while the database is down is written
+before the message is next attempted, so it is not sent again).  A node that dies stops renewing: after
 ``queue_lease_time`` any node may take the message, with the per-recipient
-state of the last save (recipients that were delivered are not sent again).
+state written last: the runner reports each part of an attempt as it succeeds
+(L{PostgresRelayQueue.recordSent}), so recipients that got a 250 are not sent
+again.
 
 Each node polls every ``pickup_interval`` seconds for due messages nobody
 holds (those other nodes queued, or whose holder died) and hands them to its
@@ -43,6 +46,8 @@ from zope.interface import implementer
 from twistmail.errors import StorageError
 from twistmail.interfaces import IRelayQueue
 from twistmail.relay.queue import (
+    QUEUED,
+    SENT,
     QueuedSource,
     QueueEntry,
     QueueError,
@@ -57,6 +62,10 @@ log = Logger()
 
 _NOW = "extract(epoch from clock_timestamp())"
 HEADER_LIMIT = 64 * 1024
+
+
+class QueueIdTaken(StorageError):
+    """L{PostgresRelayQueue.enqueue} was given an id another message has."""
 
 
 class QueueClaimed(QueueError):
@@ -93,7 +102,7 @@ def insert(conn, entry: QueueEntry, chunks: Callable[[], Iterable[bytes]], fixed
                         (entry.id, *_row(entry))).fetchone():
             break
         if fixedId:
-            raise StorageError(f"queue id {entry.id} is taken")
+            raise QueueIdTaken(f"queue id {entry.id} is taken")
         entry.id = newQueueId(entry.created)
     else:
         raise StorageError("cannot find a free queue id")
@@ -150,11 +159,12 @@ def claim(conn, id: str, node: str, lease: float, spoolDir: str) -> tuple[QueueE
 
 def store(conn, entry: QueueEntry, node: str | None) -> None:
     """Write the entry's state; with C{node}, only if that node still holds it, and end
-    its claim."""
+    its claim; without (the admin CLI), only if no node holds it."""
     data, _, lane, due = _row(entry)
     if node is None:
-        done = conn.execute("UPDATE relay_queue SET entry = %s, lane = %s, next_due = %s "
-                            "WHERE id = %s RETURNING id", (data, lane, due, entry.id)).fetchone()
+        done = conn.execute(f"UPDATE relay_queue SET entry = %s, lane = %s, next_due = %s "
+                            f"WHERE id = %s AND (claimed_by IS NULL OR lease_until < {_NOW}) "
+                            "RETURNING id", (data, lane, due, entry.id)).fetchone()
     else:
         done = conn.execute("UPDATE relay_queue SET entry = %s, lane = %s, next_due = %s, "
                             "claimed_by = NULL, lease_until = NULL WHERE id = %s AND "
@@ -163,6 +173,23 @@ def store(conn, entry: QueueEntry, node: str | None) -> None:
     if done is None:
         raise QueueError(f"queue entry {entry.id} was removed or taken over by another node "
                          "(its lease ran out)")
+
+
+def markSent(conn, id: str, node: str, sent: list, when: float) -> None:
+    """Recipients of a message C{node} holds were delivered (the attempt goes on)."""
+    row = conn.execute("SELECT entry::text FROM relay_queue WHERE id = %s AND claimed_by = %s "
+                       "FOR UPDATE", (id, node)).fetchone()
+    if row is None:
+        raise QueueError(f"queue entry {id} was removed or taken over by another node")
+    entry = _entry(row[0], id)
+    replies = {address: (reply, host) for address, reply, host in sent}
+    for r in entry.recipients:
+        if r.address in replies and r.state == QUEUED:
+            r.state, r.attempts, r.last_attempt = SENT, r.attempts + 1, when
+            r.last_reply, r.remote_host = replies[r.address]
+    data, _, lane, due = _row(entry)
+    conn.execute("UPDATE relay_queue SET entry = %s, next_due = %s WHERE id = %s",
+                 (data, due, id))
 
 
 def release(conn, id: str, node: str) -> None:
@@ -219,6 +246,41 @@ def allEntries(conn) -> list[QueueEntry]:
     return [_entry(data, id) for id, data in rows]
 
 
+def configuredStore(config):
+    """The L{PostgresStore} of ``[storage.postgresql]``, for the queue alone (the mail
+    may be in another backend).  @raise ConfigError: naming the file, key and fix."""
+    from twistmail.config import ConfigError
+    from twistmail.storage.postgresql import PostgresStoreFactory
+
+    try:
+        return PostgresStoreFactory().makeStore(config.backendOptions.get("postgresql", {}),
+                                                config.dataDir)
+    except ConfigError as e:
+        raise ConfigError(f'{config.path}: [relay] queue = "postgresql" needs the database: '
+                          f"{e}") from None
+
+
+class Database:
+    """C{transaction} on a connection of its own, in the calling thread, firing at once:
+    the admin CLI's access to the shared queue (its Deferreds have fired on return)."""
+
+    def __init__(self, dsn: str, connectTimeout: float = 10) -> None:
+        self.dsn = dsn
+        self._timeout = connectTimeout
+
+    def transaction(self, f, *args) -> defer.Deferred:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=max(1, int(self._timeout))) as conn:
+                with conn.transaction():
+                    return defer.succeed(f(conn, *args))
+        except psycopg.Error as e:
+            return defer.fail(StorageError(f"database error: {type(e).__name__}: {e}".strip()))
+        except Exception:
+            return defer.fail()
+
+
 # -- the reactor-side API ---------------------------------------------------------
 
 
@@ -239,8 +301,6 @@ class PostgresRelayQueue(service.Service):
             from twisted.internet import reactor as clock
         self.path = os.path.join(dataDir, "queue")
         self._spoolDir = os.path.join(self.path, "spool")
-        # Left by a crash: this process is the data directory's only server (its pid lock).
-        shutil.rmtree(self._spoolDir, ignore_errors=True)
         self._db = db
         self._lease = lease
         self._clock = clock
@@ -248,6 +308,7 @@ class PostgresRelayQueue(service.Service):
         self._listeners: list[Callable[[QueueEntry], None]] = []
         self._watchers: list[Callable] = []
         self._spools: dict[str, str] = {}  # id -> spool file, while this node holds it
+        self._unwritten: dict[str, tuple] = {}  # id -> (f, args): a save or removal that failed
         self._polling = False
         self._loops = [task.LoopingCall(self._poll), task.LoopingCall(self._renew)]
         self._intervals = [pollInterval, lease / 3]
@@ -256,6 +317,8 @@ class PostgresRelayQueue(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        # Left by a crash (once, at start: this process is the data directory's only server).
+        shutil.rmtree(self._spoolDir, ignore_errors=True)
         for loop, interval in zip(self._loops, self._intervals, strict=True):
             loop.start(interval, now=False)
 
@@ -326,8 +389,36 @@ class PostgresRelayQueue(service.Service):
             self._spools[id] = path
             return entry, open(path, "rb")
 
-        return self._db.transaction(claim, id, self.node, self._lease,
-                                    self._spoolDir).addCallback(claimed)
+        def claim_(ignored):
+            return self._db.transaction(claim, id, self.node, self._lease, self._spoolDir)
+
+        return self._replay(id).addCallback(claim_).addCallback(claimed)
+
+    def _replay(self, id: str) -> defer.Deferred:
+        """Write first what an outage kept us from writing after the last attempt (its
+        save or removal): else the attempt would send again to recipients it reached."""
+        unwritten = self._unwritten.pop(id, None)
+        if unwritten is None:
+            return defer.succeed(None)
+        f, args = unwritten
+
+        def failed(failure):
+            if failure.check(StorageError) and not failure.check(QueueError):
+                self._unwritten.setdefault(id, unwritten)
+            return failure
+
+        return self._db.transaction(f, *args).addErrback(failed)
+
+    def _write(self, id: str, f, *args) -> defer.Deferred:
+        """C{f(conn, *args)}, kept for L{_replay} if the database fails meanwhile."""
+        self._unwritten.pop(id, None)
+
+        def failed(failure):
+            if failure.check(StorageError) and not failure.check(QueueError):
+                self._unwritten[id] = (f, args)
+            return failure
+
+        return self._db.transaction(f, *args).addErrback(failed).addBoth(self._ended, id)
 
     def _dropSpool(self, id: str) -> None:
         path = self._spools.pop(id, None)
@@ -343,8 +434,10 @@ class PostgresRelayQueue(service.Service):
 
     def save(self, entry: QueueEntry) -> defer.Deferred:
         held = entry.id in self._spools
-        return self._db.transaction(store, entry, self.node if held else None).addBoth(
-            self._ended, entry.id)
+        return self._write(entry.id, store, entry, self.node if held else None)
+
+    def recordSent(self, id: str, sent: list) -> defer.Deferred:
+        return self._db.transaction(markSent, id, self.node, sent, self._clock.seconds())
 
     def release(self, id: str) -> defer.Deferred:
         if id not in self._spools:
@@ -352,7 +445,7 @@ class PostgresRelayQueue(service.Service):
         return self._db.transaction(release, id, self.node).addBoth(self._ended, id)
 
     def remove(self, id: str) -> defer.Deferred:
-        return self._db.transaction(delete, id).addBoth(self._ended, id)
+        return self._write(id, delete, id)
 
     def headers(self, id: str) -> defer.Deferred:
         return self._db.transaction(headers, id)

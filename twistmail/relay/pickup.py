@@ -49,8 +49,9 @@ class ControlPoller(internet.TimerService):
             elif action == "flush":
                 self._runner.flush(None if id == ALL else id)
                 log.info("relay: flush {id} requested by the admin", id=id)
-            elif action == "delete" and exists:
-                # Answer (remove the request) once the files are gone.
+            elif action == "delete":
+                # Answer (remove the request) once the message is gone (a queue in
+                # PostgreSQL has no files here: the queue, not C{exists}, knows).
                 waits.append(self._runner.delete(id))
             done.append(name)
         d = defer.DeferredList(waits, consumeErrors=True)

@@ -340,7 +340,11 @@ class QueueRunner(service.Service):
             if result.check(QueueError):
                 log.warn("relay id={id}: {why}", id=id, why=result.getErrorMessage())
             else:
-                log.failure("relay id={id}: internal error; retrying later", result, id=id)
+                if result.check(StorageError):  # the queue's database is down: no bug
+                    log.warn("relay id={id}: {why}; retrying later", id=id,
+                             why=result.getErrorMessage())
+                else:
+                    log.failure("relay id={id}: internal error; retrying later", result, id=id)
                 self._schedule(id, self._clock.seconds() + self.settings.retryMin)
         elif result is not None:
             if id in self._forced:
@@ -411,7 +415,8 @@ class QueueRunner(service.Service):
         for domain, addresses in remote.items():
             for i in range(0, len(addresses), limit):
                 ds.append(self._deliverRemote(entry, domain, addresses[i:i + limit], opener))
-        d = defer.gatherResults(ds, consumeErrors=True)
+        d = defer.gatherResults([d.addCallback(self._noteSent, entry) for d in ds],
+                                consumeErrors=True)
 
         def merge(parts: list[dict]) -> dict:
             for part in parts:
@@ -419,6 +424,24 @@ class QueueRunner(service.Service):
             return results
 
         return d.addCallback(merge)
+
+    def _noteSent(self, part: dict[str, Result], entry: QueueEntry):
+        """Tell the queue at once whom this part of the attempt reached (IRelayQueue
+        recordSent: a shared queue writes it, so a node taking the message over after
+        this one died does not send to them again); the outcome is recorded in full
+        after the attempt, as always."""
+        sent = [(a, r.reply, r.host if r.remote else "") for a, r in part.items()
+                if r.kind == SENT]
+        if not sent:
+            return part
+
+        def failed(f: Failure) -> None:
+            f.trap(StorageError)
+            log.warn("relay id={id}: cannot record deliveries yet: {why}", id=entry.id,
+                     why=f.getErrorMessage())
+
+        return self._queue.recordSent(entry.id, sent).addErrback(failed).addCallback(
+            lambda _: part)
 
     def _deliverLocal(self, entry: QueueEntry, local: dict[str, tuple]) -> defer.Deferred:
         accounts = tuple(dict.fromkeys(a for targets in local.values() for a in targets))

@@ -19,7 +19,6 @@ the same host), is served; the site's header and body limits apply.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -42,6 +41,7 @@ from twistmail.auth.passwords import hashPassword
 from twistmail.cli import dkim as dkimcli
 from twistmail.cli import queue as queuecli
 from twistmail.errors import AccountsUnavailable
+from twistmail.interfaces import IRelayQueue
 from twistmail.relay.queue import QueueError
 from twistmail.traffic import TrafficHistory
 from twistmail.web.admintemplates import ENVIRONMENT
@@ -163,12 +163,15 @@ class AdminResource(resource.Resource):
 
     def __init__(self, dataDir: str, accounts: AccountBook, checker, admins: list[str],
                  sessions: Sessions, deferToThread=threads.deferToThread,
-                 traffic: TrafficHistory | None = None) -> None:
-        """@param traffic: the last day's samples the dashboard charts; None draws none."""
+                 traffic: TrafficHistory | None = None, queue: IRelayQueue | None = None) -> None:
+        """@param traffic: the last day's samples the dashboard charts; None draws none.
+        @param queue: the relay queue as the CLI opens it (L{queuecli.openQueue}: its work
+            done in the calling thread, which is one of C{deferToThread}'s); None: the
+            disk queue of C{dataDir}."""
         super().__init__()
+        self._queue = queue or queuecli.diskQueue(dataDir)
         self._traffic = traffic
         self._dataDir = dataDir
-        self._queueDir = os.path.join(dataDir, "queue")
         self._accounts = accounts
         self._checker = checker
         self._admins = {a.lower() for a in admins}
@@ -260,7 +263,7 @@ class AdminResource(resource.Resource):
                  **values) -> defer.Deferred:
         """Finish C{request} with C{page}; the queue page reads the queue in a thread first."""
         if page == "queue":
-            d = self._deferToThread(queuecli.listing, self._queueDir)
+            d = self._deferToThread(queuecli.listing, self._queue)
         elif page == "dashboard":
             d = self._deferToThread(dkimRows, self._dataDir)
         else:
@@ -346,7 +349,7 @@ class AdminResource(resource.Resource):
 
     def _edit(self, request, session: Session, page: str, action) -> int:
         """Read the form with C{action}, then carry it out in a thread: an accounts change with
-        the file locked (C{apply}), or a queue request (C{run})."""
+        the file locked (C{apply}), a queue request (C{queue}) or a CLI command (C{run})."""
         if session.busy:
             request.setResponseCode(429)
             return b"Too many requests: your previous change is still under way.\n"
@@ -360,6 +363,8 @@ class AdminResource(resource.Resource):
         editors = []
 
         def inThread() -> str:
+            if "queue" in prepared:
+                return prepared["queue"](self._queue)
             if "run" in prepared:
                 return prepared["run"](self._dataDir)
             hashed = hashPassword(prepared["password"]) if "password" in prepared else None
@@ -418,8 +423,7 @@ def _accountAction(fields: tuple[str, ...], apply, password: bool = False):
 def _queueAction(verb: str):
     def action(request, session: Session) -> dict:
         id = _field(request, "id") or None
-        return {"run": lambda dataDir: queuecli.askServer(os.path.join(dataDir, "queue"), id,
-                                                          verb)}
+        return {"queue": lambda queue: queuecli.askServer(queue, id, verb)}
 
     return action
 
