@@ -53,6 +53,14 @@ class IMailbox(Interface):
     def messages() -> list:
         """The current snapshot: ``IStoredMessage`` providers sorted by uid (synchronous)."""
 
+    def flagColumn() -> list:
+        """Each message's flags (frozensets of str), in messages() order (synchronous;
+        may be shared: do not modify it).
+
+        Separate from messages() so a backend can answer without building the
+        snapshot: SELECT's ``[UNSEEN n]`` and ``UID FETCH 1:* (FLAGS)`` of a
+        100,000-message folder need only this column."""
+
     def uids():
         """The current uids, ascending (synchronous; a shared sequence: do not modify it).
 

@@ -24,7 +24,7 @@ from twistmail import _fsutil
 from twistmail.auth.accounts import AccountError, validAddress
 from twistmail.errors import InvalidFolderName, NoSuchFolder, StorageError
 from twistmail.model import FolderChanges, StoredMessage
-from twistmail.storage import folders
+from twistmail.storage import flagColumnOf, folders
 from twistmail.storage._modseq import ModSeqs
 
 log = Logger()
@@ -205,6 +205,7 @@ class FolderIndex:
         self._keywords: list[str] = []
         self._snapshot: list | None = None
         self._uids: tuple | None = None
+        self._column: list | None = None
         self._listeners: list = []
         self._lock = defer.DeferredLock()
         self._watch: FolderWatch | None = None
@@ -224,6 +225,14 @@ class FolderIndex:
         if self._snapshot is None:
             self._snapshot = [self._message(uid, e) for uid, e in self._entries.items()]
         return self._snapshot
+
+    def flagColumn(self) -> list:
+        if self._column is None:
+            self._column = self._buildFlagColumn()
+        return self._column
+
+    def _buildFlagColumn(self) -> list:
+        return flagColumnOf(self.messages())
 
     def uids(self) -> tuple:
         if self._uids is None:
@@ -280,6 +289,7 @@ class FolderIndex:
             return defer.succeed(changes)
         self._snapshot = None
         self._uids = None
+        self._column = None
         modseqs = self._modseqs
         d = self._store._run(modseqs.record, self.uidValidity, changes.added,
                              changes.flagsChanged, changes.removed, self.uidNext, frozenset(own))

@@ -257,6 +257,14 @@ class MaildirFolder(FolderIndex):
                     map(self._modseqs.byUid.get, entries, repeat(1)), strict=True)))
         return self._snapshot
 
+    def _buildFlagColumn(self) -> list:
+        """From the entries' info letters through the flag cache, without the snapshot:
+        SELECT and FLAGS-only FETCH of 100,000 messages need not build 100,000 tuples."""
+        infos = list(map(_INFO, self._entries.values()))
+        for info in set(infos):
+            self._flags(info)
+        return list(map(self._flagCache.__getitem__, infos))
+
     # -- refresh: reconcile the index with the directory ------------------------
 
     def refresh(self) -> defer.Deferred:

@@ -371,6 +371,18 @@ class StoreConformanceTests:
         assert again.messages()[0].flags == frozenset({"\\Seen", "\\Draft"})
         assert readMessage(again, 1) == message(1)
 
+    def test_flagColumnAgreesWithTheSnapshot(self, store, dataDir):
+        folder = openFolder(store)
+        assert folder.flagColumn() == []
+        for n in range(1, 4):
+            deliver(store, message(n))
+        call(folder, "refresh")
+        call(folder, "setFlags", [1, 3], ["\\Seen", "\\Flagged"], "add")
+        seen = frozenset({"\\Seen", "\\Flagged"})
+        assert folder.flagColumn() == [seen, frozenset(), seen]
+        assert folder.flagColumn() == [m.flags for m in folder.messages()]
+        assert openFolder(self.restart(dataDir)).flagColumn() == [seen, frozenset(), seen]
+
     def test_keywordsAndForwardedPersist(self, store, dataDir):
         deliver(store, message(1))
         deliver(store, message(2))

@@ -20,7 +20,7 @@ from twistmail.auth.accounts import AccountError, validAddress
 from twistmail.errors import FolderExists, NoSuchFolder, NoSuchMessage, StorageError
 from twistmail.interfaces import IMailAccount, IMailbox, IMailStore
 from twistmail.model import FolderChanges, StoredMessage
-from twistmail.storage import folders
+from twistmail.storage import flagColumnOf, folders
 
 #: data directory -> account -> folder name -> _State
 _DATA: dict[str, dict[str, dict]] = {}
@@ -75,6 +75,9 @@ class MemoryMailbox:
 
     def messages(self) -> list:
         return [m for m, _ in self._state.messages.values()]
+
+    def flagColumn(self) -> list:
+        return flagColumnOf(self.messages())
 
     def uids(self) -> tuple:
         return tuple(self._state.messages)

@@ -35,7 +35,6 @@ import base64
 import binascii
 import bisect
 import collections
-import operator
 import time
 import zlib
 from collections.abc import Callable
@@ -94,7 +93,6 @@ SEARCH_SLICE = 5000
 #: and the FETCH lines written at a time by it.
 _COLUMN_ITEMS = {b"UID", b"FLAGS"}
 _COLUMN_CHUNK = 5000
-_FLAGS_OF = operator.attrgetter("flags")
 _MINUS_ONE = (-1).__add__
 _RECENT = frozenset({"\\Recent"})
 #: Folders whose \Recent claims are remembered (least recently used forgotten first).
@@ -642,7 +640,8 @@ class IMAPServer(imap4.IMAP4Server):
             self._send(line)
         self._send(b"* %d EXISTS" % len(view))
         self._send(b"* %d RECENT" % len(view.recent))
-        unseen = self._firstUnseen(view)
+        unseen = next((seq for seq, flags in enumerate(mailbox.flagColumn(), 1)
+                       if "\\Seen" not in flags), None)
         if unseen:
             self._send(b"* OK [UNSEEN %d] First unseen" % unseen)
         self._send(b"* OK [UIDVALIDITY %d] UIDs valid" % mailbox.uidValidity)
@@ -673,12 +672,6 @@ class IMAPServer(imap4.IMAP4Server):
 
     def cmd_EXAMINE(self, tag, args):
         return self.cmd_SELECT(tag, args, readOnly=True)
-
-    def _firstUnseen(self, view: SelectedFolder) -> int | None:
-        for seq, message in enumerate(view.mailbox.messages(), 1):
-            if "\\Seen" not in message.flags:
-                return seq
-        return None
 
     def _claimRecent(self, mailbox, uids: list) -> set:
         return self.factory.claimRecent(self.user, mailbox, uids)
@@ -1005,10 +998,11 @@ class IMAPServer(imap4.IMAP4Server):
         overhead = 64 + sum(len(i.sectionLabel()) for i in items if i.isSection)
         # When the view has no pending changes, sequence number n is the folder
         # snapshot's n-th message: no lookup by uid (this is UID FETCH 1:* FLAGS).
-        snapshot = mailbox.messages() if view.uids is mailbox.uids() else None
-        if snapshot is not None and targets and all(i.name in _COLUMN_ITEMS for i in items):
-            await self._respondFlagColumns(view, targets, items, snapshot)
+        inStep = view.uids is mailbox.uids()
+        if inStep and targets and all(i.name in _COLUMN_ITEMS for i in items):
+            await self._respondFlagColumns(view, targets, items, mailbox.flagColumn())
             return False
+        snapshot = mailbox.messages() if inStep else None
         for seq, u in targets:
             message = snapshot[seq - 1] if snapshot is not None else view.message(u)
             if message is None:
@@ -1038,13 +1032,14 @@ class IMAPServer(imap4.IMAP4Server):
         return missing
 
     async def _respondFlagColumns(self, view: SelectedFolder, targets: list, items: list,
-                                  snapshot: list) -> None:
+                                  column: list) -> None:
         """FETCH of UID and FLAGS only, the view in step with the folder (so sequence
-        number n is the snapshot's n-th message): one C{bytes %} per message through
-        C-level maps, no per-message Python call (``UID FETCH 1:* (FLAGS)`` on 100,000)."""
+        number n is the n-th of the folder's flag column): one C{bytes %} per message
+        through C-level maps, no per-message Python call (``UID FETCH 1:* (FLAGS)`` on
+        100,000)."""
         with _gcpause.paused(len(targets)):
             seqs, uids = zip(*targets, strict=True)
-            flagSets = list(map(_FLAGS_OF, map(snapshot.__getitem__, map(_MINUS_ONE, seqs))))
+            flagSets = list(map(column.__getitem__, map(_MINUS_ONE, seqs)))
             view.toldMany(uids, flagSets)
             if view.recent:
                 recent = view.recent

@@ -41,7 +41,7 @@ from twistmail.interfaces import (
     IModSeqMailbox,
 )
 from twistmail.model import FolderChanges, StoredMessage
-from twistmail.storage import folders
+from twistmail.storage import flagColumnOf, folders
 from twistmail.storage.postgresql import _queries, push, schema
 
 log = Logger()
@@ -97,6 +97,9 @@ class PostgresMailbox:
 
     def messages(self) -> list:
         return list(self._messages.values())
+
+    def flagColumn(self) -> list:
+        return flagColumnOf(self._messages.values())
 
     def uids(self) -> tuple:
         return self._uids
