@@ -59,7 +59,8 @@ class IMailbox(Interface):
 
         Separate from messages() so a backend can answer without building the
         snapshot: SELECT's ``[UNSEEN n]`` and ``UID FETCH 1:* (FLAGS)`` of a
-        100,000-message folder need only this column."""
+        100,000-message folder need only this column.  A backend with no cheaper
+        way returns ``twistmail.storage.flagColumnOf(self.messages())``."""
 
     def uids():
         """The current uids, ascending (synchronous; a shared sequence: do not modify it).
