@@ -669,3 +669,15 @@ def test_uidlistReadsTornAndOldFiles(tmp_path):
     assert listed[4] == ("d", 1700000003, 5) and header == (7, 5)
     path.write_text("something else\n")
     assert _uidlist.read(str(path)) == (None, {})
+
+
+def test_uidlistAppendAfterATornLineKeepsTheNewRecord(tmp_path):
+    """A crash mid-append leaves a last line without its newline; the next append
+    starts a line of its own, so only the torn record is lost, not the new one too."""
+    path = tmp_path / "twistmail-uidlist"
+    path.write_text("twistmail-uidlist 1 V7 N4\n1 1700000000 10 a,S=10\n2 17000")
+    _uidlist.append(str(path), [(3, "c,S=30", 1700000002, 30)])
+    _uidlist.append(str(path), [(4, "d,S=40", 1700000003, 40)])
+    assert _uidlist.read(str(path))[1] == {1: ("a,S=10", 1700000000, 10),
+                                           3: ("c,S=30", 1700000002, 30),
+                                           4: ("d,S=40", 1700000003, 40)}

@@ -86,9 +86,17 @@ def write(path: str, uidValidity: int, uidNext: int, entries) -> None:
 
 
 def append(path: str, entries) -> None:
-    """Record newly assigned UIDs durably: a UID told to a client must not change."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(f"{u} {int(d)} {s} {b}\n" for u, b, d, s in entries))
+    """Record newly assigned UIDs durably: a UID told to a client must not change.
+
+    After a crash in the middle of an append the file ends without a newline: the
+    new records then start on a line of their own, so read() skips only the torn one."""
+    lines = "".join(f"{u} {int(d)} {s} {b}\n" for u, b, d, s in entries).encode("utf-8")
+    with open(path, "ab+") as f:  # appends go to the end whatever the read position
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                lines = b"\n" + lines
+        f.write(lines)
         f.flush()
         os.fsync(f.fileno())
 
