@@ -20,12 +20,8 @@ def postgres():
     """A private PostgreSQL cluster for this test session (under xdist: this worker)."""
     from pgproc import PostgresProcess
 
-    cluster = PostgresProcess()
-    try:
-        cluster.start()
+    with PostgresProcess() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -41,6 +41,18 @@ class PostgresProcess:
         self.dataDir = os.path.join(self.root, "data")
         self.started = False
 
+    def __enter__(self) -> PostgresProcess:
+        """Started; stopped and removed at the end of the block (also if start fails)."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def _command(self, argv: list[str]) -> list[str]:
         if os.geteuid() == 0:
             return ["runuser", "-u", "postgres", "--", *argv]

@@ -64,12 +64,8 @@ class Node:
 
 @pytest.fixture(scope="module")
 def cluster():
-    pg = PostgresProcess()
-    try:
-        pg.start()
+    with PostgresProcess() as pg:
         yield pg
-    finally:
-        pg.stop()
 
 
 @pytest.fixture

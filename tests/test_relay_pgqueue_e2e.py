@@ -235,9 +235,7 @@ def test_postgresql_restarted_under_smtp_load(tmp_path, net, nodes):
     (IMAP NO) meanwhile, nothing is lost or doubled, and the nodes recover by themselves."""
     from pgproc import PostgresProcess
 
-    cluster = PostgresProcess()
-    try:
-        cluster.start()
+    with PostgresProcess() as cluster:
         dsn = cluster.dsn("restart")
         a, b = nodes(dsn, "a", "b")
         load = Load([a.smtpPort, b.smtpPort], 80, "restart", pause=0.05)
@@ -259,5 +257,3 @@ def test_postgresql_restarted_under_smtp_load(tmp_path, net, nodes):
         after.wait()
         assert len(after.accepted) == 10, (after.refused, after.unanswered)
         assertExactlyOnce(load, net, dsn, after)
-    finally:
-        cluster.stop()
