@@ -31,11 +31,12 @@ class Peer:
         self.sender = RelaySender(self.reactor, settings, clock=self.reactor)
         self.connected = 0
 
-    def send(self, recipients, message=MESSAGE, opened=io.BytesIO) -> list:
+    def send(self, recipients, message=MESSAGE, opened=io.BytesIO, **context) -> list:
         results = []
         self.sender.send([Hop("mx.remote.test", ("127.0.0.1",))], "a@example.test",
                          list(recipients), lambda: defer.succeed(opened(message)),
-                         {"id": "T1", "domain": "remote.test"}).addCallback(results.append)
+                         {"id": "T1", "domain": "remote.test", **context}
+                         ).addCallback(results.append)
         return results
 
     def connect(self):
@@ -255,3 +256,100 @@ def test_a_message_that_cannot_be_read_drops_the_connection_and_defers():
     assert transport.disconnecting
     lose(protocol)
     assert results[0]["r1@remote.test"].kind == DEFERRED
+
+
+# -- pipelining across messages: the next message follows the final "." ------------------
+
+BODY = b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nRSET\r\n"
+
+
+def dataSent(peer: Peer, recipient: str = "r1@remote.test", **context):
+    """A first message whose data (with RSET) went out; no reply to it yet."""
+    results = peer.send([recipient], **context)
+    protocol, transport, _ = greet(peer)
+    assert say(protocol, transport, b"250 ok", b"250 ok", b"354 go") == BODY
+    transport.clear()
+    return results, protocol, transport
+
+
+def test_the_next_message_follows_the_final_dot_before_its_reply():
+    """RFC 2920 §3.1: one round trip per message on a busy connection, not two."""
+    peer = Peer()
+    handed = []
+    first, protocol, transport = dataSent(peer, handOff=lambda: handed.append(True))
+    assert handed == [True]  # the runner may give the slot to the next message now
+    second = peer.send(["r2@remote.test"])
+    assert transport.value() == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
+    assert first == []  # its result comes with the reply to its "."
+    written = say(protocol, transport, b"250 2.0.0 first queued", b"250 reset", b"250 ok",
+                  b"250 ok", b"354 go")
+    assert first[0]["r1@remote.test"].kind == SENT
+    assert first[0]["r1@remote.test"].reply == "250 2.0.0 first queued"
+    assert written == BODY
+    say(protocol, transport, b"250 2.0.0 second queued", b"250 reset")
+    assert second[0]["r2@remote.test"].reply == "250 2.0.0 second queued"
+    assert len(peer.reactor.tcpClients) == 1
+
+
+def test_a_connection_lost_before_the_reply_to_dot_defers_it_and_retries_the_next_fresh():
+    """The server may have the first message: deferred, never resent now.  The second
+    cannot have been taken: sent again at once on a new connection, and only there."""
+    peer = Peer()
+    first, protocol, transport = dataSent(peer)
+    second = peer.send(["r2@remote.test"])
+    lose(protocol)
+    assert first[0]["r1@remote.test"].kind == DEFERRED
+    assert "lost connection" in first[0]["r1@remote.test"].reply
+    assert second == []
+    protocol, transport, written = greet(peer)
+    assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
+    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    assert second[0]["r2@remote.test"].kind == SENT
+    assert len(peer.reactor.tcpClients) == 2  # nothing else was retried
+
+
+def test_a_refused_dot_is_that_messages_reply_and_the_next_goes_on():
+    peer = Peer()
+    first, protocol, transport = dataSent(peer)
+    second = peer.send(["r2@remote.test"])
+    written = say(protocol, transport, b"554 5.7.1 spam", b"250 reset", b"250 ok", b"250 ok",
+                  b"354 go")
+    assert first[0]["r1@remote.test"].kind == FAILED
+    assert first[0]["r1@remote.test"].reply == "554 5.7.1 spam"
+    assert written == BODY
+    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    assert second[0]["r2@remote.test"].kind == SENT
+
+
+def test_a_refused_rset_drops_the_connection_and_the_pipelined_message_goes_fresh():
+    peer = Peer()
+    first, protocol, transport = dataSent(peer)
+    second = peer.send(["r2@remote.test"])
+    assert say(protocol, transport, b"250 2.0.0 queued", b"500 5.5.1 what?") == b"QUIT\r\n"
+    lose(protocol)
+    assert first[0]["r1@remote.test"].kind == SENT
+    assert second == []
+    protocol, transport, written = greet(peer)
+    assert written.startswith(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>")
+
+
+def test_a_message_that_may_be_refused_before_mail_waits_for_the_replies_due():
+    """An SMTPUTF8 message to a server without SMTPUTF8 is downgraded or refused before
+    MAIL, and a refusal drops the connection: it is not pipelined behind a "."."""
+    peer = Peer()
+    first, protocol, transport = dataSent(peer)
+    second = peer.send(["r2@remote.test"], smtputf8=True)
+    assert transport.value() == b""
+    written = say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
+    assert first[0]["r1@remote.test"].kind == SENT and second == []
+
+
+def test_closing_the_cache_waits_for_the_replies_due():
+    peer = Peer()
+    first, protocol, transport = dataSent(peer)
+    peer.sender.closeIdle()  # shutting down
+    assert transport.value() == b""
+    assert say(protocol, transport, b"250 2.0.0 queued", b"250 reset") == b"QUIT\r\n"
+    assert first[0]["r1@remote.test"].kind == SENT

@@ -59,6 +59,7 @@ class FakeSender:
         with files[0] as f:
             data = f.read()
         call = Call(hops, sender, list(recipients), data, self.clock.seconds())
+        call.handOff = context["handOff"]
         self.calls.append(call)
         if self.hold:
             return call.d
@@ -287,6 +288,32 @@ def test_per_domain_and_global_concurrency_limits(dataDir):
         done += 1
         w.clock.advance(0)
     assert len(w.sender.calls) == 6 and w.ids() == []
+
+
+def test_a_message_whose_data_is_sent_hands_its_slot_on_before_its_reply(dataDir):
+    """The sender calls handOff once the data is out on a connection the next message can
+    pipeline on: the next message starts then, not after the reply; the slot is released
+    once however the first attempt then ends."""
+    w = World(dataDir, maxDeliveries=10, maxPerDomain=1)
+    w.sender.hold = True
+    for i in range(3):
+        w.enqueue([f"u{i}@busy.test"])
+    sent = always(SENT, "250 ok")
+    w.clock.advance(0)
+    assert len(w.sender.calls) == 1
+    w.sender.calls[0].handOff()
+    w.sender.calls[0].handOff()  # twice: still one slot
+    w.clock.advance(0)
+    assert len(w.sender.calls) == 2  # the second message has the slot
+    w.sender.calls[0].d.callback(sent(w.sender.calls[0]))
+    w.clock.advance(0)
+    assert len(w.sender.calls) == 2  # the first's end released nothing more
+    w.sender.calls[1].d.callback(sent(w.sender.calls[1]))
+    w.clock.advance(0)
+    assert len(w.sender.calls) == 3
+    w.sender.calls[2].d.callback(sent(w.sender.calls[2]))
+    w.clock.advance(0)
+    assert w.ids() == []
 
 
 def test_local_and_unknown_recipients_from_the_queue(dataDir):

@@ -56,6 +56,17 @@ policy).  A parked connection is closed after ``cacheTime`` idle seconds or
 ``maxPerConnection`` messages.  A reused connection that fails before the final
 ``.`` of DATA was sent (EOF, timeout, 421) cannot have taken the message: it is
 retried at once on a fresh connection.  After that it could have, so it is not.
+
+Pipelining across messages (RFC 2920 §3.1: the message content may be the
+first "command" of a group, and RSET may be anywhere in one): to a server
+that offers PIPELINING the connection is parked as soon as the final ``.``
+and RSET are written, and the runner is told (``handOff`` in the context) so
+the next message for the destination takes its slot.  That message's MAIL,
+RCPTs and DATA follow at once, before the replies to ``.`` and RSET come
+back: one round trip per message on a busy connection, not two.  The earlier
+message's result comes with the reply to its ``.``; a connection lost before
+that reply defers it as any lost transaction does, and the later message,
+which cannot have been taken, is retried on a fresh connection.
 """
 
 from __future__ import annotations
@@ -180,6 +191,17 @@ class _NoRequireTLS(smtp.SMTPClientError):
     """The server did not offer REQUIRETLS after STARTTLS (RFC 8689 §4.2.1): QUIT."""
 
 
+@dataclass
+class _Finishing:
+    """A message whose data is sent, waiting for the reply to its "." while the
+    connection may already carry the next one (see the module docstring)."""
+
+    result: defer.Deferred
+    recipients: list[str]
+    addresses: list  # the RCPT replies: (path, code, reply)
+    notifies: bool  # the server was given NOTIFY: it reports (RFC 3461)
+
+
 class _SessionFailure(Exception):
     """The attempt ended without a transaction result."""
 
@@ -203,6 +225,10 @@ class _RelayClient(smtp.ESMTPSender):
         self._pipelining = False  # the server's last EHLO offered PIPELINING
         self._awaiting: deque = deque()  # the pipelined commands whose replies are due
         self._rsetSent = False  # RSET went out with the final "."
+        self._finishing: _Finishing | None = None  # its "." sent, its reply due
+        self._nextWaits = False  # a message was assigned while replies were due
+        self._quitWhenIdle = False
+        self._lastError: Exception | None = None  # what sendError dropped the connection for
 
     def esmtpState_serverConfig(self, code, resp):
         # After STARTTLS the new EHLO reply decides again (RFC 3207 §4.2).
@@ -224,8 +250,9 @@ class _RelayClient(smtp.ESMTPSender):
         commands += [b"RCPT TO:" + smtp.quoteaddr(r) for r in recipients]
         commands.append(b"DATA")
         self._send(commands)
-        self._awaiting = deque([(b"MAIL", None)] + [(b"RCPT", r) for r in recipients]
-                               + [(b"DATA", None)])
+        # After the replies still due for the message before, if any (nextMessage).
+        self._awaiting.extend([(b"MAIL", None)] + [(b"RCPT", r) for r in recipients]
+                              + [(b"DATA", None)])
         self._mailReply = None
         self.toAddressesResult, self.successAddresses = [], []
         self._expected = range(0, 1000)  # RFC 2920 §3.1: every reply is checked, in order
@@ -238,6 +265,10 @@ class _RelayClient(smtp.ESMTPSender):
 
     def _pipelinedReply(self, code, resp):
         command, recipient = self._awaiting.popleft()
+        if command == b".":
+            return self._dotReply(code, resp)
+        if command == b"RSET":
+            return self._rsetReply(code, resp)
         if code == 421:
             # RFC 5321 §3.8: the server is closing; no further reply will come.
             self._awaiting.clear()
@@ -290,6 +321,51 @@ class _RelayClient(smtp.ESMTPSender):
         # RFC 2920 §3.1: RSET may follow the end of the data in the same write.
         self._send([b"." if lastsent.endswith(b"\n") else b"\r\n.", b"RSET"])
         self._rsetSent = True
+        factory = self.factory
+        if factory.park(self):
+            # Parked now, with "." and RSET unanswered: the next message may follow.
+            self._rsetSent = False
+            self._finishing = _Finishing(factory.result, list(factory.toEmail),
+                                         self.toAddressesResult, self._passesNotify())
+            factory.sendFinished = True  # this message's result is _finishing's now
+            factory.pending = None
+            self._awaiting = deque([(b".", None), (b"RSET", None)])
+            self._expected = range(0, 1000)
+            self._okresponse = self._pipelinedReply
+            handOff, factory.handOff = factory.handOff, None
+            if handOff is not None:
+                handOff()  # last: the next message may be assigned inside this call
+
+    def _dotReply(self, code, resp) -> None:
+        """The reply to a parked connection's "." (see finishedFileTransfer)."""
+        finishing, self._finishing = self._finishing, None
+        results = self._resultsOf(code, resp, finishing.addresses, finishing.recipients)
+        if finishing.notifies:
+            results = {a: replace(r, notifies=True) for a, r in results.items()}
+        finishing.result.callback(results)
+
+    def _rsetReply(self, code, resp) -> None:
+        if code not in smtp.SUCCESS:
+            return self._rsetRefused(code, resp)
+        if self._awaiting:
+            return  # the next message's replies follow
+        if self._nextWaits:  # assigned while replies were due, and not pipelined
+            self._nextWaits = False
+            return self._transaction(250, b"")
+        if self._quitWhenIdle:
+            return self.quit()
+        self._idleNow()
+
+    def _idleNow(self) -> None:
+        """Nothing to send or await: the cache's idle timer applies."""
+        self.setTimeout(None)
+        if self._idle is None:
+            self._idle = self.factory.clock.callLater(self.factory.settings.cacheTime,
+                                                      self.quit)
+
+    def _passesNotify(self) -> bool:
+        """Whether the server was given NOTIFY for this message (and so reports)."""
+        return False
 
     def smtpState_msgSent(self, code, resp):
         if self._rsetSent:  # its reply is the next one
@@ -306,35 +382,47 @@ class _RelayClient(smtp.ESMTPSender):
         self._failresponse = self._rsetRefused
 
     def _rsetRefused(self, code, resp):
+        self.factory.unpark()
         self.factory.finish(self.factory.pending)
         self._disconnectFromServer()
 
     def smtpState_from(self, code, resp):
         if self._started:  # RSET accepted after a transaction
             if self.factory.park(self):
-                self.setTimeout(None)  # idle: the cache's timer applies
-                self._idle = self.factory.clock.callLater(self.factory.settings.cacheTime,
-                                                          self.quit)
+                self._idleNow()
                 self.factory.finish(self.factory.pending)
                 return
             self.factory.finish(self.factory.pending)
         self._transaction(code, resp)
 
     def nextMessage(self) -> None:
-        """Take the factory's new message over this parked connection."""
-        self._idle.cancel()
+        """Take the factory's new message over this parked connection: at once, also
+        while the replies to the message before are due, when it can be pipelined."""
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
         self._idle = None
         self._started = False
         self._tail = b"\r\n"
         self.setTimeout(self.factory.timeout)
+        if self._awaiting and not self._pipelinable():
+            self._nextWaits = True  # what refuses it must not cut the replies due
+            return
         self._transaction(250, b"")
 
+    def _pipelinable(self) -> bool:
+        """Whether the assigned message may go out before the replies due: False where
+        it could be refused before MAIL, which drops the connection."""
+        return True
+
     def quit(self) -> None:
-        """Idle too long, or the cache is being emptied: QUIT."""
+        """Idle too long, or the cache is being emptied: QUIT (once the replies due are in)."""
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
         self.factory.unpark()
+        if self._awaiting:
+            self._quitWhenIdle = True
+            return
         self.setTimeout(self.factory.timeout)
         self._disconnectFromServer()
 
@@ -342,6 +430,12 @@ class _RelayClient(smtp.ESMTPSender):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        if self._finishing is not None:
+            # Its "." went out, its reply did not come: the server may have the message.
+            finishing, self._finishing = self._finishing, None
+            text, status = _describe(self._lastError or reason.value)
+            finishing.result.errback(_SessionFailure(text, status, True,
+                                                     self.factory.tlsStarted))
         super().connectionLost(reason)
 
     def esmtpState_starttls(self, code, resp):
@@ -368,24 +462,31 @@ class _RelayClient(smtp.ESMTPSender):
         return stuffed
 
     def sentMail(self, code, resp, numOk, addresses, log):
-        host = self.factory.hostname
         if code == 421 and self.factory.reused and not self.factory.dataSent:
             # RFC 5321 §3.8: the server is closing this (reused) connection; try a fresh one.
             self.factory.fail(smtp.SMTPClientError(code, resp))
             return
-        if not addresses:  # MAIL FROM was refused: its reply is everyone's
-            results = {r: fromReply(code, resp, host) for r in self.factory.toEmail}
-        else:
-            results = {}
-            for address, rcode, rresp in addresses:
-                accepted = rcode in smtp.SUCCESS
-                results[address.text] = fromReply(code if accepted else rcode,
-                                                  resp if accepted else rresp, host)
+        results = self._resultsOf(code, resp, addresses, self.factory.toEmail)
+        if self._passesNotify():
+            results = {a: replace(r, notifies=True) for a, r in results.items()}
         # Reported once RSET is answered (or the connection is gone): by then the connection
         # is parked, ready for the message that waits for this one's slot.
         self.factory.pending = results
 
+    def _resultsOf(self, code, resp, addresses, recipients) -> dict:
+        """{recipient: Result} from the transaction's last reply and the RCPT replies."""
+        host = self.factory.hostname
+        if not addresses:  # MAIL FROM was refused: its reply is everyone's
+            return {r: fromReply(code, resp, host) for r in recipients}
+        results = {}
+        for address, rcode, rresp in addresses:
+            accepted = rcode in smtp.SUCCESS
+            results[address.text] = fromReply(code if accepted else rcode,
+                                              resp if accepted else rresp, host)
+        return results
+
     def sendError(self, exc):
+        self._lastError = exc
         smtp.SMTPClient.sendError(self, exc)  # QUIT or drop the connection
         self.factory.fail(exc)
 
@@ -430,12 +531,12 @@ class _ExtensionsClient(_RelayClient):
             line += dsn.rcptParameters(request, address, self.extensions)
         return line
 
-    def sentMail(self, code, resp, numOk, addresses, log):
-        super().sentMail(code, resp, numOk, addresses, log)
-        if self.factory.pending is not None and self.factory.dsn is not None \
-                and b"DSN" in self.extensions:  # the server was given NOTIFY: it reports
-            self.factory.pending = {a: replace(r, notifies=True)
-                                    for a, r in self.factory.pending.items()}
+    def _passesNotify(self) -> bool:
+        return self.factory.dsn is not None and b"DSN" in self.extensions
+
+    def _pipelinable(self) -> bool:
+        return not (self.factory.requireTLS and self.factory.fromEmail
+                    and b"REQUIRETLS" not in self.extensions)
 
     def smtpState_data(self, code, resp):
         """RFC 6152 §3: 8-bit mail to a server without 8BITMIME is converted to 7 bit
@@ -466,6 +567,9 @@ class _UTF8Client(_ExtensionsClient):
 
     def _utf8Offered(self) -> bool:
         return not self.factory.smtputf8 or b"SMTPUTF8" in self.extensions
+
+    def _pipelinable(self) -> bool:
+        return self._utf8Offered() and super()._pipelinable()
 
     def withParameters(self, line: bytes) -> bytes:
         line = super().withParameters(line)
@@ -556,6 +660,12 @@ class _RelayClientFactory(smtp.ESMTPSenderFactory):
         self.body = "7BIT"  # its MAIL BODY= (RFC 6152, RFC 3030)
         self.requireTLS = False  # its MAIL REQUIRETLS (RFC 8689)
         self.smtputf8 = False  # it came with SMTPUTF8 (RFC 6531)
+        self.handOff: Callable[[], None] | None = None  # called once its data is sent
+
+    def _removeDeferred(self, result):
+        """Twisted's factory forgets its one result; ours gets one per message, and
+        an earlier message's may fire after the next one's was assigned."""
+        return result
 
     def assign(self, sender: str, recipients: Sequence[str], messageFile) -> defer.Deferred:
         """The next message for this (parked) connection; returns its result Deferred."""
@@ -712,14 +822,15 @@ class RelaySender:
     def _attempt(self, hostname: str, address: str, sender: str, recipients: Sequence[str],
                  messageFile, level: str, reuse: bool, request=None,
                  body: str = "7BIT", requireTLS: bool = False,
-                 utf8: bool = False) -> defer.Deferred:
+                 utf8: bool = False, handOff: Callable[[], None] | None = None
+                 ) -> defer.Deferred:
         settings = self.settings
         key = (hostname, address, settings.port, level, settings.username)
         factory = self._cache.take(key) if reuse and self._cache is not None else None
         if factory is not None:
             factory.dsn, factory.body, factory.requireTLS = request, body, requireTLS
-            factory.smtputf8 = utf8
-            factory.assign(sender, recipients, messageFile)
+            factory.smtputf8, factory.handOff = utf8, handOff
+            done = factory.assign(sender, recipients, messageFile)
         elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
             factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
                                           None, False, self._cache, key)
@@ -732,12 +843,17 @@ class RelaySender:
                                           self._cache, key)
             self._reactor.connectTCP(address, settings.port, factory,
                                      timeout=settings.connectTimeout)
+        if not factory.reused:
+            done = factory.done
         factory.dsn = request
         factory.body = body
         factory.requireTLS = requireTLS
         factory.smtputf8 = utf8
+        factory.handOff = handOff
 
         def failed(failure):
+            if failure.check(_SessionFailure):
+                raise failure.value  # a message whose "." was sent (_RelayClient._finishing)
             exc = failure.value
             cause = exc.__cause__ if isinstance(exc, smtp.SMTPConnectError) and \
                 exc.__cause__ is not None else exc
@@ -747,7 +863,7 @@ class RelaySender:
             failure.retryFresh = factory.reused and not factory.dataSent
             raise failure
 
-        return factory.done.addErrback(failed)
+        return done.addErrback(failed)
 
     def send(self, hops: Sequence[Hop], sender: str, recipients: Sequence[str],
              openMessage: Callable[[], defer.Deferred], logContext: dict) -> defer.Deferred:
@@ -797,7 +913,8 @@ class RelaySender:
                                                       logContext.get("dsn"),
                                                       logContext.get("body", "7BIT"),
                                                       requireTLS,
-                                                      logContext.get("smtputf8", False))
+                                                      logContext.get("smtputf8", False),
+                                                      logContext.get("handOff"))
                     except _SessionFailure as e:
                         failure = e
                     else:
