@@ -217,6 +217,10 @@ class _SessionFailure(Exception):
 class _RelayClient(smtp.ESMTPSender):
     """ESMTPSender for one transaction with per-recipient results (see the module docstring)."""
 
+    # ESMTPClient's __setattr__ only warns about its deprecated tlsMode, which we never
+    # set; it ran for each of the ~50 attribute writes per message.
+    __setattr__ = object.__setattr__
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._started = False
