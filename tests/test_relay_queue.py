@@ -189,6 +189,16 @@ def test_small_messages_are_read_with_their_entry_large_ones_streamed(queue):
         assert not isinstance(message, io.BytesIO) and message.read() == large
 
 
+def test_an_entry_larger_than_one_read_is_read_whole(queue):
+    """Entries are read with os.read in 64 KiB steps: 2,000 recipients take several."""
+    rcpts = [f"recipient-with-a-long-name-{i:04d}@remote.test" for i in range(2000)]
+    enqueue(queue, rcpts=rcpts, id="MANY")
+    assert os.path.getsize(os.path.join(queue.path, "MANY.json")) > 2 * 64 * 1024
+    entry, message = result(queue.loadWithMessage("MANY"))
+    assert [r.address for r in entry.recipients] == rcpts
+    assert message.read() == b"Subject: x\r\n\r\nbody\r\n"
+
+
 def test_scan_cleans_up_after_a_crash_and_lists_due_times(queue):
     entry = enqueue(queue, id="OK1")
     entry.recipients[0].next_attempt = 1700000300.0

@@ -258,9 +258,9 @@ def _readSmall(path: str, limit: int | None) -> bytes:
         want = _READ if limit is None else limit + 1
         while want > 0:
             chunk = os.read(fd, want)
-            if not chunk:
-                break
             parts.append(chunk)
+            if len(chunk) < want:
+                break  # a regular file reads short only at its end
             if limit is not None:
                 want -= len(chunk)
         return b"".join(parts)
