@@ -3,6 +3,8 @@
 # ruff: noqa: F811  (pytest fixtures imported from test_relay_e2e, used as arguments)
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import smtplib
@@ -15,7 +17,7 @@ from test_relay_e2e import net, relay  # noqa: F401  (fixtures)
 from test_smtp import connect
 
 from twistmail import dsn
-from twistmail.relay.bounce import buildBounce
+from twistmail.relay.bounce import buildBounce, reportExtra
 from twistmail.relay.queue import FAILED, QueueEntry, Recipient
 
 ALICE = "alice@example.test"
@@ -159,6 +161,41 @@ def test_ret_hdrs_or_unset_returns_headers_only():
     report = buildBounce(entry, entry.recipients, b"Subject: x\r\n", "mx.example.test", 2.0)
     assert b"text/rfc822-headers" in report and b"message/rfc822" not in report
     assert b"Original-Envelope-Id: e1" in report
+
+
+def test_ret_full_returns_an_8bit_message_octet_for_octet():
+    """An 8BITMIME message without SMTPUTF8 comes back whole in an 8bit message/rfc822
+    part (RFC 6152); the stock generator would refuse its octets there."""
+    original = ("From: alice@example.test\r\nSubject: caf\u00e9\r\nMIME-Version: 1.0\r\n"
+                "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit"
+                "\r\n\r\nd\u00e9j\u00e0 vu\r\n.\r\n").encode()
+    entry = QueueEntry("ID1", ALICE, [Recipient("bob@remote.test", FAILED, last_reply="550 5.1.1 no")],
+                       1.0, "smtp", extra={"dsn": dsn.Request(ret="FULL").toJSON(),
+                                           "body": "8BITMIME"})
+    report = buildBounce(entry, entry.recipients, original.split(b"\r\n\r\n")[0] + b"\r\n",
+                         "mx.example.test", 2.0, message=original)
+    assert original in report and b"\r\n" in report and b"\n\n" not in report.replace(
+        b"\r\n", b"")
+    parsed = email.message_from_bytes(report, policy=email.policy.default)
+    [returned] = [p for p in parsed.iter_parts() if p.get_content_type() == "message/rfc822"]
+    assert returned["Content-Transfer-Encoding"] == "8bit"
+    assert returned.get_content()["Subject"] == "caf\u00e9"
+    # Queued as 8BITMIME: the relay says BODY=8BITMIME, or converts for a hop without it.
+    assert reportExtra(entry, report) == {"body": "8BITMIME"}
+    assert reportExtra(entry, b"Subject: ascii\r\n\r\nonly\r\n") == {}
+
+
+def test_a_full_report_of_an_8bit_message_reaches_its_sender(net, relay, dataDir):
+    server = relay(retry_min=3600, retry_max=3600)
+    message = (MESSAGE.decode() + "d\u00e9j\u00e0 vu\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", server.smtpPort, timeout=30) as client:
+        client.ehlo("client.example.test")
+        assert client.mail(ALICE, ["RET=FULL", "BODY=8BITMIME"])[0] == 250
+        assert client.rcpt("someone@nomail.test")[0] == 250
+        assert client.data(message)[0] == 250
+    [report] = waitUntil(lambda: mailbox(dataDir, ALICE), 15, "the bounce")
+    [returned] = [p for p in report.iter_parts() if p.get_content_type() == "message/rfc822"]
+    assert "d\u00e9j\u00e0 vu".encode() in returned.as_bytes()
 
 
 def reportOf(message) -> tuple[dict, list[dict]]:

@@ -153,24 +153,30 @@ def buildBounce(entry: QueueEntry, failed: list[Recipient], headers: bytes, host
     returned = message if full else headers
     # surrogateescape: the generator writes the original octets back unchanged.
     text = returned.decode("ascii", "surrogateescape")
-    if not returned.isascii():
+    eightBit = not returned.isascii()
+    if eightBit:
         original["Content-Transfer-Encoding"] = "8bit"
-    original.set_payload(text if utf8 else text.replace("\r\n", "\n"))
+    original.set_payload(text if utf8 or eightBit else text.replace("\r\n", "\n"))
     report.attach(original)
-    if not utf8:
+    if not utf8 and not eightBit:
         return report.as_bytes(policy=email.policy.SMTP)
+    # An 8-bit message/* part (RFC 6152, RFC 6532): the stock generator allows only ASCII.
     out = io.BytesIO()
-    _EightBitGenerator(out, policy=email.policy.SMTPUTF8).flatten(report)
+    _EightBitGenerator(out, policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
+                       ).flatten(report)
     return out.getvalue()
 
 
-def _bounceExtra(entry: QueueEntry) -> dict:
-    """What the report's own queue entry keeps of C{entry}'s: REQUIRETLS and SMTPUTF8."""
+def reportExtra(entry: QueueEntry, report: bytes) -> dict:
+    """What the report's own queue entry keeps: C{entry}'s REQUIRETLS and SMTPUTF8, and
+    8BITMIME when it returns 8-bit octets (so the relay declares or converts them)."""
     extra: dict = {}
     if entry.requiresTLS():
         extra["requiretls"] = True
     if isUTF8(entry):
         extra["smtputf8"] = True
+    if not report.isascii():
+        extra["body"] = "8BITMIME"
     return extra
 
 
@@ -235,7 +241,7 @@ class Reports:
         report = yield self.sign(buildBounce(entry, listed, headers, self.hostname, now,
                                              expired, action, message))
         queued = yield self.queue.enqueue("", [entry.sender], lambda: [report], origin="bounce",
-                                          extra=_bounceExtra(entry))
+                                          extra=reportExtra(entry, report))
         log.info("relay id={id} bounce id={bounce} to=<{sender}> for={to} reason={reason}",
                  id=entry.id, bounce=queued.id, sender=loggable(entry.sender), to=addresses,
                  reason="expired" if expired else action)
