@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import pytest
 from postfixproc import Postfix
+from twisted.internet import defer
 from relayenv import Internet, queueIds
 from serverproc import waitUntil
 from support import addUser, freePort, startServer
 from test_relay_e2e import ALICE, submit
+
+from twistmail.relay.queue import RelayQueue
 
 N = 6
 
@@ -54,6 +57,28 @@ def test_several_messages_reach_postfix_over_one_connection(net, dataDir, postfi
     subjects = sorted(m.split(b"Subject: ", 1)[1].split(b"\n", 1)[0] for m in postfix.messages())
     assert subjects == sorted(f"reuse {i}".encode() for i in range(N))  # each once
     assert postfix.connections() == 1, "\n".join(postfix.logLines())
+
+
+def test_a_backlog_is_pipelined_across_messages_and_postfix_takes_each_once(
+        net, dataDir, postfix):
+    """Queued before the server starts, the messages wait for the one connection: each
+    message's MAIL, RCPT and DATA follow the previous one's "." and RSET before their
+    replies (RFC 2920 §3.1), which Postfix's smtpd must take as pipelined commands."""
+    queue = RelayQueue(dataDir, run=lambda f, *a: defer.maybeDeferred(f, *a))
+    for i in range(N):
+        queue.enqueue(ALICE, ["bob@remote.test"], lambda i=i: [
+            f"From: {ALICE}\r\nSubject: backlog {i}\r\n\r\nmessage {i}\r\n".encode()],
+            origin="smtp")
+    server = relayThrough(net, dataDir, postfix)
+    try:
+        waitUntil(lambda: postfix.delivered() >= N, 30, "Postfix to store every message")
+        waitUntil(lambda: not queueIds(dataDir), 15, "twistmail's queue to empty")
+    finally:
+        server.stop()
+    subjects = sorted(m.split(b"Subject: ", 1)[1].split(b"\n", 1)[0] for m in postfix.messages())
+    assert subjects == sorted(f"backlog {i}".encode() for i in range(N))
+    assert postfix.connections() == 1, "\n".join(postfix.logLines())
+    assert not [line for line in postfix.logLines() if "pipelining" in line or "warning" in line]
 
 
 def test_without_reuse_postfix_sees_a_connection_per_message(net, dataDir, postfix):
