@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 from postfixproc import Postfix
-from twisted.internet import defer
 from relayenv import Internet, queueIds
 from serverproc import waitUntil
 from support import addUser, freePort, startServer
 from test_relay_e2e import ALICE, submit
+from twisted.internet import defer
 
 from twistmail.relay.queue import RelayQueue
 
