@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import time
+from bisect import bisect_left
 from functools import partial
 from itertools import repeat
 from operator import itemgetter, methodcaller
@@ -68,6 +69,7 @@ _partitionDot, _partitionComma = methodcaller("partition", "."), methodcaller("p
 _partitionSize = methodcaller("partition", ",S=")
 _partitionInfo = methodcaller("partition", ":2,")
 _LAST = float("inf")  # sort key of a name without a delivery time
+_TEN, _ELEVENTH = itemgetter(slice(0, 10)), itemgetter(slice(10, 11))
 
 
 def uniqueName() -> str:
@@ -81,27 +83,47 @@ def _inDeliveryOrder(bases) -> tuple[list[str], list[int | None], list[int | Non
     and counter compared as numbers (M99 < M100), other names last, ties by name;
     with the seconds (None if the name has none) and the ``,S=`` size (None if none).
 
-    For the 100,000 names of a first SELECT: seconds and sizes come from C-level
-    maps of str.partition, the sort key is an int, and only names that share a
-    second are parsed for their microseconds and counter.
+    For the 100,000 names of a first SELECT: the usual names all start with ten
+    digits, so their string order is their order by seconds and the seconds are
+    parsed by C-level maps; only names that share a second are parsed for their
+    microseconds and counter.
     """
     bases = sorted(bases)  # names from one program sort nearly in time order: a cheap sort
-    seconds = [int(h) if h.isdigit() and h.isascii() else None
-               for h in map(_FIRST, map(_partitionDot, bases))]
-    sizes = [int(t) if t.isdigit() and t.isascii() else None
-             for t in map(_FIRST, map(_partitionComma, map(_THIRD, map(_partitionSize, bases))))]
-    keys = [_LAST if sec is None else sec for sec in seconds]
-    order = sorted(range(len(bases)), key=keys.__getitem__)  # stable: ties stay by name
-    if len(set(keys)) < len(keys):  # some share a second: their microseconds decide
+    seconds = _tenDigitSeconds(bases)
+    if seconds is None:  # names of several kinds: order them by the seconds as numbers
+        seconds = [int(h) if h.isdigit() and h.isascii() else None
+                   for h in map(_FIRST, map(_partitionDot, bases))]
+        keys = [_LAST if sec is None else sec for sec in seconds]
+        order = sorted(range(len(bases)), key=keys.__getitem__)  # stable: ties stay by name
+        bases, seconds = list(map(bases.__getitem__, order)), list(map(seconds.__getitem__, order))
+    if len(set(seconds)) < len(seconds):  # some share a second: their microseconds decide
         start = 0
-        for end in range(1, len(order) + 1):
-            if end == len(order) or keys[order[end]] != keys[order[start]]:
-                if end - start > 1 and keys[order[start]] != _LAST:
-                    order[start:end] = sorted(order[start:end],
-                                              key=lambda i: _subSecond(bases[i]))
+        for end in range(1, len(bases) + 1):
+            if end == len(bases) or seconds[end] != seconds[start]:
+                if end - start > 1 and seconds[start] is not None:
+                    bases[start:end] = sorted(bases[start:end], key=_subSecond)
                 start = end
-    return (list(map(bases.__getitem__, order)), list(map(seconds.__getitem__, order)),
-            list(map(sizes.__getitem__, order)))
+    return bases, seconds, _sizes(bases)
+
+
+def _tenDigitSeconds(bases: list[str]) -> list[int] | None:
+    """The seconds of each name if every name starts with ten ASCII digits and a dot
+    (``<seconds>.``, any Maildir name made from 2001 to 2286), else None."""
+    heads = list(map(_TEN, bases))
+    digits = "".join(heads)
+    if (len(digits) != 10 * len(bases) or not (digits.isascii() and digits.isdigit())
+            or set(map(_ELEVENTH, bases)) - {"."}):
+        return None
+    return list(map(int, heads))
+
+
+def _sizes(bases: list[str]) -> list[int | None]:
+    """The ``,S=<size>`` of each name (None if it has none), by C-level maps when all have one."""
+    tails = list(map(_FIRST, map(_partitionComma, map(_THIRD, map(_partitionSize, bases)))))
+    digits = "".join(tails)
+    if all(tails) and digits.isascii() and digits.isdigit():
+        return list(map(int, tails))
+    return [int(t) if t.isdigit() and t.isascii() else None for t in tails]
 
 
 def _subSecond(base: str) -> tuple[int, int]:
@@ -144,6 +166,13 @@ _newTuple = tuple.__new__
 _newStored = partial(tuple.__new__, StoredMessage)
 _BASE, _INFO, _SIZE, _DATE = (itemgetter(i) for i in range(4))  # of an _Entry
 _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
+def _columns(entries: dict) -> tuple[list, list, list, list, list]:
+    """(uids, bases, infos, sizes, dates) of C{entries}: the index's columns, the uidlist's."""
+    values = list(entries.values())
+    return (list(entries), list(map(_BASE, values)), list(map(_INFO, values)),
+            list(map(_SIZE, values)), list(map(_DATE, values)))
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -189,6 +218,7 @@ class _Scan:
         self.stamps = None
         self.full = False
         self.indexStamps: tuple[str, int] | None = None  # worth saving: (stamps, taken at)
+        self.columns: tuple[list, ...] | None = None  # of the entries, for the index
 
 
 @implementer(IImportableMailbox, IModSeqMailbox)
@@ -332,6 +362,8 @@ class MaildirFolder(FolderIndex):
             stamps = _maildirindex.stamps(self.path, _SIDECARS)
             if not _maildirindex.holds(self.path, stamps):
                 scan.indexStamps = (stamps, taken)
+                if scan.columns is None:
+                    scan.columns = _columns(scan.entries)
         return scan
 
     def _fromIndex(self, scan: _Scan) -> bool:
@@ -350,7 +382,10 @@ class MaildirFolder(FolderIndex):
 
     def _fullScan(self, scan: _Scan, curDir: str) -> None:
         scan.full = True
-        names = [name for name in os.listdir(curDir) if name[0] != "."]
+        # Sorted, the hidden names ('.…') are one slice, and the base names come nearly
+        # in the order _inDeliveryOrder sorts them: its sort is then cheap.
+        names = sorted(os.listdir(curDir))
+        del names[bisect_left(names, "."):bisect_left(names, "/")]
         with _gcpause.paused(len(names)):
             self._reconcile(scan, curDir, names)
 
@@ -389,8 +424,10 @@ class MaildirFolder(FolderIndex):
         appended = self._assign(curDir, onDisk, uidNext, entries)
         uidNext += len(appended)
         if rewrite:
+            scan.columns = _columns(entries)  # the index's too
+            uids, bases, _, sizes, dates = scan.columns
             _uidlist.write(uidlistPath, uidValidity, uidNext,
-                           ((u, e[0], e[3], e[2]) for u, e in entries.items()))
+                           zip(uids, dates, sizes, bases, strict=True))
         elif appended:
             _uidlist.append(uidlistPath, appended)
         scan.entries = entries
@@ -408,7 +445,7 @@ class MaildirFolder(FolderIndex):
         scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(appended)
 
     def _assign(self, curDir: str, newcomers: dict[str, str], uidNext: int,
-                into: dict) -> list[tuple[int, str, int, int]]:
+                into: dict) -> list[tuple[int, int, int, str]]:
         """UIDs for C{newcomers} ({base: info}), in delivery order.  INTERNALDATE is the
         delivery time in the name (``<seconds>.…``) when the name has one and a ``,S=``
         size, so 100,000 newcomers cost no stat() each; only other names are stat()ed
@@ -418,7 +455,7 @@ class MaildirFolder(FolderIndex):
             uids = range(uidNext, uidNext + len(bases))
             into.update(zip(uids, map(_Entry, zip(bases, map(newcomers.__getitem__, bases),
                                                   sizes, dates, strict=True)), strict=True))
-            return list(zip(uids, bases, dates, sizes, strict=True))
+            return list(zip(uids, dates, sizes, bases, strict=True))
         appended = []
         for base, date, size in zip(bases, dates, sizes, strict=True):
             info = newcomers[base]
@@ -431,7 +468,7 @@ class MaildirFolder(FolderIndex):
                 if size is None:
                     size = st.st_size
             into[uidNext] = _Entry((base, info, size, date))
-            appended.append((uidNext, base, date, size))
+            appended.append((uidNext, date, size, base))
             uidNext += 1
         return appended
 
@@ -454,12 +491,8 @@ class MaildirFolder(FolderIndex):
         """Write twistmail-index in a worker, not waited for: the SELECT that listed the
         folder answers meanwhile.  Our own later changes (a flag rename changes an
         entry in place) change cur/ too, so an index that caught one is never trusted."""
-        entries = scan.entries
-        values = list(entries.values())
-        columns = (list(entries), list(map(_BASE, values)), list(map(_INFO, values)),
-                   list(map(_SIZE, values)), list(map(_DATE, values)))
         d = self._store._run(_maildirindex.save, self.path, stamps, taken, scan.uidValidity,
-                             scan.uidNext, columns)
+                             scan.uidNext, scan.columns)
         d.addErrback(lambda f: log.failure("writing the index of {folder}", f, folder=self.name))
 
     def _applyFull(self, scan: _Scan) -> defer.Deferred:
@@ -720,7 +753,7 @@ class MaildirFolder(FolderIndex):
             st = os.stat(result[0])
             size = _sizeFromBase(base) or st.st_size
             entries.append((uid, _Entry((base, info, size, int(st.st_mtime)))))
-            appended.append((uid, base, int(st.st_mtime), size))
+            appended.append((uid, int(st.st_mtime), size, base))
             uid += 1
         if failed:
             # All or nothing, so a COPY either happened or did not (RFC 3501 §6.4.7).
@@ -737,7 +770,7 @@ class MaildirFolder(FolderIndex):
         targets = {uid: self._fileName(uid) for uid in sorted(uids.intersection(self._entries))}
         if not targets:
             return defer.succeed([])
-        keep = [(u, e.base, e.internalDate, e.size) for u, e in self._entries.items()
+        keep = [(u, e.internalDate, e.size, e.base) for u, e in self._entries.items()
                 if u not in targets]
 
         def removed(ignored) -> defer.Deferred:
