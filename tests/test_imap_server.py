@@ -424,6 +424,21 @@ def test_fetch_macros_internaldate_size_and_uid(server, imap):
     assert line.startswith(b"* 1 FETCH (UID 1 FLAGS (")
 
 
+def test_flags_only_fetch_of_several_ranges_with_recent(server, imap):
+    """FLAGS and UID alone are answered from the folder's flag column, range by range,
+    \\Recent added for this session's recent messages, as any other FETCH would."""
+    send(server, *(msg(n) for n in range(1, 6)))
+    imap.ok("SELECT INBOX")
+    imap.ok("STORE 2 +FLAGS.SILENT (\\Seen)")
+    imap.ok("NOOP")
+    assert imap.ok("FETCH 1:2,4:* (FLAGS UID)") == [
+        b"* 1 FETCH (FLAGS (\\Recent) UID 1)", b"* 2 FETCH (FLAGS (\\Recent \\Seen) UID 2)",
+        b"* 4 FETCH (FLAGS (\\Recent) UID 4)", b"* 5 FETCH (FLAGS (\\Recent) UID 5)"]
+    assert imap.ok("UID FETCH 2:3,5 (FLAGS)") == [
+        b"* 2 FETCH (UID 2 FLAGS (\\Recent \\Seen))", b"* 3 FETCH (UID 3 FLAGS (\\Recent))",
+        b"* 5 FETCH (UID 5 FLAGS (\\Recent))"]
+
+
 def test_fetch_body_sets_seen_but_peek_does_not(server, imap):
     send(server, msg(1), msg(2))
     imap.ok("SELECT INBOX")
