@@ -292,15 +292,18 @@ def test_deliveryOrderOfNamesOfEveryKind():
 
 def test_hiddenFilesInCurAreNotMessages(store, dataDir):
     """Names starting with a dot (an NFS silly-rename, an editor's swap file) are skipped,
-    whatever sorts beside them."""
+    whatever sorts beside them; names without a delivery time or size get them from stat()."""
     unique = deliver(store, message(1))
     openFolder(store)
     cur = os.path.join(accountDir(dataDir), "cur")
-    for name in (".nfs0001", ".x:2,S", "-early,S=1:2,", "0later,S=1:2,"):
+    for name in (".nfs0001", ".x:2,S", "-early,S=1:2,", "0later:2,"):
         with open(os.path.join(cur, name), "wb") as f:
             f.write(b"Subject: x\r\n\r\n")
+        os.utime(os.path.join(cur, name), (1700000000, 1700000000))
     folder = openFolder(restart(dataDir))
-    assert sorted(m.uniqueId for m in folder.messages()) == sorted(["-early", "0later", unique])
+    assert sorted((m.uniqueId, m.size, m.internalDate) for m in folder.messages()
+                  if m.uniqueId != unique) == [("-early", 1, 1700000000), ("0later", 14, 1700000000)]
+    assert len(folder.messages()) == 3
 
 
 def test_uidNotReusedWhenHighestRemovedByAnotherProgram(store, dataDir):

@@ -175,6 +175,30 @@ def _columns(entries: dict) -> tuple[list, list, list, list, list]:
             list(map(_SIZE, values)), list(map(_DATE, values)))
 
 
+def _rows(columns: tuple[list, list, list, list, list]):
+    """The uidlist rows (uid, date, size, base) of L{_columns}."""
+    uids, bases, _, sizes, dates = columns
+    return zip(uids, dates, sizes, bases, strict=True)
+
+
+def _statUnnamed(curDir: str, bases: list, infos: list, sizes: list, dates: list) -> tuple:
+    """The columns with INTERNALDATE (mtime), and the size where the name has none, from
+    stat() for each name that lacks a delivery time or a size; names gone meanwhile left out."""
+    kept: tuple[list, list, list, list] = ([], [], [], [])
+    for base, info, size, date in zip(bases, infos, sizes, dates, strict=True):
+        if date is None or size is None:
+            try:
+                st = os.stat(f"{curDir}/{base}:2,{info}")
+            except FileNotFoundError:
+                continue
+            date = int(st.st_mtime)
+            if size is None:
+                size = st.st_size
+        for column, value in zip(kept, (base, info, size, date), strict=True):
+            column.append(value)
+    return kept
+
+
 def _stamp(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_mtime_ns
@@ -421,15 +445,14 @@ class MaildirFolder(FolderIndex):
         if len(entries) != len(listed):
             rewrite = True
         # What is left is not in the uidlist.
-        appended = self._assign(curDir, onDisk, uidNext, entries)
-        uidNext += len(appended)
+        allNew = not entries
+        added = self._assign(curDir, onDisk, uidNext, entries)
+        uidNext += len(added[0])
         if rewrite:
-            scan.columns = _columns(entries)  # the index's too
-            uids, bases, _, sizes, dates = scan.columns
-            _uidlist.write(uidlistPath, uidValidity, uidNext,
-                           zip(uids, dates, sizes, bases, strict=True))
-        elif appended:
-            _uidlist.append(uidlistPath, appended)
+            scan.columns = added if allNew else _columns(entries)  # the index's too
+            _uidlist.write(uidlistPath, uidValidity, uidNext, _rows(scan.columns))
+        elif added[0]:
+            _uidlist.append(uidlistPath, _rows(added))
         scan.entries = entries
         scan.uidValidity, scan.uidNext = uidValidity, uidNext
         scan.keywords = _uidlist.readKeywords(self.path)
@@ -438,39 +461,27 @@ class MaildirFolder(FolderIndex):
         """Only new/ changed: give the newcomers UIDs without listing cur/."""
         newcomers = {n: "" for n in moved if n not in self._byBase}
         added: dict[int, _Entry] = {}
-        appended = self._assign(curDir, newcomers, self.uidNext, added)
-        if appended:
-            _uidlist.append(os.path.join(self.path, _uidlist.UIDLIST), appended)
+        columns = self._assign(curDir, newcomers, self.uidNext, added)
+        if added:
+            _uidlist.append(os.path.join(self.path, _uidlist.UIDLIST), _rows(columns))
         scan.added = list(added.items())
-        scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(appended)
+        scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(added)
 
     def _assign(self, curDir: str, newcomers: dict[str, str], uidNext: int,
-                into: dict) -> list[tuple[int, int, int, str]]:
-        """UIDs for C{newcomers} ({base: info}), in delivery order.  INTERNALDATE is the
-        delivery time in the name (``<seconds>.…``) when the name has one and a ``,S=``
-        size, so 100,000 newcomers cost no stat() each; only other names are stat()ed
-        (mtime; Dovecot too takes it from the name's time where it can)."""
+                into: dict) -> tuple[list, list, list, list, list]:
+        """UIDs for C{newcomers} ({base: info}), in delivery order, from C{uidNext} on:
+        their entries go into C{into}, their L{_columns} are returned.  INTERNALDATE is
+        the delivery time in the name (``<seconds>.…``) when the name has one and a
+        ``,S=`` size, so 100,000 newcomers cost no stat() each; only other names are
+        stat()ed (mtime; Dovecot too takes it from the name's time where it can)."""
         bases, dates, sizes = _inDeliveryOrder(newcomers)
-        if None not in dates and None not in sizes:  # the usual case, without a Python loop
-            uids = range(uidNext, uidNext + len(bases))
-            into.update(zip(uids, map(_Entry, zip(bases, map(newcomers.__getitem__, bases),
-                                                  sizes, dates, strict=True)), strict=True))
-            return list(zip(uids, dates, sizes, bases, strict=True))
-        appended = []
-        for base, date, size in zip(bases, dates, sizes, strict=True):
-            info = newcomers[base]
-            if date is None or size is None:
-                try:
-                    st = os.stat(f"{curDir}/{base}:2,{info}")
-                except FileNotFoundError:
-                    continue
-                date = int(st.st_mtime)
-                if size is None:
-                    size = st.st_size
-            into[uidNext] = _Entry((base, info, size, date))
-            appended.append((uidNext, date, size, base))
-            uidNext += 1
-        return appended
+        infos = list(map(newcomers.__getitem__, bases))
+        if None in dates or None in sizes:
+            bases, infos, sizes, dates = _statUnnamed(curDir, bases, infos, sizes, dates)
+        uids = list(range(uidNext, uidNext + len(bases)))
+        into.update(zip(uids, map(_Entry, zip(bases, infos, sizes, dates, strict=True)),
+                        strict=True))
+        return uids, bases, infos, sizes, dates
 
     def _applyScan(self, scan: _Scan) -> FolderChanges | defer.Deferred:
         if scan.unchanged:
