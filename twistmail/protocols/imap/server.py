@@ -672,10 +672,10 @@ class IMAPServer(imap4.IMAP4Server):
     def cmd_EXAMINE(self, tag, args):
         return self.cmd_SELECT(tag, args, readOnly=True)
 
-    def _claimRecent(self, mailbox, uids: list) -> set:
+    def _claimRecent(self, mailbox, uids) -> set:
         return self.factory.claimRecent(self.user, mailbox, uids)
 
-    def _peekRecent(self, mailbox, uids: list) -> set:
+    def _peekRecent(self, mailbox, uids) -> set:
         return self.factory.claimRecent(self.user, mailbox, uids, take=False)
 
     def _unselect(self) -> None:
@@ -1460,12 +1460,13 @@ class IMAPFactory(protocol.ServerFactory):
         added is \\Recent whatever its INTERNALDATE."""
         self._claimedUpTo(user, mailbox)
 
-    def claimRecent(self, user: str, mailbox, uids: list, take: bool = True) -> set:
-        """The C{uids} still \\Recent; a SELECT session takes them (C{take}), EXAMINE only looks."""
+    def claimRecent(self, user: str, mailbox, uids, take: bool = True) -> set:
+        """The C{uids} (ascending) still \\Recent; a SELECT session takes them (C{take}),
+        EXAMINE only looks."""
         key, claimed = self._claimedUpTo(user, mailbox)
-        recent = {u for u in uids if u > claimed}
+        recent = set(uids[bisect.bisect_right(uids, claimed):])
         if recent and take:
-            self._recent[key] = max(recent)
+            self._recent[key] = uids[-1]
         return recent
 
     def countRecent(self, user: str, mailbox) -> int:

@@ -24,7 +24,7 @@ are never copied per session.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twistmail import _gcpause
 from twistmail.protocols.imap import condstore, response
@@ -35,12 +35,13 @@ _OFFERED = ("$Forwarded",)
 
 
 class SelectedFolder:
-    def __init__(self, mailbox, readOnly: bool, claimRecent: Callable[[object, list], set]) -> None:
+    def __init__(self, mailbox, readOnly: bool,
+                 claimRecent: Callable[[object, Sequence[int]], set]) -> None:
         self.mailbox = mailbox
         self.readOnly = readOnly
         self.uids = mailbox.uids()
         self._claimRecent = claimRecent
-        self.recent: set[int] = claimRecent(mailbox, list(self.uids))
+        self.recent: set[int] = claimRecent(mailbox, self.uids)
         self._removed: set[int] = set()
         self._expunged: dict[int, object] = {}  # uid -> StoredMessage, removed but not told
         self._flagsChanged: set[int] = set()
@@ -188,7 +189,7 @@ class SelectedFolder:
         newer = current[bisect_right(current, self.largestUid()):]
         if newer:
             self.uids = list(self.uids) + list(newer)
-            self.recent |= self._claimRecent(self.mailbox, list(newer))
+            self.recent |= self._claimRecent(self.mailbox, newer)
             out.append(b"* %d EXISTS" % len(self.uids))
             out.append(b"* %d RECENT" % len(self.recent))
         for uid in sorted(self._flagsChanged):
