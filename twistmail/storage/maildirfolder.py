@@ -241,8 +241,8 @@ class _Scan:
         self.keywords: list[str] | None = None
         self.stamps = None
         self.full = False
-        self.indexStamps: tuple[str, int] | None = None  # worth saving: (stamps, taken at)
         self.columns: tuple[list, ...] | None = None  # of the entries, for the index
+        self.index: bytes | None = None  # twistmail-index, encoded: worth saving
 
 
 @implementer(IImportableMailbox, IModSeqMailbox)
@@ -385,9 +385,11 @@ class MaildirFolder(FolderIndex):
             # Nothing changed while we listed: what we found can be saved as the index.
             stamps = _maildirindex.stamps(self.path, _SIDECARS)
             if not _maildirindex.holds(self.path, stamps):
-                scan.indexStamps = (stamps, taken)
-                if scan.columns is None:
-                    scan.columns = _columns(scan.entries)
+                # Encoded here (marshal holds the GIL for 100,000 entries), before the
+                # SELECT answers, not in the background where it would stall what follows.
+                scan.index = _maildirindex.encode(
+                    stamps, taken, scan.uidValidity, scan.uidNext,
+                    scan.columns if scan.columns is not None else _columns(scan.entries))
         return scan
 
     def _fromIndex(self, scan: _Scan) -> bool:
@@ -489,8 +491,8 @@ class MaildirFolder(FolderIndex):
         self._stamps = scan.stamps
         if scan.full:
             self._fullScanAt = time.monotonic()
-            if scan.indexStamps is not None:
-                self._saveIndex(scan, *scan.indexStamps)
+            if scan.index is not None:
+                self._saveIndex(scan.index)
             return self._applyFull(scan)
         for uid, entry in scan.added:
             self._entries[uid] = entry
@@ -498,12 +500,11 @@ class MaildirFolder(FolderIndex):
         self.uidNext = scan.uidNext
         return self._changed(FolderChanges(added=tuple(uid for uid, _ in scan.added)))
 
-    def _saveIndex(self, scan: _Scan, stamps: str, taken: int) -> None:
+    def _saveIndex(self, data: bytes) -> None:
         """Write twistmail-index in a worker, not waited for: the SELECT that listed the
         folder answers meanwhile.  Our own later changes (a flag rename changes an
         entry in place) change cur/ too, so an index that caught one is never trusted."""
-        d = self._store._run(_maildirindex.save, self.path, stamps, taken, scan.uidValidity,
-                             scan.uidNext, scan.columns)
+        d = self._store._run(_maildirindex.save, self.path, data)
         d.addErrback(lambda f: log.failure("writing the index of {folder}", f, folder=self.name))
 
     def _applyFull(self, scan: _Scan) -> defer.Deferred:
