@@ -162,6 +162,11 @@ class IMAPServer(imap4.IMAP4Server):
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Nagle's algorithm held back the small last segment of a large response
+        # (UID FETCH 1:* FLAGS) until the client's delayed ACK, 40 ms later.
+        noDelay = getattr(self.transport, "setTcpNoDelay", None)  # TCP, also under TLS
+        if noDelay is not None:
+            noDelay(True)
         config = self.factory.config
         self.timeOut = config["login_timeout"]
         self.POSTAUTH_TIMEOUT = config["timeout"]
