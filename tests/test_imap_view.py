@@ -72,9 +72,9 @@ def test_what_was_told_is_forgotten_at_each_update():
     assert selected.updates() == [b"* 1 FETCH (UID 1 FLAGS (\\Seen))"]
 
 
-def test_spans_give_the_pairs_of_bySeq_and_byUid():
+def test_spans_and_their_pairs():
     _, selected = view()
     assert selected.seqSpans([(1, 2), (4, 9)]) == [(0, 2), (3, 4)]
-    assert selected.bySeq([(1, 2), (4, 9)]) == [(1, 1), (2, 2), (4, 4)]
+    assert selected.pairs(selected.seqSpans([(1, 2), (4, 9)])) == [(1, 1), (2, 2), (4, 4)]
     assert selected.uidSpans([(2, 3), (9, 12)]) == [(1, 3), (4, 4)]
     assert selected.byUid([(2, 3), (9, 12)]) == [(2, 2), (3, 3)]

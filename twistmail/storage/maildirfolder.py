@@ -181,7 +181,7 @@ def _rows(columns: tuple[list, list, list, list, list]):
     return zip(uids, dates, sizes, bases, strict=True)
 
 
-def _statUnnamed(curDir: str, bases: list, infos: list, sizes: list, dates: list) -> tuple:
+def _datesAndSizesFromStat(curDir: str, bases: list, infos: list, sizes: list, dates: list) -> tuple:
     """The columns with INTERNALDATE (mtime), and the size where the name has none, from
     stat() for each name that lacks a delivery time or a size; names gone meanwhile left out."""
     kept: tuple[list, list, list, list] = ([], [], [], [])
@@ -479,7 +479,7 @@ class MaildirFolder(FolderIndex):
         bases, dates, sizes = _inDeliveryOrder(newcomers)
         infos = list(map(newcomers.__getitem__, bases))
         if None in dates or None in sizes:
-            bases, infos, sizes, dates = _statUnnamed(curDir, bases, infos, sizes, dates)
+            bases, infos, sizes, dates = _datesAndSizesFromStat(curDir, bases, infos, sizes, dates)
         uids = list(range(uidNext, uidNext + len(bases)))
         into.update(zip(uids, map(_Entry, zip(bases, infos, sizes, dates, strict=True)),
                         strict=True))

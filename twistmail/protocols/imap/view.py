@@ -98,10 +98,6 @@ class SelectedFolder:
                 out.extend(zip(range(start + 1, stop + 1), self.uids[start:stop], strict=True))
         return out
 
-    def bySeq(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """(seq, uid) for sequence-number ranges (already resolved against ``*``)."""
-        return self.pairs(self.seqSpans(ranges))
-
     def byUid(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(seq, uid) for UID ranges; UIDs that are not in the folder are skipped."""
         return self.pairs(self.uidSpans(ranges))
