@@ -20,6 +20,10 @@ from support import (
     startServer,
     storedMessages,
 )
+from twisted.internet.testing import StringTransport
+
+from twistmail import config as configmod
+from twistmail.protocols.imap.server import IMAPFactory
 
 ALICE = "alice@example.test"
 
@@ -58,6 +62,25 @@ def restarted(server):
 
 
 # -- capabilities and login ------------------------------------------------------------
+
+
+class _TCPTransport(StringTransport):
+    noDelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+
+def test_responses_are_not_held_back_by_nagle(tmp_path):
+    """TCP_NODELAY on every connection: the small last segment of a large response
+    (UID FETCH 1:* (FLAGS) of 100,000) waited for the client's delayed ACK, 40 ms."""
+    proto = IMAPFactory(configmod.load(None)["imap"], None, str(tmp_path)).buildProtocol(None)
+    transport = _TCPTransport()
+    proto.makeConnection(transport)
+    assert transport.noDelay
+    proto.connectionLost(None)
+
+
 
 
 def test_greeting_capabilities_and_login(server):
@@ -422,6 +445,21 @@ def test_fetch_macros_internaldate_size_and_uid(server, imap):
     assert size == len(stored(imap))
     [line] = imap.ok("UID FETCH 1:* (FLAGS)")
     assert line.startswith(b"* 1 FETCH (UID 1 FLAGS (")
+
+
+def test_flags_only_fetch_of_several_ranges_with_recent(server, imap):
+    """FLAGS and UID alone are answered from the folder's flag column, range by range,
+    \\Recent added for this session's recent messages, as any other FETCH would."""
+    send(server, *(msg(n) for n in range(1, 6)))
+    imap.ok("SELECT INBOX")
+    imap.ok("STORE 2 +FLAGS.SILENT (\\Seen)")
+    imap.ok("NOOP")
+    assert imap.ok("FETCH 1:2,4:* (FLAGS UID)") == [
+        b"* 1 FETCH (FLAGS (\\Recent) UID 1)", b"* 2 FETCH (FLAGS (\\Recent \\Seen) UID 2)",
+        b"* 4 FETCH (FLAGS (\\Recent) UID 4)", b"* 5 FETCH (FLAGS (\\Recent) UID 5)"]
+    assert imap.ok("UID FETCH 2:3,5 (FLAGS)") == [
+        b"* 2 FETCH (UID 2 FLAGS (\\Recent \\Seen))", b"* 3 FETCH (UID 3 FLAGS (\\Recent))",
+        b"* 5 FETCH (UID 5 FLAGS (\\Recent))"]
 
 
 def test_fetch_body_sets_seen_but_peek_does_not(server, imap):

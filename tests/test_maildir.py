@@ -274,6 +274,38 @@ def test_uidsFollowDeliveryOrderWithinOneSecond(store, dataDir, monkeypatch):
     assert [readMessage(folder, u) for u in uids(folder)] == [message(1), message(2), message(3)]
 
 
+def test_deliveryOrderOfNamesOfEveryKind():
+    """Names that all start with ten digits sort as strings (seconds parsed by C-level
+    maps); otherwise by the seconds as numbers, names without a time last; deliveries
+    within one second by their microseconds as numbers either way."""
+    alike = ["1700000001.M5P1Q1.h,S=10", "1700000000.M100001P1Q2.h,S=40",
+             "1700000000.M99998P1Q1.h"]
+    assert maildirfolder._inDeliveryOrder(alike) == (
+        ["1700000000.M99998P1Q1.h", "1700000000.M100001P1Q2.h,S=40", "1700000001.M5P1Q1.h,S=10"],
+        [1700000000, 1700000000, 1700000001], [None, 40, 10])
+    mixed = [*alike, "999999999.M1P1Q1.h,S=20", "other,S=30", "abc"]
+    assert maildirfolder._inDeliveryOrder(mixed) == (
+        ["999999999.M1P1Q1.h,S=20", "1700000000.M99998P1Q1.h", "1700000000.M100001P1Q2.h,S=40",
+         "1700000001.M5P1Q1.h,S=10", "abc", "other,S=30"],
+        [999999999, 1700000000, 1700000000, 1700000001, None, None], [20, None, 40, 10, None, 30])
+
+
+def test_hiddenFilesInCurAreNotMessages(store, dataDir):
+    """Names starting with a dot (an NFS silly-rename, an editor's swap file) are skipped,
+    whatever sorts beside them; names without a delivery time or size get them from stat()."""
+    unique = deliver(store, message(1))
+    openFolder(store)
+    cur = os.path.join(accountDir(dataDir), "cur")
+    for name in (".nfs0001", ".x:2,S", "-early,S=1:2,", "0later:2,"):
+        with open(os.path.join(cur, name), "wb") as f:
+            f.write(b"Subject: x\r\n\r\n")
+        os.utime(os.path.join(cur, name), (1700000000, 1700000000))
+    folder = openFolder(restart(dataDir))
+    assert sorted((m.uniqueId, m.size, m.internalDate) for m in folder.messages()
+                  if m.uniqueId != unique) == [("-early", 1, 1700000000), ("0later", 14, 1700000000)]
+    assert len(folder.messages()) == 3
+
+
 def test_uidNotReusedWhenHighestRemovedByAnotherProgram(store, dataDir):
     for n in range(3):
         deliver(store, message(n))
@@ -676,8 +708,8 @@ def test_uidlistAppendAfterATornLineKeepsTheNewRecord(tmp_path):
     starts a line of its own, so only the torn record is lost, not the new one too."""
     path = tmp_path / "twistmail-uidlist"
     path.write_text("twistmail-uidlist 1 V7 N4\n1 1700000000 10 a,S=10\n2 17000")
-    _uidlist.append(str(path), [(3, "c,S=30", 1700000002, 30)])
-    _uidlist.append(str(path), [(4, "d,S=40", 1700000003, 40)])
+    _uidlist.append(str(path), [(3, 1700000002, 30, "c,S=30")])
+    _uidlist.append(str(path), [(4, 1700000003, 40, "d,S=40")])
     assert _uidlist.read(str(path))[1] == {1: ("a,S=10", 1700000000, 10),
                                            3: ("c,S=30", 1700000002, 30),
                                            4: ("d,S=40", 1700000003, 40)}

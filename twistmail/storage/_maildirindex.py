@@ -105,19 +105,23 @@ def holds(folderPath: str, current: str) -> bool:
     return load(folderPath, current) is not None
 
 
-def save(folderPath: str, current: str, takenNs: int, uidValidity: int, uidNext: int,
-         columns: tuple[list, list, list, list, list]) -> bool:
-    """Write the index (worker thread) unless the stamps are racy.  True if written.
+def encode(current: str, takenNs: int, uidValidity: int, uidNext: int,
+           columns: tuple[list, list, list, list, list]) -> bytes | None:
+    """The index file for these stamps, or None if they are racy (not worth writing).
 
     @param columns: (uids ascending, bases, infos, sizes, dates), equally long lists.
     """
     if _racy(current, takenNs):
-        return False
+        return None
     blob = marshal.dumps(columns)
     head = (f"{MAGIC} V{uidValidity} N{uidNext} K{len(columns[0])} T{takenNs} "
             f"C{zlib.crc32(blob)} {current}\n")
-    _fsutil.atomicWrite(os.path.join(folderPath, INDEX), head.encode("ascii") + blob)
-    return True
+    return head.encode("ascii") + blob
+
+
+def save(folderPath: str, data: bytes) -> None:
+    """Write the index L{encode} made, atomically (worker thread)."""
+    _fsutil.atomicWrite(os.path.join(folderPath, INDEX), data)
 
 
 def now() -> int:

@@ -34,6 +34,7 @@ KEYWORDS = "twistmail-keywords"
 MODSEQ = "twistmail-modseq"  # RFC 7162 mod-sequences: twistmail.storage._modseq
 UIDVALIDITY = "twistmail-uidvalidity"  # per account: the last UIDVALIDITY handed out
 MAGIC = "twistmail-uidlist 1"
+_LINE = "%d %d %d %s\n"  # uid, internal date (whole seconds), size, base name
 
 _uidValidityLock = threading.Lock()
 
@@ -78,19 +79,19 @@ def _fastParse(body: str) -> dict | None:
         return None
 
 
-def write(path: str, uidValidity: int, uidNext: int, entries) -> None:
-    """Rewrite atomically; C{entries} yields (uid, base, date, size)."""
-    lines = [f"{MAGIC} V{uidValidity} N{uidNext}\n"]
-    lines += [f"{u} {int(d)} {s} {b}\n" for u, b, d, s in sorted(entries)]
-    _fsutil.atomicWrite(path, "".join(lines).encode("utf-8"))
+def write(path: str, uidValidity: int, uidNext: int, rows) -> None:
+    """Rewrite atomically; C{rows} yields (uid, date, size, base), UIDs ascending."""
+    text = f"{MAGIC} V{uidValidity} N{uidNext}\n" + "".join(map(_LINE.__mod__, rows))
+    _fsutil.atomicWrite(path, text.encode("utf-8"))
 
 
-def append(path: str, entries) -> None:
+def append(path: str, rows) -> None:
     """Record newly assigned UIDs durably: a UID told to a client must not change.
+    C{rows} as for L{write}.
 
     After a crash in the middle of an append the file ends without a newline: the
     new records then start on a line of their own, so read() skips only the torn one."""
-    lines = "".join(f"{u} {int(d)} {s} {b}\n" for u, b, d, s in entries).encode("utf-8")
+    lines = "".join(map(_LINE.__mod__, rows)).encode("utf-8")
     with open(path, "ab+") as f:  # appends go to the end whatever the read position
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)

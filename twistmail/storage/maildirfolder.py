@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import time
+from bisect import bisect_left
 from functools import partial
 from itertools import repeat
 from operator import itemgetter, methodcaller
@@ -68,6 +69,7 @@ _partitionDot, _partitionComma = methodcaller("partition", "."), methodcaller("p
 _partitionSize = methodcaller("partition", ",S=")
 _partitionInfo = methodcaller("partition", ":2,")
 _LAST = float("inf")  # sort key of a name without a delivery time
+_TEN, _ELEVENTH = itemgetter(slice(0, 10)), itemgetter(slice(10, 11))
 
 
 def uniqueName() -> str:
@@ -81,27 +83,47 @@ def _inDeliveryOrder(bases) -> tuple[list[str], list[int | None], list[int | Non
     and counter compared as numbers (M99 < M100), other names last, ties by name;
     with the seconds (None if the name has none) and the ``,S=`` size (None if none).
 
-    For the 100,000 names of a first SELECT: seconds and sizes come from C-level
-    maps of str.partition, the sort key is an int, and only names that share a
-    second are parsed for their microseconds and counter.
+    For the 100,000 names of a first SELECT: the usual names all start with ten
+    digits, so their string order is their order by seconds and the seconds are
+    parsed by C-level maps; only names that share a second are parsed for their
+    microseconds and counter.
     """
     bases = sorted(bases)  # names from one program sort nearly in time order: a cheap sort
-    seconds = [int(h) if h.isdigit() and h.isascii() else None
-               for h in map(_FIRST, map(_partitionDot, bases))]
-    sizes = [int(t) if t.isdigit() and t.isascii() else None
-             for t in map(_FIRST, map(_partitionComma, map(_THIRD, map(_partitionSize, bases))))]
-    keys = [_LAST if sec is None else sec for sec in seconds]
-    order = sorted(range(len(bases)), key=keys.__getitem__)  # stable: ties stay by name
-    if len(set(keys)) < len(keys):  # some share a second: their microseconds decide
+    seconds = _tenDigitSeconds(bases)
+    if seconds is None:  # names of several kinds: order them by the seconds as numbers
+        seconds = [int(h) if h.isdigit() and h.isascii() else None
+                   for h in map(_FIRST, map(_partitionDot, bases))]
+        keys = [_LAST if sec is None else sec for sec in seconds]
+        order = sorted(range(len(bases)), key=keys.__getitem__)  # stable: ties stay by name
+        bases, seconds = list(map(bases.__getitem__, order)), list(map(seconds.__getitem__, order))
+    if len(set(seconds)) < len(seconds):  # some share a second: their microseconds decide
         start = 0
-        for end in range(1, len(order) + 1):
-            if end == len(order) or keys[order[end]] != keys[order[start]]:
-                if end - start > 1 and keys[order[start]] != _LAST:
-                    order[start:end] = sorted(order[start:end],
-                                              key=lambda i: _subSecond(bases[i]))
+        for end in range(1, len(bases) + 1):
+            if end == len(bases) or seconds[end] != seconds[start]:
+                if end - start > 1 and seconds[start] is not None:
+                    bases[start:end] = sorted(bases[start:end], key=_subSecond)
                 start = end
-    return (list(map(bases.__getitem__, order)), list(map(seconds.__getitem__, order)),
-            list(map(sizes.__getitem__, order)))
+    return bases, seconds, _sizes(bases)
+
+
+def _tenDigitSeconds(bases: list[str]) -> list[int] | None:
+    """The seconds of each name if every name starts with ten ASCII digits and a dot
+    (``<seconds>.``, any Maildir name made from 2001 to 2286), else None."""
+    heads = list(map(_TEN, bases))
+    digits = "".join(heads)
+    if (len(digits) != 10 * len(bases) or not (digits.isascii() and digits.isdigit())
+            or set(map(_ELEVENTH, bases)) - {"."}):
+        return None
+    return list(map(int, heads))
+
+
+def _sizes(bases: list[str]) -> list[int | None]:
+    """The ``,S=<size>`` of each name (None if it has none), by C-level maps when all have one."""
+    tails = list(map(_FIRST, map(_partitionComma, map(_THIRD, map(_partitionSize, bases)))))
+    digits = "".join(tails)
+    if all(tails) and digits.isascii() and digits.isdigit():
+        return list(map(int, tails))
+    return [int(t) if t.isdigit() and t.isascii() else None for t in tails]
 
 
 def _subSecond(base: str) -> tuple[int, int]:
@@ -146,6 +168,37 @@ _BASE, _INFO, _SIZE, _DATE = (itemgetter(i) for i in range(4))  # of an _Entry
 _FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
+def _columns(entries: dict) -> tuple[list, list, list, list, list]:
+    """(uids, bases, infos, sizes, dates) of C{entries}: the index's columns, the uidlist's."""
+    values = list(entries.values())
+    return (list(entries), list(map(_BASE, values)), list(map(_INFO, values)),
+            list(map(_SIZE, values)), list(map(_DATE, values)))
+
+
+def _rows(columns: tuple[list, list, list, list, list]):
+    """The uidlist rows (uid, date, size, base) of L{_columns}."""
+    uids, bases, _, sizes, dates = columns
+    return zip(uids, dates, sizes, bases, strict=True)
+
+
+def _datesAndSizesFromStat(curDir: str, bases: list, infos: list, sizes: list, dates: list) -> tuple:
+    """The columns with INTERNALDATE (mtime), and the size where the name has none, from
+    stat() for each name that lacks a delivery time or a size; names gone meanwhile left out."""
+    kept: tuple[list, list, list, list] = ([], [], [], [])
+    for base, info, size, date in zip(bases, infos, sizes, dates, strict=True):
+        if date is None or size is None:
+            try:
+                st = os.stat(f"{curDir}/{base}:2,{info}")
+            except FileNotFoundError:
+                continue
+            date = int(st.st_mtime)
+            if size is None:
+                size = st.st_size
+        for column, value in zip(kept, (base, info, size, date), strict=True):
+            column.append(value)
+    return kept
+
+
 def _stamp(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_mtime_ns
@@ -188,7 +241,8 @@ class _Scan:
         self.keywords: list[str] | None = None
         self.stamps = None
         self.full = False
-        self.indexStamps: tuple[str, int] | None = None  # worth saving: (stamps, taken at)
+        self.columns: tuple[list, ...] | None = None  # of the entries, for the index
+        self.index: bytes | None = None  # twistmail-index, encoded: worth saving
 
 
 @implementer(IImportableMailbox, IModSeqMailbox)
@@ -331,7 +385,11 @@ class MaildirFolder(FolderIndex):
             # Nothing changed while we listed: what we found can be saved as the index.
             stamps = _maildirindex.stamps(self.path, _SIDECARS)
             if not _maildirindex.holds(self.path, stamps):
-                scan.indexStamps = (stamps, taken)
+                # Encoded here (marshal holds the GIL for 100,000 entries), before the
+                # SELECT answers, not in the background where it would stall what follows.
+                scan.index = _maildirindex.encode(
+                    stamps, taken, scan.uidValidity, scan.uidNext,
+                    scan.columns if scan.columns is not None else _columns(scan.entries))
         return scan
 
     def _fromIndex(self, scan: _Scan) -> bool:
@@ -350,7 +408,10 @@ class MaildirFolder(FolderIndex):
 
     def _fullScan(self, scan: _Scan, curDir: str) -> None:
         scan.full = True
-        names = [name for name in os.listdir(curDir) if name[0] != "."]
+        # Sorted, the hidden names ('.…') are one slice, and the base names come nearly
+        # in the order _inDeliveryOrder sorts them: its sort is then cheap.
+        names = sorted(os.listdir(curDir))
+        del names[bisect_left(names, "."):bisect_left(names, "/")]
         with _gcpause.paused(len(names)):
             self._reconcile(scan, curDir, names)
 
@@ -386,13 +447,14 @@ class MaildirFolder(FolderIndex):
         if len(entries) != len(listed):
             rewrite = True
         # What is left is not in the uidlist.
-        appended = self._assign(curDir, onDisk, uidNext, entries)
-        uidNext += len(appended)
+        allNew = not entries
+        added = self._assign(curDir, onDisk, uidNext, entries)
+        uidNext += len(added[0])
         if rewrite:
-            _uidlist.write(uidlistPath, uidValidity, uidNext,
-                           ((u, e[0], e[3], e[2]) for u, e in entries.items()))
-        elif appended:
-            _uidlist.append(uidlistPath, appended)
+            scan.columns = added if allNew else _columns(entries)  # the index's too
+            _uidlist.write(uidlistPath, uidValidity, uidNext, _rows(scan.columns))
+        elif added[0]:
+            _uidlist.append(uidlistPath, _rows(added))
         scan.entries = entries
         scan.uidValidity, scan.uidNext = uidValidity, uidNext
         scan.keywords = _uidlist.readKeywords(self.path)
@@ -401,39 +463,27 @@ class MaildirFolder(FolderIndex):
         """Only new/ changed: give the newcomers UIDs without listing cur/."""
         newcomers = {n: "" for n in moved if n not in self._byBase}
         added: dict[int, _Entry] = {}
-        appended = self._assign(curDir, newcomers, self.uidNext, added)
-        if appended:
-            _uidlist.append(os.path.join(self.path, _uidlist.UIDLIST), appended)
+        columns = self._assign(curDir, newcomers, self.uidNext, added)
+        if added:
+            _uidlist.append(os.path.join(self.path, _uidlist.UIDLIST), _rows(columns))
         scan.added = list(added.items())
-        scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(appended)
+        scan.uidValidity, scan.uidNext = self.uidValidity, self.uidNext + len(added)
 
     def _assign(self, curDir: str, newcomers: dict[str, str], uidNext: int,
-                into: dict) -> list[tuple[int, str, int, int]]:
-        """UIDs for C{newcomers} ({base: info}), in delivery order.  INTERNALDATE is the
-        delivery time in the name (``<seconds>.…``) when the name has one and a ``,S=``
-        size, so 100,000 newcomers cost no stat() each; only other names are stat()ed
-        (mtime; Dovecot too takes it from the name's time where it can)."""
+                into: dict) -> tuple[list, list, list, list, list]:
+        """UIDs for C{newcomers} ({base: info}), in delivery order, from C{uidNext} on:
+        their entries go into C{into}, their L{_columns} are returned.  INTERNALDATE is
+        the delivery time in the name (``<seconds>.…``) when the name has one and a
+        ``,S=`` size, so 100,000 newcomers cost no stat() each; only other names are
+        stat()ed (mtime; Dovecot too takes it from the name's time where it can)."""
         bases, dates, sizes = _inDeliveryOrder(newcomers)
-        if None not in dates and None not in sizes:  # the usual case, without a Python loop
-            uids = range(uidNext, uidNext + len(bases))
-            into.update(zip(uids, map(_Entry, zip(bases, map(newcomers.__getitem__, bases),
-                                                  sizes, dates, strict=True)), strict=True))
-            return list(zip(uids, bases, dates, sizes, strict=True))
-        appended = []
-        for base, date, size in zip(bases, dates, sizes, strict=True):
-            info = newcomers[base]
-            if date is None or size is None:
-                try:
-                    st = os.stat(f"{curDir}/{base}:2,{info}")
-                except FileNotFoundError:
-                    continue
-                date = int(st.st_mtime)
-                if size is None:
-                    size = st.st_size
-            into[uidNext] = _Entry((base, info, size, date))
-            appended.append((uidNext, base, date, size))
-            uidNext += 1
-        return appended
+        infos = list(map(newcomers.__getitem__, bases))
+        if None in dates or None in sizes:
+            bases, infos, sizes, dates = _datesAndSizesFromStat(curDir, bases, infos, sizes, dates)
+        uids = list(range(uidNext, uidNext + len(bases)))
+        into.update(zip(uids, map(_Entry, zip(bases, infos, sizes, dates, strict=True)),
+                        strict=True))
+        return uids, bases, infos, sizes, dates
 
     def _applyScan(self, scan: _Scan) -> FolderChanges | defer.Deferred:
         if scan.unchanged:
@@ -441,8 +491,8 @@ class MaildirFolder(FolderIndex):
         self._stamps = scan.stamps
         if scan.full:
             self._fullScanAt = time.monotonic()
-            if scan.indexStamps is not None:
-                self._saveIndex(scan, *scan.indexStamps)
+            if scan.index is not None:
+                self._saveIndex(scan.index)
             return self._applyFull(scan)
         for uid, entry in scan.added:
             self._entries[uid] = entry
@@ -450,16 +500,11 @@ class MaildirFolder(FolderIndex):
         self.uidNext = scan.uidNext
         return self._changed(FolderChanges(added=tuple(uid for uid, _ in scan.added)))
 
-    def _saveIndex(self, scan: _Scan, stamps: str, taken: int) -> None:
+    def _saveIndex(self, data: bytes) -> None:
         """Write twistmail-index in a worker, not waited for: the SELECT that listed the
         folder answers meanwhile.  Our own later changes (a flag rename changes an
         entry in place) change cur/ too, so an index that caught one is never trusted."""
-        entries = scan.entries
-        values = list(entries.values())
-        columns = (list(entries), list(map(_BASE, values)), list(map(_INFO, values)),
-                   list(map(_SIZE, values)), list(map(_DATE, values)))
-        d = self._store._run(_maildirindex.save, self.path, stamps, taken, scan.uidValidity,
-                             scan.uidNext, columns)
+        d = self._store._run(_maildirindex.save, self.path, data)
         d.addErrback(lambda f: log.failure("writing the index of {folder}", f, folder=self.name))
 
     def _applyFull(self, scan: _Scan) -> defer.Deferred:
@@ -720,7 +765,7 @@ class MaildirFolder(FolderIndex):
             st = os.stat(result[0])
             size = _sizeFromBase(base) or st.st_size
             entries.append((uid, _Entry((base, info, size, int(st.st_mtime)))))
-            appended.append((uid, base, int(st.st_mtime), size))
+            appended.append((uid, int(st.st_mtime), size, base))
             uid += 1
         if failed:
             # All or nothing, so a COPY either happened or did not (RFC 3501 §6.4.7).
@@ -737,7 +782,7 @@ class MaildirFolder(FolderIndex):
         targets = {uid: self._fileName(uid) for uid in sorted(uids.intersection(self._entries))}
         if not targets:
             return defer.succeed([])
-        keep = [(u, e.base, e.internalDate, e.size) for u, e in self._entries.items()
+        keep = [(u, e.internalDate, e.size, e.base) for u, e in self._entries.items()
                 if u not in targets]
 
         def removed(ignored) -> defer.Deferred:

@@ -47,7 +47,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
-from twistmail import __version__, _gcpause
+from twistmail import __version__
 from twistmail._logtext import loggable
 from twistmail.auth.checkers import fromClient
 from twistmail.delivery.quota import OverQuota, Quota, QuotaTracker
@@ -93,7 +93,6 @@ SEARCH_SLICE = 5000
 #: and the FETCH lines written at a time by it.
 _COLUMN_ITEMS = {b"UID", b"FLAGS"}
 _COLUMN_CHUNK = 5000
-_MINUS_ONE = (-1).__add__
 _RECENT = frozenset({"\\Recent"})
 #: Folders whose \Recent claims are remembered (least recently used forgotten first).
 MAX_RECENT_FOLDERS = 10000
@@ -163,6 +162,11 @@ class IMAPServer(imap4.IMAP4Server):
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Nagle's algorithm held back the small last segment of a large response
+        # (UID FETCH 1:* FLAGS) until the client's delayed ACK, 40 ms later.
+        noDelay = getattr(self.transport, "setTcpNoDelay", None)  # TCP, also under TLS
+        if noDelay is not None:
+            noDelay(True)
         config = self.factory.config
         self.timeOut = config["login_timeout"]
         self.POSTAUTH_TIMEOUT = config["timeout"]
@@ -673,10 +677,10 @@ class IMAPServer(imap4.IMAP4Server):
     def cmd_EXAMINE(self, tag, args):
         return self.cmd_SELECT(tag, args, readOnly=True)
 
-    def _claimRecent(self, mailbox, uids: list) -> set:
+    def _claimRecent(self, mailbox, uids) -> set:
         return self.factory.claimRecent(self.user, mailbox, uids)
 
-    def _peekRecent(self, mailbox, uids: list) -> set:
+    def _peekRecent(self, mailbox, uids) -> set:
         return self.factory.claimRecent(self.user, mailbox, uids, take=False)
 
     def _unselect(self) -> None:
@@ -922,9 +926,13 @@ class IMAPServer(imap4.IMAP4Server):
         return self._targetsOf(args.sequenceSet(), uid)
 
     def _targetsOf(self, seqset, uid: bool) -> list[tuple[int, int]]:
+        return self.selected.pairs(self._spansOf(seqset, uid))
+
+    def _spansOf(self, seqset, uid: bool) -> list[tuple[int, int]]:
+        """The messages of a sequence set as L{SelectedFolder.seqSpans}."""
         view = self.selected
         if uid or seqset.saved:
-            return view.byUid(self._uidRanges(seqset))
+            return view.uidSpans(self._uidRanges(seqset))
         if not len(view):
             if seqset.usesStar():
                 raise _Bad(b"No messages: * has no meaning")
@@ -932,7 +940,7 @@ class IMAPServer(imap4.IMAP4Server):
         resolved = seqset.resolve(len(view))
         if resolved[-1][1] > len(view):
             raise _Bad(b"No such message: the mailbox has %d" % len(view))
-        return view.bySeq(resolved)
+        return view.seqSpans(resolved)
 
     def _uidRanges(self, seqset) -> list[tuple[int, int]]:
         """UID ranges of a UID command's set, or of ``$`` in any command (RFC 5182 §2.1)."""
@@ -948,7 +956,7 @@ class IMAPServer(imap4.IMAP4Server):
         view = self.selected
         mailbox = view.mailbox
         # UID FETCH 1:* (FLAGS) (CHANGEDSINCE n) lists the changes, not the folder.
-        targets = None if changedSince is not None and uid else self._targetsOf(seqset, uid)
+        spans = None if changedSince is not None and uid else self._spansOf(seqset, uid)
         if vanished and not (uid and self.qresync):
             raise _Bad(b"VANISHED needs UID FETCH and QRESYNC enabled")  # RFC 7162 §3.2.6
         if uid and not any(i.name == b"UID" for i in items):
@@ -958,6 +966,16 @@ class IMAPServer(imap4.IMAP4Server):
             self._enableCondstore()  # RFC 7162 §3.1: a CONDSTORE enabling command
             if not any(i.name == b"MODSEQ" for i in items):
                 items.append(fetch.Item(b"MODSEQ"))  # RFC 7162 §3.1.4.1: CHANGEDSINCE implies it
+        if (changedSince is None and view.uids is mailbox.uids()
+                and all(i.name in _COLUMN_ITEMS for i in items)):
+            # UID FETCH 1:* (FLAGS), the view in step with the folder: from its flag
+            # column (these items never set \Seen, and no message has gone).
+            for line in view.newKeywords():
+                self._send(line)
+            await self._respondFlagColumns(view, spans, items, mailbox.flagColumn())
+            self._ok(tag, b"FETCH completed", expunge=uid)
+            return
+        targets = None if spans is None else view.pairs(spans)
         if changedSince is not None:
             if vanished:
                 largest = max(view.largestUid(), mailbox.uidNext - 1)
@@ -998,11 +1016,7 @@ class IMAPServer(imap4.IMAP4Server):
         overhead = 64 + sum(len(i.sectionLabel()) for i in items if i.isSection)
         # When the view has no pending changes, sequence number n is the folder
         # snapshot's n-th message: no lookup by uid (this is UID FETCH 1:* FLAGS).
-        inStep = view.uids is mailbox.uids()
-        if inStep and targets and all(i.name in _COLUMN_ITEMS for i in items):
-            await self._respondFlagColumns(view, targets, items, mailbox.flagColumn())
-            return False
-        snapshot = mailbox.messages() if inStep else None
+        snapshot = mailbox.messages() if view.uids is mailbox.uids() else None
         for seq, u in targets:
             message = snapshot[seq - 1] if snapshot is not None else view.message(u)
             if message is None:
@@ -1031,36 +1045,33 @@ class IMAPServer(imap4.IMAP4Server):
             missing |= await self._fetchBatch(view, batch, items)
         return missing
 
-    async def _respondFlagColumns(self, view: SelectedFolder, targets: list, items: list,
+    async def _respondFlagColumns(self, view: SelectedFolder, spans: list, items: list,
                                   column: list) -> None:
         """FETCH of UID and FLAGS only, the view in step with the folder (so sequence
-        number n is the n-th of the folder's flag column): one C{bytes %} per message
-        through C-level maps, no per-message Python call (``UID FETCH 1:* (FLAGS)`` on
-        100,000)."""
-        with _gcpause.paused(len(targets)):
-            seqs, uids = zip(*targets, strict=True)
-            flagSets = list(map(column.__getitem__, map(_MINUS_ONE, seqs)))
-            view.toldMany(uids, flagSets)
-            if view.recent:
-                recent = view.recent
-                flagSets = [f | _RECENT if u in recent else f
-                            for u, f in zip(uids, flagSets, strict=True)]
-            wire = {f: response.flagList(f) for f in set(flagSets)}
-            columns: list = [seqs]
-            parts = []
-            for item in items:
-                if item.name == b"UID":
-                    parts.append(b"UID %d")
-                    columns.append(uids)
-                else:
-                    parts.append(b"FLAGS %s")
-                    columns.append(map(wire.__getitem__, flagSets))
-            lines = list(map((b"* %d FETCH (" + b" ".join(parts) + b")\r\n").__mod__,
-                             zip(*columns, strict=True)))
-        for start in range(0, len(lines), _COLUMN_CHUNK):
-            self.transport.write(b"".join(lines[start:start + _COLUMN_CHUNK]))
-            if self._flow.outputFull:  # a client that does not read holds us up
-                await self._flow.drained()
+        number n is the n-th of the folder's flag column): slices of the view's uids and
+        of the column, one C{bytes %} per message through C-level maps, no per-message
+        Python call (``UID FETCH 1:* (FLAGS)`` on 100,000).  Made and written a chunk at
+        a time: the client reads one while the next is made."""
+        uids, recent = view.uids, view.recent
+        wire = {f: response.flagList(f) for start, stop in spans for f in set(column[start:stop])}
+        if recent:
+            wire.update({f | _RECENT: response.flagList(f | _RECENT) for f in list(wire)})
+        line = (b"* %d FETCH (" + b" ".join(b"UID %d" if item.name == b"UID" else b"FLAGS %s"
+                                            for item in items) + b")\r\n").__mod__
+        for start, stop in spans:
+            view.toldMany(uids[start:stop], column[start:stop])
+            for at in range(start, stop, _COLUMN_CHUNK):
+                end = min(at + _COLUMN_CHUNK, stop)
+                flagSets = column[at:end]
+                if recent:
+                    flagSets = [f | _RECENT if u in recent else f
+                                for u, f in zip(uids[at:end], flagSets, strict=True)]
+                columns = [uids[at:end] if item.name == b"UID" else map(wire.__getitem__, flagSets)
+                           for item in items]
+                self.transport.write(b"".join(map(line, zip(range(at + 1, end + 1), *columns,
+                                                            strict=True))))
+                if self._flow.outputFull:  # a client that does not read holds us up
+                    await self._flow.drained()
 
     def _flags(self, view: SelectedFolder, message) -> frozenset:
         return message.flags | {"\\Recent"} if message.uid in view.recent else message.flags
@@ -1454,12 +1465,13 @@ class IMAPFactory(protocol.ServerFactory):
         added is \\Recent whatever its INTERNALDATE."""
         self._claimedUpTo(user, mailbox)
 
-    def claimRecent(self, user: str, mailbox, uids: list, take: bool = True) -> set:
-        """The C{uids} still \\Recent; a SELECT session takes them (C{take}), EXAMINE only looks."""
+    def claimRecent(self, user: str, mailbox, uids, take: bool = True) -> set:
+        """The C{uids} (ascending) still \\Recent; a SELECT session takes them (C{take}),
+        EXAMINE only looks."""
         key, claimed = self._claimedUpTo(user, mailbox)
-        recent = {u for u in uids if u > claimed}
+        recent = set(uids[bisect.bisect_right(uids, claimed):])
         if recent and take:
-            self._recent[key] = max(recent)
+            self._recent[key] = uids[-1]
         return recent
 
     def countRecent(self, user: str, mailbox) -> int:

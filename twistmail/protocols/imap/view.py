@@ -24,7 +24,7 @@ are never copied per session.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twistmail import _gcpause
 from twistmail.protocols.imap import condstore, response
@@ -35,16 +35,18 @@ _OFFERED = ("$Forwarded",)
 
 
 class SelectedFolder:
-    def __init__(self, mailbox, readOnly: bool, claimRecent: Callable[[object, list], set]) -> None:
+    def __init__(self, mailbox, readOnly: bool,
+                 claimRecent: Callable[[object, Sequence[int]], set]) -> None:
         self.mailbox = mailbox
         self.readOnly = readOnly
         self.uids = mailbox.uids()
         self._claimRecent = claimRecent
-        self.recent: set[int] = claimRecent(mailbox, list(self.uids))
+        self.recent: set[int] = claimRecent(mailbox, self.uids)
         self._removed: set[int] = set()
         self._expunged: dict[int, object] = {}  # uid -> StoredMessage, removed but not told
         self._flagsChanged: set[int] = set()
         self._told: dict[int, frozenset] = {}  # flags this session just reported itself
+        self._toldColumns: list[tuple] = []  # the same as (uids, flag sets); older than _told
         self._announced: frozenset = frozenset()  # keywords this session was told of
         self.validityChanged = False
         self.onChange: Callable[[], None] | None = None  # set while in IDLE
@@ -79,23 +81,26 @@ class SelectedFolder:
         i = bisect_left(self.uids, uid)
         return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
 
-    def bySeq(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """(seq, uid) for sequence-number ranges (already resolved against ``*``)."""
-        out: list[tuple[int, int]] = []
-        spans = [(max(low, 1), min(high, len(self.uids))) for low, high in ranges]
-        with _gcpause.paused(sum(high - low for low, high in spans)):  # 1:* of 100,000
-            for low, high in spans:
-                out.extend(zip(range(low, high + 1), self.uids[low - 1:high], strict=True))
-        return out
+    def seqSpans(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Index spans (start, stop) of L{uids} for sequence-number ranges (already
+        resolved against ``*``): the messages numbered start + 1 to stop."""
+        return [(max(low, 1) - 1, min(high, len(self.uids))) for low, high in ranges]
 
-    def byUid(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """(seq, uid) for UID ranges; UIDs that are not in the folder are skipped."""
+    def uidSpans(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """L{seqSpans} for UID ranges; UIDs that are not in the folder are skipped."""
+        return [(bisect_left(self.uids, low), bisect_right(self.uids, high)) for low, high in ranges]
+
+    def pairs(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(seq, uid) of each message in C{spans}."""
         out: list[tuple[int, int]] = []
-        spans = [(bisect_left(self.uids, low), bisect_right(self.uids, high)) for low, high in ranges]
         with _gcpause.paused(sum(stop - start for start, stop in spans)):  # 1:* of 100,000
             for start, stop in spans:
                 out.extend(zip(range(start + 1, stop + 1), self.uids[start:stop], strict=True))
         return out
+
+    def byUid(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(seq, uid) for UID ranges; UIDs that are not in the folder are skipped."""
+        return self.pairs(self.uidSpans(ranges))
 
     def message(self, uid: int):
         """The message with this uid as this session sees it: the folder's, or, if another
@@ -111,8 +116,22 @@ class SelectedFolder:
         self._told[uid] = flags
 
     def toldMany(self, uids, flagSets) -> None:
-        """L{told} for many messages at once (a FETCH of the whole folder's flags)."""
-        self._told.update(zip(uids, flagSets, strict=True))
+        """L{told} for many messages at once (a FETCH of the whole folder's flags; C{uids}
+        ascending): kept as the two columns, not as 100,000 entries of L{_told}."""
+        if self._told:  # _told must stay newer than every column
+            self._told.update(zip(uids, flagSets, strict=True))
+        else:
+            self._toldColumns.append((uids, flagSets))
+
+    def _toldFlags(self, uid: int) -> frozenset | None:
+        """The flags this session last reported for C{uid} since the last L{updates}."""
+        flags = self._told.get(uid)
+        if flags is None:
+            for uids, flagSets in reversed(self._toldColumns):
+                i = bisect_left(uids, uid)
+                if i < len(uids) and uids[i] == uid:
+                    return flagSets[i]
+        return flags
 
     def pending(self) -> bool:
         current = self.mailbox.uids()
@@ -166,18 +185,19 @@ class SelectedFolder:
         newer = current[bisect_right(current, self.largestUid()):]
         if newer:
             self.uids = list(self.uids) + list(newer)
-            self.recent |= self._claimRecent(self.mailbox, list(newer))
+            self.recent |= self._claimRecent(self.mailbox, newer)
             out.append(b"* %d EXISTS" % len(self.uids))
             out.append(b"* %d RECENT" % len(self.recent))
         for uid in sorted(self._flagsChanged):
             seq = self.seq(uid)
             message = self.mailbox.message(uid)
-            if seq is None or message is None or self._told.get(uid) == message.flags:
+            if seq is None or message is None or self._toldFlags(uid) == message.flags:
                 continue
             out.append(b"* %d FETCH (UID %d FLAGS %s%s)" % (seq, uid, self.flagList(message),
                                                             self.modseqItem(message)))
         self._flagsChanged.clear()
         self._told.clear()
+        self._toldColumns.clear()
         if not self._removed and len(self.uids) == len(current):
             self.uids = current  # share the folder's tuple again
         return out
