@@ -148,3 +148,24 @@ def test_the_deadline_waits_while_the_server_does_not_read(session):
     clock.advance(timeout * 0.2)
     assert transport.disconnecting
     assert bye in transport.value()
+
+
+class _TCPTransport(StringTransport):
+    noDelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOLS))
+def test_responses_are_not_held_back_by_nagle(name, dataDir):
+    """TCP_NODELAY on every connection: the small last segment of a large response
+    (IMAP UID FETCH 1:* (FLAGS) of 100,000, a POP3 RETR of 1.6 MB) waited for the
+    client's delayed ACK, 40 ms."""
+    build = PROTOCOLS[name][0]
+    factory, _ = build(configmod.load(None), dataDir)
+    proto = factory.buildProtocol(PEER)
+    transport = _TCPTransport(peerAddress=PEER)
+    proto.makeConnection(transport)
+    assert transport.noDelay
+    proto.connectionLost(None)

@@ -20,10 +20,6 @@ from support import (
     startServer,
     storedMessages,
 )
-from twisted.internet.testing import StringTransport
-
-from twistmail import config as configmod
-from twistmail.protocols.imap.server import IMAPFactory
 
 ALICE = "alice@example.test"
 
@@ -62,25 +58,6 @@ def restarted(server):
 
 
 # -- capabilities and login ------------------------------------------------------------
-
-
-class _TCPTransport(StringTransport):
-    noDelay = False
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.noDelay = enabled
-
-
-def test_responses_are_not_held_back_by_nagle(tmp_path):
-    """TCP_NODELAY on every connection: the small last segment of a large response
-    (UID FETCH 1:* (FLAGS) of 100,000) waited for the client's delayed ACK, 40 ms."""
-    proto = IMAPFactory(configmod.load(None)["imap"], None, str(tmp_path)).buildProtocol(None)
-    transport = _TCPTransport()
-    proto.makeConnection(transport)
-    assert transport.noDelay
-    proto.connectionLost(None)
-
-
 
 
 def test_greeting_capabilities_and_login(server):

@@ -52,6 +52,7 @@ from twistmail.protocols import downgrade
 from twistmail.protocols.flow import Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
+from twistmail.protocols.tcp import sendAtOnce
 
 log = Logger()
 
@@ -158,6 +159,7 @@ class POP3Server(pop3.POP3):
     _processing = False
 
     def connectionMade(self) -> None:
+        sendAtOnce(self.transport)
         self._idle = self.timeOut = self.factory.config["timeout"]
         self.MAX_LENGTH = self.factory.config["max_line_length"]
         self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")

@@ -76,6 +76,7 @@ from twistmail.protocols.bdat import ChunkReader, parseArguments
 from twistmail.protocols.flow import MAX_BACKLOG, Flow
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
+from twistmail.protocols.tcp import sendAtOnce
 from twistmail.ratelimit import SendLimits
 
 log = Logger()
@@ -202,6 +203,7 @@ class SMTPServer(smtp.ESMTP):
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        sendAtOnce(self.transport)
         self.host = self.factory.hostname
         self.timeout = self.factory.config["timeout"]
         self.peerHost = getattr(self.transport.getPeer(), "host", "unknown")

@@ -82,6 +82,7 @@ from twistmail.protocols.imap.view import SYSTEM_FLAGS, SelectedFolder
 from twistmail.protocols.imap.wire import Command, CommandReader, Continue, Refused
 from twistmail.protocols.limits import ConnectionLimiter, admit
 from twistmail.protocols.security import Security, isSecure, listenerHost
+from twistmail.protocols.tcp import sendAtOnce
 
 log = Logger()
 
@@ -162,11 +163,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        # Nagle's algorithm held back the small last segment of a large response
-        # (UID FETCH 1:* FLAGS) until the client's delayed ACK, 40 ms later.
-        noDelay = getattr(self.transport, "setTcpNoDelay", None)  # TCP, also under TLS
-        if noDelay is not None:
-            noDelay(True)
+        sendAtOnce(self.transport)
         config = self.factory.config
         self.timeOut = config["login_timeout"]
         self.POSTAUTH_TIMEOUT = config["timeout"]
