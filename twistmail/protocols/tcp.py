@@ -1,4 +1,4 @@
-"""TCP settings shared by the servers."""
+"""TCP settings shared by the servers and the relay's client."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from __future__ import annotations
 def sendAtOnce(transport) -> None:
     """TCP_NODELAY, where the transport is TCP (also under TLS).
 
-    With Nagle's algorithm the small last segment of a large response (an IMAP
-    FETCH of 100,000 flags, a POP3 RETR, SMTP replies to pipelined commands made
-    in separate reactor turns) waits for the client's delayed ACK, 40 ms on
-    Linux.  Twisted already writes a connection's output once per reactor turn,
-    so there are no small writes for Nagle to save."""
+    With Nagle's algorithm a small segment written while earlier data is not
+    yet acknowledged waits for the peer's delayed ACK, 40 ms on Linux: the last
+    segment of a large response (an IMAP FETCH of 100,000 flags, a POP3 RETR),
+    SMTP replies to pipelined commands made in separate reactor turns, the
+    relay's next MAIL written after a message's final ".".  Twisted already
+    writes a connection's output once per reactor turn, so there are no tiny
+    writes for Nagle to save."""
     setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
     if setTcpNoDelay is not None:
         setTcpNoDelay(True)

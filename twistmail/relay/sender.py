@@ -86,6 +86,7 @@ from twistmail import dsn
 from twistmail._logtext import loggableText
 from twistmail.metrics import Metrics
 from twistmail.mtasts import ENFORCE, TESTING
+from twistmail.protocols.tcp import sendAtOnce
 from twistmail.relay import sevenbit, smtputf8
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
@@ -233,6 +234,10 @@ class _RelayClient(smtp.ESMTPSender):
         self._nextWaits = False  # a message was assigned while replies were due
         self._quitWhenIdle = False
         self._lastError: Exception | None = None  # what sendError dropped the connection for
+
+    def connectionMade(self):
+        sendAtOnce(self.transport)  # a MAIL written after the "." goes out at once
+        super().connectionMade()
 
     def esmtpState_serverConfig(self, code, resp):
         # After STARTTLS the new EHLO reply decides again (RFC 3207 §4.2).
