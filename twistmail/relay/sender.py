@@ -348,10 +348,8 @@ class _RelayClient(smtp.ESMTPSender):
     def _dotReply(self, code, resp) -> None:
         """The reply to a parked connection's "." (see finishedFileTransfer)."""
         finishing, self._finishing = self._finishing, None
-        results = self._resultsOf(code, resp, finishing.addresses, finishing.recipients)
-        if finishing.notifies:
-            results = {a: replace(r, notifies=True) for a, r in results.items()}
-        finishing.result.callback(results)
+        finishing.result.callback(self._resultsOf(code, resp, finishing.addresses,
+                                                  finishing.recipients, finishing.notifies))
 
     def _rsetReply(self, code, resp) -> None:
         if code not in smtp.SUCCESS:
@@ -475,23 +473,26 @@ class _RelayClient(smtp.ESMTPSender):
             # RFC 5321 §3.8: the server is closing this (reused) connection; try a fresh one.
             self.factory.fail(smtp.SMTPClientError(code, resp))
             return
-        results = self._resultsOf(code, resp, addresses, self.factory.toEmail)
-        if self._passesNotify():
-            results = {a: replace(r, notifies=True) for a, r in results.items()}
+        results = self._resultsOf(code, resp, addresses, self.factory.toEmail,
+                                  self._passesNotify())
         # Reported once RSET is answered (or the connection is gone): by then the connection
         # is parked, ready for the message that waits for this one's slot.
         self.factory.pending = results
 
-    def _resultsOf(self, code, resp, addresses, recipients) -> dict:
-        """{recipient: Result} from the transaction's last reply and the RCPT replies."""
+    def _resultsOf(self, code, resp, addresses, recipients, notifies: bool) -> dict:
+        """{recipient: Result} from the transaction's last reply and the RCPT replies;
+        with C{notifies}, the server was given NOTIFY (RFC 3461) and reports itself."""
         host = self.factory.hostname
         if not addresses:  # MAIL FROM was refused: its reply is everyone's
-            return {r: fromReply(code, resp, host) for r in recipients}
-        results = {}
-        for address, rcode, rresp in addresses:
-            accepted = rcode in smtp.SUCCESS
-            results[address.text] = fromReply(code if accepted else rcode,
-                                              resp if accepted else rresp, host)
+            results = {r: fromReply(code, resp, host) for r in recipients}
+        else:
+            results = {}
+            for address, rcode, rresp in addresses:
+                accepted = rcode in smtp.SUCCESS
+                results[address.text] = fromReply(code if accepted else rcode,
+                                                  resp if accepted else rresp, host)
+        if notifies:
+            results = {a: replace(r, notifies=True) for a, r in results.items()}
         return results
 
     def sendError(self, exc):
