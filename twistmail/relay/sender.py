@@ -839,8 +839,8 @@ class RelaySender:
         factory = self._cache.take(key) if reuse and self._cache is not None else None
         if factory is not None:
             factory.dsn, factory.body, factory.requireTLS = request, body, requireTLS
-            factory.smtputf8, factory.handOff = utf8, handOff
-            done = factory.assign(sender, recipients, messageFile)
+            factory.smtputf8 = utf8
+            factory.assign(sender, recipients, messageFile)
         elif settings.tls == IMPLICIT:  # RFC 8314 §3: TLS from the first byte, verified
             factory = _RelayClientFactory(settings, hostname, sender, recipients, messageFile,
                                           None, False, self._cache, key)
@@ -853,8 +853,7 @@ class RelaySender:
                                           self._cache, key)
             self._reactor.connectTCP(address, settings.port, factory,
                                      timeout=settings.connectTimeout)
-        if not factory.reused:
-            done = factory.done
+        done = factory.done  # this message's (an earlier one's may still be due)
         factory.dsn = request
         factory.body = body
         factory.requireTLS = requireTLS
