@@ -274,8 +274,7 @@ def drain(workdir: Path, peers, domains: int, messages: int, size: int, run: int
 def mainThreadCpu(pid: int) -> float:
     """CPU seconds of C{pid}'s main thread: the reactor's, which the GIL shares with the
     worker threads' Python code."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_seconds(pid, thread=pid))
 
 
 def treeCpu(pid: int) -> float:
