@@ -42,6 +42,22 @@ def cpu_seconds(pid: int, thread: int | None = None) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the live children of process ``pid`` (and theirs)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            try:
+                total += sum(cpu_seconds(child)) + children_cpu_seconds(child)
+            except OSError:  # it ended meanwhile
+                pass
+    return total
+
+
 def count_delivered(maildir: Path) -> int:
     """Messages in new/ plus cur/ (tmp/ holds only unfinished deliveries)."""
     return sum(len(os.listdir(maildir / sub)) for sub in ("new", "cur") if (maildir / sub).is_dir())

@@ -161,6 +161,7 @@ def test_headers_of_earlier_filters_are_visible_to_later_ones():
             with message.open() as f:
                 seen["data"] = f.read()
             seen["size"] = message.size
+            seen["inMemory"] = message.inMemory
             return Verdict.accept([("X-Second", "after")])
 
     h = SMTPHarness([Fixed("endOfData", Verdict.accept([("X-First", "one")])), Reader()])
@@ -168,6 +169,7 @@ def test_headers_of_earlier_filters_are_visible_to_later_ones():
     assert seen["header"] == "one"
     assert b"\r\nX-First: one\r\n" in seen["data"] and seen["data"].endswith(MSG)
     assert seen["size"] == len(seen["data"])
+    assert seen["inMemory"]  # a small message: a filter may read it on the reactor thread
     [d] = h.delivered
     assert d.data.index(b"X-First: one") < d.data.index(b"X-Second: after") < d.data.index(MSG)
 

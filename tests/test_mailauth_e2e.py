@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import os
 import smtplib
 
 import pytest
@@ -121,3 +122,39 @@ def test_a_forged_from_of_a_p_reject_domain_is_refused_by_the_receiver(internet)
     assert info.value.smtp_error.startswith(b"5.7.1 ")
     assert b"a.test publishes the DMARC policy p=reject" in info.value.smtp_error
     assert storedMessages(dataB, BOB) == []
+
+
+def _dkimProcesses() -> set:
+    """PIDs of this process's children that verify DKIM (twistmail.filters.dkimprocess)."""
+    found = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            for pid in f.read().split():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        if b"twistmail.filters.dkimprocess" in c.read():
+                            found.add(int(pid))
+                except FileNotFoundError:
+                    pass
+    return found
+
+
+def test_once_the_answers_are_kept_a_dkim_process_verifies_the_next_message(internet):
+    """The first message from a.test is verified in the DNS pool; its answers are then
+    kept, and the next one is verified by a child process, with the same results."""
+    a, b, dataB, dns, _ = internet
+    before = _dkimProcesses()
+    for n in (1, 2):
+        with smtplib.SMTP("127.0.0.1", a.ports["submission"], timeout=30) as client:
+            client.login(ALICE, "secret")
+            client.sendmail(ALICE, [BOB], MESSAGE)
+        stored = waitUntil(lambda n=n: (lambda found: found if len(found) == n else None)(
+            storedMessages(dataB, BOB)), 20, f"message {n} at B")
+    started = _dkimProcesses() - before
+    assert len(started) == 1, started
+    for message in stored:
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(message)
+        results = " ".join(headers["Authentication-Results"].split())
+        assert "dkim=pass header.d=a.test header.s=s1-ed25519" in results, results
+        assert "dkim=pass header.d=a.test header.s=s1-rsa" in results, results
+        assert results.endswith("dmarc=pass (p=reject) header.from=a.test"), results

@@ -6,6 +6,8 @@ twisted.names server on loopback through the relay's real resolver.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from dnsserver import PTR, TXT, A, startDNS
 from mailauth import (
@@ -13,6 +15,7 @@ from mailauth import (
     Ed25519Key,
     RSAKey,
     authResults,
+    filterMessage,
     makeVerifier,
     message,
     resolverFor,
@@ -20,15 +23,24 @@ from mailauth import (
     session,
     sign,
 )
-from twisted.internet import reactor
+from support import onReactor
+from twisted.internet import defer, reactor, threads
 from zope.interface.verify import verifyObject
 
 from twistmail import _pluginload
 from twistmail.config import ConfigError
 from twistmail.filters import dmarc
-from twistmail.filters.spfdkimdmarc import fromDomains, fromValues
+from twistmail.filters.dkimprocess import VerifierProcesses
+from twistmail.filters.lookups import CachedLookups
+from twistmail.filters.spfdkimdmarc import (
+    INLINE_SIZE,
+    SpfDkimDmarcFactory,
+    fromDomains,
+    fromValues,
+)
 from twistmail.interfaces import IMessageFilter, IMessageFilterFactory
-from twistmail.model import ACCEPT, QUARANTINE, REJECT, FilterContext
+from twistmail.model import ACCEPT, QUARANTINE, REJECT, FilterContext, FilterMessage
+from twistmail.relay.mx import DNSFailure, DnsPythonMXResolver, NotCached
 
 RSA = RSAKey()
 ED = Ed25519Key()
@@ -286,3 +298,101 @@ def test_organizational_domains_are_kept_in_a_bounded_cache():
     for n in range(dmarc.ORG_DOMAIN_CACHE + 10):
         assert dmarc.organizationalDomain(f"a.b{n}.example.co.uk") == "example.co.uk"
     assert dmarc.organizationalDomain.cache_info().currsize == dmarc.ORG_DOMAIN_CACHE
+
+
+# -- where the checks run --------------------------------------------------------------
+
+
+def _inMemory(raw: bytes) -> FilterMessage:
+    """As the engine builds it for a message held in memory (the spool did not spill)."""
+    return replace(filterMessage(raw), inMemory=True)
+
+
+class _CountingPool:
+    """The resolver's pool, counting the jobs it is given."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    def __call__(self, f, *args):
+        self.jobs += 1
+        return threads.deferToThread(f, *args)
+
+
+def _verifierWithPool(server, **options):
+    pool = _CountingPool()
+    resolver = DnsPythonMXResolver([("127.0.0.1", server.port)], 2, pool)
+    context = FilterContext(HOST, "/nonexistent", resolver, reactor)
+    return SpfDkimDmarcFactory().makeFilter(options, context), pool
+
+
+def _called(filter, sessionInfo, msg):
+    """(the hook's return value itself, its verdict): called on the reactor thread."""
+    returned = onReactor(lambda: defer.succeed([filter.endOfData(sessionInfo, msg)]))[0]
+    verdict = onReactor(lambda: returned) if isinstance(returned, defer.Deferred) else returned
+    return returned, verdict
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+@pytest.mark.parametrize("raw, sender", [
+    (signedGood(), "bob@good.example"),  # everything passes
+    (message(fromHeader="Alice <alice@good.example>"), "x@evil.example"),  # p=reject: 550
+    (message(fromHeader="q@quarantine.example"), "q@quarantine.example"),  # Junk
+    (sign(message(fromHeader="t@tempfail.example"), RSA, "tempfail.example", "rsa"),
+     "t@tempfail.example"),  # SERVFAIL is never kept: always asked again in the pool
+    # (An NXDOMAIN is kept too, for the SOA's negative TTL (RFC 2308); this test's DNS
+    # server sends no SOA, so its NXDOMAINs expire at once and are asked again.)
+])
+def test_a_small_message_whose_answers_are_kept_is_checked_without_the_pool(
+        dnsServer, raw, sender, processes):
+    """The first message from a domain is checked in the DNS pool; once its answers
+    are kept, the next is checked at once on the reactor thread, its DKIM
+    signatures in a child process if there is one, with the same verdict to the letter."""
+    filter, pool = _verifierWithPool(dnsServer, dkim_processes=processes)
+    client = session(client="192.0.2.66" if "evil" in sender else "192.0.2.10", sender=sender)
+    first, firstVerdict = _called(filter, client, _inMemory(raw))
+    assert isinstance(first, defer.Deferred) and pool.jobs == 2
+    second, secondVerdict = _called(filter, client, _inMemory(raw))
+    if "tempfail" in sender:
+        assert pool.jobs == 4
+    else:
+        assert pool.jobs == 2
+        assert isinstance(second, defer.Deferred) == bool(processes)
+    assert secondVerdict == firstVerdict
+    # As the pool decides it, without the inline path (the message on disk).
+    _, onDisk = _called(filter, client, filterMessage(raw))
+    assert onDisk == firstVerdict
+
+
+def test_large_or_spooled_messages_are_always_checked_in_the_pool(dnsServer):
+    filter, pool = _verifierWithPool(dnsServer)
+    _called(filter, session(), _inMemory(signedGood()))  # the answers are now kept
+    jobs = pool.jobs
+    large = signedGood(message(body=("x" * 70 + "\r\n") * (INLINE_SIZE // 72 + 1)))
+    for msg in (filterMessage(signedGood()), _inMemory(large)):
+        returned, verdict = _called(filter, session(), msg)
+        assert isinstance(returned, defer.Deferred)
+        assert "dkim=pass" in authResults(verdict)
+        jobs += 2
+        assert pool.jobs == jobs
+
+
+def test_cached_lookups_mark_a_miss_as_a_temporary_failure():
+    def resolveCached(name, rdtype):
+        if name == "kept.example":
+            return ["record"]
+        raise NotCached()
+
+    lookups = CachedLookups(resolveCached, 5)
+    assert lookups("kept.example", "TXT") == ["record"] and not lookups.missed
+    with pytest.raises(DNSFailure) as info:
+        lookups("other.example", "TXT")
+    assert info.value.temporary and lookups.missed
+
+
+def test_a_failing_dkim_process_leaves_the_message_to_the_pool(dnsServer):
+    filter, pool = _verifierWithPool(dnsServer)
+    _, expected = _called(filter, session(), _inMemory(signedGood()))  # answers now kept
+    filter._processes = VerifierProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
+    _, verdict = _called(filter, session(), _inMemory(signedGood()))
+    assert pool.jobs == 4 and verdict == expected

@@ -144,12 +144,15 @@ class FilterMessage:
     (``email.policy.default``); the body is not parsed: read it from C{open()},
     which returns a new binary file of the whole message each time (the caller
     closes it).  Reading it whole into memory is the filter's choice, bounded
-    by C{size} (at most ``[smtp] max_message_size``).
+    by C{size} (at most ``[smtp] max_message_size``).  When C{inMemory} is
+    true, C{open()} touches no disk, so a filter may read it on the reactor
+    thread.
     """
 
     headers: object  # email.message.EmailMessage of the header section only
     size: int
     open: Callable[[], BinaryIO]
+    inMemory: bool = False
 
 
 @dataclass(frozen=True)

@@ -351,7 +351,7 @@ class Session:
 
             def built(headers):
                 cache[extra] = FilterMessage(headers, source.size + len(extra),
-                                             lambda: source.open(extra))
+                                             lambda: source.open(extra), source.inMemory)
                 return info, cache[extra]
 
             return d.addCallback(built)

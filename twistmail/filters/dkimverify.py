@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -289,6 +290,29 @@ def _verifyOne(message: _Verifier, index: int, value: bytes, lookups: Lookups,
             return DKIMResult("policy", reason="body length limit (l=) leaves content unsigned",
                               **facts)
     return DKIMResult("pass", **facts)
+
+
+#: A DKIM-Signature field with its folded lines (RFC 5322 §2.2.3).
+_SIGNATURE_FIELD = re.compile(rb"^dkim-signature[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                              re.IGNORECASE | re.MULTILINE)
+
+
+def keyNames(raw: bytes, maxSignatures: int) -> list[str]:
+    """The key records (``s._domainkey.d``) that L{verifyAll} will look up, as far as a
+    scan of the header section finds them: for sending them to a process that does
+    no DNS (L{twistmail.filters.dkimprocess}), which reports any it still lacks."""
+    end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0),
+              default=len(raw))
+    names = []
+    for match in itertools.islice(_SIGNATURE_FIELD.finditer(raw, 0, end + 1), maxSignatures):
+        try:
+            tags = parse_tag_value(re.sub(rb"\r?\n", b"", match.group(1)))
+            name = (tags[b"s"] + b"._domainkey." + tags[b"d"]).decode("ascii").rstrip(".")
+        except Exception:  # malformed: verifyAll says what is wrong with it
+            continue
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def verifyAll(raw: bytes, lookups: Lookups, maxSignatures: int,

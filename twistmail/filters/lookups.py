@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from twistmail.relay.mx import DNSFailure
+from twistmail.relay.mx import DNSFailure, NotCached
 
 
 class Lookups:
@@ -40,3 +40,22 @@ class Lookups:
             if e.temporary:
                 raise
             return []
+
+
+class CachedLookups(Lookups):
+    """Lookups answered from the resolver's kept answers alone (C{resolveCached}),
+    for a check run on the reactor thread, where no lookup may wait on the network.
+
+    A lookup the cache cannot answer fails as a temporary DNS failure, which
+    the checks turn into ``temperror``, and sets C{missed}: the caller then
+    discards that result and runs the check again in the DNS pool.
+    """
+
+    missed = False
+
+    def __call__(self, name: str, rdtype: str) -> list:
+        try:
+            return self._resolve(name, rdtype)
+        except NotCached:
+            self.missed = True
+            raise DNSFailure(True, "4.4.3", f"{name} {rdtype} not cached") from None

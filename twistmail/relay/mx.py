@@ -55,8 +55,8 @@ class DNSFailure(Exception):
         return f"{'451' if self.temporary else '550'} {self.status} {self.text}"
 
 
-class _NotCached(Exception):
-    """The answer is not in the cache: ask in a worker thread."""
+class NotCached(Exception):
+    """The answer is not in the cache: ask in a worker thread (L{DnsPythonMXResolver.resolveCached})."""
 
 
 #: cacheOnly is set while a lookup runs on the reactor thread (L{DnsPythonMXResolver._cachedOrRun}).
@@ -168,7 +168,7 @@ class DnsPythonMXResolver:
         started = time.perf_counter()
         try:
             return self._resolve(name, rdtype, answers)
-        except _NotCached:
+        except NotCached:
             started = None  # not a lookup: it is asked again in a worker thread
             raise
         finally:
@@ -204,14 +204,14 @@ class DnsPythonMXResolver:
 
     def _fromCache(self, name: str, rdtype: str) -> list:
         """What L{_resolve} would return, from dnspython's cache alone (which drops expired
-        answers), without I/O; L{_NotCached} when it would have to ask."""
+        answers), without I/O; L{NotCached} when it would have to ask."""
         cache = getattr(self._resolver, "cache", None)
         if not cache:
-            raise _NotCached()
+            raise NotCached()
         try:
             key = (dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
         except dns.exception.DNSException:
-            raise _NotCached() from None  # _resolve words the error
+            raise NotCached() from None  # _resolve words the error
         answer = cache.get(key)
         if answer is not None:
             _thread.expires = min(_thread.expires, answer.expiration)
@@ -220,7 +220,7 @@ class DnsPythonMXResolver:
         if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
             _thread.expires = min(_thread.expires, answer.expiration)
             raise _nxdomain(name, rdtype)
-        raise _NotCached()
+        raise NotCached()
 
     def _cachedOrRun(self, f: Callable, arg: str) -> defer.Deferred:
         """C{f(arg)} at once when the cache holds every answer it needs, else in the pool.
@@ -238,7 +238,7 @@ class DnsPythonMXResolver:
         _thread.cacheOnly, _thread.expires = True, float("inf")
         try:
             result = f(arg)
-        except _NotCached:
+        except NotCached:
             result = None
         except DNSFailure as e:  # a cached NXDOMAIN
             result = e.with_traceback(None)  # each Failure made of it would walk the frames
@@ -261,6 +261,17 @@ class DnsPythonMXResolver:
         Answers are kept by name and type until their TTL ends (L{AnswerCache}).
         """
         return self._query(name, rdtype, self._answers)
+
+    def resolveCached(self, name: str, rdtype: str) -> list:
+        """As L{resolveSync}, from kept answers alone: no I/O, so safe on the reactor
+        thread.  L{NotCached} when the answer would have to be asked for."""
+        records = self._answers.get(name.lower(), rdtype)
+        if records is not None:
+            return records
+        if self._resolver is None:
+            raise NotCached()
+        _thread.expires = float("inf")  # _fromCache notes the earliest expiry
+        return self._fromCache(name, rdtype)  # NXDOMAIN is kept there, not in _answers
 
     def run(self, f: Callable, *args) -> defer.Deferred:
         """Call C{f(*args)} in the DNS worker pool; for blocking code built on L{resolveSync}."""

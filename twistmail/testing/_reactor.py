@@ -20,6 +20,7 @@ def startReactor() -> None:
     thread = threading.Thread(
         target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True, name="reactor")
     reactor.callWhenRunning(_started.set)
+    reactor.callWhenRunning(_reapChildren, reactor)
     thread.start()
     if not _started.wait(10):
         raise RuntimeError("reactor did not start")
@@ -31,3 +32,12 @@ def onReactor(f, *args, **kwargs):
 
     startReactor()
     return threads.blockingCallFromThread(reactor, f, *args, **kwargs)
+
+
+def _reapChildren(reactor) -> None:
+    """Outside the main thread the reactor gets no SIGCHLD, so a child process that
+    exits after its pipes closed would never be reaped (nor its protocol told)."""
+    from twisted.internet import task
+    from twisted.internet.process import reapAllProcesses
+
+    task.LoopingCall(reapAllProcesses).start(0.1, now=False)

@@ -1,0 +1,198 @@
+# -*- test-case-name: tests.test_dkimprocess -*-
+"""DKIM verification in child processes, beside the reactor on another core.
+
+Canonicalising and hashing a message is Python work that holds the GIL: in
+a thread it takes its time from the reactor all the same, about half the
+cost of accepting a message.  A child process runs beside it, as Postfix's
+smtpd hands a message to opendkim over milter.  The child makes no DNS
+queries: the parent sends the key records it already holds with the
+message; a child that needs one it was not sent answers L{MISSED} and the
+parent verifies the message the ordinary way, in its DNS pool.
+
+One request is the message and its key records; one answer is the list of
+L{twistmail.filters.dkimverify.DKIMResult}.  Both are pickled, framed by
+L{Int32StringReceiver}: the child is our own program, run from our own
+interpreter, never given anything a client could choose but the message
+bytes.  A child that dies or overruns C{deadline} is killed; its pending
+requests fail (the parent falls back to its pool) and the next request
+starts a new one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+from collections import deque
+
+from twisted.internet import defer, endpoints, error
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+
+from twistmail.filters import dkimverify
+from twistmail.relay.mx import DNSFailure
+
+log = Logger()
+
+#: The child's answer when it needed a key record it was not sent.
+MISSED = "missed"
+#: A request larger than this is never sent (the filter checks such messages in its pool).
+MAX_REQUEST = 1024 * 1024
+
+
+class _TXT:
+    """One TXT record as the verifier reads it (dnspython's C{strings})."""
+
+    def __init__(self, text: bytes) -> None:
+        self.strings = (text,)
+
+
+class _Sent:
+    """The child's lookups: the records the parent sent, by name; no DNS at all.
+
+    One it was not sent fails as temporary (whatever the verifier makes of
+    that is thrown away) and sets C{missed}."""
+
+    missed = False
+
+    def __init__(self, keys: dict[str, list[bytes]]) -> None:
+        self._keys = keys
+
+    def records(self, name: str, rdtype: str) -> list:
+        if rdtype != "TXT" or name not in self._keys:
+            self.missed = True
+            raise DNSFailure(True, "4.4.3", f"{name} {rdtype} not sent")
+        return [_TXT(text) for text in self._keys[name]]
+
+
+def answer(request: bytes) -> bytes:
+    """The child's work: a pickled request in, a pickled answer out."""
+    raw, keys, maxSignatures, minimumBits = pickle.loads(request)
+    lookups = _Sent(keys)
+    try:
+        results = dkimverify.verifyAll(raw, lookups, maxSignatures, minimumBits)
+    except Exception:  # a bug: the parent verifies it in its pool instead
+        return pickle.dumps(MISSED)
+    return pickle.dumps(MISSED if lookups.missed else results)
+
+
+def main() -> None:
+    """The child: requests on stdin, answers on stdout, until stdin closes."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while len(prefix := stdin.read(4)) == 4:
+        (length,) = struct.unpack("!I", prefix)
+        out = answer(stdin.read(length))
+        stdout.write(struct.pack("!I", len(out)) + out)
+        stdout.flush()
+
+
+class _Child(Int32StringReceiver):
+    """The parent's end of one child's stdin/stdout: answers come back in order."""
+
+    MAX_LENGTH = MAX_REQUEST
+
+    def __init__(self) -> None:
+        self.pending: deque[defer.Deferred] = deque()
+        self.closed = False
+
+    def stringReceived(self, data: bytes) -> None:
+        if self.pending:
+            self.pending.popleft().callback(pickle.loads(data))
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.closed = True
+        pending, self.pending = self.pending, deque()
+        for d in pending:
+            d.errback(reason)
+
+
+class _Slot:
+    """One child: running, starting (requests wait), or neither."""
+
+    def __init__(self) -> None:
+        self.child: _Child | None = None
+        self.waiting: list[defer.Deferred] | None = None
+
+
+class VerifierProcesses:
+    """C{processes} children, each started on first use, given requests in turn."""
+
+    def __init__(self, reactor, processes: int, deadline: float,
+                 argv: tuple[str, ...] = (sys.executable, "-m", __name__)) -> None:
+        """@param argv: the child's command line (tests give others)."""
+        self._reactor = reactor
+        self._argv = list(argv)
+        self._slots = [_Slot() for _ in range(processes)]
+        self._deadline = deadline
+        self._next = 0
+
+    def verify(self, raw: bytes, keys: dict[str, list[bytes]], maxSignatures: int,
+               minimumBits: int) -> defer.Deferred:
+        """A Deferred of the DKIMResults of C{raw}, or of L{MISSED}; it fails when the
+        child cannot start, dies or overruns the deadline."""
+        request = pickle.dumps((raw, keys, maxSignatures, minimumBits))
+        if len(request) > MAX_REQUEST:
+            return defer.succeed(MISSED)
+        slot = self._slots[self._next % len(self._slots)]
+        self._next += 1
+        return self._running(slot).addCallback(self._send, request)
+
+    def _running(self, slot: _Slot) -> defer.Deferred:
+        if slot.child is not None and not slot.child.closed:
+            return defer.succeed(slot.child)
+        d = defer.Deferred()
+        if slot.waiting is not None:
+            slot.waiting.append(d)
+            return d
+        slot.waiting = [d]
+        endpoint = endpoints.ProcessEndpoint(self._reactor, self._argv[0], self._argv,
+                                             env=os.environ)
+        endpoint.connect(Factory.forProtocol(_Child)).addBoth(self._started, slot)
+        return d
+
+    @staticmethod
+    def _started(result, slot: _Slot) -> None:
+        waiting, slot.waiting = slot.waiting or [], None
+        if isinstance(result, _Child):
+            slot.child = result
+            log.info("dkim verification process started pid={pid}", pid=result.transport.pid)
+        else:
+            log.failure("dkim verification process did not start", result)
+        for d in waiting:
+            d.callback(result) if isinstance(result, _Child) else d.errback(result)
+
+    def _send(self, child: _Child, request: bytes) -> defer.Deferred:
+        d = defer.Deferred()
+        child.pending.append(d)
+        child.sendString(request)
+        timer = self._reactor.callLater(self._deadline, self._overran, child)
+        return d.addBoth(_cancelled, timer)
+
+    def _overran(self, child: _Child) -> None:
+        log.warn("dkim verification process pid={pid} overran {deadline}s: killed",
+                 pid=child.transport.pid, deadline=self._deadline)
+        try:
+            child.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    def stop(self) -> None:
+        """Close every child's stdin: each ends after its current request."""
+        for slot in self._slots:
+            if slot.child is not None and not slot.child.closed:
+                slot.child.transport.loseConnection()
+
+
+def _cancelled(result, timer):
+    if timer.active():
+        timer.cancel()
+    return result
+
+
+if __name__ == "__main__":
+    main()
