@@ -6,6 +6,7 @@ twisted.names server on loopback through the relay's real resolver.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -380,11 +381,15 @@ def test_large_or_spooled_messages_are_always_checked_in_the_pool(dnsServer):
 def test_cached_lookups_mark_a_miss_as_a_temporary_failure():
     def resolveCached(name, rdtype):
         if name == "kept.example":
-            return ["record"]
+            return ["record"], 2000.0
+        if name == "early.example":
+            return [], 1000.0
         raise NotCached()
 
     lookups = CachedLookups(resolveCached, 5)
     assert lookups("kept.example", "TXT") == ["record"] and not lookups.missed
+    assert lookups.expires == 2000.0
+    assert lookups("early.example", "TXT") == [] and lookups.expires == 1000.0
     with pytest.raises(DNSFailure) as info:
         lookups("other.example", "TXT")
     assert info.value.temporary and lookups.missed
@@ -396,3 +401,29 @@ def test_a_failing_dkim_process_leaves_the_message_to_the_pool(dnsServer):
     filter._processes = VerifierProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
     _, verdict = _called(filter, session(), _inMemory(signedGood()))
     assert pool.jobs == 4 and verdict == expected
+
+
+def test_an_spf_result_is_kept_until_the_first_answer_it_was_made_of_expires(
+        dnsServer, monkeypatch):
+    from twistmail.filters import spfcheck
+
+    calls = []
+    checkHost = spfcheck.checkHost
+    monkeypatch.setattr(spfcheck, "checkHost", lambda *a, **k: calls.append(a[1:4])
+                        or checkHost(*a, **k))
+    filter, pool = _verifierWithPool(dnsServer, dkim_processes=0)
+    for _ in range(3):
+        _, verdict = _called(filter, session(), _inMemory(signedGood()))
+        assert "spf=pass smtp.mailfrom=bob@good.example" in authResults(verdict)
+    # MAIL FROM and HELO: tried from kept answers and then made in the pool (nothing
+    # kept yet), made from kept answers, then kept.
+    assert len(calls) == 2 + 2 + 2
+    [(key, (results, expires))] = filter._spfResults.items()
+    assert key == ("192.0.2.10", "bob@good.example", "mail.good.example")
+    assert 0 < expires - time.time() <= 60  # the zone's TTL
+    filter._spfResults[key] = (results, time.time() - 1)
+    _called(filter, session(), _inMemory(signedGood()))
+    assert len(calls) == 8
+    # Another sender is another result.
+    _called(filter, session(sender="x@good.example"), _inMemory(signedGood()))
+    assert len(calls) == 10 and len(filter._spfResults) == 2

@@ -48,14 +48,22 @@ class CachedLookups(Lookups):
 
     A lookup the cache cannot answer fails as a temporary DNS failure, which
     the checks turn into ``temperror``, and sets C{missed}: the caller then
-    discards that result and runs the check again in the DNS pool.
+    discards that result and runs the check again in the DNS pool.  C{expires}
+    is when the first of the answers given expires: a result made of them
+    holds until then.
     """
 
     missed = False
+    expires = float("inf")
 
     def __call__(self, name: str, rdtype: str) -> list:
         try:
-            return self._resolve(name, rdtype)
+            records, expires = self._resolve(name, rdtype)
         except NotCached:
             self.missed = True
             raise DNSFailure(True, "4.4.3", f"{name} {rdtype} not cached") from None
+        except DNSFailure as e:  # a kept NXDOMAIN
+            self.expires = min(self.expires, getattr(e, "expires", 0.0))
+            raise
+        self.expires = min(self.expires, expires)
+        return records

@@ -32,6 +32,7 @@ from __future__ import annotations
 import email.utils
 import random
 import re
+import time
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -59,6 +60,8 @@ INLINE_SIZE = 64 * 1024
 #: Seconds a DKIM process may take over one message before it is killed and the
 #: message verified in the DNS pool instead (a small message takes milliseconds).
 PROCESS_DEADLINE = 5.0
+#: SPF results kept (L{SpfDkimDmarc._keptSpf}), by client, sender and HELO name.
+SPF_RESULTS = 10000
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class SpfDkimDmarc(Filter):
         """@param trusted: [relay] trusted_networks: not verified, as loopback is not.
         @param reactor: runs the DKIM processes; without one DKIM is verified here."""
         self._options = settings(options)
+        self._spfResults: dict[tuple, tuple[list, float]] = {}  # see _keptSpf
         self._processes = None
         if reactor is not None and self._options["dkim_processes"]:
             self._processes = dkimprocess.VerifierProcesses(
@@ -194,10 +198,10 @@ class SpfDkimDmarc(Filter):
     def _atOnce(self, session, message):
         """The checks on the reactor thread from kept answers, DKIM in a child process
         when there are any; None when an answer is not kept."""
-        cached = CachedLookups(self._resolver.resolveCached, self._options["time_limit"])
-        spf = self._spf(cached, session)
-        if cached.missed:
+        spf = self._keptSpf(session)
+        if spf is None:
             return None
+        cached = CachedLookups(self._resolver.resolveCached, self._options["time_limit"])
         with message.open() as f:
             raw = f.read()  # in memory, at most INLINE_SIZE
         policies = self._policies(cached, raw)
@@ -227,6 +231,26 @@ class SpfDkimDmarc(Filter):
             return self._inPool(session, message)
 
         return d.addCallbacks(verified, failed)
+
+    def _keptSpf(self, session) -> list | None:
+        """The SPF results from kept answers; None when one is not kept.
+
+        check_host() is a function of the client, the sender, the HELO name and
+        DNS answers (RFC 7208 §4), so its result is kept with the session's
+        three, until the first answer it was made of expires.
+        """
+        key = (session.client, session.sender, session.helo)
+        kept = self._spfResults.get(key)
+        if kept is not None and kept[1] > time.time():
+            return kept[0]
+        cached = CachedLookups(self._resolver.resolveCached, self._options["time_limit"])
+        results = self._spf(cached, session)
+        if cached.missed:
+            return None
+        if len(self._spfResults) >= SPF_RESULTS:
+            self._spfResults.clear()
+        self._spfResults[key] = (results, cached.expires)
+        return results
 
     # -- in the DNS pool (or on the reactor, from kept answers) -----------------------
 

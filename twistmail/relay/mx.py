@@ -91,10 +91,15 @@ class AnswerCache:
 
     def get(self, name: str, rdtype: str) -> list | None:
         """The records, or None when not kept or expired."""
+        entry = self.entry(name, rdtype)
+        return None if entry is None else list(entry[0])
+
+    def entry(self, name: str, rdtype: str) -> tuple[tuple, float] | None:
+        """(the records, when they expire), or None when not kept or expired."""
         entry = self._entries.get((name, rdtype))
         if entry is None or entry[1] <= self._clock():
             return None
-        return list(entry[0])
+        return entry
 
     def put(self, name: str, rdtype: str, records: Sequence, expires: float) -> None:
         with self._lock:
@@ -262,16 +267,21 @@ class DnsPythonMXResolver:
         """
         return self._query(name, rdtype, self._answers)
 
-    def resolveCached(self, name: str, rdtype: str) -> list:
-        """As L{resolveSync}, from kept answers alone: no I/O, so safe on the reactor
-        thread.  L{NotCached} when the answer would have to be asked for."""
-        records = self._answers.get(name.lower(), rdtype)
-        if records is not None:
-            return records
+    def resolveCached(self, name: str, rdtype: str) -> tuple[list, float]:
+        """As L{resolveSync}, from kept answers alone, with the time (C{time.time()})
+        they expire: no I/O, so safe on the reactor thread.  L{NotCached} when the
+        answer would have to be asked for."""
+        entry = self._answers.entry(name.lower(), rdtype)
+        if entry is not None:
+            return list(entry[0]), entry[1]
         if self._resolver is None:
             raise NotCached()
         _thread.expires = float("inf")  # _fromCache notes the earliest expiry
-        return self._fromCache(name, rdtype)  # NXDOMAIN is kept there, not in _answers
+        try:
+            return self._fromCache(name, rdtype), _thread.expires  # NXDOMAIN is kept there
+        except DNSFailure as e:
+            e.expires = _thread.expires
+            raise
 
     def run(self, f: Callable, *args) -> defer.Deferred:
         """Call C{f(*args)} in the DNS worker pool; for blocking code built on L{resolveSync}."""
