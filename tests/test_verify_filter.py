@@ -427,3 +427,26 @@ def test_an_spf_result_is_kept_until_the_first_answer_it_was_made_of_expires(
     # Another sender is another result.
     _called(filter, session(sender="x@good.example"), _inMemory(signedGood()))
     assert len(calls) == 10 and len(filter._spfResults) == 2
+
+
+def test_dmarc_policies_are_kept_by_from_field_until_their_first_answer_expires(
+        dnsServer, monkeypatch):
+    calls = []
+    discover = dmarc.discover
+    monkeypatch.setattr(dmarc, "discover", lambda lookups, domain: calls.append(domain)
+                        or discover(lookups, domain))
+    filter, pool = _verifierWithPool(dnsServer, dkim_processes=0)
+    for _ in range(3):
+        _, verdict = _called(filter, session(), _inMemory(signedGood()))
+        assert "dmarc=pass (p=reject) header.from=good.example" in authResults(verdict)
+    assert calls == ["good.example"] * 2  # in the pool, from kept answers, then kept
+    [(key, (policies, expires))] = filter._policyResults.items()
+    assert key == (" Alice <alice@good.example>",)  # the field value, as written
+    assert 0 < expires - time.time() <= 60
+    forged = message(fromHeader="q@quarantine.example")
+    _called(filter, session(sender="q@quarantine.example"), _inMemory(forged))
+    _, verdict = _called(filter, session(sender="q@quarantine.example"), _inMemory(forged))
+    assert verdict.action == QUARANTINE and len(filter._policyResults) == 2
+    filter._policyResults[key] = (policies, time.time() - 1)
+    _called(filter, session(), _inMemory(signedGood()))
+    assert calls[-1] == "good.example" and len(calls) == 2 + 2 + 1

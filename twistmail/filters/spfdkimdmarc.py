@@ -60,7 +60,8 @@ INLINE_SIZE = 64 * 1024
 #: Seconds a DKIM process may take over one message before it is killed and the
 #: message verified in the DNS pool instead (a small message takes milliseconds).
 PROCESS_DEADLINE = 5.0
-#: SPF results kept (L{SpfDkimDmarc._keptSpf}), by client, sender and HELO name.
+#: SPF results kept (L{SpfDkimDmarc._keptSpf}), by client, sender and HELO name; as
+#: many DMARC policies, by From field (L{SpfDkimDmarc._keptPolicies}).
 SPF_RESULTS = 10000
 
 
@@ -163,6 +164,7 @@ class SpfDkimDmarc(Filter):
         @param reactor: runs the DKIM processes; without one DKIM is verified here."""
         self._options = settings(options)
         self._spfResults: dict[tuple, tuple[list, float]] = {}  # see _keptSpf
+        self._policyResults: dict[tuple, tuple[tuple, float]] = {}  # see _keptPolicies
         self._processes = None
         if reactor is not None and self._options["dkim_processes"]:
             self._processes = dkimprocess.VerifierProcesses(
@@ -204,8 +206,8 @@ class SpfDkimDmarc(Filter):
         cached = CachedLookups(self._resolver.resolveCached, self._options["time_limit"])
         with message.open() as f:
             raw = f.read()  # in memory, at most INLINE_SIZE
-        policies = self._policies(cached, raw)
-        if cached.missed:
+        policies = self._keptPolicies(raw)
+        if policies is None:
             return None
         if self._processes is None:
             dkims = self._dkim(cached, raw)
@@ -252,6 +254,22 @@ class SpfDkimDmarc(Filter):
         self._spfResults[key] = (results, cached.expires)
         return results
 
+    def _keptPolicies(self, raw: bytes) -> tuple | None:
+        """L{_policies} from kept answers, kept by the From field's text until the
+        first DMARC answer expires; None when one is not kept."""
+        key = tuple(fromValues(raw))
+        kept = self._policyResults.get(key)
+        if kept is not None and kept[1] > time.time():
+            return kept[0]
+        cached = CachedLookups(self._resolver.resolveCached, self._options["time_limit"])
+        policies = self._policies(cached, raw, key)
+        if cached.missed:
+            return None
+        if len(self._policyResults) >= SPF_RESULTS:
+            self._policyResults.clear()
+        self._policyResults[key] = (policies, cached.expires)
+        return policies
+
     # -- in the DNS pool (or on the reactor, from kept answers) -----------------------
 
     def _spf(self, lookups: Lookups, session) -> list:
@@ -276,9 +294,9 @@ class SpfDkimDmarc(Filter):
         return dkimverify.verifyAll(raw, lookups, self._options["max_signatures"],
                                     self._options["dkim_minimum_bits"])
 
-    def _policies(self, lookups: Lookups, raw: bytes) -> tuple:
+    def _policies(self, lookups: Lookups, raw: bytes, values: tuple | None = None) -> tuple:
         """(From domains, the problem with From or "", their DMARC records)."""
-        domains, problem = fromDomains(fromValues(raw))
+        domains, problem = fromDomains(list(fromValues(raw) if values is None else values))
         policies = {}
         for domain in domains[:dmarc.MAX_FROM_DOMAINS]:
             try:
