@@ -6,6 +6,7 @@ reactor; key records come from the test's own dict, so no DNS is involved.
 
 from __future__ import annotations
 
+import operator
 import pickle
 import sys
 
@@ -45,18 +46,18 @@ def test_key_names_are_those_verify_all_looks_up():
 
 
 def test_the_child_answers_as_verify_all_does_in_the_parent():
-    answer = pickle.loads(dkimprocess.answer(pickle.dumps((SIGNED, KEYS, 5, 1024))))
+    answer = pickle.loads(dkimprocess.answer(pickle.dumps((SIGNED, KEYS, 5, 1024, None))))
     assert [r.result for r in answer] == ["pass", "pass"]
     assert answer == dkimverify.verifyAll(SIGNED, _Records(KEYS), 5, 1024)
     tampered = SIGNED.replace(b"Hello.", b"Hullo.")
-    answer = pickle.loads(dkimprocess.answer(pickle.dumps((tampered, KEYS, 5, 1024))))
+    answer = pickle.loads(dkimprocess.answer(pickle.dumps((tampered, KEYS, 5, 1024, None))))
     assert [r.reason[:18] for r in answer] == ["body hash mismatch"] * 2
     assert answer == dkimverify.verifyAll(tampered, _Records(KEYS), 5, 1024)
 
 
 def test_a_key_not_sent_is_reported_missed_never_looked_up():
     keys = {"ed._domainkey.good.example": KEYS["ed._domainkey.good.example"]}
-    assert pickle.loads(dkimprocess.answer(pickle.dumps((SIGNED, keys, 5, 1024)))) \
+    assert pickle.loads(dkimprocess.answer(pickle.dumps((SIGNED, keys, 5, 1024, None)))) \
         == dkimprocess.MISSED
 
 
@@ -121,3 +122,30 @@ def test_a_message_too_large_to_send_is_missed():
     processes = dkimprocess.VerifierProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
     huge = SIGNED + b"x" * dkimprocess.MAX_REQUEST
     assert _verify(processes, huge) == dkimprocess.MISSED
+
+
+def test_a_function_named_in_the_request_makes_the_answer_of_the_results():
+    processes = dkimprocess.VerifierProcesses(reactor, 1, 30)
+    try:
+        answer = onReactor(lambda: processes.verify(SIGNED, KEYS, 5, 1024,
+                                                    (operator.add, (["and more"],))))
+        assert [r.result for r in answer[:2]] == ["pass", "pass"] and answer[2] == "and more"
+    finally:
+        onReactor(processes.stop)
+
+
+def test_requests_larger_than_the_pipe_holds_arrive_whole_and_in_order():
+    """A request the pipe does not take at once is finished by the transport, and
+    what is sent meanwhile queues behind it."""
+    large = sign(sign(message(body=("y" * 70 + "\r\n") * 4000), RSA, "good.example", "rsa"),
+                 ED, "good.example", "ed")
+    assert len(large) > 4 * 65536
+    processes = dkimprocess.VerifierProcesses(reactor, 1, 30)
+    try:
+        answers = onReactor(lambda: defer.gatherResults(
+            [processes.verify(raw, KEYS, 5, 1024, (operator.add, ([len(raw)],)))
+             for raw in [large, SIGNED, large, SIGNED]]))
+        assert [a[-1] for a in answers] == [len(large), len(SIGNED)] * 2
+        assert all([r.result for r in a[:-1]] == ["pass", "pass"] for a in answers)
+    finally:
+        onReactor(processes.stop)

@@ -173,7 +173,7 @@ class SpfDkimDmarc(Filter):
         self._trusted = None if self._options["check_local"] else Networks(trusted)
         self._hostname = hostname
         self._resolver = resolver
-        self._rng = rng or random.SystemRandom()  # pct= sampling (RFC 7489 §6.6.4)
+        self._rng = rng or _SYSTEM_RANDOM
         dmarc.organizationalDomain("example.org")  # load the suffix list now, not per message
 
     def _isLocal(self, client: str) -> bool:
@@ -218,13 +218,14 @@ class SpfDkimDmarc(Filter):
                 keys[name] = [b"".join(r.strings) for r in cached.records(name, "TXT")]
             except DNSFailure:
                 return None
+        then = (decide, (self._hostname, spf, *policies, session.helo))
         d = self._processes.verify(raw, keys, self._options["max_signatures"],
-                                   self._options["dkim_minimum_bits"])
+                                   self._options["dkim_minimum_bits"], then)
 
-        def verified(dkims):
-            if dkims == dkimprocess.MISSED:
+        def verified(decided):
+            if decided == dkimprocess.MISSED:
                 return self._inPool(session, message)
-            return self._verdict([spf, (dkims, *policies)], session)
+            return self._conclude(spf, policies[1], decided, session)
 
         def failed(failure):
             log.warn("spf-dkim-dmarc id={id}: DKIM verification process failed ({why}); "
@@ -307,39 +308,22 @@ class SpfDkimDmarc(Filter):
 
     # -- on the reactor -----------------------------------------------------------
 
-    def _dmarc(self, spf, dkims, domains, problem, policies) -> dmarc.DMARCResult:
-        if problem:
-            found = [(d, policies[d][2]) for d in domains if policies.get(d, ("",))[0] == "found"]
-            domain, strictest = max(found, key=lambda f: dmarc.POLICIES.index(f[1]),
-                                    default=(domains[0] if domains else "", ""))
-            return dmarc.DMARCResult("permerror", domain, strictest, strictest or "none", problem)
-        domain = domains[0]
-        status, record, policy = policies[domain]
-        if status != "found":
-            return dmarc.DMARCResult(status, domain, reason=policy if status == "temperror" else "")
-        return dmarc.evaluate(domain, record, policy, spf, dkims, self._rng)
-
     def _verdict(self, results, session) -> Verdict:
         spfs, (dkims, domains, problem, policies) = results
-        mailfrom = spfs[0]
-        verdict = self._dmarc(mailfrom, dkims, domains, problem, policies)
-        entries = [Result("spf", r.result, (("smtp.mailfrom", r.sender),) if r.identity == "mailfrom"
-                          else (("smtp.helo", session.helo),)) for r in spfs]
-        entries += [Result("dkim", d.result, (("header.d", d.domain), ("header.s", d.selector),
-                                              ("header.a", d.algorithm), ("header.b", d.b)),
-                           reason="" if d.result == "pass" else d.reason) for d in dkims] \
-            or [Result("dkim", "none")]
-        entries.append(Result("dmarc", verdict.result, (("header.from", verdict.domain),),
-                              reason=verdict.reason if verdict.result == "permerror" else "",
-                              comment=f"p={verdict.policy}" if verdict.policy else ""))
-        headers = (authresults.header(self._hostname, entries),)
+        decided = decide(dkims, self._hostname, spfs, domains, problem, policies, session.helo,
+                         self._rng)
+        return self._conclude(spfs, problem, decided, session)
+
+    def _conclude(self, spfs, problem: str, decided: tuple, session) -> Verdict:
+        """The verdict, and its log line, for what L{decide} found."""
+        dkims, verdict, header = decided
         action = verdict.disposition
         if action == "reject" and not self._options["reject_on_dmarc"]:
             action = "quarantine"
         log.info("spf-dkim-dmarc id={id} client={client} from={domain} spf={spf} dkim={dkim} "
                  "dmarc={dmarc} result={action}", id=loggable(session.id),
                  client=loggable(session.client), domain=loggable(verdict.domain or "-"),
-                 spf=mailfrom.result, dkim=",".join(d.result for d in dkims) or "none",
+                 spf=spfs[0].result, dkim=",".join(d.result for d in dkims) or "none",
                  dmarc=verdict.result, action=action if action != "none" else "accept")
         if action == "reject":
             why = f"{problem} and " if problem else ""
@@ -347,8 +331,44 @@ class SpfDkimDmarc(Filter):
                                   "DMARC policy p=reject, and this message does not pass DMARC",
                                   550)
         if action == "quarantine":
-            return Verdict.quarantine(headers)
-        return Verdict.accept(headers)
+            return Verdict.quarantine((header,))
+        return Verdict.accept((header,))
+
+
+def _dmarcResult(spf, dkims, domains, problem, policies, rng) -> dmarc.DMARCResult:
+    if problem:
+        found = [(d, policies[d][2]) for d in domains if policies.get(d, ("",))[0] == "found"]
+        domain, strictest = max(found, key=lambda f: dmarc.POLICIES.index(f[1]),
+                                default=(domains[0] if domains else "", ""))
+        return dmarc.DMARCResult("permerror", domain, strictest, strictest or "none", problem)
+    domain = domains[0]
+    status, record, policy = policies[domain]
+    if status != "found":
+        return dmarc.DMARCResult(status, domain, reason=policy if status == "temperror" else "")
+    return dmarc.evaluate(domain, record, policy, spf, dkims, rng)
+
+
+def decide(dkims: list, hostname: str, spfs: list, domains: list, problem: str, policies: dict,
+           helo: str, rng: random.Random | None = None) -> tuple:
+    """(C{dkims}, the DMARC result, the Authentication-Results field) of one message.
+
+    A function of its arguments alone, so the DKIM process runs it too, after
+    verifying (L{twistmail.filters.dkimprocess}): the server then only logs.
+    """
+    verdict = _dmarcResult(spfs[0], dkims, domains, problem, policies, rng or _SYSTEM_RANDOM)
+    entries = [Result("spf", r.result, (("smtp.mailfrom", r.sender),) if r.identity == "mailfrom"
+                      else (("smtp.helo", helo),)) for r in spfs]
+    entries += [Result("dkim", d.result, (("header.d", d.domain), ("header.s", d.selector),
+                                          ("header.a", d.algorithm), ("header.b", d.b)),
+                       reason="" if d.result == "pass" else d.reason) for d in dkims] \
+        or [Result("dkim", "none")]
+    entries.append(Result("dmarc", verdict.result, (("header.from", verdict.domain),),
+                          reason=verdict.reason if verdict.result == "permerror" else "",
+                          comment=f"p={verdict.policy}" if verdict.policy else ""))
+    return dkims, verdict, authresults.header(hostname, entries)
+
+
+_SYSTEM_RANDOM = random.SystemRandom()  # pct= sampling (RFC 7489 §6.6.4)
 
 
 @implementer(IMessageFilterFactory)
