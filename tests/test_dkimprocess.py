@@ -77,15 +77,19 @@ def test_children_verify_concurrent_requests_in_order():
         onReactor(processes.stop)
 
 
-def test_a_child_that_dies_fails_its_requests_and_the_next_request_starts_another():
+def test_a_child_that_dies_is_replaced_after_the_restart_delay():
+    """Until then its requests are answered MISSED (the filter's pool takes them): a
+    message that kills its child costs one process start per RESTART_DELAY at most."""
     processes = dkimprocess.VerifierProcesses(reactor, 1, 30)
     try:
         assert [r.result for r in _verify(processes)] == ["pass", "pass"]
         first = processes._slots[0].child
         onReactor(lambda: first.transport.signalProcess("KILL"))
         onReactor(lambda: _closed(first))
+        assert _verify(processes) == dkimprocess.MISSED
+        processes._slots[0].down -= dkimprocess.RESTART_DELAY
         assert [r.result for r in _verify(processes)] == ["pass", "pass"]
-        assert processes._slots[0].child is not first
+        assert processes._slots[0].child not in (None, first)
     finally:
         onReactor(processes.stop)
 
@@ -112,10 +116,11 @@ def test_a_child_over_its_deadline_is_killed_and_its_request_fails():
     assert processes._slots[0].child.closed
 
 
-def test_a_child_that_cannot_start_fails_the_request():
+def test_a_child_that_cannot_start_fails_the_request_and_is_tried_again_later():
     processes = dkimprocess.VerifierProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
     with pytest.raises(OSError):
         _verify(processes)
+    assert _verify(processes) == dkimprocess.MISSED  # not tried again at once
 
 
 def test_a_message_too_large_to_send_is_missed():

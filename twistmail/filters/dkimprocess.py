@@ -14,9 +14,10 @@ L{twistmail.filters.dkimverify.DKIMResult}, or what a function the request
 names makes of it (the filter's verdict, so that is done beside the reactor
 too).  Both are pickled, each after its length (4 octets, network order):
 the child is our own program, run from our own interpreter, never given
-anything a client could choose but the message bytes.  A child that dies or overruns C{deadline} is killed; its pending
-requests fail (the parent falls back to its pool) and the next request
-starts a new one.
+anything a client could choose but the message bytes.  A child that
+overruns C{deadline} is killed; a child that dies fails its pending
+requests (the parent falls back to its pool), and another is started in its
+place L{RESTART_DELAY} later.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ log = Logger()
 MISSED = "missed"
 #: A request larger than this is never sent (the filter checks such messages in its pool).
 MAX_REQUEST = 1024 * 1024
+#: Seconds after a child died (or was killed) before another is started in its place;
+#: meanwhile its requests are answered L{MISSED}.  A message that kills its child
+#: costs a process start once per this delay at most, not once per message.
+RESTART_DELAY = 10.0
 
 
 class _TXT:
@@ -94,9 +99,11 @@ def main() -> None:
 class _Child(ProcessProtocol):
     """The parent's end of one child's stdin/stdout: answers come back in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock) -> None:
         self.pending: deque[defer.Deferred] = deque()
         self.closed = False
+        self.ended = 0.0
+        self._clock = clock
         self._buffer = b""
 
     def send(self, data: bytes) -> None:
@@ -133,6 +140,7 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.closed = True
+        self.ended = self._clock.seconds()
         pending, self.pending = self.pending, deque()
         for d in pending:
             d.errback(reason)
@@ -144,6 +152,13 @@ class _Slot:
     def __init__(self) -> None:
         self.child: _Child | None = None
         self.waiting: list[defer.Deferred] | None = None
+        self.down = -RESTART_DELAY  # when its child last died or failed to start
+
+    def resting(self, now: float) -> bool:
+        """Its child died or failed to start under L{RESTART_DELAY} ago."""
+        if self.child is not None and self.child.closed:
+            self.down, self.child = self.child.ended, None
+        return self.child is None and now - self.down < RESTART_DELAY
 
 
 class VerifierProcesses:
@@ -171,6 +186,8 @@ class VerifierProcesses:
             return defer.succeed(MISSED)
         slot = self._slots[self._next % len(self._slots)]
         self._next += 1
+        if slot.resting(self._reactor.seconds()):
+            return defer.succeed(MISSED)  # the pool's turn for a while
         return self._running(slot).addCallback(self._send, request)
 
     def _running(self, slot: _Slot) -> defer.Deferred:
@@ -181,7 +198,7 @@ class VerifierProcesses:
             slot.waiting.append(d)
             return d
         slot.waiting = [d]
-        child = _Child()
+        child = _Child(self._reactor)
         try:
             self._reactor.spawnProcess(child, self._argv[0], self._argv, env=os.environ)
         except Exception:
@@ -190,13 +207,13 @@ class VerifierProcesses:
             self._started(child, slot)
         return d
 
-    @staticmethod
-    def _started(result, slot: _Slot) -> None:
+    def _started(self, result, slot: _Slot) -> None:
         waiting, slot.waiting = slot.waiting or [], None
         if isinstance(result, _Child):
             slot.child = result
             log.info("dkim verification process started pid={pid}", pid=result.transport.pid)
         else:
+            slot.down = self._reactor.seconds()
             log.failure("dkim verification process did not start", result)
         for d in waiting:
             d.callback(result) if isinstance(result, _Child) else d.errback(result)
