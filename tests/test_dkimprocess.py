@@ -46,18 +46,18 @@ def test_key_names_are_those_verify_all_looks_up():
 
 
 def test_the_child_answers_as_verify_all_does_in_the_parent():
-    answer = pickle.loads(dkimprocess.answer(pickle.dumps((SIGNED, KEYS, 5, 1024, None))))
+    answer = pickle.loads(dkimprocess.answer(pickle.dumps((dkimprocess.verifyThen, (SIGNED, KEYS, 5, 1024, None)))))
     assert [r.result for r in answer] == ["pass", "pass"]
     assert answer == dkimverify.verifyAll(SIGNED, _Records(KEYS), 5, 1024)
     tampered = SIGNED.replace(b"Hello.", b"Hullo.")
-    answer = pickle.loads(dkimprocess.answer(pickle.dumps((tampered, KEYS, 5, 1024, None))))
+    answer = pickle.loads(dkimprocess.answer(pickle.dumps((dkimprocess.verifyThen, (tampered, KEYS, 5, 1024, None)))))
     assert [r.reason[:18] for r in answer] == ["body hash mismatch"] * 2
     assert answer == dkimverify.verifyAll(tampered, _Records(KEYS), 5, 1024)
 
 
 def test_a_key_not_sent_is_reported_missed_never_looked_up():
     keys = {"ed._domainkey.good.example": KEYS["ed._domainkey.good.example"]}
-    assert pickle.loads(dkimprocess.answer(pickle.dumps((SIGNED, keys, 5, 1024, None)))) \
+    assert pickle.loads(dkimprocess.answer(pickle.dumps((dkimprocess.verifyThen, (SIGNED, keys, 5, 1024, None))))) \
         == dkimprocess.MISSED
 
 
@@ -66,7 +66,7 @@ def _verify(processes, raw=SIGNED, keys=KEYS):
 
 
 def test_children_verify_concurrent_requests_in_order():
-    processes = dkimprocess.VerifierProcesses(reactor, 2, 30)
+    processes = dkimprocess.DKIMProcesses(reactor, 2, 30)
     try:
         tampered = SIGNED.replace(b"Hello.", b"Hullo.")
         answers = onReactor(lambda: defer.gatherResults(
@@ -80,7 +80,7 @@ def test_children_verify_concurrent_requests_in_order():
 def test_a_child_that_dies_is_replaced_after_the_restart_delay():
     """Until then its requests are answered MISSED (the filter's pool takes them): a
     message that kills its child costs one process start per RESTART_DELAY at most."""
-    processes = dkimprocess.VerifierProcesses(reactor, 1, 30)
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 30)
     try:
         assert [r.result for r in _verify(processes)] == ["pass", "pass"]
         first = processes._slots[0].child
@@ -110,27 +110,27 @@ def _closed(child) -> defer.Deferred:
 
 def test_a_child_over_its_deadline_is_killed_and_its_request_fails():
     hanging = (sys.executable, "-c", "import time; time.sleep(60)")
-    processes = dkimprocess.VerifierProcesses(reactor, 1, 0.5, argv=hanging)
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 0.5, argv=hanging)
     with pytest.raises(error.ProcessTerminated):
         _verify(processes)
     assert processes._slots[0].child.closed
 
 
 def test_a_child_that_cannot_start_fails_the_request_and_is_tried_again_later():
-    processes = dkimprocess.VerifierProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
     with pytest.raises(OSError):
         _verify(processes)
     assert _verify(processes) == dkimprocess.MISSED  # not tried again at once
 
 
 def test_a_message_too_large_to_send_is_missed():
-    processes = dkimprocess.VerifierProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
     huge = SIGNED + b"x" * dkimprocess.MAX_REQUEST
     assert _verify(processes, huge) == dkimprocess.MISSED
 
 
 def test_a_function_named_in_the_request_makes_the_answer_of_the_results():
-    processes = dkimprocess.VerifierProcesses(reactor, 1, 30)
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 30)
     try:
         answer = onReactor(lambda: processes.verify(SIGNED, KEYS, 5, 1024,
                                                     (operator.add, (["and more"],))))
@@ -145,7 +145,7 @@ def test_requests_larger_than_the_pipe_holds_arrive_whole_and_in_order():
     large = sign(sign(message(body=("y" * 70 + "\r\n") * 4000), RSA, "good.example", "rsa"),
                  ED, "good.example", "ed")
     assert len(large) > 4 * 65536
-    processes = dkimprocess.VerifierProcesses(reactor, 1, 30)
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 30)
     try:
         answers = onReactor(lambda: defer.gatherResults(
             [processes.verify(raw, KEYS, 5, 1024, (operator.add, ([len(raw)],)))

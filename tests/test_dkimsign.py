@@ -3,6 +3,7 @@ against the key records served by a loopback DNS server, and tampering breaks th
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import io
@@ -17,6 +18,7 @@ from twisted.internet import defer
 from twistmail import dkimkeys
 from twistmail.dkimkeys import KeyRing
 from twistmail.dkimsigner import Signer, fromDomain, headerList
+from twistmail.filters import dkimprocess
 from twistmail.filters.dkimsign import DKIMSignFilter, DKIMSignFilterFactory
 from twistmail.model import ACCEPT, FilterMessage, SessionInfo
 from twistmail.relay.mx import DnsPythonMXResolver
@@ -237,3 +239,62 @@ def test_at_most_two_messages_are_hashed_at_once(data):
     assert len(started) == 2
     started[0].callback(b"signed")
     assert results[0].result == b"signed" and len(started) == 3
+
+
+# -- signing in a child process ----------------------------------------------------
+
+
+def _inMemory(data: bytes) -> FilterMessage:
+    return dataclasses.replace(_message(data), inMemory=True)
+
+
+@pytest.fixture
+def inProcesses(data):
+    """The filter as the factory builds it, with one signing process, counting the
+    messages signed in a thread instead."""
+    from support import onReactor
+    from twisted.internet import reactor
+
+    threaded = []
+
+    def run(f, *args):
+        threaded.append(f)
+        return defer.maybeDeferred(f, *args)
+
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 30)
+    yield DKIMSignFilter(Signer(KeyRing(data), run), processes, data), threaded
+    onReactor(processes.stop)
+
+
+def test_a_message_in_memory_is_signed_by_the_child(inProcesses, published):
+    from support import onReactor
+
+    filter, threaded = inProcesses
+    verdict = onReactor(lambda: filter.endOfData(SUBMITTED, _inMemory(MESSAGE)))
+    signed = b"".join(f"{n}: {v}\r\n".encode() for n, v in verdict.headers) + MESSAGE
+    assert verifyEach(signed, published) == [True, True] and threaded == []
+    # On disk: in a thread, as before.
+    verdict = onReactor(lambda: filter.endOfData(SUBMITTED, _message(MESSAGE)))
+    assert len(verdict.headers) == 2 and len(threaded) == 1
+
+
+def test_a_message_the_child_cannot_sign_is_tried_in_a_thread(inProcesses, data):
+    """A broken key: the child fails, the thread fails the same way, and the message goes
+    unsigned, as without a child."""
+    from support import onReactor
+
+    filter, threaded = inProcesses
+    with open(os.path.join(data, "dkim", "example.test", "s1", "rsa.pem"), "wb") as f:
+        f.write(b"garbage")
+    verdict = onReactor(lambda: filter.endOfData(SUBMITTED, _inMemory(MESSAGE)))
+    assert verdict.action == ACCEPT and verdict.headers == () and len(threaded) == 1
+
+
+@pytest.mark.parametrize("value", [-1, "1", 1.5, True])
+def test_processes_option_must_be_a_count(value):
+    from twistmail.config import ConfigError
+    from twistmail.model import FilterContext
+
+    with pytest.raises(ConfigError, match=r"\[filters.dkim-sign\] processes: .*Fix: "):
+        DKIMSignFilterFactory().makeFilter({"processes": value},
+                                           FilterContext("mx.test", "/nonexistent", None, None))

@@ -31,7 +31,7 @@ from zope.interface.verify import verifyObject
 from twistmail import _pluginload
 from twistmail.config import ConfigError
 from twistmail.filters import dmarc
-from twistmail.filters.dkimprocess import VerifierProcesses
+from twistmail.filters.dkimprocess import DKIMProcesses
 from twistmail.filters.lookups import CachedLookups
 from twistmail.filters.spfdkimdmarc import (
     INLINE_SIZE,
@@ -398,7 +398,7 @@ def test_cached_lookups_mark_a_miss_as_a_temporary_failure():
 def test_a_failing_dkim_process_leaves_the_message_to_the_pool(dnsServer):
     filter, pool = _verifierWithPool(dnsServer)
     _, expected = _called(filter, session(), _inMemory(signedGood()))  # answers now kept
-    filter._processes = VerifierProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
+    filter._processes = DKIMProcesses(reactor, 1, 5, argv=("/nonexistent/python",))
     _, verdict = _called(filter, session(), _inMemory(signedGood()))
     assert pool.jobs == 4 and verdict == expected
 

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_dkimprocess -*-
-"""DKIM verification in child processes, beside the reactor on another core.
+"""DKIM verification and signing in child processes, beside the reactor on another core.
 
 Canonicalising and hashing a message is Python work that holds the GIL: in
 a thread it takes its time from the reactor all the same, about half the
@@ -9,14 +9,15 @@ queries: the parent sends the key records it already holds with the
 message; a child that needs one it was not sent answers L{MISSED} and the
 parent verifies the message the ordinary way, in its DNS pool.
 
-One request is the message and its key records; one answer is the list of
-L{twistmail.filters.dkimverify.DKIMResult}, or what a function the request
-names makes of it (the filter's verdict, so that is done beside the reactor
-too).  Both are pickled, each after its length (4 octets, network order):
-the child is our own program, run from our own interpreter, never given
+A request is a module-level function and its arguments (for verifying:
+L{verifyThen}, the message, its key records, and what to make of the
+results: the filter's verdict, so that is done beside the reactor too; for
+signing, L{twistmail.filters.dkimsign}'s); the answer is what it returns.
+Both are pickled, each after its length (4 octets, network order): the
+child is our own program, run from our own interpreter, never given
 anything a client could choose but the message bytes.  A child that
 overruns C{deadline} is killed; a child that dies fails its pending
-requests (the parent falls back to its pool), and another is started in its
+requests (the parent does their work itself), and another is started in its
 place L{RESTART_DELAY} later.
 """
 
@@ -74,16 +75,22 @@ class _Sent:
 
 
 def answer(request: bytes) -> bytes:
-    """The child's work: a pickled request in, a pickled answer out."""
-    raw, keys, maxSignatures, minimumBits, then = pickle.loads(request)
-    lookups = _Sent(keys)
+    """The child's work: a pickled (function, arguments) in, what it returns pickled out."""
     try:
-        results = dkimverify.verifyAll(raw, lookups, maxSignatures, minimumBits)
-        if lookups.missed:
-            return pickle.dumps(MISSED)
-        return pickle.dumps(results if then is None else then[0](results, *then[1]))
-    except Exception:  # a bug: the parent verifies it in its pool instead
+        f, args = pickle.loads(request)
+        return pickle.dumps(f(*args))
+    except Exception:  # a bug: the parent does the work itself instead
         return pickle.dumps(MISSED)
+
+
+def verifyThen(raw: bytes, keys: dict[str, list[bytes]], maxSignatures: int, minimumBits: int,
+               then: tuple | None):
+    """In the child: L{dkimverify.verifyAll} with the key records sent, then C{then}."""
+    lookups = _Sent(keys)
+    results = dkimverify.verifyAll(raw, lookups, maxSignatures, minimumBits)
+    if lookups.missed:
+        return MISSED
+    return results if then is None else then[0](results, *then[1])
 
 
 def main() -> None:
@@ -161,7 +168,7 @@ class _Slot:
         return self.child is None and now - self.down < RESTART_DELAY
 
 
-class VerifierProcesses:
+class DKIMProcesses:
     """C{processes} children, each started on first use, given requests in turn."""
 
     def __init__(self, reactor, processes: int, deadline: float,
@@ -175,13 +182,21 @@ class VerifierProcesses:
 
     def verify(self, raw: bytes, keys: dict[str, list[bytes]], maxSignatures: int,
                minimumBits: int, then: tuple | None = None) -> defer.Deferred:
-        """A Deferred of the DKIMResults of C{raw}, or of L{MISSED}; it fails when the
-        child cannot start, dies or overruns the deadline.
+        """A Deferred of the DKIMResults of C{raw}, or of L{MISSED} (see L{call}).
 
         @param then: (a module-level function, its arguments): the child calls it with
             the results and its arguments, and the answer is what it returns.
         """
-        request = pickle.dumps((raw, keys, maxSignatures, minimumBits, then))
+        return self.call(verifyThen, raw, keys, maxSignatures, minimumBits, then)
+
+    def call(self, f, *args) -> defer.Deferred:
+        """A Deferred of C{f(*args)} run in a child, or of L{MISSED} when the request is
+        too large, the child is resting (L{RESTART_DELAY}) or C{f} raised; it fails when
+        the child cannot start, dies or overruns the deadline.
+
+        @param f: a module-level function (pickled by name).
+        """
+        request = pickle.dumps((f, args))
         if len(request) > MAX_REQUEST:
             return defer.succeed(MISSED)
         slot = self._slots[self._next % len(self._slots)]

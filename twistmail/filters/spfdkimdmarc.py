@@ -167,7 +167,7 @@ class SpfDkimDmarc(Filter):
         self._policyResults: dict[tuple, tuple[tuple, float]] = {}  # see _keptPolicies
         self._processes = None
         if reactor is not None and self._options["dkim_processes"]:
-            self._processes = dkimprocess.VerifierProcesses(
+            self._processes = dkimprocess.DKIMProcesses(
                 reactor, self._options["dkim_processes"], PROCESS_DEADLINE)
             reactor.addSystemEventTrigger("before", "shutdown", self._processes.stop)
         self._trusted = None if self._options["check_local"] else Networks(trusted)
