@@ -8,10 +8,12 @@ cores went.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +58,35 @@ def children_cpu_seconds(pid: int) -> float:
             except OSError:  # it ended meanwhile
                 pass
     return total
+
+
+def on_off_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that alternates a feature on and off (smtp_verify.py,
+    submission_sign.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    return parser
+
+
+def on_off_modes(repeat: int):
+    """(run, "on" or "off") pairs, which goes first alternating from run to run."""
+    for rep in range(repeat):
+        for mode in (("on", "off") if rep % 2 == 0 else ("off", "on")):
+            yield rep, mode
+
+
+def print_on_off(title: str, off_name: str, on_name: str, rates: dict) -> None:
+    """The medians of C{rates} ({"on": [msg/s...], "off": [...]}), their ratio and the
+    ratio of each run's pair."""
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    paired = [a / b for a, b in zip(rates["on"], rates["off"], strict=True)]
+    print(f"\n{title}, median of {len(paired)}")
+    print(f"{off_name} {off:7.0f} msg/s   {on_name} {on:7.0f} msg/s   on/off {on / off:.2f}   "
+          f"paired {statistics.median(paired):.2f} ({', '.join(f'{r:.2f}' for r in paired)})")
 
 
 def count_delivered(maildir: Path) -> int:

@@ -25,7 +25,6 @@ stored message lacks spf=pass, dkim=pass and dmarc=pass stops the benchmark.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import email.parser
 import json
@@ -121,13 +120,7 @@ def authResults(maildir: Path) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    args = servers.on_off_parser(__doc__).parse_args()
     top = Path(tempfile.mkdtemp(prefix="verify-bench-", dir=args.workdir))
     rates: dict[str, list[float]] = {"on": [], "off": []}
     cpu: dict[str, list[float]] = {"on": [], "off": []}  # the server's ms per message
@@ -139,45 +132,40 @@ def main() -> int:
         prefixFile = top / "signatures.txt"
         prefixFile.write_bytes(signatures(args.size, rsaPem, edSeed))
         dns, dnsPort = dnsServer(top)
-        for rep in range(args.repeat):
-            for mode in (("on", "off") if rep % 2 == 0 else ("off", "on")):
-                workdir = top / f"{mode}-{rep}"
-                workdir.mkdir()
-                server, maildir = verifyingServer(workdir, dnsPort,
-                                                  ["spf-dkim-dmarc"] if mode == "on" else [])
-                server.start()
-                try:
-                    servers.smtp_load(server.port, 20, args.size, 2, "--prefix-file",
-                                      str(prefixFile))  # starts the DKIM processes
-                    before = sum(server.cpu())
-                    childBefore = servers.children_cpu_seconds(server.proc.pid)
-                    run = servers.smtp_load(server.port, args.messages, args.size,
-                                            args.concurrency, "--prefix-file", str(prefixFile))
-                    cpu[mode].append((sum(server.cpu()) - before) / args.messages * 1000)
-                    childCpu[mode].append((servers.children_cpu_seconds(server.proc.pid)
-                                           - childBefore) / args.messages * 1000)
-                finally:
-                    server.stop()
-                results = authResults(maildir)
-                if mode == "on" and not all(f"{check}=pass" in results
-                                            for check in ("spf", "dkim", "dmarc")):
-                    raise SystemExit(f"verification did not pass: {results or 'no header'}")
-                rates[mode].append(run["msgs_per_sec"])
-                print(f"[rep {rep + 1}] verification {mode:3} {run['msgs_per_sec']:7.0f} msg/s "
-                      f"{cpu[mode][-1]:5.2f} ms server CPU/msg "
-                      f"+ {childCpu[mode][-1]:4.2f} ms in its DKIM processes", flush=True)
+        for rep, mode in servers.on_off_modes(args.repeat):
+            workdir = top / f"{mode}-{rep}"
+            workdir.mkdir()
+            server, maildir = verifyingServer(workdir, dnsPort,
+                                              ["spf-dkim-dmarc"] if mode == "on" else [])
+            server.start()
+            try:
+                servers.smtp_load(server.port, 20, args.size, 2, "--prefix-file",
+                                  str(prefixFile))  # starts the DKIM processes
+                before = sum(server.cpu())
+                childBefore = servers.children_cpu_seconds(server.proc.pid)
+                run = servers.smtp_load(server.port, args.messages, args.size,
+                                        args.concurrency, "--prefix-file", str(prefixFile))
+                cpu[mode].append((sum(server.cpu()) - before) / args.messages * 1000)
+                childCpu[mode].append((servers.children_cpu_seconds(server.proc.pid)
+                                       - childBefore) / args.messages * 1000)
+            finally:
+                server.stop()
+            results = authResults(maildir)
+            if mode == "on" and not all(f"{check}=pass" in results
+                                        for check in ("spf", "dkim", "dmarc")):
+                raise SystemExit(f"verification did not pass: {results or 'no header'}")
+            rates[mode].append(run["msgs_per_sec"])
+            print(f"[rep {rep + 1}] verification {mode:3} {run['msgs_per_sec']:7.0f} msg/s "
+                  f"{cpu[mode][-1]:5.2f} ms server CPU/msg "
+                  f"+ {childCpu[mode][-1]:4.2f} ms in its DKIM processes", flush=True)
     finally:
         if dns is not None:
             dns.terminate()
             dns.wait(10)
         shutil.rmtree(top, ignore_errors=True)
-    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-    paired = [a / b for a, b in zip(rates["on"], rates["off"], strict=True)]
-    print(f"\nSMTP acceptance, {args.messages} x {args.size} B at {args.concurrency} connections, "
-          f"median of {args.repeat}")
-    print(f"filters off {off:7.0f} msg/s   SPF+DKIM+DMARC on {on:7.0f} msg/s   "
-          f"on/off {on / off:.2f}   paired {statistics.median(paired):.2f} "
-          f"({', '.join(f'{r:.2f}' for r in paired)})")
+    servers.print_on_off(f"SMTP acceptance, {args.messages} x {args.size} B at "
+                         f"{args.concurrency} connections", "filters off", "SPF+DKIM+DMARC on",
+                         rates)
     # On a shared machine msg/s follows the neighbours' load; CPU per message does not.
     cpuOn, cpuOff = statistics.median(cpu["on"]), statistics.median(cpu["off"])
     childOn = statistics.median(childCpu["on"])

@@ -17,7 +17,6 @@ lacks the two signatures stops the benchmark.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -58,44 +57,35 @@ def signatures(maildir: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
+    args = servers.on_off_parser(__doc__).parse_args()
     top = Path(tempfile.mkdtemp(prefix="sign-bench-", dir=args.workdir))
     rates: dict[str, list[float]] = {"on": [], "off": []}
     cpu: dict[str, list[float]] = {"on": [], "off": []}
     try:
-        for rep in range(args.repeat):
-            for mode in (("on", "off") if rep % 2 == 0 else ("off", "on")):
-                workdir = top / f"{mode}-{rep}"
-                workdir.mkdir()
-                server, maildir = signingServer(workdir, mode == "on")
-                server.start()
-                try:
-                    before = sum(server.cpu())
-                    run = servers.smtp_load(server.port, args.messages, args.size,
-                                            args.concurrency, "--auth", f"{SENDER}:{PASSWORD}")
-                    cpu[mode].append((sum(server.cpu()) - before) / args.messages * 1000)
-                finally:
-                    server.stop()
-                found = signatures(maildir)
-                if found != (2 if mode == "on" else 0):
-                    raise SystemExit(f"signing {mode}: a stored message has {found} signatures")
-                rates[mode].append(run["msgs_per_sec"])
-                print(f"[rep {rep + 1}] signing {mode:3} {run['msgs_per_sec']:7.0f} msg/s "
-                      f"{cpu[mode][-1]:5.2f} ms server CPU/msg", flush=True)
+        for rep, mode in servers.on_off_modes(args.repeat):
+            workdir = top / f"{mode}-{rep}"
+            workdir.mkdir()
+            server, maildir = signingServer(workdir, mode == "on")
+            server.start()
+            try:
+                servers.smtp_load(server.port, 20, args.size, 2, "--auth",
+                                  f"{SENDER}:{PASSWORD}")  # starts the signing process
+                before = sum(server.cpu())
+                run = servers.smtp_load(server.port, args.messages, args.size,
+                                        args.concurrency, "--auth", f"{SENDER}:{PASSWORD}")
+                cpu[mode].append((sum(server.cpu()) - before) / args.messages * 1000)
+            finally:
+                server.stop()
+            found = signatures(maildir)
+            if found != (2 if mode == "on" else 0):
+                raise SystemExit(f"signing {mode}: a stored message has {found} signatures")
+            rates[mode].append(run["msgs_per_sec"])
+            print(f"[rep {rep + 1}] signing {mode:3} {run['msgs_per_sec']:7.0f} msg/s "
+                  f"{cpu[mode][-1]:5.2f} ms server CPU/msg", flush=True)
     finally:
         shutil.rmtree(top, ignore_errors=True)
-    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-    paired = [a / b for a, b in zip(rates["on"], rates["off"], strict=True)]
-    print(f"\nSubmission, {args.messages} x {args.size} B at {args.concurrency} connections, "
-          f"median of {args.repeat}")
-    print(f"signing off {off:7.0f} msg/s   dkim-sign on {on:7.0f} msg/s   on/off {on / off:.2f}"
-          f"   paired {statistics.median(paired):.2f} ({', '.join(f'{r:.2f}' for r in paired)})")
+    servers.print_on_off(f"Submission, {args.messages} x {args.size} B at {args.concurrency} "
+                         "connections", "signing off", "dkim-sign on", rates)
     cpuOn, cpuOff = statistics.median(cpu["on"]), statistics.median(cpu["off"])
     print(f"server CPU per message: off {cpuOff:.2f} ms, on {cpuOn:.2f} ms (off/on "
           f"{cpuOff / cpuOn:.2f})")

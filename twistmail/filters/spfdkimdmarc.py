@@ -62,7 +62,7 @@ INLINE_SIZE = 64 * 1024
 PROCESS_DEADLINE = 5.0
 #: SPF results kept (L{SpfDkimDmarc._keptSpf}), by client, sender and HELO name; as
 #: many DMARC policies, by From field (L{SpfDkimDmarc._keptPolicies}).
-SPF_RESULTS = 10000
+KEPT_RESULTS = 10000
 
 
 @dataclass(frozen=True)
@@ -242,34 +242,30 @@ class SpfDkimDmarc(Filter):
         DNS answers (RFC 7208 §4), so its result is kept with the session's
         three, until the first answer it was made of expires.
         """
-        key = (session.client, session.sender, session.helo)
-        kept = self._spfResults.get(key)
-        if kept is not None and kept[1] > time.time():
-            return kept[0]
-        cached = CachedLookups(self._resolver.resolveCached, self._options["time_limit"])
-        results = self._spf(cached, session)
-        if cached.missed:
-            return None
-        if len(self._spfResults) >= SPF_RESULTS:
-            self._spfResults.clear()
-        self._spfResults[key] = (results, cached.expires)
-        return results
+        return self._kept(self._spfResults, (session.client, session.sender, session.helo),
+                          lambda lookups: self._spf(lookups, session))
 
     def _keptPolicies(self, raw: bytes) -> tuple | None:
         """L{_policies} from kept answers, kept by the From field's text until the
         first DMARC answer expires; None when one is not kept."""
-        key = tuple(fromValues(raw))
-        kept = self._policyResults.get(key)
+        values = tuple(fromValues(raw))
+        return self._kept(self._policyResults, values,
+                          lambda lookups: self._policies(lookups, raw, values))
+
+    def _kept(self, memo: dict, key, make):
+        """C{make(lookups)} from kept answers, remembered in C{memo} by C{key} until the
+        first answer it was made of expires; None when an answer is not kept."""
+        kept = memo.get(key)
         if kept is not None and kept[1] > time.time():
             return kept[0]
         cached = CachedLookups(self._resolver.resolveCached, self._options["time_limit"])
-        policies = self._policies(cached, raw, key)
+        value = make(cached)
         if cached.missed:
             return None
-        if len(self._policyResults) >= SPF_RESULTS:
-            self._policyResults.clear()
-        self._policyResults[key] = (policies, cached.expires)
-        return policies
+        if len(memo) >= KEPT_RESULTS:
+            memo.clear()
+        memo[key] = (value, cached.expires)
+        return value
 
     # -- in the DNS pool (or on the reactor, from kept answers) -----------------------
 
