@@ -316,11 +316,14 @@ class SpfDkimDmarc(Filter):
         action = verdict.disposition
         if action == "reject" and not self._options["reject_on_dmarc"]:
             action = "quarantine"
-        log.info("spf-dkim-dmarc id={id} client={client} from={domain} spf={spf} dkim={dkim} "
-                 "dmarc={dmarc} result={action}", id=loggable(session.id),
-                 client=loggable(session.client), domain=loggable(verdict.domain or "-"),
-                 spf=spfs[0].result, dkim=",".join(d.result for d in dkims) or "none",
-                 dmarc=verdict.result, action=action if action != "none" else "accept")
+        fields = {"id": loggable(session.id), "client": loggable(session.client),
+                  "domain": loggable(verdict.domain or "-"), "spf": spfs[0].result,
+                  "dkim": ",".join(d.result for d in dkims) or "none", "dmarc": verdict.result,
+                  "action": action if action != "none" else "accept"}
+        # One field to format: Twisted's string.Formatter costs about a microsecond a
+        # field on the reactor thread; the fields stay in the event for other observers.
+        log.info("spf-dkim-dmarc {text}", text="id={id} client={client} from={domain} spf={spf} "
+                 "dkim={dkim} dmarc={dmarc} result={action}".format_map(fields), **fields)
         if action == "reject":
             why = f"{problem} and " if problem else ""
             return Verdict.reject(f"5.7.1 Message rejected: {why}{verdict.domain} publishes the "
