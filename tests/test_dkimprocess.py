@@ -154,3 +154,22 @@ def test_requests_larger_than_the_pipe_holds_arrive_whole_and_in_order():
         assert all([r.result for r in a[:-1]] == ["pass", "pass"] for a in answers)
     finally:
         onReactor(processes.stop)
+
+
+def test_a_request_to_a_child_gone_meanwhile_fails_once():
+    """The pipe is broken before the child's end is noticed: the request fails (the
+    filter then does the work itself) and nothing is left pending to fail again."""
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 30)
+    try:
+        _verify(processes)
+        child = processes._slots[0].child
+
+        def brokenPipe(data):
+            raise BrokenPipeError()
+
+        child.send = brokenPipe
+        with pytest.raises(BrokenPipeError):
+            _verify(processes)
+        assert not child.pending
+    finally:
+        onReactor(processes.stop)

@@ -142,7 +142,7 @@ class _Child(ProcessProtocol):
                 self.pending.popleft().callback(pickle.loads(answer))
 
     def errReceived(self, data: bytes) -> None:
-        log.error("dkim verification process pid={pid}: {text}", pid=self.transport.pid,
+        log.error("dkim process pid={pid}: {text}", pid=self.transport.pid,
                   text=data.decode("utf-8", "replace").rstrip())
 
     def processEnded(self, reason) -> None:
@@ -226,22 +226,24 @@ class DKIMProcesses:
         waiting, slot.waiting = slot.waiting or [], None
         if isinstance(result, _Child):
             slot.child = result
-            log.info("dkim verification process started pid={pid}", pid=result.transport.pid)
+            log.info("dkim process started pid={pid}", pid=result.transport.pid)
         else:
             slot.down = self._reactor.seconds()
-            log.failure("dkim verification process did not start", result)
+            log.failure("dkim process did not start", result)
         for d in waiting:
             d.callback(result) if isinstance(result, _Child) else d.errback(result)
 
     def _send(self, child: _Child, request: bytes) -> defer.Deferred:
+        # Sent first: a child gone meanwhile raises (BrokenPipeError) with nothing pending.
+        # Its answer cannot come before the next reactor turn.
+        child.send(struct.pack("!I", len(request)) + request)
         d = defer.Deferred()
         child.pending.append(d)
-        child.send(struct.pack("!I", len(request)) + request)
         timer = self._reactor.callLater(self._deadline, self._overran, child)
         return d.addBoth(_cancelled, timer)
 
     def _overran(self, child: _Child) -> None:
-        log.warn("dkim verification process pid={pid} overran {deadline}s: killed",
+        log.warn("dkim process pid={pid} overran {deadline}s: killed",
                  pid=child.transport.pid, deadline=self._deadline)
         try:
             child.transport.signalProcess("KILL")
