@@ -1002,8 +1002,16 @@ def _outcome(results: dict) -> str:
 
 
 def logAttempt(context: dict, where: str, results: dict) -> None:
-    """One log line per delivery attempt; never the message, never credentials."""
+    """One log line per delivery attempt; never the message, never credentials.
+
+    The line after the id is made here, in one f-string: Twisted's formatter
+    (string.Formatter, in Python) took a quarter of the line's cost per field, on
+    the reactor thread, once per message.  The fields stay in the event for
+    observers that read them."""
     shown = next((r for r in results.values() if r.kind != SENT), next(iter(results.values())))
-    log.info("relay id={id} domain={domain} mx={mx} rcpts={n} result={result} reply={reply}",
-             id=context.get("id", ""), domain=context.get("domain", ""), mx=where,
-             n=len(results), result=_outcome(results), reply=loggableText(shown.reply))
+    domain, n, result, reply = context.get("domain", ""), len(results), _outcome(results), \
+        loggableText(shown.reply)
+    log.info("relay id={id} {line}",
+             line=f"domain={domain} mx={where} rcpts={n} result={result} reply={reply}",
+             id=context.get("id", ""), domain=domain, mx=where, n=n, result=result,
+             reply=reply)
