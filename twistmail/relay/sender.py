@@ -90,7 +90,7 @@ from twistmail import dsn
 from twistmail._logtext import loggableText
 from twistmail.metrics import Metrics
 from twistmail.mtasts import ENFORCE, TESTING
-from twistmail.protocols.tcp import sendAtOnce
+from twistmail.protocols.tcp import sendAtOnce, writeNow
 from twistmail.relay import sevenbit, smtputf8
 from twistmail.relay.mx import MAX_ADDRESSES, Hop
 from twistmail.relay.queue import FAILED, SENT
@@ -238,10 +238,45 @@ class _RelayClient(smtp.ESMTPSender):
         self._nextWaits = False  # a message was assigned while replies were due
         self._quitWhenIdle = False
         self._lastError: Exception | None = None  # what sendError dropped the connection for
+        self._corked: list[bytes] | None = None  # written while replies are read (dataReceived)
 
     def connectionMade(self):
         sendAtOnce(self.transport)  # a MAIL written after the "." goes out at once
         super().connectionMade()
+
+    def dataReceived(self, data):
+        """What the replies in C{data} make us send goes out at the end, in one send
+        (L{writeNow}): a message's data and its "." with the next message's MAIL,
+        RCPTs and DATA, not three writes to a buffer the reactor sends a poll later."""
+        if self._corked is not None:
+            return super().dataReceived(data)
+        self._corked = []
+        try:
+            return super().dataReceived(data)
+        finally:
+            self._uncork()
+            self._corked = None
+
+    def _uncork(self) -> None:
+        """Send what was held back (before anything that writes to the transport itself)."""
+        if self._corked:
+            writeNow(self.transport, b"".join(self._corked))
+            self._corked = []
+
+    def _write(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            writeNow(self.transport, data)
+
+    def sendLine(self, line):
+        if self.debug:
+            self.log.append(b">>> " + line)
+        self._write(line + self.delimiter)
+
+    def smtpState_disconnect(self, code, resp):
+        self._uncork()  # the QUIT before the close
+        super().smtpState_disconnect(code, resp)
 
     def esmtpState_serverConfig(self, code, resp):
         # After STARTTLS the new EHLO reply decides again (RFC 3207 §4.2).
@@ -272,9 +307,10 @@ class _RelayClient(smtp.ESMTPSender):
         self._okresponse = self._pipelinedReply
 
     def _send(self, commands: list[bytes]) -> None:
-        for command in commands:
-            self.log.append(b">>> " + command)
-        self.transport.write(b"".join(command + b"\r\n" for command in commands))
+        if self.debug:  # as Twisted's sendLine: a transcript only when debugging
+            for command in commands:
+                self.log.append(b">>> " + command)
+        self._write(b"".join(command + b"\r\n" for command in commands))
 
     def _pipelinedReply(self, code, resp):
         command, recipient = self._awaiting.popleft()
@@ -319,10 +355,11 @@ class _RelayClient(smtp.ESMTPSender):
             return self.sendError(e)  # as FileSender's failure would: the connection is dropped
         if len(data) > basic.FileSender.CHUNK_SIZE:
             messageFile.seek(0)
+            self._uncork()  # FileSender writes to the transport itself
             return super().smtpState_data(code, resp)
         self._expected = smtp.SUCCESS
         self._okresponse = self.smtpState_msgSent
-        self.transport.write(self.transformChunk(data))
+        self._write(self.transformChunk(data))
         self.finishedFileTransfer(data[-1:])
 
     def finishedFileTransfer(self, lastsent):
@@ -456,6 +493,7 @@ class _RelayClient(smtp.ESMTPSender):
 
     def esmtpState_starttls(self, code, resp):
         self.factory.tlsStarted = True
+        self._uncork()  # nothing written before the handshake may go out inside it
         return super().esmtpState_starttls(code, resp)
 
     def getMailFrom(self):
