@@ -68,9 +68,10 @@ transaction whatever it says (RFC 5321 §4.1.1.4), so the next MAIL starts a
 new one.  The earlier message's result comes with the reply to its ``.``; a
 connection lost before that reply defers it as any lost transaction does,
 and the later message, which cannot have been taken, is retried on a fresh
-connection, as it is after a 421 in reply to the ``.``.  Without PIPELINING,
-and after a connection's last message, RSET follows the transaction (on a
-connection the cache keeps, before it is parked) and QUIT the last one.
+connection, as it is after a 421 in reply to the ``.``.  RSET still follows
+a transaction without PIPELINING (the connection is parked once it is
+accepted), one refused before its data, and a connection's last message
+(then QUIT).
 """
 
 from __future__ import annotations
