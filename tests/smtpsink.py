@@ -47,8 +47,9 @@ class Script:
     users: dict = field(default_factory=dict)
     #: AUTH only after STARTTLS (as a submission server would)
     authNeedsTLS: bool = True
-    #: drop the connection right after accepting RSET (a server that times out idle clients)
-    closeAfterRset: bool = False
+    #: drop the connection right after acknowledging a message (a server that times out
+    #: idle clients between transactions)
+    closeAfterMessage: bool = False
     #: EHLO keywords offered once under TLS ("REQUIRETLS", RFC 8689 §2)
     tlsExtensions: tuple = ()
     #: more EHLO keywords to offer ("SMTPUTF8", ...)
@@ -193,6 +194,9 @@ class SinkProtocol(basic.LineReceiver):
         if not answer:
             self.sink.messages.append(received)
         self.reply(answer or "250 2.0.0 Ok: queued")
+        if self.sink.script.closeAfterMessage:
+            self.transport.loseConnection()
+            return
         waiting, self.waiting = self.waiting, None
         for line in waiting or ():  # then the commands that came after the data
             self.lineReceived(line)
@@ -200,8 +204,6 @@ class SinkProtocol(basic.LineReceiver):
     def do_RSET(self, rest):
         self.reset()
         self.reply("250 2.0.0 Ok")
-        if self.sink.script.closeAfterRset:
-            self.transport.loseConnection()
 
     def do_NOOP(self, rest):
         self.reply("250 2.0.0 Ok")

@@ -57,3 +57,22 @@ def test_restoredAfterAnError():
     except ValueError:
         pass
     assert gc.isenabled()
+
+
+def test_the_server_raises_the_young_threshold_while_it_runs_and_restores_it():
+    from twistmail.tap import _ServerGC
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, before[1], before[2])
+    try:
+        gcService = _ServerGC()
+        gcService.startService()
+        assert gc.get_threshold() == (_gcpause.SERVER_YOUNG, before[1], before[2])
+        gcService.stopService()
+        assert gc.get_threshold() == (700, before[1], before[2])
+        gc.set_threshold(50000, before[1], before[2])  # set higher by the operator: kept
+        gcService.startService()
+        assert gc.get_threshold()[0] == 50000
+        gcService.stopService()
+    finally:
+        gc.set_threshold(*before)

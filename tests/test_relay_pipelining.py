@@ -71,7 +71,7 @@ def deliverOne(peer: Peer, recipient: str = "r1@remote.test"):
     results = peer.send([recipient])
     protocol, transport, _ = greet(peer)
     say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    say(protocol, transport, b"250 2.0.0 queued")
     assert results[0][recipient].kind == SENT
     return protocol, transport
 
@@ -92,9 +92,10 @@ def test_mail_rcpt_and_data_go_in_one_write_and_replies_are_matched_in_order():
                        b"RCPT TO:<bad@remote.test>\r\nRCPT TO:<r3@remote.test>\r\nDATA\r\n")
     body = say(protocol, transport, b"250 2.1.0 ok", b"250 2.1.5 ok",
                b"550 5.1.1 no such user", b"250 2.1.5 ok", b"354 go ahead")
-    # The message, dot-stuffed, and RSET in the same write (RFC 2920 §3.1).
-    assert body == b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nRSET\r\n"
-    assert say(protocol, transport, b"250 2.0.0 queued as X", b"250 2.0.0 reset") == b""
+    # The message, dot-stuffed, with its end; no RSET (the reply to "." ends the
+    # transaction, RFC 5321 §4.1.1.4).
+    assert body == b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n"
+    assert say(protocol, transport, b"250 2.0.0 queued as X") == b""
     [got] = results
     assert got["r1@remote.test"].kind == SENT and got["r3@remote.test"].kind == SENT
     assert got["r1@remote.test"].reply == "250 2.0.0 queued as X"
@@ -183,12 +184,12 @@ def test_a_reused_connection_lost_mid_pipeline_retries_on_a_fresh_one():
     protocol, transport, written = greet(peer)
     assert written.startswith(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\n")
     say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    say(protocol, transport, b"250 2.0.0 queued")
     assert second[0]["r2@remote.test"].kind == SENT
 
 
 def test_after_the_final_250_a_lost_connection_does_not_resend():
-    """The reply to "." arrived, the pipelined RSET's did not: the message is delivered, once."""
+    """The reply to "." arrived, then the connection broke: the message is delivered, once."""
     peer = Peer()
     results = peer.send(["r1@remote.test"])
     protocol, transport, _ = greet(peer)
@@ -200,19 +201,19 @@ def test_after_the_final_250_a_lost_connection_does_not_resend():
 
 
 def test_a_refusal_after_the_pipelined_data_is_each_accepted_recipients_reply():
-    """The reply to "." on a reused connection: 452 defers the message, RSET still follows."""
+    """The reply to "." on a reused connection: 452 defers the message; the connection stays."""
     peer = Peer()
     protocol, transport = deliverOne(peer)
     second = peer.send(["r2@remote.test", "r3@remote.test"])
     say(protocol, transport, b"250 ok", b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"452 4.3.1 insufficient storage", b"250 reset")
+    say(protocol, transport, b"452 4.3.1 insufficient storage")
     [got] = second
     assert {r.reply for r in got.values()} == {"452 4.3.1 insufficient storage"}
     assert {r.kind for r in got.values()} == {DEFERRED}
     assert len(peer.reactor.tcpClients) == 1
 
 
-def test_a_small_message_goes_out_with_its_end_and_rset_at_once():
+def test_a_small_message_goes_out_with_its_end_at_once():
     peer = Peer()
     peer.send(["r1@remote.test"])
     protocol, transport, _ = greet(peer)
@@ -221,7 +222,7 @@ def test_a_small_message_goes_out_with_its_end_and_rset_at_once():
         protocol.dataReceived(line)
     # Without waiting for the transport to pull it (FileSender): one turn of the reactor.
     assert transport.producer is None
-    assert transport.value() == b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nRSET\r\n"
+    assert transport.value() == b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n"
 
 
 def test_a_large_message_is_streamed_and_dot_stuffed_across_reads():
@@ -231,8 +232,8 @@ def test_a_large_message_is_streamed_and_dot_stuffed_across_reads():
     results = peer.send(["r1@remote.test"], message)
     protocol, transport, _ = greet(peer)
     written = say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    assert written == message.replace(b"\r\n.", b"\r\n..") + b".\r\nRSET\r\n"
-    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    assert written == message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    say(protocol, transport, b"250 2.0.0 queued")
     assert results[0]["r1@remote.test"].kind == SENT
 
 
@@ -260,11 +261,11 @@ def test_a_message_that_cannot_be_read_drops_the_connection_and_defers():
 
 # -- pipelining across messages: the next message follows the final "." ------------------
 
-BODY = b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nRSET\r\n"
+BODY = b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n"
 
 
 def dataSent(peer: Peer, recipient: str = "r1@remote.test", **context):
-    """A first message whose data (with RSET) went out; no reply to it yet."""
+    """A first message whose data went out; no reply to it yet."""
     results = peer.send([recipient], **context)
     protocol, transport, _ = greet(peer)
     assert say(protocol, transport, b"250 ok", b"250 ok", b"354 go") == BODY
@@ -281,12 +282,12 @@ def test_the_next_message_follows_the_final_dot_before_its_reply():
     second = peer.send(["r2@remote.test"])
     assert transport.value() == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
     assert first == []  # its result comes with the reply to its "."
-    written = say(protocol, transport, b"250 2.0.0 first queued", b"250 reset", b"250 ok",
-                  b"250 ok", b"354 go")
+    written = say(protocol, transport, b"250 2.0.0 first queued", b"250 ok", b"250 ok",
+                  b"354 go")
     assert first[0]["r1@remote.test"].kind == SENT
     assert first[0]["r1@remote.test"].reply == "250 2.0.0 first queued"
-    assert written == BODY
-    say(protocol, transport, b"250 2.0.0 second queued", b"250 reset")
+    assert written == BODY  # no RSET between the two transactions either
+    say(protocol, transport, b"250 2.0.0 second queued")
     assert second[0]["r2@remote.test"].reply == "250 2.0.0 second queued"
     assert len(peer.reactor.tcpClients) == 1
 
@@ -304,7 +305,7 @@ def test_a_connection_lost_before_the_reply_to_dot_defers_it_and_retries_the_nex
     protocol, transport, written = greet(peer)
     assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
     say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    say(protocol, transport, b"250 2.0.0 queued")
     assert second[0]["r2@remote.test"].kind == SENT
     assert len(peer.reactor.tcpClients) == 2  # nothing else was retried
 
@@ -313,25 +314,80 @@ def test_a_refused_dot_is_that_messages_reply_and_the_next_goes_on():
     peer = Peer()
     first, protocol, transport = dataSent(peer)
     second = peer.send(["r2@remote.test"])
-    written = say(protocol, transport, b"554 5.7.1 spam", b"250 reset", b"250 ok", b"250 ok",
-                  b"354 go")
+    written = say(protocol, transport, b"554 5.7.1 spam", b"250 ok", b"250 ok", b"354 go")
     assert first[0]["r1@remote.test"].kind == FAILED
     assert first[0]["r1@remote.test"].reply == "554 5.7.1 spam"
     assert written == BODY
-    say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    say(protocol, transport, b"250 2.0.0 queued")
     assert second[0]["r2@remote.test"].kind == SENT
 
 
-def test_a_refused_rset_drops_the_connection_and_the_pipelined_message_goes_fresh():
+def test_a_421_in_reply_to_dot_defers_it_and_the_pipelined_message_goes_fresh():
+    """RFC 5321 §3.8: the server is closing.  The first message is deferred (never resent
+    now); the second, pipelined behind it, cannot have been taken: sent again at once on
+    a new connection, and only there."""
     peer = Peer()
     first, protocol, transport = dataSent(peer)
     second = peer.send(["r2@remote.test"])
-    assert say(protocol, transport, b"250 2.0.0 queued", b"500 5.5.1 what?") == b"QUIT\r\n"
+    assert say(protocol, transport, b"421 4.3.2 shutting down") == b"QUIT\r\n"
+    lose(protocol)
+    assert first[0]["r1@remote.test"].kind == DEFERRED
+    assert first[0]["r1@remote.test"].reply == "421 4.3.2 shutting down"
+    assert second == []
+    protocol, transport, written = greet(peer)
+    assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
+    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    say(protocol, transport, b"250 2.0.0 queued")
+    assert second[0]["r2@remote.test"].kind == SENT
+    assert len(peer.reactor.tcpClients) == 2
+
+
+def test_a_refusal_of_the_pipelined_mail_after_the_final_250_sends_the_first_once():
+    """The first message's 250 came, then the server refused the next MAIL and closed:
+    the first is delivered (never sent again), the second goes fresh."""
+    peer = Peer()
+    first, protocol, transport = dataSent(peer)
+    second = peer.send(["r2@remote.test"])
+    say(protocol, transport, b"250 2.0.0 queued", b"421 4.3.2 closing")
     lose(protocol)
     assert first[0]["r1@remote.test"].kind == SENT
     assert second == []
     protocol, transport, written = greet(peer)
-    assert written.startswith(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>")
+    assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
+    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    say(protocol, transport, b"250 2.0.0 queued")
+    assert second[0]["r2@remote.test"].kind == SENT
+    assert len(peer.reactor.tcpClients) == 2
+
+
+def test_a_connection_lost_after_the_final_250_with_the_next_pipelined_sends_each_once():
+    peer = Peer()
+    first, protocol, transport = dataSent(peer)
+    second = peer.send(["r2@remote.test"])
+    say(protocol, transport, b"250 2.0.0 queued")
+    lose(protocol)
+    assert first[0]["r1@remote.test"].kind == SENT
+    assert second == []
+    protocol, transport, written = greet(peer)
+    assert b"r1@remote.test" not in written
+    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    say(protocol, transport, b"250 2.0.0 queued")
+    assert second[0]["r2@remote.test"].kind == SENT
+    assert len(peer.reactor.tcpClients) == 2
+
+
+def test_a_connections_last_message_is_followed_by_rset_and_quit():
+    """maxPerConnection reached: nothing is pipelined behind it; RSET, then QUIT."""
+    peer = Peer()
+    peer.sender.settings = SenderSettings(heloName="relay.example.test", port=25,
+                                          connectTimeout=5, commandTimeout=5,
+                                          maxPerConnection=1)
+    results = peer.send(["r1@remote.test"])
+    protocol, transport, _ = greet(peer)
+    written = say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    assert written == b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nRSET\r\n"
+    assert say(protocol, transport, b"250 2.0.0 queued", b"250 reset") == b"QUIT\r\n"
+    assert results[0]["r1@remote.test"].kind == SENT
 
 
 def test_a_message_that_may_be_refused_before_mail_waits_for_the_replies_due():
@@ -341,7 +397,7 @@ def test_a_message_that_may_be_refused_before_mail_waits_for_the_replies_due():
     first, protocol, transport = dataSent(peer)
     second = peer.send(["r2@remote.test"], smtputf8=True)
     assert transport.value() == b""
-    written = say(protocol, transport, b"250 2.0.0 queued", b"250 reset")
+    written = say(protocol, transport, b"250 2.0.0 queued")
     assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
     assert first[0]["r1@remote.test"].kind == SENT and second == []
 
@@ -351,5 +407,5 @@ def test_closing_the_cache_waits_for_the_replies_due():
     first, protocol, transport = dataSent(peer)
     peer.sender.closeIdle()  # shutting down
     assert transport.value() == b""
-    assert say(protocol, transport, b"250 2.0.0 queued", b"250 reset") == b"QUIT\r\n"
+    assert say(protocol, transport, b"250 2.0.0 queued") == b"QUIT\r\n"
     assert first[0]["r1@remote.test"].kind == SENT

@@ -8,6 +8,7 @@ collaborators, so nothing below here reaches for globals.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import random
 import signal
@@ -22,7 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from twistmail import __version__, _pluginload, autocert, ownership, reuseport
+from twistmail import __version__, _gcpause, _pluginload, autocert, ownership, reuseport
 from twistmail import config as configmod
 from twistmail.acmechallenges import ALPNCertificates, ChallengeTokens
 from twistmail.auth.accounts import AccountError
@@ -205,6 +206,22 @@ class _ReloadOnHangup(service.Service):
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+        return super().stopService()
+
+
+class _ServerGC(service.Service):
+    """The collector's thresholds for a server while it runs (L{_gcpause.SERVER_YOUNG})."""
+
+    _before: tuple[int, ...] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._before = _gcpause.raiseForServer()
+
+    def stopService(self):
+        if self._before is not None:
+            gc.set_threshold(*self._before)
+            self._before = None
         return super().stopService()
 
 
@@ -475,6 +492,7 @@ def makeService(options: Options) -> service.MultiService:
     _DataDirLock(dataDir).setServiceParent(top)
     _DataDirOwner(dataDir, *ownership.serviceIds(options)).setServiceParent(top)
     _StopOnce(reactor).setServiceParent(top)
+    _ServerGC().setServiceParent(top)
 
     try:
         store = makeStore(config)
