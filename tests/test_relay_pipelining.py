@@ -237,6 +237,16 @@ def test_a_large_message_is_streamed_and_dot_stuffed_across_reads():
     assert results[0]["r1@remote.test"].kind == SENT
 
 
+def sentFresh(peer, second) -> None:
+    """The message pipelined behind a lost one goes, once, on a second connection."""
+    protocol, transport, written = greet(peer)
+    assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
+    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
+    say(protocol, transport, b"250 2.0.0 queued")
+    assert second[0]["r2@remote.test"].kind == SENT
+    assert len(peer.reactor.tcpClients) == 2
+
+
 def test_a_421_in_the_middle_of_the_group_is_every_recipients_reply():
     """RFC 5321 §3.8: the server is closing; the replies still due will never come."""
     _, got = brokenOff(b"250 ok", b"421 4.3.2 shutting down")
@@ -334,12 +344,7 @@ def test_a_421_in_reply_to_dot_defers_it_and_the_pipelined_message_goes_fresh():
     assert first[0]["r1@remote.test"].kind == DEFERRED
     assert first[0]["r1@remote.test"].reply == "421 4.3.2 shutting down"
     assert second == []
-    protocol, transport, written = greet(peer)
-    assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
-    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"250 2.0.0 queued")
-    assert second[0]["r2@remote.test"].kind == SENT
-    assert len(peer.reactor.tcpClients) == 2
+    sentFresh(peer, second)
 
 
 def test_a_refusal_of_the_pipelined_mail_after_the_final_250_sends_the_first_once():
@@ -352,12 +357,7 @@ def test_a_refusal_of_the_pipelined_mail_after_the_final_250_sends_the_first_onc
     lose(protocol)
     assert first[0]["r1@remote.test"].kind == SENT
     assert second == []
-    protocol, transport, written = greet(peer)
-    assert written == b"MAIL FROM:<a@example.test>\r\nRCPT TO:<r2@remote.test>\r\nDATA\r\n"
-    say(protocol, transport, b"250 ok", b"250 ok", b"354 go")
-    say(protocol, transport, b"250 2.0.0 queued")
-    assert second[0]["r2@remote.test"].kind == SENT
-    assert len(peer.reactor.tcpClients) == 2
+    sentFresh(peer, second)
 
 
 def test_a_connection_lost_after_the_final_250_with_the_next_pipelined_sends_each_once():
