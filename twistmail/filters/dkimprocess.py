@@ -32,7 +32,6 @@ from collections import deque
 from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from twistmail.filters import dkimverify
 from twistmail.relay.mx import DNSFailure
@@ -154,11 +153,10 @@ class _Child(ProcessProtocol):
 
 
 class _Slot:
-    """One child: running, starting (requests wait), or neither."""
+    """One child: running, or not (never started, died, or failed to start)."""
 
     def __init__(self) -> None:
         self.child: _Child | None = None
-        self.waiting: list[defer.Deferred] | None = None
         self.down = -RESTART_DELAY  # when its child last died or failed to start
 
     def resting(self, now: float) -> bool:
@@ -203,35 +201,21 @@ class DKIMProcesses:
         self._next += 1
         if slot.resting(self._reactor.seconds()):
             return defer.succeed(MISSED)  # the pool's turn for a while
-        return self._running(slot).addCallback(self._send, request)
+        if slot.child is None:
+            try:
+                slot.child = self._start()
+            except Exception:
+                slot.down = self._reactor.seconds()
+                log.failure("dkim process did not start")
+                return defer.fail()
+        return self._send(slot.child, request)
 
-    def _running(self, slot: _Slot) -> defer.Deferred:
-        if slot.child is not None and not slot.child.closed:
-            return defer.succeed(slot.child)
-        d = defer.Deferred()
-        if slot.waiting is not None:
-            slot.waiting.append(d)
-            return d
-        slot.waiting = [d]
+    def _start(self) -> _Child:
+        """A new child; spawnProcess forks and runs it before it returns."""
         child = _Child(self._reactor)
-        try:
-            self._reactor.spawnProcess(child, self._argv[0], self._argv, env=os.environ)
-        except Exception:
-            self._started(Failure(), slot)
-        else:
-            self._started(child, slot)
-        return d
-
-    def _started(self, result, slot: _Slot) -> None:
-        waiting, slot.waiting = slot.waiting or [], None
-        if isinstance(result, _Child):
-            slot.child = result
-            log.info("dkim process started pid={pid}", pid=result.transport.pid)
-        else:
-            slot.down = self._reactor.seconds()
-            log.failure("dkim process did not start", result)
-        for d in waiting:
-            d.callback(result) if isinstance(result, _Child) else d.errback(result)
+        self._reactor.spawnProcess(child, self._argv[0], self._argv, env=os.environ)
+        log.info("dkim process started pid={pid}", pid=child.transport.pid)
+        return child
 
     def _send(self, child: _Child, request: bytes) -> defer.Deferred:
         # Sent first: a child gone meanwhile raises (BrokenPipeError) with nothing pending.
