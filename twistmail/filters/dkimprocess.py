@@ -46,6 +46,9 @@ MAX_REQUEST = 1024 * 1024
 #: meanwhile its requests are answered L{MISSED}.  A message that kills its child
 #: costs a process start once per this delay at most, not once per message.
 RESTART_DELAY = 10.0
+#: Seconds a child may take over one request before it is killed (and the server does
+#: the work itself); a message of a few kilobytes takes milliseconds.
+DEADLINE = 5.0
 
 
 class _TXT:
@@ -169,7 +172,7 @@ class _Slot:
 class DKIMProcesses:
     """C{processes} children, each started on first use, given requests in turn."""
 
-    def __init__(self, reactor, processes: int, deadline: float,
+    def __init__(self, reactor, processes: int, deadline: float = DEADLINE,
                  argv: tuple[str, ...] = (sys.executable, "-m", __name__)) -> None:
         """@param argv: the child's command line (tests give others)."""
         self._reactor = reactor

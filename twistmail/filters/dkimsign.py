@@ -30,10 +30,6 @@ from twistmail.model import Verdict
 
 log = Logger()
 
-#: Seconds a signing process may take over one message before it is killed and the
-#: message signed in a thread instead.
-PROCESS_DEADLINE = 5.0
-
 
 def _read(message) -> bytes:
     with message.open() as f:
@@ -134,6 +130,6 @@ class DKIMSignFilterFactory:
 
         processes = None
         if count and reactor is not None:
-            processes = dkimprocess.DKIMProcesses(reactor, count, PROCESS_DEADLINE)
+            processes = dkimprocess.DKIMProcesses(reactor, count)
             reactor.addSystemEventTrigger("before", "shutdown", processes.stop)
         return DKIMSignFilter(Signer(KeyRing(context.dataDir), run), processes, context.dataDir)

@@ -57,9 +57,6 @@ log = Logger()
 #: checked on the reactor thread: about half a millisecond of CPU, less than what two
 #: jobs in the pool cost in thread hand-offs.  Larger ones are hashed in the pool.
 INLINE_SIZE = 64 * 1024
-#: Seconds a DKIM process may take over one message before it is killed and the
-#: message verified in the DNS pool instead (a small message takes milliseconds).
-PROCESS_DEADLINE = 5.0
 #: SPF results kept (L{SpfDkimDmarc._keptSpf}), by client, sender and HELO name; as
 #: many DMARC policies, by From field (L{SpfDkimDmarc._keptPolicies}).
 KEPT_RESULTS = 10000
@@ -167,8 +164,7 @@ class SpfDkimDmarc(Filter):
         self._policyResults: dict[tuple, tuple[tuple, float]] = {}  # see _keptPolicies
         self._processes = None
         if reactor is not None and self._options["dkim_processes"]:
-            self._processes = dkimprocess.DKIMProcesses(
-                reactor, self._options["dkim_processes"], PROCESS_DEADLINE)
+            self._processes = dkimprocess.DKIMProcesses(reactor, self._options["dkim_processes"])
             reactor.addSystemEventTrigger("before", "shutdown", self._processes.stop)
         self._trusted = None if self._options["check_local"] else Networks(trusted)
         self._hostname = hostname
