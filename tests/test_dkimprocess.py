@@ -156,9 +156,9 @@ def test_requests_larger_than_the_pipe_holds_arrive_whole_and_in_order():
         onReactor(processes.stop)
 
 
-def test_a_request_to_a_child_gone_meanwhile_fails_once():
-    """The pipe is broken before the child's end is noticed: the request fails (the
-    filter then does the work itself) and nothing is left pending to fail again."""
+def test_a_request_whose_write_raises_fails_once():
+    """The request fails (the filter then does the work itself) and nothing is left
+    pending to fail again."""
     processes = dkimprocess.DKIMProcesses(reactor, 1, 30)
     try:
         _verify(processes)
@@ -170,6 +170,25 @@ def test_a_request_to_a_child_gone_meanwhile_fails_once():
         child.send = brokenPipe
         with pytest.raises(BrokenPipeError):
             _verify(processes)
+        assert not child.pending
+    finally:
+        onReactor(processes.stop)
+
+
+def test_a_child_gone_meanwhile_fails_the_request_it_is_sent():
+    """The pipe is broken before the child's end is noticed: what the pipe refuses goes
+    through the transport, which finds the broken pipe; the request fails once."""
+    processes = dkimprocess.DKIMProcesses(reactor, 1, 30)
+    try:
+        _verify(processes)
+        child = processes._slots[0].child
+
+        def killedThenSent():  # in one reactor turn: the end cannot be noticed between
+            child.transport.signalProcess("KILL")
+            return processes.verify(SIGNED, KEYS, 5, 1024)
+
+        with pytest.raises(error.ProcessTerminated):
+            onReactor(killedThenSent)
         assert not child.pending
     finally:
         onReactor(processes.stop)

@@ -33,6 +33,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from twistmail._writenow import writeThrough
 from twistmail.filters import dkimverify
 from twistmail.relay.mx import DNSFailure
 
@@ -116,22 +117,11 @@ class _Child(ProcessProtocol):
         self._buffer = b""
 
     def send(self, data: bytes) -> None:
-        """Write C{data} to the child's stdin now, as much as the pipe takes.
-
-        Through the transport alone, each request would cost a reactor turn and
-        two epoll_ctl calls (start and stop watching the pipe): a tenth of what
-        the server spends on a message.  What the pipe does not take, or
-        anything written while the transport still holds data, goes through it.
-        """
-        writer = self.transport.pipes.get(0)
-        if writer is not None and not writer.dataBuffer and not getattr(
-                writer, "_tempDataBuffer", True):
-            try:
-                data = data[os.write(writer.fileno(), data):]
-            except BlockingIOError:
-                pass
-        if data:
-            self.transport.write(data)
+        """Write C{data} to the child's stdin now, as much as the pipe takes
+        (L{writeThrough}): through the transport alone, each request cost a reactor
+        turn and two epoll_ctl calls, a tenth of what the server spends on a message."""
+        writer = self.transport.pipes[0]
+        writeThrough(writer, lambda chunk: os.write(writer.fileno(), chunk), data)
 
     def outReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -221,8 +211,8 @@ class DKIMProcesses:
         return child
 
     def _send(self, child: _Child, request: bytes) -> defer.Deferred:
-        # Sent first: a child gone meanwhile raises (BrokenPipeError) with nothing pending.
-        # Its answer cannot come before the next reactor turn.
+        # Written before it is pending: should writing raise, nothing is left pending to
+        # fail again.  Its answer cannot come before the next reactor turn.
         child.send(struct.pack("!I", len(request)) + request)
         d = defer.Deferred()
         child.pending.append(d)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from twisted.internet import tcp
 
+from twistmail._writenow import writeThrough
+
 
 def sendAtOnce(transport) -> None:
     """TCP_NODELAY, where the transport is TCP (also under TLS).
@@ -21,27 +23,13 @@ def sendAtOnce(transport) -> None:
 
 
 def writeNow(transport, data: bytes) -> None:
-    """C{transport.write(data)}, but sent in this call when the socket takes it all.
-
-    Twisted's write buffers the data and asks the reactor to watch the socket for
-    writing (an ``epoll_ctl``), sends it when the reactor next polls, and stops
-    watching (another ``epoll_ctl``).  On a busy event loop the send then waits
-    for every other connection that was ready in the same poll.  Here, when the
-    transport is plain TCP with nothing buffered, no producer and not closing, the
-    data is sent at once; whatever the socket does not take (a full send buffer,
-    an error) goes to C{transport.write}, in order, as before.  Anything else
-    (TLS, also SMTPS's wrapper; a test's transport) is C{transport.write}.
+    """C{transport.write(data)}, but sent in this call when the socket takes it
+    (L{twistmail._writenow.writeThrough}), when the transport is plain TCP.  Anything
+    else (TLS, also SMTPS's wrapper; a test's transport) is C{transport.write}.
     """
     # Exactly a TCP connection: a TLS wrapper (SMTPS) passes attribute reads on to
     # the TCP transport under it, whose socket must never see the plaintext.
-    if not isinstance(transport, tcp.Connection) or transport.TLS or not transport.connected \
-            or transport.disconnecting or transport.producer is not None \
-            or transport.dataBuffer or getattr(transport, "_tempDataBuffer", True):
+    if not isinstance(transport, tcp.Connection) or transport.TLS or not transport.connected:
         transport.write(data)
         return
-    try:
-        sent = transport.socket.send(data)
-    except OSError:
-        sent = 0  # EAGAIN, or an error the reactor will find and report as it always does
-    if sent < len(data):
-        transport.write(data[sent:])
+    writeThrough(transport, transport.socket.send, data)
